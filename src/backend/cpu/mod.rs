@@ -1,0 +1,1 @@
+//! The CPU backend: a MIL interpreter. (being written)

@@ -1,0 +1,177 @@
+//! The backend trait: compile a [`ProgramPackage`], allocate tensor buffers,
+//! write and read blocks of them as `f32`, run a kernel. Deliberately narrow so
+//! that the ANE (IOSurfaces, private API) and the CPU (plain memory, MIL
+//! interpreter) fit behind it, and so that `model`/`train` never see either.
+//!
+//! The [`cpu`] backend is the specification: it interprets MIL exactly, in
+//! fp32 or with fp16 rounding after every op.
+
+pub mod cpu;
+
+use crate::Result;
+use crate::mil::{TensorType, Var};
+use crate::package::ProgramPackage;
+
+/// How the CPU backend evaluates fp16-typed values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Compute everything in f32, whatever the declared dtype.
+    #[default]
+    Fp32,
+    /// Round every fp16-typed value to IEEE half (nearest-even) after each op,
+    /// so overflow to inf and underflow to zero happen as on the ANE.
+    Fp16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "fp16" => Ok(Precision::Fp16),
+            other => Err(crate::Error::Invalid(format!(
+                "unknown precision `{other}` (expected fp32 or fp16)"
+            ))),
+        }
+    }
+}
+
+/// Handle to a compiled kernel, valid for the backend that returned it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelId(pub usize);
+
+/// Handle to a tensor buffer, valid for the backend that returned it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BufferId(pub usize);
+
+/// A rectangular block of a tensor viewed as a row-major matrix whose columns
+/// are the last axis and whose rows are all other axes flattened. For the ANE's
+/// `[1, C, 1, S]` layout, rows are channels and columns are spatial positions, so
+/// a block is "channels `row..row+rows`, positions `col..col+cols`".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub row: usize,
+    pub rows: usize,
+    pub col: usize,
+    pub cols: usize,
+}
+
+impl Block {
+    /// The whole tensor of type `ty`.
+    pub fn whole(ty: &TensorType) -> Block {
+        let (rows, cols) = matrix_dims(ty);
+        Block {
+            row: 0,
+            rows,
+            col: 0,
+            cols,
+        }
+    }
+
+    /// Columns `col..col+cols` of every row of `ty`.
+    pub fn columns(ty: &TensorType, col: usize, cols: usize) -> Block {
+        let (rows, _) = matrix_dims(ty);
+        Block {
+            row: 0,
+            rows,
+            col,
+            cols,
+        }
+    }
+
+    /// Rows (channels) `row..row+rows`, all columns of `ty`.
+    pub fn rows(ty: &TensorType, row: usize, rows: usize) -> Block {
+        let (_, cols) = matrix_dims(ty);
+        Block {
+            row,
+            rows,
+            col: 0,
+            cols,
+        }
+    }
+
+    /// Number of elements in the block.
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Check that the block lies inside a tensor of type `ty`.
+    pub fn check(&self, ty: &TensorType) -> Result<()> {
+        let (rows, cols) = matrix_dims(ty);
+        if self.row + self.rows > rows || self.col + self.cols > cols {
+            return Err(crate::Error::Invalid(format!(
+                "block rows {}..{} cols {}..{} outside tensor {ty} ({rows} x {cols})",
+                self.row,
+                self.row + self.rows,
+                self.col,
+                self.col + self.cols
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `(rows, cols)` of `ty` seen as a matrix: cols = last axis (1 for scalars).
+pub fn matrix_dims(ty: &TensorType) -> (usize, usize) {
+    match ty.shape.split_last() {
+        None => (1, 1),
+        Some((last, rest)) => (rest.iter().product(), *last),
+    }
+}
+
+/// The inputs and outputs of a compiled kernel, in function-signature order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelInfo {
+    pub inputs: Vec<Var>,
+    pub outputs: Vec<Var>,
+}
+
+/// A device that compiles MIL program packages and runs them on tensor buffers.
+pub trait Backend {
+    /// Short name for logs ("cpu", "ane").
+    fn name(&self) -> &'static str;
+
+    /// Compile a program package; the returned kernel can be run many times.
+    fn compile(&mut self, package: &ProgramPackage) -> Result<KernelId>;
+
+    /// Input and output signature of a compiled kernel.
+    fn kernel_info(&self, kernel: KernelId) -> &KernelInfo;
+
+    /// Allocate a zero-filled buffer able to hold a tensor of type `ty`.
+    fn alloc(&mut self, ty: &TensorType) -> Result<BufferId>;
+
+    /// Write `src` (row-major, `block.len()` values) into `block` of `buffer`,
+    /// converting to the buffer's dtype.
+    fn write(&mut self, buffer: BufferId, block: Block, src: &[f32]) -> Result<()>;
+
+    /// Read `block` of `buffer` into `dst` (row-major, `block.len()` values).
+    fn read(&self, buffer: BufferId, block: Block, dst: &mut [f32]) -> Result<()>;
+
+    /// Run `kernel` with `inputs[i]` bound to its i-th input and `outputs[j]`
+    /// to its j-th output. Synchronous.
+    fn run(&mut self, kernel: KernelId, inputs: &[BufferId], outputs: &[BufferId]) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mil::DType;
+
+    #[test]
+    fn blocks_view_ane_layout_as_channels_by_positions() {
+        let ty = TensorType::new(DType::Fp16, [1, 768, 1, 256]);
+        assert_eq!(matrix_dims(&ty), (768, 256));
+        let b = Block::columns(&ty, 64, 128);
+        assert_eq!(
+            (b.row, b.rows, b.col, b.cols, b.len()),
+            (0, 768, 64, 128, 768 * 128)
+        );
+        assert!(b.check(&ty).is_ok());
+        assert!(Block::columns(&ty, 200, 57).check(&ty).is_err());
+        assert_eq!(matrix_dims(&TensorType::scalar(DType::Fp32)), (1, 1));
+    }
+}

@@ -1,0 +1,1 @@
+//! CoreML MILBlob v2 weight files. (being written)

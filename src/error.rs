@@ -1,0 +1,86 @@
+//! The library's one error type. Variants name the op, file or field at fault;
+//! messages are lowercase with no trailing period (house style).
+
+use std::path::PathBuf;
+
+/// Every fallible library call returns this.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// MIL text that does not parse. `line` and `col` are 1-based.
+    #[error("line {line}, column {col}: {msg}")]
+    Parse {
+        line: usize,
+        col: usize,
+        msg: String,
+    },
+
+    /// A MIL operation whose operands do not fit the op (shape, dtype, missing
+    /// parameter, unknown variable). Names the op kind, its `name` attribute and the operand.
+    #[error("op `{op}` (name \"{name}\"): {msg}")]
+    Op {
+        op: String,
+        name: String,
+        msg: String,
+    },
+
+    /// A program that violates a structural or ANE rule (see `mil::verify`).
+    #[error("{0}")]
+    Verify(String),
+
+    /// A CoreML weight blob that cannot be read or written.
+    #[error("weight blob: {0}")]
+    Blob(String),
+
+    /// A file-format problem: names the file, the field and what is wrong.
+    #[error("{}: {field}: {msg}", path.display())]
+    Format {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+
+    /// An I/O error on a named path.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// A backend (CPU or ANE) failure at a named step ("compile", "load", "evaluate", ...).
+    #[error("{backend} backend: {step}: {msg}")]
+    Backend {
+        backend: &'static str,
+        step: &'static str,
+        msg: String,
+    },
+
+    /// Invalid user-supplied configuration or argument, with what to do about it.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Shorthand for an [`Error::Io`] on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Shorthand for an [`Error::Format`].
+    pub fn format(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Format {
+            path: path.into(),
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+}

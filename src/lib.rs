@@ -1,0 +1,22 @@
+//! anemone trains and fine-tunes Llama-architecture language models with kernels
+//! written as MIL programs, the language of the Apple Neural Engine (ANE).
+//!
+//! Every heavy piece of a training step is a MIL program plus CoreML-format weight
+//! blobs. The same program runs either on the ANE through Apple's private
+//! in-memory compiler, or on the portable CPU backend, which interprets MIL and is
+//! the executable specification of what the ANE must compute.
+//!
+//! Layers, bottom up (see `ARCHITECTURE.md`):
+//! - [`mil`]: typed IR, builder, text emitter and parser, verifier (no I/O).
+//! - [`blob`]: the CoreML MILBlob v2 weight file format.
+//! - [`package`]: MIL text + weight blobs = what a backend compiles.
+//! - [`backend`]: the narrow backend trait and the CPU interpreter.
+
+pub mod atomic;
+pub mod backend;
+pub mod blob;
+pub mod error;
+pub mod mil;
+pub mod package;
+
+pub use error::{Error, Result};

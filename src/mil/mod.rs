@@ -1,0 +1,22 @@
+//! MIL, the Model Intermediate Language the ANE compiler consumes: a typed IR
+//! ([`ir`]), the op list ([`op`]), shape/dtype inference ([`infer`]), a builder
+//! for kernels ([`build`]), the text emitter ([`emit`]) and parser ([`parse`]),
+//! and the verifier with the catalogue of ANE rules ([`verify`]).
+//!
+//! This module does no I/O, has no `unsafe`, and knows nothing about macOS.
+
+pub mod build;
+pub mod emit;
+pub mod infer;
+pub mod ir;
+pub mod op;
+pub mod parse;
+pub mod verify;
+
+pub use build::Builder;
+pub use emit::emit;
+pub use ir::{
+    Arg, BlobRef, DType, Dialect, Function, Literal, Operation, Program, TensorType, Value, Var,
+};
+pub use op::Op;
+pub use parse::parse;

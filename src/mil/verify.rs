@@ -1,0 +1,1 @@
+//! Verifier: structural checks plus the catalogue of ANE rules. (being written)
