@@ -15,6 +15,7 @@
 pub mod atomic;
 pub mod backend;
 pub mod blob;
+pub mod data;
 pub mod error;
 pub mod mil;
 pub mod package;

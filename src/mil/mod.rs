@@ -13,7 +13,7 @@ pub mod op;
 pub mod parse;
 pub mod verify;
 
-pub use build::Builder;
+pub use build::{Builder, Tensor};
 pub use emit::emit;
 pub use ir::{
     Arg, BlobRef, DType, Dialect, Function, Literal, Operation, Program, TensorType, Value, Var,
