@@ -18,6 +18,8 @@ pub mod blob;
 pub mod data;
 pub mod error;
 pub mod mil;
+pub mod model;
 pub mod package;
+pub mod rng;
 
 pub use error::{Error, Result};

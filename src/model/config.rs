@@ -1,0 +1,265 @@
+//! Model configuration: the shape of a Llama-architecture transformer, named
+//! presets (llama2.c "stories" shapes, a Qwen3-0.6B-like GQA shape, `tiny`), and
+//! JSON config files.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Shape of a Llama-architecture model. Matrices are stored `[out, in]`
+/// row-major, as in llama2.c.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Residual stream width C.
+    pub dim: usize,
+    pub n_layers: usize,
+    /// Query heads H.
+    pub n_heads: usize,
+    /// Key/value heads (GQA); query head `h` uses kv head `h / (n_heads / n_kv_heads)`.
+    pub n_kv_heads: usize,
+    /// Per-head width D; `n_heads * head_dim` need not equal `dim` (Qwen3).
+    pub head_dim: usize,
+    /// SwiGLU hidden width.
+    pub hidden_dim: usize,
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// Maximum context length (RoPE table size, generation limit).
+    pub seq_len: usize,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f32,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    /// Classifier shares the embedding matrix.
+    #[serde(default = "default_true")]
+    pub tied_embeddings: bool,
+}
+
+fn default_eps() -> f32 {
+    1e-5
+}
+fn default_theta() -> f32 {
+    10000.0
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Names accepted by [`ModelConfig::preset`].
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "stories260k",
+    "stories15m",
+    "stories42m",
+    "stories110m",
+    "qwen3-0.6b-shape",
+    "layer768",
+];
+
+impl ModelConfig {
+    /// A config whose head_dim is `dim / n_heads`, eps 1e-5, theta 1e4, tied classifier.
+    pub fn llama(
+        dim: usize,
+        n_layers: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        hidden_dim: usize,
+        vocab_size: usize,
+        seq_len: usize,
+    ) -> ModelConfig {
+        ModelConfig {
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim: dim / n_heads,
+            hidden_dim,
+            vocab_size,
+            seq_len,
+            norm_eps: default_eps(),
+            rope_theta: default_theta(),
+            tied_embeddings: true,
+        }
+    }
+
+    /// A named preset (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Result<ModelConfig> {
+        let config = match name {
+            // A few million parameters: the quick default on a 2-core CPU.
+            "tiny" => ModelConfig::llama(192, 4, 6, 6, 512, 2048, 128),
+            // llama2.c's stories260K (trained with a 512-token vocabulary).
+            "stories260k" => ModelConfig::llama(64, 5, 8, 4, 172, 512, 512),
+            "stories15m" => ModelConfig::llama(288, 6, 6, 6, 768, 32000, 256),
+            "stories42m" => ModelConfig::llama(512, 8, 8, 8, 1376, 32000, 1024),
+            "stories110m" => ModelConfig::llama(768, 12, 12, 12, 2048, 32000, 1024),
+            // Qwen3-0.6B's shape: GQA 16/8 with head_dim 128 (RoPE stays llama2.c's
+            // interleaved form; no q/k norms).
+            "qwen3-0.6b-shape" => ModelConfig {
+                head_dim: 128,
+                rope_theta: 1_000_000.0,
+                ..ModelConfig::llama(1024, 28, 16, 8, 3072, 151936, 256)
+            },
+            // One Stories110M-width layer: the research code's single-layer benchmark.
+            "layer768" => ModelConfig::llama(768, 1, 12, 12, 2048, 32000, 512),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unknown model preset `{other}`; known presets: {}",
+                    PRESETS.join(", ")
+                )));
+            }
+        };
+        Ok(config)
+    }
+
+    /// A preset name or a path to a JSON config file.
+    pub fn from_name_or_file(name: &str) -> Result<ModelConfig> {
+        if name.ends_with(".json") || Path::new(name).is_file() {
+            Self::read_json(Path::new(name))
+        } else {
+            Self::preset(name)
+        }
+    }
+
+    /// Read a JSON config file (the fields of this struct).
+    pub fn read_json(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let config: ModelConfig = serde_json::from_str(&text).map_err(|e| {
+            Error::format(
+                path,
+                format!("line {} column {}", e.line(), e.column()),
+                e.to_string(),
+            )
+        })?;
+        config
+            .validate()
+            .map_err(|e| Error::format(path, "config", e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Check the shape is usable; the message names the field and the fix.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Invalid(msg));
+        for (field, value) in [
+            ("dim", self.dim),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("hidden_dim", self.hidden_dim),
+            ("vocab_size", self.vocab_size),
+            ("seq_len", self.seq_len),
+        ] {
+            if value == 0 {
+                return bad(format!("model config: `{field}` must be positive"));
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "model config: n_heads ({}) must be a multiple of n_kv_heads ({})",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!(
+                "model config: head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
+        }
+        if !(self.norm_eps > 0.0) || !(self.rope_theta > 1.0) {
+            return bad("model config: norm_eps must be > 0 and rope_theta > 1".into());
+        }
+        Ok(())
+    }
+
+    /// Query width `n_heads * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Key/value width `n_kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Query heads per kv head.
+    pub fn gqa_ratio(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Parameters per transformer layer.
+    pub fn layer_params(&self) -> usize {
+        let (d, q, kv, h) = (self.dim, self.q_dim(), self.kv_dim(), self.hidden_dim);
+        2 * d + q * d + 2 * kv * d + d * q + 3 * h * d
+    }
+
+    /// Total parameter count (embedding, layers, final norm, untied classifier).
+    pub fn n_params(&self) -> usize {
+        let emb = self.vocab_size * self.dim;
+        emb + self.n_layers * self.layer_params()
+            + self.dim
+            + if self.tied_embeddings { 0 } else { emb }
+    }
+
+    /// Training FLOPs per token for a window of `seq` tokens: 6 x (matmul
+    /// parameters incl. classifier) + 12 x n_layers x seq x q_dim (attention
+    /// scores and values, forward and backward, causal half not discounted).
+    pub fn train_flops_per_token(&self, seq: usize) -> f64 {
+        let matmul_params = (self.n_layers * (self.layer_params() - 2 * self.dim)
+            + self.vocab_size * self.dim) as f64;
+        6.0 * matmul_params + 12.0 * (self.n_layers * seq * self.q_dim()) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stories110m_parameter_count_matches_the_reference() {
+        // ane-reference 5.5: 7,079,424 per layer, 109.53M in all (tied).
+        let c = ModelConfig::preset("stories110m").unwrap();
+        assert_eq!(c.layer_params(), 7_079_424);
+        assert_eq!(c.n_params(), 7_079_424 * 12 + 32000 * 768 + 768);
+    }
+
+    #[test]
+    fn qwen_shape_parameter_count_matches_the_reference() {
+        // ane-reference 5.5: 15,730,688 per layer.
+        let c = ModelConfig::preset("qwen3-0.6b-shape").unwrap();
+        assert_eq!(c.layer_params(), 15_730_688);
+        assert_eq!((c.q_dim(), c.kv_dim(), c.gqa_ratio()), (2048, 1024, 2));
+    }
+
+    #[test]
+    fn every_preset_validates_and_bad_configs_name_the_field() {
+        for name in PRESETS {
+            ModelConfig::preset(name).unwrap().validate().unwrap();
+        }
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.n_kv_heads = 4;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("n_kv_heads"), "{msg}");
+        assert!(
+            ModelConfig::preset("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("stories15m")
+        );
+    }
+
+    #[test]
+    fn json_round_trip_with_defaults() {
+        let c = ModelConfig::preset("stories260k").unwrap();
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<ModelConfig>(&text).unwrap(), c);
+        let minimal = r#"{"dim":64,"n_layers":1,"n_heads":8,"n_kv_heads":4,"head_dim":8,
+            "hidden_dim":172,"vocab_size":512,"seq_len":64}"#;
+        let m: ModelConfig = serde_json::from_str(minimal).unwrap();
+        assert_eq!(
+            (m.norm_eps, m.rope_theta, m.tied_embeddings),
+            (1e-5, 10000.0, true)
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! The model: configuration, parameters, the Llama kernels as MIL graphs
+//! (forward/backward pairs), the CPU-side math, checkpoints and llama2.c
+//! import/export. Talks to devices only through the [`crate::backend::Backend`] trait.
+
+pub mod config;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use weights::{Layout, Param, Weights};

@@ -1,0 +1,275 @@
+//! Model parameters as one flat `f32` vector with a fixed layout, so the
+//! optimizer, gradient clipping and checkpoints are single passes over memory
+//! and gradients/moments share the layout.
+//!
+//! Layout (llama2.c order, matrices `[out, in]` row-major):
+//! `embedding (V, C)`, then per layer `rms_att (C)`, `wq (Hq*D, C)`, `wk (Hkv*D, C)`,
+//! `wv (Hkv*D, C)`, `wo (C, Hq*D)`, `rms_ffn (C)`, `w1 (F, C)`, `w2 (C, F)`, `w3 (F, C)`,
+//! then `rms_final (C)`, then `classifier (V, C)` only when untied.
+
+use std::ops::Range;
+
+use super::config::ModelConfig;
+use crate::rng::Rng;
+
+/// One parameter tensor of the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Param {
+    Embedding,
+    RmsAtt(usize),
+    Wq(usize),
+    Wk(usize),
+    Wv(usize),
+    Wo(usize),
+    RmsFfn(usize),
+    W1(usize),
+    W2(usize),
+    W3(usize),
+    RmsFinal,
+    /// Only present when the classifier is untied.
+    Classifier,
+}
+
+impl Param {
+    /// Norm weights get no weight decay.
+    pub fn is_norm(self) -> bool {
+        matches!(self, Param::RmsAtt(_) | Param::RmsFfn(_) | Param::RmsFinal)
+    }
+
+    /// Stable name, e.g. `layers.3.wq`.
+    pub fn name(self) -> String {
+        let layer = |l: usize, n: &str| format!("layers.{l}.{n}");
+        match self {
+            Param::Embedding => "embedding".into(),
+            Param::RmsAtt(l) => layer(l, "rms_att"),
+            Param::Wq(l) => layer(l, "wq"),
+            Param::Wk(l) => layer(l, "wk"),
+            Param::Wv(l) => layer(l, "wv"),
+            Param::Wo(l) => layer(l, "wo"),
+            Param::RmsFfn(l) => layer(l, "rms_ffn"),
+            Param::W1(l) => layer(l, "w1"),
+            Param::W2(l) => layer(l, "w2"),
+            Param::W3(l) => layer(l, "w3"),
+            Param::RmsFinal => "rms_final".into(),
+            Param::Classifier => "classifier".into(),
+        }
+    }
+}
+
+/// Offsets of every [`Param`] inside the flat vector.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    config: ModelConfig,
+    layer_start: usize,
+    layer_stride: usize,
+    total: usize,
+}
+
+impl Layout {
+    pub fn new(config: &ModelConfig) -> Layout {
+        let emb = config.vocab_size * config.dim;
+        let layer_stride = config.layer_params();
+        let after_layers = emb + config.n_layers * layer_stride;
+        let total = after_layers + config.dim + if config.tied_embeddings { 0 } else { emb };
+        Layout {
+            config: config.clone(),
+            layer_start: emb,
+            layer_stride,
+            total,
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Number of floats.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Shape of `p` (`[out, in]` for matrices).
+    pub fn shape(&self, p: Param) -> Vec<usize> {
+        let c = &self.config;
+        let (d, q, kv, f, v) = (c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim, c.vocab_size);
+        match p {
+            Param::Embedding | Param::Classifier => vec![v, d],
+            Param::RmsAtt(_) | Param::RmsFfn(_) | Param::RmsFinal => vec![d],
+            Param::Wq(_) => vec![q, d],
+            Param::Wk(_) | Param::Wv(_) => vec![kv, d],
+            Param::Wo(_) => vec![d, q],
+            Param::W1(_) | Param::W3(_) => vec![f, d],
+            Param::W2(_) => vec![d, f],
+        }
+    }
+
+    /// Element range of `p` in the flat vector. Panics on a layer index out of
+    /// range or on `Classifier` for a tied model (programmer errors).
+    pub fn range(&self, p: Param) -> Range<usize> {
+        let c = &self.config;
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim);
+        let in_layer = |l: usize, off: usize| {
+            assert!(
+                l < c.n_layers,
+                "layer {l} out of range ({} layers)",
+                c.n_layers
+            );
+            self.layer_start + l * self.layer_stride + off
+        };
+        let start = match p {
+            Param::Embedding => 0,
+            Param::RmsAtt(l) => in_layer(l, 0),
+            Param::Wq(l) => in_layer(l, d),
+            Param::Wk(l) => in_layer(l, d + q * d),
+            Param::Wv(l) => in_layer(l, d + q * d + kv * d),
+            Param::Wo(l) => in_layer(l, d + q * d + 2 * kv * d),
+            Param::RmsFfn(l) => in_layer(l, d + 2 * q * d + 2 * kv * d),
+            Param::W1(l) => in_layer(l, 2 * d + 2 * q * d + 2 * kv * d),
+            Param::W2(l) => in_layer(l, 2 * d + 2 * q * d + 2 * kv * d + f * d),
+            Param::W3(l) => in_layer(l, 2 * d + 2 * q * d + 2 * kv * d + 2 * f * d),
+            Param::RmsFinal => self.layer_start + c.n_layers * self.layer_stride,
+            Param::Classifier => {
+                assert!(!c.tied_embeddings, "tied model has no separate classifier");
+                self.layer_start + c.n_layers * self.layer_stride + d
+            }
+        };
+        start..start + self.shape(p).iter().product::<usize>()
+    }
+
+    /// Every parameter in layout order.
+    pub fn params(&self) -> Vec<Param> {
+        let mut out = vec![Param::Embedding];
+        for l in 0..self.config.n_layers {
+            out.extend([
+                Param::RmsAtt(l),
+                Param::Wq(l),
+                Param::Wk(l),
+                Param::Wv(l),
+                Param::Wo(l),
+                Param::RmsFfn(l),
+                Param::W1(l),
+                Param::W2(l),
+                Param::W3(l),
+            ]);
+        }
+        out.push(Param::RmsFinal);
+        if !self.config.tied_embeddings {
+            out.push(Param::Classifier);
+        }
+        out
+    }
+
+    /// The classifier matrix `(V, C)`: the embedding when tied.
+    pub fn classifier(&self) -> Param {
+        if self.config.tied_embeddings {
+            Param::Embedding
+        } else {
+            Param::Classifier
+        }
+    }
+}
+
+/// A flat parameter vector (weights, gradients or optimizer moments) with its layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weights {
+    pub layout: Layout,
+    pub data: Vec<f32>,
+}
+
+impl Weights {
+    /// All zeros (gradients, moments).
+    pub fn zeros(config: &ModelConfig) -> Weights {
+        let layout = Layout::new(config);
+        let data = vec![0.0; layout.len()];
+        Weights { layout, data }
+    }
+
+    /// GPT-2/llama2.c-style initialisation: matrices N(0, 0.02), the residual
+    /// projections `wo` and `w2` N(0, 0.02/sqrt(2 n_layers)), norms 1.
+    pub fn init(config: &ModelConfig, seed: u64) -> Weights {
+        let mut w = Weights::zeros(config);
+        let mut rng = Rng::new(seed);
+        let resid_std = 0.02 / (2.0 * config.n_layers as f32).sqrt();
+        for p in w.layout.params() {
+            let range = w.layout.range(p);
+            let slice = &mut w.data[range];
+            match p {
+                _ if p.is_norm() => slice.fill(1.0),
+                Param::Wo(_) | Param::W2(_) => {
+                    slice.iter_mut().for_each(|x| *x = resid_std * rng.normal())
+                }
+                _ => slice.iter_mut().for_each(|x| *x = 0.02 * rng.normal()),
+            }
+        }
+        w
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.layout.config()
+    }
+
+    pub fn get(&self, p: Param) -> &[f32] {
+        &self.data[self.layout.range(p)]
+    }
+
+    pub fn get_mut(&mut self, p: Param) -> &mut [f32] {
+        let range = self.layout.range(p);
+        &mut self.data[range]
+    }
+
+    /// The classifier matrix `(V, C)` (the embedding when tied).
+    pub fn classifier(&self) -> &[f32] {
+        self.get(self.layout.classifier())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_tile_the_vector_in_llama2c_order() {
+        for tied in [true, false] {
+            let config = ModelConfig {
+                tied_embeddings: tied,
+                ..ModelConfig::preset("stories260k").unwrap()
+            };
+            let layout = Layout::new(&config);
+            let mut next = 0;
+            for p in layout.params() {
+                let r = layout.range(p);
+                assert_eq!(r.start, next, "{}", p.name());
+                next = r.end;
+            }
+            assert_eq!(next, layout.len());
+            assert_eq!(layout.len(), config.n_params());
+        }
+    }
+
+    #[test]
+    fn gqa_shapes() {
+        let c = ModelConfig::preset("stories260k").unwrap();
+        let l = Layout::new(&c);
+        assert_eq!(l.shape(Param::Wq(0)), vec![64, 64]);
+        assert_eq!(l.shape(Param::Wk(4)), vec![32, 64]);
+        assert_eq!(l.shape(Param::W2(1)), vec![64, 172]);
+    }
+
+    #[test]
+    fn init_statistics() {
+        let c = ModelConfig::preset("tiny").unwrap();
+        let w = Weights::init(&c, 1);
+        assert!(w.get(Param::RmsFfn(2)).iter().all(|&x| x == 1.0));
+        let wq = w.get(Param::Wq(0));
+        let std = (wq.iter().map(|x| x * x).sum::<f32>() / wq.len() as f32).sqrt();
+        assert!((std - 0.02).abs() < 0.001, "{std}");
+        let wo = w.get(Param::Wo(0));
+        let std = (wo.iter().map(|x| x * x).sum::<f32>() / wo.len() as f32).sqrt();
+        assert!((std - 0.02 / 8f32.sqrt()).abs() < 0.0005, "{std}");
+        assert_eq!(Weights::init(&c, 1), w);
+    }
+}
