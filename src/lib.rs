@@ -17,9 +17,11 @@ pub mod backend;
 pub mod blob;
 pub mod data;
 pub mod error;
+pub mod linalg;
 pub mod mil;
 pub mod model;
 pub mod package;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

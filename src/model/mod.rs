@@ -3,6 +3,7 @@
 //! import/export. Talks to devices only through the [`crate::backend::Backend`] trait.
 
 pub mod config;
+pub mod host;
 pub mod weights;
 
 pub use config::ModelConfig;

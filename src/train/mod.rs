@@ -1,0 +1,4 @@
+//! Training: step orchestration over the backend trait, the optimizer and
+//! schedules, loss scaling and gradient accumulation.
+
+pub mod optim;
