@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod host;
+pub mod kernels;
 pub mod weights;
 
 pub use config::ModelConfig;

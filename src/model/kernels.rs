@@ -1,0 +1,863 @@
+//! The Llama layer as MIL kernels, forward and backward-dx pairs side by side.
+//!
+//! Partition (per layer, shared by all layers when weights are not baked):
+//!
+//! | kernel        | channels C | reads                                   | writes                       |
+//! |---------------|-----------|------------------------------------------|------------------------------|
+//! | `attn_fwd`    | dim       | xn (C,T); Wq, Wk, Wv                     | attn (Qd), q_rope (Qd), k_rope (KVd), v (KVd) |
+//! | `wo_fwd`      | q_dim     | attn (Qd,T); Wo                          | o (C)                        |
+//! | `ffn_fwd`     | dim       | x2n (C,T); W1, W3, W2                    | ffn (C), h1, h3, gate (F)    |
+//! | `ffn_bwd_w2`  | dim       | dffn (C,T); W2 (used transposed)         | dgate (F)                    |
+//! | `ffn_bwd_w13` | hidden    | dgate, h1, h3 (F,T); W1, W3 (transposed) | dx2n (C), dh1, dh3 (F)       |
+//! | `wo_bwd`      | dim       | dx2 (C,T); Wo (transposed)               | dattn (Qd)                   |
+//! | `attn_bwd`    | -         | q_rope, k_rope, v, dattn                 | dq, dk, dv (pre-RoPE)        |
+//! | `q_bwd`       | q_dim     | dq (Qd,T); Wq (transposed)               | dxn (C)                      |
+//! | `kv_bwd`      | kv_dim    | dk, dv (KVd,T); Wk, Wv (transposed)      | dxn (C)                      |
+//!
+//! This follows the reference's dynamic pipeline (ane-reference 5.5.2) with two
+//! changes: the residual adds stay on the CPU in fp32 (the reference adds them on
+//! the ANE in fp16), and attention backward is one kernel whose inputs are packed
+//! along channels (the reference splits it in two and round-trips the `H*T x T`
+//! probabilities through memory). RMSNorm, embedding, classifier and loss run on the CPU.
+//!
+//! Where weights come from is one choice per kernel build, [`WeightMode`]:
+//! - `Baked`: BLOBFILE constants, conv 1x1 (frozen weights, inference; recompile on change);
+//! - `Packed`: appended along the spatial axis of the single input (the ANE's
+//!   dynamic-weight trick: compile once, one input and one output surface);
+//! - `Inputs`: one function input per tensor (cheapest on the CPU backend).
+//!
+//! Every kernel reads and writes `[1, C, 1, W]` tensors. A [`KernelSpec`] records
+//! where each logical tensor lives (buffer, channel rows, spatial columns), so the
+//! host code is the same in every mode.
+
+use std::collections::BTreeMap;
+
+use crate::blob::BlobWriter;
+use crate::mil::{Builder, DType, Dialect, Program, Tensor, TensorType};
+use crate::package::ProgramPackage;
+use crate::{Error, Result};
+
+use super::config::ModelConfig;
+
+/// Where kernel weights come from (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightMode {
+    Baked,
+    Packed,
+    Inputs,
+}
+
+/// How kernels are typed and where their weights live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// fp16 for the ANE (and CPU fp16 simulation), fp32 on the CPU otherwise.
+    pub dtype: DType,
+    pub mode: WeightMode,
+    pub dialect: Dialect,
+}
+
+impl KernelOptions {
+    pub fn cpu() -> KernelOptions {
+        KernelOptions {
+            dtype: DType::Fp32,
+            mode: WeightMode::Inputs,
+            dialect: Dialect::Ios18,
+        }
+    }
+}
+
+/// How the host writes a weight slot: the parameter as stored (`W`, rows =
+/// W's rows) or transposed (`W^T`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotKind {
+    Activation,
+    Weight { transposed: bool },
+}
+
+/// Where one logical tensor lives among a kernel's buffers: rows
+/// `row..row+rows` (channels) and columns `col..col+cols` (positions or weight
+/// columns) of buffer `buffer` (an index into the kernel's inputs or outputs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub name: String,
+    pub kind: SlotKind,
+    pub buffer: usize,
+    pub row: usize,
+    pub rows: usize,
+    pub col: usize,
+    pub cols: usize,
+}
+
+/// A built kernel: the package to compile plus the host-side map of its I/O.
+#[derive(Clone, Debug)]
+pub struct KernelSpec {
+    pub name: String,
+    pub program: Program,
+    pub package: ProgramPackage,
+    pub inputs: Vec<Slot>,
+    pub outputs: Vec<Slot>,
+}
+
+impl KernelSpec {
+    pub fn input(&self, name: &str) -> &Slot {
+        self.inputs
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("kernel {} has no input `{name}`", self.name))
+    }
+
+    pub fn output(&self, name: &str) -> &Slot {
+        self.outputs
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("kernel {} has no output `{name}`", self.name))
+    }
+}
+
+/// How a kernel uses a weight matrix `W (rows, cols)` stored `[out, in]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Use {
+    /// `y = W x`: in = cols, out = rows.
+    Forward,
+    /// `y = W^T x`: in = rows, out = cols.
+    Transposed,
+}
+
+#[derive(Clone, Debug)]
+struct WeightDecl {
+    name: String,
+    rows: usize,
+    cols: usize,
+    usage: Use,
+}
+
+impl WeightDecl {
+    fn in_out(&self) -> (usize, usize) {
+        match self.usage {
+            Use::Forward => (self.cols, self.rows),
+            Use::Transposed => (self.rows, self.cols),
+        }
+    }
+}
+
+/// Handle to a declared weight.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightId(usize);
+
+/// Builds one kernel: declare activations and weights, call [`KernelBuilder::begin`],
+/// write the body with the returned tensors, declare outputs, [`KernelBuilder::finish`].
+pub struct KernelBuilder<'w> {
+    name: String,
+    opts: KernelOptions,
+    seq: usize,
+    b: Builder,
+    acts: Vec<(String, usize)>,
+    weights: Vec<WeightDecl>,
+    /// Baked values by weight name (the parameter as stored), for `WeightMode::Baked`.
+    baked: &'w dyn Fn(&str) -> Option<Vec<f32>>,
+    act_tensors: Vec<Tensor>,
+    weight_tensors: Vec<Option<Tensor>>,
+    inputs: Vec<Slot>,
+    outputs: Vec<(String, Tensor)>,
+    blobs: BTreeMap<String, BlobWriter>,
+}
+
+fn no_baked(_: &str) -> Option<Vec<f32>> {
+    None
+}
+
+impl<'w> KernelBuilder<'w> {
+    pub fn new(name: &str, opts: KernelOptions, seq: usize) -> KernelBuilder<'static> {
+        KernelBuilder {
+            name: name.to_string(),
+            opts,
+            seq,
+            b: Builder::new(opts.dialect),
+            acts: Vec::new(),
+            weights: Vec::new(),
+            baked: &no_baked,
+            act_tensors: Vec::new(),
+            weight_tensors: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            blobs: BTreeMap::new(),
+        }
+    }
+
+    /// Supply weight values for `WeightMode::Baked` (parameter as stored, by slot name).
+    pub fn with_baked<'v>(self, baked: &'v dyn Fn(&str) -> Option<Vec<f32>>) -> KernelBuilder<'v>
+    where
+        'w: 'v,
+    {
+        KernelBuilder { baked, ..self }
+    }
+
+    /// Declare an activation input `(channels, T)`; returns its index for `begin`'s result.
+    pub fn act(&mut self, name: &str, channels: usize) -> usize {
+        self.acts.push((name.to_string(), channels));
+        self.acts.len() - 1
+    }
+
+    fn weight(&mut self, name: &str, rows: usize, cols: usize, usage: Use) -> WeightId {
+        self.weights.push(WeightDecl {
+            name: name.to_string(),
+            rows,
+            cols,
+            usage,
+        });
+        WeightId(self.weights.len() - 1)
+    }
+
+    /// Declare a weight `W (rows, cols)` used as `y = W x`.
+    pub fn weight_forward(&mut self, name: &str, rows: usize, cols: usize) -> WeightId {
+        self.weight(name, rows, cols, Use::Forward)
+    }
+
+    /// Declare a weight `W (rows, cols)` used as `y = W^T x`.
+    pub fn weight_transposed(&mut self, name: &str, rows: usize, cols: usize) -> WeightId {
+        self.weight(name, rows, cols, Use::Transposed)
+    }
+
+    fn dtype(&self) -> DType {
+        self.opts.dtype
+    }
+
+    /// Create the function inputs and the slices that unpack them. Returns the
+    /// activation tensors `[1, C, 1, T]` in declaration order.
+    pub fn begin(&mut self) -> Result<Vec<Tensor>> {
+        let dtype = self.dtype();
+        let seq = self.seq;
+        // Weight slot orientation: the `[1, in, 1, out]` form needs no in-kernel
+        // transpose; in packed mode the channel count decides.
+        let packed_channels = self.packed_channels()?;
+        let mut items: Vec<(String, SlotKind, usize, usize)> = Vec::new(); // name, kind, rows, cols
+        for (name, channels) in &self.acts {
+            items.push((name.clone(), SlotKind::Activation, *channels, seq));
+        }
+        for w in &self.weights {
+            if self.opts.mode == WeightMode::Baked {
+                continue;
+            }
+            let (inp, out) = w.in_out();
+            let m_form = match packed_channels {
+                Some(PackAxis::Width(c)) if inp != c => false,
+                _ => true,
+            };
+            // The `[in, out]` matrix M is W^T for forward use and W for transposed use.
+            let (transposed, rows, cols) = if m_form {
+                (w.usage == Use::Forward, inp, out)
+            } else {
+                (w.usage == Use::Transposed, out, inp)
+            };
+            items.push((w.name.clone(), SlotKind::Weight { transposed }, rows, cols));
+        }
+        let mut tensors = Vec::new();
+        match packed_channels {
+            None => {
+                for (i, (name, kind, rows, cols)) in items.iter().enumerate() {
+                    let t = self.b.input(name, dtype, &[1, *rows, 1, *cols]);
+                    self.inputs.push(slot(name, *kind, i, 0, *rows, 0, *cols));
+                    tensors.push(t);
+                }
+            }
+            Some(axis) => {
+                let (channels, width) = match axis {
+                    PackAxis::Width(c) => (c, items.iter().map(|i| i.3).sum()),
+                    PackAxis::Channels(w) => (items.iter().map(|i| i.2).sum(), w),
+                };
+                let x = self.b.input("x", dtype, &[1, channels, 1, width]);
+                let mut offset = 0;
+                for (name, kind, rows, cols) in &items {
+                    let (begin, s) = match axis {
+                        PackAxis::Width(_) => (
+                            vec![0, 0, 0, offset],
+                            slot(name, *kind, 0, 0, *rows, offset, *cols),
+                        ),
+                        PackAxis::Channels(_) => (
+                            vec![0, offset, 0, 0],
+                            slot(name, *kind, 0, offset, *rows, 0, *cols),
+                        ),
+                    };
+                    offset += if matches!(axis, PackAxis::Width(_)) {
+                        *cols
+                    } else {
+                        *rows
+                    };
+                    self.b.name_next(name);
+                    let t = self.b.slice_by_size(&x, &begin, &[1, *rows, 1, *cols]);
+                    self.inputs.push(s);
+                    tensors.push(t);
+                }
+            }
+        }
+        let n_acts = self.acts.len();
+        self.act_tensors = tensors[..n_acts].to_vec();
+        let mut rest = tensors[n_acts..].iter().cloned();
+        self.weight_tensors = (0..self.weights.len())
+            .map(|_| {
+                if self.opts.mode == WeightMode::Baked {
+                    None
+                } else {
+                    rest.next()
+                }
+            })
+            .collect();
+        Ok(self.act_tensors.clone())
+    }
+
+    /// Packed mode: everything shares the channel count (concatenate along
+    /// width), or, for weight-free kernels, the width (concatenate along channels).
+    fn packed_channels(&self) -> Result<Option<PackAxis>> {
+        if self.opts.mode != WeightMode::Packed {
+            return Ok(None);
+        }
+        if self.weights.is_empty() {
+            return Ok(Some(PackAxis::Channels(self.seq)));
+        }
+        let c = self.acts.first().map(|a| a.1).ok_or_else(|| {
+            Error::Invalid(format!(
+                "kernel {}: packed mode needs an activation",
+                self.name
+            ))
+        })?;
+        for (name, channels) in &self.acts {
+            if *channels != c {
+                return Err(Error::Invalid(format!(
+                    "kernel {}: packed activation `{name}` has {channels} channels, expected {c}",
+                    self.name
+                )));
+            }
+        }
+        for w in &self.weights {
+            let (inp, out) = w.in_out();
+            if inp != c && out != c {
+                return Err(Error::Invalid(format!(
+                    "kernel {}: weight `{}` ({} x {}) fits neither way into {c} channels",
+                    self.name, w.name, w.rows, w.cols
+                )));
+            }
+        }
+        Ok(Some(PackAxis::Width(c)))
+    }
+
+    /// The builder, for the kernel body.
+    pub fn b(&mut self) -> &mut Builder {
+        &mut self.b
+    }
+
+    /// `y = A x` for `x` `[1, in, 1, T]` with `A` the declared use of weight `w`.
+    pub fn linear(&mut self, x: &Tensor, w: WeightId) -> Result<Tensor> {
+        let decl = self.weights[w.0].clone();
+        let (inp, out) = decl.in_out();
+        if self.opts.mode == WeightMode::Baked {
+            let values = (self.baked)(&decl.name).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "kernel {}: no baked value for weight `{}`",
+                    self.name, decl.name
+                ))
+            })?;
+            // conv weight [out, in, 1, 1] = A.
+            let a = match decl.usage {
+                Use::Forward => values,
+                Use::Transposed => transpose(&values, decl.rows, decl.cols),
+            };
+            let file = format!("{}.bin", decl.name);
+            let dtype = self.dtype();
+            let writer = self
+                .blobs
+                .entry(file.clone())
+                .or_insert_with(BlobWriter::new);
+            let offset = match dtype {
+                DType::Fp16 => writer.add_fp16(&a),
+                _ => writer.add_fp32(&a),
+            };
+            self.b.name_next(&decl.name);
+            let weight = self
+                .b
+                .blob_const(TensorType::new(dtype, [out, inp, 1, 1]), &file, offset);
+            return Ok(self.b.linear_conv1x1(x, &weight));
+        }
+        let t = self.weight_tensors[w.0]
+            .clone()
+            .expect("weight tensor after begin");
+        let m = if t.shape()[1] == inp {
+            t
+        } else {
+            // Stored `[1, out, 1, in]`: transpose to `[1, in, 1, out]` inside the kernel.
+            let r = self.b.reshape(&t, &[1, 1, out, inp]);
+            let tr = self.b.transpose(&r, &[0, 1, 3, 2]);
+            self.b.reshape(&tr, &[1, inp, 1, out])
+        };
+        Ok(self.b.linear_dynamic(x, &m))
+    }
+
+    /// A constant `[1, 1, rows, cols]`-shaped table stored as a BLOBFILE.
+    pub fn table(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Tensor {
+        let dtype = self.dtype();
+        let file = format!("{name}.bin");
+        let writer = self
+            .blobs
+            .entry(file.clone())
+            .or_insert_with(BlobWriter::new);
+        let offset = match dtype {
+            DType::Fp16 => writer.add_fp16(values),
+            _ => writer.add_fp32(values),
+        };
+        self.b.name_next(name);
+        self.b
+            .blob_const(TensorType::new(dtype, shape.to_vec()), &file, offset)
+    }
+
+    /// Declare an output `[1, C, 1, T]`.
+    pub fn output(&mut self, name: &str, t: Tensor) {
+        self.outputs.push((name.to_string(), t));
+    }
+
+    /// Finish: single concatenated output in packed mode, one per tensor otherwise.
+    pub fn finish(mut self) -> Result<KernelSpec> {
+        let mut slots = Vec::new();
+        if self.opts.mode == WeightMode::Packed && self.outputs.len() > 1 {
+            let mut row = 0;
+            for (name, t) in &self.outputs {
+                let (rows, cols) = (t.shape()[1], t.shape()[3]);
+                slots.push(slot(name, SlotKind::Activation, 0, row, rows, 0, cols));
+                row += rows;
+            }
+            let parts: Vec<Tensor> = self.outputs.iter().map(|(_, t)| t.clone()).collect();
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            self.b.name_next("y");
+            let y = self.b.concat(&refs, 1);
+            self.b.output(&y);
+        } else {
+            for (i, (name, t)) in self.outputs.iter().enumerate() {
+                let (rows, cols) = (t.shape()[1], t.shape()[3]);
+                slots.push(slot(name, SlotKind::Activation, i, 0, rows, 0, cols));
+                self.b.output(t);
+            }
+        }
+        let program = self.b.finish();
+        let weights = self.blobs.into_iter().map(|(f, w)| (f, w.finish()));
+        let package = ProgramPackage::from_program(&program, weights);
+        Ok(KernelSpec {
+            name: self.name,
+            program,
+            package,
+            inputs: self.inputs,
+            outputs: slots,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum PackAxis {
+    /// All inputs have this many channels; concatenate along width.
+    Width(usize),
+    /// All inputs have this width; concatenate along channels.
+    Channels(usize),
+}
+
+fn slot(
+    name: &str,
+    kind: SlotKind,
+    buffer: usize,
+    row: usize,
+    rows: usize,
+    col: usize,
+    cols: usize,
+) -> Slot {
+    Slot {
+        name: name.to_string(),
+        kind,
+        buffer,
+        row,
+        rows,
+        col,
+        cols,
+    }
+}
+
+/// `(rows, cols)` row-major -> `(cols, rows)` row-major.
+pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = a[r * cols + c];
+        }
+    }
+    out
+}
+
+/// RoPE tables `[1, 1, T, D]`: entries `2i` and `2i+1` of row `p` hold
+/// `cos(p * theta^(-2i/D))` (resp. `sin`), llama2.c's interleaved pairs.
+pub fn rope_tables(seq: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut cos = vec![0.0; seq * head_dim];
+    let mut sin = vec![0.0; seq * head_dim];
+    for p in 0..seq {
+        for i in 0..head_dim / 2 {
+            let freq = (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
+            let angle = p as f64 * freq;
+            for j in [2 * i, 2 * i + 1] {
+                cos[p * head_dim + j] = angle.cos() as f32;
+                sin[p * head_dim + j] = angle.sin() as f32;
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// The additive causal mask `[1, 1, T, T]`: 0 on and below the diagonal, -65504 above.
+pub fn causal_mask(seq: usize) -> Vec<f32> {
+    (0..seq * seq)
+        .map(|i| if i % seq <= i / seq { 0.0 } else { -65504.0 })
+        .collect()
+}
+
+/// `rot(x)` for `x` `[1, H, T, D]`: pairs `(a, b)` -> `(-b, a)`.
+fn rotate_pairs(b: &mut Builder, x: &Tensor) -> Tensor {
+    let s = x.shape().to_vec();
+    let (h, t, d) = (s[1], s[2], s[3]);
+    let pairs = b.reshape(x, &[1, h, t * d / 2, 2]);
+    let even = b.slice_by_size(&pairs, &[0, 0, 0, 0], &[1, h, t * d / 2, 1]);
+    let odd = b.slice_by_size(&pairs, &[0, 0, 0, 1], &[1, h, t * d / 2, 1]);
+    let minus_one = b.scalar(x.dtype(), -1.0);
+    let neg_odd = b.mul(&odd, &minus_one);
+    let rotated = b.concat(&[&neg_odd, &even], 3);
+    b.reshape(&rotated, &[1, h, t, d])
+}
+
+/// RoPE forward: `x cos + rot(x) sin`.
+fn rope(b: &mut Builder, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let xc = b.mul(x, cos);
+    let r = rotate_pairs(b, x);
+    let rs = b.mul(&r, sin);
+    b.add(&xc, &rs)
+}
+
+/// RoPE backward (the rotation is orthogonal): `dy cos - rot(dy sin)`.
+fn rope_backward(b: &mut Builder, dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let dc = b.mul(dy, cos);
+    let ds = b.mul(dy, sin);
+    let r = rotate_pairs(b, &ds);
+    b.sub(&dc, &r)
+}
+
+/// `[1, KVH, T, D]` -> `[1, KVH*g, T, D]` with query head `h` reading kv head `h / g`.
+fn expand_kv(b: &mut Builder, x: &Tensor, group: usize) -> Tensor {
+    if group == 1 {
+        return x.clone();
+    }
+    let s = x.shape().to_vec();
+    let (kvh, t, d) = (s[1], s[2], s[3]);
+    let flat = b.reshape(x, &[1, kvh, 1, t * d]);
+    let copies: Vec<&Tensor> = (0..group).map(|_| &flat).collect();
+    let tiled = b.concat(&copies, 2);
+    b.reshape(&tiled, &[1, kvh * group, t, d])
+}
+
+/// Backward of [`expand_kv`]: sum the gradients of each group's query heads.
+fn reduce_kv(b: &mut Builder, dx: &Tensor, group: usize) -> Tensor {
+    if group == 1 {
+        return dx.clone();
+    }
+    let s = dx.shape().to_vec();
+    let (h, t, d) = (s[1], s[2], s[3]);
+    let grouped = b.reshape(dx, &[1, h / group, group, t * d]);
+    let summed = b.reduce_sum(&grouped, &[2], true);
+    b.reshape(&summed, &[1, h / group, t, d])
+}
+
+fn rope_consts(k: &mut KernelBuilder, config: &ModelConfig, seq: usize) -> (Tensor, Tensor) {
+    let (cos, sin) = rope_tables(seq, config.head_dim, config.rope_theta);
+    let shape = [1, 1, seq, config.head_dim];
+    (
+        k.table("rope_cos", &shape, &cos),
+        k.table("rope_sin", &shape, &sin),
+    )
+}
+
+/// The nine kernels of a layer (see the module docs), in one struct.
+pub struct LayerKernels {
+    pub attn_fwd: KernelSpec,
+    pub wo_fwd: KernelSpec,
+    pub ffn_fwd: KernelSpec,
+    pub ffn_bwd_w2: KernelSpec,
+    pub ffn_bwd_w13: KernelSpec,
+    pub wo_bwd: KernelSpec,
+    pub attn_bwd: KernelSpec,
+    pub q_bwd: KernelSpec,
+    pub kv_bwd: KernelSpec,
+}
+
+impl LayerKernels {
+    /// Build every kernel for `config` at sequence length `seq`. `baked` supplies
+    /// weight values by slot name (`wq`, `wk`, ...) for `WeightMode::Baked`.
+    pub fn build(
+        config: &ModelConfig,
+        seq: usize,
+        opts: KernelOptions,
+        baked: &dyn Fn(&str) -> Option<Vec<f32>>,
+    ) -> Result<LayerKernels> {
+        Ok(LayerKernels {
+            attn_fwd: attn_fwd(config, seq, opts, baked)?,
+            wo_fwd: wo_fwd(config, seq, opts, baked)?,
+            ffn_fwd: ffn_fwd(config, seq, opts, baked)?,
+            ffn_bwd_w2: ffn_bwd_w2(config, seq, opts, baked)?,
+            ffn_bwd_w13: ffn_bwd_w13(config, seq, opts, baked)?,
+            wo_bwd: wo_bwd(config, seq, opts, baked)?,
+            attn_bwd: attn_bwd(config, seq, opts)?,
+            q_bwd: q_bwd(config, seq, opts, baked)?,
+            kv_bwd: kv_bwd(config, seq, opts, baked)?,
+        })
+    }
+
+    pub fn all(&self) -> [&KernelSpec; 9] {
+        [
+            &self.attn_fwd,
+            &self.wo_fwd,
+            &self.ffn_fwd,
+            &self.ffn_bwd_w2,
+            &self.ffn_bwd_w13,
+            &self.wo_bwd,
+            &self.attn_bwd,
+            &self.q_bwd,
+            &self.kv_bwd,
+        ]
+    }
+}
+
+type Baked<'a> = &'a dyn Fn(&str) -> Option<Vec<f32>>;
+
+/// Attention forward: QKV projections, RoPE, causal softmax attention per head.
+pub fn attn_fwd(
+    c: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    baked: Baked,
+) -> Result<KernelSpec> {
+    let (d, q, kv) = (c.dim, c.q_dim(), c.kv_dim());
+    let mut k = KernelBuilder::new("attn_fwd", opts, seq).with_baked(baked);
+    k.act("xn", d);
+    let wq = k.weight_forward("wq", q, d);
+    let wk = k.weight_forward("wk", kv, d);
+    let wv = k.weight_forward("wv", kv, d);
+    let xn = k.begin()?.remove(0);
+    let qp = k.linear(&xn, wq)?;
+    let kp = k.linear(&xn, wk)?;
+    let vp = k.linear(&xn, wv)?;
+    let (cos, sin) = rope_consts(&mut k, c, seq);
+    let mask_values = causal_mask(seq);
+    let mask = k.table("mask", &[1, 1, seq, seq], &mask_values);
+    let b = k.b();
+    let qh = b.split_heads(&qp, c.n_heads);
+    let kh = b.split_heads(&kp, c.n_kv_heads);
+    let vh = b.split_heads(&vp, c.n_kv_heads);
+    let qr = rope(b, &qh, &cos, &sin);
+    let kr = rope(b, &kh, &cos, &sin);
+    let kx = expand_kv(b, &kr, c.gqa_ratio());
+    let vx = expand_kv(b, &vh, c.gqa_ratio());
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    let (att, _) = b.causal_attention(&qr, &kx, &vx, &mask, scale);
+    let attn = b.merge_heads(&att);
+    let q_rope = b.merge_heads(&qr);
+    let k_rope = b.merge_heads(&kr);
+    k.output("attn", attn);
+    k.output("q_rope", q_rope);
+    k.output("k_rope", k_rope);
+    k.output("v", vp);
+    k.finish()
+}
+
+/// Attention backward (weight-free): recompute probabilities from `q_rope`,
+/// `k_rope`; `dV = P^T dO`, `dP = dO V^T`, `dS = P (dP - rowsum(dP P))`,
+/// `dQ = dS K s`, `dK = dS^T Q s`; GQA sums; RoPE backward to pre-RoPE q and k.
+pub fn attn_bwd(c: &ModelConfig, seq: usize, opts: KernelOptions) -> Result<KernelSpec> {
+    let (q, kv) = (c.q_dim(), c.kv_dim());
+    let mut k = KernelBuilder::new("attn_bwd", opts, seq);
+    k.act("q_rope", q);
+    k.act("k_rope", kv);
+    k.act("v", kv);
+    k.act("dattn", q);
+    let acts = k.begin()?;
+    let (cos, sin) = rope_consts(&mut k, c, seq);
+    let mask_values = causal_mask(seq);
+    let mask = k.table("mask", &[1, 1, seq, seq], &mask_values);
+    let g = c.gqa_ratio();
+    let b = k.b();
+    let qh = b.split_heads(&acts[0], c.n_heads);
+    let kh = b.split_heads(&acts[1], c.n_kv_heads);
+    let vh = b.split_heads(&acts[2], c.n_kv_heads);
+    let d_out = b.split_heads(&acts[3], c.n_heads);
+    let kx = expand_kv(b, &kh, g);
+    let vx = expand_kv(b, &vh, g);
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    let (_, probs) = b.causal_attention(&qh, &kx, &vx, &mask, scale);
+    let dv_full = b.matmul(&probs, &d_out, true, false);
+    let dp = b.matmul(&d_out, &vx, false, true);
+    let pdp = b.mul(&dp, &probs);
+    let row = b.reduce_sum(&pdp, &[-1], true);
+    let centered = b.sub(&dp, &row);
+    let ds = b.mul(&probs, &centered);
+    let s = b.scalar(c_dtype(&opts), scale);
+    let ds = b.mul(&ds, &s);
+    let dq_rope = b.matmul(&ds, &kx, false, false);
+    let dk_full = b.matmul(&ds, &qh, true, false);
+    let dk_rope = reduce_kv(b, &dk_full, g);
+    let dv = reduce_kv(b, &dv_full, g);
+    let dq = rope_backward(b, &dq_rope, &cos, &sin);
+    let dk = rope_backward(b, &dk_rope, &cos, &sin);
+    let dq = b.merge_heads(&dq);
+    let dk = b.merge_heads(&dk);
+    let dv = b.merge_heads(&dv);
+    k.output("dq", dq);
+    k.output("dk", dk);
+    k.output("dv", dv);
+    k.finish()
+}
+
+fn c_dtype(opts: &KernelOptions) -> DType {
+    opts.dtype
+}
+
+/// Output projection forward: `o = Wo attn`.
+pub fn wo_fwd(
+    c: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    baked: Baked,
+) -> Result<KernelSpec> {
+    let mut k = KernelBuilder::new("wo_fwd", opts, seq).with_baked(baked);
+    k.act("attn", c.q_dim());
+    let wo = k.weight_forward("wo", c.dim, c.q_dim());
+    let attn = k.begin()?.remove(0);
+    let o = k.linear(&attn, wo)?;
+    k.output("o", o);
+    k.finish()
+}
+
+/// Output projection backward: `dattn = Wo^T dx2`.
+pub fn wo_bwd(
+    c: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    baked: Baked,
+) -> Result<KernelSpec> {
+    let mut k = KernelBuilder::new("wo_bwd", opts, seq).with_baked(baked);
+    k.act("dx2", c.dim);
+    let wo = k.weight_transposed("wo", c.dim, c.q_dim());
+    let dx2 = k.begin()?.remove(0);
+    let da = k.linear(&dx2, wo)?;
+    k.output("dattn", da);
+    k.finish()
+}
+
+/// SwiGLU forward: `h1 = W1 x`, `h3 = W3 x`, `gate = silu(h1) h3`, `ffn = W2 gate`.
+pub fn ffn_fwd(
+    c: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    baked: Baked,
+) -> Result<KernelSpec> {
+    let (d, f) = (c.dim, c.hidden_dim);
+    let mut k = KernelBuilder::new("ffn_fwd", opts, seq).with_baked(baked);
+    k.act("x2n", d);
+    let w1 = k.weight_forward("w1", f, d);
+    let w3 = k.weight_forward("w3", f, d);
+    let w2 = k.weight_forward("w2", d, f);
+    let x = k.begin()?.remove(0);
+    let h1 = k.linear(&x, w1)?;
+    let h3 = k.linear(&x, w3)?;
+    let b = k.b();
+    let sig = b.sigmoid(&h1);
+    let silu = b.mul(&h1, &sig);
+    let gate = b.mul(&silu, &h3);
+    let ffn = k.linear(&gate, w2)?;
+    k.output("ffn", ffn);
+    k.output("h1", h1);
+    k.output("h3", h3);
+    k.output("gate", gate);
+    k.finish()
+}
+
+/// SwiGLU backward, first half: `dgate = W2^T dffn`.
+pub fn ffn_bwd_w2(
+    c: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    baked: Baked,
+) -> Result<KernelSpec> {
+    let mut k = KernelBuilder::new("ffn_bwd_w2", opts, seq).with_baked(baked);
+    k.act("dffn", c.dim);
+    let w2 = k.weight_transposed("w2", c.dim, c.hidden_dim);
+    let dffn = k.begin()?.remove(0);
+    let dgate = k.linear(&dffn, w2)?;
+    k.output("dgate", dgate);
+    k.finish()
+}
+
+/// SwiGLU backward, second half: `dh3 = dgate silu(h1)`,
+/// `dh1 = dgate h3 sig (1 + h1 (1 - sig))`, `dx2n = W1^T dh1 + W3^T dh3`.
+pub fn ffn_bwd_w13(
+    c: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    baked: Baked,
+) -> Result<KernelSpec> {
+    let (d, f) = (c.dim, c.hidden_dim);
+    let mut k = KernelBuilder::new("ffn_bwd_w13", opts, seq).with_baked(baked);
+    k.act("dgate", f);
+    k.act("h1", f);
+    k.act("h3", f);
+    let w1 = k.weight_transposed("w1", f, d);
+    let w3 = k.weight_transposed("w3", f, d);
+    let acts = k.begin()?;
+    let (dgate, h1, h3) = (&acts[0], &acts[1], &acts[2]);
+    let one = k.b().scalar(opts.dtype, 1.0);
+    let b = k.b();
+    let sig = b.sigmoid(h1);
+    let silu = b.mul(h1, &sig);
+    let dh3 = b.mul(dgate, &silu);
+    let dsilu = b.mul(dgate, h3);
+    let one_minus = b.sub(&one, &sig);
+    let h1_om = b.mul(h1, &one_minus);
+    let inner = b.add(&one, &h1_om);
+    let dsig = b.mul(&sig, &inner);
+    let dh1 = b.mul(&dsilu, &dsig);
+    let a = k.linear(&dh1, w1)?;
+    let bb = k.linear(&dh3, w3)?;
+    let dx = k.b().add(&a, &bb);
+    k.output("dx2n", dx);
+    k.output("dh1", dh1);
+    k.output("dh3", dh3);
+    k.finish()
+}
+
+/// Query projection backward: `dxn = Wq^T dq`.
+pub fn q_bwd(c: &ModelConfig, seq: usize, opts: KernelOptions, baked: Baked) -> Result<KernelSpec> {
+    let mut k = KernelBuilder::new("q_bwd", opts, seq).with_baked(baked);
+    k.act("dq", c.q_dim());
+    let wq = k.weight_transposed("wq", c.q_dim(), c.dim);
+    let dq = k.begin()?.remove(0);
+    let dx = k.linear(&dq, wq)?;
+    k.output("dxn", dx);
+    k.finish()
+}
+
+/// Key/value projection backward: `dxn = Wk^T dk + Wv^T dv`.
+pub fn kv_bwd(
+    c: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    baked: Baked,
+) -> Result<KernelSpec> {
+    let mut k = KernelBuilder::new("kv_bwd", opts, seq).with_baked(baked);
+    k.act("dk", c.kv_dim());
+    k.act("dv", c.kv_dim());
+    let wk = k.weight_transposed("wk", c.kv_dim(), c.dim);
+    let wv = k.weight_transposed("wv", c.kv_dim(), c.dim);
+    let acts = k.begin()?;
+    let a = k.linear(&acts[0], wk)?;
+    let bb = k.linear(&acts[1], wv)?;
+    let dx = k.b().add(&a, &bb);
+    k.output("dxn", dx);
+    k.finish()
+}

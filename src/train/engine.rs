@@ -1,0 +1,554 @@
+//! One training step over the backend trait: embedding, then per layer the
+//! forward kernels (with RMSNorm and residuals on the CPU), classifier and loss
+//! on the CPU, then the backward-dx kernels in reverse with weight gradients
+//! by CPU GEMM. Layer-major: every sequence of the batch passes through layer
+//! `l` before layer `l+1`, so each layer's weights are written once per pass.
+//!
+//! Activations are `(C, T)` channel-major on the host, the layout of the
+//! kernels' `[1, C, 1, T]` tensors; all buffers are allocated once and reused.
+
+use crate::backend::{Backend, Block, BufferId, KernelId};
+use crate::linalg::{gemm, n, t};
+use crate::model::host;
+use crate::model::kernels::{
+    KernelOptions, KernelSpec, LayerKernels, SlotKind, WeightMode, transpose,
+};
+use crate::model::{ModelConfig, Param, Weights};
+use crate::{Error, Result};
+
+/// A compiled kernel with its buffers.
+pub struct Kernel {
+    pub spec: KernelSpec,
+    id: KernelId,
+    inputs: Vec<BufferId>,
+    outputs: Vec<BufferId>,
+}
+
+impl Kernel {
+    pub fn new(backend: &mut dyn Backend, spec: KernelSpec) -> Result<Kernel> {
+        let id = backend.compile(&spec.package)?;
+        let info = backend.kernel_info(id).clone();
+        let inputs = info
+            .inputs
+            .iter()
+            .map(|v| backend.alloc(&v.ty))
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = info
+            .outputs
+            .iter()
+            .map(|v| backend.alloc(&v.ty))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Kernel {
+            spec,
+            id,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Write an activation `(rows, cols)` row-major.
+    pub fn write(&self, backend: &mut dyn Backend, name: &str, data: &[f32]) -> Result<()> {
+        let s = self.spec.input(name);
+        debug_assert_eq!(s.kind, SlotKind::Activation);
+        let block = Block {
+            row: s.row,
+            rows: s.rows,
+            col: s.col,
+            cols: s.cols,
+        };
+        backend.write(self.inputs[s.buffer], block, data)
+    }
+
+    /// Write a weight given as the parameter is stored (`[out, in]` row-major);
+    /// transposes when the slot wants `W^T`.
+    pub fn write_weight(&self, backend: &mut dyn Backend, name: &str, w: &[f32]) -> Result<()> {
+        let s = self.spec.input(name);
+        let block = Block {
+            row: s.row,
+            rows: s.rows,
+            col: s.col,
+            cols: s.cols,
+        };
+        match s.kind {
+            SlotKind::Weight { transposed: true } => {
+                // Slot holds W^T (rows x cols), so W is (cols x rows).
+                let wt = transpose(w, s.cols, s.rows);
+                backend.write(self.inputs[s.buffer], block, &wt)
+            }
+            _ => backend.write(self.inputs[s.buffer], block, w),
+        }
+    }
+
+    pub fn run(&self, backend: &mut dyn Backend) -> Result<()> {
+        backend.run(self.id, &self.inputs, &self.outputs)
+    }
+
+    /// Read an output `(rows, cols)` row-major into `dst`.
+    pub fn read(&self, backend: &dyn Backend, name: &str, dst: &mut [f32]) -> Result<()> {
+        let s = self.spec.output(name);
+        let block = Block {
+            row: s.row,
+            rows: s.rows,
+            col: s.col,
+            cols: s.cols,
+        };
+        backend.read(self.outputs[s.buffer], block, dst)
+    }
+}
+
+/// Saved forward state of one layer for one sequence (shapes `(channels, T)`).
+#[derive(Clone, Default)]
+struct LayerActs {
+    x: Vec<f32>,      // (C, T) layer input
+    xn: Vec<f32>,     // (C, T)
+    rrms1: Vec<f32>,  // (T)
+    attn: Vec<f32>,   // (Qd, T)
+    q_rope: Vec<f32>, // (Qd, T)
+    k_rope: Vec<f32>, // (KVd, T)
+    v: Vec<f32>,      // (KVd, T)
+    x2: Vec<f32>,     // (C, T)
+    x2n: Vec<f32>,    // (C, T)
+    rrms2: Vec<f32>,  // (T)
+    h1: Vec<f32>,     // (F, T)
+    h3: Vec<f32>,     // (F, T)
+    gate: Vec<f32>,   // (F, T)
+}
+
+impl LayerActs {
+    fn new(c: &ModelConfig, seq: usize) -> LayerActs {
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim);
+        LayerActs {
+            x: vec![0.0; d * seq],
+            xn: vec![0.0; d * seq],
+            rrms1: vec![0.0; seq],
+            attn: vec![0.0; q * seq],
+            q_rope: vec![0.0; q * seq],
+            k_rope: vec![0.0; kv * seq],
+            v: vec![0.0; kv * seq],
+            x2: vec![0.0; d * seq],
+            x2n: vec![0.0; d * seq],
+            rrms2: vec![0.0; seq],
+            h1: vec![0.0; f * seq],
+            h3: vec![0.0; f * seq],
+            gate: vec![0.0; f * seq],
+        }
+    }
+}
+
+/// The nine compiled layer kernels.
+struct Kernels {
+    attn_fwd: Kernel,
+    wo_fwd: Kernel,
+    ffn_fwd: Kernel,
+    ffn_bwd_w2: Kernel,
+    ffn_bwd_w13: Kernel,
+    wo_bwd: Kernel,
+    attn_bwd: Kernel,
+    q_bwd: Kernel,
+    kv_bwd: Kernel,
+}
+
+/// Runs forward and backward passes of a model on a backend.
+pub struct Engine {
+    backend: Box<dyn Backend>,
+    config: ModelConfig,
+    seq: usize,
+    batch: usize,
+    kernels: Kernels,
+    /// `[layer][sequence]`.
+    acts: Vec<Vec<LayerActs>>,
+    /// Final residual stream, its norm and rrms per sequence.
+    x_final: Vec<Vec<f32>>,
+    xf: Vec<Vec<f32>>,
+    rrms_final: Vec<Vec<f32>>,
+    logits: Vec<f32>, // (T, V)
+}
+
+impl Engine {
+    /// Compile the layer kernels for `config` at window `seq` for `batch` sequences.
+    pub fn new(
+        mut backend: Box<dyn Backend>,
+        config: &ModelConfig,
+        seq: usize,
+        batch: usize,
+        opts: KernelOptions,
+    ) -> Result<Engine> {
+        config.validate()?;
+        if opts.mode == WeightMode::Baked {
+            return Err(Error::Invalid(
+                "training needs kernels with runtime weights (packed or inputs); baked weights are for frozen models".into(),
+            ));
+        }
+        if seq == 0 || seq > config.seq_len {
+            return Err(Error::Invalid(format!(
+                "sequence length {seq} must be between 1 and the model's seq_len {}",
+                config.seq_len
+            )));
+        }
+        let specs = LayerKernels::build(config, seq, opts, &|_| None)?;
+        let b = backend.as_mut();
+        let kernels = Kernels {
+            attn_fwd: Kernel::new(b, specs.attn_fwd)?,
+            wo_fwd: Kernel::new(b, specs.wo_fwd)?,
+            ffn_fwd: Kernel::new(b, specs.ffn_fwd)?,
+            ffn_bwd_w2: Kernel::new(b, specs.ffn_bwd_w2)?,
+            ffn_bwd_w13: Kernel::new(b, specs.ffn_bwd_w13)?,
+            wo_bwd: Kernel::new(b, specs.wo_bwd)?,
+            attn_bwd: Kernel::new(b, specs.attn_bwd)?,
+            q_bwd: Kernel::new(b, specs.q_bwd)?,
+            kv_bwd: Kernel::new(b, specs.kv_bwd)?,
+        };
+        let acts = (0..config.n_layers)
+            .map(|_| (0..batch).map(|_| LayerActs::new(config, seq)).collect())
+            .collect();
+        let d = config.dim;
+        Ok(Engine {
+            backend,
+            config: config.clone(),
+            seq,
+            batch,
+            kernels,
+            acts,
+            x_final: vec![vec![0.0; d * seq]; batch],
+            xf: vec![vec![0.0; d * seq]; batch],
+            rrms_final: vec![vec![0.0; seq]; batch],
+            logits: vec![0.0; seq * config.vocab_size],
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    fn check_tokens(&self, tokens: &[u32], what: &str) -> Result<()> {
+        if tokens.len() != self.batch * self.seq {
+            return Err(Error::Invalid(format!(
+                "{what}: expected {} tokens (batch {} x seq {}), got {}",
+                self.batch * self.seq,
+                self.batch,
+                self.seq,
+                tokens.len()
+            )));
+        }
+        if let Some((i, &tok)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= self.config.vocab_size)
+        {
+            return Err(Error::Invalid(format!(
+                "{what}: token id {tok} at position {i} is outside the model's vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forward through every layer, saving activations; leaves the final norm in `xf`.
+    fn forward(&mut self, w: &Weights, inputs: &[u32]) -> Result<()> {
+        let c = self.config.clone();
+        let (seq, d) = (self.seq, c.dim);
+        let be = self.backend.as_mut();
+        let k = &self.kernels;
+        for b in 0..self.batch {
+            let x = &mut self.acts[0][b].x;
+            host::embedding_forward(
+                x,
+                w.get(Param::Embedding),
+                &inputs[b * seq..(b + 1) * seq],
+                d,
+            );
+        }
+        for l in 0..c.n_layers {
+            k.attn_fwd.write_weight(be, "wq", w.get(Param::Wq(l)))?;
+            k.attn_fwd.write_weight(be, "wk", w.get(Param::Wk(l)))?;
+            k.attn_fwd.write_weight(be, "wv", w.get(Param::Wv(l)))?;
+            k.wo_fwd.write_weight(be, "wo", w.get(Param::Wo(l)))?;
+            k.ffn_fwd.write_weight(be, "w1", w.get(Param::W1(l)))?;
+            k.ffn_fwd.write_weight(be, "w3", w.get(Param::W3(l)))?;
+            k.ffn_fwd.write_weight(be, "w2", w.get(Param::W2(l)))?;
+            let (done, rest) = self.acts.split_at_mut(l + 1);
+            for b in 0..self.batch {
+                let a = &mut done[l][b];
+                host::rmsnorm_forward(
+                    &mut a.xn,
+                    &mut a.rrms1,
+                    &a.x,
+                    w.get(Param::RmsAtt(l)),
+                    c.norm_eps,
+                );
+                k.attn_fwd.write(be, "xn", &a.xn)?;
+                k.attn_fwd.run(be)?;
+                k.attn_fwd.read(be, "attn", &mut a.attn)?;
+                k.attn_fwd.read(be, "q_rope", &mut a.q_rope)?;
+                k.attn_fwd.read(be, "k_rope", &mut a.k_rope)?;
+                k.attn_fwd.read(be, "v", &mut a.v)?;
+                k.wo_fwd.write(be, "attn", &a.attn)?;
+                k.wo_fwd.run(be)?;
+                k.wo_fwd.read(be, "o", &mut a.x2)?;
+                for (x2, x) in a.x2.iter_mut().zip(&a.x) {
+                    *x2 += x;
+                }
+                host::rmsnorm_forward(
+                    &mut a.x2n,
+                    &mut a.rrms2,
+                    &a.x2,
+                    w.get(Param::RmsFfn(l)),
+                    c.norm_eps,
+                );
+                k.ffn_fwd.write(be, "x2n", &a.x2n)?;
+                k.ffn_fwd.run(be)?;
+                k.ffn_fwd.read(be, "h1", &mut a.h1)?;
+                k.ffn_fwd.read(be, "h3", &mut a.h3)?;
+                k.ffn_fwd.read(be, "gate", &mut a.gate)?;
+                let out = match rest.first_mut() {
+                    Some(next) => &mut next[b].x,
+                    None => &mut self.x_final[b],
+                };
+                k.ffn_fwd.read(be, "ffn", out)?;
+                for (o, x2) in out.iter_mut().zip(&a.x2) {
+                    *o += x2;
+                }
+            }
+        }
+        for b in 0..self.batch {
+            host::rmsnorm_forward(
+                &mut self.xf[b],
+                &mut self.rrms_final[b],
+                &self.x_final[b],
+                w.get(Param::RmsFinal),
+                c.norm_eps,
+            );
+        }
+        Ok(())
+    }
+
+    /// Mean cross-entropy over all `batch * seq` positions, forward only.
+    pub fn loss(&mut self, w: &Weights, inputs: &[u32], targets: &[u32]) -> Result<f64> {
+        self.check_tokens(inputs, "inputs")?;
+        self.check_tokens(targets, "targets")?;
+        self.forward(w, inputs)?;
+        let seq = self.seq;
+        let mut total = 0.0;
+        for b in 0..self.batch {
+            host::classifier_forward(
+                &mut self.logits,
+                &self.xf[b],
+                w.classifier(),
+                self.config.dim,
+            );
+            total += host::cross_entropy_loss(&self.logits, &targets[b * seq..(b + 1) * seq]);
+        }
+        Ok(total / (self.batch * seq) as f64)
+    }
+
+    /// Logits `(T, V)` of sequence 0 after a forward pass over `inputs`.
+    pub fn logits(&mut self, w: &Weights, inputs: &[u32]) -> Result<Vec<f32>> {
+        self.check_tokens(inputs, "inputs")?;
+        self.forward(w, inputs)?;
+        host::classifier_forward(
+            &mut self.logits,
+            &self.xf[0],
+            w.classifier(),
+            self.config.dim,
+        );
+        Ok(self.logits.clone())
+    }
+
+    /// Forward and backward: adds `loss_scale * d(mean loss)/dw` to `grads` and
+    /// returns the mean loss (unscaled).
+    pub fn forward_backward(
+        &mut self,
+        w: &Weights,
+        grads: &mut Weights,
+        inputs: &[u32],
+        targets: &[u32],
+        loss_scale: f32,
+    ) -> Result<f64> {
+        self.check_tokens(inputs, "inputs")?;
+        self.check_tokens(targets, "targets")?;
+        self.forward(w, inputs)?;
+        let c = self.config.clone();
+        let (seq, d, q, kv, f) = (self.seq, c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim);
+        let classifier = w.layout.classifier();
+        let grad_scale = loss_scale / (self.batch * seq) as f32;
+        let mut total = 0.0;
+        // dx (C, T) per sequence: gradient flowing into the residual stream.
+        let mut dx: Vec<Vec<f32>> = vec![vec![0.0; d * seq]; self.batch];
+        let mut dxf = vec![0.0; d * seq];
+        for b in 0..self.batch {
+            host::classifier_forward(&mut self.logits, &self.xf[b], w.classifier(), d);
+            total += host::cross_entropy(
+                &mut self.logits,
+                &targets[b * seq..(b + 1) * seq],
+                grad_scale,
+            );
+            let dcls = grads.get_mut(classifier);
+            host::classifier_backward(&mut dxf, dcls, &self.logits, &self.xf[b], w.classifier(), d);
+            host::rmsnorm_backward(
+                &mut dx[b],
+                &mut grads.data[w.layout.range(Param::RmsFinal)],
+                &dxf,
+                &self.x_final[b],
+                w.get(Param::RmsFinal),
+                &self.rrms_final[b],
+            );
+        }
+        let be = self.backend.as_mut();
+        let k = &self.kernels;
+        let mut dgate = vec![0.0; f * seq];
+        let mut dh1 = vec![0.0; f * seq];
+        let mut dh3 = vec![0.0; f * seq];
+        let mut dx2n = vec![0.0; d * seq];
+        let mut dattn = vec![0.0; q * seq];
+        let mut dq = vec![0.0; q * seq];
+        let mut dk = vec![0.0; kv * seq];
+        let mut dv = vec![0.0; kv * seq];
+        let mut dxn = vec![0.0; d * seq];
+        let mut dxn_kv = vec![0.0; d * seq];
+        for l in (0..c.n_layers).rev() {
+            k.ffn_bwd_w2.write_weight(be, "w2", w.get(Param::W2(l)))?;
+            k.ffn_bwd_w13.write_weight(be, "w1", w.get(Param::W1(l)))?;
+            k.ffn_bwd_w13.write_weight(be, "w3", w.get(Param::W3(l)))?;
+            k.wo_bwd.write_weight(be, "wo", w.get(Param::Wo(l)))?;
+            k.q_bwd.write_weight(be, "wq", w.get(Param::Wq(l)))?;
+            k.kv_bwd.write_weight(be, "wk", w.get(Param::Wk(l)))?;
+            k.kv_bwd.write_weight(be, "wv", w.get(Param::Wv(l)))?;
+            for b in 0..self.batch {
+                let a = &self.acts[l][b];
+                // x_out = x2 + W2 gate: dffn = dx; dx2 starts as dx.
+                let dffn = &dx[b];
+                k.ffn_bwd_w2.write(be, "dffn", dffn)?;
+                k.ffn_bwd_w2.run(be)?;
+                k.ffn_bwd_w2.read(be, "dgate", &mut dgate)?;
+                gemm(
+                    grads.get_mut(Param::W2(l)),
+                    d,
+                    f,
+                    n(dffn, d, seq),
+                    t(&a.gate, f, seq),
+                    1.0,
+                    true,
+                );
+                k.ffn_bwd_w13.write(be, "dgate", &dgate)?;
+                k.ffn_bwd_w13.write(be, "h1", &a.h1)?;
+                k.ffn_bwd_w13.write(be, "h3", &a.h3)?;
+                k.ffn_bwd_w13.run(be)?;
+                k.ffn_bwd_w13.read(be, "dx2n", &mut dx2n)?;
+                k.ffn_bwd_w13.read(be, "dh1", &mut dh1)?;
+                k.ffn_bwd_w13.read(be, "dh3", &mut dh3)?;
+                gemm(
+                    grads.get_mut(Param::W1(l)),
+                    f,
+                    d,
+                    n(&dh1, f, seq),
+                    t(&a.x2n, d, seq),
+                    1.0,
+                    true,
+                );
+                gemm(
+                    grads.get_mut(Param::W3(l)),
+                    f,
+                    d,
+                    n(&dh3, f, seq),
+                    t(&a.x2n, d, seq),
+                    1.0,
+                    true,
+                );
+                // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
+                let range = w.layout.range(Param::RmsFfn(l));
+                host::rmsnorm_backward(
+                    &mut dx[b],
+                    &mut grads.data[range],
+                    &dx2n,
+                    &a.x2,
+                    w.get(Param::RmsFfn(l)),
+                    &a.rrms2,
+                );
+                let dx2 = &dx[b];
+                k.wo_bwd.write(be, "dx2", dx2)?;
+                k.wo_bwd.run(be)?;
+                k.wo_bwd.read(be, "dattn", &mut dattn)?;
+                gemm(
+                    grads.get_mut(Param::Wo(l)),
+                    d,
+                    q,
+                    n(dx2, d, seq),
+                    t(&a.attn, q, seq),
+                    1.0,
+                    true,
+                );
+                k.attn_bwd.write(be, "q_rope", &a.q_rope)?;
+                k.attn_bwd.write(be, "k_rope", &a.k_rope)?;
+                k.attn_bwd.write(be, "v", &a.v)?;
+                k.attn_bwd.write(be, "dattn", &dattn)?;
+                k.attn_bwd.run(be)?;
+                k.attn_bwd.read(be, "dq", &mut dq)?;
+                k.attn_bwd.read(be, "dk", &mut dk)?;
+                k.attn_bwd.read(be, "dv", &mut dv)?;
+                gemm(
+                    grads.get_mut(Param::Wq(l)),
+                    q,
+                    d,
+                    n(&dq, q, seq),
+                    t(&a.xn, d, seq),
+                    1.0,
+                    true,
+                );
+                gemm(
+                    grads.get_mut(Param::Wk(l)),
+                    kv,
+                    d,
+                    n(&dk, kv, seq),
+                    t(&a.xn, d, seq),
+                    1.0,
+                    true,
+                );
+                gemm(
+                    grads.get_mut(Param::Wv(l)),
+                    kv,
+                    d,
+                    n(&dv, kv, seq),
+                    t(&a.xn, d, seq),
+                    1.0,
+                    true,
+                );
+                k.q_bwd.write(be, "dq", &dq)?;
+                k.q_bwd.run(be)?;
+                k.q_bwd.read(be, "dxn", &mut dxn)?;
+                k.kv_bwd.write(be, "dk", &dk)?;
+                k.kv_bwd.write(be, "dv", &dv)?;
+                k.kv_bwd.run(be)?;
+                k.kv_bwd.read(be, "dxn", &mut dxn_kv)?;
+                for (a, b) in dxn.iter_mut().zip(&dxn_kv) {
+                    *a += b;
+                }
+                let range = w.layout.range(Param::RmsAtt(l));
+                host::rmsnorm_backward(
+                    &mut dx[b],
+                    &mut grads.data[range],
+                    &dxn,
+                    &a.x,
+                    w.get(Param::RmsAtt(l)),
+                    &a.rrms1,
+                );
+            }
+        }
+        for b in 0..self.batch {
+            host::embedding_backward(
+                grads.get_mut(Param::Embedding),
+                &dx[b],
+                &inputs[b * seq..(b + 1) * seq],
+                d,
+            );
+        }
+        Ok(total / (self.batch * seq) as f64)
+    }
+}
