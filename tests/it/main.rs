@@ -5,3 +5,5 @@ mod blob;
 mod cpu_ops;
 mod mil_text;
 mod verify;
+mod common;
+mod train_ref;
