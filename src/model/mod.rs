@@ -2,6 +2,7 @@
 //! (forward/backward pairs), the CPU-side math, checkpoints and llama2.c
 //! import/export. Talks to devices only through the [`crate::backend::Backend`] trait.
 
+pub mod checkpoint;
 pub mod config;
 pub mod host;
 pub mod kernels;

@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 
 /// `tests/fixtures/<area>`.
 pub fn fixture(area: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(area)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(area)
 }
 
 fn npy(path: &Path) -> npyz::NpyFile<std::io::BufReader<std::fs::File>> {

@@ -2,8 +2,8 @@
 //! header or sidecar naming the script in `scripts/` that made them.
 
 mod blob;
+mod common;
 mod cpu_ops;
 mod mil_text;
-mod verify;
-mod common;
 mod train_ref;
+mod verify;

@@ -43,7 +43,12 @@ fn reference() -> Reference {
         u("vocab_size"),
         u("seq_len"),
     );
-    let ids = |name: &str| read_npy_i32(&dir.join(name)).into_iter().map(|x| x as u32).collect();
+    let ids = |name: &str| {
+        read_npy_i32(&dir.join(name))
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
+    };
     Reference {
         batch: meta["batch"].as_u64().unwrap() as usize,
         seq: meta["seq"].as_u64().unwrap() as usize,
@@ -65,10 +70,24 @@ fn engine(r: &Reference, precision: Precision, dtype: DType, mode: WeightMode) -
         mode,
         ..KernelOptions::cpu()
     };
-    Engine::new(Box::new(CpuBackend::new(precision)), &r.config, r.seq, r.batch, opts).unwrap()
+    Engine::new(
+        Box::new(CpuBackend::new(precision)),
+        &r.config,
+        r.seq,
+        r.batch,
+        opts,
+    )
+    .unwrap()
 }
 
-fn check_against_pytorch(precision: Precision, dtype: DType, mode: WeightMode, tol: Tolerance, grad_tol: Tolerance, loss_rel: f64) {
+fn check_against_pytorch(
+    precision: Precision,
+    dtype: DType,
+    mode: WeightMode,
+    tol: Tolerance,
+    grad_tol: Tolerance,
+    loss_rel: f64,
+) {
     let r = reference();
     let mut weights = Weights::zeros(&r.config);
     assert_eq!(weights.data.len(), r.weights.len(), "fixture layout");
@@ -83,11 +102,21 @@ fn check_against_pytorch(precision: Precision, dtype: DType, mode: WeightMode, t
     }
 
     let mut grads = Weights::zeros(&r.config);
-    let loss = e.forward_backward(&weights, &mut grads, &r.inputs, &r.targets, 1.0).unwrap();
-    assert!((loss - r.loss).abs() <= loss_rel * r.loss, "loss {loss} vs {}", r.loss);
+    let loss = e
+        .forward_backward(&weights, &mut grads, &r.inputs, &r.targets, 1.0)
+        .unwrap();
+    assert!(
+        (loss - r.loss).abs() <= loss_rel * r.loss,
+        "loss {loss} vs {}",
+        r.loss
+    );
     for p in weights.layout.params() {
         let range = weights.layout.range(p);
-        grad_tol.assert_close(&grads.data[range.clone()], &r.grads[range], &format!("gradient of {}", p.name()));
+        grad_tol.assert_close(
+            &grads.data[range.clone()],
+            &r.grads[range],
+            &format!("gradient of {}", p.name()),
+        );
     }
 
     let opt = AdamW {
@@ -100,8 +129,13 @@ fn check_against_pytorch(precision: Precision, dtype: DType, mode: WeightMode, t
     let mut state = AdamState::new(weights.data.len());
     for (step, want) in r.losses.iter().enumerate() {
         grads.data.fill(0.0);
-        let loss = e.forward_backward(&weights, &mut grads, &r.inputs, &r.targets, 1.0).unwrap();
-        assert!((loss - want).abs() <= loss_rel * want, "step {step}: loss {loss} vs PyTorch {want}");
+        let loss = e
+            .forward_backward(&weights, &mut grads, &r.inputs, &r.targets, 1.0)
+            .unwrap();
+        assert!(
+            (loss - want).abs() <= loss_rel * want,
+            "step {step}: loss {loss} vs PyTorch {want}"
+        );
         opt.step(&mut weights, &grads.data, &mut state, lr);
     }
 }
@@ -110,23 +144,62 @@ fn check_against_pytorch(precision: Precision, dtype: DType, mode: WeightMode, t
 fn fp32_engine_matches_pytorch_logits_loss_gradients_and_adamw_steps() {
     // Gradients: max |a - b| <= 1e-4 * max|b| of the tensor + 1e-6 absolute floor
     // (f32 accumulation against a float64 reference).
-    let tol = Tolerance { relative: 1e-4, absolute: 1e-5 };
-    let grad_tol = Tolerance { relative: 1e-4, absolute: 1e-6 };
-    check_against_pytorch(Precision::Fp32, DType::Fp32, WeightMode::Inputs, tol, grad_tol, 1e-4);
+    let tol = Tolerance {
+        relative: 1e-4,
+        absolute: 1e-5,
+    };
+    let grad_tol = Tolerance {
+        relative: 1e-4,
+        absolute: 1e-6,
+    };
+    check_against_pytorch(
+        Precision::Fp32,
+        DType::Fp32,
+        WeightMode::Inputs,
+        tol,
+        grad_tol,
+        1e-4,
+    );
 }
 
 #[test]
 fn packed_weight_kernels_give_the_same_training_step() {
-    let tol = Tolerance { relative: 1e-4, absolute: 1e-5 };
-    let grad_tol = Tolerance { relative: 1e-4, absolute: 1e-6 };
-    check_against_pytorch(Precision::Fp32, DType::Fp32, WeightMode::Packed, tol, grad_tol, 1e-4);
+    let tol = Tolerance {
+        relative: 1e-4,
+        absolute: 1e-5,
+    };
+    let grad_tol = Tolerance {
+        relative: 1e-4,
+        absolute: 1e-6,
+    };
+    check_against_pytorch(
+        Precision::Fp32,
+        DType::Fp32,
+        WeightMode::Packed,
+        tol,
+        grad_tol,
+        1e-4,
+    );
 }
 
 #[test]
 fn fp16_simulation_stays_within_fp16_tolerances() {
     // fp16 kernels (every op rounded to half): ~3 significant digits per op,
     // compounded over two layers; losses within 1 %.
-    let tol = Tolerance { relative: 2e-2, absolute: 2e-2 };
-    let grad_tol = Tolerance { relative: 5e-2, absolute: 1e-4 };
-    check_against_pytorch(Precision::Fp16, DType::Fp16, WeightMode::Packed, tol, grad_tol, 1e-2);
+    let tol = Tolerance {
+        relative: 2e-2,
+        absolute: 2e-2,
+    };
+    let grad_tol = Tolerance {
+        relative: 5e-2,
+        absolute: 1e-4,
+    };
+    check_against_pytorch(
+        Precision::Fp16,
+        DType::Fp16,
+        WeightMode::Packed,
+        tol,
+        grad_tol,
+        1e-2,
+    );
 }

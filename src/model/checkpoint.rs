@@ -1,0 +1,251 @@
+//! The anemone checkpoint format (reader and writer in this one file).
+//!
+//! ```text
+//! offset 0   8 bytes  magic "ANEMCKPT"
+//!        8   u32 LE   format version (1)
+//!       12   u32 LE   header length H in bytes
+//!       16   H bytes  UTF-8 JSON header: {"config": ModelConfig, "n_params": N,
+//!                     "optimizer": bool, "adam_t": u64, "state": {...trainer state...}}
+//!            zero padding to a multiple of 64 bytes
+//!            N f32 LE weights, then (if "optimizer") N f32 LE first moments and N second moments
+//! ```
+//!
+//! The trainer's state (step, data position, RNG state, loss scale, schedule) is
+//! an opaque JSON object here, so `model` knows nothing about `train`. Writes are
+//! atomic (temp file + rename); reads check magic, version, header fields and
+//! the exact file size, and name the file and field on any mismatch.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::ModelConfig;
+use super::weights::{Layout, Weights};
+use crate::atomic::write_atomic_with;
+use crate::{Error, Result};
+
+pub const MAGIC: &[u8; 8] = b"ANEMCKPT";
+pub const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    config: ModelConfig,
+    n_params: u64,
+    optimizer: bool,
+    adam_t: u64,
+    state: serde_json::Value,
+}
+
+/// A loaded checkpoint.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub weights: Weights,
+    /// AdamW moments `(m, v)` and step count `t`, when saved.
+    pub moments: Option<(Vec<f32>, Vec<f32>, u64)>,
+    /// Trainer state (opaque here).
+    pub state: serde_json::Value,
+}
+
+fn write_f32s(w: &mut dyn Write, values: &[f32]) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1 << 16);
+    for chunk in values.chunks(1 << 14) {
+        buf.clear();
+        for v in chunk {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        w.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+/// Save weights, optional AdamW moments `(m, v, t)` and trainer state atomically.
+pub fn save(
+    path: &Path,
+    weights: &Weights,
+    moments: Option<(&[f32], &[f32], u64)>,
+    state: &serde_json::Value,
+) -> Result<()> {
+    let header = Header {
+        config: weights.config().clone(),
+        n_params: weights.data.len() as u64,
+        optimizer: moments.is_some(),
+        adam_t: moments.map_or(0, |m| m.2),
+        state: state.clone(),
+    };
+    let json = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+    let unpadded = 16 + json.len();
+    let padding = unpadded.next_multiple_of(64) - unpadded;
+    write_atomic_with(path, |w| {
+        w.write_all(MAGIC)?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&(json.len() as u32).to_le_bytes())?;
+        w.write_all(&json)?;
+        w.write_all(&vec![0u8; padding])?;
+        write_f32s(w, &weights.data)?;
+        if let Some((m, v, _)) = moments {
+            write_f32s(w, m)?;
+            write_f32s(w, v)?;
+        }
+        Ok(())
+    })
+}
+
+/// Does `path` start with the checkpoint magic?
+pub fn is_checkpoint(path: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == MAGIC
+}
+
+/// Load a checkpoint, validating everything against the file size.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |field: &str, msg: String| Error::format(path, field, msg);
+    if bytes.len() < 16 {
+        return Err(bad(
+            "magic",
+            format!("file is {} bytes, too short for a checkpoint", bytes.len()),
+        ));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(bad(
+            "magic",
+            format!(
+                "expected \"ANEMCKPT\", found {:?}; is this a llama2.c model? use `--init` or `anemone export`-style import",
+                String::from_utf8_lossy(&bytes[..8])
+            ),
+        ));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(bad(
+            "version",
+            format!("version {version} is not supported (this anemone reads version {VERSION})"),
+        ));
+    }
+    let header_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    let header_end = 16usize
+        .checked_add(header_len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| {
+            bad(
+                "header",
+                format!(
+                    "header length {header_len} runs past the end of the {}-byte file (truncated?)",
+                    bytes.len()
+                ),
+            )
+        })?;
+    let header: Header = serde_json::from_slice(&bytes[16..header_end])
+        .map_err(|e| bad("header", format!("malformed JSON header: {e}")))?;
+    header
+        .config
+        .validate()
+        .map_err(|e| bad("header.config", e.to_string()))?;
+    let layout = Layout::new(&header.config);
+    if header.n_params as usize != layout.len() {
+        return Err(bad(
+            "header.n_params",
+            format!(
+                "{} does not match the config's {} parameters",
+                header.n_params,
+                layout.len()
+            ),
+        ));
+    }
+    let n = layout.len();
+    let body = header_end.next_multiple_of(64);
+    let arrays = if header.optimizer { 3 } else { 1 };
+    let expected = body + arrays * n * 4;
+    if bytes.len() != expected {
+        return Err(bad(
+            "size",
+            format!(
+                "expected {expected} bytes for {n} parameters{}, found {} (truncated or corrupt)",
+                if header.optimizer {
+                    " with optimizer state"
+                } else {
+                    ""
+                },
+                bytes.len()
+            ),
+        ));
+    }
+    let read = |k: usize| -> Vec<f32> {
+        bytes[body + k * n * 4..body + (k + 1) * n * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    };
+    let weights = Weights {
+        layout,
+        data: read(0),
+    };
+    let moments = header.optimizer.then(|| (read(1), read(2), header.adam_t));
+    Ok(Checkpoint {
+        weights,
+        moments,
+        state: header.state,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("anemone-ckpt-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("c.bin")
+    }
+
+    #[test]
+    fn round_trip_is_bit_exact() {
+        let config = ModelConfig::preset("stories260k").unwrap();
+        let w = Weights::init(&config, 3);
+        let m: Vec<f32> = w.data.iter().map(|x| x * 0.5).collect();
+        let v: Vec<f32> = w.data.iter().map(|x| x * x).collect();
+        let state = serde_json::json!({"step": 17, "rng": 12345678901234u64});
+        let path = tmp("rt");
+        save(&path, &w, Some((&m, &v, 17)), &state).unwrap();
+        assert!(is_checkpoint(&path));
+        let c = load(&path).unwrap();
+        assert_eq!(c.weights, w);
+        assert_eq!(c.moments, Some((m, v, 17)));
+        assert_eq!(c.state, state);
+        // without optimizer
+        save(&path, &w, None, &state).unwrap();
+        assert!(load(&path).unwrap().moments.is_none());
+    }
+
+    #[test]
+    fn bad_files_name_the_field() {
+        let config = ModelConfig::preset("stories260k").unwrap();
+        let w = Weights::init(&config, 3);
+        let path = tmp("bad");
+        save(&path, &w, None, &serde_json::json!({})).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let check = |bytes: &[u8], field: &str| {
+            std::fs::write(&path, bytes).unwrap();
+            let msg = load(&path).unwrap_err().to_string();
+            assert!(msg.contains(field) && msg.contains("c.bin"), "{msg}");
+        };
+        check(&good[..good.len() - 4], "size");
+        let mut b = good.clone();
+        b[0] = b'X';
+        check(&b, "magic");
+        let mut b = good.clone();
+        b[8] = 9;
+        check(&b, "version");
+        let mut b = good.clone();
+        b[16] = b'!';
+        check(&b, "header");
+        check(&good[..10], "magic");
+        let mut b = good.clone();
+        b[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        check(&b, "header");
+    }
+}
