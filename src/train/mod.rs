@@ -1,5 +1,351 @@
-//! Training: step orchestration over the backend trait, the optimizer and
-//! schedules, loss scaling and gradient accumulation.
+//! Training: step orchestration over the backend trait ([`engine`]), the
+//! optimizer, schedules and loss scaling ([`optim`]), and the run loop here:
+//! gradient accumulation, clipping, evaluation, metrics, checkpoints and exact resume.
+//!
+//! A run directory holds `config.json` (this run's [`TrainConfig`]),
+//! `metrics.jsonl` (one JSON object per step), `checkpoint.bin` (latest) and
+//! whatever the caller adds (tokenizer, samples).
 
 pub mod engine;
 pub mod optim;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ModelConfig, Weights, checkpoint};
+use crate::{Error, Result};
+use engine::Engine;
+use optim::{AdamState, AdamW, LossScaler, ScaleEvent, Schedule};
+
+/// Everything that defines a training run (saved as `config.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    /// Preset name, if the model came from one.
+    pub preset: Option<String>,
+    /// Optimizer updates to run in total.
+    pub steps: u64,
+    pub batch: usize,
+    pub seq: usize,
+    /// Micro-batches per update.
+    pub accum: usize,
+    pub lr: f32,
+    pub warmup: u64,
+    pub schedule: Schedule,
+    pub optimizer: AdamW,
+    /// Global-norm clip (0 disables).
+    pub grad_clip: f32,
+    pub seed: u64,
+    /// Evaluate held-out loss every N updates (0: only at the end).
+    pub eval_every: u64,
+    /// Held-out batches per evaluation.
+    pub eval_batches: usize,
+    /// Save a checkpoint every N updates (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Kernels run in fp16 (loss scaling on) or fp32.
+    pub fp16: bool,
+}
+
+/// A source of training or held-out windows whose position can be saved and restored.
+pub trait Batches {
+    /// Fill `inputs` and `targets` (`batch * seq` ids each; targets are inputs shifted by one).
+    fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> Result<()>;
+    /// Position/RNG state for checkpoints.
+    fn state(&self) -> serde_json::Value;
+    /// Restore a state returned by [`Batches::state`].
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()>;
+    /// Rewind to the beginning (held-out sets are evaluated from the start each time).
+    fn rewind(&mut self);
+}
+
+/// One row of `metrics.jsonl`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub step: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f32>,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub loss_scale: f32,
+    pub skipped: bool,
+    pub tokens_per_s: f32,
+    pub elapsed_s: f64,
+}
+
+/// Trainer state saved in checkpoints besides weights and moments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct State {
+    step: u64,
+    scaler: LossScaler,
+    data: serde_json::Value,
+    elapsed_s: f64,
+    best_val_loss: Option<f32>,
+}
+
+/// Progress reports from the loop (the CLI draws bars or prints lines).
+pub trait Observer {
+    fn on_step(&mut self, metrics: &Metrics, total_steps: u64);
+    fn on_eval(&mut self, _step: u64, _val_loss: f32) {}
+    fn on_message(&mut self, _message: &str) {}
+}
+
+/// An observer that does nothing (tests).
+pub struct Quiet;
+
+impl Observer for Quiet {
+    fn on_step(&mut self, _: &Metrics, _: u64) {}
+}
+
+/// A training run: weights, optimizer state, engine, data and run directory.
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub weights: Weights,
+    adam: AdamState,
+    grads: Weights,
+    engine: Engine,
+    state: State,
+    run_dir: PathBuf,
+}
+
+impl Trainer {
+    /// Start a run in `run_dir` from `weights` (fresh init or imported).
+    pub fn new(
+        config: TrainConfig,
+        weights: Weights,
+        engine: Engine,
+        run_dir: &Path,
+    ) -> Result<Trainer> {
+        validate(&config)?;
+        if weights.config() != &config.model {
+            return Err(Error::Invalid(
+                "initial weights do not match the model config (dim, layers, heads or vocab differ)".into(),
+            ));
+        }
+        std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::atomic::write_atomic(&run_dir.join("config.json"), &json)?;
+        let n = weights.data.len();
+        let scaler = if config.fp16 {
+            LossScaler::dynamic()
+        } else {
+            LossScaler::disabled()
+        };
+        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        Ok(Trainer {
+            grads: Weights::zeros(&config.model),
+            config,
+            weights,
+            adam: AdamState::new(n),
+            engine,
+            state: State {
+                step: 0,
+                scaler,
+                data: serde_json::Value::Null,
+                elapsed_s: 0.0,
+                best_val_loss: None,
+            },
+            run_dir: run_dir.to_path_buf(),
+        })
+    }
+
+    /// Resume the run in `run_dir` from its `checkpoint.bin` and `config.json`;
+    /// `data` is restored to the saved position. `steps` may extend the run.
+    pub fn resume(
+        run_dir: &Path,
+        engine: Engine,
+        data: &mut dyn Batches,
+        steps: Option<u64>,
+    ) -> Result<Trainer> {
+        let config_path = run_dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let mut config: TrainConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&config_path, "config", e.to_string()))?;
+        if let Some(steps) = steps {
+            config.steps = steps;
+        }
+        let ckpt_path = run_dir.join("checkpoint.bin");
+        let ckpt = checkpoint::load(&ckpt_path)?;
+        if ckpt.weights.config() != &config.model {
+            return Err(Error::format(
+                &ckpt_path,
+                "header.config",
+                "does not match the run's config.json",
+            ));
+        }
+        let (m, v, t) = ckpt
+            .moments
+            .ok_or_else(|| Error::format(&ckpt_path, "optimizer", "checkpoint has no optimizer state; cannot resume exactly (use --init to start a new run from it)"))?;
+        let state: State = serde_json::from_value(ckpt.state)
+            .map_err(|e| Error::format(&ckpt_path, "header.state", e.to_string()))?;
+        data.restore(&state.data)?;
+        // Drop metrics rows written after the checkpoint (a crash after saving).
+        let metrics_path = run_dir.join("metrics.jsonl");
+        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+            let kept: String = text
+                .lines()
+                .filter(|l| serde_json::from_str::<Metrics>(l).is_ok_and(|m| m.step <= state.step))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            crate::atomic::write_atomic(&metrics_path, kept.as_bytes())?;
+        }
+        Ok(Trainer {
+            grads: Weights::zeros(&config.model),
+            config,
+            weights: ckpt.weights,
+            adam: AdamState { m, v, t },
+            engine,
+            state,
+            run_dir: run_dir.to_path_buf(),
+        })
+    }
+
+    /// Updates completed so far.
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Mean held-out loss over `eval_batches` batches from the start of `val`.
+    pub fn evaluate(&mut self, val: &mut dyn Batches) -> Result<f32> {
+        let n = self.engine.batch() * self.engine.seq();
+        let (mut inputs, mut targets) = (vec![0u32; n], vec![0u32; n]);
+        val.rewind();
+        let mut total = 0.0;
+        for _ in 0..self.config.eval_batches {
+            val.next_batch(&mut inputs, &mut targets)?;
+            total += self.engine.loss(&self.weights, &inputs, &targets)?;
+        }
+        Ok((total / self.config.eval_batches as f64) as f32)
+    }
+
+    /// Save `checkpoint.bin` (atomically) with the data position of `data`.
+    pub fn save(&mut self, data: &dyn Batches) -> Result<()> {
+        self.state.data = data.state();
+        let state = serde_json::to_value(&self.state).map_err(|e| Error::Invalid(e.to_string()))?;
+        checkpoint::save(
+            &self.run_dir.join("checkpoint.bin"),
+            &self.weights,
+            Some((&self.adam.m, &self.adam.v, self.adam.t)),
+            &state,
+        )
+    }
+
+    /// Run updates until `config.steps`, or until `stop_after` more updates
+    /// (for tests of interrupted runs). Saves a checkpoint at the end.
+    pub fn train(
+        &mut self,
+        data: &mut dyn Batches,
+        mut val: Option<&mut dyn Batches>,
+        observer: &mut dyn Observer,
+        stop_after: Option<u64>,
+    ) -> Result<()> {
+        let cfg = self.config.clone();
+        let n = cfg.batch * cfg.seq;
+        let (mut inputs, mut targets) = (vec![0u32; n], vec![0u32; n]);
+        let mut metrics_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.join("metrics.jsonl"))
+            .map_err(|e| Error::io(self.run_dir.join("metrics.jsonl"), e))?;
+        let end = match stop_after {
+            Some(k) => (self.state.step + k).min(cfg.steps),
+            None => cfg.steps,
+        };
+        let tokens_per_update = (n * cfg.accum) as f64;
+        while self.state.step < end {
+            let started = Instant::now();
+            self.grads.data.fill(0.0);
+            let scale = self.state.scaler.scale;
+            let mut loss = 0.0;
+            for _ in 0..cfg.accum {
+                data.next_batch(&mut inputs, &mut targets)?;
+                loss += self.engine.forward_backward(
+                    &self.weights,
+                    &mut self.grads,
+                    &inputs,
+                    &targets,
+                    scale / cfg.accum as f32,
+                )?;
+            }
+            loss /= cfg.accum as f64;
+            let event = self.state.scaler.update(&mut self.grads.data);
+            let lr =
+                optim::learning_rate(cfg.schedule, cfg.lr, self.state.step, cfg.warmup, cfg.steps);
+            let mut grad_norm = f64::NAN;
+            if event != ScaleEvent::Skip {
+                grad_norm = optim::clip_grad_norm(&mut self.grads.data, cfg.grad_clip);
+                cfg.optimizer
+                    .step(&mut self.weights, &self.grads.data, &mut self.adam, lr);
+            } else {
+                observer.on_message(&format!(
+                    "step {}: non-finite gradients, update skipped, loss scale now {}",
+                    self.state.step + 1,
+                    self.state.scaler.scale
+                ));
+            }
+            self.state.step += 1;
+            let seconds = started.elapsed().as_secs_f64();
+            self.state.elapsed_s += seconds;
+            let mut row = Metrics {
+                step: self.state.step,
+                train_loss: Some(loss as f32),
+                val_loss: None,
+                lr,
+                grad_norm: grad_norm as f32,
+                loss_scale: scale,
+                skipped: event == ScaleEvent::Skip,
+                tokens_per_s: (tokens_per_update / seconds) as f32,
+                elapsed_s: self.state.elapsed_s,
+            };
+            let last = self.state.step == cfg.steps;
+            if let Some(val) = val.as_deref_mut()
+                && ((cfg.eval_every > 0 && self.state.step % cfg.eval_every == 0) || last)
+            {
+                let v = self.evaluate(val)?;
+                row.val_loss = Some(v);
+                self.state.best_val_loss = Some(self.state.best_val_loss.map_or(v, |b| b.min(v)));
+                observer.on_eval(self.state.step, v);
+            }
+            let line = serde_json::to_string(&row).map_err(|e| Error::Invalid(e.to_string()))?;
+            writeln!(metrics_file, "{line}")
+                .map_err(|e| Error::io(self.run_dir.join("metrics.jsonl"), e))?;
+            observer.on_step(&row, cfg.steps);
+            if cfg.checkpoint_every > 0
+                && self.state.step % cfg.checkpoint_every == 0
+                && self.state.step < end
+            {
+                self.save(data)?;
+            }
+        }
+        self.save(data)
+    }
+}
+
+fn validate(c: &TrainConfig) -> Result<()> {
+    c.model.validate()?;
+    let bad = |m: String| Err(Error::Invalid(m));
+    if c.batch == 0 || c.accum == 0 || c.steps == 0 {
+        return bad("--batch, --accum and --steps must be at least 1".into());
+    }
+    if c.seq == 0 || c.seq > c.model.seq_len {
+        return bad(format!(
+            "--seq {} must be between 1 and the model's seq_len {}",
+            c.seq, c.model.seq_len
+        ));
+    }
+    if !(c.lr > 0.0 && c.lr.is_finite()) {
+        return bad(format!("--lr {} must be a positive number", c.lr));
+    }
+    if c.eval_batches == 0 {
+        return bad("eval_batches must be at least 1".into());
+    }
+    Ok(())
+}
