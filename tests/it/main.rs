@@ -4,6 +4,7 @@
 mod blob;
 mod common;
 mod cpu_ops;
+mod kernels;
 mod mil_text;
 mod train_ref;
 mod verify;

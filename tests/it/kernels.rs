@@ -1,0 +1,238 @@
+//! Every layer kernel, compiled from its emitted MIL text and run on the CPU
+//! backend: forward kernels against NumPy (`scripts/ref_kernels.py`, fixtures
+//! in `tests/fixtures/kernels/`) in all three weight modes; backward kernels
+//! against finite differences of the forward kernels (directional derivatives:
+//! `<u, J d>` by central differences equals `<J^T u, d>` from the backward kernel).
+
+use anemone::backend::Precision;
+use anemone::backend::cpu::CpuBackend;
+use anemone::mil::DType;
+use anemone::mil::verify::{Target, verify};
+use anemone::model::ModelConfig;
+use anemone::model::kernels::{self, KernelOptions, KernelSpec, SlotKind, WeightMode};
+use anemone::rng::Rng;
+use anemone::train::engine::Kernel;
+
+use crate::common::{Tolerance, fixture, read_npy_f32};
+
+fn config() -> ModelConfig {
+    // Matches scripts/ref_kernels.py.
+    ModelConfig {
+        head_dim: 8,
+        ..ModelConfig::llama(32, 1, 4, 2, 48, 64, 8)
+    }
+}
+
+const T: usize = 8;
+
+fn arr(name: &str) -> Vec<f32> {
+    read_npy_f32(&fixture("kernels").join(format!("{name}.npy")))
+}
+
+fn opts(mode: WeightMode) -> KernelOptions {
+    KernelOptions {
+        mode,
+        ..KernelOptions::cpu()
+    }
+}
+
+fn baked(name: &str) -> Option<Vec<f32>> {
+    Some(arr(name))
+}
+
+/// Compile `spec` on a fresh CPU backend, write the named inputs, run, read outputs.
+fn run(spec: &KernelSpec, inputs: &[(&str, Vec<f32>)], precision: Precision) -> Vec<(String, Vec<f32>)> {
+    let mut backend = CpuBackend::new(precision);
+    let k = Kernel::new(&mut backend, spec.clone()).unwrap();
+    for (name, data) in inputs {
+        if !spec.inputs.iter().any(|s| s.name == *name) {
+            continue; // baked weights are not inputs
+        }
+        match spec.input(name).kind {
+            SlotKind::Activation => k.write(&mut backend, name, data).unwrap(),
+            SlotKind::Weight { .. } => k.write_weight(&mut backend, name, data).unwrap(),
+        }
+    }
+    k.run(&mut backend).unwrap();
+    spec.outputs
+        .iter()
+        .map(|s| {
+            let mut out = vec![0.0; s.rows * s.cols];
+            k.read(&backend, &s.name, &mut out).unwrap();
+            (s.name.clone(), out)
+        })
+        .collect()
+}
+
+fn output<'a>(outs: &'a [(String, Vec<f32>)], name: &str) -> &'a [f32] {
+    &outs.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+#[test]
+fn forward_kernels_match_numpy_in_every_weight_mode() {
+    let c = config();
+    let tol = Tolerance { relative: 1e-5, absolute: 1e-5 };
+    for mode in [WeightMode::Inputs, WeightMode::Packed, WeightMode::Baked] {
+        let o = opts(mode);
+        let attn = kernels::attn_fwd(&c, T, o, &baked).unwrap();
+        let outs = run(
+            &attn,
+            &[("xn", arr("xn")), ("wq", arr("wq")), ("wk", arr("wk")), ("wv", arr("wv"))],
+            Precision::Fp32,
+        );
+        for name in ["attn", "q_rope", "k_rope", "v"] {
+            tol.assert_close(output(&outs, name), &arr(&format!("out_{name}")), &format!("{mode:?} attn_fwd {name}"));
+        }
+        let wo = kernels::wo_fwd(&c, T, o, &baked).unwrap();
+        let outs = run(&wo, &[("attn", arr("out_attn")), ("wo", arr("wo"))], Precision::Fp32);
+        tol.assert_close(output(&outs, "o"), &arr("out_o"), &format!("{mode:?} wo_fwd"));
+        let ffn = kernels::ffn_fwd(&c, T, o, &baked).unwrap();
+        let outs = run(
+            &ffn,
+            &[("x2n", arr("x2n")), ("w1", arr("w1")), ("w3", arr("w3")), ("w2", arr("w2"))],
+            Precision::Fp32,
+        );
+        for name in ["ffn", "h1", "h3", "gate"] {
+            tol.assert_close(output(&outs, name), &arr(&format!("out_{name}")), &format!("{mode:?} ffn_fwd {name}"));
+        }
+    }
+}
+
+#[test]
+fn packed_kernels_have_one_input_and_one_output_and_pass_the_ane_rules() {
+    let c = config();
+    let o = KernelOptions {
+        dtype: DType::Fp16,
+        mode: WeightMode::Packed,
+        ..KernelOptions::cpu()
+    };
+    let all = kernels::LayerKernels::build(&c, T, o, &|_| None).unwrap();
+    for spec in all.all() {
+        assert_eq!(spec.program.main.inputs.len(), 1, "{}", spec.name);
+        assert_eq!(spec.program.main.outputs.len(), 1, "{}", spec.name);
+        let report = verify(&spec.program, Target::Ane);
+        assert!(report.is_ok(), "{}:\n{report}", spec.name);
+        // The text round-trips.
+        let text = anemone::mil::emit(&spec.program);
+        assert_eq!(anemone::mil::parse(&text).unwrap(), spec.program, "{}", spec.name);
+    }
+}
+
+fn randn(n: usize, rng: &mut Rng, s: f32) -> Vec<f32> {
+    (0..n).map(|_| s * rng.normal()).collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+/// Check a backward kernel: `forward(inputs)` gives outputs; for a random probe
+/// `u` on the named forward outputs and a random direction `d` on input `wrt`,
+/// `(<u, f(x + h d)> - <u, f(x - h d)>) / 2h` must equal `<grad, d>`.
+fn check_directional(
+    what: &str,
+    forward: &dyn Fn(&[f32]) -> Vec<Vec<f32>>,
+    x: &[f32],
+    probes: &[Vec<f32>],
+    grad: &[f32],
+    rng: &mut Rng,
+) {
+    for trial in 0..3 {
+        let d = randn(x.len(), rng, 1.0);
+        let h = 1e-2f32;
+        let plus: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + h * b).collect();
+        let minus: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a - h * b).collect();
+        let f = |v: &[f32]| -> f64 { forward(v).iter().zip(probes).map(|(o, u)| dot(o, u)).sum() };
+        let numeric = (f(&plus) - f(&minus)) / (2.0 * h as f64);
+        let analytic = dot(grad, &d);
+        let err = (numeric - analytic).abs();
+        assert!(
+            err <= 2e-3 * (1.0 + analytic.abs()),
+            "{what} trial {trial}: finite difference {numeric} vs backward kernel {analytic}"
+        );
+    }
+}
+
+#[test]
+fn backward_kernels_match_finite_differences_of_the_forward_kernels() {
+    let c = config();
+    let o = opts(WeightMode::Inputs);
+    let no = &|_: &str| None;
+    let mut rng = Rng::new(11);
+    let (qd, kvd, f) = (c.q_dim(), c.kv_dim(), c.hidden_dim);
+    let (wq, wk, wv) = (arr("wq"), arr("wk"), arr("wv"));
+    let (w1, w2, w3, wo) = (arr("w1"), arr("w2"), arr("w3"), arr("wo"));
+    let p32 = Precision::Fp32;
+
+    // FFN: ffn_bwd_w2 then ffn_bwd_w13 give d<u, ffn>/dx2n.
+    let ffn = kernels::ffn_fwd(&c, T, o, no).unwrap();
+    let ffn_of = |x: &[f32]| {
+        let outs = run(&ffn, &[("x2n", x.to_vec()), ("w1", w1.clone()), ("w3", w3.clone()), ("w2", w2.clone())], p32);
+        vec![output(&outs, "ffn").to_vec()]
+    };
+    let x2n = arr("x2n");
+    let fwd = run(&ffn, &[("x2n", x2n.clone()), ("w1", w1.clone()), ("w3", w3.clone()), ("w2", w2.clone())], p32);
+    let u = randn(c.dim * T, &mut rng, 1.0);
+    let b2 = kernels::ffn_bwd_w2(&c, T, o, no).unwrap();
+    let dgate = run(&b2, &[("dffn", u.clone()), ("w2", w2.clone())], p32);
+    let b13 = kernels::ffn_bwd_w13(&c, T, o, no).unwrap();
+    let outs = run(
+        &b13,
+        &[
+            ("dgate", output(&dgate, "dgate").to_vec()),
+            ("h1", output(&fwd, "h1").to_vec()),
+            ("h3", output(&fwd, "h3").to_vec()),
+            ("w1", w1.clone()),
+            ("w3", w3.clone()),
+        ],
+        p32,
+    );
+    assert_eq!(output(&outs, "dh1").len(), f * T);
+    check_directional("ffn backward", &ffn_of, &x2n, &[u], output(&outs, "dx2n"), &mut rng);
+
+    // Wo: wo_bwd gives d<u, o>/dattn.
+    let wo_k = kernels::wo_fwd(&c, T, o, no).unwrap();
+    let wo_of = |x: &[f32]| vec![output(&run(&wo_k, &[("attn", x.to_vec()), ("wo", wo.clone())], p32), "o").to_vec()];
+    let u = randn(c.dim * T, &mut rng, 1.0);
+    let da = run(&kernels::wo_bwd(&c, T, o, no).unwrap(), &[("dx2", u.clone()), ("wo", wo.clone())], p32);
+    check_directional("wo backward", &wo_of, &arr("out_attn"), &[u], output(&da, "dattn"), &mut rng);
+
+    // Attention: attn_bwd (then q_bwd, kv_bwd) gives d<u, attn>/dxn through
+    // projections, RoPE, GQA and the causal softmax.
+    let attn = kernels::attn_fwd(&c, T, o, no).unwrap();
+    let attn_inputs = |x: &[f32]| vec![("xn", x.to_vec()), ("wq", wq.clone()), ("wk", wk.clone()), ("wv", wv.clone())];
+    let attn_of = |x: &[f32]| vec![output(&run(&attn, &attn_inputs(x), p32), "attn").to_vec()];
+    let xn = arr("xn");
+    let fwd = run(&attn, &attn_inputs(&xn), p32);
+    let u = randn(qd * T, &mut rng, 1.0);
+    let bwd = run(
+        &kernels::attn_bwd(&c, T, o).unwrap(),
+        &[
+            ("q_rope", output(&fwd, "q_rope").to_vec()),
+            ("k_rope", output(&fwd, "k_rope").to_vec()),
+            ("v", output(&fwd, "v").to_vec()),
+            ("dattn", u.clone()),
+        ],
+        p32,
+    );
+    assert_eq!(output(&bwd, "dk").len(), kvd * T);
+    let dxq = run(&kernels::q_bwd(&c, T, o, no).unwrap(), &[("dq", output(&bwd, "dq").to_vec()), ("wq", wq.clone())], p32);
+    let dxkv = run(
+        &kernels::kv_bwd(&c, T, o, no).unwrap(),
+        &[("dk", output(&bwd, "dk").to_vec()), ("dv", output(&bwd, "dv").to_vec()), ("wk", wk.clone()), ("wv", wv.clone())],
+        p32,
+    );
+    let dxn: Vec<f32> = output(&dxq, "dxn").iter().zip(output(&dxkv, "dxn")).map(|(a, b)| a + b).collect();
+    check_directional("attention backward", &attn_of, &xn, &[u], &dxn, &mut rng);
+}
+
+#[test]
+fn rope_tables_and_mask_are_hand_checked() {
+    let (cos, sin) = kernels::rope_tables(3, 4, 10000.0);
+    // position 2, pair 1: angle = 2 * 10000^(-2/4) = 0.02
+    assert!((cos[2 * 4 + 2] - 0.02f32.cos()).abs() < 1e-7);
+    assert!((sin[2 * 4 + 3] - 0.02f32.sin()).abs() < 1e-7);
+    assert_eq!(cos[0], 1.0);
+    let m = kernels::causal_mask(3);
+    assert_eq!(m, vec![0.0, -65504.0, -65504.0, 0.0, 0.0, -65504.0, 0.0, 0.0, 0.0]);
+}
