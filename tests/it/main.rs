@@ -2,6 +2,8 @@
 //! header or sidecar naming the script in `scripts/` that made them.
 
 mod blob;
+mod corpus;
 mod cpu_ops;
 mod mil_text;
+mod report;
 mod verify;
