@@ -595,7 +595,7 @@ const BIKE: &[&str] = &[
     r#""I can't do it," {he} said. "[Riding a bike|It] is too hard.""#,
     r#"{His} {elder} [came over and |]gave {him} a hug. "[Everyone falls when they learn|It is okay to fall]. Let's try again. I will hold the bike for you.""#,
     "[So {h} tried again.|{h} wiped {his} tears and got back on the bike.] {His} {elder} held the bike and ran next to {him}.",
-    "[Then {ehe} let go, and {h} did not even know!|After a while, {ehe} let go.] {h} was riding all by {himself}!",
+    "[Then {his} {elder} let go, and {h} did not even know!|After a while, {his} {elder} let go.] {h} was riding all by {himself}!",
     r#""I did it! I can ride!" {h} shouted."#,
     "[{h} rode around and around [the yard|the park] with a big smile.|{He} rode all the way to the end of the street and back.]",
     "[{h} learned that if you keep trying, you can do hard things.|{h} learned to never give up.|]",
