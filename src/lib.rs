@@ -11,6 +11,7 @@
 //! - [`blob`]: the CoreML MILBlob v2 weight file format.
 //! - [`package`]: MIL text + weight blobs = what a backend compiles.
 //! - [`backend`]: the narrow backend trait and the CPU interpreter.
+//! - [`report`]: run directories: metrics log, plots, run listings.
 
 pub mod atomic;
 pub mod backend;
@@ -21,6 +22,7 @@ pub mod linalg;
 pub mod mil;
 pub mod model;
 pub mod package;
+pub mod report;
 pub mod rng;
 pub mod train;
 

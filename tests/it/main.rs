@@ -3,8 +3,10 @@
 
 mod blob;
 mod common;
+mod corpus;
 mod cpu_ops;
 mod kernels;
 mod mil_text;
+mod report;
 mod train_ref;
 mod verify;
