@@ -4,4 +4,6 @@
 mod blob;
 mod cpu_ops;
 mod mil_text;
+mod tokenizer;
+mod tokens;
 mod verify;
