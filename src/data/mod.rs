@@ -1,6 +1,8 @@
-//! Data: token files (memory-mapped, windows, splits), the llama2.c tokenizer
-//! (read/write, encode/decode, BPE training), and the built-in story corpus.
+//! Data: token files (windows, splits, batches), the llama2.c tokenizer
+//! (read/write, encode/decode, BPE training), the seeded sampler RNG, and the
+//! built-in story corpus.
 
 pub mod corpus;
+pub mod rng;
 pub mod tokenizer;
 pub mod tokens;

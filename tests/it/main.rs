@@ -8,5 +8,7 @@ mod cpu_ops;
 mod kernels;
 mod mil_text;
 mod report;
+mod tokenizer;
+mod tokens;
 mod train_ref;
 mod verify;
