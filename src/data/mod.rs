@@ -3,6 +3,5 @@
 //! built-in story corpus.
 
 pub mod corpus;
-pub mod rng;
 pub mod tokenizer;
 pub mod tokens;

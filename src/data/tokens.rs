@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::data::rng::Rng;
+use crate::rng::Rng;
 use crate::data::tokenizer::Tokenizer;
 use crate::{Error, Result};
 

@@ -215,7 +215,7 @@ fn sequential_windows_cover_the_span_then_wrap() {
 fn random_windows_follow_the_seeded_rng_and_resume_from_state() {
     let dir = temp_dir("tokens-random");
     // 1004 tokens, seq_len 4: 1000 possible starts; seed 12345 draws starts
-    // 133, 204, 119, 176, 506 (Python reference in data::rng's tests).
+    // 133, 204, 119, 176, 506 (Python reference in crate::rng tests).
     let file = positional_file(&dir, 1004);
     let span = TokenSpan::whole(file);
     let mut batcher = Batcher::new(span.clone(), 4, Order::Random, 12345).unwrap();
