@@ -163,10 +163,7 @@ impl Builder {
             name: name.clone(),
             outputs: Vec::new(),
             args,
-            attrs: attrs
-                .into_iter()
-                .map(|(k, l)| (k.to_string(), l))
-                .collect(),
+            attrs: attrs.into_iter().map(|(k, l)| (k.to_string(), l)).collect(),
         };
         let types = infer_outputs(&self.func, &operation).unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<String> = if types.len() == 1 {
@@ -356,7 +353,11 @@ impl Builder {
         self.push1(
             Op::Concat,
             name,
-            vec![("axis", axis), ("interleave", interleave), ("values", values)],
+            vec![
+                ("axis", axis),
+                ("interleave", interleave),
+                ("values", values),
+            ],
         )
     }
     pub fn split(&mut self, x: &Tensor, split_sizes: &[usize], axis: i64) -> Vec<Tensor> {
@@ -477,7 +478,11 @@ impl Builder {
     /// `[1, H, S, D]` -> `[1, H*D, 1, S]`.
     pub fn merge_heads(&mut self, x: &Tensor) -> Tensor {
         let [one, heads, seq, head_dim] = x.shape() else {
-            panic!("merge_heads: `{}` must be [1, H, S, D], got {:?}", x.name, x.shape());
+            panic!(
+                "merge_heads: `{}` must be [1, H, S, D], got {:?}",
+                x.name,
+                x.shape()
+            );
         };
         assert_eq!(*one, 1, "merge_heads: `{}` must have batch 1", x.name);
         let (heads, seq, head_dim) = (*heads, *seq, *head_dim);

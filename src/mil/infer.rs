@@ -138,15 +138,18 @@ impl<'a> Cx<'a> {
                 (_, Arg::Tuple(_)) => {
                     return Err(self.err(format!("parameter `{key}` must not be a tuple")));
                 }
+                (ParamKind::Const, Arg::Var(name)) if !self.is_constant(name) => {
+                    return Err(self.err(format!(
+                        "parameter `{key}` must be a compile-time constant, but `{name}` is not defined by a `const` op"
+                    )));
+                }
                 _ => {}
             }
         }
         for (key, _) in &self.op.attrs {
             let known = match kind {
                 Op::Const => key == "val",
-                _ => kind
-                    .param(key)
-                    .is_some_and(|p| p.kind == ParamKind::Attr),
+                _ => kind.param(key).is_some_and(|p| p.kind == ParamKind::Attr),
             };
             if !known {
                 return Err(self.err(format!("unknown attribute `{key}`")));
@@ -166,11 +169,21 @@ impl<'a> Cx<'a> {
         Ok(())
     }
 
+    /// Whether `name` is the result of a constant op (`const`, `constexpr_*`).
+    fn is_constant(&self, name: &str) -> bool {
+        self.func
+            .ops
+            .iter()
+            .any(|o| o.op.is_constant() && o.outputs.iter().any(|v| v.name == name))
+    }
+
     fn arg_type(&self, param: &str, arg: &Arg) -> Result<TensorType> {
         match arg {
-            Arg::Var(name) => self.func.var_type(name).cloned().ok_or_else(|| {
-                self.err(format!("operand `{param}`: unknown variable `{name}`"))
-            }),
+            Arg::Var(name) => {
+                self.func.var_type(name).cloned().ok_or_else(|| {
+                    self.err(format!("operand `{param}`: unknown variable `{name}`"))
+                })
+            }
             Arg::Lit(lit) => Ok(lit.ty.clone()),
             Arg::Tuple(_) => Err(self.err(format!("parameter `{param}` must not be a tuple"))),
         }
@@ -207,7 +220,13 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn same_dtype(&self, param: &str, ty: &TensorType, other: &str, oty: &TensorType) -> Result<()> {
+    fn same_dtype(
+        &self,
+        param: &str,
+        ty: &TensorType,
+        other: &str,
+        oty: &TensorType,
+    ) -> Result<()> {
         if ty.dtype == oty.dtype {
             Ok(())
         } else {
@@ -237,14 +256,11 @@ impl<'a> Cx<'a> {
 
     fn int_values(&self, param: &str, lit: &Literal) -> Result<Vec<i64>> {
         if lit.ty.dtype != DType::Int32 {
-            return Err(self.err(format!(
-                "parameter `{param}` must be int32, got {}",
-                lit.ty
-            )));
+            return Err(self.err(format!("parameter `{param}` must be int32, got {}", lit.ty)));
         }
-        lit.as_ints().map(<[i64]>::to_vec).ok_or_else(|| {
-            self.err(format!("parameter `{param}` must be an inline int32 value"))
-        })
+        lit.as_ints()
+            .map(<[i64]>::to_vec)
+            .ok_or_else(|| self.err(format!("parameter `{param}` must be an inline int32 value")))
     }
 
     /// A rank-1 int32 constant (axes, perm, shape, begin, ...).
@@ -426,9 +442,7 @@ impl<'a> Cx<'a> {
         let x = self.tensor("x")?;
         let spec = self.ints("shape")?.expect("required");
         if spec.iter().filter(|&&d| d == -1).count() > 1 {
-            return Err(self.err(format!(
-                "parameter `shape`: {spec:?} has more than one -1"
-            )));
+            return Err(self.err(format!("parameter `shape`: {spec:?} has more than one -1")));
         }
         if let Some(bad) = spec.iter().find(|&&d| d < -1) {
             return Err(self.err(format!(
@@ -491,9 +505,7 @@ impl<'a> Cx<'a> {
         for &p in &perm {
             let axis = self.axis("perm", p, x.rank())?;
             if std::mem::replace(&mut seen[axis], true) {
-                return Err(self.err(format!(
-                    "parameter `perm`: {perm:?} is not a permutation"
-                )));
+                return Err(self.err(format!("parameter `perm`: {perm:?} is not a permutation")));
             }
             shape.push(x.shape[axis]);
         }
@@ -564,9 +576,8 @@ impl<'a> Cx<'a> {
                 )));
             }
             let fits = ty.rank() == first.rank()
-                && (0..ty.rank()).all(|d| {
-                    ty.shape[d] == first.shape[d] || (d == axis && !interleave)
-                });
+                && (0..ty.rank())
+                    .all(|d| ty.shape[d] == first.shape[d] || (d == axis && !interleave));
             if !fits {
                 return Err(self.err(format!(
                     "operand `values[{i}]`: shape {:?} does not fit `values[0]` shape {:?} for concatenation along axis {axis}{}",
@@ -656,7 +667,9 @@ impl<'a> Cx<'a> {
         let transpose_y = self.bool("transpose_y")?.unwrap_or(false);
         for (param, ty) in [("x", &x), ("y", &y)] {
             if ty.rank() == 0 {
-                return Err(self.err(format!("operand `{param}`: matmul needs rank >= 1, got a scalar")));
+                return Err(self.err(format!(
+                    "operand `{param}`: matmul needs rank >= 1, got a scalar"
+                )));
             }
         }
         if x.rank() == 1 && transpose_x {
@@ -689,12 +702,13 @@ impl<'a> Cx<'a> {
                 if transpose_x { " (transposed)" } else { "" },
             )));
         }
-        let batch = broadcast_shapes(&xs[..xs.len() - 2], &ys[..ys.len() - 2]).ok_or_else(|| {
-            self.err(format!(
+        let batch =
+            broadcast_shapes(&xs[..xs.len() - 2], &ys[..ys.len() - 2]).ok_or_else(|| {
+                self.err(format!(
                 "operand `y`: batch dimensions of shape {:?} do not broadcast with `x` shape {:?}",
                 y.shape, x.shape
             ))
-        })?;
+            })?;
         let mut shape = batch;
         if x.rank() > 1 {
             shape.push(m);
@@ -765,9 +779,7 @@ impl<'a> Cx<'a> {
                 [v[0] as usize, v[1] as usize, v[2] as usize, v[3] as usize]
             }
             Some(v) => {
-                return Err(self.err(format!(
-                    "parameter `pad`: {v:?} must hold four values >= 0"
-                )));
+                return Err(self.err(format!("parameter `pad`: {v:?} must hold four values >= 0")));
             }
         };
         let mut shape = vec![x.shape[0], c_out];
@@ -815,7 +827,9 @@ impl<'a> Cx<'a> {
             Some(a) => Some(self.axis("axis", a, data.rank())?),
             None => None,
         };
-        for (param, ty) in std::iter::once(("scale", scale)).chain(zero_point.map(|z| ("zero_point", z))) {
+        for (param, ty) in
+            std::iter::once(("scale", scale)).chain(zero_point.map(|z| ("zero_point", z)))
+        {
             match ty.rank() {
                 0 => {
                     if axis.is_some() && !axis_required {
@@ -860,7 +874,7 @@ impl<'a> Cx<'a> {
 
     fn check_nonzero_scale(&self) -> Result<()> {
         if let Some(values) = self.literal("scale")?.and_then(Literal::as_floats)
-            && values.iter().any(|&v| v == 0.0)
+            && values.contains(&0.0)
         {
             return Err(self.err("parameter `scale` must not contain 0"));
         }

@@ -482,7 +482,13 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn report(&mut self, id: &'static str, op: Option<&Operation>, name: Option<&str>, message: String) {
+    fn report(
+        &mut self,
+        id: &'static str,
+        op: Option<&Operation>,
+        name: Option<&str>,
+        message: String,
+    ) {
         let rule = rule_by_id(id).unwrap_or_else(|| panic!("rule {id} is not in the catalogue"));
         debug_assert!(rule.applies_to(self.target));
         self.diagnostics.push(Diagnostic {
@@ -509,7 +515,11 @@ impl<'a> Checker<'a> {
         let mut op_names = HashSet::new();
         for input in &func.inputs {
             if self.defined_by.insert(&input.name, None).is_some() {
-                self.on_var("MIL003", &input.name, format!("input `{}` is declared twice", input.name));
+                self.on_var(
+                    "MIL003",
+                    &input.name,
+                    format!("input `{}` is declared twice", input.name),
+                );
             }
         }
         // Declared names, to tell "defined later" from "never defined".
@@ -521,7 +531,11 @@ impl<'a> Checker<'a> {
         }
         for (idx, op) in func.ops.iter().enumerate() {
             if !op_names.insert(op.name.as_str()) {
-                self.on_op("MIL003", op, format!("op name \"{}\" is used twice", op.name));
+                self.on_op(
+                    "MIL003",
+                    op,
+                    format!("op name \"{}\" is used twice", op.name),
+                );
             }
             let mut operands_ok = true;
             for (param, arg) in &op.args {
@@ -544,14 +558,23 @@ impl<'a> Checker<'a> {
             }
             for out in &op.outputs {
                 if self.defined_by.insert(&out.name, Some(idx)).is_some() {
-                    self.on_op("MIL003", op, format!("value `{}` is defined twice", out.name));
+                    self.on_op(
+                        "MIL003",
+                        op,
+                        format!("value `{}` is defined twice", out.name),
+                    );
                 }
             }
             self.check_blob_refs(op);
             self.check_dialect(op);
         }
         if func.outputs.is_empty() {
-            self.report("MIL005", None, None, "the function declares no outputs".into());
+            self.report(
+                "MIL005",
+                None,
+                None,
+                "the function declares no outputs".into(),
+            );
         }
         for out in &func.outputs {
             if !self.defined_by.contains_key(out.as_str()) {
@@ -570,7 +593,11 @@ impl<'a> Checker<'a> {
                     self.on_op(
                         "MIL002",
                         op,
-                        format!("declares {} results but the op yields {}", declared.len(), types.len()),
+                        format!(
+                            "declares {} results but the op yields {}",
+                            declared.len(),
+                            types.len()
+                        ),
                     );
                     return;
                 }
@@ -579,7 +606,10 @@ impl<'a> Checker<'a> {
                         self.on_op(
                             "MIL002",
                             op,
-                            format!("result `{}` is declared {} but is {inferred}", var.name, var.ty),
+                            format!(
+                                "result `{}` is declared {} but is {inferred}",
+                                var.name, var.ty
+                            ),
                         );
                     }
                 }
@@ -594,7 +624,10 @@ impl<'a> Checker<'a> {
                 self.on_op(
                     "MIL006",
                     op,
-                    format!("BLOBFILE path \"{}\" must start with `{WEIGHTS_PREFIX}` and name a file", blob.path),
+                    format!(
+                        "BLOBFILE path \"{}\" must start with `{WEIGHTS_PREFIX}` and name a file",
+                        blob.path
+                    ),
                 );
             }
             if blob.offset < 64 || blob.offset % 64 != 0 {
@@ -623,7 +656,10 @@ impl<'a> Checker<'a> {
             self.on_op(
                 "MIL008",
                 op,
-                format!("`{}` is an {since} op but the program is in the ios16 dialect", op.op),
+                format!(
+                    "`{}` is an {since} op but the program is in the ios16 dialect",
+                    op.op
+                ),
             );
         }
         if op.op == Op::Reshape {
@@ -669,7 +705,10 @@ impl<'a> Checker<'a> {
                 self.on_op(
                     "MIL007",
                     op,
-                    format!("weight file \"{}\", record at offset {}: {msg}", blob.path, blob.offset),
+                    format!(
+                        "weight file \"{}\", record at offset {}: {msg}",
+                        blob.path, blob.offset
+                    ),
                 );
             }
         }
@@ -695,7 +734,10 @@ impl<'a> Checker<'a> {
             if input.ty.dtype != DType::Fp32 {
                 continue;
             }
-            let uses = consumers.get(input.name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+            let uses = consumers
+                .get(input.name.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             if let Some(&bad) = uses.iter().find(|&&i| func.ops[i].op != Op::Cast) {
                 self.on_var(
                     "ANE008",
@@ -740,14 +782,18 @@ impl<'a> Checker<'a> {
                     self.on_op(
                         "ANE006",
                         op,
-                        format!("`{}` was reported to fail on M1/M2 (the ios16 dialect's chips)", op.op),
+                        format!(
+                            "`{}` was reported to fail on M1/M2 (the ios16 dialect's chips)",
+                            op.op
+                        ),
                     );
                 }
                 if op.op == Op::Cast {
                     self.on_op(
                         "ANE007",
                         op,
-                        "`cast` was reported unsupported on M1/M2; use fp16 inputs and outputs".into(),
+                        "`cast` was reported unsupported on M1/M2; use fp16 inputs and outputs"
+                            .into(),
                     );
                 }
             }
@@ -755,7 +801,10 @@ impl<'a> Checker<'a> {
                 self.on_op(
                     "ANE012",
                     op,
-                    format!("`{}` is not used by the reference; unverified on the ANE", op.op),
+                    format!(
+                        "`{}` is not used by the reference; unverified on the ANE",
+                        op.op
+                    ),
                 );
             }
             let missing: Vec<&str> = match op.op {
@@ -771,7 +820,10 @@ impl<'a> Checker<'a> {
                 self.on_op(
                     "ANE014",
                     op,
-                    format!("parameters left at their defaults: {}; write them out", missing.join(", ")),
+                    format!(
+                        "parameters left at their defaults: {}; write them out",
+                        missing.join(", ")
+                    ),
                 );
             }
             for lit in op_literals(op) {
@@ -793,7 +845,11 @@ impl<'a> Checker<'a> {
 
     fn ane_io(&mut self) {
         let func = &self.program.main;
-        let inputs: Vec<(&str, TensorType)> = func.inputs.iter().map(|v| (v.name.as_str(), v.ty.clone())).collect();
+        let inputs: Vec<(&str, TensorType)> = func
+            .inputs
+            .iter()
+            .map(|v| (v.name.as_str(), v.ty.clone()))
+            .collect();
         let outputs: Vec<(&str, TensorType)> = func
             .outputs
             .iter()
@@ -814,7 +870,11 @@ impl<'a> Checker<'a> {
         for (kind, list) in [("input", &inputs), ("output", &outputs)] {
             for (name, ty) in list.iter() {
                 if ty.rank() != 4 || !ty.dtype.is_float() {
-                    self.on_var("ANE001", name, format!("{kind} is {ty}; it must be a rank-4 fp16 or fp32 tensor"));
+                    self.on_var(
+                        "ANE001",
+                        name,
+                        format!("{kind} is {ty}; it must be a rank-4 fp16 or fp32 tensor"),
+                    );
                     continue;
                 }
                 let s = &ty.shape;
@@ -825,7 +885,10 @@ impl<'a> Checker<'a> {
                     self.on_var(
                         "ANE009",
                         name,
-                        format!("{kind} has {} channels; kernels with fewer than 64 failed in probes", s[1]),
+                        format!(
+                            "{kind} has {} channels; kernels with fewer than 64 failed in probes",
+                            s[1]
+                        ),
                     );
                 }
                 let bytes = ty.byte_size().unwrap_or(0);
@@ -867,7 +930,9 @@ impl<'a> Checker<'a> {
             self.on_op(
                 "ANE011",
                 op,
-                format!("{c} input channels; the compiler rejected a conv with 32,000 input channels"),
+                format!(
+                    "{c} input channels; the compiler rejected a conv with 32,000 input channels"
+                ),
             );
         }
     }
@@ -875,7 +940,11 @@ impl<'a> Checker<'a> {
 
 /// Check the MILBlob record at `offset` of `bytes` against the declared type:
 /// sentinel, dtype code, payload size, payload inside the file (ane-reference §3.1).
-fn check_blob_record(bytes: &[u8], offset: u64, ty: &TensorType) -> std::result::Result<(), String> {
+fn check_blob_record(
+    bytes: &[u8],
+    offset: u64,
+    ty: &TensorType,
+) -> std::result::Result<(), String> {
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     if bytes.len() < 64 || u32_at(4) != 2 {
@@ -893,15 +962,23 @@ fn check_blob_record(bytes: &[u8], offset: u64, ty: &TensorType) -> std::result:
     let expected = blob_dtype_code(ty.dtype)
         .ok_or_else(|| format!("{} constants cannot live in a weight blob", ty.dtype))?;
     if code != expected {
-        return Err(format!("dtype code {code}, but the declared {ty} needs {expected}"));
+        return Err(format!(
+            "dtype code {code}, but the declared {ty} needs {expected}"
+        ));
     }
     let size = u64_at(at + 8);
     let declared = ty.byte_size().unwrap_or(0) as u64;
     if size != declared {
-        return Err(format!("payload size {size}, but the declared {ty} needs {declared} bytes"));
+        return Err(format!(
+            "payload size {size}, but the declared {ty} needs {declared} bytes"
+        ));
     }
     let data = u64_at(at + 16);
-    if data < offset + 64 || data.checked_add(size).is_none_or(|end| end > bytes.len() as u64) {
+    if data < offset + 64
+        || data
+            .checked_add(size)
+            .is_none_or(|end| end > bytes.len() as u64)
+    {
         return Err(format!(
             "payload offset {data} with {size} bytes is outside the file ({} bytes) or overlaps the record",
             bytes.len()
@@ -924,19 +1001,28 @@ mod tests {
             "docs/ane-notes.md must contain the rule table exactly as rendered:\n{table}"
         );
         for r in RULES {
-            assert!(NOTES.contains(&format!("| {} |", r.id)), "{} missing from docs", r.id);
+            assert!(
+                NOTES.contains(&format!("| {} |", r.id)),
+                "{} missing from docs",
+                r.id
+            );
         }
     }
 
     #[test]
     fn catalogue_ids_are_unique_and_sorted() {
+        // Structural rules first, then the ANE rules, each group in id order.
         let ids: Vec<_> = RULES.iter().map(|r| r.id).collect();
         let mut sorted = ids.clone();
-        sorted.sort_unstable();
+        sorted.sort_by_key(|id| (id.starts_with("ANE"), *id));
         sorted.dedup();
         assert_eq!(ids, sorted);
         for r in RULES {
-            assert!(r.id.starts_with("MIL") || r.id.starts_with("ANE"), "{}", r.id);
+            assert!(
+                r.id.starts_with("MIL") || r.id.starts_with("ANE"),
+                "{}",
+                r.id
+            );
             assert!(!r.reason.contains('\n') && !r.rule.contains('|') && !r.reason.contains('|'));
         }
     }
@@ -957,12 +1043,32 @@ mod tests {
         // fp16 [2, 3] = 12 bytes of payload at 128.
         let ty = TensorType::new(DType::Fp16, [2, 3]);
         assert_eq!(check_blob_record(&record(1, 12, 128, 140), 64, &ty), Ok(()));
-        assert!(check_blob_record(&record(2, 12, 128, 140), 64, &ty).unwrap_err().contains("dtype code 2"));
-        assert!(check_blob_record(&record(1, 24, 128, 152), 64, &ty).unwrap_err().contains("payload size 24"));
-        assert!(check_blob_record(&record(1, 12, 128, 139), 64, &ty).unwrap_err().contains("outside"));
-        assert!(check_blob_record(&record(1, 12, 128, 140), 128, &ty).unwrap_err().contains("only 140 bytes"));
+        assert!(
+            check_blob_record(&record(2, 12, 128, 140), 64, &ty)
+                .unwrap_err()
+                .contains("dtype code 2")
+        );
+        assert!(
+            check_blob_record(&record(1, 24, 128, 152), 64, &ty)
+                .unwrap_err()
+                .contains("payload size 24")
+        );
+        assert!(
+            check_blob_record(&record(1, 12, 128, 139), 64, &ty)
+                .unwrap_err()
+                .contains("outside")
+        );
+        assert!(
+            check_blob_record(&record(1, 12, 128, 140), 128, &ty)
+                .unwrap_err()
+                .contains("only 140 bytes")
+        );
         let mut bad = record(1, 12, 128, 140);
         bad[64] = 0;
-        assert!(check_blob_record(&bad, 64, &ty).unwrap_err().contains("sentinel"));
+        assert!(
+            check_blob_record(&bad, 64, &ty)
+                .unwrap_err()
+                .contains("sentinel")
+        );
     }
 }

@@ -11,7 +11,10 @@ use anemone::mil::infer::infer_outputs;
 use anemone::mil::verify::{
     RULES, Report, Severity, Target, rule_by_id, verify, verify_with_weights,
 };
-use anemone::mil::{Arg, Builder, DType, Dialect, Function, Literal, Op, Operation, Program, Tensor, TensorType, Value, Var};
+use anemone::mil::{
+    Arg, Builder, DType, Dialect, Function, Literal, Op, Operation, Program, Tensor, TensorType,
+    Value, Var,
+};
 use serde_json::Value as Json;
 
 // ---- inference against coremltools ------------------------------------------
@@ -21,7 +24,11 @@ fn dtype(name: &str) -> DType {
 }
 
 fn json_shape(v: &Json) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect()
 }
 
 /// A literal from the fixture's `{"tensor": {dtype, shape, fill}}` form.
@@ -49,7 +56,11 @@ fn fixture_arg(v: &Json) -> Arg {
         "var" => Arg::var(val.as_str().unwrap()),
         "int32" => Arg::Lit(Literal::int32(val.as_i64().unwrap())),
         "int32s" => Arg::Lit(Literal::int32s(
-            &val.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect::<Vec<_>>(),
+            &val.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect::<Vec<_>>(),
         )),
         "bool" => Arg::Lit(Literal::bool(val.as_bool().unwrap())),
         "str" => Arg::Lit(Literal::string(val.as_str().unwrap())),
@@ -91,7 +102,9 @@ fn fixture_case(case: &Json) -> (Function, Operation) {
     };
     for (key, spec) in case["args"].as_object().unwrap() {
         let arg = fixture_arg(spec);
-        let is_attr = op.param(key).is_some_and(|p| p.kind == anemone::mil::op::ParamKind::Attr);
+        let is_attr = op
+            .param(key)
+            .is_some_and(|p| p.kind == anemone::mil::op::ParamKind::Attr);
         match (is_attr, arg) {
             (true, Arg::Lit(lit)) => operation.attrs.push((key.clone(), lit)),
             (true, other) => panic!("attribute {key} must be a literal, got {other:?}"),
@@ -139,15 +152,30 @@ fn inference_matches_coremltools() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
-    let missing: Vec<_> = Op::ALL.iter().filter(|o| **o != Op::Const && !covered.contains(o)).collect();
-    assert!(missing.is_empty(), "ops without a coremltools case: {missing:?}");
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let missing: Vec<_> = Op::ALL
+        .iter()
+        .filter(|o| **o != Op::Const && !covered.contains(o))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ops without a coremltools case: {missing:?}"
+    );
 }
 
 // ---- inference: hand-derived cases and messages ---------------------------
 
 /// A function with the given inputs, and an op `op` (name "t") over `args`.
-fn one_op(inputs: &[(&str, DType, &[usize])], op: Op, args: Vec<(&str, Arg)>) -> (Function, Operation) {
+fn one_op(
+    inputs: &[(&str, DType, &[usize])],
+    op: Op,
+    args: Vec<(&str, Arg)>,
+) -> (Function, Operation) {
     let func = Function {
         name: "main".into(),
         inputs: inputs
@@ -167,7 +195,11 @@ fn one_op(inputs: &[(&str, DType, &[usize])], op: Op, args: Vec<(&str, Arg)>) ->
     (func, operation)
 }
 
-fn infer_one(inputs: &[(&str, DType, &[usize])], op: Op, args: Vec<(&str, Arg)>) -> anemone::Result<Vec<TensorType>> {
+fn infer_one(
+    inputs: &[(&str, DType, &[usize])],
+    op: Op,
+    args: Vec<(&str, Arg)>,
+) -> anemone::Result<Vec<TensorType>> {
     let (func, operation) = one_op(inputs, op, args);
     infer_outputs(&func, &operation)
 }
@@ -187,44 +219,88 @@ fn matmul_rank1_operands_follow_numpy() {
     // matmul((4,), (4,)) -> () (coremltools 9.0 gets the first one wrong: [1, 3]).
     let x = Arg::var("x");
     let y = Arg::var("y");
-    let r = infer_one(&[("x", F16, &[4]), ("y", F16, &[10, 4, 3])], Op::Matmul, vec![("x", x.clone()), ("y", y.clone())]);
+    let r = infer_one(
+        &[("x", F16, &[4]), ("y", F16, &[10, 4, 3])],
+        Op::Matmul,
+        vec![("x", x.clone()), ("y", y.clone())],
+    );
     assert_eq!(r.unwrap(), vec![TensorType::new(F16, [10, 3])]);
-    let r = infer_one(&[("x", F16, &[10, 3, 4]), ("y", F16, &[4])], Op::Matmul, vec![("x", x.clone()), ("y", y.clone())]);
+    let r = infer_one(
+        &[("x", F16, &[10, 3, 4]), ("y", F16, &[4])],
+        Op::Matmul,
+        vec![("x", x.clone()), ("y", y.clone())],
+    );
     assert_eq!(r.unwrap(), vec![TensorType::new(F16, [10, 3])]);
-    let r = infer_one(&[("x", F16, &[4]), ("y", F16, &[4])], Op::Matmul, vec![("x", x), ("y", y)]);
+    let r = infer_one(
+        &[("x", F16, &[4]), ("y", F16, &[4])],
+        Op::Matmul,
+        vec![("x", x), ("y", y)],
+    );
     assert_eq!(r.unwrap(), vec![TensorType::scalar(F16)]);
 }
 
 #[test]
 fn error_messages_name_op_and_operand() {
     let xy = || vec![("x", Arg::var("x")), ("y", Arg::var("y"))];
-    let msg = err_msg(infer_one(&[("x", F16, &[2, 4]), ("y", F16, &[1, 3])], Op::Add, xy()));
+    let msg = err_msg(infer_one(
+        &[("x", F16, &[2, 4]), ("y", F16, &[1, 3])],
+        Op::Add,
+        xy(),
+    ));
     assert_eq!(
         msg,
         "op `add` (name \"t\"): operand `y`: shape [1, 3] does not broadcast with `x` shape [2, 4]"
     );
-    let msg = err_msg(infer_one(&[("x", F16, &[2]), ("y", DType::Fp32, &[2])], Op::Mul, xy()));
-    assert_eq!(msg, "op `mul` (name \"t\"): operand `y`: dtype fp32 differs from `x` dtype fp16");
-    let msg = err_msg(infer_one(&[("x", F16, &[2])], Op::Add, vec![("x", Arg::var("x"))]));
+    let msg = err_msg(infer_one(
+        &[("x", F16, &[2]), ("y", DType::Fp32, &[2])],
+        Op::Mul,
+        xy(),
+    ));
+    assert_eq!(
+        msg,
+        "op `mul` (name \"t\"): operand `y`: dtype fp32 differs from `x` dtype fp16"
+    );
+    let msg = err_msg(infer_one(
+        &[("x", F16, &[2])],
+        Op::Add,
+        vec![("x", Arg::var("x"))],
+    ));
     assert_eq!(msg, "op `add` (name \"t\"): missing required parameter `y`");
-    let msg = err_msg(infer_one(&[("x", F16, &[2])], Op::Add, vec![("x", Arg::var("x")), ("z", Arg::var("x"))]));
+    let msg = err_msg(infer_one(
+        &[("x", F16, &[2])],
+        Op::Add,
+        vec![("x", Arg::var("x")), ("z", Arg::var("x"))],
+    ));
     assert!(msg.contains("unknown parameter `z`"), "{msg}");
-    let msg = err_msg(infer_one(&[("x", F16, &[2])], Op::Add, vec![("x", Arg::var("x")), ("y", Arg::var("nope"))]));
-    assert!(msg.contains("operand `y`: unknown variable `nope`"), "{msg}");
+    let msg = err_msg(infer_one(
+        &[("x", F16, &[2])],
+        Op::Add,
+        vec![("x", Arg::var("x")), ("y", Arg::var("nope"))],
+    ));
+    assert!(
+        msg.contains("operand `y`: unknown variable `nope`"),
+        "{msg}"
+    );
     // softmax over axis 4 of a rank-4 tensor (valid axes -4..=3).
     let msg = err_msg(infer_one(
         &[("x", F16, &[1, 32, 1, 8])],
         Op::Softmax,
         vec![("x", Arg::var("x")), ("axis", Arg::Lit(Literal::int32(4)))],
     ));
-    assert!(msg.starts_with("op `softmax` (name \"t\"): parameter `axis`: axis 4 is out of range"), "{msg}");
+    assert!(
+        msg.starts_with("op `softmax` (name \"t\"): parameter `axis`: axis 4 is out of range"),
+        "{msg}"
+    );
     // A shape parameter that is a runtime input, not a constant.
     let msg = err_msg(infer_one(
         &[("x", F16, &[2, 3]), ("s", DType::Int32, &[2])],
         Op::Reshape,
         vec![("x", Arg::var("x")), ("shape", Arg::var("s"))],
     ));
-    assert!(msg.contains("parameter `shape` must be a compile-time constant"), "{msg}");
+    assert!(
+        msg.contains("parameter `shape` must be a compile-time constant"),
+        "{msg}"
+    );
     // conv needs a rank-4 input.
     let msg = err_msg(infer_one(
         &[("x", F16, &[1, 8, 5]), ("w", F16, &[4, 8, 1, 1])],
@@ -232,6 +308,24 @@ fn error_messages_name_op_and_operand() {
         vec![("x", Arg::var("x")), ("weight", Arg::var("w"))],
     ));
     assert!(msg.contains("operand `x`: conv needs a rank-4"), "{msg}");
+    // conv's bias is a constant parameter in MIL; a runtime bias is rejected.
+    let msg = err_msg(infer_one(
+        &[
+            ("x", F16, &[1, 8, 1, 5]),
+            ("w", F16, &[4, 8, 1, 1]),
+            ("b", F16, &[4]),
+        ],
+        Op::Conv,
+        vec![
+            ("x", Arg::var("x")),
+            ("weight", Arg::var("w")),
+            ("bias", Arg::var("b")),
+        ],
+    ));
+    assert!(
+        msg.contains("parameter `bias` must be a compile-time constant"),
+        "{msg}"
+    );
     // concat of fp16 and fp32.
     let msg = err_msg(infer_one(
         &[("a", F16, &[2]), ("b", DType::Fp32, &[2])],
@@ -241,7 +335,10 @@ fn error_messages_name_op_and_operand() {
             ("axis", Arg::Lit(Literal::int32(0))),
         ],
     ));
-    assert!(msg.contains("operand `values[1]`: dtype fp32 differs"), "{msg}");
+    assert!(
+        msg.contains("operand `values[1]`: dtype fp32 differs"),
+        "{msg}"
+    );
     // axis given as a one-element tensor instead of a scalar.
     let msg = err_msg(infer_one(
         &[("a", F16, &[2])],
@@ -251,7 +348,10 @@ fn error_messages_name_op_and_operand() {
             ("axis", Arg::Lit(Literal::int32s(&[0]))),
         ],
     ));
-    assert!(msg.contains("parameter `axis` must be a scalar int32"), "{msg}");
+    assert!(
+        msg.contains("parameter `axis` must be a scalar int32"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -265,25 +365,42 @@ fn const_infers_its_literal_type() {
         attrs: vec![("val".into(), lit)],
     };
     let func = one_op(&[], Op::Const, Vec::new()).0;
-    assert_eq!(infer_outputs(&func, &op).unwrap(), vec![TensorType::new(F16, [2, 2])]);
-    let missing = Operation { attrs: Vec::new(), ..op };
+    assert_eq!(
+        infer_outputs(&func, &op).unwrap(),
+        vec![TensorType::new(F16, [2, 2])]
+    );
+    let missing = Operation {
+        attrs: Vec::new(),
+        ..op
+    };
     assert!(err_msg(infer_outputs(&func, &missing)).contains("missing attribute `val`"));
 }
 
 // ---- builder ----------------------------------------------------------------
 
 fn non_const_ops(p: &Program) -> Vec<Op> {
-    p.main.ops.iter().map(|o| o.op).filter(|o| *o != Op::Const).collect()
+    p.main
+        .ops
+        .iter()
+        .map(|o| o.op)
+        .filter(|o| *o != Op::Const)
+        .collect()
 }
 
 /// The scalar float value of the const op named `name`.
 fn const_scalar(p: &Program, name: &str) -> f32 {
-    p.main.const_value(name).and_then(Literal::as_float).unwrap()
+    p.main
+        .const_value(name)
+        .and_then(Literal::as_float)
+        .unwrap()
 }
 
 fn assert_clean(p: &Program) {
     let report = verify(p, Target::Ane);
-    assert!(report.diagnostics.is_empty(), "expected no diagnostics:\n{report}");
+    assert!(
+        report.diagnostics.is_empty(),
+        "expected no diagnostics:\n{report}"
+    );
 }
 
 #[test]
@@ -298,7 +415,15 @@ fn rmsnorm_kernel_is_the_reference_sequence_and_verifies_clean() {
     let p = b.finish();
     assert_eq!(
         non_const_ops(&p),
-        [Op::Mul, Op::ReduceSum, Op::Mul, Op::Add, Op::Pow, Op::Mul, Op::Mul]
+        [
+            Op::Mul,
+            Op::ReduceSum,
+            Op::Mul,
+            Op::Add,
+            Op::Pow,
+            Op::Mul,
+            Op::Mul
+        ]
     );
     // The three scalars, in order: 1/C, eps, -0.5 (fp16-rounded: 1/64 and -0.5 are exact,
     // 1e-5 rounds to the fp16 subnormal 168 * 2^-24).
@@ -324,7 +449,11 @@ fn attention_kernel(heads: usize, head_dim: usize, seq: usize) -> (Program, Tens
     let q = b.slice_by_size(&x, &[0, 0, 0, 0], &[1, dim, 1, seq]);
     let k = b.slice_by_size(&x, &[0, dim, 0, 0], &[1, dim, 1, seq]);
     let v = b.slice_by_size(&x, &[0, 2 * dim, 0, 0], &[1, dim, 1, seq]);
-    let (q, k, v) = (b.split_heads(&q, heads), b.split_heads(&k, heads), b.split_heads(&v, heads));
+    let (q, k, v) = (
+        b.split_heads(&q, heads),
+        b.split_heads(&k, heads),
+        b.split_heads(&v, heads),
+    );
     assert_eq!(q.shape(), [1, heads, seq, head_dim]);
     let mask = b.causal_mask(F16, seq);
     let (out, probs) = b.causal_attention(&q, &k, &v, &mask, 1.0 / (head_dim as f32).sqrt());
@@ -349,12 +478,22 @@ fn attention_kernel_shapes_and_verification() {
         .skip_while(|o| *o != Op::Matmul)
         .take(5)
         .collect();
-    assert_eq!(core, [Op::Matmul, Op::Mul, Op::Add, Op::Softmax, Op::Matmul]);
+    assert_eq!(
+        core,
+        [Op::Matmul, Op::Mul, Op::Add, Op::Softmax, Op::Matmul]
+    );
     let first_matmul = p.main.ops.iter().find(|o| o.op == Op::Matmul).unwrap();
-    let Some(Arg::Var(ty_name)) = first_matmul.arg("transpose_y") else { panic!() };
-    assert_eq!(p.main.const_value(ty_name).and_then(Literal::as_bool), Some(true));
+    let Some(Arg::Var(ty_name)) = first_matmul.arg("transpose_y") else {
+        panic!()
+    };
+    assert_eq!(
+        p.main.const_value(ty_name).and_then(Literal::as_bool),
+        Some(true)
+    );
     let mul = p.main.ops.iter().find(|o| o.op == Op::Mul).unwrap();
-    let Some(Arg::Var(scale)) = mul.arg("y") else { panic!() };
+    let Some(Arg::Var(scale)) = mul.arg("y") else {
+        panic!()
+    };
     assert_eq!(const_scalar(&p, scale), 0.5); // 1/sqrt(4)
 
     // Production-like sizes: H = 2, D = 32, S = 384 verify with no diagnostics at all.
@@ -371,7 +510,10 @@ fn causal_mask_values() {
     assert_eq!(m.shape(), [1, 1, 3, 3]);
     let lit = b.function().const_value(&m.name).unwrap();
     let n = -65504.0;
-    assert_eq!(lit.as_floats().unwrap(), [0.0, n, n, 0.0, 0.0, n, 0.0, 0.0, 0.0]);
+    assert_eq!(
+        lit.as_floats().unwrap(),
+        [0.0, n, n, 0.0, 0.0, n, 0.0, 0.0, 0.0]
+    );
 }
 
 #[test]
@@ -423,11 +565,21 @@ fn builder_shape_ops_and_names() {
     let joined = b.name_next("joined").concat(&[&parts[1], &parts[0]], 1);
     assert_eq!(joined.name, "joined");
     assert_eq!(joined.shape(), [1, 8, 1, 6]);
-    let op = b.function().ops.iter().find(|o| o.name == "joined").unwrap();
+    let op = b
+        .function()
+        .ops
+        .iter()
+        .find(|o| o.name == "joined")
+        .unwrap();
     // Parameters are consts named after the op; arguments in alphabetical order.
     let keys: Vec<&str> = op.args.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys, ["axis", "interleave", "values"]);
-    assert_eq!(b.function().const_value("joined_axis").and_then(Literal::as_int), Some(1));
+    assert_eq!(
+        b.function()
+            .const_value("joined_axis")
+            .and_then(Literal::as_int),
+        Some(1)
+    );
     let s = b.reduce_max(&joined, &[-1], false);
     assert_eq!(s.shape(), [1, 8, 1]);
     let c = b.cast(&s, DType::Fp32);
@@ -492,7 +644,12 @@ fn declared_type_mismatch_is_caught() {
         d.message,
         "result `mul_0` is declared tensor<fp16, [1, 64, 1, 383]> but is tensor<fp16, [1, 64, 1, 384]>"
     );
-    assert!(report.to_string().contains("error[MIL002] op `mul` (name \"mul_0\")"), "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains("error[MIL002] op `mul` (name \"mul_0\")"),
+        "{report}"
+    );
     let err = report.into_result().unwrap_err();
     assert!(matches!(err, Error::Verify(ref s) if s.contains("MIL002")));
 }
@@ -501,11 +658,17 @@ fn declared_type_mismatch_is_caught() {
 fn structural_rules_fire() {
     // MIL001: operands that do not fit (y broadcast failure), written directly in the IR.
     let mut p = base_program();
-    p.main.inputs.push(Var::new("z", TensorType::new(F16, [1, 3])));
+    p.main
+        .inputs
+        .push(Var::new("z", TensorType::new(F16, [1, 3])));
     p.main.ops[0].args[1].1 = Arg::var("z");
     let report = verify(&p, Target::Cpu);
     assert_eq!(report.rule_ids(), ["MIL001"]);
-    assert!(report.diagnostics[0].message.contains("operand `y`: shape [1, 3]"));
+    assert!(
+        report.diagnostics[0]
+            .message
+            .contains("operand `y`: shape [1, 3]")
+    );
 
     // MIL003: two ops with one name; MIL004: use before definition; MIL005: undefined output.
     let mut b = Builder::new(Dialect::Ios18);
@@ -521,7 +684,10 @@ fn structural_rules_fire() {
     p.main.ops.swap(0, 1);
     let report = verify(&p, Target::Cpu);
     assert_eq!(report.rule_ids(), ["MIL004"]);
-    assert!(report.diagnostics[0].message.contains("defines only later"), "{report}");
+    assert!(
+        report.diagnostics[0].message.contains("defines only later"),
+        "{report}"
+    );
     let mut p = good.clone();
     p.main.outputs = vec!["nowhere".into()];
     assert_eq!(fired(&p, Target::Cpu), ["MIL005"]);
@@ -531,7 +697,11 @@ fn structural_rules_fire() {
     // MIL006: BLOBFILE outside @model_path/weights/ and at an unaligned offset.
     let mut b = Builder::new(Dialect::Ios18);
     let x = b.input("x", F16, &[1, 64, 1, 384]);
-    let w = b.constant(Literal::blob(TensorType::new(F16, [1, 64, 1, 1]), "weights/w.bin", 32));
+    let w = b.constant(Literal::blob(
+        TensorType::new(F16, [1, 64, 1, 1]),
+        "weights/w.bin",
+        32,
+    ));
     let y = b.mul(&x, &w);
     b.output(&y);
     let report = verify(&b.finish(), Target::Cpu);
@@ -581,14 +751,30 @@ fn weight_files_are_checked_against_declared_types() {
     let with = |bytes: Vec<u8>| BTreeMap::from([(key.clone(), bytes)]);
 
     // 64 fp16 values = 128 bytes.
-    assert!(verify_with_weights(&p, &with(blob_file(128, 1)), Target::Ane).diagnostics.is_empty());
+    assert!(
+        verify_with_weights(&p, &with(blob_file(128, 1)), Target::Ane)
+            .diagnostics
+            .is_empty()
+    );
     let missing = verify_with_weights(&p, &BTreeMap::new(), Target::Cpu);
     assert_eq!(missing.rule_ids(), ["MIL007"]);
-    assert!(missing.diagnostics[0].message.contains("not in the package"));
+    assert!(
+        missing.diagnostics[0]
+            .message
+            .contains("not in the package")
+    );
     let wrong_size = verify_with_weights(&p, &with(blob_file(256, 1)), Target::Cpu);
-    assert!(wrong_size.diagnostics[0].message.contains("payload size 256"), "{wrong_size}");
+    assert!(
+        wrong_size.diagnostics[0]
+            .message
+            .contains("payload size 256"),
+        "{wrong_size}"
+    );
     let wrong_dtype = verify_with_weights(&p, &with(blob_file(128, 2)), Target::Cpu);
-    assert!(wrong_dtype.diagnostics[0].message.contains("dtype code 2"), "{wrong_dtype}");
+    assert!(
+        wrong_dtype.diagnostics[0].message.contains("dtype code 2"),
+        "{wrong_dtype}"
+    );
 }
 
 // ---- verifier: ANE rules ----------------------------------------------------
@@ -599,13 +785,21 @@ fn check_ane(p: &Program, want: &[&str]) -> Report {
     assert_eq!(report.rule_ids(), want, "{report}");
     // Structural rules are the only ones for the CPU.
     assert!(
-        verify(p, Target::Cpu).diagnostics.iter().all(|d| d.rule.starts_with("MIL")),
+        verify(p, Target::Cpu)
+            .diagnostics
+            .iter()
+            .all(|d| d.rule.starts_with("MIL")),
         "ANE rules ran for the CPU"
     );
     report
 }
 
-fn program(dialect: Dialect, input: &[usize], dtype: DType, body: impl FnOnce(&mut Builder, Tensor) -> Tensor) -> Program {
+fn program(
+    dialect: Dialect,
+    input: &[usize],
+    dtype: DType,
+    body: impl FnOnce(&mut Builder, Tensor) -> Tensor,
+) -> Program {
     let mut b = Builder::new(dialect);
     let x = b.input("x", dtype, input);
     let y = body(&mut b, x);
@@ -626,7 +820,9 @@ fn ane001_io_rank_and_dtype() {
 #[test]
 fn ane002_io_layout() {
     // [1, 64, 2, 192]: 49,152 bytes, 64 channels, but H = 2.
-    let p = program(Dialect::Ios18, &[1, 64, 2, 192], F16, |b, x| b.reshape(&x, &IO));
+    let p = program(Dialect::Ios18, &[1, 64, 2, 192], F16, |b, x| {
+        b.reshape(&x, &IO)
+    });
     check_ane(&p, &["ANE002"]);
 }
 
@@ -725,9 +921,15 @@ fn ane008_fp32_io_needs_cast() {
 #[test]
 fn ane009_and_ane010_minimum_sizes() {
     // 32 channels x 768 = 49,152 bytes: only the channel rule.
-    check_ane(&program(Dialect::Ios18, &[1, 32, 1, 768], F16, |b, x| b.mul(&x, &x)), &["ANE009"]);
+    check_ane(
+        &program(Dialect::Ios18, &[1, 32, 1, 768], F16, |b, x| b.mul(&x, &x)),
+        &["ANE009"],
+    );
     // 64 channels x 64 positions = 8,192 bytes: only the surface-size rule.
-    check_ane(&program(Dialect::Ios18, &[1, 64, 1, 64], F16, |b, x| b.mul(&x, &x)), &["ANE010"]);
+    check_ane(
+        &program(Dialect::Ios18, &[1, 64, 1, 64], F16, |b, x| b.mul(&x, &x)),
+        &["ANE010"],
+    );
 }
 
 #[test]
@@ -741,9 +943,19 @@ fn ane011_huge_conv_input_channels() {
 
 #[test]
 fn ane012_unverified_ops() {
-    let report = check_ane(&program(Dialect::Ios18, &IO, F16, |b, x| b.silu(&x)), &["ANE012"]);
-    assert!(report.diagnostics[0].message.contains("not used by the reference; unverified"));
-    check_ane(&program(Dialect::Ios18, &IO, F16, |b, x| b.sigmoid(&x)), &[]);
+    let report = check_ane(
+        &program(Dialect::Ios18, &IO, F16, |b, x| b.silu(&x)),
+        &["ANE012"],
+    );
+    assert!(
+        report.diagnostics[0]
+            .message
+            .contains("not used by the reference; unverified")
+    );
+    check_ane(
+        &program(Dialect::Ios18, &IO, F16, |b, x| b.sigmoid(&x)),
+        &[],
+    );
 }
 
 #[test]
@@ -759,11 +971,19 @@ fn ane013_one_record_per_weight_file() {
 fn ane014_optional_parameters_spelled_out() {
     let p = program(Dialect::Ios18, &IO, F16, |b, x| {
         let w = b.blob_const(TensorType::new(F16, [64, 64, 1, 1]), "w.bin", 64);
-        let y = b.op(Op::Conv, vec![("x", Arg::var(&x.name)), ("weight", Arg::var(&w.name))], Vec::new());
+        let y = b.op(
+            Op::Conv,
+            vec![("x", Arg::var(&x.name)), ("weight", Arg::var(&w.name))],
+            Vec::new(),
+        );
         y[0].clone()
     });
     let report = check_ane(&p, &["ANE014"]);
-    assert!(report.diagnostics[0].message.contains("dilations, groups, pad, pad_type, strides"));
+    assert!(
+        report.diagnostics[0]
+            .message
+            .contains("dilations, groups, pad, pad_type, strides")
+    );
 }
 
 #[test]
@@ -773,10 +993,19 @@ fn every_ane_rule_has_a_test_and_a_catalogue_entry() {
         "ANE001", "ANE002", "ANE003", "ANE004", "ANE005", "ANE006", "ANE007", "ANE008", "ANE009",
         "ANE010", "ANE011", "ANE012", "ANE013", "ANE014",
     ];
-    let catalogue: Vec<&str> = RULES.iter().map(|r| r.id).filter(|id| id.starts_with("ANE")).collect();
+    let catalogue: Vec<&str> = RULES
+        .iter()
+        .map(|r| r.id)
+        .filter(|id| id.starts_with("ANE"))
+        .collect();
     assert_eq!(catalogue, tested);
     for id in tested {
-        assert!(rule_by_id(id).unwrap().source.starts_with("ane-reference §"));
+        assert!(
+            rule_by_id(id)
+                .unwrap()
+                .source
+                .starts_with("ane-reference §")
+        );
     }
 }
 
