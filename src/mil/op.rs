@@ -183,7 +183,7 @@ impl Op {
                     &[
                         req("x", Tensor),
                         req("weight", Tensor),
-                        opt("bias", Tensor),
+                        opt("bias", Const),
                         opt("strides", Const),
                         opt("pad_type", Const),
                         opt("pad", Const),
