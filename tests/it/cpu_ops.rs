@@ -667,3 +667,137 @@ fn blobfile_errors_name_the_path_and_the_problem() {
         .to_string();
     assert!(err.contains("past the end"), "{err}");
 }
+
+#[test]
+fn large_tensors_take_the_parallel_paths() {
+    // Sizes above the single-thread thresholds: 64 x 1100 elementwise values,
+    // 4 GEMMs of 128^3 and 64 small 16^3 ones. References are naive f64 loops.
+    let (c_len, s_len) = (64, 1100);
+    let x_ty = TensorType::new(DType::Fp32, [1, c_len, 1, s_len]);
+    let big = TensorType::new(DType::Fp32, [4, 128, 128]);
+    let small = TensorType::new(DType::Fp32, [64, 16, 16]);
+    let f32_ty = |shape: &[usize]| TensorType::new(DType::Fp32, shape.to_vec());
+    let scale: Vec<f32> = (0..c_len).map(|c| (c + 1) as f32 / 64.0).collect();
+    let ops = vec![
+        const_op(
+            "s",
+            Literal::floats(DType::Fp32, [1, c_len, 1, 1], scale.clone()),
+        ),
+        operation(
+            Op::Mul,
+            Var::new("a", x_ty.clone()),
+            vec![("x", Arg::var("x")), ("y", Arg::var("s"))],
+        ),
+        operation(
+            Op::Exp,
+            Var::new("b", x_ty.clone()),
+            vec![("x", Arg::var("a"))],
+        ),
+        operation(
+            Op::ReduceSum,
+            Var::new("c", f32_ty(&[1, 1, 1, s_len])),
+            vec![
+                ("x", Arg::var("b")),
+                ("axes", Arg::Lit(Literal::int32s(&[1]))),
+                ("keep_dims", Arg::Lit(Literal::bool(true))),
+            ],
+        ),
+        operation(
+            Op::Transpose,
+            Var::new("d", f32_ty(&[1, s_len, 1, c_len])),
+            vec![
+                ("x", Arg::var("b")),
+                ("perm", Arg::Lit(Literal::int32s(&[0, 3, 2, 1]))),
+            ],
+        ),
+        operation(
+            Op::Softmax,
+            Var::new("e", f32_ty(&[1, s_len, 1, c_len])),
+            vec![("x", Arg::var("d")), ("axis", Arg::Lit(Literal::int32(-1)))],
+        ),
+        operation(
+            Op::Matmul,
+            Var::new("pq", big.clone()),
+            vec![("x", Arg::var("p")), ("y", Arg::var("q"))],
+        ),
+        operation(
+            Op::Matmul,
+            Var::new("uw", small.clone()),
+            vec![
+                ("x", Arg::var("u")),
+                ("y", Arg::var("w")),
+                ("transpose_y", Arg::Lit(Literal::bool(true))),
+            ],
+        ),
+    ];
+    let program = main_fn(
+        vec![
+            Var::new("x", x_ty.clone()),
+            Var::new("p", big.clone()),
+            Var::new("q", big.clone()),
+            Var::new("u", small.clone()),
+            Var::new("w", small.clone()),
+        ],
+        ops,
+        &["c", "e", "pq", "uw"],
+    );
+    let fill = |n: usize, k: f32| (0..n).map(|i| ((i as f32) * k).sin()).collect::<Vec<f32>>();
+    let x = fill(c_len * s_len, 0.0137);
+    let (p, q) = (fill(big.numel(), 0.31), fill(big.numel(), 0.77));
+    let (u, w) = (fill(small.numel(), 0.53), fill(small.numel(), 0.19));
+    let inputs = [
+        ("x".to_string(), HostTensor::new(x_ty, x.clone())),
+        ("p".to_string(), HostTensor::new(big.clone(), p.clone())),
+        ("q".to_string(), HostTensor::new(big, q.clone())),
+        ("u".to_string(), HostTensor::new(small.clone(), u.clone())),
+        ("w".to_string(), HostTensor::new(small, w.clone())),
+    ];
+    let out = run_program(&program, &BTreeMap::new(), &inputs, Precision::Fp32).unwrap();
+
+    let b = |c: usize, s: usize| (f64::from(x[c * s_len + s]) * f64::from(scale[c])).exp();
+    let c_ref: Vec<f32> = (0..s_len)
+        .map(|s| (0..c_len).map(|c| b(c, s)).sum::<f64>() as f32)
+        .collect();
+    let e_ref: Vec<f32> = (0..s_len)
+        .flat_map(|s| {
+            let max = (0..c_len).map(|c| b(c, s)).fold(f64::MIN, f64::max);
+            let sum: f64 = (0..c_len).map(|c| (b(c, s) - max).exp()).sum();
+            (0..c_len).map(move |c| ((b(c, s) - max).exp() / sum) as f32)
+        })
+        .collect();
+    // out[bt][i][j] = sum_k lhs[bt][i][k] * rhs(bt, k, j)
+    let gemm_ref = |n: usize,
+                    batches: usize,
+                    lhs: &[f32],
+                    rhs: &dyn Fn(usize, usize, usize) -> f32| {
+        let mut out = Vec::with_capacity(batches * n * n);
+        for bt in 0..batches {
+            for i in 0..n {
+                for j in 0..n {
+                    let acc: f64 = (0..n)
+                        .map(|k| f64::from(lhs[(bt * n + i) * n + k]) * f64::from(rhs(bt, k, j)))
+                        .sum();
+                    out.push(acc as f32);
+                }
+            }
+        }
+        out
+    };
+    let pq_ref = gemm_ref(128, 4, &p, &|bt, k, j| q[(bt * 128 + k) * 128 + j]);
+    let uw_ref = gemm_ref(16, 64, &u, &|bt, k, j| w[(bt * 16 + j) * 16 + k]);
+    let wide = Tolerance {
+        rel: 1e-5,
+        abs: 1e-4,
+    };
+    for ((name, tensor), (reference, tolerance)) in out.iter().zip([
+        (c_ref, Tolerance::FP32),
+        (e_ref, Tolerance::FP32),
+        // 128-term sums of O(1) products: f32 rounding of the partial sums.
+        (pq_ref, wide),
+        (uw_ref, Tolerance::FP32),
+    ]) {
+        tolerance
+            .check(&tensor.data, &reference)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}

@@ -544,5 +544,12 @@ mod tests {
         assert_eq!(v[3], f32::INFINITY);
         assert_eq!(v[4], 0.0);
         assert!(v[5] == 0.0 && v[5].is_sign_negative());
+        // Long slices take the parallel path; it must agree with scalar conversion.
+        let mut long: Vec<f32> = (0..3 * PAR_MIN)
+            .map(|i| (i as f32 * 0.377).sin() * 70000.0)
+            .collect();
+        let scalar: Vec<f32> = long.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        round_to_fp16(&mut long);
+        assert_eq!(long, scalar);
     }
 }

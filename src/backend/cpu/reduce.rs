@@ -106,11 +106,7 @@ impl Reduce {
             None => Cow::Borrowed(x),
         };
         let (len, inner) = (self.len, self.inner);
-        let outer = if len * inner == 0 {
-            0
-        } else {
-            x.len() / (len * inner)
-        };
+        let outer = x.len().checked_div(len * inner).unwrap_or(0);
         let mut out = vec![0.0f32; outer * inner];
         let op = self.op;
         for_blocks(&x, &mut out, len * inner, inner, |x, out| {
