@@ -1,1 +1,313 @@
-//! The CPU backend: a MIL interpreter. (being written)
+//! The CPU backend: a MIL interpreter, and the executable specification of what
+//! every op in [`Op::ALL`](crate::mil::Op::ALL) computes.
+//!
+//! - `exec`: compiling a program into a plan of slots and kernels, running it.
+//! - `constant`: literals, BLOBFILE records, `constexpr_affine_dequantize`.
+//! - `elementwise`, `reduce`, `shape`, `gemm`: the math, one family per file.
+//!
+//! Values are `f32` vectors whatever their declared dtype (integers and bools
+//! are exact). In [`Precision::Fp16`] every fp16-typed op result, constant and
+//! written buffer is rounded to IEEE half, so overflow to inf and underflow to
+//! zero happen as on the ANE; inside one op the math stays `f32` (sums in
+//! `f64`), and matrix products go through faer. This module does not model the
+//! ANE's accumulation order, nor its quirks (it honours the attention mask the
+//! ANE ignores): where they differ, the ANE is wrong.
+
+mod constant;
+mod elementwise;
+mod exec;
+mod gemm;
+mod reduce;
+mod shape;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use self::exec::Plan;
+use super::{Backend, Block, BufferId, KernelId, KernelInfo, Precision, matrix_dims};
+use crate::mil::{DType, Program, TensorType};
+use crate::package::ProgramPackage;
+use crate::{Error, Result};
+
+/// A tensor in host memory: its declared type and its values, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub ty: TensorType,
+    /// `ty.numel()` values; integers and bools as exact `f32`.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(ty: TensorType, data: Vec<f32>) -> HostTensor {
+        HostTensor { ty, data }
+    }
+}
+
+/// Make `data` hold what a `ty` tensor can: rounded to fp16 in fp16 precision,
+/// integers truncated and clamped, bools 0 or 1.
+fn store(ty: &TensorType, precision: Precision, data: &mut [f32]) {
+    match ty.dtype {
+        DType::Fp16 if precision == Precision::Fp16 => elementwise::round_to_fp16(data),
+        DType::Fp16 | DType::Fp32 => {}
+        dtype => data
+            .iter_mut()
+            .for_each(|v| *v = elementwise::convert(*v, dtype)),
+    }
+}
+
+fn backend_error(step: &'static str, msg: String) -> Error {
+    Error::Backend {
+        backend: "cpu",
+        step,
+        msg,
+    }
+}
+
+/// Compile `program` and run it once on named inputs; returns the named outputs
+/// in signature order. `weights` maps `@model_path/weights/<file>` to file bytes.
+pub fn run_program(
+    program: &Program,
+    weights: &BTreeMap<String, Vec<u8>>,
+    inputs: &[(String, HostTensor)],
+    precision: Precision,
+) -> Result<Vec<(String, HostTensor)>> {
+    let plan = Plan::compile(program, weights, precision)?;
+    let names = || {
+        plan.inputs
+            .iter()
+            .map(|v| format!("{} {}", v.ty, v.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some((name, _)) = inputs
+        .iter()
+        .find(|(name, _)| !plan.inputs.iter().any(|v| &v.name == name))
+    {
+        return Err(Error::Invalid(format!(
+            "unknown input `{name}`; the program takes: {}",
+            names()
+        )));
+    }
+    let mut values: Vec<Cow<[f32]>> = Vec::with_capacity(plan.inputs.len());
+    for var in &plan.inputs {
+        let (_, tensor) = inputs
+            .iter()
+            .find(|(name, _)| *name == var.name)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "missing input `{}` of type {}; the program takes: {}",
+                    var.name,
+                    var.ty,
+                    names()
+                ))
+            })?;
+        if tensor.ty != var.ty || tensor.data.len() != var.ty.numel() {
+            return Err(Error::Invalid(format!(
+                "input `{}` is {} with {} values, but the program declares {}",
+                var.name,
+                tensor.ty,
+                tensor.data.len(),
+                var.ty
+            )));
+        }
+        let mut data = Cow::Borrowed(tensor.data.as_slice());
+        if var.ty.dtype != DType::Fp32 {
+            store(&var.ty, precision, data.to_mut());
+        }
+        values.push(data);
+    }
+    let args: Vec<&[f32]> = values.iter().map(|v| v.as_ref()).collect();
+    let outputs = plan.execute(&args)?;
+    Ok(plan
+        .outputs
+        .iter()
+        .zip(outputs)
+        .map(|(var, data)| (var.name.clone(), HostTensor::new(var.ty.clone(), data)))
+        .collect())
+}
+
+struct CompiledKernel {
+    info: KernelInfo,
+    plan: Plan,
+}
+
+struct Buffer {
+    ty: TensorType,
+    data: Vec<f32>,
+}
+
+/// The MIL interpreter behind the [`Backend`] trait.
+pub struct CpuBackend {
+    precision: Precision,
+    kernels: Vec<CompiledKernel>,
+    buffers: Vec<Buffer>,
+}
+
+impl CpuBackend {
+    pub fn new(precision: Precision) -> CpuBackend {
+        CpuBackend {
+            precision,
+            kernels: Vec::new(),
+            buffers: Vec::new(),
+        }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Compile an already parsed program; BLOBFILE paths resolve in `weights`
+    /// (`@model_path/weights/<file>` -> file bytes).
+    pub fn compile_program(
+        &mut self,
+        program: &Program,
+        weights: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<KernelId> {
+        let plan = Plan::compile(program, weights, self.precision)?;
+        let info = KernelInfo {
+            inputs: plan.inputs.clone(),
+            outputs: plan.outputs.clone(),
+        };
+        self.kernels.push(CompiledKernel { info, plan });
+        Ok(KernelId(self.kernels.len() - 1))
+    }
+
+    fn buffer(&self, id: BufferId, step: &'static str) -> Result<&Buffer> {
+        self.buffers
+            .get(id.0)
+            .ok_or_else(|| backend_error(step, format!("unknown buffer {}", id.0)))
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn compile(&mut self, package: &ProgramPackage) -> Result<KernelId> {
+        let program = package.program()?;
+        self.compile_program(&program, &package.weights)
+    }
+
+    /// Panics if `kernel` was not returned by this backend.
+    fn kernel_info(&self, kernel: KernelId) -> &KernelInfo {
+        &self.kernels[kernel.0].info
+    }
+
+    fn alloc(&mut self, ty: &TensorType) -> Result<BufferId> {
+        if ty.dtype == DType::String {
+            return Err(backend_error(
+                "alloc",
+                format!("cannot allocate a {ty} buffer"),
+            ));
+        }
+        self.buffers.push(Buffer {
+            ty: ty.clone(),
+            data: vec![0.0; ty.numel()],
+        });
+        Ok(BufferId(self.buffers.len() - 1))
+    }
+
+    fn write(&mut self, buffer: BufferId, block: Block, src: &[f32]) -> Result<()> {
+        let precision = self.precision;
+        self.buffer(buffer, "write")?;
+        let buf = &mut self.buffers[buffer.0];
+        block.check(&buf.ty)?;
+        if src.len() != block.len() {
+            return Err(backend_error(
+                "write",
+                format!(
+                    "block of {} x {} needs {} values, got {}",
+                    block.rows,
+                    block.cols,
+                    block.len(),
+                    src.len()
+                ),
+            ));
+        }
+        if block.is_empty() {
+            return Ok(());
+        }
+        let (_, cols) = matrix_dims(&buf.ty);
+        for (r, row) in src.chunks_exact(block.cols).enumerate() {
+            let start = (block.row + r) * cols + block.col;
+            let dst = &mut buf.data[start..start + block.cols];
+            dst.copy_from_slice(row);
+            store(&buf.ty, precision, dst);
+        }
+        Ok(())
+    }
+
+    fn read(&self, buffer: BufferId, block: Block, dst: &mut [f32]) -> Result<()> {
+        let buf = self.buffer(buffer, "read")?;
+        block.check(&buf.ty)?;
+        if dst.len() != block.len() {
+            return Err(backend_error(
+                "read",
+                format!(
+                    "block of {} x {} needs room for {} values, got {}",
+                    block.rows,
+                    block.cols,
+                    block.len(),
+                    dst.len()
+                ),
+            ));
+        }
+        if block.is_empty() {
+            return Ok(());
+        }
+        let (_, cols) = matrix_dims(&buf.ty);
+        for (r, row) in dst.chunks_exact_mut(block.cols).enumerate() {
+            let start = (block.row + r) * cols + block.col;
+            row.copy_from_slice(&buf.data[start..start + block.cols]);
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, kernel: KernelId, inputs: &[BufferId], outputs: &[BufferId]) -> Result<()> {
+        let compiled = self
+            .kernels
+            .get(kernel.0)
+            .ok_or_else(|| backend_error("run", format!("unknown kernel {}", kernel.0)))?;
+        let info = &compiled.info;
+        if inputs.len() != info.inputs.len() || outputs.len() != info.outputs.len() {
+            return Err(backend_error(
+                "run",
+                format!(
+                    "the kernel takes {} inputs and {} outputs, got {} and {} buffers",
+                    info.inputs.len(),
+                    info.outputs.len(),
+                    inputs.len(),
+                    outputs.len()
+                ),
+            ));
+        }
+        let bound = [
+            ("input", inputs, &info.inputs),
+            ("output", outputs, &info.outputs),
+        ];
+        for (role, ids, vars) in bound {
+            for (&id, var) in ids.iter().zip(vars) {
+                let buf = self.buffer(id, "run")?;
+                if buf.ty != var.ty {
+                    return Err(backend_error(
+                        "run",
+                        format!(
+                            "{role} `{}` is {} but buffer {} holds {}",
+                            var.name, var.ty, id.0, buf.ty
+                        ),
+                    ));
+                }
+            }
+        }
+        let args: Vec<&[f32]> = inputs
+            .iter()
+            .map(|id| self.buffers[id.0].data.as_slice())
+            .collect();
+        let results = compiled.plan.execute(&args)?;
+        for (id, data) in outputs.iter().zip(results) {
+            self.buffers[id.0].data = data;
+        }
+        Ok(())
+    }
+}

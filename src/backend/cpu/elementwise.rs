@@ -1,0 +1,555 @@
+//! Elementwise kernels: unary math, binary ops and `select` with NumPy
+//! broadcasting, `cast`, `quantize`/`dequantize`, and rounding to fp16.
+//! No reductions and no data movement (see `reduce` and `shape`).
+//!
+//! Every op computes in `f32`; the plan rounds fp16-typed results afterwards.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use super::exec::{Kernel, OpCtx};
+use crate::Result;
+use crate::mil::ir::round_fp16;
+use crate::mil::{DType, Op};
+
+/// Loops over fewer elements than this stay on one thread.
+pub(super) const PAR_MIN: usize = 1 << 16;
+
+/// Round every value to the nearest fp16 (ties to even), in place.
+pub(super) fn round_to_fp16(data: &mut [f32]) {
+    const CHUNK: usize = 1024;
+    let round = |chunk: &mut [f32]| {
+        let mut halves = [f16::ZERO; CHUNK];
+        let halves = &mut halves[..chunk.len()];
+        halves.convert_from_f32_slice(chunk);
+        halves.convert_to_f32_slice(chunk);
+    };
+    if data.len() >= PAR_MIN {
+        data.par_chunks_mut(CHUNK).for_each(round);
+    } else {
+        data.chunks_mut(CHUNK).for_each(round);
+    }
+}
+
+/// `f(x)` for every element, on several threads for long slices.
+pub(super) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    if x.len() >= PAR_MIN {
+        x.par_iter().map(|&v| f(v)).collect()
+    } else {
+        x.iter().map(|&v| f(v)).collect()
+    }
+}
+
+/// Convert `x` to the value a `dtype` tensor holds: floats unchanged (the plan
+/// rounds fp16), integers truncated toward zero and clamped to the dtype's
+/// range with NaN -> 0 (NumPy `astype` on in-range values), bools 0 or 1.
+pub(super) fn convert(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::Bool => f32::from(u8::from(x != 0.0)),
+        d => match d.int_range() {
+            Some(_) if x.is_nan() => 0.0,
+            // `+ 0.0` turns -0.0 (from truncating -0.5) into the integer 0.
+            Some((lo, hi)) => x.trunc().clamp(lo as f32, hi as f32) + 0.0,
+            None => x,
+        },
+    }
+}
+
+/// NumPy's broadcast of `shapes`, or `None` if they are incompatible.
+pub(super) fn broadcast_shape(shapes: &[&[usize]]) -> Option<Vec<usize>> {
+    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut out = vec![1; rank];
+    for shape in shapes {
+        for (i, &d) in shape.iter().rev().enumerate() {
+            let o = &mut out[rank - 1 - i];
+            if *o == 1 {
+                *o = d;
+            } else if d != 1 && d != *o {
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// How operands map onto a result shape under NumPy broadcasting. Dimensions
+/// that can be walked as one are merged, so `[1,C,1,S] + [1,C,1,1]` runs as
+/// rows of `S`.
+#[derive(Debug)]
+pub(super) struct Broadcast {
+    /// Merged result dimensions (at least one).
+    shape: Vec<usize>,
+    /// Per operand, the element stride of each merged dimension (0 = broadcast).
+    strides: Vec<Vec<usize>>,
+    /// Every operand already has the result's element count.
+    dense: bool,
+}
+
+impl Broadcast {
+    /// Broadcast `shapes` to `out`; the error text says what does not fit.
+    pub(super) fn new(shapes: &[&[usize]], out: &[usize]) -> Result<Broadcast, String> {
+        let expected = broadcast_shape(shapes)
+            .ok_or_else(|| format!("operand shapes {shapes:?} do not broadcast"))?;
+        if expected != out {
+            return Err(format!(
+                "declared result shape {out:?} but operands {shapes:?} broadcast to {expected:?}"
+            ));
+        }
+        Broadcast::to(shapes, out)
+    }
+
+    /// Broadcast each of `shapes` to `out`, which may be larger than their broadcast.
+    pub(super) fn to(shapes: &[&[usize]], out: &[usize]) -> Result<Broadcast, String> {
+        for shape in shapes {
+            if broadcast_shape(&[shape, out]).as_deref() != Some(out) {
+                return Err(format!("shape {shape:?} does not broadcast to {out:?}"));
+            }
+        }
+        let rank = out.len();
+        let full: Vec<Vec<usize>> = shapes
+            .iter()
+            .map(|shape| {
+                let mut strides = vec![0; rank];
+                let mut step = 1;
+                for (i, &d) in shape.iter().enumerate().rev() {
+                    if d != 1 {
+                        strides[rank - shape.len() + i] = step;
+                    }
+                    step *= d;
+                }
+                strides
+            })
+            .collect();
+        let mut shape: Vec<usize> = Vec::new();
+        let mut strides: Vec<Vec<usize>> = vec![Vec::new(); shapes.len()];
+        for (d, &n) in out.iter().enumerate() {
+            if n == 1 {
+                continue;
+            }
+            let mergeable = !shape.is_empty()
+                && full
+                    .iter()
+                    .zip(&strides)
+                    .all(|(f, s)| s.last() == Some(&(f[d] * n)));
+            if mergeable {
+                *shape.last_mut().expect("not empty") *= n;
+                for (s, f) in strides.iter_mut().zip(&full) {
+                    *s.last_mut().expect("not empty") = f[d];
+                }
+            } else {
+                shape.push(n);
+                for (s, f) in strides.iter_mut().zip(&full) {
+                    s.push(f[d]);
+                }
+            }
+        }
+        if shape.is_empty() {
+            shape.push(1);
+            strides.iter_mut().for_each(|s| s.push(0));
+        }
+        let numel: usize = out.iter().product();
+        let dense = shapes.iter().all(|s| s.iter().product::<usize>() == numel);
+        Ok(Broadcast {
+            shape,
+            strides,
+            dense,
+        })
+    }
+
+    /// `f` applied to the broadcast operands, one result per element of the result.
+    pub(super) fn map<const N: usize>(
+        &self,
+        inputs: [&[f32]; N],
+        f: impl Fn([f32; N]) -> f32 + Sync + Send,
+    ) -> Vec<f32> {
+        let len: usize = self.shape.iter().product();
+        let mut out = vec![0.0f32; len];
+        if len == 0 {
+            return out;
+        }
+        if self.dense {
+            let body = |(i, o): (usize, &mut f32)| *o = f(inputs.map(|x| x[i]));
+            if len >= PAR_MIN {
+                out.par_iter_mut().enumerate().for_each(body);
+            } else {
+                out.iter_mut().enumerate().for_each(body);
+            }
+            return out;
+        }
+        let rank = self.shape.len();
+        let inner = self.shape[rank - 1];
+        let row = |(r, chunk): (usize, &mut [f32])| {
+            let mut base = [0usize; N];
+            let mut rest = r;
+            for d in (0..rank - 1).rev() {
+                let i = rest % self.shape[d];
+                rest /= self.shape[d];
+                for (b, s) in base.iter_mut().zip(&self.strides) {
+                    *b += i * s[d];
+                }
+            }
+            let step: [usize; N] = std::array::from_fn(|k| self.strides[k][rank - 1]);
+            for (j, o) in chunk.iter_mut().enumerate() {
+                *o = f(std::array::from_fn(|k| inputs[k][base[k] + j * step[k]]));
+            }
+        };
+        if len >= PAR_MIN {
+            out.par_chunks_mut(inner).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(inner).enumerate().for_each(row);
+        }
+        out
+    }
+}
+
+/// A unary float op; `epsilon` is added to the operand first.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Unary {
+    Sqrt,
+    Rsqrt { epsilon: f32 },
+    Exp,
+    Log { epsilon: f32 },
+    Tanh,
+    Sigmoid,
+    Silu,
+    Relu,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Unary {
+    pub(super) fn run(self, x: &[f32]) -> Vec<f32> {
+        match self {
+            Unary::Sqrt => map(x, f32::sqrt),
+            Unary::Rsqrt { epsilon } => map(x, move |v| 1.0 / (v + epsilon).sqrt()),
+            Unary::Exp => map(x, f32::exp),
+            Unary::Log { epsilon } => map(x, move |v| (v + epsilon).ln()),
+            Unary::Tanh => map(x, f32::tanh),
+            Unary::Sigmoid => map(x, sigmoid),
+            Unary::Silu => map(x, |v| v * sigmoid(v)),
+            Unary::Relu => map(x, |v| maximum(v, 0.0)),
+        }
+    }
+}
+
+/// NumPy `maximum`: NaN if either operand is NaN.
+fn maximum(a: f32, b: f32) -> f32 {
+    if a >= b || a.is_nan() { a } else { b }
+}
+
+/// NumPy `minimum`: NaN if either operand is NaN.
+fn minimum(a: f32, b: f32) -> f32 {
+    if a <= b || a.is_nan() { a } else { b }
+}
+
+pub(super) fn compile_unary(ctx: &OpCtx) -> Result<Kernel> {
+    let x = ctx.input("x")?;
+    ctx.expect_float("x", x)?;
+    ctx.expect_output(x.dtype, &x.shape)?;
+    // The default epsilon is a literal of x's dtype: 1e-12 and 1e-45 are 0 in fp16.
+    let epsilon = |default: f32| -> Result<f32> {
+        match ctx.floats("epsilon")? {
+            Some([e]) => Ok(*e),
+            Some(_) => Err(ctx.err("`epsilon` must be a float scalar")),
+            None if x.dtype == DType::Fp16 => Ok(round_fp16(default)),
+            None => Ok(default),
+        }
+    };
+    let unary = match ctx.op.op {
+        Op::Sqrt => Unary::Sqrt,
+        Op::Rsqrt => Unary::Rsqrt {
+            epsilon: epsilon(1e-12)?,
+        },
+        Op::Exp => Unary::Exp,
+        Op::Log => Unary::Log {
+            epsilon: epsilon(1e-45)?,
+        },
+        Op::Tanh => Unary::Tanh,
+        Op::Sigmoid => Unary::Sigmoid,
+        Op::Silu => Unary::Silu,
+        Op::Relu => Unary::Relu,
+        other => unreachable!("{other} is not unary"),
+    };
+    Ok(Kernel::Unary(unary))
+}
+
+/// A binary op on broadcast operands.
+#[derive(Debug)]
+pub(super) struct Binary {
+    op: Op,
+    broadcast: Broadcast,
+}
+
+impl Binary {
+    pub(super) fn run(&self, x: &[f32], y: &[f32]) -> Vec<f32> {
+        let b = &self.broadcast;
+        match self.op {
+            Op::Add => b.map([x, y], |[a, b]| a + b),
+            Op::Sub => b.map([x, y], |[a, b]| a - b),
+            Op::Mul => b.map([x, y], |[a, b]| a * b),
+            Op::RealDiv => b.map([x, y], |[a, b]| a / b),
+            Op::Maximum => b.map([x, y], |[a, b]| maximum(a, b)),
+            Op::Minimum => b.map([x, y], |[a, b]| minimum(a, b)),
+            Op::Pow => b.map([x, y], |[a, b]| a.powf(b)),
+            other => unreachable!("{other} is not binary"),
+        }
+    }
+}
+
+pub(super) fn compile_binary(ctx: &OpCtx) -> Result<Kernel> {
+    let x = ctx.input("x")?;
+    let y = ctx.input("y")?;
+    if x.dtype != y.dtype {
+        return Err(ctx.err(format!("`x` is {x} but `y` is {y}; dtypes must match")));
+    }
+    let out = ctx.output();
+    if out.dtype != x.dtype {
+        return Err(ctx.err(format!(
+            "result is declared {out} but the operands are {}",
+            x.dtype
+        )));
+    }
+    let broadcast = Broadcast::new(&[&x.shape, &y.shape], &out.shape).map_err(|e| ctx.err(e))?;
+    Ok(Kernel::Binary(Binary {
+        op: ctx.op.op,
+        broadcast,
+    }))
+}
+
+pub(super) fn compile_select(ctx: &OpCtx) -> Result<Kernel> {
+    let cond = ctx.input("cond")?;
+    let a = ctx.input("a")?;
+    let b = ctx.input("b")?;
+    if a.dtype != b.dtype {
+        return Err(ctx.err(format!("`a` is {a} but `b` is {b}; dtypes must match")));
+    }
+    let out = ctx.output();
+    if out.dtype != a.dtype {
+        return Err(ctx.err(format!("result is declared {out} but `a` is {}", a.dtype)));
+    }
+    let broadcast =
+        Broadcast::new(&[&cond.shape, &a.shape, &b.shape], &out.shape).map_err(|e| ctx.err(e))?;
+    Ok(Kernel::Select(broadcast))
+}
+
+pub(super) fn compile_cast(ctx: &OpCtx) -> Result<Kernel> {
+    let x = ctx.input("x")?;
+    let name = ctx
+        .string("dtype")?
+        .ok_or_else(|| ctx.err("missing required parameter `dtype`"))?;
+    let dtype = DType::from_mil_name(name)
+        .filter(|d| *d != DType::String)
+        .ok_or_else(|| ctx.err(format!("unknown `dtype` \"{name}\"")))?;
+    ctx.expect_output(dtype, &x.shape)?;
+    Ok(Kernel::Cast(dtype))
+}
+
+/// A quantization parameter: one value, or one per index along an axis.
+#[derive(Debug)]
+struct PerAxis {
+    values: Vec<f32>,
+    /// Elements per step along the axis (product of the later dimensions).
+    inner: usize,
+}
+
+impl PerAxis {
+    fn new(
+        ctx: &OpCtx,
+        param: &str,
+        values: Vec<f32>,
+        axis: Option<i64>,
+        shape: &[usize],
+    ) -> Result<PerAxis> {
+        if values.len() == 1 {
+            return Ok(PerAxis { values, inner: 1 });
+        }
+        let axis =
+            axis.ok_or_else(|| ctx.err(format!("`{param}` is a vector, so `axis` must be given")))?;
+        let axis = ctx.axis("axis", axis, shape.len())?;
+        if values.len() != shape[axis] {
+            return Err(ctx.err(format!(
+                "`{param}` has {} values but axis {axis} of {shape:?} has {}",
+                values.len(),
+                shape[axis]
+            )));
+        }
+        Ok(PerAxis {
+            values,
+            inner: shape[axis + 1..].iter().product(),
+        })
+    }
+
+    /// The parameter for flat element index `i`.
+    fn at(&self, i: usize) -> f32 {
+        self.values[(i / self.inner) % self.values.len()]
+    }
+}
+
+/// `quantize`: `clamp(round_half_even(x / scale) + zero_point)` to int8/uint8.
+#[derive(Debug)]
+pub(super) struct Quantize {
+    scale: PerAxis,
+    zero_point: PerAxis,
+    dtype: DType,
+    /// The quotient `x / scale` is an fp16 value (fp16 input in fp16 precision).
+    round_quotient: bool,
+}
+
+impl Quantize {
+    pub(super) fn run(&self, x: &[f32]) -> Vec<f32> {
+        let mut q: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v / self.scale.at(i))
+            .collect();
+        if self.round_quotient {
+            round_to_fp16(&mut q);
+        }
+        for (i, v) in q.iter_mut().enumerate() {
+            *v = convert(v.round_ties_even() + self.zero_point.at(i), self.dtype);
+        }
+        q
+    }
+}
+
+pub(super) fn compile_quantize(ctx: &OpCtx) -> Result<Kernel> {
+    let x = ctx.input("input")?;
+    ctx.expect_float("input", x)?;
+    let name = ctx
+        .string("output_dtype")?
+        .ok_or_else(|| ctx.err("missing required parameter `output_dtype`"))?;
+    let dtype = match DType::from_mil_name(name) {
+        Some(d @ (DType::Int8 | DType::Uint8)) => d,
+        _ => {
+            return Err(ctx.err(format!(
+                "`output_dtype` must be \"int8\" or \"uint8\", got \"{name}\""
+            )));
+        }
+    };
+    ctx.expect_output(dtype, &x.shape)?;
+    let axis = ctx.int("axis")?;
+    let scale = ctx
+        .floats("scale")?
+        .ok_or_else(|| ctx.err("missing required parameter `scale`"))?;
+    let zero_point = match ctx.ints("zero_point")? {
+        Some(zp) => zp.iter().map(|&v| v as f32).collect(),
+        None => vec![0.0],
+    };
+    Ok(Kernel::Quantize(Quantize {
+        scale: PerAxis::new(ctx, "scale", scale.to_vec(), axis, &x.shape)?,
+        zero_point: PerAxis::new(ctx, "zero_point", zero_point, axis, &x.shape)?,
+        dtype,
+        round_quotient: x.dtype == DType::Fp16 && ctx.precision == crate::backend::Precision::Fp16,
+    }))
+}
+
+/// `dequantize`: `(q - zero_point) * scale`.
+#[derive(Debug)]
+pub(super) struct Dequantize {
+    scale: PerAxis,
+    zero_point: PerAxis,
+}
+
+impl Dequantize {
+    pub(super) fn new(
+        ctx: &OpCtx,
+        scale: Vec<f32>,
+        zero_point: Option<Vec<f32>>,
+        axis: Option<i64>,
+        shape: &[usize],
+    ) -> Result<Dequantize> {
+        Ok(Dequantize {
+            scale: PerAxis::new(ctx, "scale", scale, axis, shape)?,
+            zero_point: PerAxis::new(
+                ctx,
+                "zero_point",
+                zero_point.unwrap_or_else(|| vec![0.0]),
+                axis,
+                shape,
+            )?,
+        })
+    }
+
+    pub(super) fn run(&self, q: &[f32]) -> Vec<f32> {
+        q.iter()
+            .enumerate()
+            .map(|(i, &v)| (v - self.zero_point.at(i)) * self.scale.at(i))
+            .collect()
+    }
+}
+
+pub(super) fn compile_dequantize(ctx: &OpCtx) -> Result<Kernel> {
+    let q = ctx.input("input")?;
+    if !matches!(q.dtype, DType::Int8 | DType::Uint8) {
+        return Err(ctx.err(format!("`input` must be int8 or uint8, got {q}")));
+    }
+    let scale_lit = ctx
+        .lit("scale")?
+        .ok_or_else(|| ctx.err("missing required parameter `scale`"))?;
+    ctx.expect_float("scale", &scale_lit.ty)?;
+    ctx.expect_output(scale_lit.ty.dtype, &q.shape)?;
+    let scale = ctx.floats("scale")?.expect("checked above").to_vec();
+    let zero_point = ctx
+        .ints("zero_point")?
+        .map(|zp| zp.iter().map(|&v| v as f32).collect());
+    Ok(Kernel::Dequantize(Dequantize::new(
+        ctx,
+        scale,
+        zero_point,
+        ctx.int("axis")?,
+        &q.shape,
+    )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_merges_dimensions_walked_together() {
+        let b = Broadcast::new(&[&[1, 3, 1, 4], &[1, 3, 1, 1]], &[1, 3, 1, 4]).unwrap();
+        assert_eq!(b.shape, vec![3, 4]);
+        assert_eq!(b.strides, vec![vec![4, 1], vec![1, 0]]);
+        let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let out = b.map([&x, &[100.0, 200.0, 300.0]], |[a, b]| a + b);
+        assert_eq!(out[0..4], [100.0, 101.0, 102.0, 103.0]);
+        assert_eq!(out[8..12], [308.0, 309.0, 310.0, 311.0]);
+        assert!(Broadcast::new(&[&[2, 3], &[4, 3]], &[4, 3]).is_err());
+        assert!(Broadcast::new(&[&[2, 3], &[3]], &[3, 3]).is_err());
+    }
+
+    #[test]
+    fn convert_truncates_and_saturates_integers() {
+        assert_eq!(convert(2.7, DType::Int32), 2.0);
+        assert_eq!(convert(-2.7, DType::Int32), -2.0);
+        assert!(convert(-0.5, DType::Int32).is_sign_positive());
+        assert_eq!(convert(300.0, DType::Int8), 127.0);
+        assert_eq!(convert(-1.0, DType::Uint8), 0.0);
+        assert_eq!(convert(f32::NAN, DType::Int8), 0.0);
+        assert_eq!(convert(-0.5, DType::Bool), 1.0);
+        assert_eq!(convert(1.5, DType::Fp16), 1.5);
+    }
+
+    #[test]
+    fn fp16_rounding_is_nearest_even_with_overflow_and_underflow() {
+        // 2049 lies halfway between fp16 neighbours 2048 and 2050: ties go to even (2048).
+        // 65520 is the first value that rounds to inf; 2^-25 is halfway to the
+        // smallest subnormal 2^-24 and rounds to 0.
+        let mut v = vec![2049.0, 2051.0, 65519.0, 65520.0, 2f32.powi(-25), -1e-9];
+        round_to_fp16(&mut v);
+        assert_eq!(v[..3], [2048.0, 2052.0, 65504.0]);
+        assert_eq!(v[3], f32::INFINITY);
+        assert_eq!(v[4], 0.0);
+        assert!(v[5] == 0.0 && v[5].is_sign_negative());
+        // Long slices take the parallel path; it must agree with scalar conversion.
+        let mut long: Vec<f32> = (0..3 * PAR_MIN)
+            .map(|i| (i as f32 * 0.377).sin() * 70000.0)
+            .collect();
+        let scalar: Vec<f32> = long.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        round_to_fp16(&mut long);
+        assert_eq!(long, scalar);
+    }
+}

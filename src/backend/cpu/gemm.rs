@@ -1,0 +1,531 @@
+//! Matrix products: `matmul`, `conv` and `scaled_dot_product_attention`. Every
+//! product goes through faer's GEMM; this module only arranges operands
+//! (batch offsets, im2col for convolutions that are not 1x1) around it.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use super::elementwise::{Broadcast, broadcast_shape};
+use super::exec::{Kernel, OpCtx};
+use crate::Result;
+use crate::mil::{DType, TensorType};
+
+/// Products with fewer multiply-adds than this run on one thread.
+const PAR_FLOPS: usize = 1 << 18;
+
+fn par_for(flops: usize) -> Par {
+    if flops >= PAR_FLOPS {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    }
+}
+
+/// `out (m x n) = a (m x k) * b (k x n)` on row-major slices; `a_t`/`b_t` say
+/// that `a`/`b` are stored transposed (`k x m`, `n x k`).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    out: &mut [f32],
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    (m, k, n): (usize, usize, usize),
+    par: Par,
+) {
+    let lhs = if a_t {
+        MatRef::from_row_major_slice(a, k, m).transpose()
+    } else {
+        MatRef::from_row_major_slice(a, m, k)
+    };
+    let rhs = if b_t {
+        MatRef::from_row_major_slice(b, n, k).transpose()
+    } else {
+        MatRef::from_row_major_slice(b, k, n)
+    };
+    let dst = MatMut::from_row_major_slice_mut(out, m, n);
+    matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
+}
+
+/// For every index of the broadcast shape `out`, the flat index into `shape`
+/// (right-aligned, size-1 dimensions repeated).
+fn broadcast_index(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let numel: usize = out.iter().product();
+    let offset = out.len() - shape.len();
+    (0..numel)
+        .map(|mut flat| {
+            let (mut index, mut step) = (0, 1);
+            for d in (0..out.len()).rev() {
+                let i = flat % out[d];
+                flat /= out[d];
+                if d >= offset && shape[d - offset] != 1 {
+                    index += i * step;
+                }
+                if d >= offset {
+                    step *= shape[d - offset];
+                }
+            }
+            index
+        })
+        .collect()
+}
+
+/// Batched `x @ y` with broadcast batch dimensions.
+#[derive(Debug)]
+pub(super) struct Matmul {
+    mkn: (usize, usize, usize),
+    transpose_x: bool,
+    transpose_y: bool,
+    /// Per result batch: element offsets of its `x` and `y` matrices.
+    batches: Vec<(usize, usize)>,
+}
+
+impl Matmul {
+    pub(super) fn run(&self, x: &[f32], y: &[f32]) -> Vec<f32> {
+        let (m, k, n) = self.mkn;
+        let mut out = vec![0.0f32; self.batches.len() * m * n];
+        if m * n == 0 {
+            return out;
+        }
+        let one = |(b, dst): (usize, &mut [f32]), par: Par| {
+            let (xo, yo) = self.batches[b];
+            let (xs, ys) = (&x[xo..xo + m * k], &y[yo..yo + k * n]);
+            gemm(
+                dst,
+                xs,
+                self.transpose_x,
+                ys,
+                self.transpose_y,
+                self.mkn,
+                par,
+            );
+        };
+        let flops = m * n * k;
+        if self.batches.len() > 1 && flops < PAR_FLOPS && flops * self.batches.len() >= PAR_FLOPS {
+            out.par_chunks_mut(m * n)
+                .enumerate()
+                .for_each(|job| one(job, Par::Seq));
+        } else {
+            out.chunks_mut(m * n)
+                .enumerate()
+                .for_each(|job| one(job, par_for(flops)));
+        }
+        out
+    }
+}
+
+pub(super) fn compile_matmul(ctx: &OpCtx) -> Result<Kernel> {
+    let x = ctx.input("x")?;
+    let y = ctx.input("y")?;
+    ctx.expect_float("x", x)?;
+    if x.dtype != y.dtype {
+        return Err(ctx.err(format!("`x` is {x} but `y` is {y}; dtypes must match")));
+    }
+    if x.rank() == 0 || y.rank() == 0 {
+        return Err(ctx.err(format!("operands must have rank >= 1, got {x} and {y}")));
+    }
+    // Rank-1 operands as in NumPy: x [K] is [1, K], y [K] is [K, 1]; no transposes.
+    let (xs, tx) = match x.rank() {
+        1 => (vec![1, x.shape[0]], false),
+        _ => (x.shape.clone(), ctx.flag("transpose_x")?.unwrap_or(false)),
+    };
+    let (ys, ty) = match y.rank() {
+        1 => (vec![y.shape[0], 1], false),
+        _ => (y.shape.clone(), ctx.flag("transpose_y")?.unwrap_or(false)),
+    };
+    let (xr, yr) = (xs.len(), ys.len());
+    let (m, kx) = if tx {
+        (xs[xr - 1], xs[xr - 2])
+    } else {
+        (xs[xr - 2], xs[xr - 1])
+    };
+    let (ky, n) = if ty {
+        (ys[yr - 1], ys[yr - 2])
+    } else {
+        (ys[yr - 2], ys[yr - 1])
+    };
+    if kx != ky {
+        return Err(ctx.err(format!(
+            "inner dimensions differ: `x` {x} gives {kx}, `y` {y} gives {ky}"
+        )));
+    }
+    let (bx, by) = (&xs[..xr - 2], &ys[..yr - 2]);
+    let batch = broadcast_shape(&[bx, by]).ok_or_else(|| {
+        ctx.err(format!(
+            "batch dimensions {bx:?} and {by:?} do not broadcast"
+        ))
+    })?;
+    let mut out_shape = batch.clone();
+    if x.rank() > 1 {
+        out_shape.push(m);
+    }
+    if y.rank() > 1 {
+        out_shape.push(n);
+    }
+    ctx.expect_output(x.dtype, &out_shape)?;
+    let batches = broadcast_index(bx, &batch)
+        .into_iter()
+        .zip(broadcast_index(by, &batch))
+        .map(|(i, j)| (i * m * kx, j * kx * n))
+        .collect();
+    Ok(Kernel::Matmul(Matmul {
+        mkn: (m, kx, n),
+        transpose_x: tx,
+        transpose_y: ty,
+        batches,
+    }))
+}
+
+/// A 2-D convolution `[N, C, H, W]` (1-D inputs run with `H = 1`).
+#[derive(Debug)]
+pub(super) struct Conv {
+    batch: usize,
+    in_channels: usize,
+    in_hw: (usize, usize),
+    out_channels: usize,
+    groups: usize,
+    kernel: (usize, usize),
+    strides: (usize, usize),
+    dilations: (usize, usize),
+    /// Padding before the first row and column.
+    pad_before: (usize, usize),
+    out_hw: (usize, usize),
+}
+
+impl Conv {
+    pub(super) fn run(&self, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let (h, w) = self.in_hw;
+        let (kh, kw) = self.kernel;
+        let (oh, ow) = self.out_hw;
+        let cin_g = self.in_channels / self.groups;
+        let cout_g = self.out_channels / self.groups;
+        let patch = cin_g * kh * kw;
+        let positions = oh * ow;
+        // A 1x1 kernel with unit strides and no padding multiplies the input as is.
+        let pointwise = (kh, kw) == (1, 1)
+            && self.strides == (1, 1)
+            && self.pad_before == (0, 0)
+            && (oh, ow) == (h, w);
+        let mut out = vec![0.0f32; self.batch * self.out_channels * positions];
+        if positions == 0 {
+            return out;
+        }
+        let mut columns = vec![0.0f32; if pointwise { 0 } else { patch * positions }];
+        let par = par_for(cout_g * patch * positions);
+        for b in 0..self.batch {
+            for g in 0..self.groups {
+                let xg = &x[(b * self.in_channels + g * cin_g) * h * w..][..cin_g * h * w];
+                let rhs: &[f32] = if pointwise {
+                    xg
+                } else {
+                    self.im2col(xg, &mut columns);
+                    &columns
+                };
+                let wg = &weight[g * cout_g * patch..][..cout_g * patch];
+                let og = &mut out[(b * self.out_channels + g * cout_g) * positions..]
+                    [..cout_g * positions];
+                gemm(og, wg, false, rhs, false, (cout_g, patch, positions), par);
+            }
+        }
+        if let Some(bias) = bias {
+            for (i, plane) in out.chunks_mut(positions).enumerate() {
+                let add = bias[i % self.out_channels];
+                plane.iter_mut().for_each(|v| *v += add);
+            }
+        }
+        out
+    }
+
+    /// Unfold one group's input `[cin_g, H, W]` into `[cin_g*KH*KW, OH*OW]`.
+    fn im2col(&self, x: &[f32], columns: &mut [f32]) {
+        let (h, w) = self.in_hw;
+        let (kh, kw) = self.kernel;
+        let (oh, ow) = self.out_hw;
+        let (sh, sw) = self.strides;
+        let (dh, dw) = self.dilations;
+        let (pt, pl) = self.pad_before;
+        for (r, row) in columns.chunks_mut(oh * ow).enumerate() {
+            let (c, i, j) = (r / (kh * kw), (r / kw) % kh, r % kw);
+            let plane = &x[c * h * w..][..h * w];
+            for oy in 0..oh {
+                let iy = (oy * sh + i * dh).wrapping_sub(pt);
+                for ox in 0..ow {
+                    let ix = (ox * sw + j * dw).wrapping_sub(pl);
+                    // Positions in the padding wrap around to huge values and read 0.
+                    row[oy * ow + ox] = if iy < h && ix < w {
+                        plane[iy * w + ix]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn compile_conv(ctx: &OpCtx) -> Result<Kernel> {
+    let x = ctx.input("x")?;
+    let weight = ctx.input("weight")?;
+    ctx.expect_float("x", x)?;
+    if weight.dtype != x.dtype {
+        return Err(ctx.err(format!(
+            "`x` is {x} but `weight` is {weight}; dtypes must match"
+        )));
+    }
+    let spatial = x.rank().saturating_sub(2);
+    if !(1..=2).contains(&spatial) || weight.rank() != x.rank() {
+        return Err(ctx.err(format!(
+            "conv needs x [N, C, W] or [N, C, H, W] and a weight of the same rank, got {x} and {weight}"
+        )));
+    }
+    let groups = ctx.int("groups")?.unwrap_or(1);
+    let (batch, cin) = (x.shape[0], x.shape[1]);
+    let (cout, cin_g) = (weight.shape[0], weight.shape[1]);
+    if groups < 1 || cin_g * groups as usize != cin || cout % groups as usize != 0 {
+        return Err(ctx.err(format!(
+            "groups = {groups} does not fit x {x} and weight {weight} (weight is [C_out, C_in/groups, ...])"
+        )));
+    }
+    let list = |param: &str| -> Result<Vec<usize>> {
+        match ctx.ints(param)? {
+            None => Ok(vec![1; spatial]),
+            Some(v) if v.len() == spatial && v.iter().all(|&s| s >= 1) => {
+                Ok(v.iter().map(|&s| s as usize).collect())
+            }
+            Some(v) => Err(ctx.err(format!("`{param}` {v:?} needs {spatial} positive entries"))),
+        }
+    };
+    let strides = list("strides")?;
+    let dilations = list("dilations")?;
+    let in_sp = &x.shape[2..];
+    let kernel = &weight.shape[2..];
+    let effective: Vec<usize> = (0..spatial)
+        .map(|d| (kernel[d].max(1) - 1) * dilations[d] + 1)
+        .collect();
+    let pad_type = ctx.string("pad_type")?.unwrap_or("valid");
+    let pads: Vec<(usize, usize)> = match pad_type {
+        "valid" => vec![(0, 0); spatial],
+        "custom" => match ctx.ints("pad")? {
+            Some(p) if p.len() == 2 * spatial && p.iter().all(|&v| v >= 0) => p
+                .chunks(2)
+                .map(|c| (c[0] as usize, c[1] as usize))
+                .collect(),
+            other => {
+                return Err(ctx.err(format!(
+                    "pad_type \"custom\" needs `pad` with {} non-negative entries, got {other:?}",
+                    2 * spatial
+                )));
+            }
+        },
+        // Output size ceil(in / stride); "same" puts an odd extra pad after, "same_lower" before.
+        "same" | "same_lower" => (0..spatial)
+            .map(|d| {
+                let out = in_sp[d].div_ceil(strides[d]);
+                let total = ((out.max(1) - 1) * strides[d] + effective[d]).saturating_sub(in_sp[d]);
+                let before = if pad_type == "same" {
+                    total / 2
+                } else {
+                    total - total / 2
+                };
+                (before, total - before)
+            })
+            .collect(),
+        other => {
+            return Err(ctx.err(format!(
+                "unknown pad_type \"{other}\" (expected valid, custom, same or same_lower)"
+            )));
+        }
+    };
+    let mut out_sp = Vec::with_capacity(spatial);
+    for d in 0..spatial {
+        let padded = in_sp[d] + pads[d].0 + pads[d].1;
+        if padded < effective[d] {
+            return Err(ctx.err(format!(
+                "kernel extent {} exceeds padded input extent {padded} on spatial axis {d}",
+                effective[d]
+            )));
+        }
+        out_sp.push((padded - effective[d]) / strides[d] + 1);
+    }
+    if let Some(bias) = ctx.opt_input("bias")? {
+        if bias.numel() != cout || bias.dtype != x.dtype {
+            return Err(ctx.err(format!(
+                "`bias` must hold {cout} {} values, got {bias}",
+                x.dtype
+            )));
+        }
+    }
+    let out_shape: Vec<usize> = [batch, cout]
+        .into_iter()
+        .chain(out_sp.iter().copied())
+        .collect();
+    ctx.expect_output(x.dtype, &out_shape)?;
+    // A 1-D convolution is a 2-D one with a single row.
+    let two = |v: &[usize], fill: usize| {
+        if spatial == 1 {
+            (fill, v[0])
+        } else {
+            (v[0], v[1])
+        }
+    };
+    Ok(Kernel::Conv(Conv {
+        batch,
+        in_channels: cin,
+        in_hw: two(in_sp, 1),
+        out_channels: cout,
+        groups: groups as usize,
+        kernel: two(kernel, 1),
+        strides: two(&strides, 1),
+        dilations: two(&dilations, 1),
+        pad_before: two(&pads.iter().map(|p| p.0).collect::<Vec<_>>(), 0),
+        out_hw: two(&out_sp, 1),
+    }))
+}
+
+/// `softmax(q k^T / sqrt(E) + mask) v` over batches of `[L, E]`, `[S, E]`, `[S, EV]`.
+#[derive(Debug)]
+pub(super) struct Attention {
+    batch: usize,
+    /// (L, S, E, EV).
+    dims: (usize, usize, usize, usize),
+    /// How the mask broadcasts to `[batch..., L, S]`, and whether it is boolean.
+    mask: Option<(Broadcast, bool)>,
+}
+
+impl Attention {
+    pub(super) fn run(&self, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>) -> Vec<f32> {
+        let (l, s, e, ev) = self.dims;
+        // A boolean mask keeps positions where it is true; a float mask is added.
+        let mask = match (&self.mask, mask) {
+            (Some((b, true)), Some(m)) => {
+                Some(b.map(
+                    [m],
+                    |[keep]| if keep != 0.0 { 0.0 } else { f32::NEG_INFINITY },
+                ))
+            }
+            (Some((b, false)), Some(m)) => Some(b.map([m], |[add]| add)),
+            _ => None,
+        };
+        let scale = (e as f32).sqrt();
+        let mut out = vec![0.0f32; self.batch * l * ev];
+        if l * ev == 0 {
+            return out;
+        }
+        let one = |(b, dst): (usize, &mut [f32])| {
+            let mut scores = vec![0.0f32; l * s];
+            let (qb, kb) = (&q[b * l * e..][..l * e], &k[b * s * e..][..s * e]);
+            gemm(&mut scores, qb, false, kb, true, (l, e, s), Par::Seq);
+            for (i, row) in scores.chunks_mut(s.max(1)).enumerate() {
+                let mask_row = mask.as_ref().map(|m| &m[(b * l + i) * s..][..s]);
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = *x / scale + mask_row.map_or(0.0, |m| m[j]);
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                row.iter_mut().for_each(|x| *x /= sum);
+            }
+            gemm(
+                dst,
+                &scores,
+                false,
+                &v[b * s * ev..][..s * ev],
+                false,
+                (l, s, ev),
+                Par::Seq,
+            );
+        };
+        if self.batch > 1 && l * s * (e + ev) >= 1 << 12 {
+            out.par_chunks_mut(l * ev).enumerate().for_each(one);
+        } else {
+            out.chunks_mut(l * ev).enumerate().for_each(one);
+        }
+        out
+    }
+}
+
+pub(super) fn compile_attention(ctx: &OpCtx) -> Result<Kernel> {
+    let q = ctx.input("query")?;
+    let k = ctx.input("key")?;
+    let v = ctx.input("value")?;
+    ctx.expect_float("query", q)?;
+    let rank = q.rank();
+    let same_batch =
+        |t: &TensorType| t.rank() == rank && t.shape[..rank - 2] == q.shape[..rank - 2];
+    if rank < 3 || !same_batch(k) || !same_batch(v) || k.dtype != q.dtype || v.dtype != q.dtype {
+        return Err(ctx.err(format!(
+            "query {q}, key {k} and value {v} need one dtype, rank >= 3 and equal batch dimensions"
+        )));
+    }
+    let (l, e) = (q.shape[rank - 2], q.shape[rank - 1]);
+    let (s, ek) = (k.shape[rank - 2], k.shape[rank - 1]);
+    let (sv, ev) = (v.shape[rank - 2], v.shape[rank - 1]);
+    if ek != e || sv != s {
+        return Err(ctx.err(format!(
+            "query {q} and key {k} need the same embedding size, key and value {v} the same length"
+        )));
+    }
+    let batch_shape = &q.shape[..rank - 2];
+    let mask = match ctx.opt_input("attn_mask")? {
+        None => None,
+        Some(m) => {
+            if !(m.dtype.is_float() || m.dtype == DType::Bool) {
+                return Err(ctx.err(format!("`attn_mask` must be bool, fp16 or fp32, got {m}")));
+            }
+            let target: Vec<usize> = batch_shape.iter().copied().chain([l, s]).collect();
+            let b = Broadcast::to(&[&m.shape], &target)
+                .map_err(|e| ctx.err(format!("`attn_mask` {m}: {e}")))?;
+            Some((b, m.dtype == DType::Bool))
+        }
+    };
+    let out_shape: Vec<usize> = batch_shape.iter().copied().chain([l, ev]).collect();
+    ctx.expect_output(q.dtype, &out_shape)?;
+    Ok(Kernel::Attention(Attention {
+        batch: batch_shape.iter().product(),
+        dims: (l, s, e, ev),
+        mask,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_index_repeats_size_one_dimensions() {
+        assert_eq!(broadcast_index(&[2, 1], &[2, 3]), [0, 0, 0, 1, 1, 1]);
+        assert_eq!(broadcast_index(&[3], &[2, 3]), [0, 1, 2, 0, 1, 2]);
+        assert_eq!(broadcast_index(&[], &[2]), [0, 0]);
+    }
+
+    #[test]
+    fn gemm_handles_transposed_operands() {
+        // a = [[1,2],[3,4]], b = [[5,6],[7,8]]; a b = [[19,22],[43,50]].
+        let mut out = [0.0f32; 4];
+        gemm(
+            &mut out,
+            &[1., 2., 3., 4.],
+            false,
+            &[5., 6., 7., 8.],
+            false,
+            (2, 2, 2),
+            Par::Seq,
+        );
+        assert_eq!(out, [19., 22., 43., 50.]);
+        // a stored transposed, b stored transposed: same product.
+        gemm(
+            &mut out,
+            &[1., 3., 2., 4.],
+            true,
+            &[5., 7., 6., 8.],
+            true,
+            (2, 2, 2),
+            Par::Seq,
+        );
+        assert_eq!(out, [19., 22., 43., 50.]);
+    }
+}

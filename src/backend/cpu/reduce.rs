@@ -1,0 +1,200 @@
+//! Reductions (`reduce_sum`, `reduce_mean`, `reduce_max`) and `softmax`.
+//!
+//! Both see their operand as `[outer, len, inner]` with the reduced axes in
+//! the middle; reductions over axes that are not adjacent first move them to
+//! the end with a transpose. Sums accumulate in `f64`.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use super::elementwise::PAR_MIN;
+use super::exec::{Kernel, OpCtx};
+use super::shape::{View, contiguous_strides};
+use crate::Result;
+use crate::mil::Op;
+
+/// Split `shape` around the adjacent axes `first..=last`: (before, those, after).
+fn split3(shape: &[usize], first: usize, last: usize) -> (usize, usize, usize) {
+    (
+        shape[..first].iter().product(),
+        shape[first..=last].iter().product(),
+        shape[last + 1..].iter().product(),
+    )
+}
+
+/// Run `body(outer_index, input_block, output_block)` over the `outer` blocks,
+/// in parallel when there is enough work.
+fn for_blocks(
+    x: &[f32],
+    out: &mut [f32],
+    in_block: usize,
+    out_block: usize,
+    body: impl Fn(&[f32], &mut [f32]) + Sync + Send,
+) {
+    if in_block == 0 || out_block == 0 {
+        return;
+    }
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(out_block)
+            .zip(x.par_chunks(in_block))
+            .for_each(|(o, x)| body(x, o));
+    } else {
+        out.chunks_mut(out_block)
+            .zip(x.chunks(in_block))
+            .for_each(|(o, x)| body(x, o));
+    }
+}
+
+/// `softmax` along one axis, numerically stable (the maximum is subtracted first).
+#[derive(Debug)]
+pub(super) struct Softmax {
+    len: usize,
+    inner: usize,
+}
+
+impl Softmax {
+    pub(super) fn run(&self, x: &[f32]) -> Vec<f32> {
+        let (len, inner) = (self.len, self.inner);
+        let mut out = vec![0.0f32; x.len()];
+        for_blocks(x, &mut out, len * inner, len * inner, |x, out| {
+            for i in 0..inner {
+                let max = (0..len)
+                    .map(|r| x[r * inner + i])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for r in 0..len {
+                    let e = (x[r * inner + i] - max).exp();
+                    out[r * inner + i] = e;
+                    sum += e;
+                }
+                for r in 0..len {
+                    out[r * inner + i] /= sum;
+                }
+            }
+        });
+        out
+    }
+}
+
+pub(super) fn compile_softmax(ctx: &OpCtx) -> Result<Kernel> {
+    let x = ctx.input("x")?;
+    ctx.expect_float("x", x)?;
+    ctx.expect_output(x.dtype, &x.shape)?;
+    let axis = ctx.axis("axis", ctx.int("axis")?.unwrap_or(-1), x.rank())?;
+    if x.rank() == 0 {
+        return Ok(Kernel::Softmax(Softmax { len: 1, inner: 1 }));
+    }
+    let (_, len, inner) = split3(&x.shape, axis, axis);
+    Ok(Kernel::Softmax(Softmax { len, inner }))
+}
+
+/// A reduction over the middle of `[outer, len, inner]`, after an optional
+/// transpose that makes the reduced axes adjacent.
+#[derive(Debug)]
+pub(super) struct Reduce {
+    op: Op,
+    transpose: Option<View>,
+    len: usize,
+    inner: usize,
+}
+
+impl Reduce {
+    pub(super) fn run(&self, x: &[f32]) -> Vec<f32> {
+        let x: Cow<[f32]> = match &self.transpose {
+            Some(view) => Cow::Owned(view.gather(x)),
+            None => Cow::Borrowed(x),
+        };
+        let (len, inner) = (self.len, self.inner);
+        let outer = x.len().checked_div(len * inner).unwrap_or(0);
+        let mut out = vec![0.0f32; outer * inner];
+        let op = self.op;
+        for_blocks(&x, &mut out, len * inner, inner, |x, out| {
+            if op == Op::ReduceMax {
+                out.fill(f32::NEG_INFINITY);
+                for row in x.chunks_exact(inner) {
+                    for (o, &v) in out.iter_mut().zip(row) {
+                        if v > *o || v.is_nan() {
+                            *o = v;
+                        }
+                    }
+                }
+                return;
+            }
+            let mut acc = vec![0.0f64; inner];
+            for row in x.chunks_exact(inner) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += f64::from(v);
+                }
+            }
+            let scale = if op == Op::ReduceMean {
+                1.0 / len as f64
+            } else {
+                1.0
+            };
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = (a * scale) as f32;
+            }
+        });
+        out
+    }
+}
+
+pub(super) fn compile_reduce(ctx: &OpCtx) -> Result<Kernel> {
+    let x = ctx.input("x")?;
+    let rank = x.rank();
+    let mut axes = match ctx.ints("axes")? {
+        Some(axes) => axes
+            .iter()
+            .map(|&a| ctx.axis("axes", a, rank))
+            .collect::<Result<Vec<_>>>()?,
+        None => (0..rank).collect(),
+    };
+    axes.sort_unstable();
+    axes.dedup();
+    let keep_dims = ctx.flag("keep_dims")?.unwrap_or(false);
+    let out_shape: Vec<usize> = (0..rank)
+        .filter_map(|d| match (axes.contains(&d), keep_dims) {
+            (false, _) => Some(x.shape[d]),
+            (true, true) => Some(1),
+            (true, false) => None,
+        })
+        .collect();
+    ctx.expect_output(x.dtype, &out_shape)?;
+    let op = ctx.op.op;
+    let (Some(&first), Some(&last)) = (axes.first(), axes.last()) else {
+        // No axes: every element is its own group.
+        return Ok(Kernel::Reduce(Reduce {
+            op,
+            transpose: None,
+            len: 1,
+            inner: 1,
+        }));
+    };
+    if last - first + 1 == axes.len() {
+        let (_, len, inner) = split3(&x.shape, first, last);
+        return Ok(Kernel::Reduce(Reduce {
+            op,
+            transpose: None,
+            len,
+            inner,
+        }));
+    }
+    // Move the reduced axes to the end, keeping the order of the others.
+    let perm: Vec<usize> = (0..rank)
+        .filter(|d| !axes.contains(d))
+        .chain(axes.iter().copied())
+        .collect();
+    let strides = contiguous_strides(&x.shape);
+    let view = View::new(
+        perm.iter().map(|&d| x.shape[d]).collect(),
+        perm.iter().map(|&d| strides[d]).collect(),
+        0,
+    );
+    Ok(Kernel::Reduce(Reduce {
+        op,
+        transpose: Some(view),
+        len: axes.iter().map(|&d| x.shape[d]).product(),
+        inner: 1,
+    }))
+}
