@@ -17,6 +17,7 @@ pub mod backend;
 pub mod blob;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod mil;
 pub mod model;
 pub mod package;

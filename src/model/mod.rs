@@ -3,6 +3,7 @@
 //! import/export. Talks to devices only through the [`crate::backend::Backend`] trait.
 
 pub mod config;
+pub mod llama2c;
 pub mod weights;
 
 pub use config::ModelConfig;

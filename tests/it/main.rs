@@ -3,5 +3,7 @@
 
 mod blob;
 mod cpu_ops;
+mod generate;
+mod llama2c;
 mod mil_text;
 mod verify;
