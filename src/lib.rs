@@ -18,6 +18,7 @@ pub mod backend;
 pub mod blob;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod linalg;
 pub mod mil;
 pub mod model;

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod host;
 pub mod kernels;
+pub mod llama2c;
 pub mod weights;
 
 pub use config::ModelConfig;

@@ -1,0 +1,421 @@
+//! Text generation on the CPU: a plain-Rust Llama decoder over [`Weights`]
+//! with a per-layer KV cache, and temperature / top-p sampling.
+//!
+//! This is the reference decoder: one token at a time, f32, llama2.c math
+//! (RMSNorm, interleaved-pair RoPE, GQA attention, SwiGLU, residuals with no
+//! scaling). It does not use MIL or any backend, and it does not tokenize
+//! (token ids in, token ids out; see [`crate::data::tokenizer`]).
+
+use rayon::prelude::*;
+
+use crate::model::{Param, Weights};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Beginning-of-sequence token id (llama2.c convention).
+pub const BOS: u32 = 1;
+/// End-of-sequence token id: generation stops when it is sampled.
+pub const EOS: u32 = 2;
+
+/// Picks the next token from a row of logits.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    /// 0 = greedy (argmax, ties to the lowest id).
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1); values outside it sample from the full distribution.
+    pub top_p: f32,
+    pub rng: Rng,
+}
+
+impl Sampler {
+    /// Argmax decoding.
+    pub fn greedy() -> Sampler {
+        Sampler::new(0.0, 1.0, 0)
+    }
+
+    pub fn new(temperature: f32, top_p: f32, seed: u64) -> Sampler {
+        Sampler {
+            temperature,
+            top_p,
+            rng: Rng::new(seed),
+        }
+    }
+
+    /// The next token id. Temperature 0 is argmax; otherwise softmax of
+    /// `logits / temperature`, restricted to the smallest set of most likely
+    /// tokens whose mass exceeds `top_p` (as llama2.c's `sample_topp`), and
+    /// one draw from the seeded RNG.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let mut probs: Vec<f32> = logits.iter().map(|x| x / self.temperature).collect();
+        softmax(&mut probs);
+        let coin = self.rng.next_f32();
+        if !(self.top_p > 0.0 && self.top_p < 1.0) {
+            return sample_cdf(probs.iter().copied().enumerate(), coin, 1.0);
+        }
+        // Tokens below (1 - p) / (n - 1) cannot be in the nucleus: drop them before sorting.
+        // The most likely token always stays (the cutoff can exceed it when top_p < 1/n).
+        let cutoff = (1.0 - self.top_p) / (probs.len().max(2) - 1) as f32;
+        let best = argmax(&probs) as usize;
+        let mut ranked: Vec<(usize, f32)> = probs
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|&(i, p)| p >= cutoff || i == best)
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut mass = 0.0;
+        let mut keep = ranked.len();
+        for (i, &(_, p)) in ranked.iter().enumerate() {
+            mass += p;
+            if mass > self.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        sample_cdf(ranked[..keep].iter().copied(), coin, mass)
+    }
+}
+
+/// The first index whose cumulative probability exceeds `coin * total`
+/// (the last one if rounding leaves the coin above the sum).
+fn sample_cdf(items: impl Iterator<Item = (usize, f32)>, coin: f32, total: f32) -> u32 {
+    let target = coin * total;
+    let mut cdf = 0.0;
+    let mut last = 0;
+    for (id, p) in items {
+        cdf += p;
+        last = id;
+        if target < cdf {
+            break;
+        }
+    }
+    last as u32
+}
+
+/// Index of the largest value; ties go to the lowest index.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// In-place numerically stable softmax.
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// `x * w / rms(x)` with `rms = sqrt(mean(x^2) + eps)`.
+fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_square + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorize the loop.
+    let mut acc = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out = w x` for `w (out.len(), x.len())` row-major; rows split over threads
+/// when the matrix is big enough to pay for it.
+fn matvec(out: &mut [f32], w: &[f32], x: &[f32]) {
+    let n = x.len();
+    debug_assert_eq!(w.len(), out.len() * n);
+    if out.len() * n < 1 << 16 {
+        for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
+            *o = dot(row, x);
+        }
+    } else {
+        let rows_per_task = ((1 << 14) / n).max(1);
+        out.par_chunks_mut(rows_per_task)
+            .zip(w.par_chunks(rows_per_task * n))
+            .for_each(|(o, rows)| {
+                for (o, row) in o.iter_mut().zip(rows.chunks_exact(n)) {
+                    *o = dot(row, x);
+                }
+            });
+    }
+}
+
+/// Rotate interleaved pairs `(x[2i], x[2i+1])` of every head by `pos * freq_i`.
+fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos[i] - b * sin[i];
+            pair[1] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+/// A decoder over borrowed weights with its KV cache and scratch buffers.
+pub struct Generator<'w> {
+    weights: &'w Weights,
+    /// Next position to fill.
+    pos: usize,
+    /// Per layer `(seq_len, kv_dim)`.
+    key_cache: Vec<Vec<f32>>,
+    value_cache: Vec<Vec<f32>>,
+    /// `(seq_len, head_dim / 2)` RoPE tables.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    x: Vec<f32>,      // (C) residual stream
+    xn: Vec<f32>,     // (C) normed
+    q: Vec<f32>,      // (Hq*D)
+    attn: Vec<f32>,   // (Hq*D) attention output
+    proj: Vec<f32>,   // (C) wo / w2 output
+    h1: Vec<f32>,     // (F)
+    h3: Vec<f32>,     // (F)
+    logits: Vec<f32>, // (V)
+}
+
+impl<'w> Generator<'w> {
+    pub fn new(weights: &'w Weights) -> Generator<'w> {
+        let c = weights.config();
+        let half = c.head_dim / 2;
+        let mut rope_cos = Vec::with_capacity(c.seq_len * half);
+        let mut rope_sin = Vec::with_capacity(c.seq_len * half);
+        for pos in 0..c.seq_len {
+            for i in 0..half {
+                let freq = (c.rope_theta as f64).powf(-((2 * i) as f64) / c.head_dim as f64);
+                let angle = pos as f64 * freq;
+                rope_cos.push(angle.cos() as f32);
+                rope_sin.push(angle.sin() as f32);
+            }
+        }
+        Generator {
+            weights,
+            pos: 0,
+            key_cache: vec![vec![0.0; c.seq_len * c.kv_dim()]; c.n_layers],
+            value_cache: vec![vec![0.0; c.seq_len * c.kv_dim()]; c.n_layers],
+            rope_cos,
+            rope_sin,
+            x: vec![0.0; c.dim],
+            xn: vec![0.0; c.dim],
+            q: vec![0.0; c.q_dim()],
+            attn: vec![0.0; c.q_dim()],
+            proj: vec![0.0; c.dim],
+            h1: vec![0.0; c.hidden_dim],
+            h3: vec![0.0; c.hidden_dim],
+            logits: vec![0.0; c.vocab_size],
+        }
+    }
+
+    /// Number of tokens in the KV cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Forget the context (the cache is overwritten, not cleared).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Feed `token` at the next position; returns the logits `(V)` for the token after it.
+    pub fn forward(&mut self, token: u32) -> Result<&[f32]> {
+        let w = self.weights;
+        let c = w.config();
+        if token as usize >= c.vocab_size {
+            return Err(Error::Invalid(format!(
+                "generate: token id {token} is outside the model's vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        if self.pos >= c.seq_len {
+            return Err(Error::Invalid(format!(
+                "generate: context is full ({} tokens = the model's seq_len)",
+                c.seq_len
+            )));
+        }
+        let (pos, d, hd, kv_dim) = (self.pos, c.dim, c.head_dim, c.kv_dim());
+        let half = hd / 2;
+        let (cos, sin) = (
+            &self.rope_cos[pos * half..(pos + 1) * half],
+            &self.rope_sin[pos * half..(pos + 1) * half],
+        );
+        let token = token as usize;
+        self.x
+            .copy_from_slice(&w.get(Param::Embedding)[token * d..(token + 1) * d]);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = c.gqa_ratio();
+        for layer in 0..c.n_layers {
+            // Attention block.
+            rmsnorm(
+                &mut self.xn,
+                &self.x,
+                w.get(Param::RmsAtt(layer)),
+                c.norm_eps,
+            );
+            matvec(&mut self.q, w.get(Param::Wq(layer)), &self.xn);
+            let key_row = &mut self.key_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
+            matvec(key_row, w.get(Param::Wk(layer)), &self.xn);
+            rope(key_row, hd, cos, sin);
+            let value_row = &mut self.value_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
+            matvec(value_row, w.get(Param::Wv(layer)), &self.xn);
+            rope(&mut self.q, hd, cos, sin);
+            let (keys, values) = (&self.key_cache[layer], &self.value_cache[layer]);
+            let q = &self.q;
+            self.attn
+                .par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(head, out)| {
+                    let kv_off = (head / group) * hd;
+                    let q_head = &q[head * hd..(head + 1) * hd];
+                    let mut scores: Vec<f32> = (0..=pos)
+                        .map(|t| dot(q_head, &keys[t * kv_dim + kv_off..][..hd]) * scale)
+                        .collect();
+                    softmax(&mut scores);
+                    out.fill(0.0);
+                    for (t, &a) in scores.iter().enumerate() {
+                        let v = &values[t * kv_dim + kv_off..][..hd];
+                        out.iter_mut().zip(v).for_each(|(o, &v)| *o += a * v);
+                    }
+                });
+            matvec(&mut self.proj, w.get(Param::Wo(layer)), &self.attn);
+            self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
+
+            // Feed-forward block: w2(silu(w1 x) * w3 x).
+            rmsnorm(
+                &mut self.xn,
+                &self.x,
+                w.get(Param::RmsFfn(layer)),
+                c.norm_eps,
+            );
+            matvec(&mut self.h1, w.get(Param::W1(layer)), &self.xn);
+            matvec(&mut self.h3, w.get(Param::W3(layer)), &self.xn);
+            for (a, &b) in self.h1.iter_mut().zip(&self.h3) {
+                *a = *a / (1.0 + (-*a).exp()) * b;
+            }
+            matvec(&mut self.proj, w.get(Param::W2(layer)), &self.h1);
+            self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
+        }
+        rmsnorm(&mut self.xn, &self.x, w.get(Param::RmsFinal), c.norm_eps);
+        matvec(&mut self.logits, w.classifier(), &self.xn);
+        self.pos += 1;
+        Ok(&self.logits)
+    }
+
+    /// Logits after every token of `tokens`, from an empty context (resets the cache).
+    pub fn forward_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        self.reset();
+        tokens
+            .iter()
+            .map(|&t| self.forward(t).map(<[f32]>::to_vec))
+            .collect()
+    }
+
+    /// Generate up to `max_tokens` tokens after `prompt` (which should start
+    /// with [`BOS`]), from an empty context. Stops before emitting [`EOS`] or
+    /// when the context reaches `seq_len` (at most `seq_len - prompt.len() + 1`
+    /// new tokens). Calls `on_token` with each new id as it is sampled and
+    /// returns the new ids (prompt and EOS excluded).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        let seq_len = self.weights.config().seq_len;
+        let (&last, context) = prompt.split_last().ok_or_else(|| {
+            Error::Invalid("generate: the prompt is empty; start it with the BOS token (1)".into())
+        })?;
+        if prompt.len() > seq_len {
+            return Err(Error::Invalid(format!(
+                "generate: the prompt has {} tokens but the model's seq_len is {seq_len}",
+                prompt.len()
+            )));
+        }
+        self.reset();
+        for &token in context {
+            self.forward(token)?;
+        }
+        let mut next_input = last;
+        let mut out = Vec::new();
+        while out.len() < max_tokens && self.pos < seq_len {
+            let token = sampler.sample(self.forward(next_input)?);
+            if token == EOS {
+                break;
+            }
+            on_token(token);
+            out.push(token);
+            next_input = token;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_ties_go_to_the_lowest_id() {
+        assert_eq!(argmax(&[0.0, 3.0, -1.0, 3.0]), 1);
+        assert_eq!(argmax(&[2.0, 2.0]), 0);
+    }
+
+    #[test]
+    fn rmsnorm_matches_hand_values() {
+        // x = (3, 4): mean square 12.5, scale 1/sqrt(12.5 + eps).
+        let mut out = [0.0; 2];
+        rmsnorm(&mut out, &[3.0, 4.0], &[1.0, 2.0], 0.0);
+        let s = 1.0 / 12.5f32.sqrt();
+        assert!((out[0] - 3.0 * s).abs() < 1e-6 && (out[1] - 8.0 * s).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_interleaved_pairs() {
+        // One head of width 4: pair 0 rotated by 90 degrees, pair 1 by 0.
+        let mut x = [1.0, 2.0, 3.0, 4.0];
+        rope(&mut x, 4, &[0.0, 1.0], &[1.0, 0.0]);
+        assert_eq!(x, [-2.0, 1.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn matvec_parallel_path_matches_the_serial_one() {
+        let mut rng = Rng::new(3);
+        let (rows, cols) = (300, 301);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+        let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+        let mut out = vec![0.0; rows];
+        matvec(&mut out, &w, &x);
+        for (r, &o) in out.iter().enumerate() {
+            let reference: f64 = (0..cols)
+                .map(|c| w[r * cols + c] as f64 * x[c] as f64)
+                .sum();
+            assert!(
+                (o as f64 - reference).abs() < 1e-3,
+                "row {r}: {o} vs {reference}"
+            );
+        }
+    }
+}
