@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
 
 use anemone::backend::Precision;
+use npyz::WriterBuilder;
 use anemone::backend::cpu::{HostTensor, run_program};
 use anemone::mil::verify::{Target, verify};
 use anemone::mil::{DType, TensorType};

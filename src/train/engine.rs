@@ -349,17 +349,16 @@ impl Engine {
         Ok(total / (self.batch * seq) as f64)
     }
 
-    /// Logits `(T, V)` of sequence 0 after a forward pass over `inputs`.
-    pub fn logits(&mut self, w: &Weights, inputs: &[u32]) -> Result<Vec<f32>> {
+    /// Logits `(T, V)` of every sequence after a forward pass over `inputs`.
+    pub fn logits(&mut self, w: &Weights, inputs: &[u32]) -> Result<Vec<Vec<f32>>> {
         self.check_tokens(inputs, "inputs")?;
         self.forward(w, inputs)?;
-        host::classifier_forward(
-            &mut self.logits,
-            &self.xf[0],
-            w.classifier(),
-            self.config.dim,
-        );
-        Ok(self.logits.clone())
+        let mut out = Vec::new();
+        for b in 0..self.batch {
+            host::classifier_forward(&mut self.logits, &self.xf[b], w.classifier(), self.config.dim);
+            out.push(self.logits.clone());
+        }
+        Ok(out)
     }
 
     /// Forward and backward: adds `loss_scale * d(mean loss)/dw` to `grads` and

@@ -8,6 +8,7 @@
 
 pub mod engine;
 pub mod optim;
+pub mod source;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
