@@ -12,11 +12,10 @@
 //! - float values as decimals (`0.125000`, `1e-05`, `-1`), hex floats
 //!   (`0x1p-3`, `0x1.8p+1`), `inf`, `-inf` and `nan`; integers in decimal or hex.
 //!
-//! Float values are rounded once to the literal's dtype (ties to even): hex
-//! floats exactly, decimals through Rust's correctly rounded `f32` parser for
-//! `fp32` and through `f64` for `fp16` (so a decimal lying within 2^-53 of an
-//! fp16 rounding midpoint could round the other way). A finite value that
-//! rounds to infinity is an error.
+//! Float values are rounded exactly once to the literal's dtype, to nearest
+//! with ties to even (hex floats bit by bit, decimals by Rust's
+//! correctly rounded parser plus a midpoint check for fp16). A finite value
+//! that rounds to infinity is an error.
 //!
 //! Checked here: syntax, op and dtype names, literal values (well-formed, count
 //! matching the shape, integers in range), a `name` attribute on every op,
@@ -42,6 +41,7 @@ pub fn parse(text: &str) -> Result<Program> {
         tokens,
         pos: 0,
         defined: HashMap::new(),
+        in_blob: false,
     };
     parser.program()
 }
@@ -292,7 +292,9 @@ fn round_binary(mant: u128, exp2: i64, sticky: bool, format: &FloatFormat) -> f6
 
 /// A hex float `0x<hex>[.<hex>][p<exp>]` rounded to `format`; `None` if malformed.
 fn hex_float(text: &str, format: &FloatFormat) -> Option<f64> {
-    let body = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X"))?;
+    let body = text
+        .strip_prefix("0x")
+        .or_else(|| text.strip_prefix("0X"))?;
     let (digits, exponent) = match body.find(['p', 'P']) {
         Some(p) => (&body[..p], &body[p + 1..]),
         None => (body, "0"),
@@ -314,7 +316,8 @@ fn hex_float(text: &str, format: &FloatFormat) -> Option<f64> {
         }
         Err(_) => return None,
     };
-    let (mut mant, mut exp2, mut sticky, mut any, mut after_point) = (0u128, 0i64, false, false, false);
+    let (mut mant, mut exp2, mut sticky, mut any, mut after_point) =
+        (0u128, 0i64, false, false, false);
     for c in digits.chars() {
         if c == '.' {
             if after_point {
@@ -340,6 +343,88 @@ fn hex_float(text: &str, format: &FloatFormat) -> Option<f64> {
     any.then(|| round_binary(mant, exp2.saturating_add(exponent), sticky, format))
 }
 
+/// A decimal (`0.125`, `1e-05`, `-1` without its sign) rounded once to fp16, ties
+/// to even; `None` if malformed. Rust parses it correctly rounded to `f64`; that
+/// second rounding can only go wrong when it lands exactly on an fp16 midpoint,
+/// which is then settled by comparing the text with the midpoint digit by digit.
+fn decimal_fp16(text: &str) -> Option<f64> {
+    use half::f16;
+    let x: f64 = text.parse().ok()?;
+    let near = f16::from_f64(x);
+    // Past the largest finite fp16 the next step would be 2^16.
+    let value = |h: f16| if h.is_infinite() { 65536.0 } else { h.to_f64() };
+    if !x.is_finite() || value(near) == x {
+        return Some(near.to_f64());
+    }
+    let other = f16::from_bits(if value(near) < x {
+        near.to_bits() + 1
+    } else {
+        near.to_bits() - 1
+    });
+    if (value(near) + value(other)) / 2.0 != x {
+        return Some(near.to_f64());
+    }
+    let (low, high) = if value(near) < value(other) {
+        (near, other)
+    } else {
+        (other, near)
+    };
+    let pick = match compare_decimal(text, x)? {
+        std::cmp::Ordering::Less => low,
+        std::cmp::Ordering::Greater => high,
+        std::cmp::Ordering::Equal if low.to_bits() % 2 == 0 => low,
+        std::cmp::Ordering::Equal => high,
+    };
+    Some(pick.to_f64())
+}
+
+/// Compare the decimal `text` with `m`, a positive `f64` with a short mantissa and
+/// an exponent within 2^-60..2^60 (an fp16 midpoint), exactly.
+fn compare_decimal(text: &str, m: f64) -> Option<std::cmp::Ordering> {
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i64>().ok()?),
+        None => (text, 0),
+    };
+    let fraction_digits = mantissa.find('.').map_or(0, |p| mantissa.len() - p - 1);
+    let all: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let digits = all.trim_start_matches('0');
+    let trimmed = digits.trim_end_matches('0');
+    let exp10 = exponent
+        .saturating_sub(fraction_digits as i64)
+        .saturating_add((digits.len() - trimmed.len()) as i64);
+    // m = k * 2^e exactly, then as integer digits times a power of ten.
+    let bits = m.to_bits();
+    let (mut k, mut e) = (
+        u128::from((bits & ((1 << 52) - 1)) | (1 << 52)),
+        ((bits >> 52) & 0x7ff) as i64 - 1075,
+    );
+    while k & 1 == 0 {
+        k >>= 1;
+        e += 1;
+    }
+    if !(-60..=60).contains(&e) || k >> 20 != 0 {
+        return None;
+    }
+    let (m_digits, m_exp10) = if e >= 0 {
+        ((k << e).to_string(), 0)
+    } else {
+        ((k * 5u128.pow((-e) as u32)).to_string(), e)
+    };
+    let m_trimmed = m_digits.trim_end_matches('0');
+    let m_exp10 = m_exp10 + (m_digits.len() - m_trimmed.len()) as i64;
+    if trimmed.is_empty() {
+        return Some(std::cmp::Ordering::Less);
+    }
+    // Compare magnitudes (position of the leading digit), then digits.
+    let magnitude = exp10.saturating_add(trimmed.len() as i64);
+    let m_magnitude = m_exp10 + m_trimmed.len() as i64;
+    Some(magnitude.cmp(&m_magnitude).then_with(|| {
+        let n = trimmed.len().max(m_trimmed.len());
+        let pad = |s: &str| format!("{s:0<n$}");
+        pad(trimmed).cmp(&pad(m_trimmed))
+    }))
+}
+
 /// An unsigned integer in decimal or `0x` hex; `None` if malformed, `Some(None)` if too large.
 fn unsigned_int(text: &str) -> Option<Option<u128>> {
     let (digits, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
@@ -359,6 +444,8 @@ struct Parser {
     pos: usize,
     /// Every variable defined so far, with the line of its definition.
     defined: HashMap<String, usize>,
+    /// Inside `BLOBFILE(...)`, whose fields must be plain literals (bounds the recursion).
+    in_blob: bool,
 }
 
 /// A declared result or input before it is entered into scope.
@@ -513,10 +600,9 @@ impl Parser {
             loop {
                 let (name, token) = self.expect_ident("an output variable name")?;
                 if !self.defined.contains_key(&name) {
-                    return Err(self.error_at(
-                        &token,
-                        format!("output `{name}` is not a defined variable"),
-                    ));
+                    return Err(
+                        self.error_at(&token, format!("output `{name}` is not a defined variable"))
+                    );
                 }
                 outputs.push(name);
                 if !self.eat_punct(',') {
@@ -538,7 +624,10 @@ impl Parser {
         if end.tok != Tok::Eof {
             return Err(self.error_at(
                 &end,
-                format!("unexpected {} after the end of the program", describe(&end.tok)),
+                format!(
+                    "unexpected {} after the end of the program",
+                    describe(&end.tok)
+                ),
             ));
         }
         Ok(Program {
@@ -593,7 +682,10 @@ impl Parser {
             Tok::Str(_) => Ok(()),
             other => Err(self.error_at(
                 &token,
-                format!("expected a string in a dict entry, found {}", describe(other)),
+                format!(
+                    "expected a string in a dict entry, found {}",
+                    describe(other)
+                ),
             )),
         }
     }
@@ -601,11 +693,12 @@ impl Parser {
     /// Error if `declared` names a variable already defined or in `pending`.
     fn check_new(&self, declared: &Declared, pending: &[Declared]) -> Result<()> {
         let name = &declared.var.name;
-        let earlier = self
-            .defined
-            .get(name)
-            .copied()
-            .or_else(|| pending.iter().find(|d| &d.var.name == name).map(|d| d.token.line));
+        let earlier = self.defined.get(name).copied().or_else(|| {
+            pending
+                .iter()
+                .find(|d| &d.var.name == name)
+                .map(|d| d.token.line)
+        });
         match earlier {
             Some(line) => Err(self.error_at(
                 &declared.token,
@@ -656,10 +749,9 @@ impl Parser {
             loop {
                 let (key, key_token) = self.expect_ident("an argument name")?;
                 if args.iter().any(|(k, _)| *k == key) {
-                    return Err(self.error_at(
-                        &key_token,
-                        format!("argument `{key}` is given twice"),
-                    ));
+                    return Err(
+                        self.error_at(&key_token, format!("argument `{key}` is given twice"))
+                    );
                 }
                 self.expect_punct('=', "after the argument name")?;
                 let arg = self.argument(true)?;
@@ -676,10 +768,9 @@ impl Parser {
             loop {
                 let (key, key_token) = self.expect_ident("an attribute name")?;
                 if attrs.iter().any(|(k, _)| *k == key) || (key == "name" && name.is_some()) {
-                    return Err(self.error_at(
-                        &key_token,
-                        format!("attribute `{key}` is given twice"),
-                    ));
+                    return Err(
+                        self.error_at(&key_token, format!("attribute `{key}` is given twice"))
+                    );
                 }
                 self.expect_punct('=', "after the attribute name")?;
                 let value_token = self.peek().clone();
@@ -746,7 +837,8 @@ impl Parser {
             Tok::Punct('(') => Err(self.error_at(&token, "tuples cannot be nested")),
             Tok::Ident(word) => {
                 let next = self.peek_at(1);
-                let is_literal = *next == Tok::Punct('(') || (word == "tensor" && *next == Tok::Punct('<'));
+                let is_literal =
+                    *next == Tok::Punct('(') || (word == "tensor" && *next == Tok::Punct('<'));
                 if is_literal {
                     return Ok(Arg::Lit(self.literal()?));
                 }
@@ -785,7 +877,8 @@ impl Parser {
 
     /// True at `tensor <`.
     fn at_tensor_type(&self) -> bool {
-        matches!(&self.peek().tok, Tok::Ident(w) if w == "tensor") && *self.peek_at(1) == Tok::Punct('<')
+        matches!(&self.peek().tok, Tok::Ident(w) if w == "tensor")
+            && *self.peek_at(1) == Tok::Punct('<')
     }
 
     /// `fp16` or `tensor<fp16, [d0, d1, ...]>`.
@@ -863,9 +956,16 @@ impl Parser {
         let value = if matches!(&self.peek().tok, Tok::Ident(w) if w == "BLOBFILE") {
             let blob_token = self.next();
             if ty.dtype == DType::String {
-                return Err(self.error_at(&blob_token, "a string tensor cannot live in a BLOBFILE"));
+                let msg = "a string tensor cannot live in a BLOBFILE";
+                return Err(self.error_at(&blob_token, msg));
             }
-            Value::Blob(self.blob()?)
+            if self.in_blob {
+                return Err(self.error_at(&blob_token, "BLOBFILE fields cannot be BLOBFILEs"));
+            }
+            self.in_blob = true;
+            let blob = self.blob()?;
+            self.in_blob = false;
+            Value::Blob(blob)
         } else if ty.is_scalar() {
             self.scalar_values(ty.dtype, 1, &start)?
         } else {
@@ -887,30 +987,27 @@ impl Parser {
             self.expect_punct('=', "after the BLOBFILE field name")?;
             let value_token = self.peek().clone();
             let lit = self.literal()?;
-            match key.as_str() {
-                "path" if path.is_none() => match (lit.ty.dtype, lit.ty.is_scalar(), lit.value) {
-                    (DType::String, true, Value::Str(mut v)) if v.len() == 1 => path = v.pop(),
-                    _ => {
-                        return Err(self.error_at(
-                            &value_token,
-                            "BLOBFILE path must be a string such as `string(\"@model_path/weights/w.bin\")`",
-                        ));
-                    }
-                },
-                "offset" if offset.is_none() => match (lit.ty.dtype, lit.ty.is_scalar(), lit.value) {
-                    (DType::Uint64, true, Value::Int(v)) if v.len() == 1 => offset = Some(v[0] as u64),
-                    _ => {
-                        return Err(self.error_at(
-                            &value_token,
-                            "BLOBFILE offset must be a uint64 such as `uint64(64)`",
-                        ));
-                    }
-                },
+            let scalar = |dtype: DType| lit.ty.dtype == dtype && lit.ty.is_scalar();
+            match (key.as_str(), &lit.value) {
+                ("path", Value::Str(v)) if path.is_none() && scalar(DType::String) => {
+                    path = v.first().cloned();
+                }
+                ("path", _) if path.is_none() => {
+                    let msg = "BLOBFILE path must be a string such as `string(\"@model_path/weights/w.bin\")`";
+                    return Err(self.error_at(&value_token, msg));
+                }
+                ("offset", Value::Int(v)) if offset.is_none() && scalar(DType::Uint64) => {
+                    offset = v.first().map(|&o| o as u64);
+                }
+                ("offset", _) if offset.is_none() => {
+                    let msg = "BLOBFILE offset must be a uint64 such as `uint64(64)`";
+                    return Err(self.error_at(&value_token, msg));
+                }
                 _ => {
-                    return Err(self.error_at(
-                        &key_token,
-                        format!("unexpected BLOBFILE field `{key}` (expected `path` and `offset` once each)"),
-                    ));
+                    let msg = format!(
+                        "unexpected BLOBFILE field `{key}` (expected `path` and `offset` once each)"
+                    );
+                    return Err(self.error_at(&key_token, msg));
                 }
             }
             if !self.eat_punct(',') {
@@ -933,17 +1030,19 @@ impl Parser {
         };
         let mut n = 0usize;
         let empty = self.is_punct(']') || self.is_punct(')');
-        while !empty {
-            match &mut value {
-                Value::Float(v) => v.push(self.float_value(dtype)?),
-                Value::Int(v) => v.push(self.int_value(dtype)?),
-                Value::Bool(v) => v.push(self.bool_value()?),
-                Value::Str(v) => v.push(self.string_value()?),
-                Value::Blob(_) => {}
-            }
-            n += 1;
-            if !self.eat_punct(',') {
-                break;
+        if !empty {
+            loop {
+                match &mut value {
+                    Value::Float(v) => v.push(self.float_value(dtype)?),
+                    Value::Int(v) => v.push(self.int_value(dtype)?),
+                    Value::Bool(v) => v.push(self.bool_value()?),
+                    Value::Str(v) => v.push(self.string_value()?),
+                    Value::Blob(_) => {}
+                }
+                n += 1;
+                if !self.eat_punct(',') {
+                    break;
+                }
             }
         }
         if n != count {
@@ -986,10 +1085,7 @@ impl Parser {
             Tok::Number(text) if text.starts_with("0x") || text.starts_with("0X") => {
                 hex_float(text, format)
             }
-            Tok::Number(text) if dtype == DType::Fp16 => text
-                .parse::<f64>()
-                .ok()
-                .map(|x| f64::from(half::f16::from_f64(x).to_f32())),
+            Tok::Number(text) if dtype == DType::Fp16 => decimal_fp16(text),
             Tok::Number(text) => text.parse::<f32>().ok().map(f64::from),
             _ => None,
         };
@@ -1019,7 +1115,10 @@ impl Parser {
         let Some(magnitude) = magnitude else {
             return Err(self.error_at(
                 &token,
-                format!("malformed {dtype} value {} (expected an integer)", describe(&token.tok)),
+                format!(
+                    "malformed {dtype} value {} (expected an integer)",
+                    describe(&token.tok)
+                ),
             ));
         };
         let (lo, hi) = dtype.int_range().unwrap_or((0, 0));
@@ -1028,7 +1127,11 @@ impl Parser {
             .map(|m| if negative { -m } else { m })
             .filter(|v| (lo..=hi).contains(v));
         let Some(value) = value else {
-            let text = if let Tok::Number(t) = &token.tok { t.as_str() } else { "" };
+            let text = if let Tok::Number(t) = &token.tok {
+                t.as_str()
+            } else {
+                ""
+            };
             let sign = if negative { "-" } else { "" };
             return Err(self.error_at(
                 &first,
@@ -1046,7 +1149,10 @@ impl Parser {
             Tok::Ident(w) if w == "false" => Ok(false),
             other => Err(self.error_at(
                 &token,
-                format!("malformed bool value {} (expected `true` or `false`)", describe(other)),
+                format!(
+                    "malformed bool value {} (expected `true` or `false`)",
+                    describe(other)
+                ),
             )),
         }
     }
@@ -1057,7 +1163,10 @@ impl Parser {
             Tok::Str(s) => Ok(s.clone()),
             other => Err(self.error_at(
                 &token,
-                format!("malformed string value {} (expected a quoted string)", describe(other)),
+                format!(
+                    "malformed string value {} (expected a quoted string)",
+                    describe(other)
+                ),
             )),
         }
     }
@@ -1068,13 +1177,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decimals_round_once_to_fp16() {
+        let tie = 1.0 + 2f64.powi(-11); // halfway between 1 and 1 + 2^-10
+        assert_eq!(decimal_fp16("1.00048828125"), Some(1.0));
+        assert_eq!(decimal_fp16("1.00048828125e0"), Some(1.0));
+        // Within 2^-53 of the tie: f64 parsing lands on it; the text decides.
+        assert_eq!(
+            decimal_fp16("1.000488281250000000001"),
+            Some(tie + 2f64.powi(-11))
+        );
+        assert_eq!(decimal_fp16("1.000488281249999999999"), Some(1.0));
+        assert_eq!(
+            decimal_fp16("10004.8828125000000000001e-4"),
+            Some(tie + 2f64.powi(-11))
+        );
+        // 1 + 3 * 2^-11 is a tie between 1 + 2^-10 (odd) and 1 + 2^-9 (even).
+        assert_eq!(decimal_fp16("1.00146484375"), Some(1.0 + 2f64.powi(-9)));
+        // 65520 is halfway to 2^16: ties to even overflows, just below does not.
+        assert_eq!(decimal_fp16("65519.99999999999999999"), Some(65504.0));
+        assert_eq!(decimal_fp16("65520"), Some(f64::INFINITY));
+        // 2^-25 is halfway between 0 and the smallest subnormal.
+        assert_eq!(decimal_fp16("2.98023223876953125e-8"), Some(0.0));
+        assert_eq!(
+            decimal_fp16("2.980232238769531250000001e-8"),
+            Some(2f64.powi(-24))
+        );
+        assert_eq!(decimal_fp16("0.0000000298023223876953124999"), Some(0.0));
+        assert_eq!(decimal_fp16("abc"), None);
+    }
+
+    #[test]
     fn hex_floats_round_to_nearest_even() {
         assert_eq!(hex_float("0x1p-3", &FP16), Some(0.125));
         assert_eq!(hex_float("0x1.8p+1", &FP32), Some(3.0));
         // 1 + 2^-11 is halfway between fp16 1.0 and 1 + 2^-10: ties to even (1.0).
         assert_eq!(hex_float("0x1.002p0", &FP16), Some(1.0));
         // A sticky bit beyond the halfway point rounds up.
-        assert_eq!(hex_float("0x1.00200000000000000000000000000001p0", &FP16), Some(1.0 + 1.0 / 1024.0));
+        assert_eq!(
+            hex_float("0x1.00200000000000000000000000000001p0", &FP16),
+            Some(1.0 + 1.0 / 1024.0)
+        );
         // Smallest fp16 subnormal 2^-24; half of it ties to even (0).
         assert_eq!(hex_float("0x1p-24", &FP16), Some(2f64.powi(-24)));
         assert_eq!(hex_float("0x1p-25", &FP16), Some(0.0));
@@ -1083,7 +1225,10 @@ mod tests {
         assert_eq!(hex_float("0x1.ffcp15", &FP16), Some(65504.0));
         assert_eq!(hex_float("0x1.ffep15", &FP16), Some(f64::INFINITY));
         assert_eq!(hex_float("0x1p-149", &FP32), Some(2f64.powi(-149)));
-        assert_eq!(hex_float("0x1p99999999999999999999", &FP32), Some(f64::INFINITY));
+        assert_eq!(
+            hex_float("0x1p99999999999999999999", &FP32),
+            Some(f64::INFINITY)
+        );
         assert_eq!(hex_float("0x", &FP32), None);
         assert_eq!(hex_float("0x1.2.3", &FP32), None);
     }

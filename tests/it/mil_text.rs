@@ -133,7 +133,13 @@ fn random_type(rng: &mut Rng, dtypes: &[DType]) -> TensorType {
     let dtype = *rng.pick(dtypes);
     let rank = rng.below(5);
     let shape: Vec<usize> = (0..rank)
-        .map(|_| if rng.below(8) == 0 { 0 } else { 1 + rng.below(3) })
+        .map(|_| {
+            if rng.below(8) == 0 {
+                0
+            } else {
+                1 + rng.below(3)
+            }
+        })
         .collect();
     TensorType::new(dtype, shape)
 }
@@ -402,7 +408,12 @@ fn emit_inverts_parse_on_canonical_fixtures() {
     let dir = format!("{}/tests/fixtures/mil", env!("CARGO_MANIFEST_DIR"));
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .expect("fixture dir")
-        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .filter(|n| n.ends_with(".mil"))
         .collect();
     names.sort();
@@ -434,7 +445,10 @@ fn fixture_literals_have_the_written_values() {
             vec![0.0, -65504.0, f32::NEG_INFINITY, 65504.0]
         ))
     );
-    assert_eq!(f.const_value("big").and_then(Literal::as_ints), Some(&[-1i64][..]));
+    assert_eq!(
+        f.const_value("big").and_then(Literal::as_ints),
+        Some(&[-1i64][..])
+    );
     assert_eq!(
         f.const_value("lim"),
         Some(&Literal::ints(DType::Int8, [2], vec![-128, 127]))
@@ -669,9 +683,7 @@ fn ios16_verbose_scalars_parse_to_the_same_graph_as_ios18() {
     let text = mil::emit(&as18);
     assert!(text.starts_with("program(1.3)\n"));
     assert!(text.contains("    func main<ios18>(tensor<fp16, [1, 64, 1, 16]> x) {\n"));
-    assert!(text.contains(
-        "        bool kd = const()[name = string(\"kd\"), val = bool(true)];\n"
-    ));
+    assert!(text.contains("        bool kd = const()[name = string(\"kd\"), val = bool(true)];\n"));
     assert!(text.contains("offset = uint64(64)))];"));
     assert!(!text.contains("[]>"));
     assert_eq!(parse_ok(&text).main, p16.main);
@@ -689,7 +701,10 @@ fn either_scalar_spelling_is_accepted_in_either_dialect() {
 "#;
     let p = parse_ok(text);
     assert_eq!(p.dialect, Dialect::Ios16);
-    assert_eq!(p.main.inputs, [Var::new("x", TensorType::scalar(DType::Fp16))]);
+    assert_eq!(
+        p.main.inputs,
+        [Var::new("x", TensorType::scalar(DType::Fp16))]
+    );
     assert_eq!(p.main.ops[0].arg("y"), Some(&Arg::Lit(Literal::fp16(2.0))));
     assert_eq!(p.main.ops[1].arg("y"), Some(&Arg::Lit(Literal::fp16(1.0))));
     assert_eq!(p.main.ops[1].name, "z");
@@ -853,7 +868,10 @@ fn malformed_input_errors_name_the_problem_and_its_position() {
     );
     // Duplicate definitions: a statement result and a function input.
     check_error(
-        &program_with(r#"tensor<fp16, [1, 4]> x = relu(x = x)[name = string("x")];"#, "x"),
+        &program_with(
+            r#"tensor<fp16, [1, 4]> x = relu(x = x)[name = string("x")];"#,
+            "x",
+        ),
         4,
         "x =",
         "variable `x` is already defined (line 3)",
@@ -882,7 +900,10 @@ fn malformed_input_errors_name_the_problem_and_its_position() {
     );
     // An output naming an undefined variable.
     check_error(
-        &program_with(r#"tensor<fp16, [1, 4]> y = relu(x = x)[name = string("y")];"#, "y, q"),
+        &program_with(
+            r#"tensor<fp16, [1, 4]> y = relu(x = x)[name = string("y")];"#,
+            "y, q",
+        ),
         5,
         "q",
         "output `q` is not a defined variable",
@@ -899,7 +920,10 @@ fn structural_errors_point_at_the_token() {
         "unsupported opset `ios17`",
     );
     check_error(
-        &program_with(r#"tensor<fp16, [1, 4]> y = relu(x = x)[name = string("y")]"#, "y"),
+        &program_with(
+            r#"tensor<fp16, [1, 4]> y = relu(x = x)[name = string("y")]"#,
+            "y",
+        ),
         5,
         "}",
         "expected `;` at the end of the statement, found `}`",
@@ -1067,11 +1091,64 @@ fn comments_and_free_formatting_are_accepted() {
 
 /// Tokens to build MIL-like noise from.
 const NOISE: &[&str] = &[
-    "program", "(", ")", "1.3", "1.0", "[", "]", "{", "}", "<", ">", ",", "=", ";", "->", "-", "+",
-    "func", "main", "ios18", "ios16", "tensor", "fp16", "fp32", "int8", "uint8", "int32",
-    "uint64", "bool", "string", "x", "y", "const", "relu", "split", "concat", "name", "val",
-    "BLOBFILE", "path", "offset", "\"s\"", "0", "1", "-1", "0x1p-3", "1e-05", "inf", "nan",
-    "true", "buildInfo", "dict", "//", "\n", "\"", "\\", "0x", "99999999999999999999999",
+    "program",
+    "(",
+    ")",
+    "1.3",
+    "1.0",
+    "[",
+    "]",
+    "{",
+    "}",
+    "<",
+    ">",
+    ",",
+    "=",
+    ";",
+    "->",
+    "-",
+    "+",
+    "func",
+    "main",
+    "ios18",
+    "ios16",
+    "tensor",
+    "fp16",
+    "fp32",
+    "int8",
+    "uint8",
+    "int32",
+    "uint64",
+    "bool",
+    "string",
+    "x",
+    "y",
+    "const",
+    "relu",
+    "split",
+    "concat",
+    "name",
+    "val",
+    "BLOBFILE",
+    "path",
+    "offset",
+    "\"s\"",
+    "0",
+    "1",
+    "-1",
+    "0x1p-3",
+    "1e-05",
+    "inf",
+    "nan",
+    "true",
+    "buildInfo",
+    "dict",
+    "//",
+    "\n",
+    "\"",
+    "\\",
+    "0x",
+    "99999999999999999999999",
     "0x1p99999999999999999999",
 ];
 
@@ -1129,6 +1206,28 @@ fn mutate(text: &str, seed: u64) -> String {
         }
     }
     chars.into_iter().collect()
+}
+
+/// Found by reading the parser for recursion: `BLOBFILE` fields are literals,
+/// which could themselves hold a `BLOBFILE`, nesting without bound.
+#[test]
+fn regression_nested_blobfile_is_an_error_not_a_stack_overflow() {
+    let depth = 20_000;
+    let nested = "tensor<uint64, []>(BLOBFILE(path = string(\"p\"), offset = ".repeat(depth);
+    let statement = format!(
+        "tensor<fp16, [2]> y = const()[name = string(\"y\"), val = tensor<fp16, [2]>(BLOBFILE(path = string(\"p\"), offset = {nested}uint64(0){})))];",
+        ")))".repeat(depth)
+    );
+    let text = program_with(&statement, "y");
+    // The error is at the second BLOBFILE, the first one inside a field.
+    let col = statement.find("[]>(BLOBFILE").expect("nested") + "[]>(".len() + 9;
+    match mil::parse(&text) {
+        Err(Error::Parse { line, col: c, msg }) => {
+            assert_eq!((line, c), (4, col));
+            assert!(msg.contains("BLOBFILE fields cannot be BLOBFILEs"), "{msg}");
+        }
+        other => panic!("expected a parse error, got {other:?}"),
+    }
 }
 
 proptest! {
