@@ -39,7 +39,10 @@ pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
         TokenizerCommand::Train { input, vocab, out } => {
             let mut texts = Vec::new();
             for path in &input {
-                texts.push(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
+                texts.push(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                );
             }
             let started = std::time::Instant::now();
             let tok = train_bpe(texts.iter().map(String::as_str), &TrainOptions::new(vocab))?;
@@ -56,7 +59,10 @@ pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
         TokenizerCommand::Encode { tokenizer, text } => {
             let tok = Tokenizer::read(&tokenizer, None)?;
             let ids = tok.encode(&text, true, false);
-            println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+            println!(
+                "{}",
+                ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+            );
             Ok(())
         }
     }
@@ -82,8 +88,10 @@ fn byte_bar(total: u64, what: &str) -> Option<ProgressBar> {
     std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(total);
         bar.set_style(
-            ProgressStyle::with_template(&format!("{what} {{bar:30}} {{bytes}}/{{total_bytes}} [{{eta}}]"))
-                .expect("valid template"),
+            ProgressStyle::with_template(&format!(
+                "{what} {{bar:30}} {{bytes}}/{{total_bytes}} [{{eta}}]"
+            ))
+            .expect("valid template"),
         );
         bar
     })
@@ -92,10 +100,18 @@ fn byte_bar(total: u64, what: &str) -> Option<ProgressBar> {
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     let tok = Tokenizer::read(&args.tokenizer, None)?;
     let mut bar: Option<ProgressBar> = None;
-    let report = tokenize_files(&tok, &args.input, &args.out, args.val_fraction, &mut |done, total| {
-        let b = bar.get_or_insert_with(|| byte_bar(total, "tokenizing").unwrap_or_else(ProgressBar::hidden));
-        b.set_position(done);
-    })?;
+    let report = tokenize_files(
+        &tok,
+        &args.input,
+        &args.out,
+        args.val_fraction,
+        &mut |done, total| {
+            let b = bar.get_or_insert_with(|| {
+                byte_bar(total, "tokenizing").unwrap_or_else(ProgressBar::hidden)
+            });
+            b.set_position(done);
+        },
+    )?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -132,7 +148,10 @@ pub fn prepare_builtin(run_dir: &Path, corpus_mb: f64, seed: u64) -> Result<Prep
     }
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let started = std::time::Instant::now();
-    let text = corpus::generate(&CorpusConfig { seed, n_bytes: (corpus_mb * 1e6) as usize });
+    let text = corpus::generate(&CorpusConfig {
+        seed,
+        n_bytes: (corpus_mb * 1e6) as usize,
+    });
     let corpus_path = run_dir.join("corpus.txt");
     anemone::atomic::write_atomic(&corpus_path, text.as_bytes())?;
     let tokenizer = train_bpe([text.as_str()], &TrainOptions::new(BUILTIN_VOCAB))?;
@@ -148,5 +167,9 @@ pub fn prepare_builtin(run_dir: &Path, corpus_mb: f64, seed: u64) -> Result<Prep
         report.val_tokens,
         started.elapsed().as_secs_f64()
     );
-    Ok(Prepared { tokenizer, val: val_path_for(&train), train })
+    Ok(Prepared {
+        tokenizer,
+        val: val_path_for(&train),
+        train,
+    })
 }

@@ -38,12 +38,19 @@ fn find_tokenizer(model: &Path, given: Option<&Path>) -> Result<PathBuf> {
     if let Some(t) = given {
         return Ok(t.to_path_buf());
     }
-    let dir = if model.is_dir() { model } else { model.parent().unwrap_or(Path::new(".")) };
+    let dir = if model.is_dir() {
+        model
+    } else {
+        model.parent().unwrap_or(Path::new("."))
+    };
     let candidate = dir.join("tokenizer.bin");
     if candidate.exists() {
         Ok(candidate)
     } else {
-        bail!("no tokenizer found beside {} (hint: pass --tokenizer tokenizer.bin)", model.display())
+        bail!(
+            "no tokenizer found beside {} (hint: pass --tokenizer tokenizer.bin)",
+            model.display()
+        )
     }
 }
 
@@ -83,7 +90,8 @@ pub fn stream(
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let weights = load_weights(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let weights =
+        load_weights(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer_path = find_tokenizer(&args.model, args.tokenizer.as_deref())?;
     let tokenizer = Tokenizer::read(&tokenizer_path, Some(weights.config().vocab_size))?;
     let mut sampler = if args.temperature == 0.0 {
@@ -93,7 +101,14 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let (new, rate) = stream(&weights, &tokenizer, &args.prompt, args.max_tokens, &mut sampler, &mut out)?;
+    let (new, rate) = stream(
+        &weights,
+        &tokenizer,
+        &args.prompt,
+        args.max_tokens,
+        &mut sampler,
+        &mut out,
+    )?;
     writeln!(out)?;
     eprintln!("{} tokens, {rate:.1} tokens/s", new.len());
     Ok(())
@@ -108,7 +123,14 @@ pub fn print_samples(weights: &Weights, tokenizer_path: &Path, n: usize, seed: u
     for i in 0..n {
         let mut sampler = Sampler::new(0.7, 0.9, seed + i as u64);
         writeln!(out, "\n--- sample {} ---", i + 1)?;
-        stream(weights, &tokenizer, prompts[i % prompts.len()], 200, &mut sampler, &mut out)?;
+        stream(
+            weights,
+            &tokenizer,
+            prompts[i % prompts.len()],
+            200,
+            &mut sampler,
+            &mut out,
+        )?;
         writeln!(out)?;
     }
     Ok(())
@@ -135,7 +157,8 @@ pub struct ExportArgs {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    let weights = load_weights(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let weights =
+        load_weights(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     match (args.format, args.version) {
         (ExportFormat::Llama2c, 0) => llama2c::write_v0(&weights, &args.out)?,
         (ExportFormat::Llama2c, 1) => llama2c::write_v1(&weights, &args.out)?,

@@ -6,11 +6,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Subcommand, ValueEnum};
 
 use anemone::backend::Precision;
-use npyz::WriterBuilder;
 use anemone::backend::cpu::{HostTensor, run_program};
 use anemone::mil::verify::{Target, verify};
 use anemone::mil::{DType, TensorType};
 use anemone::package::ProgramPackage;
+use npyz::WriterBuilder;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TargetChoice {
@@ -51,7 +51,12 @@ pub enum MilCommand {
 pub fn run(cmd: MilCommand) -> Result<()> {
     match cmd {
         MilCommand::Check { path, target } => check(&path, target),
-        MilCommand::Run { path, inputs, output, precision } => execute(&path, &inputs, &output, &precision),
+        MilCommand::Run {
+            path,
+            inputs,
+            output,
+            precision,
+        } => execute(&path, &inputs, &output, &precision),
         MilCommand::Fmt { path, write } => fmt(&path, write),
     }
 }
@@ -62,7 +67,9 @@ fn load(path: &Path) -> Result<ProgramPackage> {
 
 fn check(path: &Path, target: TargetChoice) -> Result<()> {
     let package = load(path)?;
-    let program = package.program().with_context(|| format!("parsing {}", path.display()))?;
+    let program = package
+        .program()
+        .with_context(|| format!("parsing {}", path.display()))?;
     let target = match target {
         TargetChoice::Ane => Target::Ane,
         TargetChoice::Cpu => Target::Cpu,
@@ -86,8 +93,10 @@ fn check(path: &Path, target: TargetChoice) -> Result<()> {
 }
 
 fn fmt(path: &Path, write: bool) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let program = anemone::mil::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let program =
+        anemone::mil::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
     let out = anemone::mil::emit(&program);
     if write {
         anemone::atomic::write_atomic(path, out.as_bytes())?;
@@ -99,7 +108,8 @@ fn fmt(path: &Path, write: bool) -> Result<()> {
 
 fn read_npy(path: &Path) -> Result<HostTensor> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{}: not a .npy file", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .with_context(|| format!("{}: not a .npy file", path.display()))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let dtype = npy.dtype();
     let descr = match &dtype {
@@ -108,19 +118,47 @@ fn read_npy(path: &Path) -> Result<HostTensor> {
     };
     let (data, dt): (Vec<f32>, DType) = match descr.trim_start_matches(['<', '|', '=']) {
         "f4" => (npy.into_vec::<f32>()?, DType::Fp32),
-        "f2" => (npy.into_vec::<half::f16>()?.into_iter().map(f32::from).collect(), DType::Fp16),
-        "f8" => (npy.into_vec::<f64>()?.into_iter().map(|x| x as f32).collect(), DType::Fp32),
-        "i4" => (npy.into_vec::<i32>()?.into_iter().map(|x| x as f32).collect(), DType::Int32),
-        other => bail!("{}: unsupported .npy dtype `{other}` (use float16, float32 or int32)", path.display()),
+        "f2" => (
+            npy.into_vec::<half::f16>()?
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+            DType::Fp16,
+        ),
+        "f8" => (
+            npy.into_vec::<f64>()?
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+            DType::Fp32,
+        ),
+        "i4" => (
+            npy.into_vec::<i32>()?
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+            DType::Int32,
+        ),
+        other => bail!(
+            "{}: unsupported .npy dtype `{other}` (use float16, float32 or int32)",
+            path.display()
+        ),
     };
-    Ok(HostTensor { ty: TensorType::new(dt, shape), data })
+    Ok(HostTensor {
+        ty: TensorType::new(dt, shape),
+        data,
+    })
 }
 
 fn write_npy(path: &Path, t: &HostTensor) -> Result<()> {
     let shape: Vec<u64> = t.ty.shape.iter().map(|&d| d as u64).collect();
     let mut bytes = Vec::new();
     {
-        let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(&mut bytes).begin_nd()?;
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&shape)
+            .writer(&mut bytes)
+            .begin_nd()?;
         w.extend(t.data.iter().copied())?;
         w.finish()?;
     }
@@ -131,7 +169,9 @@ fn write_npy(path: &Path, t: &HostTensor) -> Result<()> {
 fn execute(path: &Path, inputs: &[String], output: &Path, precision: &str) -> Result<()> {
     let precision: Precision = precision.parse()?;
     let package = load(path)?;
-    let program = package.program().with_context(|| format!("parsing {}", path.display()))?;
+    let program = package
+        .program()
+        .with_context(|| format!("parsing {}", path.display()))?;
     let mut host = Vec::new();
     for spec in inputs {
         let (name, file) = spec

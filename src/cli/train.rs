@@ -134,8 +134,16 @@ fn kernel_options(precision: Precision, backend: &dyn Backend) -> KernelOptions 
         Precision::Fp16 => DType::Fp16,
         Precision::Fp32 => DType::Fp32,
     };
-    let mode = if backend.name() == "cpu" { WeightMode::Inputs } else { WeightMode::Packed };
-    KernelOptions { dtype, mode, ..KernelOptions::cpu() }
+    let mode = if backend.name() == "cpu" {
+        WeightMode::Inputs
+    } else {
+        WeightMode::Packed
+    };
+    KernelOptions {
+        dtype,
+        mode,
+        ..KernelOptions::cpu()
+    }
 }
 
 /// Load initial weights from an anemone checkpoint or a llama2.c file.
@@ -178,13 +186,20 @@ impl Progress {
             bar.set_position(start);
             bar
         });
-        Progress { bar, every: (total / 20).max(1), last_val: None }
+        Progress {
+            bar,
+            every: (total / 20).max(1),
+            last_val: None,
+        }
     }
 }
 
 impl Observer for Progress {
     fn on_step(&mut self, m: &Metrics, total: u64) {
-        let val = self.last_val.map(|v| format!(" val {v:.4}")).unwrap_or_default();
+        let val = self
+            .last_val
+            .map(|v| format!(" val {v:.4}"))
+            .unwrap_or_default();
         let msg = format!(
             "loss {:.4}{val} lr {:.2e} {:.0} tok/s",
             m.train_loss.unwrap_or(f32::NAN),
@@ -244,15 +259,30 @@ pub fn train(args: TrainArgs) -> Result<()> {
         return resume(&args, dir, precision);
     }
     let (data, val_data, run_dir, tokenizer) = match &args.data {
-        Some(d) => (d.clone(), None, args.out.clone().unwrap_or_else(|| next_run_dir(&args.config)), None),
+        Some(d) => (
+            d.clone(),
+            None,
+            args.out
+                .clone()
+                .unwrap_or_else(|| next_run_dir(&args.config)),
+            None,
+        ),
         None => {
             let run_dir = args.out.clone().unwrap_or_else(|| next_run_dir("tiny"));
             let prepared = super::data::prepare_builtin(&run_dir, args.corpus_mb, args.seed)?;
-            (prepared.train, Some(prepared.val), run_dir, Some(prepared.tokenizer))
+            (
+                prepared.train,
+                Some(prepared.val),
+                run_dir,
+                Some(prepared.tokenizer),
+            )
         }
     };
     let mut model = if let Some(init) = &args.init {
-        load_weights(init).with_context(|| format!("loading --init {}", init.display()))?.config().clone()
+        load_weights(init)
+            .with_context(|| format!("loading --init {}", init.display()))?
+            .config()
+            .clone()
     } else {
         ModelConfig::from_name_or_file(&args.config)?
     };
@@ -265,18 +295,23 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     let main_job = args.data.is_none();
     let config = TrainConfig {
-        preset: anemone::model::config::PRESETS.contains(&args.config.as_str()).then(|| args.config.clone()),
-        steps: args.steps.unwrap_or(if main_job { 700 } else { 1000 }),
+        preset: anemone::model::config::PRESETS
+            .contains(&args.config.as_str())
+            .then(|| args.config.clone()),
+        steps: args.steps.unwrap_or(if main_job { 220 } else { 1000 }),
         batch: args.batch.unwrap_or(if main_job { 8 } else { 4 }),
         seq,
         accum: args.accum,
-        lr: args.lr.unwrap_or(if main_job { 2e-3 } else { 5e-4 }),
-        warmup: args.warmup.unwrap_or(if main_job { 50 } else { 100 }),
+        lr: args.lr.unwrap_or(if main_job { 3e-3 } else { 5e-4 }),
+        warmup: args.warmup.unwrap_or(if main_job { 20 } else { 100 }),
         schedule: args.schedule,
-        optimizer: AdamW { weight_decay: args.weight_decay, ..AdamW::default() },
+        optimizer: AdamW {
+            weight_decay: args.weight_decay,
+            ..AdamW::default()
+        },
         grad_clip: args.grad_clip,
         seed: args.seed,
-        eval_every: args.eval_every.unwrap_or(if main_job { 100 } else { 200 }),
+        eval_every: args.eval_every.unwrap_or(if main_job { 50 } else { 200 }),
         eval_batches: args.eval_batches,
         checkpoint_every: args.checkpoint_every,
         fp16: precision == Precision::Fp16,
@@ -290,7 +325,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
         DataOrder::Random => Order::Random,
         DataOrder::Sequential => Order::Sequential,
     };
-    let args_val = TrainArgs { val_data: val_data.or(args.val_data.clone()), ..clone_args(&args) };
+    let args_val = TrainArgs {
+        val_data: val_data.or(args.val_data.clone()),
+        ..clone_args(&args)
+    };
     let (train_span, val_span) = spans(&args_val, &data, config.model.vocab_size)?;
     let mut source = WindowSource::new(Batcher::new(train_span, seq, order, config.seed)?);
     let mut val = WindowSource::new(Batcher::new(val_span, seq, Order::Sequential, 0)?);
@@ -350,7 +388,12 @@ fn clone_args(a: &TrainArgs) -> TrainArgs {
     }
 }
 
-fn run_loop(trainer: &mut Trainer, source: &mut dyn Batches, val: &mut dyn Batches, stop_after: Option<u64>) -> Result<()> {
+fn run_loop(
+    trainer: &mut Trainer,
+    source: &mut dyn Batches,
+    val: &mut dyn Batches,
+    stop_after: Option<u64>,
+) -> Result<()> {
     let started = Instant::now();
     let mut progress = Progress::new(trainer.config.steps, trainer.step());
     trainer.train(source, Some(val), &mut progress, stop_after)?;
@@ -368,16 +411,27 @@ fn run_loop(trainer: &mut Trainer, source: &mut dyn Batches, val: &mut dyn Batch
 
 fn resume(args: &TrainArgs, dir: &Path, precision: Precision) -> Result<()> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {} (is --resume a run directory?)", config_path.display()))?;
-    let config: TrainConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+    let text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!(
+            "reading {} (is --resume a run directory?)",
+            config_path.display()
+        )
+    })?;
+    let config: TrainConfig = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", config_path.display()))?;
     let data = match &args.data {
         Some(d) => d.clone(),
         None if dir.join("tokens.bin").exists() => dir.join("tokens.bin"),
         None => bail!("--resume needs --data (the token file the run was started with)"),
     };
-    let val_data = args.val_data.clone().or_else(|| Some(dir.join("tokens.val.bin")).filter(|p| p.exists()));
-    let a = TrainArgs { val_data, ..clone_args(args) };
+    let val_data = args
+        .val_data
+        .clone()
+        .or_else(|| Some(dir.join("tokens.val.bin")).filter(|p| p.exists()));
+    let a = TrainArgs {
+        val_data,
+        ..clone_args(args)
+    };
     let (train_span, val_span) = spans(&a, &data, config.model.vocab_size)?;
     let order = match args.data_order {
         DataOrder::Random => Order::Random,
@@ -385,7 +439,11 @@ fn resume(args: &TrainArgs, dir: &Path, precision: Precision) -> Result<()> {
     };
     let mut source = WindowSource::new(Batcher::new(train_span, config.seq, order, config.seed)?);
     let mut val = WindowSource::new(Batcher::new(val_span, config.seq, Order::Sequential, 0)?);
-    let precision = if config.fp16 { Precision::Fp16 } else { precision };
+    let precision = if config.fp16 {
+        Precision::Fp16
+    } else {
+        precision
+    };
     let backend = make_backend(args.backend, precision)?;
     let opts = kernel_options(precision, backend.as_ref());
     let engine = Engine::new(backend, &config.model, config.seq, config.batch, opts)?;
@@ -411,14 +469,20 @@ pub struct EvalArgs {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let weights = load_weights(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let weights =
+        load_weights(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let config = weights.config().clone();
     let seq = args.seq.unwrap_or(config.seq_len.min(256));
     let file = Arc::new(TokenFile::open(&args.data)?);
     file.check_vocab(config.vocab_size)?;
     let windows = ((file.len().saturating_sub(1)) / seq).min((args.max_tokens / seq).max(1));
     if windows == 0 {
-        bail!("{}: {} tokens are fewer than one window of {} + 1", args.data.display(), file.len(), seq);
+        bail!(
+            "{}: {} tokens are fewer than one window of {} + 1",
+            args.data.display(),
+            file.len(),
+            seq
+        );
     }
     let mut batcher = Batcher::new(TokenSpan::whole(file), seq, Order::Sequential, 0)?;
     let backend = make_backend(BackendChoice::Cpu, Precision::Fp32)?;
@@ -430,6 +494,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         total += engine.loss(&weights, &inputs, &targets)?;
     }
     let loss = total / windows as f64;
-    println!("loss {loss:.6} perplexity {:.3} ({} tokens in {windows} windows of {seq})", loss.exp(), windows * seq);
+    println!(
+        "loss {loss:.6} perplexity {:.3} ({} tokens in {windows} windows of {seq})",
+        loss.exp(),
+        windows * seq
+    );
     Ok(())
 }

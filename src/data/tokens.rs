@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::rng::Rng;
 use crate::data::tokenizer::Tokenizer;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// First eight bytes of an anemone token file.

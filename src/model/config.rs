@@ -88,7 +88,7 @@ impl ModelConfig {
     pub fn preset(name: &str) -> Result<ModelConfig> {
         let config = match name {
             // A few million parameters: the quick default on a 2-core CPU.
-            "tiny" => ModelConfig::llama(192, 4, 6, 6, 512, 2048, 128),
+            "tiny" => ModelConfig::llama(192, 4, 6, 6, 512, 1024, 128),
             // llama2.c's stories260K (trained with a 512-token vocabulary).
             "stories260k" => ModelConfig::llama(64, 5, 8, 4, 172, 512, 512),
             "stories15m" => ModelConfig::llama(288, 6, 6, 6, 768, 32000, 256),

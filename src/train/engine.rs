@@ -355,7 +355,12 @@ impl Engine {
         self.forward(w, inputs)?;
         let mut out = Vec::new();
         for b in 0..self.batch {
-            host::classifier_forward(&mut self.logits, &self.xf[b], w.classifier(), self.config.dim);
+            host::classifier_forward(
+                &mut self.logits,
+                &self.xf[b],
+                w.classifier(),
+                self.config.dim,
+            );
             out.push(self.logits.clone());
         }
         Ok(out)

@@ -24,7 +24,10 @@ impl WindowSource {
 
 impl Batches for WindowSource {
     fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> Result<()> {
-        for (i, t) in inputs.chunks_exact_mut(self.seq).zip(targets.chunks_exact_mut(self.seq)) {
+        for (i, t) in inputs
+            .chunks_exact_mut(self.seq)
+            .zip(targets.chunks_exact_mut(self.seq))
+        {
             self.batcher.next_window(i, t)?;
         }
         Ok(())

@@ -41,7 +41,11 @@ fn baked(name: &str) -> Option<Vec<f32>> {
 }
 
 /// Compile `spec` on a fresh CPU backend, write the named inputs, run, read outputs.
-fn run(spec: &KernelSpec, inputs: &[(&str, Vec<f32>)], precision: Precision) -> Vec<(String, Vec<f32>)> {
+fn run(
+    spec: &KernelSpec,
+    inputs: &[(&str, Vec<f32>)],
+    precision: Precision,
+) -> Vec<(String, Vec<f32>)> {
     let mut backend = CpuBackend::new(precision);
     let k = Kernel::new(&mut backend, spec.clone()).unwrap();
     for (name, data) in inputs {
@@ -71,29 +75,58 @@ fn output<'a>(outs: &'a [(String, Vec<f32>)], name: &str) -> &'a [f32] {
 #[test]
 fn forward_kernels_match_numpy_in_every_weight_mode() {
     let c = config();
-    let tol = Tolerance { relative: 1e-5, absolute: 1e-5 };
+    let tol = Tolerance {
+        relative: 1e-5,
+        absolute: 1e-5,
+    };
     for mode in [WeightMode::Inputs, WeightMode::Packed, WeightMode::Baked] {
         let o = opts(mode);
         let attn = kernels::attn_fwd(&c, T, o, &baked).unwrap();
         let outs = run(
             &attn,
-            &[("xn", arr("xn")), ("wq", arr("wq")), ("wk", arr("wk")), ("wv", arr("wv"))],
+            &[
+                ("xn", arr("xn")),
+                ("wq", arr("wq")),
+                ("wk", arr("wk")),
+                ("wv", arr("wv")),
+            ],
             Precision::Fp32,
         );
         for name in ["attn", "q_rope", "k_rope", "v"] {
-            tol.assert_close(output(&outs, name), &arr(&format!("out_{name}")), &format!("{mode:?} attn_fwd {name}"));
+            tol.assert_close(
+                output(&outs, name),
+                &arr(&format!("out_{name}")),
+                &format!("{mode:?} attn_fwd {name}"),
+            );
         }
         let wo = kernels::wo_fwd(&c, T, o, &baked).unwrap();
-        let outs = run(&wo, &[("attn", arr("out_attn")), ("wo", arr("wo"))], Precision::Fp32);
-        tol.assert_close(output(&outs, "o"), &arr("out_o"), &format!("{mode:?} wo_fwd"));
+        let outs = run(
+            &wo,
+            &[("attn", arr("out_attn")), ("wo", arr("wo"))],
+            Precision::Fp32,
+        );
+        tol.assert_close(
+            output(&outs, "o"),
+            &arr("out_o"),
+            &format!("{mode:?} wo_fwd"),
+        );
         let ffn = kernels::ffn_fwd(&c, T, o, &baked).unwrap();
         let outs = run(
             &ffn,
-            &[("x2n", arr("x2n")), ("w1", arr("w1")), ("w3", arr("w3")), ("w2", arr("w2"))],
+            &[
+                ("x2n", arr("x2n")),
+                ("w1", arr("w1")),
+                ("w3", arr("w3")),
+                ("w2", arr("w2")),
+            ],
             Precision::Fp32,
         );
         for name in ["ffn", "h1", "h3", "gate"] {
-            tol.assert_close(output(&outs, name), &arr(&format!("out_{name}")), &format!("{mode:?} ffn_fwd {name}"));
+            tol.assert_close(
+                output(&outs, name),
+                &arr(&format!("out_{name}")),
+                &format!("{mode:?} ffn_fwd {name}"),
+            );
         }
     }
 }
@@ -114,7 +147,12 @@ fn packed_kernels_have_one_input_and_one_output_and_pass_the_ane_rules() {
         assert!(report.is_ok(), "{}:\n{report}", spec.name);
         // The text round-trips.
         let text = anemone::mil::emit(&spec.program);
-        assert_eq!(anemone::mil::parse(&text).unwrap(), spec.program, "{}", spec.name);
+        assert_eq!(
+            anemone::mil::parse(&text).unwrap(),
+            spec.program,
+            "{}",
+            spec.name
+        );
     }
 }
 
@@ -171,11 +209,29 @@ fn backward_kernels_match_finite_differences_of_the_forward_kernels() {
     // FFN: ffn_bwd_w2 then ffn_bwd_w13 give d<u, ffn>/dx2n.
     let ffn = kernels::ffn_fwd(&c, T, o, no).unwrap();
     let ffn_of = |x: &[f32]| {
-        let outs = run(&ffn, &[("x2n", x.to_vec()), ("w1", w1.clone()), ("w3", w3.clone()), ("w2", w2.clone())], p32);
+        let outs = run(
+            &ffn,
+            &[
+                ("x2n", x.to_vec()),
+                ("w1", w1.clone()),
+                ("w3", w3.clone()),
+                ("w2", w2.clone()),
+            ],
+            p32,
+        );
         vec![output(&outs, "ffn").to_vec()]
     };
     let x2n = arr("x2n");
-    let fwd = run(&ffn, &[("x2n", x2n.clone()), ("w1", w1.clone()), ("w3", w3.clone()), ("w2", w2.clone())], p32);
+    let fwd = run(
+        &ffn,
+        &[
+            ("x2n", x2n.clone()),
+            ("w1", w1.clone()),
+            ("w3", w3.clone()),
+            ("w2", w2.clone()),
+        ],
+        p32,
+    );
     let u = randn(c.dim * T, &mut rng, 1.0);
     let b2 = kernels::ffn_bwd_w2(&c, T, o, no).unwrap();
     let dgate = run(&b2, &[("dffn", u.clone()), ("w2", w2.clone())], p32);
@@ -192,19 +248,52 @@ fn backward_kernels_match_finite_differences_of_the_forward_kernels() {
         p32,
     );
     assert_eq!(output(&outs, "dh1").len(), f * T);
-    check_directional("ffn backward", &ffn_of, &x2n, &[u], output(&outs, "dx2n"), &mut rng);
+    check_directional(
+        "ffn backward",
+        &ffn_of,
+        &x2n,
+        &[u],
+        output(&outs, "dx2n"),
+        &mut rng,
+    );
 
     // Wo: wo_bwd gives d<u, o>/dattn.
     let wo_k = kernels::wo_fwd(&c, T, o, no).unwrap();
-    let wo_of = |x: &[f32]| vec![output(&run(&wo_k, &[("attn", x.to_vec()), ("wo", wo.clone())], p32), "o").to_vec()];
+    let wo_of = |x: &[f32]| {
+        vec![
+            output(
+                &run(&wo_k, &[("attn", x.to_vec()), ("wo", wo.clone())], p32),
+                "o",
+            )
+            .to_vec(),
+        ]
+    };
     let u = randn(c.dim * T, &mut rng, 1.0);
-    let da = run(&kernels::wo_bwd(&c, T, o, no).unwrap(), &[("dx2", u.clone()), ("wo", wo.clone())], p32);
-    check_directional("wo backward", &wo_of, &arr("out_attn"), &[u], output(&da, "dattn"), &mut rng);
+    let da = run(
+        &kernels::wo_bwd(&c, T, o, no).unwrap(),
+        &[("dx2", u.clone()), ("wo", wo.clone())],
+        p32,
+    );
+    check_directional(
+        "wo backward",
+        &wo_of,
+        &arr("out_attn"),
+        &[u],
+        output(&da, "dattn"),
+        &mut rng,
+    );
 
     // Attention: attn_bwd (then q_bwd, kv_bwd) gives d<u, attn>/dxn through
     // projections, RoPE, GQA and the causal softmax.
     let attn = kernels::attn_fwd(&c, T, o, no).unwrap();
-    let attn_inputs = |x: &[f32]| vec![("xn", x.to_vec()), ("wq", wq.clone()), ("wk", wk.clone()), ("wv", wv.clone())];
+    let attn_inputs = |x: &[f32]| {
+        vec![
+            ("xn", x.to_vec()),
+            ("wq", wq.clone()),
+            ("wk", wk.clone()),
+            ("wv", wv.clone()),
+        ]
+    };
     let attn_of = |x: &[f32]| vec![output(&run(&attn, &attn_inputs(x), p32), "attn").to_vec()];
     let xn = arr("xn");
     let fwd = run(&attn, &attn_inputs(&xn), p32);
@@ -220,13 +309,26 @@ fn backward_kernels_match_finite_differences_of_the_forward_kernels() {
         p32,
     );
     assert_eq!(output(&bwd, "dk").len(), kvd * T);
-    let dxq = run(&kernels::q_bwd(&c, T, o, no).unwrap(), &[("dq", output(&bwd, "dq").to_vec()), ("wq", wq.clone())], p32);
-    let dxkv = run(
-        &kernels::kv_bwd(&c, T, o, no).unwrap(),
-        &[("dk", output(&bwd, "dk").to_vec()), ("dv", output(&bwd, "dv").to_vec()), ("wk", wk.clone()), ("wv", wv.clone())],
+    let dxq = run(
+        &kernels::q_bwd(&c, T, o, no).unwrap(),
+        &[("dq", output(&bwd, "dq").to_vec()), ("wq", wq.clone())],
         p32,
     );
-    let dxn: Vec<f32> = output(&dxq, "dxn").iter().zip(output(&dxkv, "dxn")).map(|(a, b)| a + b).collect();
+    let dxkv = run(
+        &kernels::kv_bwd(&c, T, o, no).unwrap(),
+        &[
+            ("dk", output(&bwd, "dk").to_vec()),
+            ("dv", output(&bwd, "dv").to_vec()),
+            ("wk", wk.clone()),
+            ("wv", wv.clone()),
+        ],
+        p32,
+    );
+    let dxn: Vec<f32> = output(&dxq, "dxn")
+        .iter()
+        .zip(output(&dxkv, "dxn"))
+        .map(|(a, b)| a + b)
+        .collect();
     check_directional("attention backward", &attn_of, &xn, &[u], &dxn, &mut rng);
 }
 
@@ -238,5 +340,8 @@ fn rope_tables_and_mask_are_hand_checked() {
     assert!((sin[2 * 4 + 3] - 0.02f32.sin()).abs() < 1e-7);
     assert_eq!(cos[0], 1.0);
     let m = kernels::causal_mask(3);
-    assert_eq!(m, vec![0.0, -65504.0, -65504.0, 0.0, 0.0, -65504.0, 0.0, 0.0, 0.0]);
+    assert_eq!(
+        m,
+        vec![0.0, -65504.0, -65504.0, 0.0, 0.0, -65504.0, 0.0, 0.0, 0.0]
+    );
 }

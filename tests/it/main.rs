@@ -13,4 +13,5 @@ mod report;
 mod tokenizer;
 mod tokens;
 mod train_ref;
+mod train_run;
 mod verify;
