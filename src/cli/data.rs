@@ -143,7 +143,7 @@ const BUILTIN_VOCAB: usize = 1024;
 /// Generate the built-in corpus (`corpus_mb` MB), train a tokenizer on it and
 /// tokenize it into `run_dir` (`corpus.txt`, `tokenizer.bin`, `tokens.bin`, `tokens.val.bin`).
 pub fn prepare_builtin(run_dir: &Path, corpus_mb: f64, seed: u64) -> Result<Prepared> {
-    if !(corpus_mb > 0.0) {
+    if corpus_mb.is_nan() || corpus_mb <= 0.0 {
         bail!("--corpus-mb must be positive");
     }
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;

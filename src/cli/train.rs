@@ -298,7 +298,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         preset: anemone::model::config::PRESETS
             .contains(&args.config.as_str())
             .then(|| args.config.clone()),
-        steps: args.steps.unwrap_or(if main_job { 220 } else { 1000 }),
+        steps: args.steps.unwrap_or(if main_job { 200 } else { 1000 }),
         batch: args.batch.unwrap_or(if main_job { 8 } else { 4 }),
         seq,
         accum: args.accum,

@@ -167,7 +167,11 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        if !(self.norm_eps > 0.0) || !(self.rope_theta > 1.0) {
+        if self.norm_eps.is_nan()
+            || self.norm_eps <= 0.0
+            || self.rope_theta.is_nan()
+            || self.rope_theta <= 1.0
+        {
             return bad("model config: norm_eps must be > 0 and rope_theta > 1".into());
         }
         Ok(())

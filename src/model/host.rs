@@ -4,6 +4,9 @@
 //! forward/backward (exact, including the norm weight), the classifier and
 //! cross-entropy over the full vocabulary. Each forward sits next to its backward.
 
+// Index loops over (channel, position) read clearest for this layout.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
 use crate::linalg::{gemm, t};

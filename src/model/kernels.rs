@@ -239,10 +239,7 @@ impl<'w> KernelBuilder<'w> {
                 continue;
             }
             let (inp, out) = w.in_out();
-            let m_form = match packed_channels {
-                Some(PackAxis::Width(c)) if inp != c => false,
-                _ => true,
-            };
+            let m_form = !matches!(packed_channels, Some(PackAxis::Width(c)) if inp != c);
             // The `[in, out]` matrix M is W^T for forward use and W for transposed use.
             let (transposed, rows, cols) = if m_form {
                 (w.usage == Use::Forward, inp, out)
@@ -363,10 +360,7 @@ impl<'w> KernelBuilder<'w> {
             };
             let file = format!("{}.bin", decl.name);
             let dtype = self.dtype();
-            let writer = self
-                .blobs
-                .entry(file.clone())
-                .or_insert_with(BlobWriter::new);
+            let writer = self.blobs.entry(file.clone()).or_default();
             let offset = match dtype {
                 DType::Fp16 => writer.add_fp16(&a),
                 _ => writer.add_fp32(&a),
@@ -395,10 +389,7 @@ impl<'w> KernelBuilder<'w> {
     pub fn table(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Tensor {
         let dtype = self.dtype();
         let file = format!("{name}.bin");
-        let writer = self
-            .blobs
-            .entry(file.clone())
-            .or_insert_with(BlobWriter::new);
+        let writer = self.blobs.entry(file.clone()).or_default();
         let offset = match dtype {
             DType::Fp16 => writer.add_fp16(values),
             _ => writer.add_fp32(values),

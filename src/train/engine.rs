@@ -366,6 +366,7 @@ impl Engine {
         Ok(out)
     }
 
+    #[allow(clippy::needless_range_loop)]
     /// Forward and backward: adds `loss_scale * d(mean loss)/dw` to `grads` and
     /// returns the mean loss (unscaled).
     pub fn forward_backward(

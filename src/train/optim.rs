@@ -252,10 +252,10 @@ mod tests {
         let mut g = vec![2048.0];
         assert_eq!(s.update(&mut g), ScaleEvent::Apply);
         assert_eq!(g[0], 1.0);
-        assert_eq!(s.update(&mut vec![0.0]), ScaleEvent::ApplyAndGrow);
+        assert_eq!(s.update(&mut [0.0]), ScaleEvent::ApplyAndGrow);
         assert_eq!(s.scale, 4096.0);
         let mut off = LossScaler::disabled();
-        assert_eq!(off.update(&mut vec![f32::NAN]), ScaleEvent::Skip);
+        assert_eq!(off.update(&mut [f32::NAN]), ScaleEvent::Skip);
         assert_eq!(off.scale, 1.0);
     }
 }

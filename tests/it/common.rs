@@ -44,7 +44,7 @@ impl Tolerance {
         let (mut worst, mut at) = (0.0f64, 0);
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
             let err = (g as f64 - w as f64).abs();
-            if !(err <= worst) {
+            if err.is_nan() || err > worst {
                 worst = err;
                 at = i;
             }

@@ -96,6 +96,7 @@ fn check_against_pytorch(
 
     let logits = e.logits(&weights, &r.inputs).unwrap();
     let vocab = r.config.vocab_size;
+    #[allow(clippy::needless_range_loop)]
     for b in 0..r.batch {
         let want = &r.logits[b * r.seq * vocab..(b + 1) * r.seq * vocab];
         tol.assert_close(&logits[b], want, &format!("logits of sequence {b}"));
