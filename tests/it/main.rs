@@ -2,6 +2,7 @@
 //! header or sidecar naming the script in `scripts/` that made them.
 
 mod blob;
+mod cli;
 mod common;
 mod corpus;
 mod cpu_ops;
