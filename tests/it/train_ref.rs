@@ -204,3 +204,33 @@ fn fp16_simulation_stays_within_fp16_tolerances() {
         1e-2,
     );
 }
+
+#[test]
+fn llama2c_export_round_trip_keeps_logits_and_the_pytorch_loss() {
+    // Export the reference weights as a llama2.c v0 file, import it, and check
+    // the engine's loss on the reference tokens equals PyTorch's.
+    let r = reference();
+    let mut weights = Weights::zeros(&r.config);
+    weights.data.copy_from_slice(&r.weights);
+    let path = std::env::temp_dir().join(format!("anemone-ref-{}.bin", std::process::id()));
+    anemone::model::llama2c::write_v0(&weights, &path).unwrap();
+    let imported = anemone::model::llama2c::read(&path).unwrap();
+    assert!(
+        imported
+            .data
+            .iter()
+            .zip(&weights.data)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    let mut e = engine(&r, Precision::Fp32, DType::Fp32, WeightMode::Inputs);
+    let loss = e.loss(&imported, &r.inputs, &r.targets).unwrap();
+    assert!(
+        (loss - r.loss).abs() <= 1e-4 * r.loss,
+        "imported loss {loss} vs PyTorch {}",
+        r.loss
+    );
+    assert_eq!(
+        e.logits(&imported, &r.inputs).unwrap(),
+        e.logits(&weights, &r.inputs).unwrap()
+    );
+}
