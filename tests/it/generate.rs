@@ -197,3 +197,43 @@ fn greedy_sampler_is_argmax_with_ties_to_the_lowest_id() {
     assert_eq!(sampler.sample(&[0.1, 2.0, -3.0, 2.0]), 1);
     assert_eq!(argmax(&[5.0, 5.0, 5.0]), 0);
 }
+
+/// A model trained by anemone (built-in stories, 2 layers, dim 64), exported
+/// with `anemone export --format llama2c`, with its tokenizer: greedy text from
+/// BOS equals the independent NumPy implementation's byte for byte
+/// (`scripts/llama2c_generate_text.py`, fixtures in `tests/fixtures/generate/`).
+#[test]
+fn greedy_text_of_a_trained_model_matches_numpy() {
+    let dir = crate::common::fixture("generate");
+    let weights = anemone::model::llama2c::read(&dir.join("story_v0.bin")).unwrap();
+    let tokenizer = anemone::data::tokenizer::Tokenizer::read(
+        &dir.join("tokenizer.bin"),
+        Some(weights.config().vocab_size),
+    )
+    .unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let want_ids: Vec<u32> = expected["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let mut generator = anemone::generate::Generator::new(&weights);
+    let mut sampler = anemone::generate::Sampler::greedy();
+    let ids = generator
+        .generate(
+            &[anemone::generate::BOS],
+            want_ids.len(),
+            &mut sampler,
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(ids, want_ids);
+    let mut text = vec![anemone::generate::BOS];
+    text.extend(&ids);
+    assert_eq!(
+        tokenizer.decode(&text).unwrap(),
+        expected["text"].as_str().unwrap()
+    );
+}
