@@ -172,7 +172,7 @@ pub fn cross_entropy_loss(logits: &[f32], targets: &[u32]) -> f64 {
         .zip(targets.par_iter())
         .map(|(row, &target)| {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            let sum: f64 = row.iter().map(|&v| (v - max).exp() as f64).sum();
             sum.ln() + max as f64 - row[target as usize] as f64
         })
         .sum::<f64>()
