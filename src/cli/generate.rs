@@ -110,6 +110,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         &mut out,
     )?;
     writeln!(out)?;
+    out.flush()?;
     eprintln!("{} tokens, {rate:.1} tokens/s", new.len());
     Ok(())
 }
