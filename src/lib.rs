@@ -13,6 +13,9 @@
 //! - [`backend`]: the narrow backend trait and the CPU interpreter.
 //! - [`report`]: run directories: metrics log, plots, run listings.
 
+// Only the ANE FFI layer (src/backend/ane/, not yet written) may opt out.
+#![deny(unsafe_code)]
+
 pub mod atomic;
 pub mod backend;
 pub mod blob;

@@ -9,8 +9,8 @@
 //!   `[28..64)` zeros.
 //!
 //! Reading: [`TokenFile::open`] reads the file into memory. It does not
-//! memory-map: `memmap2::Mmap::map` is `unsafe`, and `unsafe` lives only in the
-//! ANE layer. Files larger than [`IN_MEMORY_LIMIT`] are instead read window by
+//! memory-map, because mapping a file is not memory-safe Rust and the crate keeps
+//! such code to the ANE FFI layer (`#![deny(unsafe_code)]`). Files larger than [`IN_MEMORY_LIMIT`] are instead read window by
 //! window with seek + read, so memory stays bounded for multi-gigabyte corpora.
 //!
 //! Writing: [`TokenWriter`] streams ids to a temp file in constant memory and on

@@ -3,7 +3,7 @@
 //! for kernels ([`build`]), the text emitter ([`emit`]) and parser ([`parse`]),
 //! and the verifier with the catalogue of ANE rules ([`verify`]).
 //!
-//! This module does no I/O, has no `unsafe`, and knows nothing about macOS.
+//! This module does no I/O, is plain safe Rust, and knows nothing about macOS.
 
 pub mod build;
 pub mod emit;
