@@ -63,19 +63,18 @@ fn parse_ok(text: &str) -> Program {
 
 // ---- random programs ------------------------------------------------------------
 
-/// splitmix64: a tiny deterministic generator driven by a proptest seed.
-struct Rng(u64);
+/// A deterministic generator driven by a proptest seed: the crate's SplitMix64.
+struct Rng(anemone::rng::Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(anemone::rng::Rng::new(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        self.0.below(n.max(1) as u64) as usize
     }
     fn coin(&mut self) -> bool {
         self.next() & 1 == 1
@@ -214,7 +213,7 @@ fn random_operand(rng: &mut Rng, defined: &[String]) -> Arg {
 /// (optional ones sometimes left out), random types and literals, `split` with
 /// one to four results, and several function outputs.
 fn random_program(seed: u64) -> Program {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let dialect = if rng.coin() {
         Dialect::Ios18
     } else {
@@ -1169,7 +1168,7 @@ fn check_total(text: &str) {
 }
 
 fn mutate(text: &str, seed: u64) -> String {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut chars: Vec<char> = text.chars().collect();
     for _ in 0..1 + rng.below(4) {
         let len = chars.len();
