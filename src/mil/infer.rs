@@ -138,7 +138,9 @@ impl<'a> Cx<'a> {
                 (_, Arg::Tuple(_)) => {
                     return Err(self.err(format!("parameter `{key}` must not be a tuple")));
                 }
-                (ParamKind::Const, Arg::Var(name)) if !self.is_constant(name) => {
+                (ParamKind::Const | ParamKind::ConstTensor, Arg::Var(name))
+                    if !self.is_constant(name) =>
+                {
                     return Err(self.err(format!(
                         "parameter `{key}` must be a compile-time constant, but `{name}` is not defined by a `const` op"
                     )));

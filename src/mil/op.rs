@@ -10,6 +10,9 @@ pub enum ParamKind {
     Tensor,
     /// An argument that must be a compile-time constant (a `const` variable or inline literal).
     Const,
+    /// A tensor operand that must also be a compile-time constant (conv's `bias`): checked
+    /// like `Const`, consumed like `Tensor`.
+    ConstTensor,
     /// A parenthesised tuple of tensor arguments (`values = (a, b)`).
     Tuple,
     /// An entry of the attribute block (`[name = ..., axis = int32(0)]`), not a call argument.
@@ -40,7 +43,7 @@ const fn opt(name: &'static str, kind: ParamKind) -> Param {
     }
 }
 
-use ParamKind::{Attr, Const, Tensor, Tuple};
+use ParamKind::{Attr, Const, ConstTensor, Tensor, Tuple};
 
 /// A MIL operation kind. Variants mirror the MIL op names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -183,7 +186,7 @@ impl Op {
                     &[
                         req("x", Tensor),
                         req("weight", Tensor),
-                        opt("bias", Const),
+                        opt("bias", ConstTensor),
                         opt("strides", Const),
                         opt("pad_type", Const),
                         opt("pad", Const),

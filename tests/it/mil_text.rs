@@ -277,7 +277,7 @@ fn random_program(seed: u64) -> Program {
             }
             let key = p.name.to_string();
             match p.kind {
-                ParamKind::Tensor | ParamKind::Const => {
+                ParamKind::Tensor | ParamKind::Const | ParamKind::ConstTensor => {
                     args.push((key, random_operand(&mut rng, &defined)))
                 }
                 ParamKind::Tuple => {

@@ -368,13 +368,7 @@ impl<'p> PlanBuilder<'p> {
                         slots.push(self.operand_slot(op, param.name, item)?);
                     }
                 }
-                (ParamKind::Tensor | ParamKind::Tuple, arg) => {
-                    slots.push(self.operand_slot(op, param.name, arg)?)
-                }
-                // conv's bias must be a constant but is consumed as a tensor operand.
-                (ParamKind::Const, arg)
-                    if op.op == crate::mil::Op::Conv && param.name == "bias" =>
-                {
+                (ParamKind::Tensor | ParamKind::ConstTensor | ParamKind::Tuple, arg) => {
                     slots.push(self.operand_slot(op, param.name, arg)?)
                 }
                 _ => {}
