@@ -18,6 +18,7 @@
 
 pub mod atomic;
 pub mod backend;
+pub mod bench;
 pub mod blob;
 pub mod data;
 pub mod error;

@@ -2,6 +2,7 @@
 //! thin layer over the library. Errors print as `error: ...` (with a `hint:`
 //! where a fix is known) and exit with code 2.
 
+mod bench;
 mod data;
 mod generate;
 mod mil;
@@ -22,6 +23,9 @@ use clap::{Parser, Subcommand};
                   `anemone train` with no arguments runs the built-in demo: stories -> tokenizer -> tiny model -> samples."
 )]
 struct Cli {
+    /// Worker threads for the CPU math (default: RAYON_NUM_THREADS, else all cores)
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +60,9 @@ enum Command {
     /// MIL tools: check, run, fmt
     #[command(subcommand)]
     Mil(mil::MilCommand),
+    /// Benchmarks: training steps, ANE-style kernels
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -78,11 +85,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Mil(cmd) => mil::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(threads) = cli.threads
+        && let Err(err) = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+    {
+        eprintln!("error: --threads {threads}: {err}");
+        return ExitCode::from(2);
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

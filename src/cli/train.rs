@@ -129,7 +129,7 @@ pub fn make_backend(choice: BackendChoice, precision: Precision) -> Result<Box<d
     }
 }
 
-fn kernel_options(precision: Precision, backend: &dyn Backend) -> KernelOptions {
+pub fn kernel_options(precision: Precision, backend: &dyn Backend) -> KernelOptions {
     let dtype = match precision {
         Precision::Fp16 => DType::Fp16,
         Precision::Fp32 => DType::Fp32,

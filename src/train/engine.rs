@@ -7,6 +7,9 @@
 //! Activations are `(C, T)` channel-major on the host, the layout of the
 //! kernels' `[1, C, 1, T]` tensors; all buffers are allocated once and reused.
 
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
 use crate::backend::{Backend, Block, BufferId, KernelId};
 use crate::linalg::{gemm, n, t};
 use crate::model::host;
@@ -22,6 +25,9 @@ pub struct Kernel {
     id: KernelId,
     inputs: Vec<BufferId>,
     outputs: Vec<BufferId>,
+    /// Time spent running, and writing/reading buffers, since the last `take_times`.
+    run_time: Cell<Duration>,
+    io_time: Cell<Duration>,
 }
 
 impl Kernel {
@@ -43,6 +49,8 @@ impl Kernel {
             id,
             inputs,
             outputs,
+            run_time: Cell::default(),
+            io_time: Cell::default(),
         })
     }
 
@@ -56,7 +64,10 @@ impl Kernel {
             col: s.col,
             cols: s.cols,
         };
-        backend.write(self.inputs[s.buffer], block, data)
+        let start = Instant::now();
+        let result = backend.write(self.inputs[s.buffer], block, data);
+        self.io_time.set(self.io_time.get() + start.elapsed());
+        result
     }
 
     /// Write a weight given as the parameter is stored (`[out, in]` row-major);
@@ -69,18 +80,24 @@ impl Kernel {
             col: s.col,
             cols: s.cols,
         };
-        match s.kind {
+        let start = Instant::now();
+        let result = match s.kind {
             SlotKind::Weight { transposed: true } => {
                 // Slot holds W^T (rows x cols), so W is (cols x rows).
                 let wt = transpose(w, s.cols, s.rows);
                 backend.write(self.inputs[s.buffer], block, &wt)
             }
             _ => backend.write(self.inputs[s.buffer], block, w),
-        }
+        };
+        self.io_time.set(self.io_time.get() + start.elapsed());
+        result
     }
 
     pub fn run(&self, backend: &mut dyn Backend) -> Result<()> {
-        backend.run(self.id, &self.inputs, &self.outputs)
+        let start = Instant::now();
+        let result = backend.run(self.id, &self.inputs, &self.outputs);
+        self.run_time.set(self.run_time.get() + start.elapsed());
+        result
     }
 
     /// Read an output `(rows, cols)` row-major into `dst`.
@@ -92,7 +109,44 @@ impl Kernel {
             col: s.col,
             cols: s.cols,
         };
-        backend.read(self.outputs[s.buffer], block, dst)
+        let start = Instant::now();
+        let result = backend.read(self.outputs[s.buffer], block, dst);
+        self.io_time.set(self.io_time.get() + start.elapsed());
+        result
+    }
+
+    /// Add this kernel's run time (under its name) and buffer I/O time (under
+    /// `io`) to `profile`, and reset them.
+    fn take_times(&self, profile: &mut Profile) {
+        profile.add_duration(&self.spec.name, self.run_time.take());
+        profile.add_duration("io", self.io_time.take());
+    }
+}
+
+/// Wall time per phase, summed over the passes since the last
+/// [`Engine::take_profile`]. Kernel phases are named after the kernel
+/// (`attn_fwd`, ...); `io` is writing inputs to and reading outputs from kernel
+/// buffers (conversion to the buffer's dtype included).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Profile {
+    pub phases: Vec<(String, Duration)>,
+}
+
+impl Profile {
+    /// Add the time elapsed since `start` to `phase`.
+    pub fn add(&mut self, phase: &str, start: Instant) {
+        self.add_duration(phase, start.elapsed());
+    }
+
+    pub fn add_duration(&mut self, phase: &str, d: Duration) {
+        match self.phases.iter_mut().find(|(name, _)| name == phase) {
+            Some((_, total)) => *total += d,
+            None => self.phases.push((phase.to_string(), d)),
+        }
+    }
+
+    pub fn total(&self) -> Duration {
+        self.phases.iter().map(|(_, d)| *d).sum()
     }
 }
 
@@ -162,6 +216,8 @@ pub struct Engine {
     xf: Vec<Vec<f32>>,
     rrms_final: Vec<Vec<f32>>,
     logits: Vec<f32>, // (T, V)
+    /// Host-side phases since the last `take_profile`.
+    profile: Profile,
 }
 
 impl Engine {
@@ -213,7 +269,30 @@ impl Engine {
             xf: vec![vec![0.0; d * seq]; batch],
             rrms_final: vec![vec![0.0; seq]; batch],
             logits: vec![0.0; seq * config.vocab_size],
+            profile: Profile::default(),
         })
+    }
+
+    /// Wall time per phase since the last call: every kernel by name, `io`, and
+    /// the host phases (`embedding`, `rmsnorm`, `residual`, `classifier`, `loss`,
+    /// `dW gemm`).
+    pub fn take_profile(&mut self) -> Profile {
+        let mut profile = std::mem::take(&mut self.profile);
+        let k = &self.kernels;
+        for kernel in [
+            &k.attn_fwd,
+            &k.wo_fwd,
+            &k.ffn_fwd,
+            &k.ffn_bwd_w2,
+            &k.ffn_bwd_w13,
+            &k.wo_bwd,
+            &k.attn_bwd,
+            &k.q_bwd,
+            &k.kv_bwd,
+        ] {
+            kernel.take_times(&mut profile);
+        }
+        profile
     }
 
     pub fn backend_name(&self) -> &'static str {

@@ -1,0 +1,273 @@
+//! `anemone bench train-step`: time whole training steps (forward, backward,
+//! weight gradients, global-norm clip and AdamW) of a model preset on random
+//! tokens, with a per-phase breakdown from the engine and the machine's GEMM
+//! peak measured in the same run.
+//!
+//! FLOP convention (shared with `scripts/bench_pytorch.py` and
+//! `docs/performance.md`): training FLOPs = 3 x forward FLOPs; forward per
+//! sequence = `2 T (linear weights)` + per layer `4 T^2 (n_heads head_dim)`
+//! (QK^T and AV, full square, no causal halving), where the linear weights are
+//! wq, wk, wv, wo, w1, w2, w3 of every layer plus the classifier `V x D`.
+//! Embedding gathers, norms and elementwise work are not counted.
+//!
+//! This module does not decide what "fast enough" is: it measures.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::Result;
+use crate::backend::Backend;
+use crate::linalg::{gemm, n};
+use crate::model::kernels::KernelOptions;
+use crate::model::{ModelConfig, Weights};
+use crate::rng::Rng;
+use crate::train::engine::{Engine, Profile};
+use crate::train::optim::{self, AdamState, AdamW};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct TrainStepOptions {
+    pub config_name: String,
+    pub config: ModelConfig,
+    pub seq: usize,
+    pub batch: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    pub kernels: KernelOptions,
+}
+
+/// One phase of the breakdown: total over the timed steps divided by steps.
+#[derive(Clone, Debug, Serialize)]
+pub struct Phase {
+    pub name: String,
+    pub ms_per_step: f64,
+    pub fraction: f64,
+}
+
+/// Result of a train-step benchmark; printed as a table and written as JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainStepReport {
+    pub config: String,
+    pub backend: String,
+    pub threads: usize,
+    pub seq: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub ms_median: f64,
+    pub ms_min: f64,
+    pub ms_max: f64,
+    pub tokens_per_s: f64,
+    pub gflop_per_step: f64,
+    pub gflops: f64,
+    /// Median fp32 GEMM throughput measured in this run with the same threads.
+    pub gemm_peak_gflops: f64,
+    pub fraction_of_gemm_peak: f64,
+    pub peak_rss_mb: Option<f64>,
+    pub phases: Vec<Phase>,
+    pub losses: Vec<f64>,
+}
+
+/// Training FLOPs of one step of `batch` sequences of `seq` tokens.
+pub fn train_flops(c: &ModelConfig, seq: usize, batch: usize) -> f64 {
+    let (d, q, kv, f) = (
+        c.dim as f64,
+        c.q_dim() as f64,
+        c.kv_dim() as f64,
+        c.hidden_dim as f64,
+    );
+    let per_layer_linear = d * q + 2.0 * d * kv + q * d + 3.0 * d * f;
+    let linear = c.n_layers as f64 * per_layer_linear + c.vocab_size as f64 * d;
+    let t = seq as f64;
+    let attention = c.n_layers as f64 * 4.0 * t * t * q;
+    3.0 * batch as f64 * (2.0 * t * linear + attention)
+}
+
+/// Median fp32 GEMM GFLOP/s on a training-like shape (2048 x 768 x 512), with
+/// the current rayon threads.
+pub fn gemm_peak_gflops(reps: usize) -> f64 {
+    let (m, k, nn) = (2048, 768, 512);
+    let mut rng = Rng::new(7);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32() - 0.5).collect();
+    let b: Vec<f32> = (0..k * nn).map(|_| rng.next_f32() - 0.5).collect();
+    let mut c = vec![0.0f32; m * nn];
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..reps + 2 {
+        let start = Instant::now();
+        gemm(&mut c, m, nn, n(&a, m, k), n(&b, k, nn), 1.0, false);
+        if i >= 2 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    2.0 * (m * k * nn) as f64 / median(&mut times) / 1e9
+}
+
+/// Median of `xs` (sorted in place); NaN when empty.
+pub fn median(xs: &mut [f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let mid = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[mid]
+    } else {
+        0.5 * (xs[mid - 1] + xs[mid])
+    }
+}
+
+/// Peak resident set size of this process in MB (Linux `VmHWM`), if known.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Run the benchmark: `warmup` untimed steps, then `steps` timed ones.
+/// `progress` is told each finished step (index, seconds).
+pub fn run(
+    backend: Box<dyn Backend>,
+    opts: &TrainStepOptions,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<TrainStepReport> {
+    let c = &opts.config;
+    let backend_name = backend.name().to_string();
+    let mut engine = Engine::new(backend, c, opts.seq, opts.batch, opts.kernels)?;
+    let mut weights = Weights::init(c, 1);
+    let mut grads = Weights::zeros(c);
+    let mut adam = AdamState::new(weights.data.len());
+    let adamw = AdamW::default();
+    let n_tokens = opts.seq * opts.batch;
+    let mut rng = Rng::new(42);
+    let mut inputs = vec![0u32; n_tokens];
+    let mut targets = vec![0u32; n_tokens];
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    let mut profile = Profile::default();
+    for step in 0..opts.warmup + opts.steps {
+        for tok in inputs.iter_mut().chain(targets.iter_mut()) {
+            *tok = rng.below(c.vocab_size as u64) as u32;
+        }
+        if step == opts.warmup {
+            engine.take_profile();
+        }
+        let start = Instant::now();
+        grads.data.fill(0.0);
+        let loss = engine.forward_backward(&weights, &mut grads, &inputs, &targets, 1.0)?;
+        let opt_start = Instant::now();
+        optim::clip_grad_norm(&mut grads.data, 1.0);
+        adamw.step(&mut weights, &grads.data, &mut adam, 3e-4);
+        let elapsed = start.elapsed().as_secs_f64();
+        if step >= opts.warmup {
+            profile.add("optimizer", opt_start);
+            times.push(elapsed);
+            losses.push(loss);
+        }
+        progress(step, elapsed);
+    }
+    for (name, d) in engine.take_profile().phases {
+        profile.add_duration(&name, d);
+    }
+    let flops = train_flops(c, opts.seq, opts.batch);
+    let ms_min = times.iter().copied().fold(f64::INFINITY, f64::min) * 1e3;
+    let ms_max = times.iter().copied().fold(0.0, f64::max) * 1e3;
+    let med = median(&mut times);
+    let peak = gemm_peak_gflops(9);
+    let total: Duration = times.iter().map(|s| Duration::from_secs_f64(*s)).sum();
+    let steps = opts.steps.max(1) as f64;
+    let mut phases: Vec<Phase> = profile
+        .phases
+        .iter()
+        .map(|(name, d)| Phase {
+            name: name.to_string(),
+            ms_per_step: d.as_secs_f64() * 1e3 / steps,
+            fraction: d.as_secs_f64() / total.as_secs_f64(),
+        })
+        .collect();
+    let accounted: f64 = phases.iter().map(|p| p.ms_per_step).sum();
+    let step_ms = total.as_secs_f64() * 1e3 / steps;
+    phases.push(Phase {
+        name: "other".into(),
+        ms_per_step: (step_ms - accounted).max(0.0),
+        fraction: ((step_ms - accounted) / step_ms).max(0.0),
+    });
+    let gflops = flops / med / 1e9;
+    Ok(TrainStepReport {
+        config: opts.config_name.clone(),
+        backend: backend_name,
+        threads: rayon::current_num_threads(),
+        seq: opts.seq,
+        batch: opts.batch,
+        steps: opts.steps,
+        ms_median: med * 1e3,
+        ms_min,
+        ms_max,
+        tokens_per_s: n_tokens as f64 / med,
+        gflop_per_step: flops / 1e9,
+        gflops,
+        gemm_peak_gflops: peak,
+        fraction_of_gemm_peak: gflops / peak,
+        peak_rss_mb: peak_rss_mb(),
+        phases,
+        losses,
+    })
+}
+
+/// The report as an aligned text table.
+pub fn format_report(r: &TrainStepReport) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "train-step {} on {} ({} threads), seq {} batch {}, {} timed steps\n",
+        r.config, r.backend, r.threads, r.seq, r.batch, r.steps
+    ));
+    out.push_str(&format!(
+        "  ms/step      {:>9.1}  (min {:.1}, max {:.1})\n",
+        r.ms_median, r.ms_min, r.ms_max
+    ));
+    out.push_str(&format!("  tokens/s     {:>9.0}\n", r.tokens_per_s));
+    out.push_str(&format!(
+        "  GFLOP/s      {:>9.1}  ({:.2} GFLOP/step)\n",
+        r.gflops, r.gflop_per_step
+    ));
+    out.push_str(&format!(
+        "  GEMM peak    {:>9.1}  GFLOP/s measured now; step reaches {:.0} %\n",
+        r.gemm_peak_gflops,
+        100.0 * r.fraction_of_gemm_peak
+    ));
+    if let Some(rss) = r.peak_rss_mb {
+        out.push_str(&format!("  peak RSS     {rss:>9.0}  MB\n"));
+    }
+    out.push_str("  phase                 ms/step   share\n");
+    for p in &r.phases {
+        out.push_str(&format!(
+            "  {:<20} {:>8.2}  {:>5.1} %\n",
+            p.name,
+            p.ms_per_step,
+            100.0 * p.fraction
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_match_the_hand_count_for_layer768() {
+        // Per token forward: linear 4*768^2 + 3*768*2048 + 256*768 = 7,274,496 weights
+        // -> 2 * 512 * 7,274,496 = 7,449,083,904; attention 4 * 512^2 * 768 = 805,306,368.
+        // Training = 3 x (7,449,083,904 + 805,306,368) = 24,763,170,816.
+        let c = ModelConfig::preset("layer768").unwrap();
+        assert_eq!(train_flops(&c, 512, 1), 24_763_170_816.0);
+        assert_eq!(train_flops(&c, 512, 2), 2.0 * 24_763_170_816.0);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_samples() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
+}
