@@ -111,7 +111,7 @@ fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = crate::math::exp(*v - max);
         sum += *v;
     }
     x.iter_mut().for_each(|v| *v /= sum);
@@ -312,7 +312,7 @@ impl<'w> Generator<'w> {
             matvec(&mut self.h1, w.get(Param::W1(layer)), &self.xn);
             matvec(&mut self.h3, w.get(Param::W3(layer)), &self.xn);
             for (a, &b) in self.h1.iter_mut().zip(&self.h3) {
-                *a = *a / (1.0 + (-*a).exp()) * b;
+                *a = *a * crate::math::sigmoid(*a) * b;
             }
             matvec(&mut self.proj, w.get(Param::W2(layer)), &self.h1);
             self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);

@@ -24,6 +24,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod linalg;
+pub mod math;
 pub mod mil;
 pub mod model;
 pub mod package;

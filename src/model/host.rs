@@ -149,7 +149,7 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[u32], scale: f32) -> f64 {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let mut sum = 0.0f64;
             for v in row.iter_mut() {
-                *v = (*v - max).exp();
+                *v = crate::math::exp(*v - max);
                 sum += *v as f64;
             }
             let target_p = row[target as usize] as f64 / sum;
@@ -172,7 +172,7 @@ pub fn cross_entropy_loss(logits: &[f32], targets: &[u32]) -> f64 {
         .zip(targets.par_iter())
         .map(|(row, &target)| {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = row.iter().map(|&v| (v - max).exp() as f64).sum();
+            let sum: f64 = row.iter().map(|&v| crate::math::exp(v - max) as f64).sum();
             sum.ln() + max as f64 - row[target as usize] as f64
         })
         .sum::<f64>()

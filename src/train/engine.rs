@@ -338,12 +338,14 @@ impl Engine {
         let k = &self.kernels;
         for b in 0..self.batch {
             let x = &mut self.acts[0][b].x;
+            let started = Instant::now();
             host::embedding_forward(
                 x,
                 w.get(Param::Embedding),
                 &inputs[b * seq..(b + 1) * seq],
                 d,
             );
+            self.profile.add("embedding", started);
         }
         for l in 0..c.n_layers {
             k.attn_fwd.write_weight(be, "wq", w.get(Param::Wq(l)))?;
@@ -356,6 +358,7 @@ impl Engine {
             let (done, rest) = self.acts.split_at_mut(l + 1);
             for b in 0..self.batch {
                 let a = &mut done[l][b];
+                let started = Instant::now();
                 host::rmsnorm_forward(
                     &mut a.xn,
                     &mut a.rrms1,
@@ -363,6 +366,7 @@ impl Engine {
                     w.get(Param::RmsAtt(l)),
                     c.norm_eps,
                 );
+                self.profile.add("rmsnorm", started);
                 k.attn_fwd.write(be, "xn", &a.xn)?;
                 k.attn_fwd.run(be)?;
                 k.attn_fwd.read(be, "attn", &mut a.attn)?;
@@ -375,6 +379,7 @@ impl Engine {
                 for (x2, x) in a.x2.iter_mut().zip(&a.x) {
                     *x2 += x;
                 }
+                let started = Instant::now();
                 host::rmsnorm_forward(
                     &mut a.x2n,
                     &mut a.rrms2,
@@ -382,6 +387,7 @@ impl Engine {
                     w.get(Param::RmsFfn(l)),
                     c.norm_eps,
                 );
+                self.profile.add("rmsnorm", started);
                 k.ffn_fwd.write(be, "x2n", &a.x2n)?;
                 k.ffn_fwd.run(be)?;
                 k.ffn_fwd.read(be, "h1", &mut a.h1)?;
@@ -398,6 +404,7 @@ impl Engine {
             }
         }
         for b in 0..self.batch {
+            let started = Instant::now();
             host::rmsnorm_forward(
                 &mut self.xf[b],
                 &mut self.rrms_final[b],
@@ -405,6 +412,7 @@ impl Engine {
                 w.get(Param::RmsFinal),
                 c.norm_eps,
             );
+            self.profile.add("rmsnorm", started);
         }
         Ok(())
     }
@@ -417,13 +425,17 @@ impl Engine {
         let seq = self.seq;
         let mut total = 0.0;
         for b in 0..self.batch {
+            let started = Instant::now();
             host::classifier_forward(
                 &mut self.logits,
                 &self.xf[b],
                 w.classifier(),
                 self.config.dim,
             );
+            self.profile.add("classifier", started);
+            let started = Instant::now();
             total += host::cross_entropy_loss(&self.logits, &targets[b * seq..(b + 1) * seq]);
+            self.profile.add("loss", started);
         }
         Ok(total / (self.batch * seq) as f64)
     }
@@ -434,12 +446,14 @@ impl Engine {
         self.forward(w, inputs)?;
         let mut out = Vec::new();
         for b in 0..self.batch {
+            let started = Instant::now();
             host::classifier_forward(
                 &mut self.logits,
                 &self.xf[b],
                 w.classifier(),
                 self.config.dim,
             );
+            self.profile.add("classifier", started);
             out.push(self.logits.clone());
         }
         Ok(out)
@@ -468,14 +482,21 @@ impl Engine {
         let mut dx: Vec<Vec<f32>> = vec![vec![0.0; d * seq]; self.batch];
         let mut dxf = vec![0.0; d * seq];
         for b in 0..self.batch {
+            let started = Instant::now();
             host::classifier_forward(&mut self.logits, &self.xf[b], w.classifier(), d);
+            self.profile.add("classifier", started);
+            let started = Instant::now();
             total += host::cross_entropy(
                 &mut self.logits,
                 &targets[b * seq..(b + 1) * seq],
                 grad_scale,
             );
+            self.profile.add("loss", started);
             let dcls = grads.get_mut(classifier);
+            let started = Instant::now();
             host::classifier_backward(&mut dxf, dcls, &self.logits, &self.xf[b], w.classifier(), d);
+            self.profile.add("classifier", started);
+            let started = Instant::now();
             host::rmsnorm_backward(
                 &mut dx[b],
                 &mut grads.data[w.layout.range(Param::RmsFinal)],
@@ -484,6 +505,7 @@ impl Engine {
                 w.get(Param::RmsFinal),
                 &self.rrms_final[b],
             );
+            self.profile.add("rmsnorm", started);
         }
         let be = self.backend.as_mut();
         let k = &self.kernels;
@@ -512,6 +534,7 @@ impl Engine {
                 k.ffn_bwd_w2.write(be, "dffn", dffn)?;
                 k.ffn_bwd_w2.run(be)?;
                 k.ffn_bwd_w2.read(be, "dgate", &mut dgate)?;
+                let started = Instant::now();
                 gemm(
                     grads.get_mut(Param::W2(l)),
                     d,
@@ -521,6 +544,7 @@ impl Engine {
                     1.0,
                     true,
                 );
+                self.profile.add("dW gemm", started);
                 k.ffn_bwd_w13.write(be, "dgate", &dgate)?;
                 k.ffn_bwd_w13.write(be, "h1", &a.h1)?;
                 k.ffn_bwd_w13.write(be, "h3", &a.h3)?;
@@ -528,6 +552,7 @@ impl Engine {
                 k.ffn_bwd_w13.read(be, "dx2n", &mut dx2n)?;
                 k.ffn_bwd_w13.read(be, "dh1", &mut dh1)?;
                 k.ffn_bwd_w13.read(be, "dh3", &mut dh3)?;
+                let started = Instant::now();
                 gemm(
                     grads.get_mut(Param::W1(l)),
                     f,
@@ -537,6 +562,8 @@ impl Engine {
                     1.0,
                     true,
                 );
+                self.profile.add("dW gemm", started);
+                let started = Instant::now();
                 gemm(
                     grads.get_mut(Param::W3(l)),
                     f,
@@ -546,8 +573,10 @@ impl Engine {
                     1.0,
                     true,
                 );
+                self.profile.add("dW gemm", started);
                 // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
                 let range = w.layout.range(Param::RmsFfn(l));
+                let started = Instant::now();
                 host::rmsnorm_backward(
                     &mut dx[b],
                     &mut grads.data[range],
@@ -556,10 +585,12 @@ impl Engine {
                     w.get(Param::RmsFfn(l)),
                     &a.rrms2,
                 );
+                self.profile.add("rmsnorm", started);
                 let dx2 = &dx[b];
                 k.wo_bwd.write(be, "dx2", dx2)?;
                 k.wo_bwd.run(be)?;
                 k.wo_bwd.read(be, "dattn", &mut dattn)?;
+                let started = Instant::now();
                 gemm(
                     grads.get_mut(Param::Wo(l)),
                     d,
@@ -569,6 +600,7 @@ impl Engine {
                     1.0,
                     true,
                 );
+                self.profile.add("dW gemm", started);
                 k.attn_bwd.write(be, "q_rope", &a.q_rope)?;
                 k.attn_bwd.write(be, "k_rope", &a.k_rope)?;
                 k.attn_bwd.write(be, "v", &a.v)?;
@@ -577,6 +609,7 @@ impl Engine {
                 k.attn_bwd.read(be, "dq", &mut dq)?;
                 k.attn_bwd.read(be, "dk", &mut dk)?;
                 k.attn_bwd.read(be, "dv", &mut dv)?;
+                let started = Instant::now();
                 gemm(
                     grads.get_mut(Param::Wq(l)),
                     q,
@@ -586,6 +619,8 @@ impl Engine {
                     1.0,
                     true,
                 );
+                self.profile.add("dW gemm", started);
+                let started = Instant::now();
                 gemm(
                     grads.get_mut(Param::Wk(l)),
                     kv,
@@ -595,6 +630,8 @@ impl Engine {
                     1.0,
                     true,
                 );
+                self.profile.add("dW gemm", started);
+                let started = Instant::now();
                 gemm(
                     grads.get_mut(Param::Wv(l)),
                     kv,
@@ -604,6 +641,7 @@ impl Engine {
                     1.0,
                     true,
                 );
+                self.profile.add("dW gemm", started);
                 k.q_bwd.write(be, "dq", &dq)?;
                 k.q_bwd.run(be)?;
                 k.q_bwd.read(be, "dxn", &mut dxn)?;
@@ -615,6 +653,7 @@ impl Engine {
                     *a += b;
                 }
                 let range = w.layout.range(Param::RmsAtt(l));
+                let started = Instant::now();
                 host::rmsnorm_backward(
                     &mut dx[b],
                     &mut grads.data[range],
@@ -623,15 +662,18 @@ impl Engine {
                     w.get(Param::RmsAtt(l)),
                     &a.rrms1,
                 );
+                self.profile.add("rmsnorm", started);
             }
         }
         for b in 0..self.batch {
+            let started = Instant::now();
             host::embedding_backward(
                 grads.get_mut(Param::Embedding),
                 &dx[b],
                 &inputs[b * seq..(b + 1) * seq],
                 d,
             );
+            self.profile.add("embedding", started);
         }
         Ok(total / (self.batch * seq) as f64)
     }

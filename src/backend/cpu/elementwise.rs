@@ -216,16 +216,14 @@ pub(super) enum Unary {
     Relu,
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
+use crate::math::sigmoid;
 
 impl Unary {
     pub(super) fn run(self, x: &[f32]) -> Vec<f32> {
         match self {
             Unary::Sqrt => map(x, f32::sqrt),
             Unary::Rsqrt { epsilon } => map(x, move |v| 1.0 / (v + epsilon).sqrt()),
-            Unary::Exp => map(x, f32::exp),
+            Unary::Exp => map(x, crate::math::exp),
             Unary::Log { epsilon } => map(x, move |v| (v + epsilon).ln()),
             Unary::Tanh => map(x, f32::tanh),
             Unary::Sigmoid => map(x, sigmoid),

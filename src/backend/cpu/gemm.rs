@@ -424,7 +424,7 @@ impl Attention {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0f32;
                 for x in row.iter_mut() {
-                    *x = (*x - max).exp();
+                    *x = crate::math::exp(*x - max);
                     sum += *x;
                 }
                 row.iter_mut().for_each(|x| *x /= sum);

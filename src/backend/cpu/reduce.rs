@@ -64,10 +64,7 @@ impl Softmax {
                     .fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0f32;
                 for r in 0..len {
-                    // exp(d) rounds to exactly 0 in f32 below -104; skipping the
-                    // call avoids libm's slow underflow path on masked scores.
-                    let d = x[r * inner + i] - max;
-                    let e = if d < -104.0 { 0.0 } else { d.exp() };
+                    let e = crate::math::exp(x[r * inner + i] - max);
                     out[r * inner + i] = e;
                     sum += e;
                 }
