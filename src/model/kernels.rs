@@ -156,7 +156,9 @@ pub struct KernelBuilder<'w> {
     /// Baked values by weight name (the parameter as stored), for `WeightMode::Baked`.
     baked: &'w dyn Fn(&str) -> Option<Vec<f32>>,
     act_tensors: Vec<Tensor>,
-    weight_tensors: Vec<Option<Tensor>>,
+    /// Per weight: its input tensor, and whether it holds `M = [in, out]` (else the
+    /// `[out, in]` form that the kernel transposes).
+    weight_tensors: Vec<Option<(Tensor, bool)>>,
     inputs: Vec<Slot>,
     outputs: Vec<(String, Tensor)>,
     blobs: BTreeMap<String, BlobWriter>,
@@ -228,9 +230,12 @@ impl<'w> KernelBuilder<'w> {
         let dtype = self.dtype();
         let seq = self.seq;
         // Weight slot orientation: the `[1, in, 1, out]` form needs no in-kernel
-        // transpose; in packed mode the channel count decides.
+        // transpose; in packed mode the channel count decides. With separate
+        // inputs (the CPU's mode) a weight is passed as stored, so the host never
+        // transposes it: the CPU backend folds the in-kernel transpose into the matmul.
         let packed_channels = self.packed_channels()?;
         let mut items: Vec<(String, SlotKind, usize, usize)> = Vec::new(); // name, kind, rows, cols
+        let mut m_forms = Vec::new();
         for (name, channels) in &self.acts {
             items.push((name.clone(), SlotKind::Activation, *channels, seq));
         }
@@ -239,7 +244,11 @@ impl<'w> KernelBuilder<'w> {
                 continue;
             }
             let (inp, out) = w.in_out();
-            let m_form = !matches!(packed_channels, Some(PackAxis::Width(c)) if inp != c);
+            let m_form = match packed_channels {
+                Some(PackAxis::Width(c)) => inp == c,
+                None if self.opts.mode == WeightMode::Inputs => w.usage == Use::Transposed,
+                _ => true,
+            };
             // The `[in, out]` matrix M is W^T for forward use and W for transposed use.
             let (transposed, rows, cols) = if m_form {
                 (w.usage == Use::Forward, inp, out)
@@ -247,6 +256,7 @@ impl<'w> KernelBuilder<'w> {
                 (w.usage == Use::Transposed, out, inp)
             };
             items.push((w.name.clone(), SlotKind::Weight { transposed }, rows, cols));
+            m_forms.push(m_form);
         }
         let mut tensors = Vec::new();
         match packed_channels {
@@ -289,7 +299,7 @@ impl<'w> KernelBuilder<'w> {
         }
         let n_acts = self.acts.len();
         self.act_tensors = tensors[..n_acts].to_vec();
-        let mut rest = tensors[n_acts..].iter().cloned();
+        let mut rest = tensors[n_acts..].iter().cloned().zip(m_forms);
         self.weight_tensors = (0..self.weights.len())
             .map(|_| {
                 if self.opts.mode == WeightMode::Baked {
@@ -371,10 +381,10 @@ impl<'w> KernelBuilder<'w> {
                 .blob_const(TensorType::new(dtype, [out, inp, 1, 1]), &file, offset);
             return Ok(self.b.linear_conv1x1(x, &weight));
         }
-        let t = self.weight_tensors[w.0]
+        let (t, m_form) = self.weight_tensors[w.0]
             .clone()
             .expect("weight tensor after begin");
-        let m = if t.shape()[1] == inp {
+        let m = if m_form {
             t
         } else {
             // Stored `[1, out, 1, in]`: transpose to `[1, in, 1, out]` inside the kernel.

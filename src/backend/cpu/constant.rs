@@ -186,5 +186,8 @@ pub(super) fn affine_dequantize(
         Some(axis),
         &data.ty.shape,
     )?;
-    Ok(dequantize.run(&materialize(data, weights, op)?))
+    let q = materialize(data, weights, op)?;
+    let mut out = vec![0.0; q.len()];
+    dequantize.run(&q, &mut out);
+    Ok(out)
 }

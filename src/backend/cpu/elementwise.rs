@@ -32,12 +32,23 @@ pub(super) fn round_to_fp16(data: &mut [f32]) {
     }
 }
 
-/// `f(x)` for every element, on several threads for long slices.
-pub(super) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+/// Elements per task of the parallel elementwise loops.
+const CHUNK: usize = 1 << 14;
+
+/// `out[i] = f(x[i])` for every element, on several threads for long slices.
+pub(super) fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) {
+    debug_assert_eq!(x.len(), out.len());
+    let body = |(o, x): (&mut [f32], &[f32])| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = f(x);
+        }
+    };
     if x.len() >= PAR_MIN {
-        x.par_iter().map(|&v| f(v)).collect()
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(body);
     } else {
-        x.iter().map(|&v| f(v)).collect()
+        body((out, x));
     }
 }
 
@@ -157,25 +168,33 @@ impl Broadcast {
         })
     }
 
-    /// `f` applied to the broadcast operands, one result per element of the result.
+    /// `f` applied to the broadcast operands, written to `out` (one value per
+    /// element of the result).
     pub(super) fn map<const N: usize>(
         &self,
         inputs: [&[f32]; N],
+        out: &mut [f32],
         f: impl Fn([f32; N]) -> f32 + Sync + Send,
-    ) -> Vec<f32> {
+    ) {
         let len: usize = self.shape.iter().product();
-        let mut out = vec![0.0f32; len];
+        debug_assert_eq!(out.len(), len);
         if len == 0 {
-            return out;
+            return;
         }
         if self.dense {
-            let body = |(i, o): (usize, &mut f32)| *o = f(inputs.map(|x| x[i]));
+            let body = |(c, o): (usize, &mut [f32])| {
+                let start = c * CHUNK;
+                let ins: [&[f32]; N] = std::array::from_fn(|k| &inputs[k][start..start + o.len()]);
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = f(std::array::from_fn(|k| ins[k][j]));
+                }
+            };
             if len >= PAR_MIN {
-                out.par_iter_mut().enumerate().for_each(body);
+                out.par_chunks_mut(CHUNK).enumerate().for_each(body);
             } else {
-                out.iter_mut().enumerate().for_each(body);
+                out.chunks_mut(CHUNK).enumerate().for_each(body);
             }
-            return out;
+            return;
         }
         let rank = self.shape.len();
         let inner = self.shape[rank - 1];
@@ -199,7 +218,6 @@ impl Broadcast {
         } else {
             out.chunks_mut(inner).enumerate().for_each(row);
         }
-        out
     }
 }
 
@@ -219,16 +237,16 @@ pub(super) enum Unary {
 use crate::math::sigmoid;
 
 impl Unary {
-    pub(super) fn run(self, x: &[f32]) -> Vec<f32> {
+    pub(super) fn run(self, x: &[f32], out: &mut [f32]) {
         match self {
-            Unary::Sqrt => map(x, f32::sqrt),
-            Unary::Rsqrt { epsilon } => map(x, move |v| 1.0 / (v + epsilon).sqrt()),
-            Unary::Exp => map(x, crate::math::exp),
-            Unary::Log { epsilon } => map(x, move |v| (v + epsilon).ln()),
-            Unary::Tanh => map(x, f32::tanh),
-            Unary::Sigmoid => map(x, sigmoid),
-            Unary::Silu => map(x, |v| v * sigmoid(v)),
-            Unary::Relu => map(x, |v| maximum(v, 0.0)),
+            Unary::Sqrt => map(x, out, f32::sqrt),
+            Unary::Rsqrt { epsilon } => map(x, out, move |v| 1.0 / (v + epsilon).sqrt()),
+            Unary::Exp => map(x, out, crate::math::exp),
+            Unary::Log { epsilon } => map(x, out, move |v| (v + epsilon).ln()),
+            Unary::Tanh => map(x, out, f32::tanh),
+            Unary::Sigmoid => map(x, out, sigmoid),
+            Unary::Silu => map(x, out, |v| v * sigmoid(v)),
+            Unary::Relu => map(x, out, |v| maximum(v, 0.0)),
         }
     }
 }
@@ -282,16 +300,16 @@ pub(super) struct Binary {
 }
 
 impl Binary {
-    pub(super) fn run(&self, x: &[f32], y: &[f32]) -> Vec<f32> {
+    pub(super) fn run(&self, x: &[f32], y: &[f32], out: &mut [f32]) {
         let b = &self.broadcast;
         match self.op {
-            Op::Add => b.map([x, y], |[a, b]| a + b),
-            Op::Sub => b.map([x, y], |[a, b]| a - b),
-            Op::Mul => b.map([x, y], |[a, b]| a * b),
-            Op::RealDiv => b.map([x, y], |[a, b]| a / b),
-            Op::Maximum => b.map([x, y], |[a, b]| maximum(a, b)),
-            Op::Minimum => b.map([x, y], |[a, b]| minimum(a, b)),
-            Op::Pow => b.map([x, y], |[a, b]| a.powf(b)),
+            Op::Add => b.map([x, y], out, |[a, b]| a + b),
+            Op::Sub => b.map([x, y], out, |[a, b]| a - b),
+            Op::Mul => b.map([x, y], out, |[a, b]| a * b),
+            Op::RealDiv => b.map([x, y], out, |[a, b]| a / b),
+            Op::Maximum => b.map([x, y], out, |[a, b]| maximum(a, b)),
+            Op::Minimum => b.map([x, y], out, |[a, b]| minimum(a, b)),
+            Op::Pow => b.map([x, y], out, |[a, b]| a.powf(b)),
             other => unreachable!("{other} is not binary"),
         }
     }
@@ -397,19 +415,16 @@ pub(super) struct Quantize {
 }
 
 impl Quantize {
-    pub(super) fn run(&self, x: &[f32]) -> Vec<f32> {
-        let mut q: Vec<f32> = x
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v / self.scale.at(i))
-            .collect();
+    pub(super) fn run(&self, x: &[f32], q: &mut [f32]) {
+        for (i, (q, &v)) in q.iter_mut().zip(x).enumerate() {
+            *q = v / self.scale.at(i);
+        }
         if self.round_quotient {
-            round_to_fp16(&mut q);
+            round_to_fp16(q);
         }
         for (i, v) in q.iter_mut().enumerate() {
             *v = convert(v.round_ties_even() + self.zero_point.at(i), self.dtype);
         }
-        q
     }
 }
 
@@ -471,11 +486,10 @@ impl Dequantize {
         })
     }
 
-    pub(super) fn run(&self, q: &[f32]) -> Vec<f32> {
-        q.iter()
-            .enumerate()
-            .map(|(i, &v)| (v - self.zero_point.at(i)) * self.scale.at(i))
-            .collect()
+    pub(super) fn run(&self, q: &[f32], out: &mut [f32]) {
+        for (i, (o, &v)) in out.iter_mut().zip(q).enumerate() {
+            *o = (v - self.zero_point.at(i)) * self.scale.at(i);
+        }
     }
 }
 
@@ -512,7 +526,8 @@ mod tests {
         assert_eq!(b.shape, vec![3, 4]);
         assert_eq!(b.strides, vec![vec![4, 1], vec![1, 0]]);
         let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
-        let out = b.map([&x, &[100.0, 200.0, 300.0]], |[a, b]| a + b);
+        let mut out = vec![0.0; 12];
+        b.map([&x, &[100.0, 200.0, 300.0]], &mut out, |[a, b]| a + b);
         assert_eq!(out[0..4], [100.0, 101.0, 102.0, 103.0]);
         assert_eq!(out[8..12], [308.0, 309.0, 310.0, 311.0]);
         assert!(Broadcast::new(&[&[2, 3], &[4, 3]], &[4, 3]).is_err());

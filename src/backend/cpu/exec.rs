@@ -3,14 +3,19 @@
 //! Compilation gives every value a slot, materializes constants once (inline
 //! literals, BLOBFILE tensors, `constexpr_*` results) and lowers every other
 //! operation to a [`Kernel`] whose parameters are resolved and whose operand and
-//! result shapes are checked against the declared types. Running a plan is then
-//! a loop over steps with no lookups by name; a value is dropped after its last use.
+//! result shapes are checked against the declared types. `reshape` and
+//! `identity` lower to nothing: their result is the operand's storage.
 //!
-//! This module owns the op-independent parts (slots, parameter access through
-//! [`OpCtx`], fp16 rounding of results); the math of each op lives in the kernel
-//! modules next to it.
+//! Every slot then gets a home: a function input, a constant, a function output
+//! (the op that defines an output writes straight into the caller's buffer), or
+//! a temporary buffer of the plan's [`Workspace`], shared by values whose
+//! lifetimes do not overlap. Running a plan is a loop over steps with no lookups
+//! by name and, after the first run, no allocation of tensor memory.
+//!
+//! This module owns the op-independent parts (slots, homes, parameter access
+//! through [`OpCtx`], fp16 rounding of results); the math of each op lives in the
+//! kernel modules next to it.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use super::{constant, elementwise, gemm, reduce, shape};
@@ -25,7 +30,8 @@ pub(super) type Slot = usize;
 /// A lowered operation: parameters resolved, ready to run on `f32` slices.
 #[derive(Debug)]
 pub(super) enum Kernel {
-    /// `reshape`, `identity`: the data is unchanged.
+    /// `reshape`, `identity`: the plan gives the result the operand's storage
+    /// (this variant only marks them; it never runs as a step).
     Copy,
     Unary(elementwise::Unary),
     Binary(elementwise::Binary),
@@ -47,36 +53,35 @@ pub(super) enum Kernel {
 }
 
 impl Kernel {
-    /// Compute the results from the operand values (in parameter order).
-    fn run(&self, args: &[&[f32]]) -> Vec<Vec<f32>> {
+    /// Compute the results from the operand values (in parameter order) into
+    /// `outs`, overwriting every element.
+    fn run(&self, args: &[&[f32]], outs: &mut [Vec<f32>]) {
+        let out = &mut outs[0];
         match self {
-            Kernel::Copy => vec![args[0].to_vec()],
-            Kernel::Unary(k) => vec![k.run(args[0])],
-            Kernel::Binary(k) => vec![k.run(args[0], args[1])],
-            Kernel::Select(b) => {
-                vec![b.map(
-                    [args[0], args[1], args[2]],
-                    |[c, a, b]| {
-                        if c != 0.0 { a } else { b }
-                    },
-                )]
-            }
+            Kernel::Copy => out.copy_from_slice(args[0]),
+            Kernel::Unary(k) => k.run(args[0], out),
+            Kernel::Binary(k) => k.run(args[0], args[1], out),
+            Kernel::Select(b) => b.map([args[0], args[1], args[2]], out, |[c, a, b]| {
+                if c != 0.0 { a } else { b }
+            }),
             Kernel::Cast(dtype) => {
                 let dtype = *dtype;
-                vec![elementwise::map(args[0], move |v| {
-                    elementwise::convert(v, dtype)
-                })]
+                elementwise::map(args[0], out, move |v| elementwise::convert(v, dtype))
             }
-            Kernel::Quantize(k) => vec![k.run(args[0])],
-            Kernel::Dequantize(k) => vec![k.run(args[0])],
-            Kernel::Softmax(k) => vec![k.run(args[0])],
-            Kernel::Reduce(k) => vec![k.run(args[0])],
-            Kernel::Gather(view) => vec![view.gather(args[0])],
-            Kernel::Split(views) => views.iter().map(|v| v.gather(args[0])).collect(),
-            Kernel::Concat(k) => vec![k.run(args)],
-            Kernel::Matmul(k) => vec![k.run(args[0], args[1])],
-            Kernel::Conv(k) => vec![k.run(args[0], args[1], args.get(2).copied())],
-            Kernel::Attention(k) => vec![k.run(args[0], args[1], args[2], args.get(3).copied())],
+            Kernel::Quantize(k) => k.run(args[0], out),
+            Kernel::Dequantize(k) => k.run(args[0], out),
+            Kernel::Softmax(k) => k.run(args[0], out),
+            Kernel::Reduce(k) => k.run(args[0], out),
+            Kernel::Gather(view) => view.gather(args[0], out),
+            Kernel::Split(views) => {
+                for (view, out) in views.iter().zip(outs.iter_mut()) {
+                    view.gather(args[0], out);
+                }
+            }
+            Kernel::Concat(k) => k.run(args, out),
+            Kernel::Matmul(k) => k.run(args[0], args[1], out),
+            Kernel::Conv(k) => k.run(args[0], args[1], args.get(2).copied(), out),
+            Kernel::Attention(k) => k.run(args[0], args[1], args[2], args.get(3).copied(), out),
         }
     }
 }
@@ -86,28 +91,56 @@ struct Step {
     kernel: Kernel,
     args: Vec<Slot>,
     results: Vec<Slot>,
-    /// Slots whose last use is this step; dropped after it runs.
-    release: Vec<Slot>,
 }
 
-/// A compiled program: slots, constants and steps.
+/// Where a slot's values live while a plan runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Home {
+    Input(usize),
+    Constant(usize),
+    Output(usize),
+    Temp(usize),
+}
+
+/// The temporary buffers of one plan, allocated on the first run and reused.
+#[derive(Debug, Default)]
+pub(super) struct Workspace {
+    temps: Vec<Vec<f32>>,
+}
+
+/// A compiled program: slots, their homes, constants and steps.
 #[derive(Debug)]
 pub(super) struct Plan {
     /// Function inputs; input `i` lives in slot `i`.
     pub(super) inputs: Vec<Var>,
     /// Function outputs, in signature order.
     pub(super) outputs: Vec<Var>,
-    output_slots: Vec<Slot>,
     slot_types: Vec<TensorType>,
-    constants: Vec<(Slot, Vec<f32>)>,
+    homes: Vec<Home>,
+    constants: Vec<Vec<f32>>,
+    /// Element count of each temporary buffer.
+    temp_sizes: Vec<usize>,
     steps: Vec<Step>,
+    /// Outputs whose value lives elsewhere (an input, a constant, another
+    /// output): copied at the end, `(slot, output index)`.
+    output_copies: Vec<(Slot, usize)>,
     precision: Precision,
 }
 
 impl Plan {
     /// Compile `program`, resolving BLOBFILE constants from `weights`
-    /// (`@model_path/weights/<file>` -> file bytes).
+    /// (`@model_path/weights/<file>` -> file bytes), after the rewrites of
+    /// [`rewrite`](super::rewrite) that remove copies.
     pub(super) fn compile(
+        program: &Program,
+        weights: &BTreeMap<String, Vec<u8>>,
+        precision: Precision,
+    ) -> Result<Plan> {
+        Plan::lower(&super::rewrite::rewrite(program), weights, precision)
+    }
+
+    /// Compile `program` exactly as written.
+    pub(super) fn lower(
         program: &Program,
         weights: &BTreeMap<String, Vec<u8>>,
         precision: Precision,
@@ -119,6 +152,7 @@ impl Plan {
             slots: HashMap::new(),
             literals: HashMap::new(),
             slot_types: Vec::new(),
+            alias_of: Vec::new(),
             constants: Vec::new(),
             steps: Vec::new(),
         };
@@ -139,94 +173,171 @@ impl Plan {
             output_slots.push(slot);
             outputs.push(Var::new(name.clone(), b.slot_types[slot].clone()));
         }
-        let mut steps = b.steps;
-        // A slot is released after the last step that reads or writes it,
-        // unless it is a function output.
-        let mut last_use = vec![None; b.slot_types.len()];
-        for (step_idx, step) in steps.iter().enumerate() {
+        let n_slots = b.slot_types.len();
+        let root = |slot: Slot| b.alias_of[slot].unwrap_or(slot);
+        let mut homes: Vec<Option<Home>> = vec![None; n_slots];
+        for (i, home) in homes.iter_mut().take(func.inputs.len()).enumerate() {
+            *home = Some(Home::Input(i));
+        }
+        for (i, (slot, _)) in b.constants.iter().enumerate() {
+            homes[*slot] = Some(Home::Constant(i));
+        }
+        let mut output_copies = Vec::new();
+        for (j, &slot) in output_slots.iter().enumerate() {
+            let r = root(slot);
+            if homes[r].is_none() {
+                homes[r] = Some(Home::Output(j));
+            } else {
+                output_copies.push((slot, j));
+            }
+        }
+        // Temporaries: a buffer is free again after the last step that touches
+        // any slot stored in it; a result takes a free buffer of its exact size.
+        let mut last_use = vec![0usize; n_slots];
+        for (step_idx, step) in b.steps.iter().enumerate() {
             for &slot in step.args.iter().chain(&step.results) {
-                last_use[slot] = Some(step_idx);
+                last_use[root(slot)] = step_idx;
             }
         }
-        for &slot in &output_slots {
-            last_use[slot] = None;
-        }
-        for (slot, last) in last_use.into_iter().enumerate() {
-            if let Some(step_idx) = last {
-                steps[step_idx].release.push(slot);
+        let mut temp_sizes: Vec<usize> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        for (step_idx, step) in b.steps.iter().enumerate() {
+            for &slot in &step.results {
+                let r = root(slot);
+                if homes[r].is_none() {
+                    let size = b.slot_types[r].numel();
+                    let temp = match free.iter().position(|&t| temp_sizes[t] == size) {
+                        Some(i) => free.swap_remove(i),
+                        None => {
+                            temp_sizes.push(size);
+                            temp_sizes.len() - 1
+                        }
+                    };
+                    homes[r] = Some(Home::Temp(temp));
+                }
             }
+            let mut done: Vec<usize> = step
+                .args
+                .iter()
+                .chain(&step.results)
+                .map(|&slot| root(slot))
+                .filter(|&r| last_use[r] == step_idx)
+                .filter_map(|r| match homes[r] {
+                    Some(Home::Temp(t)) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            done.sort_unstable();
+            done.dedup();
+            free.extend(done);
         }
+        let homes = (0..n_slots)
+            .map(|slot| homes[root(slot)].unwrap_or(Home::Temp(usize::MAX)))
+            .collect();
         Ok(Plan {
             inputs: func.inputs.clone(),
             outputs,
-            output_slots,
             slot_types: b.slot_types,
-            constants: b.constants,
-            steps,
+            homes,
+            constants: b.constants.into_iter().map(|(_, data)| data).collect(),
+            temp_sizes,
+            steps: b.steps,
+            output_copies,
             precision,
         })
     }
 
+    /// The values of `slot` while running.
+    fn value<'v>(
+        &'v self,
+        slot: Slot,
+        inputs: &[&'v [f32]],
+        temps: &'v [Vec<f32>],
+        outputs: &'v [Vec<f32>],
+    ) -> &'v [f32] {
+        match self.homes[slot] {
+            Home::Input(i) => inputs[i],
+            Home::Constant(i) => &self.constants[i],
+            Home::Output(j) => &outputs[j],
+            Home::Temp(t) => &temps[t],
+        }
+    }
+
     /// Run the plan on input values (one slice per function input, each of the
-    /// input's element count) and return the output values in order.
-    pub(super) fn execute(&self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
-        if inputs.len() != self.inputs.len() {
+    /// input's element count), writing every output into `outputs` (one vector
+    /// per function output, each of the output's element count).
+    pub(super) fn execute(
+        &self,
+        workspace: &mut Workspace,
+        inputs: &[&[f32]],
+        outputs: &mut [Vec<f32>],
+    ) -> Result<()> {
+        if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
             return Err(run_error(format!(
-                "the program has {} inputs but {} values were given",
+                "the program has {} inputs and {} outputs but {} and {} were given",
                 self.inputs.len(),
-                inputs.len()
+                self.outputs.len(),
+                inputs.len(),
+                outputs.len()
             )));
         }
-        let mut values: Vec<Option<Cow<'_, [f32]>>> = vec![None; self.slot_types.len()];
-        for (slot, (data, var)) in inputs.iter().zip(&self.inputs).enumerate() {
-            if data.len() != var.ty.numel() {
-                return Err(run_error(format!(
-                    "input `{}` of type {} needs {} values, got {}",
-                    var.name,
-                    var.ty,
-                    var.ty.numel(),
-                    data.len()
-                )));
+        let bound = [
+            (
+                inputs.iter().map(|d| d.len()).collect::<Vec<_>>(),
+                &self.inputs,
+            ),
+            (outputs.iter().map(Vec::len).collect(), &self.outputs),
+        ];
+        for (lens, vars) in bound {
+            for (len, var) in lens.into_iter().zip(vars.iter()) {
+                if len != var.ty.numel() {
+                    return Err(run_error(format!(
+                        "`{}` of type {} needs {} values, got {len}",
+                        var.name,
+                        var.ty,
+                        var.ty.numel()
+                    )));
+                }
             }
-            values[slot] = Some(Cow::Borrowed(data));
         }
-        for (slot, data) in &self.constants {
-            values[*slot] = Some(Cow::Borrowed(data));
+        if workspace.temps.len() != self.temp_sizes.len() {
+            workspace.temps = self.temp_sizes.iter().map(|&n| vec![0.0; n]).collect();
         }
+        let temps = &mut workspace.temps;
+        let mut taken: Vec<Vec<f32>> = Vec::new();
         for step in &self.steps {
-            let args: Vec<&[f32]> = step
-                .args
-                .iter()
-                .map(|&slot| {
-                    values[slot]
-                        .as_deref()
-                        .expect("operands are defined before use")
-                })
-                .collect();
-            let results = step.kernel.run(&args);
-            debug_assert_eq!(results.len(), step.results.len());
-            for (&slot, mut data) in step.results.iter().zip(results) {
-                debug_assert_eq!(data.len(), self.slot_types[slot].numel(), "{step:?}");
+            for &slot in &step.results {
+                taken.push(match self.homes[slot] {
+                    Home::Temp(t) => std::mem::take(&mut temps[t]),
+                    Home::Output(j) => std::mem::take(&mut outputs[j]),
+                    home => unreachable!("results live in temporaries or outputs, not {home:?}"),
+                });
+            }
+            {
+                let args: Vec<&[f32]> = step
+                    .args
+                    .iter()
+                    .map(|&slot| self.value(slot, inputs, temps, outputs))
+                    .collect();
+                step.kernel.run(&args, &mut taken);
+            }
+            for (&slot, mut data) in step.results.iter().zip(taken.drain(..)) {
                 if self.rounds(&self.slot_types[slot]) {
                     elementwise::round_to_fp16(&mut data);
                 }
-                values[slot] = Some(Cow::Owned(data));
-            }
-            for &slot in &step.release {
-                values[slot] = None;
+                match self.homes[slot] {
+                    Home::Temp(t) => temps[t] = data,
+                    Home::Output(j) => outputs[j] = data,
+                    _ => unreachable!(),
+                }
             }
         }
-        let mut outputs = Vec::with_capacity(self.output_slots.len());
-        for (i, &slot) in self.output_slots.iter().enumerate() {
-            let used_again = self.output_slots[i + 1..].contains(&slot);
-            let value = if used_again {
-                values[slot].as_deref().map(<[f32]>::to_vec)
-            } else {
-                values[slot].take().map(Cow::into_owned)
-            };
-            outputs.push(value.expect("outputs are defined"));
+        for &(slot, j) in &self.output_copies {
+            let mut out = std::mem::take(&mut outputs[j]);
+            out.copy_from_slice(self.value(slot, inputs, temps, outputs));
+            outputs[j] = out;
         }
-        Ok(outputs)
+        Ok(())
     }
 
     /// Whether values of type `ty` are rounded to fp16 in this plan's precision.
@@ -251,6 +362,8 @@ struct PlanBuilder<'p> {
     /// Values of `const` operations, for parameters that must be constant.
     literals: HashMap<&'p str, &'p Literal>,
     slot_types: Vec<TensorType>,
+    /// For `reshape`/`identity` results: the slot whose storage they share.
+    alias_of: Vec<Option<Slot>>,
     constants: Vec<(Slot, Vec<f32>)>,
     steps: Vec<Step>,
 }
@@ -274,6 +387,7 @@ impl<'p> PlanBuilder<'p> {
 
     fn new_slot(&mut self, ty: TensorType) -> Slot {
         self.slot_types.push(ty);
+        self.alias_of.push(None);
         self.slot_types.len() - 1
     }
 
@@ -334,11 +448,16 @@ impl<'p> PlanBuilder<'p> {
                 for out in &op.outputs {
                     results.push(self.define(out, Some(op))?);
                 }
+                if let Kernel::Copy = kernel {
+                    // Same values, same element count: share the operand's storage.
+                    let source = args[0];
+                    self.alias_of[results[0]] = Some(self.alias_of[source].unwrap_or(source));
+                    return Ok(());
+                }
                 self.steps.push(Step {
                     kernel,
                     args,
                     results,
-                    release: Vec::new(),
                 });
                 Ok(())
             }
@@ -638,5 +757,75 @@ impl<'a> OpCtx<'a> {
         } else {
             Err(self.err(format!("`{param}` must be fp16 or fp32, got {ty}")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(body: &str, sig: &str, outs: &str) -> Plan {
+        let text = format!(
+            "program(1.3)\n{{\n    func main<ios18>({sig}) {{\n{body}    }} -> ({outs});\n}}\n"
+        );
+        let program = crate::mil::parse(&text).unwrap();
+        Plan::compile(&program, &BTreeMap::new(), Precision::Fp32).unwrap()
+    }
+
+    fn run(plan: &Plan, ws: &mut Workspace, inputs: &[&[f32]]) -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = plan
+            .outputs
+            .iter()
+            .map(|v| vec![f32::NAN; v.ty.numel()])
+            .collect();
+        plan.execute(ws, inputs, &mut outs).unwrap();
+        outs
+    }
+
+    #[test]
+    fn reshapes_share_storage_and_outputs_are_written_in_place() {
+        // y = reshape(x): an output aliasing an input is copied; z = reshape(x * 2)
+        // is written by the mul straight into output 1; z again as output 2 is a copy.
+        let p = plan(
+            "        tensor<int32, [2]> s = const()[name = string(\"s\"), val = tensor<int32, [2]>([3, 2])];\n\
+             \x20       tensor<fp32, [3, 2]> y = reshape(x = x, shape = s)[name = string(\"y\")];\n\
+             \x20       tensor<fp32, [2, 3]> m = mul(x = x, y = fp32(2))[name = string(\"m\")];\n\
+             \x20       tensor<fp32, [3, 2]> z = reshape(x = m, shape = s)[name = string(\"z\")];\n",
+            "tensor<fp32, [2, 3]> x",
+            "y, z, z",
+        );
+        assert_eq!(p.steps.len(), 1, "reshapes run no step");
+        assert_eq!(p.temp_sizes.len(), 0);
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let outs = run(&p, &mut Workspace::default(), &[&x]);
+        assert_eq!(outs[0], x);
+        assert_eq!(outs[1], [2.0, 4.0, 6.0, 8.0, 10.0, 12.0]);
+        assert_eq!(outs[2], outs[1]);
+    }
+
+    #[test]
+    fn temporaries_are_reused_once_dead_and_runs_repeat_exactly() {
+        // a = x + 1; b = a * a; c = b - a; e = c * 2; d = e * 3 -> d. A result
+        // never shares a buffer with its own operands, so a, b, c need three
+        // buffers; e takes a's (dead after c) and the output is written in place.
+        let p = plan(
+            "        tensor<fp32, [4]> a = add(x = x, y = fp32(1))[name = string(\"a\")];\n\
+             \x20       tensor<fp32, [4]> b = mul(x = a, y = a)[name = string(\"b\")];\n\
+             \x20       tensor<fp32, [4]> c = sub(x = b, y = a)[name = string(\"c\")];\n\
+             \x20       tensor<fp32, [4]> e = mul(x = c, y = fp32(2))[name = string(\"e\")];\n\
+             \x20       tensor<fp32, [4]> d = mul(x = e, y = fp32(3))[name = string(\"d\")];\n",
+            "tensor<fp32, [4]> x",
+            "d",
+        );
+        // Four temporaries (a, b, c, e) in three buffers.
+        assert_eq!(p.temp_sizes, [4, 4, 4]);
+        assert_eq!(p.homes.iter().filter(|h| **h == Home::Temp(0)).count(), 2);
+        assert!(p.homes.contains(&Home::Output(0)));
+        let mut ws = Workspace::default();
+        let x = [0.0, 1.0, 2.0, -1.0];
+        // (x+1)^2 - (x+1) = (x+1) x; times 6.
+        let want = [0.0, 12.0, 36.0, 0.0];
+        assert_eq!(run(&p, &mut ws, &[&x])[0], want);
+        assert_eq!(run(&p, &mut ws, &[&x])[0], want);
     }
 }

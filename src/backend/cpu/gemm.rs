@@ -14,6 +14,10 @@ use crate::mil::{DType, TensorType};
 /// Products with fewer multiply-adds than this run on one thread.
 const PAR_FLOPS: usize = 1 << 18;
 
+/// Batched products below this many multiply-adds each are spread over threads
+/// one product per task rather than each product over all threads.
+const BATCH_PAR_FLOPS: usize = 1 << 26;
+
 fn par_for(flops: usize) -> Par {
     if flops >= PAR_FLOPS {
         Par::rayon(0)
@@ -82,11 +86,11 @@ pub(super) struct Matmul {
 }
 
 impl Matmul {
-    pub(super) fn run(&self, x: &[f32], y: &[f32]) -> Vec<f32> {
+    pub(super) fn run(&self, x: &[f32], y: &[f32], out: &mut [f32]) {
         let (m, k, n) = self.mkn;
-        let mut out = vec![0.0f32; self.batches.len() * m * n];
+        debug_assert_eq!(out.len(), self.batches.len() * m * n);
         if m * n == 0 {
-            return out;
+            return;
         }
         let one = |(b, dst): (usize, &mut [f32]), par: Par| {
             let (xo, yo) = self.batches[b];
@@ -102,7 +106,10 @@ impl Matmul {
             );
         };
         let flops = m * n * k;
-        if self.batches.len() > 1 && flops < PAR_FLOPS && flops * self.batches.len() >= PAR_FLOPS {
+        // Many small products (attention heads): one thread each, in parallel.
+        // Few large ones: each product on all threads.
+        let batches = self.batches.len();
+        if batches > 1 && flops < BATCH_PAR_FLOPS && flops * batches >= PAR_FLOPS {
             out.par_chunks_mut(m * n)
                 .enumerate()
                 .for_each(|job| one(job, Par::Seq));
@@ -111,7 +118,6 @@ impl Matmul {
                 .enumerate()
                 .for_each(|job| one(job, par_for(flops)));
         }
-        out
     }
 }
 
@@ -194,7 +200,7 @@ pub(super) struct Conv {
 }
 
 impl Conv {
-    pub(super) fn run(&self, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    pub(super) fn run(&self, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
         let (h, w) = self.in_hw;
         let (kh, kw) = self.kernel;
         let (oh, ow) = self.out_hw;
@@ -207,9 +213,9 @@ impl Conv {
             && self.strides == (1, 1)
             && self.pad_before == (0, 0)
             && (oh, ow) == (h, w);
-        let mut out = vec![0.0f32; self.batch * self.out_channels * positions];
+        debug_assert_eq!(out.len(), self.batch * self.out_channels * positions);
         if positions == 0 {
-            return out;
+            return;
         }
         let mut columns = vec![0.0f32; if pointwise { 0 } else { patch * positions }];
         let par = par_for(cout_g * patch * positions);
@@ -234,7 +240,6 @@ impl Conv {
                 plane.iter_mut().for_each(|v| *v += add);
             }
         }
-        out
     }
 
     /// Unfold one group's input `[cin_g, H, W]` into `[cin_g*KH*KW, OH*OW]`.
@@ -394,23 +399,34 @@ pub(super) struct Attention {
 }
 
 impl Attention {
-    pub(super) fn run(&self, q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>) -> Vec<f32> {
+    pub(super) fn run(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         let (l, s, e, ev) = self.dims;
         // A boolean mask keeps positions where it is true; a float mask is added.
         let mask = match (&self.mask, mask) {
-            (Some((b, true)), Some(m)) => {
-                Some(b.map(
-                    [m],
-                    |[keep]| if keep != 0.0 { 0.0 } else { f32::NEG_INFINITY },
-                ))
+            (Some((b, is_bool)), Some(m)) => {
+                let mut full = vec![0.0f32; self.batch * l * s];
+                if *is_bool {
+                    b.map([m], &mut full, |[keep]| {
+                        if keep != 0.0 { 0.0 } else { f32::NEG_INFINITY }
+                    });
+                } else {
+                    b.map([m], &mut full, |[add]| add);
+                }
+                Some(full)
             }
-            (Some((b, false)), Some(m)) => Some(b.map([m], |[add]| add)),
             _ => None,
         };
         let scale = (e as f32).sqrt();
-        let mut out = vec![0.0f32; self.batch * l * ev];
+        debug_assert_eq!(out.len(), self.batch * l * ev);
         if l * ev == 0 {
-            return out;
+            return;
         }
         let one = |(b, dst): (usize, &mut [f32])| {
             let mut scores = vec![0.0f32; l * s];
@@ -444,7 +460,6 @@ impl Attention {
         } else {
             out.chunks_mut(l * ev).enumerate().for_each(one);
         }
-        out
     }
 }
 

@@ -18,12 +18,13 @@ mod elementwise;
 mod exec;
 mod gemm;
 mod reduce;
+mod rewrite;
 mod shape;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use self::exec::Plan;
+use self::exec::{Plan, Workspace};
 use super::{Backend, Block, BufferId, KernelId, KernelInfo, Precision, matrix_dims};
 use crate::mil::{DType, Program, TensorType};
 use crate::package::ProgramPackage;
@@ -117,7 +118,12 @@ pub fn run_program(
         values.push(data);
     }
     let args: Vec<&[f32]> = values.iter().map(|v| v.as_ref()).collect();
-    let outputs = plan.execute(&args)?;
+    let mut outputs: Vec<Vec<f32>> = plan
+        .outputs
+        .iter()
+        .map(|v| vec![0.0; v.ty.numel()])
+        .collect();
+    plan.execute(&mut Workspace::default(), &args, &mut outputs)?;
     Ok(plan
         .outputs
         .iter()
@@ -129,6 +135,7 @@ pub fn run_program(
 struct CompiledKernel {
     info: KernelInfo,
     plan: Plan,
+    workspace: Workspace,
 }
 
 struct Buffer {
@@ -168,7 +175,11 @@ impl CpuBackend {
             inputs: plan.inputs.clone(),
             outputs: plan.outputs.clone(),
         };
-        self.kernels.push(CompiledKernel { info, plan });
+        self.kernels.push(CompiledKernel {
+            info,
+            plan,
+            workspace: Workspace::default(),
+        });
         Ok(KernelId(self.kernels.len() - 1))
     }
 
@@ -300,14 +311,36 @@ impl Backend for CpuBackend {
                 }
             }
         }
+        if let Some(id) = outputs
+            .iter()
+            .enumerate()
+            .find(|(j, id)| inputs.contains(id) || outputs[..*j].contains(id))
+            .map(|(_, id)| id)
+        {
+            return Err(backend_error(
+                "run",
+                format!(
+                    "buffer {} is bound twice; outputs need their own buffers",
+                    id.0
+                ),
+            ));
+        }
+        // Outputs move out of their buffers while the plan writes them.
+        let mut results: Vec<Vec<f32>> = outputs
+            .iter()
+            .map(|id| std::mem::take(&mut self.buffers[id.0].data))
+            .collect();
+        let CompiledKernel {
+            plan, workspace, ..
+        } = &mut self.kernels[kernel.0];
         let args: Vec<&[f32]> = inputs
             .iter()
             .map(|id| self.buffers[id.0].data.as_slice())
             .collect();
-        let results = compiled.plan.execute(&args)?;
+        let result = plan.execute(workspace, &args, &mut results);
         for (id, data) in outputs.iter().zip(results) {
             self.buffers[id.0].data = data;
         }
-        Ok(())
+        result
     }
 }

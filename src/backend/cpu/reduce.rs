@@ -54,10 +54,24 @@ pub(super) struct Softmax {
 }
 
 impl Softmax {
-    pub(super) fn run(&self, x: &[f32]) -> Vec<f32> {
+    pub(super) fn run(&self, x: &[f32], out: &mut [f32]) {
         let (len, inner) = (self.len, self.inner);
-        let mut out = vec![0.0f32; x.len()];
-        for_blocks(x, &mut out, len * inner, len * inner, |x, out| {
+        if inner == 1 {
+            // Softmax along the last axis: contiguous rows, vectorizable passes.
+            for_blocks(x, out, len, len, |x, out| {
+                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = crate::math::exp(v - max);
+                }
+                let sum: f32 = out.iter().sum();
+                let inv = 1.0 / sum;
+                for o in out.iter_mut() {
+                    *o *= inv;
+                }
+            });
+            return;
+        }
+        for_blocks(x, out, len * inner, len * inner, |x, out| {
             for i in 0..inner {
                 let max = (0..len)
                     .map(|r| x[r * inner + i])
@@ -73,7 +87,6 @@ impl Softmax {
                 }
             }
         });
-        out
     }
 }
 
@@ -100,16 +113,18 @@ pub(super) struct Reduce {
 }
 
 impl Reduce {
-    pub(super) fn run(&self, x: &[f32]) -> Vec<f32> {
+    pub(super) fn run(&self, x: &[f32], out: &mut [f32]) {
         let x: Cow<[f32]> = match &self.transpose {
-            Some(view) => Cow::Owned(view.gather(x)),
+            Some(view) => {
+                let mut moved = vec![0.0; x.len()];
+                view.gather(x, &mut moved);
+                Cow::Owned(moved)
+            }
             None => Cow::Borrowed(x),
         };
         let (len, inner) = (self.len, self.inner);
-        let outer = x.len().checked_div(len * inner).unwrap_or(0);
-        let mut out = vec![0.0f32; outer * inner];
         let op = self.op;
-        for_blocks(&x, &mut out, len * inner, inner, |x, out| {
+        for_blocks(&x, out, len * inner, inner, |x, out| {
             if op == Op::ReduceMax {
                 out.fill(f32::NEG_INFINITY);
                 for row in x.chunks_exact(inner) {
@@ -136,7 +151,6 @@ impl Reduce {
                 *o = (a * scale) as f32;
             }
         });
-        out
     }
 }
 

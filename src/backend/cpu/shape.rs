@@ -54,12 +54,12 @@ impl View {
         offset
     }
 
-    /// The viewed elements of `src`, dense and row-major.
-    pub(super) fn gather(&self, src: &[f32]) -> Vec<f32> {
+    /// The viewed elements of `src`, dense and row-major, into `out`.
+    pub(super) fn gather(&self, src: &[f32], out: &mut [f32]) {
         let len = self.numel();
-        let mut out = vec![0.0f32; len];
+        debug_assert_eq!(out.len(), len);
         if len == 0 {
-            return out;
+            return;
         }
         let inner = *self.shape.last().expect("rank >= 1");
         let step = *self.strides.last().expect("rank >= 1");
@@ -78,7 +78,6 @@ impl View {
         } else {
             out.chunks_mut(inner).enumerate().for_each(row);
         }
-        out
     }
 
     /// Write dense, row-major `src` into the viewed elements of `dst`.
@@ -215,12 +214,11 @@ pub(super) struct Concat {
 }
 
 impl Concat {
-    pub(super) fn run(&self, args: &[&[f32]]) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.len];
+    pub(super) fn run(&self, args: &[&[f32]], out: &mut [f32]) {
+        debug_assert_eq!(out.len(), self.len);
         for (view, src) in self.views.iter().zip(args) {
-            view.scatter(src, &mut out);
+            view.scatter(src, out);
         }
-        out
     }
 }
 
@@ -340,11 +338,15 @@ mod tests {
         // x = [[0,1,2],[3,4,5]]; its transpose read through strides (1, 3).
         let x: Vec<f32> = (0..6).map(|v| v as f32).collect();
         let t = View::new(vec![3, 2], vec![1, 3], 0);
-        assert_eq!(t.gather(&x), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        let mut gathered = vec![0.0; 6];
+        t.gather(&x, &mut gathered);
+        assert_eq!(gathered, [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
         let mut back = vec![0.0; 6];
-        t.scatter(&t.gather(&x), &mut back);
+        t.scatter(&gathered, &mut back);
         assert_eq!(back, x);
         assert_eq!(contiguous_strides(&[2, 3, 4]), [12, 4, 1]);
-        assert_eq!(View::new(vec![], vec![], 4).gather(&x), [4.0]);
+        let mut one = [0.0];
+        View::new(vec![], vec![], 4).gather(&x, &mut one);
+        assert_eq!(one, [4.0]);
     }
 }
