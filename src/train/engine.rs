@@ -218,6 +218,7 @@ pub struct Engine {
     logits: Vec<f32>, // (T, V)
     /// Host-side phases since the last `take_profile`.
     profile: Profile,
+    scratch: Scratch,
 }
 
 impl Engine {
@@ -270,6 +271,7 @@ impl Engine {
             rrms_final: vec![vec![0.0; seq]; batch],
             logits: vec![0.0; seq * config.vocab_size],
             profile: Profile::default(),
+            scratch: Scratch::default(),
         })
     }
 
@@ -479,8 +481,14 @@ impl Engine {
         let grad_scale = loss_scale / (self.batch * seq) as f32;
         let mut total = 0.0;
         // dx (C, T) per sequence: gradient flowing into the residual stream.
-        let mut dx: Vec<Vec<f32>> = vec![vec![0.0; d * seq]; self.batch];
-        let mut dxf = vec![0.0; d * seq];
+        let mut dx: Vec<Vec<f32>> = std::mem::take(&mut self.scratch.dx);
+        dx.resize_with(self.batch, Vec::new);
+        for dx in &mut dx {
+            dx.clear();
+            dx.resize(d * seq, 0.0);
+        }
+        let sc = &mut self.scratch;
+        let mut dxf = reuse(&mut sc.dxf, d * seq);
         for b in 0..self.batch {
             let started = Instant::now();
             host::classifier_forward(&mut self.logits, &self.xf[b], w.classifier(), d);
@@ -509,16 +517,17 @@ impl Engine {
         }
         let be = self.backend.as_mut();
         let k = &self.kernels;
-        let mut dgate = vec![0.0; f * seq];
-        let mut dh1 = vec![0.0; f * seq];
-        let mut dh3 = vec![0.0; f * seq];
-        let mut dx2n = vec![0.0; d * seq];
-        let mut dattn = vec![0.0; q * seq];
-        let mut dq = vec![0.0; q * seq];
-        let mut dk = vec![0.0; kv * seq];
-        let mut dv = vec![0.0; kv * seq];
-        let mut dxn = vec![0.0; d * seq];
-        let mut dxn_kv = vec![0.0; d * seq];
+        let sc = &mut self.scratch;
+        let mut dgate = reuse(&mut sc.dgate, f * seq);
+        let mut dh1 = reuse(&mut sc.dh1, f * seq);
+        let mut dh3 = reuse(&mut sc.dh3, f * seq);
+        let mut dx2n = reuse(&mut sc.dx2n, d * seq);
+        let mut dattn = reuse(&mut sc.dattn, q * seq);
+        let mut dq = reuse(&mut sc.dq, q * seq);
+        let mut dk = reuse(&mut sc.dk, kv * seq);
+        let mut dv = reuse(&mut sc.dv, kv * seq);
+        let mut dxn = reuse(&mut sc.dxn, d * seq);
+        let mut dxn_kv = reuse(&mut sc.dxn_kv, d * seq);
         for l in (0..c.n_layers).rev() {
             k.ffn_bwd_w2.write_weight(be, "w2", w.get(Param::W2(l)))?;
             k.ffn_bwd_w13.write_weight(be, "w1", w.get(Param::W1(l)))?;
@@ -675,6 +684,46 @@ impl Engine {
             );
             self.profile.add("embedding", started);
         }
+        self.scratch = Scratch {
+            dx,
+            dxf,
+            dgate,
+            dh1,
+            dh3,
+            dx2n,
+            dattn,
+            dq,
+            dk,
+            dv,
+            dxn,
+            dxn_kv,
+        };
         Ok(total / (self.batch * seq) as f64)
     }
+}
+
+/// Backward-pass buffers kept between steps (shapes `(channels, T)`), so that a
+/// step allocates nothing. Taken out of the engine during a pass.
+#[derive(Default)]
+struct Scratch {
+    dx: Vec<Vec<f32>>,
+    dxf: Vec<f32>,
+    dgate: Vec<f32>,
+    dh1: Vec<f32>,
+    dh3: Vec<f32>,
+    dx2n: Vec<f32>,
+    dattn: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dxn: Vec<f32>,
+    dxn_kv: Vec<f32>,
+}
+
+/// `buf`'s allocation as a vector of `n` values (contents unspecified: every
+/// user overwrites it), or a new one.
+fn reuse(buf: &mut Vec<f32>, n: usize) -> Vec<f32> {
+    let mut v = std::mem::take(buf);
+    v.resize(n, 0.0);
+    v
 }

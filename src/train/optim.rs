@@ -4,6 +4,7 @@
 //! global-norm clipping, and dynamic loss scaling for fp16 kernels. The update is
 //! a pure function of explicit state.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Weights;
@@ -63,13 +64,21 @@ impl AdamW {
                 &mut state.v[range.clone()],
                 &grad[range],
             );
-            for i in 0..w.len() {
-                w[i] *= 1.0 - lr * decay;
-                m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
-                v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
-                let denom = v[i].sqrt() / bias2_sqrt + self.eps;
-                w[i] -= step_size * m[i] / denom;
-            }
+            let update = |(((w, m), v), g): (((&mut [f32], &mut [f32]), &mut [f32]), &[f32])| {
+                for i in 0..w.len() {
+                    w[i] *= 1.0 - lr * decay;
+                    m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
+                    v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
+                    let denom = v[i].sqrt() / bias2_sqrt + self.eps;
+                    w[i] -= step_size * m[i] / denom;
+                }
+            };
+            // Elementwise, so splitting across threads changes no result.
+            w.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(update);
         }
     }
 }
@@ -100,12 +109,17 @@ pub fn learning_rate(schedule: Schedule, lr: f32, step: u64, warmup: u64, total:
     }
 }
 
-/// Global L2 norm of `grad` (f64 accumulation).
+/// Elements per task of the parallel optimizer loops.
+const CHUNK: usize = 1 << 15;
+
+/// Global L2 norm of `grad` (f64 accumulation). Partial sums per fixed-size
+/// chunk are added in order, so the result does not depend on the threads.
 pub fn global_norm(grad: &[f32]) -> f64 {
-    grad.iter()
-        .map(|&g| (g as f64) * (g as f64))
-        .sum::<f64>()
-        .sqrt()
+    let partial: Vec<f64> = grad
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+        .collect();
+    partial.iter().sum::<f64>().sqrt()
 }
 
 /// Scale `grad` so its global norm is at most `max_norm` (like
@@ -115,7 +129,8 @@ pub fn clip_grad_norm(grad: &mut [f32], max_norm: f32) -> f64 {
     let norm = global_norm(grad);
     if max_norm > 0.0 && norm > max_norm as f64 {
         let factor = (max_norm as f64 / (norm + 1e-6)) as f32;
-        grad.iter_mut().for_each(|g| *g *= factor);
+        grad.par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|g| *g *= factor));
     }
     norm
 }

@@ -198,25 +198,55 @@ impl Broadcast {
         }
         let rank = self.shape.len();
         let inner = self.shape[rank - 1];
-        let row = |(r, chunk): (usize, &mut [f32])| {
-            let mut base = [0usize; N];
-            let mut rest = r;
-            for d in (0..rank - 1).rev() {
-                let i = rest % self.shape[d];
-                rest /= self.shape[d];
-                for (b, s) in base.iter_mut().zip(&self.strides) {
-                    *b += i * s[d];
+        let step: [usize; N] = std::array::from_fn(|k| self.strides[k][rank - 1]);
+        // Rows of the result, several per task; an operand that is not
+        // contiguous along the row (broadcast or strided) is first copied into a
+        // row buffer so that the loop over the row runs on dense slices.
+        let rows_per_task = (CHUNK / inner.max(1)).max(1);
+        let task = |(t, chunk): (usize, &mut [f32])| {
+            let mut rows: [Vec<f32>; N] =
+                std::array::from_fn(|k| if step[k] == 1 { Vec::new() } else { vec![0.0; inner] });
+            for (i, out_row) in chunk.chunks_mut(inner).enumerate() {
+                let mut rest = t * rows_per_task + i;
+                let mut base = [0usize; N];
+                for d in (0..rank - 1).rev() {
+                    let idx = rest % self.shape[d];
+                    rest /= self.shape[d];
+                    for (b, s) in base.iter_mut().zip(&self.strides) {
+                        *b += idx * s[d];
+                    }
                 }
-            }
-            let step: [usize; N] = std::array::from_fn(|k| self.strides[k][rank - 1]);
-            for (j, o) in chunk.iter_mut().enumerate() {
-                *o = f(std::array::from_fn(|k| inputs[k][base[k] + j * step[k]]));
+                for k in 0..N {
+                    match step[k] {
+                        1 => {}
+                        0 => rows[k].fill(inputs[k][base[k]]),
+                        st => {
+                            for (j, v) in rows[k].iter_mut().enumerate() {
+                                *v = inputs[k][base[k] + j * st];
+                            }
+                        }
+                    }
+                }
+                let ins: [&[f32]; N] = std::array::from_fn(|k| {
+                    if step[k] == 1 {
+                        &inputs[k][base[k]..base[k] + inner]
+                    } else {
+                        &rows[k][..]
+                    }
+                });
+                for (j, o) in out_row.iter_mut().enumerate() {
+                    *o = f(std::array::from_fn(|k| ins[k][j]));
+                }
             }
         };
         if len >= PAR_MIN {
-            out.par_chunks_mut(inner).enumerate().for_each(row);
+            out.par_chunks_mut(inner * rows_per_task)
+                .enumerate()
+                .for_each(task);
         } else {
-            out.chunks_mut(inner).enumerate().for_each(row);
+            out.chunks_mut(inner * rows_per_task)
+                .enumerate()
+                .for_each(task);
         }
     }
 }

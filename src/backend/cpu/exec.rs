@@ -175,6 +175,23 @@ impl Plan {
         }
         let n_slots = b.slot_types.len();
         let root = |slot: Slot| b.alias_of[slot].unwrap_or(slot);
+        // Every op was lowered, so checked; steps whose results nothing reads
+        // (a recomputed attention output in a backward kernel, say) are dropped.
+        let mut needed = vec![false; n_slots];
+        for &slot in &output_slots {
+            needed[root(slot)] = true;
+        }
+        let mut kept = Vec::with_capacity(b.steps.len());
+        for step in std::mem::take(&mut b.steps).into_iter().rev() {
+            if step.results.iter().any(|&r| needed[root(r)]) {
+                for &arg in &step.args {
+                    needed[root(arg)] = true;
+                }
+                kept.push(step);
+            }
+        }
+        kept.reverse();
+        b.steps = kept;
         let mut homes: Vec<Option<Home>> = vec![None; n_slots];
         for (i, home) in homes.iter_mut().take(func.inputs.len()).enumerate() {
             *home = Some(Home::Input(i));
