@@ -64,7 +64,7 @@ impl AdamW {
                 &mut state.v[range.clone()],
                 &grad[range],
             );
-            let update = |(((w, m), v), g): (((&mut [f32], &mut [f32]), &mut [f32]), &[f32])| {
+            let update = |(((w, m), v), g): Chunks| {
                 for i in 0..w.len() {
                     w[i] *= 1.0 - lr * decay;
                     m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
@@ -108,6 +108,9 @@ pub fn learning_rate(schedule: Schedule, lr: f32, step: u64, warmup: u64, total:
         }
     }
 }
+
+/// Matching chunks of weights, first and second moments, and gradient.
+type Chunks<'a> = (((&'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
 
 /// Elements per task of the parallel optimizer loops.
 const CHUNK: usize = 1 << 15;

@@ -204,8 +204,13 @@ impl Broadcast {
         // row buffer so that the loop over the row runs on dense slices.
         let rows_per_task = (CHUNK / inner.max(1)).max(1);
         let task = |(t, chunk): (usize, &mut [f32])| {
-            let mut rows: [Vec<f32>; N] =
-                std::array::from_fn(|k| if step[k] == 1 { Vec::new() } else { vec![0.0; inner] });
+            let mut rows: [Vec<f32>; N] = std::array::from_fn(|k| {
+                if step[k] == 1 {
+                    Vec::new()
+                } else {
+                    vec![0.0; inner]
+                }
+            });
             for (i, out_row) in chunk.chunks_mut(inner).enumerate() {
                 let mut rest = t * rows_per_task + i;
                 let mut base = [0usize; N];

@@ -40,6 +40,8 @@ pub(super) enum Kernel {
     Quantize(elementwise::Quantize),
     Dequantize(elementwise::Dequantize),
     Softmax(reduce::Softmax),
+    /// `softmax(x * scale + mask)`, fused (see `PlanBuilder::masked_softmax`).
+    MaskedSoftmax(reduce::MaskedSoftmax),
     Reduce(reduce::Reduce),
     /// `transpose`, `slice_by_size`: one strided read.
     Gather(shape::View),
@@ -71,6 +73,7 @@ impl Kernel {
             Kernel::Quantize(k) => k.run(args[0], out),
             Kernel::Dequantize(k) => k.run(args[0], out),
             Kernel::Softmax(k) => k.run(args[0], out),
+            Kernel::MaskedSoftmax(k) => k.run(args[0], args[1], out),
             Kernel::Reduce(k) => k.run(args[0], out),
             Kernel::Gather(view) => view.gather(args[0], out),
             Kernel::Split(views) => {
@@ -155,6 +158,8 @@ impl Plan {
             alias_of: Vec::new(),
             constants: Vec::new(),
             steps: Vec::new(),
+            defs: HashMap::new(),
+            uses: use_counts(func),
         };
         for input in &func.inputs {
             b.define(input, None)?;
@@ -363,6 +368,27 @@ impl Plan {
     }
 }
 
+/// How many times each value is an argument or a function output.
+fn use_counts(func: &crate::mil::Function) -> HashMap<&str, usize> {
+    fn count<'a>(arg: &'a Arg, uses: &mut HashMap<&'a str, usize>) {
+        match arg {
+            Arg::Var(name) => *uses.entry(name.as_str()).or_default() += 1,
+            Arg::Tuple(items) => items.iter().for_each(|a| count(a, uses)),
+            Arg::Lit(_) => {}
+        }
+    }
+    let mut uses = HashMap::new();
+    for op in &func.ops {
+        for (_, arg) in &op.args {
+            count(arg, &mut uses);
+        }
+    }
+    for name in &func.outputs {
+        *uses.entry(name.as_str()).or_default() += 1;
+    }
+    uses
+}
+
 fn run_error(msg: String) -> Error {
     Error::Backend {
         backend: "cpu",
@@ -383,6 +409,10 @@ struct PlanBuilder<'p> {
     alias_of: Vec<Option<Slot>>,
     constants: Vec<(Slot, Vec<f32>)>,
     steps: Vec<Step>,
+    /// The operation defining each value lowered so far, and how many times
+    /// each value is used in the program (for fusions).
+    defs: HashMap<&'p str, &'p Operation>,
+    uses: HashMap<&'p str, usize>,
 }
 
 impl<'p> PlanBuilder<'p> {
@@ -460,7 +490,13 @@ impl<'p> PlanBuilder<'p> {
             }
             _ => {
                 let kernel = lower_kernel(&self.ctx(op))?;
-                let args = self.operand_slots(op)?;
+                let (kernel, args) = match self.masked_softmax(op)? {
+                    Some(fused) => fused,
+                    None => (kernel, self.operand_slots(op)?),
+                };
+                for out in &op.outputs {
+                    self.defs.insert(&out.name, op);
+                }
                 let mut results = Vec::new();
                 for out in &op.outputs {
                     results.push(self.define(out, Some(op))?);
@@ -479,6 +515,74 @@ impl<'p> PlanBuilder<'p> {
                 Ok(())
             }
         }
+    }
+
+    /// `softmax(x * scale + mask)` along the last axis, with `scale` a constant
+    /// scalar, `mask` of shape `[1, .., 1, L, S]` and the two intermediate values
+    /// used nowhere else: one pass over the scores instead of three (the
+    /// `mul` and `add` steps become dead and are dropped).
+    fn masked_softmax(&mut self, op: &'p Operation) -> Result<Option<(Kernel, Vec<Slot>)>> {
+        if op.op != Op::Softmax {
+            return Ok(None);
+        }
+        let single = |name: &str| self.uses.get(name) == Some(&1);
+        let var = |op: &'p Operation, p: &str| match op.arg(p) {
+            Some(Arg::Var(name)) => Some(name.as_str()),
+            _ => None,
+        };
+        let Some(added) = var(op, "x") else {
+            return Ok(None);
+        };
+        let Some(&add) = self.defs.get(added) else {
+            return Ok(None);
+        };
+        let (Some(scaled), Some(mask)) = (var(add, "x"), var(add, "y")) else {
+            return Ok(None);
+        };
+        let Some(&mul) = self.defs.get(scaled) else {
+            return Ok(None);
+        };
+        let Some(scores) = var(mul, "x") else {
+            return Ok(None);
+        };
+        let ty = |name: &str| self.slots.get(name).map(|&s| &self.slot_types[s]);
+        let scale = match mul.arg("y") {
+            Some(Arg::Lit(lit)) => Some(lit),
+            Some(Arg::Var(name)) => self.literals.get(name.as_str()).copied(),
+            _ => None,
+        };
+        let scale = scale
+            .filter(|l| l.ty.numel() == 1)
+            .and_then(|l| l.as_floats())
+            .map(|v| v[0]);
+        let (Some(x), Some(m), Some(scale)) = (ty(scores), ty(mask), scale) else {
+            return Ok(None);
+        };
+        let rank = x.rank();
+        let axis = self.ctx(op).int("axis")?.unwrap_or(-1);
+        let fits = add.op == Op::Add
+            && mul.op == Op::Mul
+            && single(added)
+            && single(scaled)
+            && rank >= 2
+            && (axis == -1 || axis == rank as i64 - 1)
+            && m.dtype == x.dtype
+            && m.rank() == rank
+            && m.shape[rank - 2..] == x.shape[rank - 2..]
+            && m.shape[..rank - 2].iter().all(|&d| d == 1)
+            && [add, mul, op].iter().all(|o| o.outputs[0].ty == *x);
+        if !fits {
+            return Ok(None);
+        }
+        let round = self.precision == Precision::Fp16 && x.dtype == DType::Fp16;
+        let kernel = Kernel::MaskedSoftmax(reduce::MaskedSoftmax::new(
+            scale,
+            x.shape[rank - 1],
+            x.shape[rank - 2],
+            round,
+        ));
+        let args = vec![self.slots[scores], self.slots[mask]];
+        Ok(Some((kernel, args)))
     }
 
     fn ctx<'a>(&'a self, op: &'a Operation) -> OpCtx<'a> {
@@ -844,5 +948,44 @@ mod tests {
         let want = [0.0, 12.0, 36.0, 0.0];
         assert_eq!(run(&p, &mut ws, &[&x])[0], want);
         assert_eq!(run(&p, &mut ws, &[&x])[0], want);
+    }
+
+    #[test]
+    fn scaled_masked_softmax_fuses_and_matches_the_separate_ops() {
+        // p = softmax(s * 0.3 + mask); listing `a` as an output too keeps the
+        // ops separate, the reference for the fused step.
+        let body = "        tensor<fp16, [1, 2, 3, 4]> m = mul(x = s, y = fp16(0.3))[name = string(\"m\")];\n\
+                    \x20       tensor<fp16, [1, 2, 3, 4]> a = add(x = m, y = mask)[name = string(\"a\")];\n\
+                    \x20       tensor<fp16, [1, 2, 3, 4]> p = softmax(x = a, axis = int32(-1))[name = string(\"p\")];\n";
+        let sig = "tensor<fp16, [1, 2, 3, 4]> s, tensor<fp16, [1, 1, 3, 4]> mask";
+        let mut rng = crate::rng::Rng::new(5);
+        let scores: Vec<f32> = (0..24).map(|_| 8.0 * rng.next_f32() - 4.0).collect();
+        let mask: Vec<f32> = (0..12)
+            .map(|i| if i % 4 > i / 4 { -65504.0 } else { 0.0 })
+            .collect();
+        for precision in [Precision::Fp32, Precision::Fp16] {
+            let compile = |outs: &str| {
+                let text = format!(
+                    "program(1.3)\n{{\n    func main<ios18>({sig}) {{\n{body}    }} -> ({outs});\n}}\n"
+                );
+                let program = crate::mil::parse(&text).unwrap();
+                Plan::compile(&program, &BTreeMap::new(), precision).unwrap()
+            };
+            let (fused, separate) = (compile("p"), compile("p, a"));
+            assert_eq!((fused.steps.len(), separate.steps.len()), (1, 3));
+            let mut inputs = [scores.clone(), mask.clone()];
+            if precision == Precision::Fp16 {
+                for v in inputs.iter_mut() {
+                    elementwise::round_to_fp16(v);
+                }
+            }
+            let args = [&inputs[0][..], &inputs[1][..]];
+            let got = run(&fused, &mut Workspace::default(), &args);
+            let want = run(&separate, &mut Workspace::default(), &args);
+            assert_eq!(got[0], want[0], "{precision:?}");
+            // Masked positions get probability 0; rows sum to 1.
+            assert_eq!(got[0][1], 0.0);
+            assert!((got[0][20..24].iter().sum::<f32>() - 1.0).abs() < 2e-3);
+        }
     }
 }

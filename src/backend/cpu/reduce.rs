@@ -90,6 +90,66 @@ impl Softmax {
     }
 }
 
+/// `softmax(x * scale + mask)` along the last axis of `x` (rows of `len`), with
+/// `mask` one `[mask_rows, len]` matrix repeated over the leading axes; in fp16
+/// precision the product and the sum are rounded to fp16 as the separate ops
+/// would round them.
+#[derive(Debug)]
+pub(super) struct MaskedSoftmax {
+    scale: f32,
+    len: usize,
+    mask_rows: usize,
+    round: bool,
+}
+
+impl MaskedSoftmax {
+    pub(super) fn new(scale: f32, len: usize, mask_rows: usize, round: bool) -> MaskedSoftmax {
+        MaskedSoftmax {
+            scale,
+            len,
+            mask_rows,
+            round,
+        }
+    }
+
+    pub(super) fn run(&self, x: &[f32], mask: &[f32], out: &mut [f32]) {
+        let (len, scale, round) = (self.len, self.scale, self.round);
+        if len == 0 {
+            return;
+        }
+        let r16 = |v: f32| half::f16::from_f32(v).to_f32();
+        let row = |(r, (out, x)): (usize, (&mut [f32], &[f32]))| {
+            let m = &mask[(r % self.mask_rows) * len..][..len];
+            for ((o, &x), &m) in out.iter_mut().zip(x).zip(m) {
+                *o = if round {
+                    r16(r16(x * scale) + m)
+                } else {
+                    x * scale + m
+                };
+            }
+            let max = out.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            for o in out.iter_mut() {
+                *o = crate::math::exp(*o - max);
+            }
+            let inv = 1.0 / out.iter().sum::<f32>();
+            for o in out.iter_mut() {
+                *o *= inv;
+            }
+        };
+        if x.len() >= PAR_MIN {
+            out.par_chunks_mut(len)
+                .zip(x.par_chunks(len))
+                .enumerate()
+                .for_each(row);
+        } else {
+            out.chunks_mut(len)
+                .zip(x.chunks(len))
+                .enumerate()
+                .for_each(row);
+        }
+    }
+}
+
 pub(super) fn compile_softmax(ctx: &OpCtx) -> Result<Kernel> {
     let x = ctx.input("x")?;
     ctx.expect_float("x", x)?;
