@@ -4,8 +4,11 @@
 //! interpreter) fit behind it, and so that `model`/`train` never see either.
 //!
 //! The [`cpu`] backend is the specification: it interprets MIL exactly, in
-//! fp32 or with fp16 rounding after every op.
+//! fp32 or with fp16 rounding after every op. The [`ane`] backend runs the same
+//! packages on the Apple Neural Engine (macOS); it compiles everywhere and
+//! reports "ANE unavailable" where there is none. [`open`] picks one.
 
+pub mod ane;
 pub mod cpu;
 
 use crate::Result;
@@ -33,6 +36,55 @@ impl std::str::FromStr for Precision {
                 "unknown precision `{other}` (expected fp32 or fp16)"
             ))),
         }
+    }
+}
+
+/// Which backend to open (`--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Ane,
+    /// The ANE if a probe kernel compiles, runs and matches the CPU; else the CPU.
+    Auto,
+}
+
+/// An opened backend, the precision its kernels must use, and why it was picked.
+pub struct Opened {
+    pub backend: Box<dyn Backend>,
+    /// `Fp16` on the ANE whatever was asked (its kernels compute in fp16).
+    pub precision: Precision,
+    /// One line for the user: which backend, and why.
+    pub note: String,
+}
+
+/// Open the backend `kind`. `precision` is the CPU backend's; the ANE always
+/// runs fp16 kernels. `Ane` fails where there is no ANE, naming why.
+pub fn open(kind: BackendKind, precision: Precision) -> Result<Opened> {
+    let cpu = |note: String| Opened {
+        backend: Box::new(cpu::CpuBackend::new(precision)),
+        precision,
+        note,
+    };
+    match kind {
+        BackendKind::Cpu => Ok(cpu("backend: cpu".into())),
+        BackendKind::Ane => {
+            let (backend, family) = ane::open()?;
+            Ok(Opened {
+                backend: Box::new(backend),
+                precision: Precision::Fp16,
+                note: format!("backend: ane ({family}), fp16 kernels"),
+            })
+        }
+        BackendKind::Auto => match ane::open_probed() {
+            Ok((backend, family)) => Ok(Opened {
+                backend: Box::new(backend),
+                precision: Precision::Fp16,
+                note: format!(
+                    "backend: ane ({family}; the probe kernel compiled, ran and matched the CPU), fp16 kernels"
+                ),
+            }),
+            Err(e) => Ok(cpu(format!("backend: cpu ({e})"))),
+        },
     }
 }
 

@@ -3,6 +3,7 @@
 //! where a fix is known) and exit with code 2.
 
 mod data;
+mod doctor;
 mod generate;
 mod mil;
 mod train;
@@ -56,6 +57,9 @@ enum Command {
     /// MIL tools: check, run, fmt
     #[command(subcommand)]
     Mil(mil::MilCommand),
+    /// What this machine offers the ANE backend: OS, chip, framework, probe,
+    /// every training kernel against the CPU (share `--json` reports)
+    Doctor(doctor::DoctorArgs),
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -78,6 +82,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Mil(cmd) => mil::run(cmd),
+        Command::Doctor(args) => doctor::doctor(args),
     }
 }
 
