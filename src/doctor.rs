@@ -37,6 +37,8 @@ pub struct DoctorReport {
     pub chip: Option<String>,
     pub ane: AneStatus,
     pub probe: Option<ProbeReport>,
+    /// "ane" when the probe passed, else "cpu".
+    pub auto_backend: String,
     pub kernels: KernelReport,
 }
 
@@ -332,6 +334,7 @@ pub fn run(config_name: &str, seq: usize) -> Result<DoctorReport> {
         arch: std::env::consts::ARCH.to_string(),
         os_version: os_version(),
         chip: chip_name(),
+        auto_backend: if status.available { "ane" } else { "cpu" }.into(),
         ane: status,
         probe: probe_report,
         kernels,
@@ -382,6 +385,10 @@ pub fn format(report: &DoctorReport) -> String {
         s += &format!("reason:    {reason}\n");
     }
     s += &format!("budget:    {} compiles per process\n", a.compile_budget);
+    s += &format!(
+        "backend:   {} (what `--backend auto` picks)\n",
+        report.auto_backend
+    );
     match &report.probe {
         Some(p) if p.ok => {
             s += &format!(
