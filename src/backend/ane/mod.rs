@@ -126,6 +126,16 @@ pub struct AneBackend<R: Runtime> {
     buffers: Vec<AneBuffer<R::Surface>>,
     /// (kernel, inputs, outputs) -> request.
     requests: HashMap<(usize, Vec<usize>, Vec<usize>), R::Request>,
+    /// `ANEMONE_DEBUG`: 1 compiles, 2 + per-run timings, 3 + MIL text, 4 + blob layouts.
+    debug: u32,
+}
+
+/// The `ANEMONE_DEBUG` level (0 when unset or not a number).
+pub fn debug_level() -> u32 {
+    std::env::var("ANEMONE_DEBUG")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn backend_error(step: &'static str, msg: String) -> Error {
@@ -144,6 +154,7 @@ impl<R: Runtime> AneBackend<R> {
             kernels: Vec::new(),
             buffers: Vec::new(),
             requests: HashMap::new(),
+            debug: debug_level(),
         }
     }
 
@@ -201,7 +212,37 @@ impl<R: Runtime> Backend for AneBackend<R> {
         }
         self.budget.check(self.runtime.compiles(), 1)?;
         let files = ModelFiles::new(package, &files::next_instance_tag());
+        let started = std::time::Instant::now();
         let model = self.runtime.load(&files)?;
+        if self.debug >= 1 {
+            let sig = |vars: &[crate::mil::Var]| {
+                vars.iter()
+                    .map(|v| format!("{} {}", v.ty, v.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            eprintln!(
+                "[ane] compiled kernel {} ({}) -> ({}) in {:.1} ms on {}; {} compiles so far, budget {}",
+                self.kernels.len(),
+                sig(&info.inputs),
+                sig(&info.outputs),
+                started.elapsed().as_secs_f64() * 1e3,
+                self.runtime.name(),
+                self.runtime.compiles(),
+                self.budget.limit
+            );
+        }
+        if self.debug >= 3 {
+            eprintln!("[ane] MIL:\n{}", files.mil);
+        }
+        if self.debug >= 4 {
+            for w in &files.weights {
+                match crate::blob::BlobFile::parse(&w.data) {
+                    Ok(blob) => eprintln!("[ane] {}: {blob}", w.key),
+                    Err(e) => eprintln!("[ane] {}: {e}", w.key),
+                }
+            }
+        }
         self.kernels.push(AneKernel {
             info,
             model: Some(model),
@@ -295,6 +336,15 @@ impl<R: Runtime> Backend for AneBackend<R> {
             self.requests.insert(key.clone(), request);
         }
         let request = &self.requests[&key];
-        self.runtime.evaluate(model, request)
+        let started = std::time::Instant::now();
+        self.runtime.evaluate(model, request)?;
+        if self.debug >= 2 {
+            eprintln!(
+                "[ane] kernel {} ran in {:.3} ms",
+                kernel.0,
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
     }
 }
