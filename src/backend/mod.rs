@@ -214,6 +214,28 @@ mod tests {
     use crate::mil::DType;
 
     #[test]
+    fn open_names_why_the_ane_is_unavailable_and_auto_falls_back_to_the_cpu() {
+        let cpu = open(BackendKind::Cpu, Precision::Fp32).unwrap();
+        assert_eq!(
+            (cpu.backend.name(), cpu.precision),
+            ("cpu", Precision::Fp32)
+        );
+        let Some(reason) = ane::platform_unavailable_reason() else {
+            eprintln!("skipped: this machine may have an ANE");
+            return;
+        };
+        let err = open(BackendKind::Ane, Precision::Fp32).err().unwrap();
+        assert_eq!(err.to_string(), format!("ane backend: dlopen: {reason}"));
+        let auto = open(BackendKind::Auto, Precision::Fp16).unwrap();
+        assert_eq!(auto.backend.name(), "cpu");
+        assert_eq!(auto.precision, Precision::Fp16);
+        assert!(
+            auto.note
+                .starts_with("backend: cpu (ane backend: dlopen: ANE unavailable")
+        );
+    }
+
+    #[test]
     fn blocks_view_ane_layout_as_channels_by_positions() {
         let ty = TensorType::new(DType::Fp16, [1, 768, 1, 256]);
         assert_eq!(matrix_dims(&ty), (768, 256));

@@ -348,3 +348,89 @@ impl<R: Runtime> Backend for AneBackend<R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeRuntime;
+    use super::*;
+    use crate::mil::{Builder, DType, Dialect};
+
+    /// `y = x * 2` on `[1, 64, 1, 8]` fp16.
+    fn doubling() -> ProgramPackage {
+        let mut b = Builder::new(Dialect::Ios18);
+        let x = b.input("x", DType::Fp16, &[1, 64, 1, 8]);
+        let two = b.scalar(DType::Fp16, 2.0);
+        let y = b.mul(&x, &two);
+        b.output(&y);
+        ProgramPackage::from_program(&b.finish(), [])
+    }
+
+    #[test]
+    fn surfaces_persist_and_each_binding_gets_one_request() {
+        let mut be = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget::default());
+        let k = be.compile(&doubling()).unwrap();
+        let ty = be.kernel_info(k).inputs[0].ty.clone();
+        let (x1, x2, y) = (
+            be.alloc(&ty).unwrap(),
+            be.alloc(&ty).unwrap(),
+            be.alloc(&ty).unwrap(),
+        );
+        // Fresh surfaces are zero.
+        let mut out = vec![1.0; 512];
+        be.read(y, Block::whole(&ty), &mut out).unwrap();
+        assert!(out.iter().all(|v| *v == 0.0));
+        let x: Vec<f32> = (0..512).map(|i| i as f32 * 0.25).collect();
+        be.write(x1, Block::whole(&ty), &x).unwrap();
+        be.write(x2, Block::rows(&ty, 3, 1), &[1.5; 8]).unwrap();
+        for _ in 0..3 {
+            be.run(k, &[x1], &[y]).unwrap();
+        }
+        assert_eq!(be.request_count(), 1, "one binding, one request");
+        be.read(y, Block::whole(&ty), &mut out).unwrap();
+        let want: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+        assert_eq!(out, want);
+        // Per-layer input surfaces: another binding, its own request, its own data.
+        be.run(k, &[x2], &[y]).unwrap();
+        assert_eq!(be.request_count(), 2);
+        let mut row = vec![0.0; 8];
+        be.read(y, Block::rows(&ty, 3, 1), &mut row).unwrap();
+        assert_eq!(row, [3.0; 8]);
+        be.run(k, &[x1], &[y]).unwrap();
+        assert_eq!(be.request_count(), 2);
+        assert_eq!(be.runtime().evaluations(), 5);
+    }
+
+    #[test]
+    fn bad_bindings_and_non_float_io_name_the_step() {
+        let mut be = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget::default());
+        let k = be.compile(&doubling()).unwrap();
+        let wrong = be
+            .alloc(&TensorType::new(DType::Fp32, [1, 64, 1, 8]))
+            .unwrap();
+        let ty = be.kernel_info(k).inputs[0].ty.clone();
+        let y = be.alloc(&ty).unwrap();
+        let e = be.run(k, &[wrong], &[y]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("ane backend: run: input `x` is tensor<fp16"),
+            "{e}"
+        );
+        assert!(be.run(k, &[y], &[]).is_err());
+        let e = be
+            .alloc(&TensorType::new(DType::Int32, [1, 4, 1, 4]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("ane backend: alloc:"), "{e}");
+        let mut b = Builder::new(Dialect::Ios18);
+        let x = b.input("x", DType::Int32, &[1, 4, 1, 4]);
+        let y = b.identity(&x);
+        b.output(&y);
+        let e = be
+            .compile(&ProgramPackage::from_program(&b.finish(), []))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("ane backend: compile: `x` is tensor<int32"),
+            "{e}"
+        );
+    }
+}
