@@ -322,8 +322,15 @@ pub fn run(config_name: &str, seq: usize) -> Result<DoctorReport> {
             compare_kernels(&mut backend, "ane", config_name, &config, seq)?
         }
         Err(e) => {
+            // A missing class means the framework itself loaded.
+            status.framework_loaded = matches!(
+                &e,
+                Error::Backend {
+                    step: "class lookup",
+                    ..
+                }
+            );
             status.reason = Some(e.to_string());
-            // "dlopen" failures before the framework: classes are unknown.
             let mut cpu = CpuBackend::new(Precision::Fp16);
             compare_kernels(&mut cpu, "cpu-fp16", config_name, &config, seq)?
         }
