@@ -10,10 +10,11 @@
 //! - [`mil`]: typed IR, builder, text emitter and parser, verifier (no I/O).
 //! - [`blob`]: the CoreML MILBlob v2 weight file format.
 //! - [`package`]: MIL text + weight blobs = what a backend compiles.
-//! - [`backend`]: the narrow backend trait and the CPU interpreter.
+//! - [`backend`]: the narrow backend trait, the CPU interpreter, the ANE runtime.
+//! - [`doctor`]: what this machine offers the ANE backend, as a shareable report.
 //! - [`report`]: run directories: metrics log, plots, run listings.
 
-// Only the ANE FFI layer (src/backend/ane/, not yet written) may opt out.
+// Only the ANE FFI layer (src/backend/ane/ffi.rs) may opt out.
 #![deny(unsafe_code)]
 
 pub mod atomic;
@@ -21,6 +22,7 @@ pub mod backend;
 pub mod bench;
 pub mod blob;
 pub mod data;
+pub mod doctor;
 pub mod error;
 pub mod generate;
 pub mod linalg;

@@ -4,8 +4,11 @@
 //! interpreter) fit behind it, and so that `model`/`train` never see either.
 //!
 //! The [`cpu`] backend is the specification: it interprets MIL exactly, in
-//! fp32 or with fp16 rounding after every op.
+//! fp32 or with fp16 rounding after every op. The [`ane`] backend runs the same
+//! packages on the Apple Neural Engine (macOS); it compiles everywhere and
+//! reports "ANE unavailable" where there is none. [`open`] picks one.
 
+pub mod ane;
 pub mod cpu;
 
 use crate::Result;
@@ -33,6 +36,55 @@ impl std::str::FromStr for Precision {
                 "unknown precision `{other}` (expected fp32 or fp16)"
             ))),
         }
+    }
+}
+
+/// Which backend to open (`--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Ane,
+    /// The ANE if a probe kernel compiles, runs and matches the CPU; else the CPU.
+    Auto,
+}
+
+/// An opened backend, the precision its kernels must use, and why it was picked.
+pub struct Opened {
+    pub backend: Box<dyn Backend>,
+    /// `Fp16` on the ANE whatever was asked (its kernels compute in fp16).
+    pub precision: Precision,
+    /// One line for the user: which backend, and why.
+    pub note: String,
+}
+
+/// Open the backend `kind`. `precision` is the CPU backend's; the ANE always
+/// runs fp16 kernels. `Ane` fails where there is no ANE, naming why.
+pub fn open(kind: BackendKind, precision: Precision) -> Result<Opened> {
+    let cpu = |note: String| Opened {
+        backend: Box::new(cpu::CpuBackend::new(precision)),
+        precision,
+        note,
+    };
+    match kind {
+        BackendKind::Cpu => Ok(cpu("backend: cpu".into())),
+        BackendKind::Ane => {
+            let (backend, family) = ane::open()?;
+            Ok(Opened {
+                backend: Box::new(backend),
+                precision: Precision::Fp16,
+                note: format!("backend: ane ({family}), fp16 kernels"),
+            })
+        }
+        BackendKind::Auto => match ane::open_probed() {
+            Ok((backend, family)) => Ok(Opened {
+                backend: Box::new(backend),
+                precision: Precision::Fp16,
+                note: format!(
+                    "backend: ane ({family}; the probe kernel compiled, ran and matched the CPU), fp16 kernels"
+                ),
+            }),
+            Err(e) => Ok(cpu(format!("backend: cpu ({e})"))),
+        },
     }
 }
 
@@ -160,6 +212,28 @@ pub trait Backend {
 mod tests {
     use super::*;
     use crate::mil::DType;
+
+    #[test]
+    fn open_names_why_the_ane_is_unavailable_and_auto_falls_back_to_the_cpu() {
+        let cpu = open(BackendKind::Cpu, Precision::Fp32).unwrap();
+        assert_eq!(
+            (cpu.backend.name(), cpu.precision),
+            ("cpu", Precision::Fp32)
+        );
+        let Some(reason) = ane::platform_unavailable_reason() else {
+            eprintln!("skipped: this machine may have an ANE");
+            return;
+        };
+        let err = open(BackendKind::Ane, Precision::Fp32).err().unwrap();
+        assert_eq!(err.to_string(), format!("ane backend: dlopen: {reason}"));
+        let auto = open(BackendKind::Auto, Precision::Fp16).unwrap();
+        assert_eq!(auto.backend.name(), "cpu");
+        assert_eq!(auto.precision, Precision::Fp16);
+        assert!(
+            auto.note
+                .starts_with("backend: cpu (ane backend: dlopen: ANE unavailable")
+        );
+    }
 
     #[test]
     fn blocks_view_ane_layout_as_channels_by_positions() {

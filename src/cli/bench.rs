@@ -52,10 +52,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 fn train_step(args: TrainStepArgs) -> Result<()> {
     let config = ModelConfig::from_name_or_file(&args.config)?;
     let seq = args.seq.unwrap_or(config.seq_len);
-    let backend = make_backend(args.backend, args.precision)?;
+    let (backend, precision) = make_backend(args.backend, args.precision)?;
     let opts = TrainStepOptions {
         config_name: args.config.clone(),
-        kernels: kernel_options(args.precision, backend.as_ref()),
+        kernels: kernel_options(precision, backend.as_ref()),
         config,
         seq,
         batch: args.batch,

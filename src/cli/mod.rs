@@ -4,6 +4,7 @@
 
 mod bench;
 mod data;
+mod doctor;
 mod generate;
 mod mil;
 mod train;
@@ -63,6 +64,9 @@ enum Command {
     /// Benchmarks: training steps, ANE-style kernels
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// What this machine offers the ANE backend: OS, chip, framework, probe,
+    /// every training kernel against the CPU (share `--json` reports)
+    Doctor(doctor::DoctorArgs),
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -86,6 +90,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Mil(cmd) => mil::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Doctor(args) => doctor::doctor(args),
     }
 }
 

@@ -2,17 +2,20 @@
 //! backend and the trainer. With no `--data`, `train` runs the main job: built-in
 //! corpus -> tokenizer -> token files -> `tiny` model -> samples.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use anemone::backend::ane::budget::{self, CompileBudget, CompilePlan, RestartDecision};
+use anemone::backend::ane::restart;
 use anemone::backend::cpu::CpuBackend;
-use anemone::backend::{Backend, Precision};
+use anemone::backend::{self, Backend, BackendKind, Precision};
 use anemone::data::tokens::{Batcher, Order, TokenFile, TokenSpan};
 use anemone::mil::DType;
 use anemone::model::kernels::{KernelOptions, WeightMode};
@@ -106,6 +109,10 @@ pub struct TrainArgs {
     /// Stop after this many updates of this invocation (the run can be resumed)
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
+    /// Checkpoint and exec() a resuming process every N updates (what the ANE
+    /// compile budget forces on baked kernels; for tests)
+    #[arg(long, hide = true)]
+    pub restart_every: Option<u64>,
     /// Generated samples to print at the end of the main job
     #[arg(long, default_value_t = 3)]
     pub samples: usize,
@@ -114,19 +121,33 @@ pub struct TrainArgs {
     pub corpus_mb: f64,
 }
 
-/// Pick the backend; `auto` probes for the ANE and says what it picked.
-pub fn make_backend(choice: BackendChoice, precision: Precision) -> Result<Box<dyn Backend>> {
-    match choice {
-        BackendChoice::Cpu => Ok(Box::new(CpuBackend::new(precision))),
-        BackendChoice::Ane => bail!(
-            "the ANE backend is not available in this build: it needs macOS on Apple silicon \
-             (hint: use --backend cpu or --backend auto)"
-        ),
-        BackendChoice::Auto => {
-            eprintln!("backend: cpu (no Apple Neural Engine on this machine)");
-            Ok(Box::new(CpuBackend::new(precision)))
+impl From<BackendChoice> for BackendKind {
+    fn from(choice: BackendChoice) -> BackendKind {
+        match choice {
+            BackendChoice::Cpu => BackendKind::Cpu,
+            BackendChoice::Ane => BackendKind::Ane,
+            BackendChoice::Auto => BackendKind::Auto,
         }
     }
+}
+
+/// Open the backend (`auto` probes for the ANE) and say which one runs; the
+/// ANE forces fp16 kernels.
+pub fn make_backend(
+    choice: BackendChoice,
+    precision: Precision,
+) -> Result<(Box<dyn Backend>, Precision)> {
+    let opened = backend::open(choice.into(), precision).map_err(|e| {
+        anyhow!(
+            "{e}\nhint: use --backend cpu, or --backend auto to use the ANE only where it works \
+             (run `anemone doctor` on a Mac to see why it does not)"
+        )
+    })?;
+    eprintln!("{}", opened.note);
+    if opened.precision != precision {
+        eprintln!("note: the ANE computes in fp16: using --precision fp16 (loss scaling on)");
+    }
+    Ok((opened.backend, opened.precision))
 }
 
 pub fn kernel_options(precision: Precision, backend: &dyn Backend) -> KernelOptions {
@@ -144,6 +165,47 @@ pub fn kernel_options(precision: Precision, backend: &dyn Backend) -> KernelOpti
         mode,
         ..KernelOptions::cpu()
     }
+}
+
+/// Updates this process may run before it must checkpoint and `exec()` a
+/// resuming copy of itself: `--restart-every`, else the ANE compile budget
+/// (never, for the packed kernels training uses).
+fn updates_before_restart(
+    args: &TrainArgs,
+    backend: &dyn Backend,
+    mode: WeightMode,
+) -> Result<Option<u64>> {
+    if let Some(n) = args.restart_every {
+        if n == 0 {
+            bail!("--restart-every must be at least 1");
+        }
+        return Ok(Some(n));
+    }
+    if backend.name() != "ane" {
+        return Ok(None);
+    }
+    // Nine kernels, eight of them with weights.
+    let plan = CompilePlan::new(mode, 9, 8);
+    match plan.decide(CompileBudget::from_env()?, budget::process_compiles())? {
+        RestartDecision::Never => Ok(None),
+        RestartDecision::After(n) => Ok(Some(n)),
+    }
+}
+
+/// After a bounded run: if the run is not finished, replace this process with
+/// one that resumes it (the checkpoint was saved by the trainer).
+fn restart_if_unfinished(trainer: &Trainer, restart_after: Option<u64>) -> Result<()> {
+    if restart_after.is_none() || trainer.step() >= trainer.config.steps {
+        return Ok(());
+    }
+    eprintln!(
+        "[exec() restart at step {}: compile budget; resuming {}]",
+        trainer.step(),
+        trainer.run_dir().display()
+    );
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let args = restart::resume_args(&argv, trainer.run_dir());
+    Err(restart::exec_self(&args).into())
 }
 
 /// Load initial weights from an anemone checkpoint or a llama2.c file.
@@ -258,6 +320,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if let Some(dir) = &args.resume {
         return resume(&args, dir, precision);
     }
+    // Open the backend first: `--backend ane` fails before any data is prepared.
+    let (backend, precision) = make_backend(args.backend, precision)?;
     let (data, val_data, run_dir, tokenizer) = match &args.data {
         Some(d) => (
             d.clone(),
@@ -333,8 +397,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let mut source = WindowSource::new(Batcher::new(train_span, seq, order, config.seed)?);
     let mut val = WindowSource::new(Batcher::new(val_span, seq, Order::Sequential, 0)?);
 
-    let backend = make_backend(args.backend, precision)?;
     let opts = kernel_options(precision, backend.as_ref());
+    let restart_after = updates_before_restart(&args, backend.as_ref(), opts.mode)?;
     let engine = Engine::new(backend, &config.model, seq, config.batch, opts)?;
     eprintln!(
         "training {} ({:.2}M parameters, dim {}, {} layers) on {} for {} steps of {} x {} tokens -> {}",
@@ -349,7 +413,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
         run_dir.display()
     );
     let mut trainer = Trainer::new(config, weights, engine, &run_dir)?;
-    run_loop(&mut trainer, &mut source, &mut val, args.stop_after)?;
+    run_loop(
+        &mut trainer,
+        &mut source,
+        &mut val,
+        min_some(args.stop_after, restart_after),
+    )?;
+    restart_if_unfinished(
+        &trainer,
+        restart_after.filter(|_| args.stop_after.is_none()),
+    )?;
     if main_job {
         let tokenizer_path = run_dir.join("tokenizer.bin");
         super::generate::print_samples(&trainer.weights, &tokenizer_path, args.samples, args.seed)?;
@@ -383,6 +456,7 @@ fn clone_args(a: &TrainArgs) -> TrainArgs {
         eval_batches: a.eval_batches,
         checkpoint_every: a.checkpoint_every,
         stop_after: a.stop_after,
+        restart_every: a.restart_every,
         samples: a.samples,
         corpus_mb: a.corpus_mb,
     }
@@ -439,17 +513,40 @@ fn resume(args: &TrainArgs, dir: &Path, precision: Precision) -> Result<()> {
     };
     let mut source = WindowSource::new(Batcher::new(train_span, config.seq, order, config.seed)?);
     let mut val = WindowSource::new(Batcher::new(val_span, config.seq, Order::Sequential, 0)?);
-    let precision = if config.fp16 {
+    let wanted = if config.fp16 {
         Precision::Fp16
     } else {
         precision
     };
-    let backend = make_backend(args.backend, precision)?;
+    let (backend, precision) = make_backend(args.backend, wanted)?;
+    if precision != wanted {
+        bail!(
+            "{} was trained with fp32 kernels; the ANE runs fp16 kernels (hint: resume it with --backend cpu)",
+            dir.display()
+        );
+    }
     let opts = kernel_options(precision, backend.as_ref());
+    let restart_after = updates_before_restart(args, backend.as_ref(), opts.mode)?;
     let engine = Engine::new(backend, &config.model, config.seq, config.batch, opts)?;
     let mut trainer = Trainer::resume(dir, engine, &mut source, args.steps)?;
     eprintln!("resumed {} at step {}", dir.display(), trainer.step());
-    run_loop(&mut trainer, &mut source, &mut val, args.stop_after)
+    run_loop(
+        &mut trainer,
+        &mut source,
+        &mut val,
+        min_some(args.stop_after, restart_after),
+    )?;
+    restart_if_unfinished(
+        &trainer,
+        restart_after.filter(|_| args.stop_after.is_none()),
+    )
+}
+
+fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -485,7 +582,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         );
     }
     let mut batcher = Batcher::new(TokenSpan::whole(file), seq, Order::Sequential, 0)?;
-    let backend = make_backend(BackendChoice::Cpu, Precision::Fp32)?;
+    let backend: Box<dyn Backend> = Box::new(CpuBackend::new(Precision::Fp32));
     let mut engine = Engine::new(backend, &config, seq, 1, KernelOptions::cpu())?;
     let (mut inputs, mut targets) = (vec![0u32; seq], vec![0u32; seq]);
     let mut total = 0.0;

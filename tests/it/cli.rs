@@ -89,3 +89,175 @@ fn train_with_a_missing_data_file_names_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("/nonexistent/tokens.bin"), "{stderr}");
 }
+
+fn cli_temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("anemone-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny model config file and a token file of random ids for it.
+fn tiny_run_inputs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let config = dir.join("model.json");
+    std::fs::write(
+        &config,
+        r#"{"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
+            "hidden_dim": 64, "vocab_size": 64, "seq_len": 16}"#,
+    )
+    .unwrap();
+    let tokens = dir.join("tokens.bin");
+    let mut rng = anemone::rng::Rng::new(2);
+    let ids: Vec<u32> = (0..4000).map(|_| rng.below(64) as u32).collect();
+    let mut w = anemone::data::tokens::TokenWriter::create(&tokens, 64).unwrap();
+    w.extend(&ids).unwrap();
+    w.finish().unwrap();
+    (config, tokens)
+}
+
+#[test]
+fn train_backend_ane_without_an_ane_exits_2_with_a_hint() {
+    let Some(reason) = anemone::backend::ane::platform_unavailable_reason() else {
+        eprintln!("skipped: this machine may have an ANE");
+        return;
+    };
+    let out = anemone()
+        .args(["train", "--backend", "ane", "--steps", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ane backend: dlopen: ANE unavailable: not "),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&reason), "{stderr}");
+    if std::env::consts::OS == "linux" {
+        assert!(stderr.contains("ANE unavailable: not macOS"), "{stderr}");
+    }
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("hint: use --backend cpu")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn doctor_reports_the_cpu_stand_in_and_writes_json() {
+    let dir = cli_temp_dir("doctor");
+    let (config, _) = tiny_run_inputs(&dir);
+    let json = dir.join("report.json");
+    let out = anemone()
+        .args(["doctor", "--seq", "16", "--config"])
+        .arg(&config)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["os"], std::env::consts::OS);
+    let rows = report["kernels"]["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "attn_fwd",
+            "wo_fwd",
+            "ffn_fwd",
+            "ffn_bwd_w2",
+            "ffn_bwd_w13",
+            "wo_bwd",
+            "attn_bwd",
+            "q_bwd",
+            "kv_bwd"
+        ]
+    );
+    for r in rows {
+        assert_eq!(r["ok"], true, "{r}");
+        assert!(r["max_error"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // wo_fwd: [q_dim = 32 channels, T + dim = 48 columns] -> [dim 32, T 16].
+    assert_eq!(rows[1]["input"], serde_json::json!([32, 48]));
+    assert_eq!(rows[1]["output"], serde_json::json!([32, 16]));
+    if anemone::backend::ane::platform_unavailable_reason().is_some() {
+        assert_eq!(report["ane"]["available"], false);
+        assert!(
+            report["ane"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("ANE unavailable"),
+            "{report}"
+        );
+        assert_eq!(report["kernels"]["subject"], "cpu-fp16");
+        assert!(report["probe"].is_null());
+        assert_eq!(report["auto_backend"], "cpu");
+        assert!(stdout.contains("backend:   cpu"), "{stdout}");
+        assert!(stdout.contains("ane:       unavailable"), "{stdout}");
+    }
+    assert!(stdout.contains("kv_bwd"), "{stdout}");
+}
+
+#[test]
+fn restart_every_execs_a_resuming_process_that_matches_an_uninterrupted_run() {
+    let dir = cli_temp_dir("restart");
+    let (config, tokens) = tiny_run_inputs(&dir);
+    let train = |out: &str, extra: &[&str]| {
+        let o = anemone()
+            .args(["train", "--backend", "auto", "--steps", "5", "--batch", "2"])
+            .args(["--seq", "16", "--eval-every", "0", "--eval-batches", "1"])
+            .args(["--checkpoint-every", "0", "--samples", "0", "--config"])
+            .arg(&config)
+            .arg("--data")
+            .arg(&tokens)
+            .arg("--out")
+            .arg(dir.join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{stderr}");
+        stderr
+    };
+    let full = train("full", &[]);
+    if anemone::backend::ane::platform_unavailable_reason().is_some() {
+        assert!(
+            full.contains("backend: cpu (ane backend: dlopen: ANE unavailable"),
+            "{full}"
+        );
+    }
+    let restarted = train("restarted", &["--restart-every", "2"]);
+    assert_eq!(
+        restarted.matches("[exec() restart at step").count(),
+        2,
+        "{restarted}"
+    );
+    assert!(restarted.contains("resumed"), "{restarted}");
+    let load = |run: &str| {
+        anemone::model::checkpoint::load(&dir.join(run).join("checkpoint.bin")).unwrap()
+    };
+    let (a, b) = (load("full"), load("restarted"));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.weights.data), bits(&b.weights.data));
+    let losses = |run: &str| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["step"].as_u64().unwrap(),
+                    v["train_loss"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(losses("full").len(), 5);
+    assert_eq!(losses("full"), losses("restarted"));
+}
