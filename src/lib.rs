@@ -12,12 +12,14 @@
 //! - [`package`]: MIL text + weight blobs = what a backend compiles.
 //! - [`backend`]: the narrow backend trait and the CPU interpreter.
 //! - [`report`]: run directories: metrics log, plots, run listings.
+//! - [`bench`]: benchmark suites (ANE micro-benchmarks) and their timing harness.
 
 // Only the ANE FFI layer (src/backend/ane/, not yet written) may opt out.
 #![deny(unsafe_code)]
 
 pub mod atomic;
 pub mod backend;
+pub mod bench;
 pub mod blob;
 pub mod data;
 pub mod error;

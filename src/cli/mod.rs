@@ -2,6 +2,7 @@
 //! thin layer over the library. Errors print as `error: ...` (with a `hint:`
 //! where a fix is known) and exit with code 2.
 
+mod bench;
 mod data;
 mod generate;
 mod mil;
@@ -56,6 +57,9 @@ enum Command {
     /// MIL tools: check, run, fmt
     #[command(subcommand)]
     Mil(mil::MilCommand),
+    /// Benchmarks: the ANE micro-benchmark suites (ane-*), on the ANE or the CPU backend
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -78,6 +82,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Mil(cmd) => mil::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 

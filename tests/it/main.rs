@@ -1,6 +1,7 @@
 //! The one integration-test binary. Fixtures under `tests/fixtures/` carry a
 //! header or sidecar naming the script in `scripts/` that made them.
 
+mod bench;
 mod blob;
 mod cli;
 mod common;
