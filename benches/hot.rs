@@ -75,7 +75,10 @@ fn bench_rmsnorm(c: &mut Criterion) {
 }
 
 /// A package compiled on `cpu` with random inputs and allocated outputs.
-fn load(cpu: &mut CpuBackend, package: &ProgramPackage) -> (KernelId, Vec<BufferId>, Vec<BufferId>) {
+fn load(
+    cpu: &mut CpuBackend,
+    package: &ProgramPackage,
+) -> (KernelId, Vec<BufferId>, Vec<BufferId>) {
     let kernel = cpu.compile(package).expect("benchmark kernel compiles");
     let info = cpu.kernel_info(kernel).clone();
     let inputs = info

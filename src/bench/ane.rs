@@ -323,7 +323,11 @@ fn matmul_stack(stack: &Stack, packed: bool, rng: &mut Rng) -> ProgramPackage {
             let mut blob = BlobWriter::new();
             let offset = blob.add_fp16(&uniform(rng, c_in * c_out, weight_amplitude(c_in)));
             files.push((file.clone(), blob.finish()));
-            b.blob_const(TensorType::new(DType::Fp16, [1, 1, c_in, c_out]), &file, offset)
+            b.blob_const(
+                TensorType::new(DType::Fp16, [1, 1, c_in, c_out]),
+                &file,
+                offset,
+            )
         };
         h = b.matmul(&h, &weight, false, false); // (1, 1, S, C_out)
     }
@@ -434,7 +438,7 @@ impl Row for PeakRow {
     fn cells(&self) -> Vec<String> {
         vec![
             self.config.clone(),
-            format!("{:.1}", self.weight_mib),
+            format!("{:.2}", self.weight_mib),
             format!("{:.3}", self.flops as f64 * 1e-9),
             format!("{:.3}", self.stats.median_ms),
             self.stats.spread(3),
@@ -480,7 +484,12 @@ pub fn peak(
         let stats = measure(backend, &kernel, repeat)?;
         done(progress, &kernel.name, &stats);
         rows.push(PeakRow {
-            config: format!("{}x conv {}ch sp{}", stack.depth, stack.c_out, stack.positions()),
+            config: format!(
+                "{}x conv {}ch sp{}",
+                stack.depth,
+                stack.c_out,
+                stack.positions()
+            ),
             channels: stack.c_out,
             spatial: stack.positions(),
             depth: stack.depth,
@@ -543,7 +552,8 @@ pub fn dispatch(
     repeat: Repeat,
     progress: Progress,
 ) -> Result<Vec<DispatchRow>> {
-    let conv = build(Form::Conv, &Stack::square(channels, spatial, 1), 1)?;
+    let mut conv = build(Form::Conv, &Stack::square(channels, spatial, 1), 1)?;
+    conv.name = format!("conv {channels}ch sp{spatial}");
     let kernels = [scale_kernel(channels, spatial), conv];
     let io_bytes = 2 * (2 * channels * spatial);
     let mut rows = Vec::new();
@@ -627,8 +637,8 @@ impl Row for SramRow {
             self.form.to_string(),
             self.channels.to_string(),
             self.spatial.to_string(),
-            format!("{:.1}", self.weight_mib),
-            format!("{:.1}", self.total_mib),
+            format!("{:.2}", self.weight_mib),
+            format!("{:.2}", self.total_mib),
             format!("{:.3}", self.stats.median_ms),
             self.stats.spread(3),
             format!("{:.1}", self.gflops),
@@ -655,10 +665,7 @@ pub fn sram_configs(quick: bool) -> Vec<Stack> {
             (8192, 32),
         ]
     };
-    pairs
-        .iter()
-        .map(|&(c, s)| Stack::square(c, s, 1))
-        .collect()
+    pairs.iter().map(|&(c, s)| Stack::square(c, s, 1)).collect()
 }
 
 /// Throughput of one `C -> C` layer as the weights grow, per form (conv with
@@ -854,7 +861,7 @@ impl Row for Int8Row {
         vec![
             self.config.clone(),
             self.form.to_string(),
-            format!("{:.1}", self.weight_mib),
+            format!("{:.2}", self.weight_mib),
             format!("{:.3}", self.flops as f64 * 1e-9),
             format!("{:.3}", self.stats.median_ms),
             self.stats.spread(3),
@@ -971,7 +978,15 @@ mod tests {
     #[test]
     fn int8_stack_quantizes_between_layers_only() {
         let k = build(Form::ConvInt8, &Stack::square(64, 32, 3), 1).unwrap();
-        let ops: Vec<Op> = k.package.program().unwrap().main.ops.iter().map(|o| o.op).collect();
+        let ops: Vec<Op> = k
+            .package
+            .program()
+            .unwrap()
+            .main
+            .ops
+            .iter()
+            .map(|o| o.op)
+            .collect();
         let count = |op| ops.iter().filter(|&&o| o == op).count();
         assert_eq!(count(Op::ConstexprAffineDequantize), 3);
         assert_eq!(count(Op::Conv), 3);
@@ -1024,7 +1039,9 @@ mod tests {
             c_out: 128,
             ..Stack::square(64, 64, 2)
         };
-        let err = build(Form::MatmulPacked, &deep_rect, 1).unwrap_err().to_string();
+        let err = build(Form::MatmulPacked, &deep_rect, 1)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("C_in == C_out"), "{err}");
         let two_d = Stack {
             height: 2,
@@ -1032,7 +1049,9 @@ mod tests {
         };
         let err = build(Form::MatmulConst, &two_d, 1).unwrap_err().to_string();
         assert!(err.contains("height 1"), "{err}");
-        let err = build(Form::Conv, &Stack::square(64, 64, 0), 1).unwrap_err().to_string();
+        let err = build(Form::Conv, &Stack::square(64, 64, 0), 1)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("must be positive"), "{err}");
     }
 

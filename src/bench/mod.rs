@@ -32,7 +32,7 @@ pub struct Repeat {
 }
 
 impl Repeat {
-    pub fn new(warmup: usize, reps: usize) -> Repeat {
+    pub const fn new(warmup: usize, reps: usize) -> Repeat {
         Repeat { warmup, reps }
     }
 }
@@ -126,7 +126,11 @@ pub fn table<R: Row>(rows: &[R]) -> String {
     let cells: Vec<Vec<String>> = rows.iter().map(Row::cells).collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &cells {
-        assert_eq!(row.len(), headers.len(), "row width differs from the header");
+        assert_eq!(
+            row.len(),
+            headers.len(),
+            "row width differs from the header"
+        );
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }

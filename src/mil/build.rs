@@ -440,7 +440,8 @@ impl Builder {
             ("axis", Literal::int32(0)),
         ];
         let mut out = self.push(Op::ConstexprAffineDequantize, name, Vec::new(), attrs);
-        out.pop().expect("constexpr_affine_dequantize yields one result")
+        out.pop()
+            .expect("constexpr_affine_dequantize yields one result")
     }
     /// `quantize(x / scale)` to `output_dtype` (int8 or uint8), zero point 0.
     pub fn quantize(&mut self, x: &Tensor, scale: f32, output_dtype: DType) -> Tensor {
@@ -454,7 +455,11 @@ impl Builder {
         self.push1(
             Op::Quantize,
             name,
-            vec![("input", x.arg()), ("output_dtype", dtype), ("scale", scale)],
+            vec![
+                ("input", x.arg()),
+                ("output_dtype", dtype),
+                ("scale", scale),
+            ],
         )
     }
     /// `dequantize`: `q * scale` as `dtype`, zero point 0.

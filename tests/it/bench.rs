@@ -84,7 +84,10 @@ fn check_rate(row: &Value) {
 #[test]
 fn ane_peak_quick_counts_conv_stack_flops() {
     let (report, stdout) = run_suite("ane-peak", &[]);
-    assert!(stdout.contains("GFLOP/s") && stdout.contains("4x conv 64ch sp64"), "{stdout}");
+    assert!(
+        stdout.contains("GFLOP/s") && stdout.contains("4x conv 64ch sp64"),
+        "{stdout}"
+    );
     let rows = check_report(&report, "ane-peak", 3);
     // (C, S, d) = (64, 64, 4) and (128, 64, 8): 2 * C^2 * S * d.
     let want = [(64, 64, 4, 2_097_152u64), (128, 64, 8, 16_777_216)];
@@ -106,7 +109,16 @@ fn ane_peak_quick_counts_conv_stack_flops() {
 fn ane_peak_takes_explicit_shapes() {
     let (report, _) = run_suite(
         "ane-peak",
-        &["--channels", "32,64", "--depth", "2", "--spatial", "16", "--reps", "2"],
+        &[
+            "--channels",
+            "32,64",
+            "--depth",
+            "2",
+            "--spatial",
+            "16",
+            "--reps",
+            "2",
+        ],
     );
     let rows = check_report(&report, "ane-peak", 2);
     let flops: Vec<u64> = rows.iter().map(|r| u(r, "flops")).collect();
@@ -142,7 +154,10 @@ fn ane_sram_quick_sweeps_weight_sizes_per_form() {
         let (c, s) = sizes[i % 3];
         assert_eq!((u(row, "channels"), u(row, "spatial")), (c, s));
         assert_eq!(u(row, "flops"), 2 * c * c * s);
-        let (w, act) = ((c * c * 2) as f64 / 1048576.0, (c * s * 2) as f64 / 1048576.0);
+        let (w, act) = (
+            (c * c * 2) as f64 / 1048576.0,
+            (c * s * 2) as f64 / 1048576.0,
+        );
         assert_eq!(f(row, "weight_mib"), w);
         assert_eq!(f(row, "act_mib"), act);
         assert!((f(row, "total_mib") - (w + 2.0 * act)).abs() < 1e-12);
@@ -196,7 +211,10 @@ fn ane_int8_quick_pairs_fp16_and_w8a8() {
             assert_eq!(u(row, "flops"), flops);
             check_rate(row);
         }
-        assert_eq!(f(&pair[0], "weight_mib"), (c * c * d * 2) as f64 / 1048576.0);
+        assert_eq!(
+            f(&pair[0], "weight_mib"),
+            (c * c * d * 2) as f64 / 1048576.0
+        );
         assert_eq!(f(&pair[1], "weight_mib"), (c * c * d) as f64 / 1048576.0);
         assert_eq!(f(&pair[0], "speedup_vs_fp16"), 1.0);
         let speedup = f(&pair[1], "speedup_vs_fp16");
