@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
@@ -12,8 +13,14 @@ fn anemone() -> Command {
     Command::new(env!("CARGO_BIN_EXE_anemone"))
 }
 
+/// A JSON path unique to this process and call (tests run in parallel).
 fn json_path(suite: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("anemone-bench-{suite}-{}.json", std::process::id()))
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "anemone-bench-{suite}-{}-{call}.json",
+        std::process::id()
+    ))
 }
 
 /// Run `anemone bench <suite> --quick --json FILE [extra]`; the parsed JSON and stdout.
