@@ -13,6 +13,7 @@
 //! - [`backend`]: the narrow backend trait, the CPU interpreter, the ANE runtime.
 //! - [`doctor`]: what this machine offers the ANE backend, as a shareable report.
 //! - [`report`]: run directories: metrics log, plots, run listings.
+//! - [`bench`]: benchmark suites (ANE micro-benchmarks) and their timing harness.
 
 // Only the ANE FFI layer (src/backend/ane/ffi.rs) may opt out.
 #![deny(unsafe_code)]

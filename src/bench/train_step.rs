@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::{Repeat, Stats, gflops, time_ms};
 use crate::Result;
 use crate::backend::Backend;
 use crate::linalg::{gemm, n};
@@ -70,50 +71,22 @@ pub struct TrainStepReport {
 
 /// Training FLOPs of one step of `batch` sequences of `seq` tokens.
 pub fn train_flops(c: &ModelConfig, seq: usize, batch: usize) -> f64 {
-    let (d, q, kv, f) = (
-        c.dim as f64,
-        c.q_dim() as f64,
-        c.kv_dim() as f64,
-        c.hidden_dim as f64,
-    );
-    let per_layer_linear = d * q + 2.0 * d * kv + q * d + 3.0 * d * f;
-    let linear = c.n_layers as f64 * per_layer_linear + c.vocab_size as f64 * d;
-    let t = seq as f64;
-    let attention = c.n_layers as f64 * 4.0 * t * t * q;
-    3.0 * batch as f64 * (2.0 * t * linear + attention)
+    c.train_flops_per_token(seq) * (seq * batch) as f64
 }
 
 /// Median fp32 GEMM GFLOP/s on a training-like shape (2048 x 768 x 512), with
 /// the current rayon threads.
-pub fn gemm_peak_gflops(reps: usize) -> f64 {
+pub fn gemm_peak_gflops(reps: usize) -> Result<f64> {
     let (m, k, nn) = (2048, 768, 512);
     let mut rng = Rng::new(7);
     let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32() - 0.5).collect();
     let b: Vec<f32> = (0..k * nn).map(|_| rng.next_f32() - 0.5).collect();
     let mut c = vec![0.0f32; m * nn];
-    let mut times = Vec::with_capacity(reps);
-    for i in 0..reps + 2 {
-        let start = Instant::now();
+    let stats = time_ms(Repeat::new(2, reps), || {
         gemm(&mut c, m, nn, n(&a, m, k), n(&b, k, nn), 1.0, false);
-        if i >= 2 {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    2.0 * (m * k * nn) as f64 / median(&mut times) / 1e9
-}
-
-/// Median of `xs` (sorted in place); NaN when empty.
-pub fn median(xs: &mut [f64]) -> f64 {
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    xs.sort_by(f64::total_cmp);
-    let mid = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[mid]
-    } else {
-        0.5 * (xs[mid - 1] + xs[mid])
-    }
+        Ok(())
+    })?;
+    Ok(gflops(2.0 * (m * k * nn) as f64, stats.median_ms))
 }
 
 /// Peak resident set size of this process in MB (Linux `VmHWM`), if known.
@@ -131,6 +104,11 @@ pub fn run(
     opts: &TrainStepOptions,
     progress: &mut dyn FnMut(usize, f64),
 ) -> Result<TrainStepReport> {
+    if opts.steps == 0 {
+        return Err(crate::Error::Invalid(
+            "train-step needs at least one timed step (--steps 1 or more)".into(),
+        ));
+    }
     let c = &opts.config;
     let backend_name = backend.name().to_string();
     let mut engine = Engine::new(backend, c, opts.seq, opts.batch, opts.kernels)?;
@@ -170,10 +148,10 @@ pub fn run(
         profile.add_duration(&name, d);
     }
     let flops = train_flops(c, opts.seq, opts.batch);
-    let ms_min = times.iter().copied().fold(f64::INFINITY, f64::min) * 1e3;
-    let ms_max = times.iter().copied().fold(0.0, f64::max) * 1e3;
-    let med = median(&mut times);
-    let peak = gemm_peak_gflops(9);
+    let ms: Vec<f64> = times.iter().map(|s| s * 1e3).collect();
+    let stats = Stats::from_ms(&ms);
+    let med = stats.median_ms / 1e3;
+    let peak = gemm_peak_gflops(9)?;
     let total: Duration = times.iter().map(|s| Duration::from_secs_f64(*s)).sum();
     let steps = opts.steps.max(1) as f64;
     let mut phases: Vec<Phase> = profile
@@ -200,9 +178,9 @@ pub fn run(
         seq: opts.seq,
         batch: opts.batch,
         steps: opts.steps,
-        ms_median: med * 1e3,
-        ms_min,
-        ms_max,
+        ms_median: stats.median_ms,
+        ms_min: stats.min_ms,
+        ms_max: stats.max_ms,
         tokens_per_s: n_tokens as f64 / med,
         gflop_per_step: flops / 1e9,
         gflops,
@@ -262,12 +240,5 @@ mod tests {
         let c = ModelConfig::preset("layer768").unwrap();
         assert_eq!(train_flops(&c, 512, 1), 24_763_170_816.0);
         assert_eq!(train_flops(&c, 512, 2), 2.0 * 24_763_170_816.0);
-    }
-
-    #[test]
-    fn median_of_odd_and_even_samples() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(&mut []).is_nan());
     }
 }

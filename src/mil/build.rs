@@ -418,6 +418,61 @@ impl Builder {
         )
     }
 
+    // ---- quantization (per-tensor, zero point 0) ----------------------------
+    /// `constexpr_affine_dequantize` of the int8/uint8 BLOBFILE tensor `data_ty` at
+    /// record `offset` of `@model_path/weights/<file>`: `q * scale` of `dtype`,
+    /// expanded at compile time (the reference's INT8 weight form).
+    pub fn affine_dequantize_blob(
+        &mut self,
+        data_ty: TensorType,
+        file: &str,
+        offset: u64,
+        scale: f32,
+        dtype: DType,
+    ) -> Tensor {
+        let name = self.take_name(Op::ConstexprAffineDequantize);
+        let zero_point = Literal::ints(data_ty.dtype, [], vec![0]);
+        let path = format!("{}{file}", super::verify::WEIGHTS_PREFIX);
+        let attrs = vec![
+            ("quantized_data", Literal::blob(data_ty, path, offset)),
+            ("zero_point", zero_point),
+            ("scale", Literal::floats(dtype, [], vec![scale])),
+            ("axis", Literal::int32(0)),
+        ];
+        let mut out = self.push(Op::ConstexprAffineDequantize, name, Vec::new(), attrs);
+        out.pop()
+            .expect("constexpr_affine_dequantize yields one result")
+    }
+    /// `quantize(x / scale)` to `output_dtype` (int8 or uint8), zero point 0.
+    pub fn quantize(&mut self, x: &Tensor, scale: f32, output_dtype: DType) -> Tensor {
+        let name = self.take_name(Op::Quantize);
+        let dtype = self.param(
+            &name,
+            "output_dtype",
+            Literal::string(output_dtype.mil_name()),
+        );
+        let scale = self.param(&name, "scale", Literal::floats(x.dtype(), [], vec![scale]));
+        self.push1(
+            Op::Quantize,
+            name,
+            vec![
+                ("input", x.arg()),
+                ("output_dtype", dtype),
+                ("scale", scale),
+            ],
+        )
+    }
+    /// `dequantize`: `q * scale` as `dtype`, zero point 0.
+    pub fn dequantize(&mut self, q: &Tensor, scale: f32, dtype: DType) -> Tensor {
+        let name = self.take_name(Op::Dequantize);
+        let scale = self.param(&name, "scale", Literal::floats(dtype, [], vec![scale]));
+        self.push1(
+            Op::Dequantize,
+            name,
+            vec![("input", q.arg()), ("scale", scale)],
+        )
+    }
+
     // ---- composites used by the Llama kernels ------------------------------
     /// `[1, IC, 1, S]` x const weight `[OC, IC, 1, 1]` -> `[1, OC, 1, S]` (1x1 conv).
     pub fn linear_conv1x1(&mut self, x: &Tensor, weight: &Tensor) -> Tensor {

@@ -2,6 +2,7 @@
 //! header or sidecar naming the script in `scripts/` that made them.
 
 mod ane;
+mod bench;
 mod blob;
 mod cli;
 mod common;

@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""PyTorch baseline for `anemone bench train-step`: the same training-step
+workloads (same shapes, optimizer and thread count), printing the same fields,
+so the ratio can be measured in one session on one machine.
+
+Model: llama2.c's Llama block (RMSNorm eps 1e-5, RoPE on interleaved pairs with
+theta 1e4, causal attention, SwiGLU FFN, tied classifier), cross-entropy over
+the full vocabulary; AdamW lr 3e-4, betas (0.9, 0.95), eps 1e-8, weight decay
+0.1 on matrices and the embedding (none on norm weights), global-norm clip 1.0;
+fp32 throughout. Tokens are seeded random ids (the data does not change the cost).
+
+FLOPs (the convention anemone uses, docs/performance.md):
+  forward per sequence = 2*T*(sum over layers of the elements of wq, wk, wv, wo,
+                         w1, w2, w3, plus the classifier V*D)
+                       + per layer 4*T*T*(n_heads*head_dim)   (QK^T and AV, full square)
+  training = 3 x forward, times the batch. Embedding gather, norms and
+  elementwise work are not counted.
+
+Also measures the machine's fp32 GEMM peak in the same run (a square-ish matmul,
+default 2048x768x512, median GFLOP/s with the same threads) and reports the
+fraction of it the training step reaches, and the peak RSS of the process.
+
+Examples (the three workloads of docs/performance.md):
+  python3 scripts/bench_pytorch.py --config layer768                       # seq 512 batch 1
+  python3 scripts/bench_pytorch.py --config stories15m --seq 256 --batch 8
+  python3 scripts/bench_pytorch.py --config stories110m --seq 256 --batch 1
+
+Needs torch (CPU is enough); never run by CI.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+# name: (dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab_size, default seq, default batch)
+# Shapes as in src/model/config.rs; default seq/batch are the documented workloads.
+PRESETS = {
+    "tiny": (192, 4, 6, 6, 512, 1024, 128, 1),
+    "stories260k": (64, 5, 8, 4, 172, 512, 256, 1),
+    "stories15m": (288, 6, 6, 6, 768, 32000, 256, 8),
+    "stories42m": (512, 8, 8, 8, 1376, 32000, 256, 1),
+    "stories110m": (768, 12, 12, 12, 2048, 32000, 256, 1),
+    "layer768": (768, 1, 12, 12, 2048, 256, 512, 1),
+}
+EPS, THETA = 1e-5, 10000.0
+LR, BETAS, ADAM_EPS, WD, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
+
+
+class Llama(torch.nn.Module):
+    def __init__(self, dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        hd, kvd = self.head_dim, n_kv_heads * (dim // n_heads)
+
+        def mat(rows, cols):
+            return torch.nn.Parameter(torch.randn(rows, cols) * 0.02)
+
+        self.embedding = mat(vocab, dim)  # (V, D), also the classifier
+        self.layers = torch.nn.ModuleList()
+        for _ in range(n_layers):
+            layer = torch.nn.Module()
+            layer.rms_att = torch.nn.Parameter(torch.ones(dim))
+            layer.wq, layer.wk, layer.wv = mat(n_heads * hd, dim), mat(kvd, dim), mat(kvd, dim)
+            layer.wo = mat(dim, n_heads * hd)
+            layer.rms_ffn = torch.nn.Parameter(torch.ones(dim))
+            layer.w1, layer.w2, layer.w3 = mat(hidden, dim), mat(dim, hidden), mat(hidden, dim)
+            self.layers.append(layer)
+        self.rms_final = torch.nn.Parameter(torch.ones(dim))
+        i = torch.arange(hd // 2, dtype=torch.float64)
+        angle = torch.arange(seq, dtype=torch.float64)[:, None] * THETA ** (-2.0 * i / hd)
+        self.register_buffer("cos", torch.cos(angle).float()[None, None])  # (1, 1, T, hd/2)
+        self.register_buffer("sin", torch.sin(angle).float()[None, None])
+
+    def rope(self, x):  # x (B, heads, T, hd), pairs (2i, 2i+1) rotated by theta_i * t
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * self.cos - b * self.sin, a * self.sin + b * self.cos), -1).flatten(-2)
+
+    @staticmethod
+    def rmsnorm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
+
+    def forward(self, tokens, attention):
+        bsz, seq = tokens.shape
+        x = self.embedding[tokens]  # (B, T, D)
+        rep = self.n_heads // self.n_kv_heads
+        for l in self.layers:
+            xn = self.rmsnorm(x, l.rms_att)
+            q = (xn @ l.wq.T).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
+            k = (xn @ l.wk.T).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = (xn @ l.wv.T).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q), self.rope(k)
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if attention == "sdpa":
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                s = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+                s = s.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+                a = torch.softmax(s, dim=-1) @ v
+            x = x + a.transpose(1, 2).reshape(bsz, seq, -1) @ l.wo.T
+            x2n = self.rmsnorm(x, l.rms_ffn)
+            x = x + (F.silu(x2n @ l.w1.T) * (x2n @ l.w3.T)) @ l.w2.T
+        return self.rmsnorm(x, self.rms_final) @ self.embedding.T  # (B, T, V)
+
+
+def train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch):
+    hd = dim // n_heads
+    q_dim, kv_dim = n_heads * hd, n_kv_heads * hd
+    per_layer = q_dim * dim + 2 * kv_dim * dim + dim * q_dim + 3 * hidden * dim
+    forward = 2 * seq * (n_layers * per_layer + vocab * dim) + n_layers * 4 * seq * seq * q_dim
+    return 3 * forward * batch
+
+
+def gemm_peak(m, k, n, reps=30, warmup=5):
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * m * k * n / statistics.median(times) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="layer768", choices=sorted(PRESETS))
+    ap.add_argument("--seq", type=int, help="sequence length T (default: per config)")
+    ap.add_argument("--batch", type=int, help="sequences per step B (default: per config)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa",
+                    help="F.scaled_dot_product_attention (causal kernel) or matmul/mask/softmax/matmul")
+    ap.add_argument("--gemm", default="2048,768,512", help="M,K,N of the peak GEMM")
+    ap.add_argument("--json", help="write the results to this file")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq0, batch0 = PRESETS[args.config]
+    seq, batch = args.seq or seq0, args.batch or batch0
+
+    model = Llama(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq)
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=LR, betas=BETAS, eps=ADAM_EPS)
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(0, vocab, (args.warmup + args.steps, batch, seq + 1), generator=gen)
+
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        logits = model(data[i, :, :-1], args.attention)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), data[i, :, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        return loss.item()
+
+    for i in range(args.warmup):
+        step(i)
+    times, losses = [], []
+    for i in range(args.warmup, args.warmup + args.steps):
+        t0 = time.perf_counter()
+        losses.append(step(i))
+        times.append((time.perf_counter() - t0) * 1e3)
+
+    m, k, n = (int(v) for v in args.gemm.split(","))
+    peak = gemm_peak(m, k, n)
+    flops = train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch)
+    median = statistics.median(times)
+    achieved = flops / (median * 1e6)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    result = {
+        "framework": f"pytorch {torch.__version__}",
+        "config": args.config, "seq": seq, "batch": batch, "threads": args.threads,
+        "attention": args.attention, "steps": args.steps, "warmup": args.warmup,
+        "median_ms": median, "min_ms": min(times), "max_ms": max(times),
+        "step_ms": times,
+        "tokens_per_s": batch * seq / (median / 1e3),
+        "train_flops_per_step": flops, "gflops": achieved,
+        "gemm_shape": [m, k, n], "gemm_peak_gflops": peak, "fraction_of_gemm_peak": achieved / peak,
+        "peak_rss_mb": rss_mb, "final_loss": losses[-1],
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    }
+    print(f"pytorch {torch.__version__} train-step {args.config}: seq {seq} batch {batch}, "
+          f"{args.threads} threads, {args.steps} steps after {args.warmup} warmup ({args.attention} attention)")
+    print(f"  ms/step      {median:.1f} median (min {min(times):.1f}, max {max(times):.1f})")
+    print(f"  tokens/s     {result['tokens_per_s']:.0f}")
+    print(f"  GFLOP/s      {achieved:.1f} ({flops / 1e9:.2f} GFLOP per step, training = 3 x forward)")
+    print(f"  GEMM peak    {peak:.1f} GFLOP/s ({m}x{k}x{n} fp32) -> {100 * achieved / peak:.1f} % of peak")
+    print(f"  peak RSS     {rss_mb:.0f} MB")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
