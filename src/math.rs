@@ -57,6 +57,49 @@ pub fn exp_in_place(x: &mut [f32]) {
     }
 }
 
+/// Sum of `x` in eight interleaved `f32` lanes (vectorizes; the order is fixed,
+/// so the result is deterministic).
+pub fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Sum of `x` accumulated in `f64`, in four interleaved lanes.
+pub fn sum_f64(x: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 4];
+    let chunks = x.chunks_exact(4);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f64::from(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// Largest element of `x` as `f32::max` folds it (NaNs ignored), `-inf` if empty.
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +160,20 @@ mod tests {
         }
         assert_eq!(sigmoid(-200.0), 0.0);
         assert_eq!(sigmoid(200.0), 1.0);
+    }
+
+    #[test]
+    fn lane_reductions_match_sequential_ones() {
+        let x: Vec<f32> = (0..1003)
+            .map(|i| ((i * 37) % 101) as f32 * 0.25 - 12.0)
+            .collect();
+        let exact: f64 = x.iter().map(|&v| v as f64).sum();
+        // Quarter-integers below 2^20 add exactly in f32 and f64.
+        assert_eq!(sum(&x) as f64, exact);
+        assert_eq!(sum_f64(&x), exact);
+        assert_eq!(max(&x), x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)));
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(max(&[1.0, f32::NAN, 3.0]), 3.0);
+        assert_eq!(sum(&[1.5]), 1.5);
     }
 }

@@ -199,6 +199,35 @@ impl Broadcast {
         let rank = self.shape.len();
         let inner = self.shape[rank - 1];
         let step: [usize; N] = std::array::from_fn(|k| self.strides[k][rank - 1]);
+        if rank == 1 && step.iter().all(|&s| s <= 1) {
+            // One long row of dense operands and scalars: split it into chunks.
+            let body = |(c, o): (usize, &mut [f32])| {
+                let start = c * CHUNK;
+                let fills: [Vec<f32>; N] = std::array::from_fn(|k| {
+                    if step[k] == 0 {
+                        vec![inputs[k][0]; o.len()]
+                    } else {
+                        Vec::new()
+                    }
+                });
+                let ins: [&[f32]; N] = std::array::from_fn(|k| {
+                    if step[k] == 0 {
+                        &fills[k][..]
+                    } else {
+                        &inputs[k][start..start + o.len()]
+                    }
+                });
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = f(std::array::from_fn(|k| ins[k][j]));
+                }
+            };
+            if len >= PAR_MIN {
+                out.par_chunks_mut(CHUNK).enumerate().for_each(body);
+            } else {
+                out.chunks_mut(CHUNK).enumerate().for_each(body);
+            }
+            return;
+        }
         // Rows of the result, several per task; an operand that is not
         // contiguous along the row (broadcast or strided) is first copied into a
         // row buffer so that the loop over the row runs on dense slices.
