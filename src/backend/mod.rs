@@ -182,6 +182,47 @@ pub struct KernelInfo {
     pub outputs: Vec<Var>,
 }
 
+/// Check that `inputs` and `outputs` bind every argument of a kernel whose
+/// signature is `info`, each to a buffer of the declared type (`buffer_type`
+/// looks a buffer up). Errors are `backend`'s, at step "run".
+pub(crate) fn check_binding<'a>(
+    backend: &'static str,
+    info: &KernelInfo,
+    inputs: &[BufferId],
+    outputs: &[BufferId],
+    buffer_type: impl Fn(BufferId) -> Result<&'a TensorType>,
+) -> Result<()> {
+    let error = |msg: String| crate::Error::Backend {
+        backend,
+        step: "run",
+        msg,
+    };
+    if inputs.len() != info.inputs.len() || outputs.len() != info.outputs.len() {
+        return Err(error(format!(
+            "the kernel takes {} inputs and {} outputs, got {} and {} buffers",
+            info.inputs.len(),
+            info.outputs.len(),
+            inputs.len(),
+            outputs.len()
+        )));
+    }
+    for (role, ids, vars) in [
+        ("input", inputs, &info.inputs),
+        ("output", outputs, &info.outputs),
+    ] {
+        for (&id, var) in ids.iter().zip(vars) {
+            let ty = buffer_type(id)?;
+            if *ty != var.ty {
+                return Err(error(format!(
+                    "{role} `{}` is {} but buffer {} holds {ty}",
+                    var.name, var.ty, id.0
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A device that compiles MIL program packages and runs them on tensor buffers.
 pub trait Backend {
     /// Short name for logs ("cpu", "ane").

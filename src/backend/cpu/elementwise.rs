@@ -93,8 +93,6 @@ pub(super) struct Broadcast {
     shape: Vec<usize>,
     /// Per operand, the element stride of each merged dimension (0 = broadcast).
     strides: Vec<Vec<usize>>,
-    /// Every operand already has the result's element count.
-    dense: bool,
 }
 
 impl Broadcast {
@@ -159,13 +157,7 @@ impl Broadcast {
             shape.push(1);
             strides.iter_mut().for_each(|s| s.push(0));
         }
-        let numel: usize = out.iter().product();
-        let dense = shapes.iter().all(|s| s.iter().product::<usize>() == numel);
-        Ok(Broadcast {
-            shape,
-            strides,
-            dense,
-        })
+        Ok(Broadcast { shape, strides })
     }
 
     /// `f` applied to the broadcast operands, written to `out` (one value per
@@ -181,26 +173,12 @@ impl Broadcast {
         if len == 0 {
             return;
         }
-        if self.dense {
-            let body = |(c, o): (usize, &mut [f32])| {
-                let start = c * CHUNK;
-                let ins: [&[f32]; N] = std::array::from_fn(|k| &inputs[k][start..start + o.len()]);
-                for (j, o) in o.iter_mut().enumerate() {
-                    *o = f(std::array::from_fn(|k| ins[k][j]));
-                }
-            };
-            if len >= PAR_MIN {
-                out.par_chunks_mut(CHUNK).enumerate().for_each(body);
-            } else {
-                out.chunks_mut(CHUNK).enumerate().for_each(body);
-            }
-            return;
-        }
         let rank = self.shape.len();
         let inner = self.shape[rank - 1];
         let step: [usize; N] = std::array::from_fn(|k| self.strides[k][rank - 1]);
         if rank == 1 && step.iter().all(|&s| s <= 1) {
-            // One long row of dense operands and scalars: split it into chunks.
+            // One row (every dense operation, after merging dimensions) of dense
+            // operands and scalars: split it into chunks.
             let body = |(c, o): (usize, &mut [f32])| {
                 let start = c * CHUNK;
                 let fills: [Vec<f32>; N] = std::array::from_fn(|k| {

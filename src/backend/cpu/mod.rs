@@ -280,37 +280,9 @@ impl Backend for CpuBackend {
             .kernels
             .get(kernel.0)
             .ok_or_else(|| backend_error("run", format!("unknown kernel {}", kernel.0)))?;
-        let info = &compiled.info;
-        if inputs.len() != info.inputs.len() || outputs.len() != info.outputs.len() {
-            return Err(backend_error(
-                "run",
-                format!(
-                    "the kernel takes {} inputs and {} outputs, got {} and {} buffers",
-                    info.inputs.len(),
-                    info.outputs.len(),
-                    inputs.len(),
-                    outputs.len()
-                ),
-            ));
-        }
-        let bound = [
-            ("input", inputs, &info.inputs),
-            ("output", outputs, &info.outputs),
-        ];
-        for (role, ids, vars) in bound {
-            for (&id, var) in ids.iter().zip(vars) {
-                let buf = self.buffer(id, "run")?;
-                if buf.ty != var.ty {
-                    return Err(backend_error(
-                        "run",
-                        format!(
-                            "{role} `{}` is {} but buffer {} holds {}",
-                            var.name, var.ty, id.0, buf.ty
-                        ),
-                    ));
-                }
-            }
-        }
+        super::check_binding("cpu", &compiled.info, inputs, outputs, |id| {
+            self.buffer(id, "run").map(|b| &b.ty)
+        })?;
         if let Some(id) = outputs
             .iter()
             .enumerate()
