@@ -13,7 +13,8 @@
 //! - [`backend`]: the narrow backend trait, the CPU interpreter, the ANE runtime.
 //! - [`doctor`]: what this machine offers the ANE backend, as a shareable report.
 //! - [`report`]: run directories: metrics log, plots, run listings.
-//! - [`bench`]: benchmark suites (ANE micro-benchmarks) and their timing harness.
+//! - [`bench`]: benchmark suites (training steps, ANE micro-benchmarks) and their timing harness.
+//! - [`math`]: vectorizable `exp`, sigmoid and reductions for the hot loops.
 
 // Only the ANE FFI layer (src/backend/ane/ffi.rs) may opt out.
 #![deny(unsafe_code)]

@@ -50,13 +50,6 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// `x[i] = e^x[i]` for every element.
-pub fn exp_in_place(x: &mut [f32]) {
-    for v in x {
-        *v = exp(*v);
-    }
-}
-
 /// Sum of `x` in eight interleaved `f32` lanes (vectorizes; the order is fixed,
 /// so the result is deterministic).
 pub fn sum(x: &[f32]) -> f32 {

@@ -9,9 +9,10 @@
 //!   `[28..64)` zeros.
 //!
 //! Reading: [`TokenFile::open`] reads the file into memory. It does not
-//! memory-map, because mapping a file is not memory-safe Rust and the crate keeps
-//! such code to the ANE FFI layer (`#![deny(unsafe_code)]`). Files larger than [`IN_MEMORY_LIMIT`] are instead read window by
-//! window with seek + read, so memory stays bounded for multi-gigabyte corpora.
+//! memory-map: a mapping is not memory-safe Rust, and the crate keeps such code
+//! to the ANE FFI layer (ARCHITECTURE.md, invariant 3). Files larger than
+//! [`IN_MEMORY_LIMIT`] are read window by window with seek + read instead, so
+//! memory stays bounded for multi-gigabyte corpora.
 //!
 //! Writing: [`TokenWriter`] streams ids to a temp file in constant memory and on
 //! [`TokenWriter::finish`] writes the header (with the final count), syncs and

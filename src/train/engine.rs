@@ -138,6 +138,14 @@ impl Profile {
         self.add_duration(phase, start.elapsed());
     }
 
+    /// Run `f`, adding its wall time to `phase`.
+    pub fn time<R>(&mut self, phase: &str, f: impl FnOnce() -> R) -> R {
+        let start = Instant::now();
+        let result = f();
+        self.add(phase, start);
+        result
+    }
+
     pub fn add_duration(&mut self, phase: &str, d: Duration) {
         match self.phases.iter_mut().find(|(name, _)| name == phase) {
             Some((_, total)) => *total += d,
@@ -340,14 +348,14 @@ impl Engine {
         let k = &self.kernels;
         for b in 0..self.batch {
             let x = &mut self.acts[0][b].x;
-            let started = Instant::now();
-            host::embedding_forward(
-                x,
-                w.get(Param::Embedding),
-                &inputs[b * seq..(b + 1) * seq],
-                d,
-            );
-            self.profile.add("embedding", started);
+            self.profile.time("embedding", || {
+                host::embedding_forward(
+                    x,
+                    w.get(Param::Embedding),
+                    &inputs[b * seq..(b + 1) * seq],
+                    d,
+                )
+            });
         }
         for l in 0..c.n_layers {
             k.attn_fwd.write_weight(be, "wq", w.get(Param::Wq(l)))?;
@@ -360,15 +368,15 @@ impl Engine {
             let (done, rest) = self.acts.split_at_mut(l + 1);
             for b in 0..self.batch {
                 let a = &mut done[l][b];
-                let started = Instant::now();
-                host::rmsnorm_forward(
-                    &mut a.xn,
-                    &mut a.rrms1,
-                    &a.x,
-                    w.get(Param::RmsAtt(l)),
-                    c.norm_eps,
-                );
-                self.profile.add("rmsnorm", started);
+                self.profile.time("rmsnorm", || {
+                    host::rmsnorm_forward(
+                        &mut a.xn,
+                        &mut a.rrms1,
+                        &a.x,
+                        w.get(Param::RmsAtt(l)),
+                        c.norm_eps,
+                    )
+                });
                 k.attn_fwd.write(be, "xn", &a.xn)?;
                 k.attn_fwd.run(be)?;
                 k.attn_fwd.read(be, "attn", &mut a.attn)?;
@@ -381,15 +389,15 @@ impl Engine {
                 for (x2, x) in a.x2.iter_mut().zip(&a.x) {
                     *x2 += x;
                 }
-                let started = Instant::now();
-                host::rmsnorm_forward(
-                    &mut a.x2n,
-                    &mut a.rrms2,
-                    &a.x2,
-                    w.get(Param::RmsFfn(l)),
-                    c.norm_eps,
-                );
-                self.profile.add("rmsnorm", started);
+                self.profile.time("rmsnorm", || {
+                    host::rmsnorm_forward(
+                        &mut a.x2n,
+                        &mut a.rrms2,
+                        &a.x2,
+                        w.get(Param::RmsFfn(l)),
+                        c.norm_eps,
+                    )
+                });
                 k.ffn_fwd.write(be, "x2n", &a.x2n)?;
                 k.ffn_fwd.run(be)?;
                 k.ffn_fwd.read(be, "h1", &mut a.h1)?;
@@ -406,17 +414,25 @@ impl Engine {
             }
         }
         for b in 0..self.batch {
-            let started = Instant::now();
-            host::rmsnorm_forward(
-                &mut self.xf[b],
-                &mut self.rrms_final[b],
-                &self.x_final[b],
-                w.get(Param::RmsFinal),
-                c.norm_eps,
-            );
-            self.profile.add("rmsnorm", started);
+            self.profile.time("rmsnorm", || {
+                host::rmsnorm_forward(
+                    &mut self.xf[b],
+                    &mut self.rrms_final[b],
+                    &self.x_final[b],
+                    w.get(Param::RmsFinal),
+                    c.norm_eps,
+                )
+            });
         }
         Ok(())
+    }
+
+    /// Logits `(T, V)` of sequence `b` into `self.logits`, after a forward pass.
+    fn classify(&mut self, w: &Weights, b: usize) {
+        let dim = self.config.dim;
+        self.profile.time("classifier", || {
+            host::classifier_forward(&mut self.logits, &self.xf[b], w.classifier(), dim)
+        });
     }
 
     /// Mean cross-entropy over all `batch * seq` positions, forward only.
@@ -427,17 +443,10 @@ impl Engine {
         let seq = self.seq;
         let mut total = 0.0;
         for b in 0..self.batch {
-            let started = Instant::now();
-            host::classifier_forward(
-                &mut self.logits,
-                &self.xf[b],
-                w.classifier(),
-                self.config.dim,
-            );
-            self.profile.add("classifier", started);
-            let started = Instant::now();
-            total += host::cross_entropy_loss(&self.logits, &targets[b * seq..(b + 1) * seq]);
-            self.profile.add("loss", started);
+            self.classify(w, b);
+            total += self.profile.time("loss", || {
+                host::cross_entropy_loss(&self.logits, &targets[b * seq..(b + 1) * seq])
+            });
         }
         Ok(total / (self.batch * seq) as f64)
     }
@@ -448,14 +457,7 @@ impl Engine {
         self.forward(w, inputs)?;
         let mut out = Vec::new();
         for b in 0..self.batch {
-            let started = Instant::now();
-            host::classifier_forward(
-                &mut self.logits,
-                &self.xf[b],
-                w.classifier(),
-                self.config.dim,
-            );
-            self.profile.add("classifier", started);
+            self.classify(w, b);
             out.push(self.logits.clone());
         }
         Ok(out)
@@ -490,30 +492,35 @@ impl Engine {
         let sc = &mut self.scratch;
         let mut dxf = reuse(&mut sc.dxf, d * seq);
         for b in 0..self.batch {
-            let started = Instant::now();
-            host::classifier_forward(&mut self.logits, &self.xf[b], w.classifier(), d);
-            self.profile.add("classifier", started);
-            let started = Instant::now();
-            total += host::cross_entropy(
-                &mut self.logits,
-                &targets[b * seq..(b + 1) * seq],
-                grad_scale,
-            );
-            self.profile.add("loss", started);
+            self.classify(w, b);
+            total += self.profile.time("loss", || {
+                host::cross_entropy(
+                    &mut self.logits,
+                    &targets[b * seq..(b + 1) * seq],
+                    grad_scale,
+                )
+            });
             let dcls = grads.get_mut(classifier);
-            let started = Instant::now();
-            host::classifier_backward(&mut dxf, dcls, &self.logits, &self.xf[b], w.classifier(), d);
-            self.profile.add("classifier", started);
-            let started = Instant::now();
-            host::rmsnorm_backward(
-                &mut dx[b],
-                &mut grads.data[w.layout.range(Param::RmsFinal)],
-                &dxf,
-                &self.x_final[b],
-                w.get(Param::RmsFinal),
-                &self.rrms_final[b],
-            );
-            self.profile.add("rmsnorm", started);
+            self.profile.time("classifier", || {
+                host::classifier_backward(
+                    &mut dxf,
+                    dcls,
+                    &self.logits,
+                    &self.xf[b],
+                    w.classifier(),
+                    d,
+                )
+            });
+            self.profile.time("rmsnorm", || {
+                host::rmsnorm_backward(
+                    &mut dx[b],
+                    &mut grads.data[w.layout.range(Param::RmsFinal)],
+                    &dxf,
+                    &self.x_final[b],
+                    w.get(Param::RmsFinal),
+                    &self.rrms_final[b],
+                )
+            });
         }
         let be = self.backend.as_mut();
         let k = &self.kernels;
@@ -543,17 +550,17 @@ impl Engine {
                 k.ffn_bwd_w2.write(be, "dffn", dffn)?;
                 k.ffn_bwd_w2.run(be)?;
                 k.ffn_bwd_w2.read(be, "dgate", &mut dgate)?;
-                let started = Instant::now();
-                gemm(
-                    grads.get_mut(Param::W2(l)),
-                    d,
-                    f,
-                    n(dffn, d, seq),
-                    t(&a.gate, f, seq),
-                    1.0,
-                    true,
-                );
-                self.profile.add("dW gemm", started);
+                self.profile.time("dW gemm", || {
+                    gemm(
+                        grads.get_mut(Param::W2(l)),
+                        d,
+                        f,
+                        n(dffn, d, seq),
+                        t(&a.gate, f, seq),
+                        1.0,
+                        true,
+                    )
+                });
                 k.ffn_bwd_w13.write(be, "dgate", &dgate)?;
                 k.ffn_bwd_w13.write(be, "h1", &a.h1)?;
                 k.ffn_bwd_w13.write(be, "h3", &a.h3)?;
@@ -561,55 +568,55 @@ impl Engine {
                 k.ffn_bwd_w13.read(be, "dx2n", &mut dx2n)?;
                 k.ffn_bwd_w13.read(be, "dh1", &mut dh1)?;
                 k.ffn_bwd_w13.read(be, "dh3", &mut dh3)?;
-                let started = Instant::now();
-                gemm(
-                    grads.get_mut(Param::W1(l)),
-                    f,
-                    d,
-                    n(&dh1, f, seq),
-                    t(&a.x2n, d, seq),
-                    1.0,
-                    true,
-                );
-                self.profile.add("dW gemm", started);
-                let started = Instant::now();
-                gemm(
-                    grads.get_mut(Param::W3(l)),
-                    f,
-                    d,
-                    n(&dh3, f, seq),
-                    t(&a.x2n, d, seq),
-                    1.0,
-                    true,
-                );
-                self.profile.add("dW gemm", started);
+                self.profile.time("dW gemm", || {
+                    gemm(
+                        grads.get_mut(Param::W1(l)),
+                        f,
+                        d,
+                        n(&dh1, f, seq),
+                        t(&a.x2n, d, seq),
+                        1.0,
+                        true,
+                    )
+                });
+                self.profile.time("dW gemm", || {
+                    gemm(
+                        grads.get_mut(Param::W3(l)),
+                        f,
+                        d,
+                        n(&dh3, f, seq),
+                        t(&a.x2n, d, seq),
+                        1.0,
+                        true,
+                    )
+                });
                 // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
                 let range = w.layout.range(Param::RmsFfn(l));
-                let started = Instant::now();
-                host::rmsnorm_backward(
-                    &mut dx[b],
-                    &mut grads.data[range],
-                    &dx2n,
-                    &a.x2,
-                    w.get(Param::RmsFfn(l)),
-                    &a.rrms2,
-                );
-                self.profile.add("rmsnorm", started);
+                self.profile.time("rmsnorm", || {
+                    host::rmsnorm_backward(
+                        &mut dx[b],
+                        &mut grads.data[range],
+                        &dx2n,
+                        &a.x2,
+                        w.get(Param::RmsFfn(l)),
+                        &a.rrms2,
+                    )
+                });
                 let dx2 = &dx[b];
                 k.wo_bwd.write(be, "dx2", dx2)?;
                 k.wo_bwd.run(be)?;
                 k.wo_bwd.read(be, "dattn", &mut dattn)?;
-                let started = Instant::now();
-                gemm(
-                    grads.get_mut(Param::Wo(l)),
-                    d,
-                    q,
-                    n(dx2, d, seq),
-                    t(&a.attn, q, seq),
-                    1.0,
-                    true,
-                );
-                self.profile.add("dW gemm", started);
+                self.profile.time("dW gemm", || {
+                    gemm(
+                        grads.get_mut(Param::Wo(l)),
+                        d,
+                        q,
+                        n(dx2, d, seq),
+                        t(&a.attn, q, seq),
+                        1.0,
+                        true,
+                    )
+                });
                 k.attn_bwd.write(be, "q_rope", &a.q_rope)?;
                 k.attn_bwd.write(be, "k_rope", &a.k_rope)?;
                 k.attn_bwd.write(be, "v", &a.v)?;
@@ -618,39 +625,39 @@ impl Engine {
                 k.attn_bwd.read(be, "dq", &mut dq)?;
                 k.attn_bwd.read(be, "dk", &mut dk)?;
                 k.attn_bwd.read(be, "dv", &mut dv)?;
-                let started = Instant::now();
-                gemm(
-                    grads.get_mut(Param::Wq(l)),
-                    q,
-                    d,
-                    n(&dq, q, seq),
-                    t(&a.xn, d, seq),
-                    1.0,
-                    true,
-                );
-                self.profile.add("dW gemm", started);
-                let started = Instant::now();
-                gemm(
-                    grads.get_mut(Param::Wk(l)),
-                    kv,
-                    d,
-                    n(&dk, kv, seq),
-                    t(&a.xn, d, seq),
-                    1.0,
-                    true,
-                );
-                self.profile.add("dW gemm", started);
-                let started = Instant::now();
-                gemm(
-                    grads.get_mut(Param::Wv(l)),
-                    kv,
-                    d,
-                    n(&dv, kv, seq),
-                    t(&a.xn, d, seq),
-                    1.0,
-                    true,
-                );
-                self.profile.add("dW gemm", started);
+                self.profile.time("dW gemm", || {
+                    gemm(
+                        grads.get_mut(Param::Wq(l)),
+                        q,
+                        d,
+                        n(&dq, q, seq),
+                        t(&a.xn, d, seq),
+                        1.0,
+                        true,
+                    )
+                });
+                self.profile.time("dW gemm", || {
+                    gemm(
+                        grads.get_mut(Param::Wk(l)),
+                        kv,
+                        d,
+                        n(&dk, kv, seq),
+                        t(&a.xn, d, seq),
+                        1.0,
+                        true,
+                    )
+                });
+                self.profile.time("dW gemm", || {
+                    gemm(
+                        grads.get_mut(Param::Wv(l)),
+                        kv,
+                        d,
+                        n(&dv, kv, seq),
+                        t(&a.xn, d, seq),
+                        1.0,
+                        true,
+                    )
+                });
                 k.q_bwd.write(be, "dq", &dq)?;
                 k.q_bwd.run(be)?;
                 k.q_bwd.read(be, "dxn", &mut dxn)?;
@@ -662,27 +669,27 @@ impl Engine {
                     *a += b;
                 }
                 let range = w.layout.range(Param::RmsAtt(l));
-                let started = Instant::now();
-                host::rmsnorm_backward(
-                    &mut dx[b],
-                    &mut grads.data[range],
-                    &dxn,
-                    &a.x,
-                    w.get(Param::RmsAtt(l)),
-                    &a.rrms1,
-                );
-                self.profile.add("rmsnorm", started);
+                self.profile.time("rmsnorm", || {
+                    host::rmsnorm_backward(
+                        &mut dx[b],
+                        &mut grads.data[range],
+                        &dxn,
+                        &a.x,
+                        w.get(Param::RmsAtt(l)),
+                        &a.rrms1,
+                    )
+                });
             }
         }
         for b in 0..self.batch {
-            let started = Instant::now();
-            host::embedding_backward(
-                grads.get_mut(Param::Embedding),
-                &dx[b],
-                &inputs[b * seq..(b + 1) * seq],
-                d,
-            );
-            self.profile.add("embedding", started);
+            self.profile.time("embedding", || {
+                host::embedding_backward(
+                    grads.get_mut(Param::Embedding),
+                    &dx[b],
+                    &inputs[b * seq..(b + 1) * seq],
+                    d,
+                )
+            });
         }
         self.scratch = Scratch {
             dx,

@@ -39,25 +39,12 @@ fn definitions(program: &Program) -> HashMap<String, usize> {
     defs
 }
 
-/// Uses of each value as an operation argument or function output.
+/// Uses of each value as an operation argument or function output, by name.
 fn use_counts(program: &Program) -> HashMap<String, usize> {
-    fn count(arg: &Arg, uses: &mut HashMap<String, usize>) {
-        match arg {
-            Arg::Var(name) => *uses.entry(name.clone()).or_default() += 1,
-            Arg::Tuple(items) => items.iter().for_each(|a| count(a, uses)),
-            Arg::Lit(_) => {}
-        }
-    }
-    let mut uses = HashMap::new();
-    for op in &program.main.ops {
-        for (_, arg) in &op.args {
-            count(arg, &mut uses);
-        }
-    }
-    for name in &program.main.outputs {
-        *uses.entry(name.clone()).or_default() += 1;
-    }
-    uses
+    super::exec::use_counts(&program.main)
+        .into_iter()
+        .map(|(name, n)| (name.to_string(), n))
+        .collect()
 }
 
 /// The value a constant `perm` argument names, as integers.
