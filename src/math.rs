@@ -4,6 +4,20 @@
 //! sigmoid and the vocabulary-wide cross-entropy; [`exp`] is within 2 ulp of the
 //! correctly rounded result over the whole `f32` range (tested against `f64`).
 
+/// Run `f` compiled for the widest vector unit this CPU offers: on x86-64 with
+/// AVX2 and FMA (checked once at run time, through pulp's dispatch), `f` is
+/// inlined into a function built for them, so its loops use 8-lane registers;
+/// elsewhere `f` runs as built. The compiler never fuses a multiply and an add
+/// on its own, so results are the same bits either way.
+#[inline(always)]
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = pulp::x86::V3::try_new() {
+        return v3.vectorize(f);
+    }
+    f()
+}
+
 /// `e^x` for `f32`, within 2 ulp; `+inf` above 88.72, `0` below -103.97 (gradual
 /// underflow in between), NaN stays NaN.
 #[inline(always)]
@@ -52,6 +66,7 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// Sum of `x` in eight interleaved `f32` lanes (vectorizes; the order is fixed,
 /// so the result is deterministic).
+#[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -65,6 +80,7 @@ pub fn sum(x: &[f32]) -> f32 {
 }
 
 /// Sum of `x` accumulated in `f64`, in four interleaved lanes.
+#[inline(always)]
 pub fn sum_f64(x: &[f32]) -> f64 {
     let mut lanes = [0.0f64; 4];
     let chunks = x.chunks_exact(4);
@@ -77,7 +93,28 @@ pub fn sum_f64(x: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// `x[i] = e^(x[i] - shift)` in place; returns the sum of the results in the
+/// lane order of [`sum`] (one pass instead of two).
+#[inline(always)]
+pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c.iter_mut()) {
+            *v = exp(*v - shift);
+            *l += *v;
+        }
+    }
+    let mut tail = 0.0f32;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        tail += *v;
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Largest element of `x` as `f32::max` folds it (NaNs ignored), `-inf` if empty.
+#[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
@@ -96,6 +133,18 @@ pub fn max(x: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_shifted_sum_matches_exp_then_sum() {
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.71).sin() * 9.0).collect();
+        let mut y = x.clone();
+        let s = exp_shifted_sum(&mut y, 2.5);
+        let want: Vec<f32> = x.iter().map(|&v| exp(v - 2.5)).collect();
+        assert_eq!(y, want);
+        assert_eq!(s, sum(&want));
+        let exact: f64 = x.iter().map(|&v| (f64::from(v) - 2.5).exp()).sum();
+        assert!((f64::from(s) - exact).abs() < 1e-5 * exact);
+    }
 
     /// Distance in units in the last place between `got` and the f64 `want`.
     fn ulps(got: f32, want: f64) -> f64 {

@@ -36,6 +36,8 @@ pub struct TrainStepOptions {
     pub warmup: usize,
     pub steps: usize,
     pub kernels: KernelOptions,
+    /// Also time every CPU plan step (`--ops`); adds a little overhead.
+    pub ops: bool,
 }
 
 /// One phase of the breakdown: total over the timed steps divided by steps.
@@ -66,7 +68,18 @@ pub struct TrainStepReport {
     pub fraction_of_gemm_peak: f64,
     pub peak_rss_mb: Option<f64>,
     pub phases: Vec<Phase>,
+    /// CPU plan steps by `op -> result type`, longest first (with `ops`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ops: Vec<OpPhase>,
     pub losses: Vec<f64>,
+}
+
+/// One CPU plan step label of the op profile, per timed step.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpPhase {
+    pub label: String,
+    pub ms_per_step: f64,
+    pub calls_per_step: f64,
 }
 
 /// Training FLOPs of one step of `batch` sequences of `seq` tokens.
@@ -129,6 +142,10 @@ pub fn run(
         }
         if step == opts.warmup {
             engine.take_profile();
+            if opts.ops {
+                crate::backend::cpu::profile::take();
+                crate::backend::cpu::profile::set_enabled(true);
+            }
         }
         let start = Instant::now();
         grads.data.fill(0.0);
@@ -144,6 +161,19 @@ pub fn run(
         }
         progress(step, elapsed);
     }
+    let ops: Vec<OpPhase> = if opts.ops {
+        crate::backend::cpu::profile::set_enabled(false);
+        crate::backend::cpu::profile::take()
+            .into_iter()
+            .map(|t| OpPhase {
+                label: t.label,
+                ms_per_step: t.total.as_secs_f64() * 1e3 / opts.steps as f64,
+                calls_per_step: t.calls as f64 / opts.steps as f64,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (name, d) in engine.take_profile().phases {
         profile.add_duration(&name, d);
     }
@@ -188,6 +218,7 @@ pub fn run(
         fraction_of_gemm_peak: gflops / peak,
         peak_rss_mb: peak_rss_mb(),
         phases,
+        ops,
         losses,
     })
 }
@@ -224,6 +255,19 @@ pub fn format_report(r: &TrainStepReport) -> String {
             p.ms_per_step,
             100.0 * p.fraction
         ));
+    }
+    if !r.ops.is_empty() {
+        let shown = r.ops.len().min(30);
+        out.push_str(&format!(
+            "  CPU plan steps (top {shown} of {}): ms/step  calls/step  op -> result\n",
+            r.ops.len()
+        ));
+        for o in &r.ops[..shown] {
+            out.push_str(&format!(
+                "  {:>8.2} {:>6.0}  {}\n",
+                o.ms_per_step, o.calls_per_step, o.label
+            ));
+        }
     }
     out
 }

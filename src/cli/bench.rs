@@ -216,6 +216,9 @@ pub struct TrainStepArgs {
     /// Also write the report as JSON
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also time every op of the CPU kernels (top 30 printed, all in the JSON)
+    #[arg(long)]
+    ops: bool,
 }
 
 fn train_step(args: TrainStepArgs) -> Result<()> {
@@ -230,6 +233,7 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
         batch: args.batch,
         warmup: args.warmup,
         steps: args.steps,
+        ops: args.ops,
     };
     let total = args.warmup + args.steps;
     let report = train_step::run(backend, &opts, &mut |step, seconds| {

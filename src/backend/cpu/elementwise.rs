@@ -39,9 +39,14 @@ const CHUNK: usize = 1 << 14;
 pub(super) fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) {
     debug_assert_eq!(x.len(), out.len());
     let body = |(o, x): (&mut [f32], &[f32])| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = f(x);
-        }
+        crate::math::simd(
+            #[inline(always)]
+            || {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = f(x);
+                }
+            },
+        )
     };
     if x.len() >= PAR_MIN {
         out.par_chunks_mut(CHUNK)
@@ -195,9 +200,14 @@ impl Broadcast {
                         &inputs[k][start..start + o.len()]
                     }
                 });
-                for (j, o) in o.iter_mut().enumerate() {
-                    *o = f(std::array::from_fn(|k| ins[k][j]));
-                }
+                crate::math::simd(
+                    #[inline(always)]
+                    || {
+                        for (j, o) in o.iter_mut().enumerate() {
+                            *o = f(std::array::from_fn(|k| ins[k][j]));
+                        }
+                    },
+                );
             };
             if len >= PAR_MIN {
                 out.par_chunks_mut(CHUNK).enumerate().for_each(body);
@@ -246,9 +256,14 @@ impl Broadcast {
                         &rows[k][..]
                     }
                 });
-                for (j, o) in out_row.iter_mut().enumerate() {
-                    *o = f(std::array::from_fn(|k| ins[k][j]));
-                }
+                crate::math::simd(
+                    #[inline(always)]
+                    || {
+                        for (j, o) in out_row.iter_mut().enumerate() {
+                            *o = f(std::array::from_fn(|k| ins[k][j]));
+                        }
+                    },
+                );
             }
         };
         if len >= PAR_MIN {

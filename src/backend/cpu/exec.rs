@@ -94,6 +94,8 @@ struct Step {
     kernel: Kernel,
     args: Vec<Slot>,
     results: Vec<Slot>,
+    /// The op and its result type, for the op profile.
+    label: String,
 }
 
 /// Where a slot's values live while a plan runs.
@@ -327,7 +329,9 @@ impl Plan {
         }
         let temps = &mut workspace.temps;
         let mut taken: Vec<Vec<f32>> = Vec::new();
+        let profiling = super::profile::enabled();
         for step in &self.steps {
+            let start = profiling.then(std::time::Instant::now);
             for &slot in &step.results {
                 taken.push(match self.homes[slot] {
                     Home::Temp(t) => std::mem::take(&mut temps[t]),
@@ -352,6 +356,9 @@ impl Plan {
                     Home::Output(j) => outputs[j] = data,
                     _ => unreachable!(),
                 }
+            }
+            if let Some(start) = start {
+                super::profile::record(&step.label, start.elapsed());
             }
         }
         for &(slot, j) in &self.output_copies {
@@ -387,6 +394,19 @@ pub(super) fn use_counts(func: &crate::mil::Function) -> HashMap<&str, usize> {
         *uses.entry(name.as_str()).or_default() += 1;
     }
     uses
+}
+
+/// `op -> result type` (the first result), naming fused steps by what they fuse.
+fn step_label(op: &Operation, kernel: &Kernel) -> String {
+    let name = match kernel {
+        Kernel::MaskedSoftmax(_) => "softmax(x*s+mask)".to_string(),
+        Kernel::Matmul(m) => format!("matmul{}", m.flags_label()),
+        _ => op.op.to_string(),
+    };
+    match op.outputs.first() {
+        Some(out) => format!("{name} -> {}", out.ty),
+        None => name,
+    }
 }
 
 fn run_error(msg: String) -> Error {
@@ -507,10 +527,12 @@ impl<'p> PlanBuilder<'p> {
                     self.alias_of[results[0]] = Some(self.alias_of[source].unwrap_or(source));
                     return Ok(());
                 }
+                let label = step_label(op, &kernel);
                 self.steps.push(Step {
                     kernel,
                     args,
                     results,
+                    label,
                 });
                 Ok(())
             }

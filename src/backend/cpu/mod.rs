@@ -4,6 +4,7 @@
 //! - `exec`: compiling a program into a plan of slots and kernels, running it.
 //! - `constant`: literals, BLOBFILE records, `constexpr_affine_dequantize`.
 //! - `elementwise`, `reduce`, `shape`, `gemm`: the math, one family per file.
+//! - `profile`: opt-in wall time per plan step (`bench train-step --ops`).
 //!
 //! Values are `f32` vectors whatever their declared dtype (integers and bools
 //! are exact). In [`Precision::Fp16`] every fp16-typed op result, constant and
@@ -17,6 +18,7 @@ mod constant;
 mod elementwise;
 mod exec;
 mod gemm;
+pub mod profile;
 mod reduce;
 mod rewrite;
 mod shape;

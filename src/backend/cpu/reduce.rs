@@ -14,6 +14,9 @@ use super::shape::{View, contiguous_strides};
 use crate::Result;
 use crate::mil::Op;
 
+/// Elements of input a parallel task covers at least.
+const MIN_TASK: usize = 1 << 12;
+
 /// Split `shape` around the adjacent axes `first..=last`: (before, those, after).
 fn split3(shape: &[usize], first: usize, last: usize) -> (usize, usize, usize) {
     (
@@ -38,6 +41,7 @@ fn for_blocks(
     if x.len() >= PAR_MIN {
         out.par_chunks_mut(out_block)
             .zip(x.par_chunks(in_block))
+            .with_min_len(MIN_TASK.div_ceil(in_block))
             .for_each(|(o, x)| body(x, o));
     } else {
         out.chunks_mut(out_block)
@@ -59,15 +63,17 @@ impl Softmax {
         if inner == 1 {
             // Softmax along the last axis: contiguous rows, vectorizable passes.
             for_blocks(x, out, len, len, |x, out| {
-                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = crate::math::exp(v - max);
-                }
-                let sum: f32 = out.iter().sum();
-                let inv = 1.0 / sum;
-                for o in out.iter_mut() {
-                    *o *= inv;
-                }
+                crate::math::simd(
+                    #[inline(always)]
+                    || {
+                        out.copy_from_slice(x);
+                        let max = crate::math::max(out);
+                        let inv = 1.0 / crate::math::exp_shifted_sum(out, max);
+                        for o in out.iter_mut() {
+                            *o *= inv;
+                        }
+                    },
+                )
             });
             return;
         }
@@ -120,26 +126,29 @@ impl MaskedSoftmax {
         let r16 = |v: f32| half::f16::from_f32(v).to_f32();
         let row = |(r, (out, x)): (usize, (&mut [f32], &[f32]))| {
             let m = &mask[(r % self.mask_rows) * len..][..len];
-            for ((o, &x), &m) in out.iter_mut().zip(x).zip(m) {
-                *o = if round {
-                    r16(r16(x * scale) + m)
-                } else {
-                    x * scale + m
-                };
-            }
-            let max = out.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-            for o in out.iter_mut() {
-                *o = crate::math::exp(*o - max);
-            }
-            let inv = 1.0 / out.iter().sum::<f32>();
-            for o in out.iter_mut() {
-                *o *= inv;
-            }
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    for ((o, &x), &m) in out.iter_mut().zip(x).zip(m) {
+                        *o = if round {
+                            r16(r16(x * scale) + m)
+                        } else {
+                            x * scale + m
+                        };
+                    }
+                    let max = crate::math::max(out);
+                    let inv = 1.0 / crate::math::exp_shifted_sum(out, max);
+                    for o in out.iter_mut() {
+                        *o *= inv;
+                    }
+                },
+            )
         };
         if x.len() >= PAR_MIN {
             out.par_chunks_mut(len)
                 .zip(x.par_chunks(len))
                 .enumerate()
+                .with_min_len(MIN_TASK.div_ceil(len))
                 .for_each(row);
         } else {
             out.chunks_mut(len)
@@ -196,17 +205,24 @@ impl Reduce {
                 }
                 return;
             }
+            let scale = if op == Op::ReduceMean {
+                1.0 / len as f64
+            } else {
+                1.0
+            };
+            if inner == 1 {
+                out[0] = (crate::math::simd(
+                    #[inline(always)]
+                    || crate::math::sum_f64(x),
+                ) * scale) as f32;
+                return;
+            }
             let mut acc = vec![0.0f64; inner];
             for row in x.chunks_exact(inner) {
                 for (a, &v) in acc.iter_mut().zip(row) {
                     *a += f64::from(v);
                 }
             }
-            let scale = if op == Op::ReduceMean {
-                1.0 / len as f64
-            } else {
-                1.0
-            };
             for (o, a) in out.iter_mut().zip(acc) {
                 *o = (a * scale) as f32;
             }

@@ -1,6 +1,6 @@
 //! Data movement: `reshape`, `identity`, `transpose`, `slice_by_size`, `concat`
 //! and `split`. Each is a strided [`View`] of a row-major buffer, read into a
-//! dense result (gather) or, for `concat`, written into one (scatter).
+//! dense result; `concat` copies the contiguous blocks of its operands.
 
 use rayon::prelude::*;
 
@@ -26,15 +26,29 @@ pub(super) struct View {
 }
 
 impl View {
+    /// The view, simplified: size-1 axes dropped and neighbouring axes that
+    /// walk memory as one merged, so that the innermost loop is as long as it
+    /// can be (a `[1, 12, 16384, 1]` slice of pairs becomes one stride-2 row).
     pub(super) fn new(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> View {
-        let (shape, strides) = if shape.is_empty() {
-            (vec![1], vec![0])
-        } else {
-            (shape, strides)
-        };
+        let mut dims: Vec<(usize, usize)> = Vec::with_capacity(shape.len());
+        if shape.contains(&0) {
+            dims.push((0, 1));
+        }
+        for (&size, &stride) in shape.iter().zip(&strides) {
+            if size == 1 || !dims.is_empty() && dims[0].0 == 0 {
+                continue;
+            }
+            match dims.last_mut() {
+                Some(last) if last.1 == size * stride => *last = (last.0 * size, stride),
+                _ => dims.push((size, stride)),
+            }
+        }
+        if dims.is_empty() {
+            dims.push((1, 0));
+        }
         View {
-            shape,
-            strides,
+            shape: dims.iter().map(|d| d.0).collect(),
+            strides: dims.iter().map(|d| d.1).collect(),
             offset,
         }
     }
@@ -63,42 +77,66 @@ impl View {
         }
         let inner = *self.shape.last().expect("rank >= 1");
         let step = *self.strides.last().expect("rank >= 1");
-        let row = |(r, dst): (usize, &mut [f32])| {
-            let start = self.row_offset(r);
-            if step == 1 {
-                dst.copy_from_slice(&src[start..start + inner]);
-            } else {
-                for (j, d) in dst.iter_mut().enumerate() {
-                    *d = src[start + j * step];
+        // Tasks of whole rows, at least ROW_BLOCK elements each.
+        let rows_per_task = ROW_BLOCK.div_ceil(inner).max(1);
+        let task = |(t, dst): (usize, &mut [f32])| {
+            for (i, dst) in dst.chunks_mut(inner).enumerate() {
+                let start = self.row_offset(t * rows_per_task + i);
+                if step == 1 {
+                    dst.copy_from_slice(&src[start..start + inner]);
+                } else if step == 0 {
+                    dst.fill(src[start]);
+                } else {
+                    let src = &src[start..start + (inner - 1) * step + 1];
+                    for (d, s) in dst.iter_mut().zip(src.iter().step_by(step)) {
+                        *d = *s;
+                    }
                 }
             }
         };
         if len >= PAR_MIN {
-            out.par_chunks_mut(inner).enumerate().for_each(row);
+            out.par_chunks_mut(rows_per_task * inner)
+                .enumerate()
+                .for_each(task);
         } else {
-            out.chunks_mut(inner).enumerate().for_each(row);
-        }
-    }
-
-    /// Write dense, row-major `src` into the viewed elements of `dst`.
-    fn scatter(&self, src: &[f32], dst: &mut [f32]) {
-        let inner = *self.shape.last().expect("rank >= 1");
-        if inner == 0 {
-            return;
-        }
-        let step = *self.strides.last().expect("rank >= 1");
-        for (r, row) in src.chunks_exact(inner).enumerate() {
-            let start = self.row_offset(r);
-            if step == 1 {
-                dst[start..start + inner].copy_from_slice(row);
-            } else {
-                for (j, &v) in row.iter().enumerate() {
-                    dst[start + j * step] = v;
-                }
-            }
+            out.chunks_mut(rows_per_task * inner)
+                .enumerate()
+                .for_each(task);
         }
     }
 }
+
+/// `dst (cols x rows) = src (rows x cols)^T`, both row-major, in 32 x 32 tiles
+/// so that reads and writes both stay within a few cache lines; parallel over
+/// bands of result rows.
+pub(super) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    debug_assert_eq!(src.len(), rows * cols);
+    debug_assert_eq!(dst.len(), rows * cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let band = |(b, out): (usize, &mut [f32])| {
+        let c0 = b * TILE;
+        let width = out.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            for c in 0..width {
+                let row = &mut out[c * rows + r0..][..TILE.min(rows - r0)];
+                for (i, d) in row.iter_mut().enumerate() {
+                    *d = src[(r0 + i) * cols + c0 + c];
+                }
+            }
+        }
+    };
+    if src.len() >= PAR_MIN {
+        dst.par_chunks_mut(TILE * rows).enumerate().for_each(band);
+    } else {
+        dst.chunks_mut(TILE * rows).enumerate().for_each(band);
+    }
+}
+
+/// Elements per task of the data-movement loops.
+const ROW_BLOCK: usize = 1 << 12;
 
 /// `reshape` and `identity` keep the data as it is.
 pub(super) fn compile_copy(ctx: &OpCtx) -> Result<Kernel> {
@@ -206,18 +244,56 @@ pub(super) fn compile_slice(ctx: &OpCtx) -> Result<Kernel> {
     Ok(Kernel::Gather(View::new(out_shape, strides, offset)))
 }
 
-/// `concat`: operand `i` is written into `views[i]` of a `len`-element result.
+/// `concat`: the result is `outer` blocks; block `o` holds, in order, block `o`
+/// of every operand (`parts[i]` contiguous elements each). With `interleave`
+/// the parts instead alternate `slices` times, `after` elements at a time.
 #[derive(Debug)]
 pub(super) struct Concat {
-    views: Vec<View>,
-    len: usize,
+    outer: usize,
+    parts: Vec<usize>,
+    /// `(slices, after)` for `interleave`.
+    interleave: Option<(usize, usize)>,
 }
 
 impl Concat {
     pub(super) fn run(&self, args: &[&[f32]], out: &mut [f32]) {
-        debug_assert_eq!(out.len(), self.len);
-        for (view, src) in self.views.iter().zip(args) {
-            view.scatter(src, out);
+        let block: usize = self.parts.iter().sum();
+        debug_assert_eq!(out.len(), self.outer * block);
+        if block == 0 {
+            return;
+        }
+        let blocks_per_task = ROW_BLOCK.div_ceil(block).max(1);
+        let task = |(t, dst): (usize, &mut [f32])| {
+            for (i, dst) in dst.chunks_mut(block).enumerate() {
+                let o = t * blocks_per_task + i;
+                match self.interleave {
+                    None => {
+                        let mut at = 0;
+                        for (src, &part) in args.iter().zip(&self.parts) {
+                            dst[at..at + part].copy_from_slice(&src[o * part..][..part]);
+                            at += part;
+                        }
+                    }
+                    Some((slices, after)) => {
+                        let n = args.len();
+                        for j in 0..slices {
+                            for (i, src) in args.iter().enumerate() {
+                                let from = &src[o * slices * after + j * after..][..after];
+                                dst[(j * n + i) * after..][..after].copy_from_slice(from);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if out.len() >= PAR_MIN {
+            out.par_chunks_mut(blocks_per_task * block)
+                .enumerate()
+                .for_each(task);
+        } else {
+            out.chunks_mut(blocks_per_task * block)
+                .enumerate()
+                .for_each(task);
         }
     }
 }
@@ -252,26 +328,13 @@ pub(super) fn compile_concat(ctx: &OpCtx) -> Result<Kernel> {
     }
     let mut out_shape = first.shape.clone();
     out_shape[axis] = values.iter().map(|v| v.shape[axis]).sum();
-    let out = ctx.expect_output(first.dtype, &out_shape)?;
-    let strides = contiguous_strides(&out_shape);
-    let n = values.len();
-    let mut views = Vec::with_capacity(n);
-    let mut start = 0;
-    for (i, v) in values.iter().enumerate() {
-        let view = if interleave {
-            // Slice j of value i lands at index j * n + i along the axis.
-            let mut s = strides.clone();
-            s[axis] *= n;
-            View::new(v.shape.clone(), s, i * strides[axis])
-        } else {
-            View::new(v.shape.clone(), strides.clone(), start * strides[axis])
-        };
-        start += v.shape[axis];
-        views.push(view);
-    }
+    ctx.expect_output(first.dtype, &out_shape)?;
+    let outer: usize = first.shape[..axis].iter().product();
+    let after: usize = first.shape[axis + 1..].iter().product();
     Ok(Kernel::Concat(Concat {
-        views,
-        len: out.numel(),
+        outer,
+        parts: values.iter().map(|v| v.shape[axis] * after).collect(),
+        interleave: interleave.then_some((first.shape[axis], after)),
     }))
 }
 
@@ -334,19 +397,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn views_gather_and_scatter_strided_elements() {
+    fn views_gather_strided_elements_and_merge_axes() {
         // x = [[0,1,2],[3,4,5]]; its transpose read through strides (1, 3).
         let x: Vec<f32> = (0..6).map(|v| v as f32).collect();
         let t = View::new(vec![3, 2], vec![1, 3], 0);
         let mut gathered = vec![0.0; 6];
         t.gather(&x, &mut gathered);
         assert_eq!(gathered, [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
-        let mut back = vec![0.0; 6];
-        t.scatter(&gathered, &mut back);
-        assert_eq!(back, x);
         assert_eq!(contiguous_strides(&[2, 3, 4]), [12, 4, 1]);
         let mut one = [0.0];
         View::new(vec![], vec![], 4).gather(&x, &mut one);
         assert_eq!(one, [4.0]);
+        // The odd elements of pairs [1, 3, 2]: size-1 axes go, the rest is one
+        // stride-2 row starting at element 1.
+        let odd = View::new(vec![1, 3, 1], vec![6, 2, 1], 1);
+        assert_eq!(
+            (odd.shape.as_slice(), odd.strides.as_slice()),
+            ([3].as_slice(), [2].as_slice())
+        );
+        let mut out = [0.0; 3];
+        odd.gather(&x, &mut out);
+        assert_eq!(out, [1.0, 3.0, 5.0]);
+        // An empty view stays empty.
+        assert_eq!(View::new(vec![2, 0, 3], vec![0, 3, 1], 0).numel(), 0);
+    }
+
+    #[test]
+    fn transpose_into_matches_the_definition() {
+        for (rows, cols) in [(3, 5), (70, 33), (1, 40), (300, 257)] {
+            let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            let mut dst = vec![0.0; rows * cols];
+            transpose_into(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn concat_blocks_and_interleave() {
+        // a = [[0,1],[2,3]], b = [[10],[11]] along axis 1 -> [[0,1,10],[2,3,11]].
+        let cat = Concat {
+            outer: 2,
+            parts: vec![2, 1],
+            interleave: None,
+        };
+        let mut out = [0.0; 6];
+        cat.run(&[&[0., 1., 2., 3.], &[10., 11.]], &mut out);
+        assert_eq!(out, [0., 1., 10., 2., 3., 11.]);
+        // Interleaving a = [0,1,2] and b = [10,11,12] one element at a time.
+        let cat = Concat {
+            outer: 1,
+            parts: vec![3, 3],
+            interleave: Some((3, 1)),
+        };
+        cat.run(&[&[0., 1., 2.], &[10., 11., 12.]], &mut out);
+        assert_eq!(out, [0., 10., 1., 11., 2., 12.]);
     }
 }
