@@ -93,6 +93,24 @@ pub fn sum_f64(x: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// Sum of squares of `x` accumulated in `f64`, in four interleaved lanes.
+#[inline(always)]
+pub fn sum_squares_f64(x: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 4];
+    let chunks = x.chunks_exact(4);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f64::from(v) * f64::from(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
 /// `x[i] = e^(x[i] - shift)` in place; returns the sum of the results in the
 /// lane order of [`sum`] (one pass instead of two).
 #[inline(always)]

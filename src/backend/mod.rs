@@ -247,6 +247,21 @@ pub trait Backend {
     /// Run `kernel` with `inputs[i]` bound to its i-th input and `outputs[j]`
     /// to its j-th output. Synchronous.
     fn run(&mut self, kernel: KernelId, inputs: &[BufferId], outputs: &[BufferId]) -> Result<()>;
+
+    /// Run `kernel` straight on host arrays, without buffers: `inputs[i]` holds
+    /// the i-th input's values and `outputs[j]` receives the j-th output's, each
+    /// row-major with the declared element count. A backend that would have to
+    /// copy anyway (device memory, dtype conversion) returns `Ok(false)` and
+    /// touches nothing; the caller then goes through `write`/`run`/`read`.
+    fn run_host(
+        &mut self,
+        kernel: KernelId,
+        inputs: &[&[f32]],
+        outputs: &mut [&mut [f32]],
+    ) -> Result<bool> {
+        let _ = (kernel, inputs, outputs);
+        Ok(false)
+    }
 }
 
 #[cfg(test)]

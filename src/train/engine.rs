@@ -7,14 +7,14 @@
 //! Activations are `(C, T)` channel-major on the host, the layout of the
 //! kernels' `[1, C, 1, T]` tensors; all buffers are allocated once and reused.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, Block, BufferId, KernelId};
 use crate::linalg::{gemm, n, t};
 use crate::model::host;
 use crate::model::kernels::{
-    KernelOptions, KernelSpec, LayerKernels, SlotKind, WeightMode, transpose,
+    KernelOptions, KernelSpec, LayerKernels, Slot, SlotKind, WeightMode, transpose,
 };
 use crate::model::{ModelConfig, Param, Weights};
 use crate::{Error, Result};
@@ -25,6 +25,13 @@ pub struct Kernel {
     id: KernelId,
     inputs: Vec<BufferId>,
     outputs: Vec<BufferId>,
+    /// Whether a [`Call`] may hand host arrays straight to the backend: every
+    /// slot is a whole buffer (no packing) and no weight is transposed on the way.
+    direct: bool,
+    /// Per input slot, the weight array last written to it in this pass
+    /// (address, length), so that the buffer path writes each weight once per
+    /// pass, not once per sequence.
+    written: RefCell<Vec<Option<(usize, usize)>>>,
     /// Time spent running, and writing/reading buffers, since the last `take_times`.
     run_time: Cell<Duration>,
     io_time: Cell<Duration>,
@@ -44,14 +51,49 @@ impl Kernel {
             .iter()
             .map(|v| backend.alloc(&v.ty))
             .collect::<Result<Vec<_>>>()?;
+        let whole = |slots: &[Slot], vars: &[crate::mil::Var]| {
+            slots.len() == vars.len()
+                && slots.iter().enumerate().all(|(i, s)| {
+                    s.buffer == i
+                        && s.row == 0
+                        && s.col == 0
+                        && s.rows * s.cols == vars[i].ty.numel()
+                        && s.kind != SlotKind::Weight { transposed: true }
+                })
+        };
+        let direct = whole(&spec.inputs, &info.inputs) && whole(&spec.outputs, &info.outputs);
+        let written = RefCell::new(vec![None; spec.inputs.len()]);
         Ok(Kernel {
             spec,
             id,
             inputs,
             outputs,
+            direct,
+            written,
             run_time: Cell::default(),
             io_time: Cell::default(),
         })
+    }
+
+    /// Whether runs may skip the kernel's buffers (see [`Call`]).
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Start binding host arrays for one run (see [`Call`]).
+    pub fn call<'a>(&self) -> Call<'_, 'a> {
+        Call {
+            kernel: self,
+            inputs: vec![None; self.spec.inputs.len()],
+            weights: vec![false; self.spec.inputs.len()],
+            outputs: (0..self.spec.outputs.len()).map(|_| None).collect(),
+        }
+    }
+
+    /// Forget which weights the buffers hold: the next [`Call`] writes them
+    /// again. The engine calls this whenever the weights may have changed.
+    pub fn new_pass(&self) {
+        self.written.borrow_mut().fill(None);
     }
 
     /// Write an activation `(rows, cols)` row-major.
@@ -120,6 +162,113 @@ impl Kernel {
     fn take_times(&self, profile: &mut Profile) {
         profile.add_duration(&self.spec.name, self.run_time.take());
         profile.add_duration("io", self.io_time.take());
+    }
+}
+
+/// One run of a kernel on host arrays bound by slot name: every input and
+/// every output must be bound. Where the backend can run on host arrays and the
+/// kernel's slots allow it, the arrays go straight to the backend (no copies);
+/// otherwise they are written to the kernel's buffers, the kernel runs and the
+/// outputs are read back.
+pub struct Call<'k, 'a> {
+    kernel: &'k Kernel,
+    inputs: Vec<Option<&'a [f32]>>,
+    /// Which inputs are weights (written once per pass on the buffer path).
+    weights: Vec<bool>,
+    outputs: Vec<Option<&'a mut [f32]>>,
+}
+
+impl<'a> Call<'_, 'a> {
+    fn input_index(&self, name: &str) -> usize {
+        let spec = &self.kernel.spec;
+        spec.inputs
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| panic!("kernel {} has no input `{name}`", spec.name))
+    }
+
+    /// Bind activation `name`, `(rows, cols)` row-major.
+    pub fn input(mut self, name: &str, data: &'a [f32]) -> Self {
+        let i = self.input_index(name);
+        self.inputs[i] = Some(data);
+        self
+    }
+
+    /// Bind weight `name` as the parameter is stored (`[out, in]` row-major).
+    /// Its values must not change until [`Kernel::new_pass`].
+    pub fn weight(mut self, name: &str, w: &'a [f32]) -> Self {
+        let i = self.input_index(name);
+        self.inputs[i] = Some(w);
+        self.weights[i] = true;
+        self
+    }
+
+    /// Bind output `name`, `(rows, cols)` row-major, overwritten by the run.
+    pub fn output(mut self, name: &str, dst: &'a mut [f32]) -> Self {
+        let spec = &self.kernel.spec;
+        let j = spec
+            .outputs
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| panic!("kernel {} has no output `{name}`", spec.name));
+        self.outputs[j] = Some(dst);
+        self
+    }
+
+    pub fn run(self, backend: &mut dyn Backend) -> Result<()> {
+        let k = self.kernel;
+        let unbound = |slots: &[Slot], bound: Vec<bool>| {
+            slots
+                .iter()
+                .zip(bound)
+                .filter(|(_, b)| !b)
+                .map(|(s, _)| s.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let missing: Vec<String> = unbound(
+            &k.spec.inputs,
+            self.inputs.iter().map(Option::is_some).collect(),
+        )
+        .into_iter()
+        .chain(unbound(
+            &k.spec.outputs,
+            self.outputs.iter().map(Option::is_some).collect(),
+        ))
+        .collect();
+        if !missing.is_empty() {
+            return Err(Error::Invalid(format!(
+                "kernel {}: nothing bound to {}",
+                k.spec.name,
+                missing.join(", ")
+            )));
+        }
+        let inputs: Vec<&[f32]> = self.inputs.into_iter().flatten().collect();
+        let mut outputs: Vec<&mut [f32]> = self.outputs.into_iter().flatten().collect();
+        if k.direct {
+            let start = Instant::now();
+            let ran = backend.run_host(k.id, &inputs, &mut outputs)?;
+            if ran {
+                k.run_time.set(k.run_time.get() + start.elapsed());
+                return Ok(());
+            }
+        }
+        for (i, (data, slot)) in inputs.iter().zip(&k.spec.inputs).enumerate() {
+            if self.weights[i] {
+                let key = Some((data.as_ptr() as usize, data.len()));
+                if k.written.borrow()[i] == key {
+                    continue;
+                }
+                k.write_weight(backend, &slot.name, data)?;
+                k.written.borrow_mut()[i] = key;
+            } else {
+                k.write(backend, &slot.name, data)?;
+            }
+        }
+        k.run(backend)?;
+        for (dst, slot) in outputs.iter_mut().zip(&k.spec.outputs) {
+            k.read(backend, &slot.name, dst)?;
+        }
+        Ok(())
     }
 }
 
@@ -210,6 +359,22 @@ struct Kernels {
     kv_bwd: Kernel,
 }
 
+impl Kernels {
+    fn all(&self) -> [&Kernel; 9] {
+        [
+            &self.attn_fwd,
+            &self.wo_fwd,
+            &self.ffn_fwd,
+            &self.ffn_bwd_w2,
+            &self.ffn_bwd_w13,
+            &self.wo_bwd,
+            &self.attn_bwd,
+            &self.q_bwd,
+            &self.kv_bwd,
+        ]
+    }
+}
+
 /// Runs forward and backward passes of a model on a backend.
 pub struct Engine {
     backend: Box<dyn Backend>,
@@ -288,18 +453,7 @@ impl Engine {
     /// `dW gemm`).
     pub fn take_profile(&mut self) -> Profile {
         let mut profile = std::mem::take(&mut self.profile);
-        let k = &self.kernels;
-        for kernel in [
-            &k.attn_fwd,
-            &k.wo_fwd,
-            &k.ffn_fwd,
-            &k.ffn_bwd_w2,
-            &k.ffn_bwd_w13,
-            &k.wo_bwd,
-            &k.attn_bwd,
-            &k.q_bwd,
-            &k.kv_bwd,
-        ] {
+        for kernel in self.kernels.all() {
             kernel.take_times(&mut profile);
         }
         profile
@@ -357,14 +511,10 @@ impl Engine {
                 )
             });
         }
+        for kernel in k.all() {
+            kernel.new_pass();
+        }
         for l in 0..c.n_layers {
-            k.attn_fwd.write_weight(be, "wq", w.get(Param::Wq(l)))?;
-            k.attn_fwd.write_weight(be, "wk", w.get(Param::Wk(l)))?;
-            k.attn_fwd.write_weight(be, "wv", w.get(Param::Wv(l)))?;
-            k.wo_fwd.write_weight(be, "wo", w.get(Param::Wo(l)))?;
-            k.ffn_fwd.write_weight(be, "w1", w.get(Param::W1(l)))?;
-            k.ffn_fwd.write_weight(be, "w3", w.get(Param::W3(l)))?;
-            k.ffn_fwd.write_weight(be, "w2", w.get(Param::W2(l)))?;
             let (done, rest) = self.acts.split_at_mut(l + 1);
             for b in 0..self.batch {
                 let a = &mut done[l][b];
@@ -377,15 +527,23 @@ impl Engine {
                         c.norm_eps,
                     )
                 });
-                k.attn_fwd.write(be, "xn", &a.xn)?;
-                k.attn_fwd.run(be)?;
-                k.attn_fwd.read(be, "attn", &mut a.attn)?;
-                k.attn_fwd.read(be, "q_rope", &mut a.q_rope)?;
-                k.attn_fwd.read(be, "k_rope", &mut a.k_rope)?;
-                k.attn_fwd.read(be, "v", &mut a.v)?;
-                k.wo_fwd.write(be, "attn", &a.attn)?;
-                k.wo_fwd.run(be)?;
-                k.wo_fwd.read(be, "o", &mut a.x2)?;
+                k.attn_fwd
+                    .call()
+                    .weight("wq", w.get(Param::Wq(l)))
+                    .weight("wk", w.get(Param::Wk(l)))
+                    .weight("wv", w.get(Param::Wv(l)))
+                    .input("xn", &a.xn)
+                    .output("attn", &mut a.attn)
+                    .output("q_rope", &mut a.q_rope)
+                    .output("k_rope", &mut a.k_rope)
+                    .output("v", &mut a.v)
+                    .run(be)?;
+                k.wo_fwd
+                    .call()
+                    .weight("wo", w.get(Param::Wo(l)))
+                    .input("attn", &a.attn)
+                    .output("o", &mut a.x2)
+                    .run(be)?;
                 for (x2, x) in a.x2.iter_mut().zip(&a.x) {
                     *x2 += x;
                 }
@@ -398,16 +556,21 @@ impl Engine {
                         c.norm_eps,
                     )
                 });
-                k.ffn_fwd.write(be, "x2n", &a.x2n)?;
-                k.ffn_fwd.run(be)?;
-                k.ffn_fwd.read(be, "h1", &mut a.h1)?;
-                k.ffn_fwd.read(be, "h3", &mut a.h3)?;
-                k.ffn_fwd.read(be, "gate", &mut a.gate)?;
                 let out = match rest.first_mut() {
                     Some(next) => &mut next[b].x,
                     None => &mut self.x_final[b],
                 };
-                k.ffn_fwd.read(be, "ffn", out)?;
+                k.ffn_fwd
+                    .call()
+                    .weight("w1", w.get(Param::W1(l)))
+                    .weight("w3", w.get(Param::W3(l)))
+                    .weight("w2", w.get(Param::W2(l)))
+                    .input("x2n", &a.x2n)
+                    .output("h1", &mut a.h1)
+                    .output("h3", &mut a.h3)
+                    .output("gate", &mut a.gate)
+                    .output("ffn", out)
+                    .run(be)?;
                 for (o, x2) in out.iter_mut().zip(&a.x2) {
                     *o += x2;
                 }
@@ -536,20 +699,16 @@ impl Engine {
         let mut dxn = reuse(&mut sc.dxn, d * seq);
         let mut dxn_kv = reuse(&mut sc.dxn_kv, d * seq);
         for l in (0..c.n_layers).rev() {
-            k.ffn_bwd_w2.write_weight(be, "w2", w.get(Param::W2(l)))?;
-            k.ffn_bwd_w13.write_weight(be, "w1", w.get(Param::W1(l)))?;
-            k.ffn_bwd_w13.write_weight(be, "w3", w.get(Param::W3(l)))?;
-            k.wo_bwd.write_weight(be, "wo", w.get(Param::Wo(l)))?;
-            k.q_bwd.write_weight(be, "wq", w.get(Param::Wq(l)))?;
-            k.kv_bwd.write_weight(be, "wk", w.get(Param::Wk(l)))?;
-            k.kv_bwd.write_weight(be, "wv", w.get(Param::Wv(l)))?;
             for b in 0..self.batch {
                 let a = &self.acts[l][b];
                 // x_out = x2 + W2 gate: dffn = dx; dx2 starts as dx.
                 let dffn = &dx[b];
-                k.ffn_bwd_w2.write(be, "dffn", dffn)?;
-                k.ffn_bwd_w2.run(be)?;
-                k.ffn_bwd_w2.read(be, "dgate", &mut dgate)?;
+                k.ffn_bwd_w2
+                    .call()
+                    .weight("w2", w.get(Param::W2(l)))
+                    .input("dffn", dffn)
+                    .output("dgate", &mut dgate)
+                    .run(be)?;
                 self.profile.time("dW gemm", || {
                     gemm(
                         grads.get_mut(Param::W2(l)),
@@ -561,13 +720,17 @@ impl Engine {
                         true,
                     )
                 });
-                k.ffn_bwd_w13.write(be, "dgate", &dgate)?;
-                k.ffn_bwd_w13.write(be, "h1", &a.h1)?;
-                k.ffn_bwd_w13.write(be, "h3", &a.h3)?;
-                k.ffn_bwd_w13.run(be)?;
-                k.ffn_bwd_w13.read(be, "dx2n", &mut dx2n)?;
-                k.ffn_bwd_w13.read(be, "dh1", &mut dh1)?;
-                k.ffn_bwd_w13.read(be, "dh3", &mut dh3)?;
+                k.ffn_bwd_w13
+                    .call()
+                    .weight("w1", w.get(Param::W1(l)))
+                    .weight("w3", w.get(Param::W3(l)))
+                    .input("dgate", &dgate)
+                    .input("h1", &a.h1)
+                    .input("h3", &a.h3)
+                    .output("dx2n", &mut dx2n)
+                    .output("dh1", &mut dh1)
+                    .output("dh3", &mut dh3)
+                    .run(be)?;
                 self.profile.time("dW gemm", || {
                     gemm(
                         grads.get_mut(Param::W1(l)),
@@ -603,9 +766,12 @@ impl Engine {
                     )
                 });
                 let dx2 = &dx[b];
-                k.wo_bwd.write(be, "dx2", dx2)?;
-                k.wo_bwd.run(be)?;
-                k.wo_bwd.read(be, "dattn", &mut dattn)?;
+                k.wo_bwd
+                    .call()
+                    .weight("wo", w.get(Param::Wo(l)))
+                    .input("dx2", dx2)
+                    .output("dattn", &mut dattn)
+                    .run(be)?;
                 self.profile.time("dW gemm", || {
                     gemm(
                         grads.get_mut(Param::Wo(l)),
@@ -617,14 +783,16 @@ impl Engine {
                         true,
                     )
                 });
-                k.attn_bwd.write(be, "q_rope", &a.q_rope)?;
-                k.attn_bwd.write(be, "k_rope", &a.k_rope)?;
-                k.attn_bwd.write(be, "v", &a.v)?;
-                k.attn_bwd.write(be, "dattn", &dattn)?;
-                k.attn_bwd.run(be)?;
-                k.attn_bwd.read(be, "dq", &mut dq)?;
-                k.attn_bwd.read(be, "dk", &mut dk)?;
-                k.attn_bwd.read(be, "dv", &mut dv)?;
+                k.attn_bwd
+                    .call()
+                    .input("q_rope", &a.q_rope)
+                    .input("k_rope", &a.k_rope)
+                    .input("v", &a.v)
+                    .input("dattn", &dattn)
+                    .output("dq", &mut dq)
+                    .output("dk", &mut dk)
+                    .output("dv", &mut dv)
+                    .run(be)?;
                 self.profile.time("dW gemm", || {
                     gemm(
                         grads.get_mut(Param::Wq(l)),
@@ -658,13 +826,20 @@ impl Engine {
                         true,
                     )
                 });
-                k.q_bwd.write(be, "dq", &dq)?;
-                k.q_bwd.run(be)?;
-                k.q_bwd.read(be, "dxn", &mut dxn)?;
-                k.kv_bwd.write(be, "dk", &dk)?;
-                k.kv_bwd.write(be, "dv", &dv)?;
-                k.kv_bwd.run(be)?;
-                k.kv_bwd.read(be, "dxn", &mut dxn_kv)?;
+                k.q_bwd
+                    .call()
+                    .weight("wq", w.get(Param::Wq(l)))
+                    .input("dq", &dq)
+                    .output("dxn", &mut dxn)
+                    .run(be)?;
+                k.kv_bwd
+                    .call()
+                    .weight("wk", w.get(Param::Wk(l)))
+                    .weight("wv", w.get(Param::Wv(l)))
+                    .input("dk", &dk)
+                    .input("dv", &dv)
+                    .output("dxn", &mut dxn_kv)
+                    .run(be)?;
                 for (a, b) in dxn.iter_mut().zip(&dxn_kv) {
                     *a += b;
                 }

@@ -64,14 +64,22 @@ impl AdamW {
                 &mut state.v[range.clone()],
                 &grad[range],
             );
+            let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
+            let (keep, one_minus_b1, one_minus_b2) = (1.0 - lr * decay, 1.0 - beta1, 1.0 - beta2);
             let update = |(((w, m), v), g): Chunks| {
-                for i in 0..w.len() {
-                    w[i] *= 1.0 - lr * decay;
-                    m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
-                    v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
-                    let denom = v[i].sqrt() / bias2_sqrt + self.eps;
-                    w[i] -= step_size * m[i] / denom;
-                }
+                crate::math::simd(
+                    #[inline(always)]
+                    || {
+                        let each = w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g);
+                        for (((w, m), v), &g) in each {
+                            *w *= keep;
+                            *m = beta1 * *m + one_minus_b1 * g;
+                            *v = beta2 * *v + one_minus_b2 * g * g;
+                            let denom = v.sqrt() / bias2_sqrt + eps;
+                            *w -= step_size * *m / denom;
+                        }
+                    },
+                )
             };
             // Elementwise, so splitting across threads changes no result.
             w.par_chunks_mut(CHUNK)
@@ -120,7 +128,12 @@ const CHUNK: usize = 1 << 15;
 pub fn global_norm(grad: &[f32]) -> f64 {
     let partial: Vec<f64> = grad
         .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+        .map(|c| {
+            crate::math::simd(
+                #[inline(always)]
+                || crate::math::sum_squares_f64(c),
+            )
+        })
         .collect();
     partial.iter().sum::<f64>().sqrt()
 }
@@ -132,8 +145,12 @@ pub fn clip_grad_norm(grad: &mut [f32], max_norm: f32) -> f64 {
     let norm = global_norm(grad);
     if max_norm > 0.0 && norm > max_norm as f64 {
         let factor = (max_norm as f64 / (norm + 1e-6)) as f32;
-        grad.par_chunks_mut(CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|g| *g *= factor));
+        grad.par_chunks_mut(CHUNK).for_each(|c| {
+            crate::math::simd(
+                #[inline(always)]
+                || c.iter_mut().for_each(|g| *g *= factor),
+            )
+        });
     }
     norm
 }

@@ -48,24 +48,34 @@ fn run(
 ) -> Vec<(String, Vec<f32>)> {
     let mut backend = CpuBackend::new(precision);
     let k = Kernel::new(&mut backend, spec.clone()).unwrap();
+    // Runtime weights as separate inputs go straight to the backend; packed
+    // slots go through the kernel's buffers.
+    let packed = spec
+        .inputs
+        .iter()
+        .chain(&spec.outputs)
+        .any(|s| s.row != 0 || s.col != 0 || s.kind == SlotKind::Weight { transposed: true });
+    assert_eq!(k.direct(), !packed, "{}", spec.name);
+    let mut outs: Vec<(String, Vec<f32>)> = spec
+        .outputs
+        .iter()
+        .map(|s| (s.name.clone(), vec![f32::NAN; s.rows * s.cols]))
+        .collect();
+    let mut call = k.call();
     for (name, data) in inputs {
         if !spec.inputs.iter().any(|s| s.name == *name) {
             continue; // baked weights are not inputs
         }
-        match spec.input(name).kind {
-            SlotKind::Activation => k.write(&mut backend, name, data).unwrap(),
-            SlotKind::Weight { .. } => k.write_weight(&mut backend, name, data).unwrap(),
-        }
+        call = match spec.input(name).kind {
+            SlotKind::Activation => call.input(name, data),
+            SlotKind::Weight { .. } => call.weight(name, data),
+        };
     }
-    k.run(&mut backend).unwrap();
-    spec.outputs
-        .iter()
-        .map(|s| {
-            let mut out = vec![0.0; s.rows * s.cols];
-            k.read(&backend, &s.name, &mut out).unwrap();
-            (s.name.clone(), out)
-        })
-        .collect()
+    for (name, out) in outs.iter_mut() {
+        call = call.output(name, out);
+    }
+    call.run(&mut backend).unwrap();
+    outs
 }
 
 fn output<'a>(outs: &'a [(String, Vec<f32>)], name: &str) -> &'a [f32] {

@@ -57,8 +57,8 @@ pub(super) enum Kernel {
 impl Kernel {
     /// Compute the results from the operand values (in parameter order) into
     /// `outs`, overwriting every element.
-    fn run(&self, args: &[&[f32]], outs: &mut [Vec<f32>]) {
-        let out = &mut outs[0];
+    fn run(&self, args: &[&[f32]], outs: &mut [&mut [f32]]) {
+        let out = &mut *outs[0];
         match self {
             Kernel::Copy => unreachable!("reshapes alias their operand and never run"),
             Kernel::Unary(k) => k.run(args[0], out),
@@ -105,6 +105,22 @@ enum Home {
     Constant(usize),
     Output(usize),
     Temp(usize),
+}
+
+/// A step's result while the kernel writes it: a temporary buffer or a
+/// caller's output, moved out of its home.
+enum Taken<'o> {
+    Temp(usize, Vec<f32>),
+    Output(usize, &'o mut [f32]),
+}
+
+impl Taken<'_> {
+    fn slice(&mut self) -> &mut [f32] {
+        match self {
+            Taken::Temp(_, v) => v,
+            Taken::Output(_, s) => s,
+        }
+    }
 }
 
 /// The temporary buffers of one plan, allocated on the first run and reused.
@@ -277,24 +293,24 @@ impl Plan {
         slot: Slot,
         inputs: &[&'v [f32]],
         temps: &'v [Vec<f32>],
-        outputs: &'v [Vec<f32>],
+        outputs: &'v [&mut [f32]],
     ) -> &'v [f32] {
         match self.homes[slot] {
             Home::Input(i) => inputs[i],
             Home::Constant(i) => &self.constants[i],
-            Home::Output(j) => &outputs[j],
+            Home::Output(j) => outputs[j],
             Home::Temp(t) => &temps[t],
         }
     }
 
     /// Run the plan on input values (one slice per function input, each of the
-    /// input's element count), writing every output into `outputs` (one vector
+    /// input's element count), writing every output into `outputs` (one slice
     /// per function output, each of the output's element count).
     pub(super) fn execute(
         &self,
         workspace: &mut Workspace,
         inputs: &[&[f32]],
-        outputs: &mut [Vec<f32>],
+        outputs: &mut [&mut [f32]],
     ) -> Result<()> {
         if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
             return Err(run_error(format!(
@@ -310,7 +326,7 @@ impl Plan {
                 inputs.iter().map(|d| d.len()).collect::<Vec<_>>(),
                 &self.inputs,
             ),
-            (outputs.iter().map(Vec::len).collect(), &self.outputs),
+            (outputs.iter().map(|o| o.len()).collect(), &self.outputs),
         ];
         for (lens, vars) in bound {
             for (len, var) in lens.into_iter().zip(vars.iter()) {
@@ -328,33 +344,35 @@ impl Plan {
             workspace.temps = self.temp_sizes.iter().map(|&n| vec![0.0; n]).collect();
         }
         let temps = &mut workspace.temps;
-        let mut taken: Vec<Vec<f32>> = Vec::new();
         let profiling = super::profile::enabled();
         for step in &self.steps {
             let start = profiling.then(std::time::Instant::now);
-            for &slot in &step.results {
-                taken.push(match self.homes[slot] {
-                    Home::Temp(t) => std::mem::take(&mut temps[t]),
-                    Home::Output(j) => std::mem::take(&mut outputs[j]),
+            // Results move out of their homes while the kernel writes them.
+            let mut taken: Vec<Taken> = step
+                .results
+                .iter()
+                .map(|&slot| match self.homes[slot] {
+                    Home::Temp(t) => Taken::Temp(t, std::mem::take(&mut temps[t])),
+                    Home::Output(j) => Taken::Output(j, std::mem::take(&mut outputs[j])),
                     home => unreachable!("results live in temporaries or outputs, not {home:?}"),
-                });
-            }
+                })
+                .collect();
             {
                 let args: Vec<&[f32]> = step
                     .args
                     .iter()
                     .map(|&slot| self.value(slot, inputs, temps, outputs))
                     .collect();
-                step.kernel.run(&args, &mut taken);
+                let mut outs: Vec<&mut [f32]> = taken.iter_mut().map(Taken::slice).collect();
+                step.kernel.run(&args, &mut outs);
             }
-            for (&slot, mut data) in step.results.iter().zip(taken.drain(..)) {
+            for (&slot, mut data) in step.results.iter().zip(taken) {
                 if self.rounds(&self.slot_types[slot]) {
-                    elementwise::round_to_fp16(&mut data);
+                    elementwise::round_to_fp16(data.slice());
                 }
-                match self.homes[slot] {
-                    Home::Temp(t) => temps[t] = data,
-                    Home::Output(j) => outputs[j] = data,
-                    _ => unreachable!(),
+                match data {
+                    Taken::Temp(t, v) => temps[t] = v,
+                    Taken::Output(j, s) => outputs[j] = s,
                 }
             }
             if let Some(start) = start {
@@ -362,11 +380,23 @@ impl Plan {
             }
         }
         for &(slot, j) in &self.output_copies {
-            let mut out = std::mem::take(&mut outputs[j]);
+            let out = std::mem::take(&mut outputs[j]);
             out.copy_from_slice(self.value(slot, inputs, temps, outputs));
             outputs[j] = out;
         }
         Ok(())
+    }
+
+    /// [`Plan::execute`] into vectors (one per function output, each of the
+    /// output's element count).
+    pub(super) fn execute_into(
+        &self,
+        workspace: &mut Workspace,
+        inputs: &[&[f32]],
+        outputs: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let mut outs: Vec<&mut [f32]> = outputs.iter_mut().map(Vec::as_mut_slice).collect();
+        self.execute(workspace, inputs, &mut outs)
     }
 
     /// Whether values of type `ty` are rounded to fp16 in this plan's precision.
@@ -921,7 +951,7 @@ mod tests {
             .iter()
             .map(|v| vec![f32::NAN; v.ty.numel()])
             .collect();
-        plan.execute(ws, inputs, &mut outs).unwrap();
+        plan.execute_into(ws, inputs, &mut outs).unwrap();
         outs
     }
 

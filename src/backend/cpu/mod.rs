@@ -125,7 +125,7 @@ pub fn run_program(
         .iter()
         .map(|v| vec![0.0; v.ty.numel()])
         .collect();
-    plan.execute(&mut Workspace::default(), &args, &mut outputs)?;
+    plan.execute_into(&mut Workspace::default(), &args, &mut outputs)?;
     Ok(plan
         .outputs
         .iter()
@@ -311,10 +311,37 @@ impl Backend for CpuBackend {
             .iter()
             .map(|id| self.buffers[id.0].data.as_slice())
             .collect();
-        let result = plan.execute(workspace, &args, &mut results);
+        let result = plan.execute_into(workspace, &args, &mut results);
         for (id, data) in outputs.iter().zip(results) {
             self.buffers[id.0].data = data;
         }
         result
+    }
+
+    /// Runs the plan straight on the caller's arrays when every input and
+    /// output is fp32 (nothing to convert); otherwise declines.
+    fn run_host(
+        &mut self,
+        kernel: KernelId,
+        inputs: &[&[f32]],
+        outputs: &mut [&mut [f32]],
+    ) -> Result<bool> {
+        let compiled = self
+            .kernels
+            .get_mut(kernel.0)
+            .ok_or_else(|| backend_error("run", format!("unknown kernel {}", kernel.0)))?;
+        let info = &compiled.info;
+        if info
+            .inputs
+            .iter()
+            .chain(&info.outputs)
+            .any(|v| v.ty.dtype != DType::Fp32)
+        {
+            return Ok(false);
+        }
+        compiled
+            .plan
+            .execute(&mut compiled.workspace, inputs, outputs)?;
+        Ok(true)
     }
 }

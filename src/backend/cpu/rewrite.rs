@@ -272,7 +272,7 @@ mod tests {
             .iter()
             .map(|v| vec![0.0; v.ty.numel()])
             .collect();
-        plan.execute(&mut Workspace::default(), &args, &mut outs)
+        plan.execute_into(&mut Workspace::default(), &args, &mut outs)
             .unwrap();
         outs
     }
