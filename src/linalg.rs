@@ -3,6 +3,7 @@
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 /// Parallelism for large products: all rayon threads (`RAYON_NUM_THREADS` /
 /// `--threads`); small ones run on the calling thread.
@@ -12,6 +13,65 @@ fn par_for(m: usize, n: usize, k: usize) -> Par {
     } else {
         Par::rayon(0)
     }
+}
+
+/// `dst (cols x rows) = src (rows x cols)^T`, both row-major, in 32 x 32 tiles
+/// so that reads and writes both stay within a few cache lines; parallel over
+/// bands of result rows.
+pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    debug_assert_eq!(src.len(), rows * cols);
+    debug_assert_eq!(dst.len(), rows * cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let band = |(b, out): (usize, &mut [f32])| {
+        let c0 = b * TILE;
+        let width = out.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            for c in 0..width {
+                let row = &mut out[c * rows + r0..][..TILE.min(rows - r0)];
+                for (i, d) in row.iter_mut().enumerate() {
+                    *d = src[(r0 + i) * cols + c0 + c];
+                }
+            }
+        }
+    };
+    if src.len() >= 1 << 16 {
+        dst.par_chunks_mut(TILE * rows).enumerate().for_each(band);
+    } else {
+        dst.chunks_mut(TILE * rows).enumerate().for_each(band);
+    }
+}
+
+/// Products at least this large whose left operand is stored transposed copy it
+/// to row-major first: faer runs them 20-30 % slower than the row-major form
+/// (768x2048x512 on Zen 3: 103 against 129 GFLOP/s), and the copy costs less
+/// than the difference.
+const ROW_MAJOR_LHS_FLOPS: usize = 1 << 24;
+
+thread_local! {
+    /// The row-major copy of a transposed left operand, reused between products.
+    static LHS_ROW_MAJOR: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Call `f` with the left operand of an `m x k` by `k x n` product as a
+/// row-major `m x k` slice: `a` itself unless it is stored transposed (`k x m`,
+/// `a_t`) and the product is large, then a copy in a reused buffer.
+pub(crate) fn with_row_major_lhs<R>(
+    a: &[f32],
+    a_t: bool,
+    (m, k, n): (usize, usize, usize),
+    f: impl FnOnce(&[f32], bool) -> R,
+) -> R {
+    if !a_t || m * k * n < ROW_MAJOR_LHS_FLOPS {
+        return f(a, a_t);
+    }
+    LHS_ROW_MAJOR.with_borrow_mut(|scratch| {
+        scratch.resize(m * k, 0.0);
+        transpose_into(a, k, m, scratch);
+        f(scratch, false)
+    })
 }
 
 /// A row-major matrix operand, optionally transposed: `a` is `rows x cols` as
@@ -63,6 +123,11 @@ pub fn gemm(
     alpha: f32,
     accumulate: bool,
 ) {
+    if a.t && a.rows * a.cols * nc >= ROW_MAJOR_LHS_FLOPS {
+        return with_row_major_lhs(a.data, true, (m, a.rows, nc), |a_rm, _| {
+            gemm(c, m, nc, n(a_rm, m, a.rows), b, alpha, accumulate)
+        });
+    }
     let (a, b) = (a.view(), b.view());
     assert_eq!(
         (a.nrows(), b.ncols(), a.ncols()),
@@ -92,6 +157,24 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn transpose_into_matches_the_definition() {
+        for (rows, cols) in [(3, 5), (70, 33), (1, 40), (300, 257)] {
+            let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            let mut dst = vec![0.0; rows * cols];
+            transpose_into(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

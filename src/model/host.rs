@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{gemm, t};
+use crate::linalg::{gemm, n, t};
 
 /// `x (C, T)[c, t] = embedding (V, C)[tokens[t], c]`.
 pub fn embedding_forward(x: &mut [f32], embedding: &[f32], tokens: &[u32], dim: usize) {
@@ -117,15 +117,19 @@ pub fn classifier_backward(
 ) {
     let vocab = classifier.len() / dim;
     let seq = xf.len() / dim;
+    // dxf^T (T, C) = dlogits E with both operands row-major (the fast form for
+    // a vocabulary-sized inner dimension), then transposed into place.
+    let mut dxf_t = vec![0.0; seq * dim];
     gemm(
-        dxf,
-        dim,
+        &mut dxf_t,
         seq,
-        t(classifier, vocab, dim),
-        t(dlogits, seq, vocab),
+        dim,
+        n(dlogits, seq, vocab),
+        n(classifier, vocab, dim),
         1.0,
         false,
     );
+    crate::linalg::transpose_into(&dxf_t, seq, dim, dxf);
     gemm(
         d_classifier,
         vocab,

@@ -18,17 +18,6 @@ const PAR_FLOPS: usize = 1 << 18;
 /// one product per task rather than each product over all threads.
 const BATCH_PAR_FLOPS: usize = 1 << 26;
 
-/// Products at least this large whose left operand is stored transposed copy it
-/// to row-major first: faer runs them 20-30 % slower than the row-major form
-/// (768x2048x512 on Zen 3: 103 against 129 GFLOP/s), and the copy costs far
-/// less than the difference.
-const TRANSPOSE_A_FLOPS: usize = 1 << 24;
-
-thread_local! {
-    /// The row-major copy of a transposed left operand, reused between products.
-    static A_ROW_MAJOR: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 fn par_for(flops: usize) -> Par {
     if flops >= PAR_FLOPS {
         Par::rayon(0)
@@ -49,13 +38,24 @@ fn gemm(
     (m, k, n): (usize, usize, usize),
     par: Par,
 ) {
-    if a_t && m * k * n >= TRANSPOSE_A_FLOPS && !matches!(par, Par::Seq) {
-        return A_ROW_MAJOR.with_borrow_mut(|scratch| {
-            scratch.resize(m * k, 0.0);
-            super::shape::transpose_into(a, k, m, scratch);
-            gemm(out, scratch, false, b, b_t, (m, k, n), par)
+    if a_t && !matches!(par, Par::Seq) {
+        return crate::linalg::with_row_major_lhs(a, a_t, (m, k, n), |a, a_t| {
+            gemm_views(out, a, a_t, b, b_t, (m, k, n), par)
         });
     }
+    gemm_views(out, a, a_t, b, b_t, (m, k, n), par)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_views(
+    out: &mut [f32],
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    (m, k, n): (usize, usize, usize),
+    par: Par,
+) {
     let lhs = if a_t {
         MatRef::from_row_major_slice(a, k, m).transpose()
     } else {

@@ -106,35 +106,6 @@ impl View {
     }
 }
 
-/// `dst (cols x rows) = src (rows x cols)^T`, both row-major, in 32 x 32 tiles
-/// so that reads and writes both stay within a few cache lines; parallel over
-/// bands of result rows.
-pub(super) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const TILE: usize = 32;
-    debug_assert_eq!(src.len(), rows * cols);
-    debug_assert_eq!(dst.len(), rows * cols);
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    let band = |(b, out): (usize, &mut [f32])| {
-        let c0 = b * TILE;
-        let width = out.len() / rows;
-        for r0 in (0..rows).step_by(TILE) {
-            for c in 0..width {
-                let row = &mut out[c * rows + r0..][..TILE.min(rows - r0)];
-                for (i, d) in row.iter_mut().enumerate() {
-                    *d = src[(r0 + i) * cols + c0 + c];
-                }
-            }
-        }
-    };
-    if src.len() >= PAR_MIN {
-        dst.par_chunks_mut(TILE * rows).enumerate().for_each(band);
-    } else {
-        dst.chunks_mut(TILE * rows).enumerate().for_each(band);
-    }
-}
-
 /// Elements per task of the data-movement loops.
 const ROW_BLOCK: usize = 1 << 12;
 
@@ -420,24 +391,6 @@ mod tests {
         assert_eq!(out, [1.0, 3.0, 5.0]);
         // An empty view stays empty.
         assert_eq!(View::new(vec![2, 0, 3], vec![0, 3, 1], 0).numel(), 0);
-    }
-
-    #[test]
-    fn transpose_into_matches_the_definition() {
-        for (rows, cols) in [(3, 5), (70, 33), (1, 40), (300, 257)] {
-            let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
-            let mut dst = vec![0.0; rows * cols];
-            transpose_into(&src, rows, cols, &mut dst);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(
-                        dst[c * rows + r],
-                        src[r * cols + c],
-                        "{rows}x{cols} at ({r}, {c})"
-                    );
-                }
-            }
-        }
     }
 
     #[test]
