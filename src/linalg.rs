@@ -145,6 +145,36 @@ pub fn gemm(
     matmul(dst, accum, a, b, alpha, par_for(m, nc, k));
 }
 
+/// Like [`gemm`], but `c` is stored transposed: `c` holds the `m x n` result
+/// as `n x m` row-major (column-major `m x n`). For products whose natural
+/// left operand is a transposed activation, this form keeps both operands
+/// row-major and needs no copy.
+pub fn gemm_transposed_out(
+    c: &mut [f32],
+    m: usize,
+    nc: usize,
+    a: Operand,
+    b: Operand,
+    alpha: f32,
+    accumulate: bool,
+) {
+    let (a, b) = (a.view(), b.view());
+    assert_eq!(
+        (a.nrows(), b.ncols(), a.ncols()),
+        (m, nc, b.nrows()),
+        "gemm shapes"
+    );
+    assert_eq!(c.len(), m * nc, "gemm output size");
+    let k = a.ncols();
+    let dst = MatMut::from_column_major_slice_mut(c, m, nc);
+    let accum = if accumulate {
+        Accum::Add
+    } else {
+        Accum::Replace
+    };
+    matmul(dst, accum, a, b, alpha, par_for(m, nc, k));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +224,14 @@ mod tests {
         gemm(&mut c, m, nn, n(&a, m, k), n(&b, k, nn), 1.0, false);
         for i in 0..m * nn {
             assert!((c[i] - want[i]).abs() < 1e-5);
+        }
+        // The result stored transposed (nn x m), accumulated.
+        let mut ct = vec![1.0; m * nn];
+        gemm_transposed_out(&mut ct, m, nn, n(&a, m, k), n(&b, k, nn), 2.0, true);
+        for i in 0..m {
+            for j in 0..nn {
+                assert!((ct[j * m + i] - (1.0 + 2.0 * want[i * nn + j])).abs() < 1e-5);
+            }
         }
     }
 }

@@ -130,12 +130,13 @@ pub fn classifier_backward(
         false,
     );
     crate::linalg::transpose_into(&dxf_t, seq, dim, dxf);
-    gemm(
+    // dE^T (C, V) += xf dlogits, both row-major, into dE's storage (V, C).
+    crate::linalg::gemm_transposed_out(
         d_classifier,
-        vocab,
         dim,
-        t(dlogits, seq, vocab),
-        t(xf, dim, seq),
+        vocab,
+        n(xf, dim, seq),
+        n(dlogits, seq, vocab),
         1.0,
         true,
     );
@@ -146,40 +147,63 @@ pub fn classifier_backward(
 /// `scale * (softmax - onehot)`, the gradient of `scale * summed loss`.
 pub fn cross_entropy(logits: &mut [f32], targets: &[u32], scale: f32) -> f64 {
     let vocab = logits.len() / targets.len();
+    // One loss per position, summed in order afterwards: the result does not
+    // depend on how rayon splits the rows.
+    let mut losses = vec![0.0f64; targets.len()];
     logits
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
-        .map(|(row, &target)| {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0.0f64;
-            for v in row.iter_mut() {
-                *v = crate::math::exp(*v - max);
-                sum += *v as f64;
-            }
-            let target_p = row[target as usize] as f64 / sum;
-            let inv = (1.0 / sum) as f32;
-            for v in row.iter_mut() {
-                *v *= inv * scale;
-            }
-            row[target as usize] -= scale;
-            -target_p.ln()
-        })
-        .sum()
+        .zip(losses.par_iter_mut())
+        .for_each(|((row, &target), loss)| {
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    let max = crate::math::max(row);
+                    for v in row.iter_mut() {
+                        *v = crate::math::exp(*v - max);
+                    }
+                    let sum = crate::math::sum_f64(row);
+                    let target_p = row[target as usize] as f64 / sum;
+                    let factor = (1.0 / sum) as f32 * scale;
+                    for v in row.iter_mut() {
+                        *v *= factor;
+                    }
+                    row[target as usize] -= scale;
+                    *loss = -target_p.ln();
+                },
+            )
+        });
+    losses.iter().sum()
 }
 
 /// Log-probabilities are not needed for training; evaluation uses the loss only.
 /// Mean loss of `logits (T, V)` against `targets` without touching the logits.
 pub fn cross_entropy_loss(logits: &[f32], targets: &[u32]) -> f64 {
     let vocab = logits.len() / targets.len();
+    let mut losses = vec![0.0f64; targets.len()];
     logits
         .par_chunks(vocab)
         .zip(targets.par_iter())
-        .map(|(row, &target)| {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = row.iter().map(|&v| crate::math::exp(v - max) as f64).sum();
-            sum.ln() + max as f64 - row[target as usize] as f64
-        })
-        .sum::<f64>()
+        .zip(losses.par_iter_mut())
+        .for_each(|((row, &target), loss)| {
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    let max = crate::math::max(row);
+                    let mut buf = [0.0f32; 256];
+                    let mut sum = 0.0f64;
+                    for chunk in row.chunks(buf.len()) {
+                        let e = &mut buf[..chunk.len()];
+                        for (e, &v) in e.iter_mut().zip(chunk) {
+                            *e = crate::math::exp(v - max);
+                        }
+                        sum += crate::math::sum_f64(e);
+                    }
+                    *loss = sum.ln() + max as f64 - row[target as usize] as f64;
+                },
+            )
+        });
+    losses.iter().sum()
 }
 
 #[cfg(test)]

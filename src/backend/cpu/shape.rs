@@ -238,6 +238,12 @@ impl Concat {
             for (i, dst) in dst.chunks_mut(block).enumerate() {
                 let o = t * blocks_per_task + i;
                 match self.interleave {
+                    // Single elements (RoPE's pairs): plain stores, no copy calls.
+                    None if self.parts.iter().all(|&p| p == 1) => {
+                        for (d, src) in dst.iter_mut().zip(args) {
+                            *d = src[o];
+                        }
+                    }
                     None => {
                         let mut at = 0;
                         for (src, &part) in args.iter().zip(&self.parts) {
@@ -404,6 +410,14 @@ mod tests {
         let mut out = [0.0; 6];
         cat.run(&[&[0., 1., 2., 3.], &[10., 11.]], &mut out);
         assert_eq!(out, [0., 1., 10., 2., 3., 11.]);
+        // Pairs from single elements: [[0],[1],[2]] and [[10],[11],[12]] along axis 1.
+        let pairs = Concat {
+            outer: 3,
+            parts: vec![1, 1],
+            interleave: None,
+        };
+        pairs.run(&[&[0., 1., 2.], &[10., 11., 12.]], &mut out);
+        assert_eq!(out, [0., 10., 1., 11., 2., 12.]);
         // Interleaving a = [0,1,2] and b = [10,11,12] one element at a time.
         let cat = Concat {
             outer: 1,
