@@ -285,6 +285,7 @@ fn train_step_reports_flops_phases_and_losses() {
             "2",
             "--warmup",
             "1",
+            "--ops",
             "--json",
         ])
         .arg(&path)
@@ -298,6 +299,22 @@ fn train_step_reports_flops_phases_and_losses() {
     );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     std::fs::remove_file(&path).unwrap();
+    // The op profile counts every plan step. Matrix products per layer and
+    // sequence: attn_fwd 3 projections + QK^T + PV, wo_fwd 1, ffn_fwd 3,
+    // ffn_bwd_w2 1, ffn_bwd_w13 2, wo_bwd 1, attn_bwd QK^T + dV + dP + dQ + dK
+    // (its recomputed PV is dead and dropped), q_bwd 1, kv_bwd 2: 21, times 4
+    // layers and 2 sequences = 168 per step.
+    let ops = r["ops"].as_array().unwrap();
+    let calls = |prefix: &str| -> f64 {
+        ops.iter()
+            .filter(|o| o["label"].as_str().unwrap().starts_with(prefix))
+            .map(|o| o["calls_per_step"].as_f64().unwrap())
+            .sum()
+    };
+    assert_eq!(calls("matmul"), 168.0, "{ops:?}");
+    // One fused masked softmax per attention kernel: 2 x 4 layers x 2 sequences.
+    assert_eq!(calls("softmax(x*s+mask)"), 16.0);
+    assert!(stdout.contains("CPU plan steps (top"), "{stdout}");
     // tiny: dim 192, 4 layers, FFN 512, vocab 1024. Per token forward:
     // 2 * (4 * (4 * 192^2 + 3 * 192 * 512) + 1024 * 192) = 2 * 1,966,080 = 3,932,160
     // plus attention 4 * 32 * 192 * 4 layers = 98,304; training x3, 64 tokens:

@@ -355,3 +355,22 @@ fn rope_tables_and_mask_are_hand_checked() {
         vec![0.0, -65504.0, -65504.0, 0.0, 0.0, -65504.0, 0.0, 0.0, 0.0]
     );
 }
+
+#[test]
+fn a_call_with_an_unbound_slot_names_it() {
+    let c = config();
+    let spec = kernels::wo_fwd(&c, T, opts(WeightMode::Inputs), &baked).unwrap();
+    let mut backend = CpuBackend::new(Precision::Fp32);
+    let k = Kernel::new(&mut backend, spec).unwrap();
+    let attn = vec![0.0; c.q_dim() * T];
+    let err = k
+        .call()
+        .input("attn", &attn)
+        .run(&mut backend)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kernel wo_fwd: nothing bound to wo, o"),
+        "{err}"
+    );
+}
