@@ -128,21 +128,7 @@ pub fn gemm(
             gemm(c, m, nc, n(a_rm, m, a.rows), b, alpha, accumulate)
         });
     }
-    let (a, b) = (a.view(), b.view());
-    assert_eq!(
-        (a.nrows(), b.ncols(), a.ncols()),
-        (m, nc, b.nrows()),
-        "gemm shapes"
-    );
-    assert_eq!(c.len(), m * nc, "gemm output size");
-    let k = a.ncols();
-    let dst = MatMut::from_row_major_slice_mut(c, m, nc);
-    let accum = if accumulate {
-        Accum::Add
-    } else {
-        Accum::Replace
-    };
-    matmul(dst, accum, a, b, alpha, par_for(m, nc, k));
+    product(c, false, m, nc, a, b, alpha, accumulate);
 }
 
 /// Like [`gemm`], but `c` is stored transposed: `c` holds the `m x n` result
@@ -158,6 +144,21 @@ pub fn gemm_transposed_out(
     alpha: f32,
     accumulate: bool,
 ) {
+    product(c, true, m, nc, a, b, alpha, accumulate);
+}
+
+/// `c = alpha a b (+ c)` with `c` row-major, or column-major (`c_t`).
+#[allow(clippy::too_many_arguments)]
+fn product(
+    c: &mut [f32],
+    c_t: bool,
+    m: usize,
+    nc: usize,
+    a: Operand,
+    b: Operand,
+    alpha: f32,
+    accumulate: bool,
+) {
     let (a, b) = (a.view(), b.view());
     assert_eq!(
         (a.nrows(), b.ncols(), a.ncols()),
@@ -166,7 +167,11 @@ pub fn gemm_transposed_out(
     );
     assert_eq!(c.len(), m * nc, "gemm output size");
     let k = a.ncols();
-    let dst = MatMut::from_column_major_slice_mut(c, m, nc);
+    let dst = if c_t {
+        MatMut::from_column_major_slice_mut(c, m, nc)
+    } else {
+        MatMut::from_row_major_slice_mut(c, m, nc)
+    };
     let accum = if accumulate {
         Accum::Add
     } else {
