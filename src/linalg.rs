@@ -18,7 +18,7 @@ fn par_for(m: usize, n: usize, k: usize) -> Par {
 /// `dst (cols x rows) = src (rows x cols)^T`, both row-major, in 32 x 32 tiles
 /// so that reads and writes both stay within a few cache lines; parallel over
 /// bands of result rows.
-pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const TILE: usize = 32;
     debug_assert_eq!(src.len(), rows * cols);
     debug_assert_eq!(dst.len(), rows * cols);

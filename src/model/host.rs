@@ -118,10 +118,9 @@ pub fn classifier_backward(
     let vocab = classifier.len() / dim;
     let seq = xf.len() / dim;
     // dxf^T (T, C) = dlogits E with both operands row-major (the fast form for
-    // a vocabulary-sized inner dimension), then transposed into place.
-    let mut dxf_t = vec![0.0; seq * dim];
-    gemm(
-        &mut dxf_t,
+    // a vocabulary-sized inner dimension), stored transposed: straight into dxf.
+    crate::linalg::gemm_transposed_out(
+        dxf,
         seq,
         dim,
         n(dlogits, seq, vocab),
@@ -129,7 +128,6 @@ pub fn classifier_backward(
         1.0,
         false,
     );
-    crate::linalg::transpose_into(&dxf_t, seq, dim, dxf);
     // dE^T (C, V) += xf dlogits, both row-major, into dE's storage (V, C).
     crate::linalg::gemm_transposed_out(
         d_classifier,
