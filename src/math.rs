@@ -93,6 +93,29 @@ pub fn sum_f64(x: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// Sum of the `f32` products `a[i] * b[i]` accumulated in `f64`, in the lanes
+/// of [`sum_f64`] (the sum a `reduce_sum` of `mul(a, b)` computes).
+#[inline(always)]
+pub fn sum_products_f64(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [0.0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f64::from(x * y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += f64::from(x * y);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
 /// Sum of squares of `x` accumulated in `f64`, in four interleaved lanes.
 #[inline(always)]
 pub fn sum_squares_f64(x: &[f32]) -> f64 {

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{constant, elementwise, gemm, reduce, shape};
+use super::{attention, constant, elementwise, gemm, reduce, shape};
 use crate::backend::Precision;
 use crate::mil::op::ParamKind;
 use crate::mil::{Arg, DType, Literal, Op, Operation, Program, TensorType, Value, Var};
@@ -52,6 +52,14 @@ pub(super) enum Kernel {
     Matmul(gemm::Matmul),
     Conv(gemm::Conv),
     Attention(gemm::Attention),
+    /// Causal `softmax(Q K^T * scale + mask)` and its row extents (see [`attention`]).
+    CausalScores(attention::Scores),
+    /// Causal `softmax(Q K^T * scale + mask) V`, the probabilities never stored.
+    Attend(attention::Attend),
+    /// A product with causal probabilities (or their gradient) as one factor.
+    TriMatmul(attention::TriMatmul),
+    /// `P * (dP - rowsum(dP * P)) [* scale]` with `dP` a product, fused.
+    SoftmaxBackward(attention::SoftmaxBackward),
 }
 
 impl Kernel {
@@ -85,6 +93,15 @@ impl Kernel {
             Kernel::Matmul(k) => k.run(args[0], args[1], out),
             Kernel::Conv(k) => k.run(args[0], args[1], args.get(2).copied(), out),
             Kernel::Attention(k) => k.run(args[0], args[1], args[2], args.get(3).copied(), out),
+            Kernel::CausalScores(k) => {
+                let [p, ext] = outs else {
+                    unreachable!("causal scores have two results")
+                };
+                k.run(args[0], args[1], args[2], p, ext)
+            }
+            Kernel::Attend(k) => k.run(args[0], args[1], args[2], args[3], out),
+            Kernel::TriMatmul(k) => k.run(args[0], args[1], args[2], out),
+            Kernel::SoftmaxBackward(k) => k.run(args[0], args[1], args[2], args[3], out),
         }
     }
 }
@@ -166,10 +183,32 @@ impl Plan {
         weights: &BTreeMap<String, Vec<u8>>,
         precision: Precision,
     ) -> Result<Plan> {
+        Plan::build(program, weights, precision, true)
+    }
+
+    /// Compile `program` exactly as written, one step per operation: no
+    /// rewrites and no fusions (the reference the fused plans are tested against).
+    #[cfg(test)]
+    pub(super) fn lower_unfused(
+        program: &Program,
+        weights: &BTreeMap<String, Vec<u8>>,
+        precision: Precision,
+    ) -> Result<Plan> {
+        Plan::build(program, weights, precision, false)
+    }
+
+    fn build(
+        program: &Program,
+        weights: &BTreeMap<String, Vec<u8>>,
+        precision: Precision,
+        fuse: bool,
+    ) -> Result<Plan> {
         let func = &program.main;
         let mut b = PlanBuilder {
             weights,
             precision,
+            fuse,
+            tri: HashMap::new(),
             slots: HashMap::new(),
             literals: HashMap::new(),
             slot_types: Vec::new(),
@@ -285,6 +324,12 @@ impl Plan {
             output_copies,
             precision,
         })
+    }
+
+    /// The label of every step, in order (for tests of what fused).
+    #[cfg(test)]
+    pub(super) fn step_labels(&self) -> Vec<&str> {
+        self.steps.iter().map(|s| s.label.as_str()).collect()
     }
 
     /// The values of `slot` while running.
@@ -430,6 +475,10 @@ pub(super) fn use_counts(func: &crate::mil::Function) -> HashMap<&str, usize> {
 fn step_label(op: &Operation, kernel: &Kernel) -> String {
     let name = match kernel {
         Kernel::MaskedSoftmax(_) => "softmax(x*s+mask)".to_string(),
+        Kernel::CausalScores(_) => "causal softmax(Q.K^T*s+mask)".to_string(),
+        Kernel::Attend(_) => "causal attention softmax(Q.K^T*s+mask).V".to_string(),
+        Kernel::TriMatmul(k) => format!("matmul(causal P{})", if k.p_t { "^T" } else { "" }),
+        Kernel::SoftmaxBackward(_) => "softmax backward P*(dP-rowsum(dP*P))".to_string(),
         Kernel::Matmul(m) => format!("matmul{}", m.flags_label()),
         _ => op.op.to_string(),
     };
@@ -447,9 +496,62 @@ fn run_error(msg: String) -> Error {
     }
 }
 
+/// A value known to be zero beyond per-row extents (causal probabilities and
+/// their gradient), for the steps that consume it.
+#[derive(Clone, Debug)]
+struct Tri {
+    /// The hidden `[B, T]` tensor of row extents.
+    ext: Slot,
+    t: usize,
+    batches: usize,
+    /// For probabilities computed by a fused step: it, and its `q, k, mask` slots.
+    source: Option<(attention::Scores, [Slot; 3])>,
+}
+
+/// A fused step replacing an operation (and making the ones it absorbs dead).
+struct Fused {
+    kernel: Kernel,
+    args: Vec<Slot>,
+    /// A hidden second result (row extents) of this type.
+    hidden: Option<TensorType>,
+    /// How the result is zero beyond row extents: `Some(None)` means by the
+    /// hidden result (with the probabilities' source, if any).
+    tri: Option<TriOf>,
+}
+
+enum TriOf {
+    Hidden(Option<(attention::Scores, [Slot; 3])>),
+    Same(Tri),
+}
+
+impl Fused {
+    fn plain(kernel: Kernel, args: Vec<Slot>) -> Fused {
+        Fused {
+            kernel,
+            args,
+            hidden: None,
+            tri: None,
+        }
+    }
+}
+
+/// The operands of a `matmul` whose operands both have the batch dimensions of
+/// its result (no broadcasting): slots, transpose flags, and the batch count.
+struct MatmulParts {
+    x: Slot,
+    y: Slot,
+    tx: bool,
+    ty: bool,
+    batches: usize,
+}
+
 struct PlanBuilder<'p> {
     weights: &'p BTreeMap<String, Vec<u8>>,
     precision: Precision,
+    /// Whether to fuse op patterns into single steps.
+    fuse: bool,
+    /// Values zero beyond row extents, by slot.
+    tri: HashMap<Slot, Tri>,
     /// Tensor values by name (string constants have no slot).
     slots: HashMap<&'p str, Slot>,
     /// Values of `const` operations, for parameters that must be constant.
@@ -540,10 +642,20 @@ impl<'p> PlanBuilder<'p> {
             }
             _ => {
                 let kernel = lower_kernel(&self.ctx(op))?;
-                let (kernel, args) = match self.masked_softmax(op)? {
-                    Some(fused) => fused,
-                    None => (kernel, self.operand_slots(op)?),
+                let fused = match self.fuse {
+                    true => self.fused(op)?,
+                    false => None,
                 };
+                let fused = match fused {
+                    Some(f) => f,
+                    None => Fused::plain(kernel, self.operand_slots(op)?),
+                };
+                let Fused {
+                    kernel,
+                    args,
+                    hidden,
+                    tri,
+                } = fused;
                 for out in &op.outputs {
                     self.defs.insert(&out.name, op);
                 }
@@ -556,6 +668,25 @@ impl<'p> PlanBuilder<'p> {
                     let source = args[0];
                     self.alias_of[results[0]] = Some(self.alias_of[source].unwrap_or(source));
                     return Ok(());
+                }
+                if let Some(ty) = hidden {
+                    results.push(self.new_slot(ty));
+                }
+                match tri {
+                    Some(TriOf::Hidden(source)) => {
+                        let ty = &self.slot_types[results[1]];
+                        let tri = Tri {
+                            ext: results[1],
+                            batches: ty.shape[0],
+                            t: ty.shape[1],
+                            source,
+                        };
+                        self.tri.insert(results[0], tri);
+                    }
+                    Some(TriOf::Same(tri)) => {
+                        self.tri.insert(results[0], tri);
+                    }
+                    None => {}
                 }
                 let label = step_label(op, &kernel);
                 self.steps.push(Step {
@@ -574,6 +705,25 @@ impl<'p> PlanBuilder<'p> {
     /// used nowhere else: one pass over the scores instead of three (the
     /// `mul` and `add` steps become dead and are dropped).
     fn masked_softmax(&mut self, op: &'p Operation) -> Result<Option<(Kernel, Vec<Slot>)>> {
+        let Some((scores, mask, scale)) = self.masked_softmax_parts(op)? else {
+            return Ok(None);
+        };
+        let x = &self.slot_types[self.slots[scores]];
+        let rank = x.rank();
+        let round = self.precision == Precision::Fp16 && x.dtype == DType::Fp16;
+        let kernel = Kernel::MaskedSoftmax(reduce::MaskedSoftmax::new(
+            scale,
+            x.shape[rank - 1],
+            x.shape[rank - 2],
+            round,
+        ));
+        let args = vec![self.slots[scores], self.slots[mask]];
+        Ok(Some((kernel, args)))
+    }
+
+    /// The scores, mask and scale of a `softmax(x * scale + mask)` that
+    /// [`PlanBuilder::masked_softmax`] fuses.
+    fn masked_softmax_parts(&self, op: &'p Operation) -> Result<Option<(&'p str, &'p str, f32)>> {
         if op.op != Op::Softmax {
             return Ok(None);
         }
@@ -623,18 +773,299 @@ impl<'p> PlanBuilder<'p> {
             && m.shape[rank - 2..] == x.shape[rank - 2..]
             && m.shape[..rank - 2].iter().all(|&d| d == 1)
             && [add, mul, op].iter().all(|o| o.outputs[0].ty == *x);
-        if !fits {
+        Ok(fits.then_some((scores, mask, scale)))
+    }
+
+    /// The fused step for `op`, if it ends a pattern this builder fuses.
+    fn fused(&mut self, op: &'p Operation) -> Result<Option<Fused>> {
+        if let Some(f) = self.causal_scores(op)? {
+            return Ok(Some(f));
+        }
+        if let Some((kernel, args)) = self.masked_softmax(op)? {
+            return Ok(Some(Fused::plain(kernel, args)));
+        }
+        if let Some(f) = self.causal_product(op)? {
+            return Ok(Some(f));
+        }
+        self.softmax_backward(op)
+    }
+
+    /// Whether values of `ty` are computed without fp16 rounding (fusions
+    /// skip the roundings between the ops they merge, so only these fuse).
+    fn exact(&self, ty: &TensorType) -> bool {
+        ty.dtype == DType::Fp32 || self.precision == Precision::Fp32
+    }
+
+    fn var_of(op: &'p Operation, param: &str) -> Option<&'p str> {
+        match op.arg(param) {
+            Some(Arg::Var(name)) => Some(name.as_str()),
+            _ => None,
+        }
+    }
+
+    fn type_of(&self, name: &str) -> Option<&TensorType> {
+        self.slots.get(name).map(|&s| &self.slot_types[s])
+    }
+
+    /// The operands of `matmul` `op` if both are tensors with its result's batch
+    /// dimensions and rank.
+    fn matmul_parts(&self, op: &'p Operation) -> Result<Option<MatmulParts>> {
+        if op.op != Op::Matmul {
             return Ok(None);
         }
-        let round = self.precision == Precision::Fp16 && x.dtype == DType::Fp16;
-        let kernel = Kernel::MaskedSoftmax(reduce::MaskedSoftmax::new(
+        let (Some(x), Some(y)) = (Self::var_of(op, "x"), Self::var_of(op, "y")) else {
+            return Ok(None);
+        };
+        let (Some(&xs), Some(&ys)) = (self.slots.get(x), self.slots.get(y)) else {
+            return Ok(None);
+        };
+        let out = &op.outputs[0].ty;
+        let r = out.rank();
+        let same_batch = |t: &TensorType| t.rank() == r && t.shape[..r - 2] == out.shape[..r - 2];
+        if r < 2 || !same_batch(&self.slot_types[xs]) || !same_batch(&self.slot_types[ys]) {
+            return Ok(None);
+        }
+        let ctx = self.ctx(op);
+        Ok(Some(MatmulParts {
+            x: xs,
+            y: ys,
+            tx: ctx.flag("transpose_x")?.unwrap_or(false),
+            ty: ctx.flag("transpose_y")?.unwrap_or(false),
+            batches: out.shape[..r - 2].iter().product(),
+        }))
+    }
+
+    /// `softmax(matmul(q, k^T) * scale + mask)` with `mask` a constant whose
+    /// rows end in skippable columns (the causal mask): the probabilities,
+    /// computed blockwise without the skipped columns, and their row extents.
+    fn causal_scores(&mut self, op: &'p Operation) -> Result<Option<Fused>> {
+        let Some((scores, mask, scale)) = self.masked_softmax_parts(op)? else {
+            return Ok(None);
+        };
+        let x = &self.slot_types[self.slots[scores]];
+        let r = x.rank();
+        let t = x.shape[r - 1];
+        let Some(&mm) = self.defs.get(scores) else {
+            return Ok(None);
+        };
+        if x.shape[r - 2] != t || !self.exact(x) || self.uses.get(scores) != Some(&1) {
+            return Ok(None);
+        }
+        let Some(parts) = self.matmul_parts(mm)? else {
+            return Ok(None);
+        };
+        let mask_slot = self.slots[mask];
+        let Some((_, mask_data)) = self.constants.iter().find(|(s, _)| *s == mask_slot) else {
+            return Ok(None);
+        };
+        let Some(causal) = attention::CausalMask::analyze(mask_data, t) else {
+            return Ok(None);
+        };
+        let d = match parts.tx {
+            false => self.slot_types[parts.x].shape[r - 1],
+            true => self.slot_types[parts.x].shape[r - 2],
+        };
+        let layout = |t_: bool| attention::Layout {
+            rows: t,
+            cols: d,
+            t: t_,
+        };
+        let kernel = attention::Scores {
+            batches: parts.batches,
+            q: layout(parts.tx),
+            k: layout(!parts.ty),
             scale,
-            x.shape[rank - 1],
-            x.shape[rank - 2],
-            round,
-        ));
-        let args = vec![self.slots[scores], self.slots[mask]];
-        Ok(Some((kernel, args)))
+            mask: causal,
+        };
+        let args = vec![parts.x, parts.y, mask_slot];
+        Ok(Some(Fused {
+            kernel: Kernel::CausalScores(kernel.clone()),
+            args: args.clone(),
+            hidden: Some(TensorType::new(DType::Fp32, vec![parts.batches, t])),
+            tri: Some(TriOf::Hidden(Some((kernel, [args[0], args[1], args[2]])))),
+        }))
+    }
+
+    /// A `matmul` with causal probabilities (or their gradient) as one
+    /// operand: blockwise without the zero blocks; `P V` straight from the
+    /// scores' operands when `P` comes from [`PlanBuilder::causal_scores`].
+    fn causal_product(&mut self, op: &'p Operation) -> Result<Option<Fused>> {
+        let Some(parts) = self.matmul_parts(op)? else {
+            return Ok(None);
+        };
+        let out = &op.outputs[0].ty;
+        let r = out.rank();
+        let (m, n) = (out.shape[r - 2], out.shape[r - 1]);
+        let (tx, ty) = (
+            self.tri.get(&parts.x).cloned(),
+            self.tri.get(&parts.y).cloned(),
+        );
+        // out = op(P) op(Y), or out^T = op(P)^T op(X)^T when P is the right operand.
+        let (tri, p, p_t, y, y_layout, out_layout) = match (tx, ty) {
+            (Some(tri), None) => {
+                let y = attention::Layout {
+                    rows: tri.t,
+                    cols: n,
+                    t: parts.ty,
+                };
+                let o = attention::Layout {
+                    rows: tri.t,
+                    cols: n,
+                    t: false,
+                };
+                (tri, parts.x, parts.tx, parts.y, y, o)
+            }
+            (None, Some(tri)) => {
+                let x = attention::Layout {
+                    rows: tri.t,
+                    cols: m,
+                    t: !parts.tx,
+                };
+                let o = attention::Layout {
+                    rows: tri.t,
+                    cols: m,
+                    t: true,
+                };
+                (tri, parts.y, !parts.ty, parts.x, x, o)
+            }
+            _ => return Ok(None),
+        };
+        if !self.exact(out) || tri.batches != parts.batches {
+            return Ok(None);
+        }
+        if let (false, Some((scores, [q, k, mask]))) = (p_t, &tri.source) {
+            let kernel = attention::Attend {
+                scores: scores.clone(),
+                v: y_layout,
+                out: out_layout,
+            };
+            return Ok(Some(Fused::plain(
+                Kernel::Attend(kernel),
+                vec![*q, *k, *mask, y],
+            )));
+        }
+        let kernel = attention::TriMatmul {
+            batches: tri.batches,
+            t: tri.t,
+            p_t,
+            y: y_layout,
+            out: out_layout,
+        };
+        Ok(Some(Fused::plain(
+            Kernel::TriMatmul(kernel),
+            vec![p, tri.ext, y],
+        )))
+    }
+
+    /// `P * (dP - reduce_sum(dP * P, -1))`, optionally times a constant scalar,
+    /// with `P` causal probabilities and `dP` a `matmul` used only here: the
+    /// softmax backward of attention in one blockwise pass.
+    fn softmax_backward(&mut self, op: &'p Operation) -> Result<Option<Fused>> {
+        if op.op != Op::Mul || !self.exact(&op.outputs[0].ty) {
+            return Ok(None);
+        }
+        let (Some(x), Some(y)) = (Self::var_of(op, "x"), Self::var_of(op, "y")) else {
+            return Ok(None);
+        };
+        let scalar = |name: &str| {
+            self.literals
+                .get(name)
+                .filter(|l| l.ty.numel() == 1)
+                .and_then(|l| l.as_floats())
+                .map(|v| v[0])
+        };
+        let single = |name: &str| self.uses.get(name) == Some(&1);
+        let (inner, scale) = match (scalar(x), scalar(y)) {
+            (None, Some(s)) if single(x) => (self.defs.get(x).copied(), Some(s)),
+            (Some(s), None) if single(y) => (self.defs.get(y).copied(), Some(s)),
+            _ => (Some(op), None),
+        };
+        let Some(inner) = inner else {
+            return Ok(None);
+        };
+        let Some((p, dp)) = self.softmax_backward_parts(inner) else {
+            return Ok(None);
+        };
+        let Some(parts) = self.matmul_parts(self.defs[dp])? else {
+            return Ok(None);
+        };
+        let tri = self.tri[&self.slots[p]].clone();
+        let dp_ty = &self.slot_types[self.slots[dp]];
+        let r = dp_ty.rank();
+        if parts.batches != tri.batches || dp_ty.shape[r - 2..] != [tri.t, tri.t] {
+            return Ok(None);
+        }
+        let e = match parts.tx {
+            false => self.slot_types[parts.x].shape[r - 1],
+            true => self.slot_types[parts.x].shape[r - 2],
+        };
+        let kernel = attention::SoftmaxBackward {
+            batches: tri.batches,
+            t: tri.t,
+            a: attention::Layout {
+                rows: tri.t,
+                cols: e,
+                t: parts.tx,
+            },
+            b: attention::Layout {
+                rows: e,
+                cols: tri.t,
+                t: parts.ty,
+            },
+            scale,
+        };
+        Ok(Some(Fused {
+            kernel: Kernel::SoftmaxBackward(kernel),
+            args: vec![self.slots[p], tri.ext, parts.x, parts.y],
+            hidden: None,
+            // The gradient is zero where `P` is, but it is not `P`: no source.
+            tri: Some(TriOf::Same(Tri {
+                source: None,
+                ..tri
+            })),
+        }))
+    }
+
+    /// For `mul(P, sub(dP, reduce_sum(mul(dP, P), axes = [-1], keep_dims = true)))`
+    /// (either operand order of each `mul`) with `P` causal, every intermediate
+    /// used only here and `dP` a `matmul` used twice (here): `(P, dP)`.
+    fn softmax_backward_parts(&self, op: &'p Operation) -> Option<(&'p str, &'p str)> {
+        let single = |name: &str| self.uses.get(name) == Some(&1);
+        let is_tri = |name: &str| {
+            self.slots
+                .get(name)
+                .is_some_and(|s| self.tri.contains_key(s))
+        };
+        let def = |name: &str, kind: Op| self.defs.get(name).copied().filter(|d| d.op == kind);
+        if op.op != Op::Mul {
+            return None;
+        }
+        let (a, b) = (Self::var_of(op, "x")?, Self::var_of(op, "y")?);
+        let (p, centered) = if is_tri(a) { (a, b) } else { (b, a) };
+        if !is_tri(p) || !single(centered) {
+            return None;
+        }
+        let sub = def(centered, Op::Sub)?;
+        let (dp, row) = (Self::var_of(sub, "x")?, Self::var_of(sub, "y")?);
+        let reduce = def(row, Op::ReduceSum).filter(|_| single(row))?;
+        let pdp = Self::var_of(reduce, "x")?;
+        let product = def(pdp, Op::Mul).filter(|_| single(pdp))?;
+        let factors = (Self::var_of(product, "x")?, Self::var_of(product, "y")?);
+        let ty = self.type_of(p)?;
+        let rank = ty.rank() as i64;
+        let ctx = self.ctx(reduce);
+        let axes_last = matches!(ctx.ints("axes"), Ok(Some([a])) if *a == -1 || *a == rank - 1);
+        let keeps = matches!(ctx.flag("keep_dims"), Ok(Some(true)));
+        let fits = (factors == (dp, p) || factors == (p, dp))
+            && self.uses.get(dp) == Some(&2)
+            && def(dp, Op::Matmul).is_some()
+            && axes_last
+            && keeps
+            && [dp, pdp, centered]
+                .iter()
+                .all(|v| self.type_of(v) == Some(ty))
+            && op.outputs[0].ty == *ty;
+        fits.then_some((p, dp))
     }
 
     fn ctx<'a>(&'a self, op: &'a Operation) -> OpCtx<'a> {

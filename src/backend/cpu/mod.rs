@@ -14,6 +14,7 @@
 //! ANE's accumulation order, nor its quirks (it honours the attention mask the
 //! ANE ignores): where they differ, the ANE is wrong.
 
+mod attention;
 mod constant;
 mod elementwise;
 mod exec;
