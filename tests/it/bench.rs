@@ -299,11 +299,13 @@ fn train_step_reports_flops_phases_and_losses() {
     );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     std::fs::remove_file(&path).unwrap();
-    // The op profile counts every plan step. Matrix products per layer and
-    // sequence: attn_fwd 3 projections + QK^T + PV, wo_fwd 1, ffn_fwd 3,
-    // ffn_bwd_w2 1, ffn_bwd_w13 2, wo_bwd 1, attn_bwd QK^T + dV + dP + dQ + dK
-    // (its recomputed PV is dead and dropped), q_bwd 1, kv_bwd 2: 21, times 4
-    // layers and 2 sequences = 168 per step.
+    // The op profile counts every plan step. Per layer and sequence, weight
+    // products: attn_fwd 3 projections, wo_fwd 1, ffn_fwd 3, ffn_bwd_w2 1,
+    // ffn_bwd_w13 2, wo_bwd 1, q_bwd 1, kv_bwd 2: 14. Attention, fused (causal
+    // mask): attn_fwd one step for softmax(QK^T) V; attn_bwd one step for the
+    // probabilities, one for the softmax backward (with dP = dO V^T in it) and
+    // three products with a causal factor (dV, dQ, dK); its recomputed PV is
+    // dead and dropped. Times 4 layers and 2 sequences.
     let ops = r["ops"].as_array().unwrap();
     let calls = |prefix: &str| -> f64 {
         ops.iter()
@@ -311,9 +313,13 @@ fn train_step_reports_flops_phases_and_losses() {
             .map(|o| o["calls_per_step"].as_f64().unwrap())
             .sum()
     };
-    assert_eq!(calls("matmul"), 168.0, "{ops:?}");
-    // One fused masked softmax per attention kernel: 2 x 4 layers x 2 sequences.
-    assert_eq!(calls("softmax(x*s+mask)"), 16.0);
+    assert_eq!(calls("matmul "), 14.0 * 8.0, "{ops:?}");
+    assert_eq!(calls("matmul(causal P"), 3.0 * 8.0, "{ops:?}");
+    assert_eq!(calls("causal attention"), 8.0, "{ops:?}");
+    assert_eq!(calls("causal softmax"), 8.0, "{ops:?}");
+    assert_eq!(calls("softmax backward"), 8.0, "{ops:?}");
+    // No separate mask/softmax steps remain.
+    assert_eq!(calls("softmax(x*s+mask)") + calls("softmax ->"), 0.0);
     assert!(stdout.contains("CPU plan steps (top"), "{stdout}");
     // tiny: dim 192, 4 layers, FFN 512, vocab 1024. Per token forward:
     // 2 * (4 * (4 * 192^2 + 3 * 192 * 512) + 1024 * 192) = 2 * 1,966,080 = 3,932,160

@@ -92,7 +92,7 @@ pub(super) fn broadcast_shape(shapes: &[&[usize]]) -> Option<Vec<usize>> {
 /// How operands map onto a result shape under NumPy broadcasting. Dimensions
 /// that can be walked as one are merged, so `[1,C,1,S] + [1,C,1,1]` runs as
 /// rows of `S`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Broadcast {
     /// Merged result dimensions (at least one).
     shape: Vec<usize>,
@@ -293,18 +293,87 @@ pub(super) enum Unary {
 
 use crate::math::sigmoid;
 
+/// `$body` with `$f` bound to the scalar function of unary op `$u`
+/// (one arm per op, so that loops in `$body` see a concrete closure).
+macro_rules! with_unary {
+    ($u:expr, |$f:ident| $body:expr) => {
+        match $u {
+            Unary::Sqrt => {
+                let $f = f32::sqrt;
+                $body
+            }
+            Unary::Rsqrt { epsilon } => {
+                let $f = move |v: f32| 1.0 / (v + epsilon).sqrt();
+                $body
+            }
+            Unary::Exp => {
+                let $f = crate::math::exp;
+                $body
+            }
+            Unary::Log { epsilon } => {
+                let $f = move |v: f32| (v + epsilon).ln();
+                $body
+            }
+            Unary::Tanh => {
+                let $f = f32::tanh;
+                $body
+            }
+            Unary::Sigmoid => {
+                let $f = sigmoid;
+                $body
+            }
+            Unary::Silu => {
+                let $f = |v: f32| v * sigmoid(v);
+                $body
+            }
+            Unary::Relu => {
+                let $f = |v: f32| maximum(v, 0.0);
+                $body
+            }
+        }
+    };
+}
+
+/// `$body` with `$f` bound to the scalar function of binary op `$op`.
+macro_rules! with_binary {
+    ($op:expr, |$f:ident| $body:expr) => {
+        match $op {
+            Op::Add => {
+                let $f = |a: f32, b: f32| a + b;
+                $body
+            }
+            Op::Sub => {
+                let $f = |a: f32, b: f32| a - b;
+                $body
+            }
+            Op::Mul => {
+                let $f = |a: f32, b: f32| a * b;
+                $body
+            }
+            Op::RealDiv => {
+                let $f = |a: f32, b: f32| a / b;
+                $body
+            }
+            Op::Maximum => {
+                let $f = maximum;
+                $body
+            }
+            Op::Minimum => {
+                let $f = minimum;
+                $body
+            }
+            Op::Pow => {
+                let $f = f32::powf;
+                $body
+            }
+            other => unreachable!("{other} is not binary"),
+        }
+    };
+}
+
 impl Unary {
     pub(super) fn run(self, x: &[f32], out: &mut [f32]) {
-        match self {
-            Unary::Sqrt => map(x, out, f32::sqrt),
-            Unary::Rsqrt { epsilon } => map(x, out, move |v| 1.0 / (v + epsilon).sqrt()),
-            Unary::Exp => map(x, out, crate::math::exp),
-            Unary::Log { epsilon } => map(x, out, move |v| (v + epsilon).ln()),
-            Unary::Tanh => map(x, out, f32::tanh),
-            Unary::Sigmoid => map(x, out, sigmoid),
-            Unary::Silu => map(x, out, |v| v * sigmoid(v)),
-            Unary::Relu => map(x, out, |v| maximum(v, 0.0)),
-        }
+        with_unary!(self, |f| map(x, out, f))
     }
 }
 
@@ -350,7 +419,7 @@ pub(super) fn compile_unary(ctx: &OpCtx) -> Result<Kernel> {
 }
 
 /// A binary op on broadcast operands.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Binary {
     op: Op,
     broadcast: Broadcast,
@@ -359,15 +428,139 @@ pub(super) struct Binary {
 impl Binary {
     pub(super) fn run(&self, x: &[f32], y: &[f32], out: &mut [f32]) {
         let b = &self.broadcast;
-        match self.op {
-            Op::Add => b.map([x, y], out, |[a, b]| a + b),
-            Op::Sub => b.map([x, y], out, |[a, b]| a - b),
-            Op::Mul => b.map([x, y], out, |[a, b]| a * b),
-            Op::RealDiv => b.map([x, y], out, |[a, b]| a / b),
-            Op::Maximum => b.map([x, y], out, |[a, b]| maximum(a, b)),
-            Op::Minimum => b.map([x, y], out, |[a, b]| minimum(a, b)),
-            Op::Pow => b.map([x, y], out, |[a, b]| a.powf(b)),
-            other => unreachable!("{other} is not binary"),
+        with_binary!(self.op, |f| b.map([x, y], out, |[a, b]| f(a, b)))
+    }
+
+    pub(super) fn op(&self) -> Op {
+        self.op
+    }
+}
+
+/// How an operand of a fused [`Chain`] maps onto its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Leaf {
+    /// The result's shape: element `i` is operand element `i`.
+    Dense,
+    /// One value for every element.
+    Scalar,
+    /// A trailing block of the result's shape (leading dimensions 1):
+    /// element `i` is operand element `i % len`.
+    Repeat(usize),
+}
+
+impl Leaf {
+    /// How an operand of `shape` maps onto a result of `out`, if it is one of
+    /// the three forms.
+    pub(super) fn of(shape: &[usize], out: &[usize]) -> Option<Leaf> {
+        let numel: usize = shape.iter().product();
+        if shape == out {
+            return Some(Leaf::Dense);
+        }
+        if numel == 1 {
+            return Some(Leaf::Scalar);
+        }
+        let dims: Vec<usize> = shape.iter().copied().skip_while(|&d| d == 1).collect();
+        (dims.len() <= out.len() && out.ends_with(&dims)).then_some(Leaf::Repeat(numel))
+    }
+}
+
+/// One instruction of a [`Chain`]: an op on registers (for a unary op the
+/// second register is unused).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum ChainOp {
+    Unary(Unary),
+    Binary(Op),
+}
+
+/// A fused chain of elementwise ops on the same result shape: the plan
+/// absorbs an op's operand into its consumer when the operand is itself an
+/// elementwise result used only there. Registers `0..leaves.len()` are the
+/// step's operands; register `leaves.len() + j` is instruction `j`'s result;
+/// the last instruction writes the step's result. Each instruction rounds as
+/// the op alone does (`f32`), so the values are those of the separate ops;
+/// only the passes over memory are fewer.
+#[derive(Clone, Debug)]
+pub(super) struct Chain {
+    pub(super) leaves: Vec<Leaf>,
+    pub(super) instrs: Vec<(ChainOp, usize, usize)>,
+}
+
+/// Elements per register block of a chain (registers stay in L1/L2).
+const CHAIN_CHUNK: usize = 2048;
+
+thread_local! {
+    static CHAIN_REGS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Chain {
+    pub(super) fn run(&self, args: &[&[f32]], out: &mut [f32]) {
+        let n_leaves = self.leaves.len();
+        let last = self.instrs.len() - 1;
+        let body = |(c, o): (usize, &mut [f32])| {
+            let (start, n) = (c * CHAIN_CHUNK, o.len());
+            CHAIN_REGS.with_borrow_mut(|regs| {
+                let need = (n_leaves + self.instrs.len()) * CHAIN_CHUNK;
+                if regs.len() < need {
+                    regs.resize(need, 0.0);
+                }
+                for (k, leaf) in self.leaves.iter().enumerate() {
+                    let dst = &mut regs[k * CHAIN_CHUNK..][..n];
+                    match *leaf {
+                        Leaf::Dense => {}
+                        Leaf::Scalar => dst.fill(args[k][0]),
+                        Leaf::Repeat(len) => {
+                            let mut at = start % len;
+                            let mut filled = 0;
+                            while filled < n {
+                                let take = (len - at).min(n - filled);
+                                dst[filled..filled + take].copy_from_slice(&args[k][at..at + take]);
+                                filled += take;
+                                at = 0;
+                            }
+                        }
+                    }
+                }
+                for (j, &(op, a, b)) in self.instrs.iter().enumerate() {
+                    let (before, after) = regs.split_at_mut((n_leaves + j) * CHAIN_CHUNK);
+                    let reg = |i: usize| -> &[f32] {
+                        match self.leaves.get(i) {
+                            Some(Leaf::Dense) => &args[i][start..start + n],
+                            _ => &before[i * CHAIN_CHUNK..][..n],
+                        }
+                    };
+                    let dst: &mut [f32] = if j == last { &mut *o } else { &mut after[..n] };
+                    let x = reg(a);
+                    match op {
+                        ChainOp::Unary(u) => with_unary!(u, |f| crate::math::simd(
+                            #[inline(always)]
+                            || {
+                                for (d, &x) in dst.iter_mut().zip(x) {
+                                    *d = f(x);
+                                }
+                            }
+                        )),
+                        ChainOp::Binary(op) => {
+                            let y = reg(b);
+                            with_binary!(op, |f| crate::math::simd(
+                                #[inline(always)]
+                                || {
+                                    for ((d, &x), &y) in dst.iter_mut().zip(x).zip(y) {
+                                        *d = f(x, y);
+                                    }
+                                }
+                            ))
+                        }
+                    }
+                }
+            });
+        };
+        if out.len() >= PAR_MIN {
+            out.par_chunks_mut(CHAIN_CHUNK)
+                .enumerate()
+                .with_min_len(4)
+                .for_each(body);
+        } else {
+            out.chunks_mut(CHAIN_CHUNK).enumerate().for_each(body);
         }
     }
 }

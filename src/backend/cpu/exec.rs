@@ -60,6 +60,8 @@ pub(super) enum Kernel {
     TriMatmul(attention::TriMatmul),
     /// `P * (dP - rowsum(dP * P)) [* scale]` with `dP` a product, fused.
     SoftmaxBackward(attention::SoftmaxBackward),
+    /// Consecutive elementwise ops in one pass (see [`elementwise::Chain`]).
+    Chain(elementwise::Chain),
 }
 
 impl Kernel {
@@ -102,6 +104,7 @@ impl Kernel {
             Kernel::Attend(k) => k.run(args[0], args[1], args[2], args[3], out),
             Kernel::TriMatmul(k) => k.run(args[0], args[1], args[2], out),
             Kernel::SoftmaxBackward(k) => k.run(args[0], args[1], args[2], args[3], out),
+            Kernel::Chain(k) => k.run(args, out),
         }
     }
 }
@@ -209,6 +212,7 @@ impl Plan {
             precision,
             fuse,
             tri: HashMap::new(),
+            chains: HashMap::new(),
             slots: HashMap::new(),
             literals: HashMap::new(),
             slot_types: Vec::new(),
@@ -471,6 +475,15 @@ pub(super) fn use_counts(func: &crate::mil::Function) -> HashMap<&str, usize> {
     uses
 }
 
+/// A copy of an elementwise kernel (the chain fusion hands it back unchanged).
+fn kernel_clone(kernel: &Kernel) -> Kernel {
+    match kernel {
+        Kernel::Unary(u) => Kernel::Unary(*u),
+        Kernel::Binary(b) => Kernel::Binary(b.clone()),
+        _ => unreachable!("only elementwise kernels are cloned"),
+    }
+}
+
 /// `op -> result type` (the first result), naming fused steps by what they fuse.
 fn step_label(op: &Operation, kernel: &Kernel) -> String {
     let name = match kernel {
@@ -479,6 +492,7 @@ fn step_label(op: &Operation, kernel: &Kernel) -> String {
         Kernel::Attend(_) => "causal attention softmax(Q.K^T*s+mask).V".to_string(),
         Kernel::TriMatmul(k) => format!("matmul(causal P{})", if k.p_t { "^T" } else { "" }),
         Kernel::SoftmaxBackward(_) => "softmax backward P*(dP-rowsum(dP*P))".to_string(),
+        Kernel::Chain(k) => format!("fused {} elementwise ops", k.instrs.len()),
         Kernel::Matmul(m) => format!("matmul{}", m.flags_label()),
         _ => op.op.to_string(),
     };
@@ -508,10 +522,23 @@ struct Tri {
     source: Option<(attention::Scores, [Slot; 3])>,
 }
 
+/// A node of an elementwise expression: an operand, or an op on earlier nodes.
+#[derive(Clone, Debug)]
+enum Node {
+    Leaf(Slot, elementwise::Leaf),
+    Op(elementwise::ChainOp, usize, usize),
+}
+
+/// The longest chain of elementwise ops fused into one step.
+const MAX_CHAIN: usize = 16;
+
 /// A fused step replacing an operation (and making the ones it absorbs dead).
 struct Fused {
     kernel: Kernel,
     args: Vec<Slot>,
+    /// For an elementwise result: its expression over step operands, which
+    /// a consumer may absorb.
+    chain: Option<Vec<Node>>,
     /// A hidden second result (row extents) of this type.
     hidden: Option<TensorType>,
     /// How the result is zero beyond row extents: `Some(None)` means by the
@@ -529,6 +556,7 @@ impl Fused {
         Fused {
             kernel,
             args,
+            chain: None,
             hidden: None,
             tri: None,
         }
@@ -552,6 +580,8 @@ struct PlanBuilder<'p> {
     fuse: bool,
     /// Values zero beyond row extents, by slot.
     tri: HashMap<Slot, Tri>,
+    /// Elementwise results, by slot: their expressions (for [`Kernel::Chain`]).
+    chains: HashMap<Slot, Vec<Node>>,
     /// Tensor values by name (string constants have no slot).
     slots: HashMap<&'p str, Slot>,
     /// Values of `const` operations, for parameters that must be constant.
@@ -643,7 +673,7 @@ impl<'p> PlanBuilder<'p> {
             _ => {
                 let kernel = lower_kernel(&self.ctx(op))?;
                 let fused = match self.fuse {
-                    true => self.fused(op)?,
+                    true => self.fused(op, &kernel)?,
                     false => None,
                 };
                 let fused = match fused {
@@ -653,6 +683,7 @@ impl<'p> PlanBuilder<'p> {
                 let Fused {
                     kernel,
                     args,
+                    chain,
                     hidden,
                     tri,
                 } = fused;
@@ -671,6 +702,9 @@ impl<'p> PlanBuilder<'p> {
                 }
                 if let Some(ty) = hidden {
                     results.push(self.new_slot(ty));
+                }
+                if let Some(chain) = chain {
+                    self.chains.insert(results[0], chain);
                 }
                 match tri {
                     Some(TriOf::Hidden(source)) => {
@@ -777,7 +811,7 @@ impl<'p> PlanBuilder<'p> {
     }
 
     /// The fused step for `op`, if it ends a pattern this builder fuses.
-    fn fused(&mut self, op: &'p Operation) -> Result<Option<Fused>> {
+    fn fused(&mut self, op: &'p Operation, kernel: &Kernel) -> Result<Option<Fused>> {
         if let Some(f) = self.causal_scores(op)? {
             return Ok(Some(f));
         }
@@ -787,7 +821,100 @@ impl<'p> PlanBuilder<'p> {
         if let Some(f) = self.causal_product(op)? {
             return Ok(Some(f));
         }
-        self.softmax_backward(op)
+        if let Some(f) = self.softmax_backward(op)? {
+            return Ok(Some(f));
+        }
+        self.elementwise_chain(op, kernel)
+    }
+
+    /// An elementwise op (unary, or binary on operands that are the result's
+    /// shape, scalars or trailing blocks of it) absorbing each operand that is
+    /// itself such a result used only here; the absorbed steps become dead.
+    fn elementwise_chain(&mut self, op: &'p Operation, kernel: &Kernel) -> Result<Option<Fused>> {
+        use elementwise::{Chain, ChainOp, Leaf};
+        let (chain_op, params): (ChainOp, &[&str]) = match kernel {
+            Kernel::Unary(u) => (ChainOp::Unary(*u), &["x"]),
+            Kernel::Binary(b) => (ChainOp::Binary(b.op()), &["x", "y"]),
+            _ => return Ok(None),
+        };
+        let out = &op.outputs[0].ty;
+        if !self.exact(out) {
+            return Ok(None);
+        }
+        let slots = self.operand_slots(op)?;
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut regs = Vec::new();
+        let mut absorbed = false;
+        for (param, &slot) in params.iter().zip(&slots) {
+            let name = Self::var_of(op, param);
+            let inline = self.chains.get(&slot).filter(|_| {
+                name.is_some_and(|n| self.uses.get(n) == Some(&1))
+                    && self.slot_types[slot].shape == out.shape
+            });
+            if let Some(sub) = inline {
+                // Append the operand's expression, sharing leaves already present.
+                let mut map = Vec::with_capacity(sub.len());
+                for node in sub {
+                    let at = match node {
+                        Node::Leaf(s, l) => nodes
+                            .iter()
+                            .position(|n| matches!(n, Node::Leaf(s2, l2) if s2 == s && l2 == l)),
+                        Node::Op(..) => None,
+                    };
+                    let at = at.unwrap_or_else(|| {
+                        nodes.push(match *node {
+                            Node::Op(o, a, b) => Node::Op(o, map[a], map[b]),
+                            ref leaf => leaf.clone(),
+                        });
+                        nodes.len() - 1
+                    });
+                    map.push(at);
+                }
+                regs.push(*map.last().expect("expressions are not empty"));
+                absorbed = true;
+                continue;
+            }
+            let Some(leaf) = Leaf::of(&self.slot_types[slot].shape, &out.shape) else {
+                return Ok(Some(Fused::plain(kernel_clone(kernel), slots)));
+            };
+            let at = nodes
+                .iter()
+                .position(|n| matches!(n, Node::Leaf(s2, l2) if *s2 == slot && *l2 == leaf));
+            regs.push(at.unwrap_or_else(|| {
+                nodes.push(Node::Leaf(slot, leaf));
+                nodes.len() - 1
+            }));
+        }
+        let y = regs.get(1).copied().unwrap_or(regs[0]);
+        nodes.push(Node::Op(chain_op, regs[0], y));
+        let n_ops = nodes.iter().filter(|n| matches!(n, Node::Op(..))).count();
+        if n_ops > MAX_CHAIN {
+            return Ok(Some(Fused::plain(kernel_clone(kernel), slots)));
+        }
+        if !absorbed {
+            let mut f = Fused::plain(kernel_clone(kernel), slots);
+            f.chain = Some(nodes);
+            return Ok(Some(f));
+        }
+        // Registers: leaves first, then ops in order.
+        let mut reg_of = vec![0; nodes.len()];
+        let (mut leaves, mut args, mut instrs) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, node) in nodes.iter().enumerate() {
+            if let Node::Leaf(slot, leaf) = node {
+                reg_of[i] = leaves.len();
+                leaves.push(*leaf);
+                args.push(*slot);
+            }
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            if let Node::Op(o, a, b) = node {
+                reg_of[i] = leaves.len() + instrs.len();
+                instrs.push((*o, reg_of[*a], reg_of[*b]));
+            }
+        }
+        let mut f = Fused::plain(Kernel::Chain(Chain { leaves, instrs }), args);
+        f.chain = Some(nodes);
+        Ok(Some(f))
     }
 
     /// Whether values of `ty` are computed without fp16 rounding (fusions
@@ -881,6 +1008,7 @@ impl<'p> PlanBuilder<'p> {
         Ok(Some(Fused {
             kernel: Kernel::CausalScores(kernel.clone()),
             args: args.clone(),
+            chain: None,
             hidden: Some(TensorType::new(DType::Fp32, vec![parts.batches, t])),
             tri: Some(TriOf::Hidden(Some((kernel, [args[0], args[1], args[2]])))),
         }))
@@ -1017,6 +1145,7 @@ impl<'p> PlanBuilder<'p> {
         Ok(Some(Fused {
             kernel: Kernel::SoftmaxBackward(kernel),
             args: vec![self.slots[p], tri.ext, parts.x, parts.y],
+            chain: None,
             hidden: None,
             // The gradient is zero where `P` is, but it is not `P`: no source.
             tri: Some(TriOf::Same(Tri {
@@ -1368,12 +1497,57 @@ impl<'a> OpCtx<'a> {
 mod tests {
     use super::*;
 
-    fn plan(body: &str, sig: &str, outs: &str) -> Plan {
+    fn program(body: &str, sig: &str, outs: &str) -> Program {
         let text = format!(
             "program(1.3)\n{{\n    func main<ios18>({sig}) {{\n{body}    }} -> ({outs});\n}}\n"
         );
-        let program = crate::mil::parse(&text).unwrap();
-        Plan::compile(&program, &BTreeMap::new(), Precision::Fp32).unwrap()
+        crate::mil::parse(&text).unwrap()
+    }
+
+    /// The plan of a program, unfused (one step per op).
+    fn plan(body: &str, sig: &str, outs: &str) -> Plan {
+        let program = program(body, sig, outs);
+        Plan::lower_unfused(&program, &BTreeMap::new(), Precision::Fp32).unwrap()
+    }
+
+    /// Consecutive elementwise ops whose intermediates are used once run as
+    /// one chain step: dense, scalar and repeated (`[T, D]` over `[H, T, D]`)
+    /// operands, a shared leaf, a unary op; the values are the separate ops'
+    /// bit for bit. A value used twice (`a`) ends a chain.
+    #[test]
+    fn elementwise_chains_fuse_and_match_the_separate_ops() {
+        let body = "        tensor<fp32, [2, 3, 4]> a = mul(x = x, y = c)[name = string(\"a\")];\n\
+                    \x20       tensor<fp32, [2, 3, 4]> s = sigmoid(x = a)[name = string(\"s\")];\n\
+                    \x20       tensor<fp32, [2, 3, 4]> g = mul(x = a, y = s)[name = string(\"g\")];\n\
+                    \x20       tensor<fp32, [2, 3, 4]> h = mul(x = g, y = y)[name = string(\"h\")];\n\
+                    \x20       tensor<fp32, [2, 3, 4]> k = sub(x = h, y = fp32(0.25))[name = string(\"k\")];\n\
+                    \x20       tensor<fp32, [2, 3, 4]> d = real_div(x = k, y = y)[name = string(\"d\")];\n";
+        let sig = "tensor<fp32, [2, 3, 4]> x, tensor<fp32, [1, 3, 4]> c, tensor<fp32, [2, 3, 4]> y";
+        let program = program(body, sig, "d");
+        let fused = Plan::compile(&program, &BTreeMap::new(), Precision::Fp32).unwrap();
+        let separate = Plan::lower_unfused(&program, &BTreeMap::new(), Precision::Fp32).unwrap();
+        // a (used by s and g) stays its own step; s, g, h, k, d become one.
+        assert_eq!(
+            fused.step_labels(),
+            [
+                "mul -> tensor<fp32, [2, 3, 4]>",
+                "fused 5 elementwise ops -> tensor<fp32, [2, 3, 4]>"
+            ]
+        );
+        assert_eq!(separate.steps.len(), 6);
+        let mut rng = crate::rng::Rng::new(9);
+        let mut draw =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| 4.0 * rng.next_f32() - 2.0).collect() };
+        let (x, c, y) = (draw(24), draw(12), draw(24));
+        let args = [&x[..], &c[..], &y[..]];
+        let got = run(&fused, &mut Workspace::default(), &args);
+        let want = run(&separate, &mut Workspace::default(), &args);
+        assert_eq!(got, want);
+        // By hand for one element: a = x c, d = (a sigmoid(a) y - 0.25) / y.
+        let i = 17;
+        let a = x[i] * c[i % 12];
+        let hand = (a * crate::math::sigmoid(a) * y[i] - 0.25) / y[i];
+        assert_eq!(got[0][i], hand);
     }
 
     fn run(plan: &Plan, ws: &mut Workspace, inputs: &[&[f32]]) -> Vec<Vec<f32>> {
@@ -1435,8 +1609,7 @@ mod tests {
 
     #[test]
     fn scaled_masked_softmax_fuses_and_matches_the_separate_ops() {
-        // p = softmax(s * 0.3 + mask); listing `a` as an output too keeps the
-        // ops separate, the reference for the fused step.
+        // p = softmax(s * 0.3 + mask), fused and op by op.
         let body = "        tensor<fp16, [1, 2, 3, 4]> m = mul(x = s, y = fp16(0.3))[name = string(\"m\")];\n\
                     \x20       tensor<fp16, [1, 2, 3, 4]> a = add(x = m, y = mask)[name = string(\"a\")];\n\
                     \x20       tensor<fp16, [1, 2, 3, 4]> p = softmax(x = a, axis = int32(-1))[name = string(\"p\")];\n";
@@ -1447,14 +1620,9 @@ mod tests {
             .map(|i| if i % 4 > i / 4 { -65504.0 } else { 0.0 })
             .collect();
         for precision in [Precision::Fp32, Precision::Fp16] {
-            let compile = |outs: &str| {
-                let text = format!(
-                    "program(1.3)\n{{\n    func main<ios18>({sig}) {{\n{body}    }} -> ({outs});\n}}\n"
-                );
-                let program = crate::mil::parse(&text).unwrap();
-                Plan::compile(&program, &BTreeMap::new(), precision).unwrap()
-            };
-            let (fused, separate) = (compile("p"), compile("p, a"));
+            let program = program(body, sig, "p");
+            let fused = Plan::compile(&program, &BTreeMap::new(), precision).unwrap();
+            let separate = Plan::lower_unfused(&program, &BTreeMap::new(), precision).unwrap();
             assert_eq!((fused.steps.len(), separate.steps.len()), (1, 3));
             let mut inputs = [scores.clone(), mask.clone()];
             if precision == Precision::Fp16 {

@@ -278,7 +278,8 @@ mod tests {
     }
 
     /// Every training kernel (GQA 4/2, both runtime-weight modes) computes the
-    /// same values rewritten as written, with fewer transposes.
+    /// same values rewritten and fused as written and run op by op, with fewer
+    /// transposes.
     #[test]
     fn rewritten_training_kernels_match_the_program_as_written() {
         let config = ModelConfig::llama(64, 1, 4, 2, 96, 32, 16);
@@ -300,7 +301,7 @@ mod tests {
                 );
                 let weights: BTreeMap<String, Vec<u8>> = spec.package.weights.clone();
                 let fast = Plan::compile(program, &weights, Precision::Fp32).unwrap();
-                let exact = Plan::lower(program, &weights, Precision::Fp32).unwrap();
+                let exact = Plan::lower_unfused(program, &weights, Precision::Fp32).unwrap();
                 let mut rng = Rng::new(3);
                 let inputs: Vec<Vec<f32>> = exact
                     .inputs
