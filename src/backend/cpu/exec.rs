@@ -62,6 +62,8 @@ pub(super) enum Kernel {
     SoftmaxBackward(attention::SoftmaxBackward),
     /// Consecutive elementwise ops in one pass (see [`elementwise::Chain`]).
     Chain(elementwise::Chain),
+    /// Slices, scalar `mul`s and a `concat` rebuilding pairs (see [`shape::Pairs`]).
+    Pairs(shape::Pairs),
 }
 
 impl Kernel {
@@ -105,6 +107,7 @@ impl Kernel {
             Kernel::TriMatmul(k) => k.run(args[0], args[1], args[2], out),
             Kernel::SoftmaxBackward(k) => k.run(args[0], args[1], args[2], args[3], out),
             Kernel::Chain(k) => k.run(args, out),
+            Kernel::Pairs(k) => k.run(args[0], out),
         }
     }
 }
@@ -493,6 +496,7 @@ fn step_label(op: &Operation, kernel: &Kernel) -> String {
         Kernel::TriMatmul(k) => format!("matmul(causal P{})", if k.p_t { "^T" } else { "" }),
         Kernel::SoftmaxBackward(_) => "softmax backward P*(dP-rowsum(dP*P))".to_string(),
         Kernel::Chain(k) => format!("fused {} elementwise ops", k.instrs.len()),
+        Kernel::Pairs(_) => "pairs (slices, mul, concat)".to_string(),
         Kernel::Matmul(m) => format!("matmul{}", m.flags_label()),
         _ => op.op.to_string(),
     };
@@ -824,7 +828,90 @@ impl<'p> PlanBuilder<'p> {
         if let Some(f) = self.softmax_backward(op)? {
             return Ok(Some(f));
         }
+        if let Some(f) = self.pairs(op)? {
+            return Ok(Some(f));
+        }
         self.elementwise_chain(op, kernel)
+    }
+
+    /// `concat((a, b), axis = -1)` of two one-element slices along the last
+    /// axis of one tensor `x` of the result's shape, each slice possibly times
+    /// a constant scalar, every intermediate used only here: one pass over `x`.
+    fn pairs(&mut self, op: &'p Operation) -> Result<Option<Fused>> {
+        let out = &op.outputs[0].ty;
+        let r = out.rank();
+        if op.op != Op::Concat || r == 0 || out.shape[r - 1] != 2 || !self.exact(out) {
+            return Ok(None);
+        }
+        let ctx = self.ctx(op);
+        let axis = ctx.int("axis")?;
+        if !matches!(axis, Some(a) if a == -1 || a == r as i64 - 1)
+            || ctx.flag("interleave")?.unwrap_or(false)
+        {
+            return Ok(None);
+        }
+        let Some(Arg::Tuple(values)) = op.arg("values") else {
+            return Ok(None);
+        };
+        let single = |name: &str| self.uses.get(name) == Some(&1);
+        let mut source: Option<&str> = None;
+        let mut from = [(0usize, 1.0f32); 2];
+        if values.len() != 2 {
+            return Ok(None);
+        }
+        for (k, value) in values.iter().enumerate() {
+            let Arg::Var(name) = value else {
+                return Ok(None);
+            };
+            let mut name = name.as_str();
+            if !single(name) {
+                return Ok(None);
+            }
+            let mut factor = 1.0;
+            if let Some(&mul) = self.defs.get(name).filter(|d| d.op == Op::Mul) {
+                let (inner, c) = match (self.scalar_of(mul, "x"), self.scalar_of(mul, "y")) {
+                    (None, Some(c)) => (Self::var_of(mul, "x"), c),
+                    (Some(c), None) => (Self::var_of(mul, "y"), c),
+                    _ => return Ok(None),
+                };
+                let Some(inner) = inner else {
+                    return Ok(None);
+                };
+                if !single(inner) {
+                    return Ok(None);
+                }
+                (name, factor) = (inner, c);
+            }
+            let Some(slice) = self.defs.get(name).filter(|d| d.op == Op::SliceBySize) else {
+                return Ok(None);
+            };
+            let Some(x) = Self::var_of(slice, "x") else {
+                return Ok(None);
+            };
+            let sctx = self.ctx(slice);
+            let (Some(begin), Some(size)) = (sctx.ints("begin")?, sctx.ints("size")?) else {
+                return Ok(None);
+            };
+            let mut want_size: Vec<i64> = out.shape.iter().map(|&d| d as i64).collect();
+            want_size[r - 1] = 1;
+            let col = begin.last().copied().unwrap_or(-1);
+            let fits = self.type_of(x) == Some(out)
+                && source.is_none_or(|s| s == x)
+                && begin.len() == r
+                && begin[..r - 1].iter().all(|&b| b == 0)
+                && (col == 0 || col == 1)
+                && size == want_size.as_slice();
+            if !fits {
+                return Ok(None);
+            }
+            source = Some(x);
+            from[k] = (col as usize, factor);
+        }
+        let x = self.slots[source.expect("two values")];
+        Ok(Some(Fused::plain(
+            Kernel::Pairs(shape::Pairs { from }),
+            vec![x],
+        )))
     }
 
     /// An elementwise op (unary, or binary on operands that are the result's
@@ -928,6 +1015,16 @@ impl<'p> PlanBuilder<'p> {
             Some(Arg::Var(name)) => Some(name.as_str()),
             _ => None,
         }
+    }
+
+    /// The value of a constant scalar operand (inline or a `const`).
+    fn scalar_of(&self, op: &Operation, param: &str) -> Option<f32> {
+        let lit = match op.arg(param)? {
+            Arg::Lit(lit) => lit,
+            Arg::Var(name) => self.literals.get(name.as_str())?,
+            Arg::Tuple(_) => return None,
+        };
+        (lit.ty.numel() == 1).then(|| lit.as_floats().map(|v| v[0]))?
     }
 
     fn type_of(&self, name: &str) -> Option<&TensorType> {
@@ -1092,20 +1189,12 @@ impl<'p> PlanBuilder<'p> {
         if op.op != Op::Mul || !self.exact(&op.outputs[0].ty) {
             return Ok(None);
         }
-        let (Some(x), Some(y)) = (Self::var_of(op, "x"), Self::var_of(op, "y")) else {
-            return Ok(None);
-        };
-        let scalar = |name: &str| {
-            self.literals
-                .get(name)
-                .filter(|l| l.ty.numel() == 1)
-                .and_then(|l| l.as_floats())
-                .map(|v| v[0])
-        };
-        let single = |name: &str| self.uses.get(name) == Some(&1);
-        let (inner, scale) = match (scalar(x), scalar(y)) {
-            (None, Some(s)) if single(x) => (self.defs.get(x).copied(), Some(s)),
-            (Some(s), None) if single(y) => (self.defs.get(y).copied(), Some(s)),
+        let (x, y) = (Self::var_of(op, "x"), Self::var_of(op, "y"));
+        let single = |name: Option<&str>| name.is_some_and(|n| self.uses.get(n) == Some(&1));
+        let def = |name: Option<&str>| name.and_then(|n| self.defs.get(n).copied());
+        let (inner, scale) = match (self.scalar_of(op, "x"), self.scalar_of(op, "y")) {
+            (None, Some(s)) if single(x) => (def(x), Some(s)),
+            (Some(s), None) if single(y) => (def(y), Some(s)),
             _ => (Some(op), None),
         };
         let Some(inner) = inner else {
@@ -1514,6 +1603,27 @@ mod tests {
     /// one chain step: dense, scalar and repeated (`[T, D]` over `[H, T, D]`)
     /// operands, a shared leaf, a unary op; the values are the separate ops'
     /// bit for bit. A value used twice (`a`) ends a chain.
+    /// RoPE's pair rotation `(a, b) -> (-b, a)` (two slices, a `mul`, a
+    /// `concat`) runs as one step with the separate ops' values.
+    #[test]
+    fn pair_rotation_fuses_and_matches_the_separate_ops() {
+        let body = "        tensor<fp32, [1, 3, 1]> e = slice_by_size(x = x, begin = tensor<int32, [3]>([0, 0, 0]), size = tensor<int32, [3]>([1, 3, 1]))[name = string(\"e\")];\n\
+                    \x20       tensor<fp32, [1, 3, 1]> o = slice_by_size(x = x, begin = tensor<int32, [3]>([0, 0, 1]), size = tensor<int32, [3]>([1, 3, 1]))[name = string(\"o\")];\n\
+                    \x20       tensor<fp32, [1, 3, 1]> n = mul(x = o, y = fp32(-1))[name = string(\"n\")];\n\
+                    \x20       tensor<fp32, [1, 3, 2]> r = concat(values = (n, e), axis = int32(-1))[name = string(\"r\")];\n";
+        let program = program(body, "tensor<fp32, [1, 3, 2]> x", "r");
+        let fused = Plan::compile(&program, &BTreeMap::new(), Precision::Fp32).unwrap();
+        let separate = Plan::lower_unfused(&program, &BTreeMap::new(), Precision::Fp32).unwrap();
+        assert_eq!(
+            fused.step_labels(),
+            ["pairs (slices, mul, concat) -> tensor<fp32, [1, 3, 2]>"]
+        );
+        let x = [1.0, 2.0, 3.0, -4.0, 5.5, 0.0];
+        let got = run(&fused, &mut Workspace::default(), &[&x]);
+        assert_eq!(got, run(&separate, &mut Workspace::default(), &[&x]));
+        assert_eq!(got[0], [-2.0, 1.0, 4.0, 3.0, -0.0, 5.5]);
+    }
+
     #[test]
     fn elementwise_chains_fuse_and_match_the_separate_ops() {
         let body = "        tensor<fp32, [2, 3, 4]> a = mul(x = x, y = c)[name = string(\"a\")];\n\

@@ -215,6 +215,40 @@ pub(super) fn compile_slice(ctx: &OpCtx) -> Result<Kernel> {
     Ok(Kernel::Gather(View::new(out_shape, strides, offset)))
 }
 
+/// A last axis of two elements rebuilt from the two elements of an operand of
+/// the same shape, each times a scalar: `out[.., 0] = x[.., from[0].0] *
+/// from[0].1`, likewise for `out[.., 1]`. RoPE's pair rotation `(a, b) ->
+/// (-b, a)`, written as two slices, a `mul` and a `concat`, in one pass (the
+/// plan fuses it; a factor of 1 stands for no `mul` and is exact).
+#[derive(Debug)]
+pub(super) struct Pairs {
+    pub(super) from: [(usize, f32); 2],
+}
+
+impl Pairs {
+    pub(super) fn run(&self, x: &[f32], out: &mut [f32]) {
+        let [(c0, m0), (c1, m1)] = self.from;
+        let body = |(o, x): (&mut [f32], &[f32])| {
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    for (o, x) in o.chunks_exact_mut(2).zip(x.chunks_exact(2)) {
+                        o[0] = x[c0] * m0;
+                        o[1] = x[c1] * m1;
+                    }
+                },
+            )
+        };
+        if out.len() >= 1 << 16 {
+            out.par_chunks_mut(ROW_BLOCK)
+                .zip(x.par_chunks(ROW_BLOCK))
+                .for_each(body);
+        } else {
+            body((out, x));
+        }
+    }
+}
+
 /// `concat`: the result is `outer` blocks; block `o` holds, in order, block `o`
 /// of every operand (`parts[i]` contiguous elements each). With `interleave`
 /// the parts instead alternate `slices` times, `after` elements at a time.
