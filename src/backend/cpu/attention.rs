@@ -87,6 +87,33 @@ impl Layout {
         self.rows * self.cols
     }
 
+    /// The Euclidean norm of every row of one matrix `data` in this layout,
+    /// summed in `f32` (an overflow gives infinity, a NaN stays NaN: both
+    /// fail the scores bound, which is what they should do).
+    fn row_norms(&self, data: &[f32]) -> Vec<f32> {
+        let mut norms = vec![0.0f32; self.rows];
+        crate::math::simd(
+            #[inline(always)]
+            || {
+                if self.t {
+                    for col in data.chunks_exact(self.rows) {
+                        for (n, &v) in norms.iter_mut().zip(col) {
+                            *n += v * v;
+                        }
+                    }
+                } else {
+                    for (n, row) in norms.iter_mut().zip(data.chunks_exact(self.cols)) {
+                        *n = row.iter().map(|&v| v * v).sum();
+                    }
+                }
+                for n in norms.iter_mut() {
+                    *n = n.sqrt();
+                }
+            },
+        );
+        norms
+    }
+
     fn view<'a>(&self, data: &'a [f32]) -> MatRef<'a, f32> {
         if self.t {
             MatRef::from_row_major_slice(data, self.cols, self.rows).transpose()
@@ -154,27 +181,27 @@ impl Scores {
         self.q.rows
     }
 
-    /// `max_j |k_j|` over the rows of one batch's `K`, infinite if any is not finite.
-    fn key_bound(&self, k: MatRef<f32>) -> f32 {
-        let mut max = 0.0f32;
-        for j in 0..k.nrows() {
-            let n = k.row(j).norm_l2();
-            if !n.is_finite() {
-                return f32::INFINITY;
+    /// The norms of one batch's query rows, and `max_j |k_j|` over its key
+    /// rows (infinite if any is not finite).
+    fn bounds(&self, q: &[f32], k: &[f32]) -> (Vec<f32>, f32) {
+        let kmax = self.k.row_norms(k).into_iter().fold(0.0f32, |m, n| {
+            if n.is_finite() {
+                m.max(n)
+            } else {
+                f32::INFINITY
             }
-            max = max.max(n);
-        }
-        max
+        });
+        (self.q.row_norms(q), kmax)
     }
 
-    /// Columns to compute for row `i`: its mask extent if the scores bound
-    /// allows skipping the rest, all `T` otherwise.
-    fn extent(&self, i: usize, q: MatRef<f32>, kmax: f32) -> usize {
+    /// Columns to compute for row `i` (query norm `qn`): its mask extent if
+    /// the scores bound allows skipping the rest, all `T` otherwise.
+    fn extent(&self, i: usize, qn: f32, kmax: f32) -> usize {
         let (end, gap) = (self.mask.ends[i], self.mask.gaps[i]);
         if end == self.t() {
             return end;
         }
-        let bound = self.scale.abs() * q.row(i).norm_l2() * kmax * 1.01;
+        let bound = self.scale.abs() * qn * kmax * 1.01;
         if 2.0 * bound + MARGIN < gap {
             end
         } else {
@@ -191,7 +218,7 @@ impl Scores {
         &self,
         q: MatRef<f32>,
         k: MatRef<f32>,
-        kmax: f32,
+        (qn, kmax): (&[f32], f32),
         mask: &[f32],
         r0: usize,
         dst: &mut [f32],
@@ -201,7 +228,7 @@ impl Scores {
         let t = self.t();
         let rows = ext.len();
         for (r, e) in ext.iter_mut().enumerate() {
-            *e = self.extent(r0 + r, q, kmax);
+            *e = self.extent(r0 + r, qn[r0 + r], kmax);
         }
         let width = ext.iter().copied().max().unwrap_or(0);
         product_into(dst, t, q.subrows(r0, rows), k.subrows(0, width).transpose());
@@ -240,16 +267,23 @@ impl Scores {
             .zip(ext.par_chunks_mut(t))
             .enumerate()
             .for_each(|(b, (p, ext_out))| {
-                let (qb, kb) = (
-                    self.q.view(&q[b * ql..][..ql]),
-                    self.k.view(&k[b * kl..][..kl]),
-                );
-                let kmax = self.key_bound(kb);
+                let (qd, kd) = (&q[b * ql..][..ql], &k[b * kl..][..kl]);
+                let bounds = self.bounds(qd, kd);
+                let (qb, kb) = (self.q.view(qd), self.k.view(kd));
                 let mut ext = [0usize; BLOCK];
                 for r0 in (0..t).step_by(BLOCK) {
                     let rows = BLOCK.min(t - r0);
                     let dst = &mut p[r0 * t..(r0 + rows) * t];
-                    self.block(qb, kb, kmax, mask, r0, dst, &mut ext[..rows], t);
+                    self.block(
+                        qb,
+                        kb,
+                        (&bounds.0, bounds.1),
+                        mask,
+                        r0,
+                        dst,
+                        &mut ext[..rows],
+                        t,
+                    );
                     for (o, &e) in ext_out[r0..r0 + rows].iter_mut().zip(&ext[..rows]) {
                         *o = e as f32;
                     }
@@ -278,15 +312,25 @@ impl Attend {
         }
         let (ql, kl, vl) = (s.q.len(), s.k.len(), self.v.len());
         let f = |b: usize, out: &mut [f32]| {
-            let (qb, kb) = (s.q.view(&q[b * ql..][..ql]), s.k.view(&k[b * kl..][..kl]));
+            let (qd, kd) = (&q[b * ql..][..ql], &k[b * kl..][..kl]);
+            let bounds = s.bounds(qd, kd);
+            let (qb, kb) = (s.q.view(qd), s.k.view(kd));
             let vb = self.v.view(&v[b * vl..][..vl]);
-            let kmax = s.key_bound(kb);
             let mut ext = [0usize; BLOCK];
             let mut out = self.out.view_mut(out);
             with_scratch(BLOCK * t, |scores| {
                 for r0 in (0..t).step_by(BLOCK) {
                     let rows = BLOCK.min(t - r0);
-                    let width = s.block(qb, kb, kmax, mask, r0, scores, &mut ext[..rows], 0);
+                    let width = s.block(
+                        qb,
+                        kb,
+                        (&bounds.0, bounds.1),
+                        mask,
+                        r0,
+                        scores,
+                        &mut ext[..rows],
+                        0,
+                    );
                     let p = MatRef::from_row_major_slice_with_stride(
                         &scores[..(rows - 1) * t + width],
                         rows,
