@@ -507,22 +507,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use crate::backend::Precision;
-    use crate::backend::cpu::exec::{Plan, Workspace};
+    use crate::backend::cpu::exec::Plan;
     use crate::model::ModelConfig;
     use crate::model::kernels::{KernelOptions, LayerKernels, WeightMode};
     use crate::rng::Rng;
-
-    fn run(plan: &Plan, inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {
-        let args: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-        let mut outs: Vec<Vec<f32>> = plan
-            .outputs
-            .iter()
-            .map(|v| vec![0.0; v.ty.numel()])
-            .collect();
-        plan.execute_into(&mut Workspace::default(), &args, &mut outs)
-            .unwrap();
-        outs
-    }
 
     /// The attention kernels (MHA and GQA 4/2; one block, and several blocks
     /// with a ragged last one) give the values of their programs run op by op,
@@ -571,7 +559,7 @@ mod tests {
                                 .collect()
                         })
                         .collect();
-                    for (got, want) in run(&fused, &inputs).iter().zip(run(&exact, &inputs)) {
+                    for (got, want) in fused.run_once(&inputs).iter().zip(exact.run_once(&inputs)) {
                         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                         for (g, w) in got.iter().zip(&want) {
                             assert!(

@@ -333,6 +333,20 @@ impl Plan {
         })
     }
 
+    /// Run once on fresh buffers: one vector per input in, per output out.
+    #[cfg(test)]
+    pub(super) fn run_once(&self, inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        let args: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        let mut outs: Vec<Vec<f32>> = self
+            .outputs
+            .iter()
+            .map(|v| vec![0.0; v.ty.numel()])
+            .collect();
+        self.execute_into(&mut Workspace::default(), &args, &mut outs)
+            .unwrap();
+        outs
+    }
+
     /// The label of every step, in order (for tests of what fused).
     #[cfg(test)]
     pub(super) fn step_labels(&self) -> Vec<&str> {

@@ -256,25 +256,13 @@ mod tests {
 
     use super::*;
     use crate::backend::Precision;
-    use crate::backend::cpu::exec::{Plan, Workspace};
+    use crate::backend::cpu::exec::Plan;
     use crate::model::ModelConfig;
     use crate::model::kernels::{KernelOptions, LayerKernels, WeightMode};
     use crate::rng::Rng;
 
     fn count(program: &Program, op: Op) -> usize {
         program.main.ops.iter().filter(|o| o.op == op).count()
-    }
-
-    fn run(plan: &Plan, inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {
-        let args: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-        let mut outs: Vec<Vec<f32>> = plan
-            .outputs
-            .iter()
-            .map(|v| vec![0.0; v.ty.numel()])
-            .collect();
-        plan.execute_into(&mut Workspace::default(), &args, &mut outs)
-            .unwrap();
-        outs
     }
 
     /// Every training kernel (GQA 4/2, both runtime-weight modes) computes the
@@ -308,7 +296,7 @@ mod tests {
                     .iter()
                     .map(|v| (0..v.ty.numel()).map(|_| rng.next_f32() - 0.5).collect())
                     .collect();
-                for (got, want) in run(&fast, &inputs).iter().zip(run(&exact, &inputs)) {
+                for (got, want) in fast.run_once(&inputs).iter().zip(exact.run_once(&inputs)) {
                     for (g, w) in got.iter().zip(&want) {
                         assert!(
                             (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
