@@ -16,9 +16,6 @@
 //! - [`bench`]: benchmark suites (training steps, ANE micro-benchmarks) and their timing harness.
 //! - [`math`]: vectorizable `exp`, sigmoid and reductions for the hot loops.
 
-// Only the ANE FFI layer (src/backend/ane/ffi.rs) may opt out.
-#![deny(unsafe_code)]
-
 pub mod atomic;
 pub mod backend;
 pub mod bench;
