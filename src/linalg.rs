@@ -1,5 +1,6 @@
-//! Host-side GEMM for the CPU half of training (weight gradients, classifier,
-//! cross-entropy): a thin wrapper over faer for row-major `f32` slices.
+//! Host-side GEMM for the CPU half of training (weight gradients, classifier):
+//! a thin wrapper over faer for row-major `f32` slices, and a blocked
+//! transpose.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -15,63 +16,54 @@ fn par_for(m: usize, n: usize, k: usize) -> Par {
     }
 }
 
-/// `dst (cols x rows) = src (rows x cols)^T`, both row-major, in 32 x 32 tiles
-/// so that reads and writes both stay within a few cache lines; parallel over
-/// bands of result rows.
-fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const TILE: usize = 32;
+/// `dst (cols x rows) = src (rows x cols)^T`, both row-major. Tiles of 16 x 16
+/// go through a local array: sixteen contiguous reads of sixteen values and
+/// sixteen contiguous writes of a full cache line each. Work is split into
+/// bands of 32 result rows, in parallel for large matrices. Measured on Zen 3
+/// (2 threads): 1.2 ns a value for 32000 x 768, against 2.5 with 8 x 8 tiles,
+/// whose half-line writes each cost a line.
+pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 16;
+    const BAND: usize = 32;
     debug_assert_eq!(src.len(), rows * cols);
     debug_assert_eq!(dst.len(), rows * cols);
     if rows == 0 || cols == 0 {
         return;
     }
     let band = |(b, out): (usize, &mut [f32])| {
-        let c0 = b * TILE;
+        let c0 = b * BAND;
         let width = out.len() / rows;
-        for r0 in (0..rows).step_by(TILE) {
-            for c in 0..width {
-                let row = &mut out[c * rows + r0..][..TILE.min(rows - r0)];
-                for (i, d) in row.iter_mut().enumerate() {
-                    *d = src[(r0 + i) * cols + c0 + c];
+        let (full_r, full_c) = (rows / TILE * TILE, width / TILE * TILE);
+        for r0 in (0..full_r).step_by(TILE) {
+            for cb in (0..full_c).step_by(TILE) {
+                let mut tile = [[0.0f32; TILE]; TILE];
+                for i in 0..TILE {
+                    let s = &src[(r0 + i) * cols + c0 + cb..][..TILE];
+                    for j in 0..TILE {
+                        tile[j][i] = s[j];
+                    }
                 }
+                for (j, t) in tile.iter().enumerate() {
+                    out[(cb + j) * rows + r0..][..TILE].copy_from_slice(t);
+                }
+            }
+            for c in full_c..width {
+                for i in 0..TILE {
+                    out[c * rows + r0 + i] = src[(r0 + i) * cols + c0 + c];
+                }
+            }
+        }
+        for r in full_r..rows {
+            for c in 0..width {
+                out[c * rows + r] = src[r * cols + c0 + c];
             }
         }
     };
     if src.len() >= 1 << 16 {
-        dst.par_chunks_mut(TILE * rows).enumerate().for_each(band);
+        dst.par_chunks_mut(BAND * rows).enumerate().for_each(band);
     } else {
-        dst.chunks_mut(TILE * rows).enumerate().for_each(band);
+        dst.chunks_mut(BAND * rows).enumerate().for_each(band);
     }
-}
-
-/// Products at least this large whose left operand is stored transposed copy it
-/// to row-major first: faer runs them 20-30 % slower than the row-major form
-/// (768x2048x512 on Zen 3: 103 against 129 GFLOP/s), and the copy costs less
-/// than the difference.
-const ROW_MAJOR_LHS_FLOPS: usize = 1 << 24;
-
-thread_local! {
-    /// The row-major copy of a transposed left operand, reused between products.
-    static LHS_ROW_MAJOR: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Call `f` with the left operand of an `m x k` by `k x n` product as a
-/// row-major `m x k` slice: `a` itself unless it is stored transposed (`k x m`,
-/// `a_t`) and the product is large, then a copy in a reused buffer.
-pub(crate) fn with_row_major_lhs<R>(
-    a: &[f32],
-    a_t: bool,
-    (m, k, n): (usize, usize, usize),
-    f: impl FnOnce(&[f32], bool) -> R,
-) -> R {
-    if !a_t || m * k * n < ROW_MAJOR_LHS_FLOPS {
-        return f(a, a_t);
-    }
-    LHS_ROW_MAJOR.with_borrow_mut(|scratch| {
-        scratch.resize(m * k, 0.0);
-        transpose_into(a, k, m, scratch);
-        f(scratch, false)
-    })
 }
 
 /// A row-major matrix operand, optionally transposed: `a` is `rows x cols` as
@@ -123,42 +115,6 @@ pub fn gemm(
     alpha: f32,
     accumulate: bool,
 ) {
-    if a.t && a.rows * a.cols * nc >= ROW_MAJOR_LHS_FLOPS {
-        return with_row_major_lhs(a.data, true, (m, a.rows, nc), |a_rm, _| {
-            gemm(c, m, nc, n(a_rm, m, a.rows), b, alpha, accumulate)
-        });
-    }
-    product(c, false, m, nc, a, b, alpha, accumulate);
-}
-
-/// Like [`gemm`], but `c` is stored transposed: `c` holds the `m x n` result
-/// as `n x m` row-major (column-major `m x n`). For products whose natural
-/// left operand is a transposed activation, this form keeps both operands
-/// row-major and needs no copy.
-pub fn gemm_transposed_out(
-    c: &mut [f32],
-    m: usize,
-    nc: usize,
-    a: Operand,
-    b: Operand,
-    alpha: f32,
-    accumulate: bool,
-) {
-    product(c, true, m, nc, a, b, alpha, accumulate);
-}
-
-/// `c = alpha a b (+ c)` with `c` row-major, or column-major (`c_t`).
-#[allow(clippy::too_many_arguments)]
-fn product(
-    c: &mut [f32],
-    c_t: bool,
-    m: usize,
-    nc: usize,
-    a: Operand,
-    b: Operand,
-    alpha: f32,
-    accumulate: bool,
-) {
     let (a, b) = (a.view(), b.view());
     assert_eq!(
         (a.nrows(), b.ncols(), a.ncols()),
@@ -167,11 +123,7 @@ fn product(
     );
     assert_eq!(c.len(), m * nc, "gemm output size");
     let k = a.ncols();
-    let dst = if c_t {
-        MatMut::from_column_major_slice_mut(c, m, nc)
-    } else {
-        MatMut::from_row_major_slice_mut(c, m, nc)
-    };
+    let dst = MatMut::from_row_major_slice_mut(c, m, nc);
     let accum = if accumulate {
         Accum::Add
     } else {
@@ -196,7 +148,15 @@ mod tests {
 
     #[test]
     fn transpose_into_matches_the_definition() {
-        for (rows, cols) in [(3, 5), (70, 33), (1, 40), (300, 257)] {
+        for (rows, cols) in [
+            (3, 5),
+            (70, 33),
+            (1, 40),
+            (300, 257),
+            (8, 8),
+            (16, 72),
+            (771, 300),
+        ] {
             let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
             let mut dst = vec![0.0; rows * cols];
             transpose_into(&src, rows, cols, &mut dst);
@@ -229,14 +189,6 @@ mod tests {
         gemm(&mut c, m, nn, n(&a, m, k), n(&b, k, nn), 1.0, false);
         for i in 0..m * nn {
             assert!((c[i] - want[i]).abs() < 1e-5);
-        }
-        // The result stored transposed (nn x m), accumulated.
-        let mut ct = vec![1.0; m * nn];
-        gemm_transposed_out(&mut ct, m, nn, n(&a, m, k), n(&b, k, nn), 2.0, true);
-        for i in 0..m {
-            for j in 0..nn {
-                assert!((ct[j * m + i] - (1.0 + 2.0 * want[i * nn + j])).abs() < 1e-5);
-            }
         }
     }
 }

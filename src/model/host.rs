@@ -90,118 +90,202 @@ pub fn rmsnorm_backward(
     }
 }
 
-/// `logits (T, V) = xf^T E^T` for `xf (C, T)` and a classifier `E (V, C)`.
-pub fn classifier_forward(logits: &mut [f32], xf: &[f32], classifier: &[f32], dim: usize) {
+/// `logits (V, P) = E x` for final-norm activations `x (C, P)` and a
+/// classifier `E (V, C)`: vocabulary-major, one row per vocabulary entry and one
+/// column per position, like every other host activation. In this form the
+/// product (and both of its backward products) runs in faer's fast layout.
+pub fn classifier_forward(logits: &mut [f32], x: &[f32], classifier: &[f32], dim: usize) {
     let vocab = classifier.len() / dim;
-    let seq = xf.len() / dim;
+    let p = x.len() / dim;
     gemm(
         logits,
-        seq,
         vocab,
-        t(xf, dim, seq),
-        t(classifier, vocab, dim),
+        p,
+        n(classifier, vocab, dim),
+        n(x, dim, p),
         1.0,
         false,
     );
 }
 
-/// Backward of [`classifier_forward`]: `dxf (C, T) = E^T dlogits^T` (overwritten)
-/// and `dE (V, C) += dlogits^T xf^T`.
+/// Backward of [`classifier_forward`] given `g = dlogits (V, P)`:
+/// `dx (C, P) = E^T g` (overwritten) and `dE (V, C) += g x^T`.
+///
+/// `E^T` as stored (`classifier_t`, `(C, V)`) gives the `dx` product a
+/// row-major left operand, faer's fast form; without it, `E` is read
+/// transposed in place, about a fifth slower. A caller with several groups of
+/// positions per step transposes `E` once for all of them.
 pub fn classifier_backward(
-    dxf: &mut [f32],
+    dx: &mut [f32],
     d_classifier: &mut [f32],
-    dlogits: &[f32],
-    xf: &[f32],
+    g: &[f32],
+    x: &[f32],
     classifier: &[f32],
+    classifier_t: Option<&[f32]>,
     dim: usize,
 ) {
     let vocab = classifier.len() / dim;
-    let seq = xf.len() / dim;
-    // dxf^T (T, C) = dlogits E with both operands row-major (the fast form for
-    // a vocabulary-sized inner dimension), stored transposed: straight into dxf.
-    crate::linalg::gemm_transposed_out(
-        dxf,
-        seq,
-        dim,
-        n(dlogits, seq, vocab),
-        n(classifier, vocab, dim),
-        1.0,
-        false,
-    );
-    // dE^T (C, V) += xf dlogits, both row-major, into dE's storage (V, C).
-    crate::linalg::gemm_transposed_out(
+    let p = x.len() / dim;
+    let e_t = match classifier_t {
+        Some(e_t) => n(e_t, dim, vocab),
+        None => t(classifier, vocab, dim),
+    };
+    gemm(dx, dim, p, e_t, n(g, vocab, p), 1.0, false);
+    gemm(
         d_classifier,
-        dim,
         vocab,
-        n(xf, dim, seq),
-        n(dlogits, seq, vocab),
+        dim,
+        n(g, vocab, p),
+        t(x, dim, p),
         1.0,
         true,
     );
 }
 
-/// Cross-entropy of `logits (T, V)` against `targets (T)`, in place: returns the
-/// summed loss over positions (natural log) and overwrites `logits` with
-/// `scale * (softmax - onehot)`, the gradient of `scale * summed loss`.
-pub fn cross_entropy(logits: &mut [f32], targets: &[u32], scale: f32) -> f64 {
-    let vocab = logits.len() / targets.len();
-    // One loss per position, summed in order afterwards: the result does not
-    // depend on how rayon splits the rows.
-    let mut losses = vec![0.0f64; targets.len()];
-    logits
-        .par_chunks_mut(vocab)
-        .zip(targets.par_iter())
-        .zip(losses.par_iter_mut())
-        .for_each(|((row, &target), loss)| {
-            crate::math::simd(
-                #[inline(always)]
-                || {
-                    let max = crate::math::max(row);
-                    for v in row.iter_mut() {
-                        *v = crate::math::exp(*v - max);
-                    }
-                    let sum = crate::math::sum_f64(row);
-                    let target_p = row[target as usize] as f64 / sum;
-                    let factor = (1.0 / sum) as f32 * scale;
-                    for v in row.iter_mut() {
-                        *v *= factor;
-                    }
-                    row[target as usize] -= scale;
-                    *loss = -target_p.ln();
-                },
-            )
-        });
-    losses.iter().sum()
+/// Logits per task of [`cross_entropy`]: 64 Ki floats (256 KiB), so that a
+/// chunk stays in a core's L2 cache between its passes.
+const CHUNK_FLOATS: usize = 1 << 16;
+
+/// [`cross_entropy`]'s statistics, kept between calls.
+#[derive(Default)]
+pub struct CrossEntropyScratch {
+    /// Per chunk of rows: each position's maximum, then its sum of
+    /// exponentials; then the merged maximum and `1 / sum` of each position.
+    stats: Vec<f32>,
+    /// Each position's sum of exponentials over the vocabulary.
+    sums: Vec<f64>,
 }
 
-/// Log-probabilities are not needed for training; evaluation uses the loss only.
-/// Mean loss of `logits (T, V)` against `targets` without touching the logits.
-pub fn cross_entropy_loss(logits: &[f32], targets: &[u32]) -> f64 {
-    let vocab = logits.len() / targets.len();
-    let mut losses = vec![0.0f64; targets.len()];
+/// Cross-entropy (natural log) of vocabulary-major `logits (V, P)` against
+/// `targets (P)`, summed over positions. With `grad_scale`, the logits are
+/// overwritten with the gradient of `grad_scale * summed loss`,
+/// `grad_scale * (softmax - onehot)`; without, they are left as scratch.
+///
+/// Rows are cut into chunks of [`CHUNK_FLOATS`]. Pass 1 (in parallel) reduces
+/// each chunk to a per-position maximum `m_c` and sum `s_c` of `e^(l - m_c)`,
+/// keeping the exponentials in place; the chunks merge in order into the
+/// maximum `M` and sum `S` over the vocabulary (`S` in `f64`); pass 2 scales
+/// each chunk's exponentials by `grad_scale e^(m_c - M) / S`. Two passes over
+/// the logits, one exponential per logit, and the result does not depend on
+/// the number of threads.
+pub fn cross_entropy(
+    logits: &mut [f32],
+    targets: &[u32],
+    grad_scale: Option<f32>,
+    scratch: &mut CrossEntropyScratch,
+) -> f64 {
+    let p = targets.len();
+    let vocab = logits.len() / p;
+    assert_eq!(logits.len(), vocab * p, "cross_entropy: logits size");
+    let rows = (CHUNK_FLOATS / p).clamp(1, vocab.max(1));
+    let chunks = vocab.div_ceil(rows);
+    // The target logits, before pass 1 replaces them.
+    let target_sum: f64 = targets
+        .iter()
+        .enumerate()
+        .map(|(j, &target)| f64::from(logits[target as usize * p + j]))
+        .sum();
+    let stats = &mut scratch.stats;
+    stats.resize((2 * chunks + 2) * p, 0.0);
+    let (per_chunk, merged) = stats.split_at_mut(2 * chunks * p);
     logits
-        .par_chunks(vocab)
-        .zip(targets.par_iter())
-        .zip(losses.par_iter_mut())
-        .for_each(|((row, &target), loss)| {
+        .par_chunks_mut(rows * p)
+        .zip(per_chunk.par_chunks_mut(2 * p))
+        .for_each(|(l, st)| {
+            let (max, sum) = st.split_at_mut(p);
             crate::math::simd(
                 #[inline(always)]
                 || {
-                    let max = crate::math::max(row);
-                    let mut buf = [0.0f32; 256];
-                    let mut sum = 0.0f64;
-                    for chunk in row.chunks(buf.len()) {
-                        let e = &mut buf[..chunk.len()];
-                        for (e, &v) in e.iter_mut().zip(chunk) {
-                            *e = crate::math::exp(v - max);
-                        }
-                        sum += crate::math::sum_f64(e);
-                    }
-                    *loss = sum.ln() + max as f64 - row[target as usize] as f64;
+                    max.copy_from_slice(&l[..p]);
+                    column_max(&l[p..], max);
+                    sum.fill(0.0);
+                    exp_columns(l, max, sum);
                 },
             )
         });
-    losses.iter().sum()
+    let (max, inv_sum) = merged.split_at_mut(p);
+    max.fill(f32::NEG_INFINITY);
+    for st in per_chunk.chunks(2 * p) {
+        for (m, &c) in max.iter_mut().zip(&st[..p]) {
+            *m = m.max(c);
+        }
+    }
+    // Chunk-major, so that the statistics are read in order.
+    let sums = &mut scratch.sums;
+    sums.clear();
+    sums.resize(p, 0.0);
+    for st in per_chunk.chunks(2 * p) {
+        let (cmax, csum) = st.split_at(p);
+        for (((s, &cm), &cs), &m) in sums.iter_mut().zip(cmax).zip(csum).zip(max.iter()) {
+            *s += f64::from(cs) * f64::from(crate::math::exp(cm - m));
+        }
+    }
+    let mut total = 0.0f64;
+    for ((inv, &sum), &m) in inv_sum.iter_mut().zip(sums.iter()).zip(max.iter()) {
+        total += f64::from(m) + sum.ln();
+        *inv = (1.0 / sum) as f32;
+    }
+    if let Some(scale) = grad_scale {
+        let (max, inv_sum) = (&*max, &*inv_sum);
+        logits
+            .par_chunks_mut(rows * p)
+            .zip(per_chunk.par_chunks_mut(2 * p))
+            .enumerate()
+            .for_each(|(c, (l, st))| {
+                // The chunk's factors replace its maxima, no longer needed.
+                let factor = &mut st[..p];
+                for ((f, &m), &inv) in factor.iter_mut().zip(max).zip(inv_sum) {
+                    *f = crate::math::exp(*f - m) * inv * scale;
+                }
+                crate::math::simd(
+                    #[inline(always)]
+                    || scale_columns(l, factor),
+                );
+                let v0 = c * rows;
+                for (j, &target) in targets.iter().enumerate() {
+                    let target = target as usize;
+                    if (v0..v0 + l.len() / p).contains(&target) {
+                        l[(target - v0) * p + j] -= scale;
+                    }
+                }
+            });
+    }
+    total - target_sum
+}
+
+/// `max[j] = max(max[j], l[r, j])` over the rows of `l (rows, P)`.
+///
+/// These three loops are plain zips over a row: in that form the compiler
+/// vectorizes them across positions (with `math::exp` inlined). Spelled as
+/// fixed blocks of eight, the exponential loop ran ten times slower.
+#[inline(always)]
+fn column_max(l: &[f32], max: &mut [f32]) {
+    for row in l.chunks_exact(max.len()) {
+        for (m, &v) in max.iter_mut().zip(row) {
+            *m = m.max(v);
+        }
+    }
+}
+
+/// `l = e^(l - max)` per position of `l (rows, P)`, each row added into `sum`.
+#[inline(always)]
+fn exp_columns(l: &mut [f32], max: &[f32], sum: &mut [f32]) {
+    for row in l.chunks_exact_mut(max.len()) {
+        for ((v, &m), s) in row.iter_mut().zip(max).zip(sum.iter_mut()) {
+            *v = crate::math::exp(*v - m);
+            *s += *v;
+        }
+    }
+}
+
+/// `l[r, j] *= factor[j]` over the rows of `l (rows, P)`.
+#[inline(always)]
+fn scale_columns(l: &mut [f32], factor: &[f32]) {
+    for row in l.chunks_exact_mut(factor.len()) {
+        for (v, &f) in row.iter_mut().zip(factor) {
+            *v *= f;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -259,26 +343,64 @@ mod tests {
         }
     }
 
+    /// `sum_j logsumexp(column j) - l[target_j, j]` in f64, and the softmax.
+    fn reference_ce(logits: &[f32], targets: &[u32]) -> (f64, Vec<f64>) {
+        let p = targets.len();
+        let vocab = logits.len() / p;
+        let mut softmax = vec![0.0; vocab * p];
+        let mut loss = 0.0;
+        for j in 0..p {
+            let col = |v: usize| f64::from(logits[v * p + j]);
+            let max = (0..vocab).map(col).fold(f64::MIN, f64::max);
+            let sum: f64 = (0..vocab).map(|v| (col(v) - max).exp()).sum();
+            loss += max + sum.ln() - col(targets[j] as usize);
+            for v in 0..vocab {
+                softmax[v * p + j] = (col(v) - max).exp() / sum;
+            }
+        }
+        (loss, softmax)
+    }
+
     #[test]
     fn cross_entropy_gradient_and_value() {
         let (seq, vocab) = (3, 7);
-        let logits = randn(seq * vocab, 4);
+        let logits = randn(vocab * seq, 4); // (V, P)
         let targets = [2u32, 0, 6];
-        // hand-derived value: sum_t logsumexp(row) - row[target]
-        let want: f64 = (0..seq)
-            .map(|p| {
-                let row = &logits[p * vocab..(p + 1) * vocab];
-                let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
-                lse - row[targets[p] as usize] as f64
-            })
-            .sum();
-        assert!((cross_entropy_loss(&logits, &targets) - want).abs() < 1e-5);
+        let mut stats = CrossEntropyScratch::default();
+        let loss =
+            |l: &[f32]| cross_entropy(&mut l.to_vec(), &targets, None, &mut Default::default());
+        let (want, _) = reference_ce(&logits, &targets);
+        assert!((loss(&logits) - want).abs() < 1e-5);
         let mut g = logits.clone();
-        let got = cross_entropy(&mut g, &targets, 0.5);
+        let got = cross_entropy(&mut g, &targets, Some(0.5), &mut stats);
         assert!((got - want).abs() < 1e-5);
         for i in 0..seq * vocab {
-            let num = fd(&|l| cross_entropy_loss(l, &targets), &logits, i) * 0.5;
+            let num = fd(&loss, &logits, i) * 0.5;
             assert!((g[i] as f64 - num).abs() < 1e-3, "{i}");
+        }
+    }
+
+    /// Many chunks (the last one partial), positions not a multiple of eight,
+    /// and logits whose exponentials overflow `f32` unshifted: the merged
+    /// statistics against an f64 softmax.
+    #[test]
+    fn cross_entropy_merges_chunks_exactly() {
+        for (p, vocab, mag) in [(1000, 300, 1.0), (37, 5000, 60.0), (1, 70_000, 30.0)] {
+            let logits: Vec<f32> = randn(vocab * p, 8).iter().map(|v| v * mag).collect();
+            let targets: Vec<u32> = (0..p).map(|j| ((j * 7919 + 5) % vocab) as u32).collect();
+            assert!(vocab.div_ceil((CHUNK_FLOATS / p).min(vocab)) > 1);
+            let (want, softmax) = reference_ce(&logits, &targets);
+            let mut g = logits.clone();
+            let got = cross_entropy(&mut g, &targets, Some(2.0), &mut Default::default());
+            assert!(
+                (got - want).abs() < 1e-6 * want.abs().max(1.0),
+                "{got} {want}"
+            );
+            for (i, (&g, &s)) in g.iter().zip(&softmax).enumerate() {
+                let onehot = f64::from(u8::from(targets[i % p] as usize == i / p));
+                let want = 2.0 * (s - onehot);
+                assert!((f64::from(g) - want).abs() < 1e-6, "[{i}] {g} {want}");
+            }
         }
     }
 
@@ -287,9 +409,9 @@ mod tests {
         let (dim, seq, vocab) = (4, 3, 5);
         let xf = randn(dim * seq, 5);
         let e = randn(vocab * dim, 6);
-        let probe = randn(seq * vocab, 7);
+        let probe = randn(vocab * seq, 7);
         let loss = |xf: &[f32], e: &[f32]| {
-            let mut l = vec![0.0; seq * vocab];
+            let mut l = vec![0.0; vocab * seq];
             classifier_forward(&mut l, xf, e, dim);
             l.iter()
                 .zip(&probe)
@@ -297,7 +419,14 @@ mod tests {
                 .sum::<f64>()
         };
         let (mut dxf, mut de) = (vec![0.0; dim * seq], vec![0.0; vocab * dim]);
-        classifier_backward(&mut dxf, &mut de, &probe, &xf, &e, dim);
+        let mut et = vec![0.0; dim * vocab];
+        crate::linalg::transpose_into(&e, vocab, dim, &mut et);
+        classifier_backward(&mut dxf, &mut de, &probe, &xf, &e, Some(&et), dim);
+        // E read transposed in place: the same gradients.
+        let (mut dxf2, mut de2) = (vec![0.0; dim * seq], vec![0.0; vocab * dim]);
+        classifier_backward(&mut dxf2, &mut de2, &probe, &xf, &e, None, dim);
+        assert!(dxf.iter().zip(&dxf2).all(|(a, b)| (a - b).abs() < 1e-5));
+        assert!(de.iter().zip(&de2).all(|(a, b)| (a - b).abs() < 1e-5));
         for i in 0..dim * seq {
             assert!((dxf[i] as f64 - fd(&|x| loss(x, &e), &xf, i)).abs() < 1e-3);
         }

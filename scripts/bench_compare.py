@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""anemone against PyTorch on the same machine, in interleaved rounds.
+
+Runs `anemone bench train-step` and `scripts/bench_pytorch.py` on the same
+workloads, one after the other, for several rounds. The order within a round
+alternates (anemone first in odd rounds, PyTorch first in even ones), so a slow
+spell of a shared VM lands on both sides. Each round gives one ratio
+anemone/PyTorch of the two medians; the summary reports the median of those
+ratios next to the medians of the step times.
+
+Examples:
+  cargo build --release
+  python3 scripts/bench_compare.py                         # the three workloads, 5 rounds
+  python3 scripts/bench_compare.py --workloads layer768 --rounds 3
+  python3 scripts/bench_compare.py --json compare.json     # every run's fields too
+
+Workloads (docs/performance.md): layer768 (seq 512, batch 1), stories110m
+(seq 256, batch 1), stories15m (seq 256, batch 8). Needs torch (CPU is enough)
+and a release build of anemone; never run by CI.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+WORKLOADS = {
+    "layer768": (512, 1),
+    "stories110m": (256, 1),
+    "stories15m": (256, 8),
+}
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def run(cmd, json_path):
+    """Runs one benchmark command and returns its JSON report."""
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}")
+    with open(json_path) as f:
+        return json.load(f)
+
+
+def anemone(args, name, seq, batch, json_path):
+    cmd = [args.anemone, "bench", "train-step", "--config", name, "--seq", str(seq),
+           "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--json", json_path]
+    r = run(cmd, json_path)
+    return {"ms": r["ms_median"], "min": r["ms_min"], "max": r["ms_max"],
+            "gflops": r["gflops"], "peak": r["gemm_peak_gflops"],
+            "rss": r["peak_rss_mb"]}
+
+
+def pytorch(args, name, seq, batch, json_path):
+    cmd = [sys.executable, os.path.join(HERE, "bench_pytorch.py"), "--config", name,
+           "--seq", str(seq), "--batch", str(batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--json", json_path]
+    r = run(cmd, json_path)
+    return {"ms": r["median_ms"], "min": r["min_ms"], "max": r["max_ms"],
+            "gflops": r["gflops"], "peak": r["gemm_peak_gflops"],
+            "rss": r["peak_rss_mb"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--anemone", default=os.path.join(ROOT, "target", "release", "anemone"),
+                   help="the anemone binary (default: target/release/anemone)")
+    p.add_argument("--json", help="write every run's fields and the summary here")
+    args = p.parse_args()
+    if not os.path.exists(args.anemone):
+        sys.exit(f"{args.anemone} not found: run `cargo build --release` first "
+                 "or pass --anemone PATH")
+
+    results = {w: [] for w in args.workloads}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(args.rounds):
+            for w in args.workloads:
+                seq, batch = WORKLOADS[w]
+                path = os.path.join(tmp, f"{w}-{rnd}.json")
+                sides = [("anemone", anemone), ("pytorch", pytorch)]
+                if rnd % 2 == 1:
+                    sides.reverse()
+                got = {side: fn(args, w, seq, batch, path) for side, fn in sides}
+                got["ratio"] = got["anemone"]["ms"] / got["pytorch"]["ms"]
+                results[w].append(got)
+                a, t = got["anemone"], got["pytorch"]
+                print(f"round {rnd + 1}/{args.rounds} {w:12} anemone {a['ms']:8.1f} ms "
+                      f"({a['gflops']:.0f} of {a['peak']:.0f} GFLOP/s)  pytorch {t['ms']:8.1f} ms "
+                      f"({t['gflops']:.0f} of {t['peak']:.0f} GFLOP/s)  ratio {got['ratio']:.2f}",
+                      flush=True)
+
+    print()
+    print("| workload | rounds | anemone ms/step (median of medians) | PyTorch ms/step "
+          "| ratio per round | median ratio | anemone share of in-run GEMM peak "
+          "| peak RSS anemone / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|")
+    summary = {}
+    for w, runs in results.items():
+        ratios = [r["ratio"] for r in runs]
+        a_ms = statistics.median(r["anemone"]["ms"] for r in runs)
+        t_ms = statistics.median(r["pytorch"]["ms"] for r in runs)
+        share = statistics.median(r["anemone"]["gflops"] / r["anemone"]["peak"] for r in runs)
+        a_rss = max(r["anemone"]["rss"] for r in runs)
+        t_rss = max(r["pytorch"]["rss"] for r in runs)
+        summary[w] = {"anemone_ms": a_ms, "pytorch_ms": t_ms, "ratios": ratios,
+                      "median_ratio": statistics.median(ratios), "gemm_peak_share": share,
+                      "anemone_rss_mb": a_rss, "pytorch_rss_mb": t_rss}
+        seq, batch = WORKLOADS[w]
+        print(f"| `{w}`, seq {seq}, batch {batch} | {len(runs)} | {a_ms:.1f} | {t_ms:.1f} "
+              f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{statistics.median(ratios):.2f}** "
+              f"| {share * 100:.0f} % | {a_rss:.0f} MB / {t_rss:.0f} MB |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": results, "summary": summary, "args": vars(args)}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
