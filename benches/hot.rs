@@ -145,7 +145,7 @@ fn bench_adamw(c: &mut Criterion) {
     // Read w, g, m, v and write w, m, v: 7 x 4 bytes per parameter.
     group.throughput(Throughput::Bytes((weights.data.len() * 28) as u64));
     group.bench_function(format!("step {} params", weights.data.len()), |b| {
-        b.iter(|| opt.step(&mut weights, &grad, &mut state, 3e-4))
+        b.iter(|| opt.step(&mut weights, &grad, &mut state, 3e-4, 1.0))
     });
     group.finish();
 }

@@ -151,8 +151,8 @@ pub fn run(
         grads.data.fill(0.0);
         let loss = engine.forward_backward(&weights, &mut grads, &inputs, &targets, 1.0)?;
         let opt_start = Instant::now();
-        optim::clip_grad_norm(&mut grads.data, 1.0);
-        adamw.step(&mut weights, &grads.data, &mut adam, 3e-4);
+        let clip = optim::clip_factor(optim::global_norm(&grads.data), 1.0);
+        adamw.step(&mut weights, &grads.data, &mut adam, 3e-4, clip);
         let elapsed = start.elapsed().as_secs_f64();
         if step >= opts.warmup {
             profile.add("optimizer", opt_start);

@@ -282,9 +282,15 @@ impl Trainer {
                 optim::learning_rate(cfg.schedule, cfg.lr, self.state.step, cfg.warmup, cfg.steps);
             let mut grad_norm = f64::NAN;
             if event != ScaleEvent::Skip {
-                grad_norm = optim::clip_grad_norm(&mut self.grads.data, cfg.grad_clip);
-                cfg.optimizer
-                    .step(&mut self.weights, &self.grads.data, &mut self.adam, lr);
+                grad_norm = optim::global_norm(&self.grads.data);
+                let clip = optim::clip_factor(grad_norm, cfg.grad_clip);
+                cfg.optimizer.step(
+                    &mut self.weights,
+                    &self.grads.data,
+                    &mut self.adam,
+                    lr,
+                    clip,
+                );
             } else {
                 observer.on_message(&format!(
                     "step {}: non-finite gradients, update skipped, loss scale now {}",

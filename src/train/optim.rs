@@ -48,8 +48,19 @@ impl AdamState {
 }
 
 impl AdamW {
-    /// One update of `weights` with gradient `grad` (same layout) at learning rate `lr`.
-    pub fn step(&self, weights: &mut Weights, grad: &[f32], state: &mut AdamState, lr: f32) {
+    /// One update of `weights` with gradient `grad_scale * grad` (same layout)
+    /// at learning rate `lr`. `grad_scale` carries a global-norm clip
+    /// ([`clip_factor`]) into the update's one pass over the arrays, instead
+    /// of a separate pass that rewrites the gradient; the values are those of
+    /// scaling the gradient first, bit for bit.
+    pub fn step(
+        &self,
+        weights: &mut Weights,
+        grad: &[f32],
+        state: &mut AdamState,
+        lr: f32,
+        grad_scale: f32,
+    ) {
         state.t += 1;
         let t = state.t as i32;
         let bias1 = 1.0 - self.beta1.powi(t);
@@ -72,6 +83,7 @@ impl AdamW {
                     || {
                         let each = w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g);
                         for (((w, m), v), &g) in each {
+                            let g = g * grad_scale;
                             *w *= keep;
                             *m = beta1 * *m + one_minus_b1 * g;
                             *v = beta2 * *v + one_minus_b2 * g * g;
@@ -138,21 +150,16 @@ pub fn global_norm(grad: &[f32]) -> f64 {
     partial.iter().sum::<f64>().sqrt()
 }
 
-/// Scale `grad` so its global norm is at most `max_norm` (like
-/// `torch.nn.utils.clip_grad_norm_`, factor `max_norm / (norm + 1e-6)`).
-/// Returns the norm before clipping.
-pub fn clip_grad_norm(grad: &mut [f32], max_norm: f32) -> f64 {
-    let norm = global_norm(grad);
+/// The factor that brings a gradient of global norm `norm` to at most
+/// `max_norm`, like `torch.nn.utils.clip_grad_norm_` (`max_norm / (norm +
+/// 1e-6)` when the norm exceeds it, else 1; 0 disables clipping). Applied by
+/// [`AdamW::step`]'s `grad_scale`.
+pub fn clip_factor(norm: f64, max_norm: f32) -> f32 {
     if max_norm > 0.0 && norm > max_norm as f64 {
-        let factor = (max_norm as f64 / (norm + 1e-6)) as f32;
-        grad.par_chunks_mut(CHUNK).for_each(|c| {
-            crate::math::simd(
-                #[inline(always)]
-                || c.iter_mut().for_each(|g| *g *= factor),
-            )
-        });
+        (max_norm as f64 / (norm + 1e-6)) as f32
+    } else {
+        1.0
     }
-    norm
 }
 
 /// Dynamic loss scaling for fp16 kernels: multiply the loss gradient by
@@ -252,14 +259,32 @@ mod tests {
         grad[n] = 0.2;
         let opt = AdamW::default();
         let mut st = AdamState::new(w.data.len());
-        opt.step(&mut w, &grad, &mut st, 0.1);
+        opt.step(&mut w, &grad, &mut st, 0.1, 1.0);
         assert!((w.data[i] - 0.395).abs() < 1e-6, "{}", w.data[i]);
         assert!(
             (w.data[n] - 0.4).abs() < 1e-6,
             "norm weights are not decayed"
         );
-        opt.step(&mut w, &grad, &mut st, 0.1);
+        opt.step(&mut w, &grad, &mut st, 0.1, 1.0);
         assert!((w.data[i] - 0.29105).abs() < 1e-5, "{}", w.data[i]);
+        // A clip factor inside the update equals scaling the gradient first,
+        // bit for bit.
+        let (mut w2, mut st2) = (w.clone(), st.clone());
+        let big: Vec<f32> = grad.iter().map(|g| g * 7.0).collect();
+        let scaled: Vec<f32> = big.iter().map(|g| g * 0.3).collect();
+        opt.step(&mut w, &big, &mut st, 0.1, 0.3);
+        opt.step(&mut w2, &scaled, &mut st2, 0.1, 1.0);
+        assert!(
+            w.data
+                .iter()
+                .zip(&w2.data)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert!(
+            st.m.iter()
+                .zip(&st2.m)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
     }
 
     #[test]
@@ -274,9 +299,11 @@ mod tests {
 
     #[test]
     fn clipping_and_loss_scaling() {
-        let mut g = vec![3.0, 4.0];
-        assert_eq!(clip_grad_norm(&mut g, 1.0), 5.0);
-        assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
+        // |(3, 4)| = 5: the factor 1 / (5 + 1e-6) brings it to norm 1.
+        assert_eq!(global_norm(&[3.0, 4.0]), 5.0);
+        assert_eq!(clip_factor(5.0, 1.0), (1.0 / (5.0 + 1e-6)) as f32);
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+        assert_eq!(clip_factor(5.0, 0.0), 1.0);
         let mut s = LossScaler {
             growth_interval: 2,
             ..LossScaler::dynamic()

@@ -137,7 +137,7 @@ fn check_against_pytorch(
             (loss - want).abs() <= loss_rel * want,
             "step {step}: loss {loss} vs PyTorch {want}"
         );
-        opt.step(&mut weights, &grads.data, &mut state, lr);
+        opt.step(&mut weights, &grads.data, &mut state, lr, 1.0);
     }
 }
 
