@@ -277,19 +277,22 @@ impl Trainer {
                 )?;
             }
             loss /= cfg.accum as f64;
-            let event = self.state.scaler.update(&mut self.grads.data);
+            // One pass for the norm (finite exactly when every gradient is);
+            // unscaling and clipping ride in AdamW's pass as one factor.
+            let scaled_norm = optim::global_norm(&self.grads.data);
+            let event = self.state.scaler.update(scaled_norm);
             let lr =
                 optim::learning_rate(cfg.schedule, cfg.lr, self.state.step, cfg.warmup, cfg.steps);
             let mut grad_norm = f64::NAN;
             if event != ScaleEvent::Skip {
-                grad_norm = optim::global_norm(&self.grads.data);
-                let clip = optim::clip_factor(grad_norm, cfg.grad_clip);
+                grad_norm = scaled_norm / f64::from(scale);
+                let factor = optim::clip_factor(grad_norm, cfg.grad_clip) / scale;
                 cfg.optimizer.step(
                     &mut self.weights,
                     &self.grads.data,
                     &mut self.adam,
                     lr,
-                    clip,
+                    factor,
                 );
             } else {
                 observer.on_message(&format!(

@@ -205,21 +205,20 @@ impl LossScaler {
         }
     }
 
-    /// Inspect gradients computed with the current scale; unscale them in place
-    /// when finite. Non-finite gradients always skip the step (with scaling
-    /// disabled the scale stays 1).
-    pub fn update(&mut self, grad: &mut [f32]) -> ScaleEvent {
-        let finite = grad.iter().all(|g| g.is_finite());
-        if !finite {
+    /// Decide on a step from the global norm of the gradients computed with
+    /// the current scale ([`global_norm`], which is finite exactly when every
+    /// gradient is: squares of `f32` values cannot overflow its `f64` sum).
+    /// Non-finite gradients always skip the step (with scaling disabled the
+    /// scale stays 1). The caller unscales through [`AdamW::step`]'s
+    /// `grad_scale`, `clip_factor(norm / scale, max) / scale`, in the update's
+    /// own pass.
+    pub fn update(&mut self, scaled_norm: f64) -> ScaleEvent {
+        if !scaled_norm.is_finite() {
             if self.enabled {
                 self.scale = (self.scale * 0.5).max(1.0);
                 self.clean_steps = 0;
             }
             return ScaleEvent::Skip;
-        }
-        if self.scale != 1.0 {
-            let inv = 1.0 / self.scale;
-            grad.iter_mut().for_each(|g| *g *= inv);
         }
         if !self.enabled {
             return ScaleEvent::Apply;
@@ -308,16 +307,19 @@ mod tests {
             growth_interval: 2,
             ..LossScaler::dynamic()
         };
-        let mut g = vec![4096.0, f32::INFINITY];
-        assert_eq!(s.update(&mut g), ScaleEvent::Skip);
+        assert!(global_norm(&[4096.0, f32::INFINITY]).is_infinite());
+        assert!(global_norm(&[f32::NAN, 1.0]).is_nan());
+        assert!(global_norm(&[f32::MAX; 4]).is_finite());
+        assert_eq!(
+            s.update(global_norm(&[4096.0, f32::INFINITY])),
+            ScaleEvent::Skip
+        );
         assert_eq!(s.scale, 2048.0);
-        let mut g = vec![2048.0];
-        assert_eq!(s.update(&mut g), ScaleEvent::Apply);
-        assert_eq!(g[0], 1.0);
-        assert_eq!(s.update(&mut [0.0]), ScaleEvent::ApplyAndGrow);
+        assert_eq!(s.update(2048.0), ScaleEvent::Apply);
+        assert_eq!(s.update(0.0), ScaleEvent::ApplyAndGrow);
         assert_eq!(s.scale, 4096.0);
         let mut off = LossScaler::disabled();
-        assert_eq!(off.update(&mut [f32::NAN]), ScaleEvent::Skip);
+        assert_eq!(off.update(f64::NAN), ScaleEvent::Skip);
         assert_eq!(off.scale, 1.0);
     }
 }
