@@ -90,11 +90,12 @@ impl Layout {
     /// The Euclidean norm of every row of one matrix `data` in this layout,
     /// summed in `f32` (an overflow gives infinity, a NaN stays NaN: both
     /// fail the scores bound, which is what they should do).
-    fn row_norms(&self, data: &[f32]) -> Vec<f32> {
-        let mut norms = vec![0.0f32; self.rows];
+    /// The L2 norm of each of the `rows` rows of `data` into `norms`.
+    fn row_norms(&self, data: &[f32], norms: &mut [f32]) {
         crate::math::simd(
             #[inline(always)]
             || {
+                norms.fill(0.0);
                 if self.t {
                     for col in data.chunks_exact(self.rows) {
                         for (n, &v) in norms.iter_mut().zip(col) {
@@ -111,7 +112,6 @@ impl Layout {
                 }
             },
         );
-        norms
     }
 
     fn view<'a>(&self, data: &'a [f32]) -> MatRef<'a, f32> {
@@ -134,6 +134,8 @@ impl Layout {
 thread_local! {
     /// A block of scores (`BLOCK x T`), reused between blocks and calls.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The query and key row norms of [`Scores::with_bounds`].
+    static NORMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `f` on this thread's scratch buffer of at least `len` elements.
@@ -181,17 +183,23 @@ impl Scores {
         self.q.rows
     }
 
-    /// The norms of one batch's query rows, and `max_j |k_j|` over its key
-    /// rows (infinite if any is not finite).
-    fn bounds(&self, q: &[f32], k: &[f32]) -> (Vec<f32>, f32) {
-        let kmax = self.k.row_norms(k).into_iter().fold(0.0f32, |m, n| {
-            if n.is_finite() {
-                m.max(n)
-            } else {
-                f32::INFINITY
-            }
-        });
-        (self.q.row_norms(q), kmax)
+    /// `f` on the norms of one batch's query rows and `max_j |k_j|` over its
+    /// key rows (infinite if any is not finite), in this thread's buffer.
+    fn with_bounds<R>(&self, q: &[f32], k: &[f32], f: impl FnOnce((&[f32], f32)) -> R) -> R {
+        NORMS.with_borrow_mut(|norms| {
+            norms.resize(self.q.rows + self.k.rows, 0.0);
+            let (qn, kn) = norms.split_at_mut(self.q.rows);
+            self.q.row_norms(q, qn);
+            self.k.row_norms(k, kn);
+            let kmax = kn.iter().fold(0.0f32, |m, &n| {
+                if n.is_finite() {
+                    m.max(n)
+                } else {
+                    f32::INFINITY
+                }
+            });
+            f((qn, kmax))
+        })
     }
 
     /// Columns to compute for row `i` (query norm `qn`): its mask extent if
@@ -268,26 +276,18 @@ impl Scores {
             .enumerate()
             .for_each(|(b, (p, ext_out))| {
                 let (qd, kd) = (&q[b * ql..][..ql], &k[b * kl..][..kl]);
-                let bounds = self.bounds(qd, kd);
                 let (qb, kb) = (self.q.view(qd), self.k.view(kd));
                 let mut ext = [0usize; BLOCK];
-                for r0 in (0..t).step_by(BLOCK) {
-                    let rows = BLOCK.min(t - r0);
-                    let dst = &mut p[r0 * t..(r0 + rows) * t];
-                    self.block(
-                        qb,
-                        kb,
-                        (&bounds.0, bounds.1),
-                        mask,
-                        r0,
-                        dst,
-                        &mut ext[..rows],
-                        t,
-                    );
-                    for (o, &e) in ext_out[r0..r0 + rows].iter_mut().zip(&ext[..rows]) {
-                        *o = e as f32;
+                self.with_bounds(qd, kd, |bounds| {
+                    for r0 in (0..t).step_by(BLOCK) {
+                        let rows = BLOCK.min(t - r0);
+                        let dst = &mut p[r0 * t..(r0 + rows) * t];
+                        self.block(qb, kb, bounds, mask, r0, dst, &mut ext[..rows], t);
+                        for (o, &e) in ext_out[r0..r0 + rows].iter_mut().zip(&ext[..rows]) {
+                            *o = e as f32;
+                        }
                     }
-                }
+                });
             });
     }
 }
@@ -313,40 +313,32 @@ impl Attend {
         let (ql, kl, vl) = (s.q.len(), s.k.len(), self.v.len());
         let f = |b: usize, out: &mut [f32]| {
             let (qd, kd) = (&q[b * ql..][..ql], &k[b * kl..][..kl]);
-            let bounds = s.bounds(qd, kd);
             let (qb, kb) = (s.q.view(qd), s.k.view(kd));
             let vb = self.v.view(&v[b * vl..][..vl]);
             let mut ext = [0usize; BLOCK];
             let mut out = self.out.view_mut(out);
-            with_scratch(BLOCK * t, |scores| {
-                for r0 in (0..t).step_by(BLOCK) {
-                    let rows = BLOCK.min(t - r0);
-                    let width = s.block(
-                        qb,
-                        kb,
-                        (&bounds.0, bounds.1),
-                        mask,
-                        r0,
-                        scores,
-                        &mut ext[..rows],
-                        0,
-                    );
-                    let p = MatRef::from_row_major_slice_with_stride(
-                        &scores[..(rows - 1) * t + width],
-                        rows,
-                        width,
-                        t,
-                    );
-                    let dst = out.as_mut().subrows_mut(r0, rows);
-                    matmul(
-                        dst,
-                        Accum::Replace,
-                        p,
-                        vb.subrows(0, width),
-                        1.0f32,
-                        Par::Seq,
-                    );
-                }
+            s.with_bounds(qd, kd, |bounds| {
+                with_scratch(BLOCK * t, |scores| {
+                    for r0 in (0..t).step_by(BLOCK) {
+                        let rows = BLOCK.min(t - r0);
+                        let width = s.block(qb, kb, bounds, mask, r0, scores, &mut ext[..rows], 0);
+                        let p = MatRef::from_row_major_slice_with_stride(
+                            &scores[..(rows - 1) * t + width],
+                            rows,
+                            width,
+                            t,
+                        );
+                        let dst = out.as_mut().subrows_mut(r0, rows);
+                        matmul(
+                            dst,
+                            Accum::Replace,
+                            p,
+                            vb.subrows(0, width),
+                            1.0f32,
+                            Par::Seq,
+                        );
+                    }
+                })
             });
         };
         out.par_chunks_mut(self.out.len())

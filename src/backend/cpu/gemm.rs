@@ -58,7 +58,24 @@ fn gemm(
     if a_t && !matches!(par, Par::Seq) && m * k * n >= TRANSPOSED_LHS_FLOPS {
         return gemm_transposed_lhs(out, a, b, b_t, (m, k, n), par);
     }
-    gemm_views(out, a, a_t, b, b_t, (m, k, n), par)
+    let dst = MatMut::from_row_major_slice_mut(out, m, n);
+    matmul(
+        dst,
+        Accum::Replace,
+        view(a, a_t, m, k),
+        view(b, b_t, k, n),
+        1.0f32,
+        par,
+    );
+}
+
+/// The `rows x cols` operand stored row-major, or transposed (`cols x rows`) if `t`.
+fn view(x: &[f32], t: bool, rows: usize, cols: usize) -> MatRef<'_, f32> {
+    if t {
+        MatRef::from_row_major_slice(x, cols, rows).transpose()
+    } else {
+        MatRef::from_row_major_slice(x, rows, cols)
+    }
 }
 
 /// `out = a b` with `a` stored transposed, in faer's fast form: the product is
@@ -76,42 +93,18 @@ fn gemm_transposed_lhs(
 ) {
     COLUMN_MAJOR.with_borrow_mut(|(b_cm, c_cm)| {
         let rhs = if b_t {
-            MatRef::from_row_major_slice(b, n, k).transpose()
+            view(b, true, k, n)
         } else {
             b_cm.resize(k * n, 0.0);
             crate::linalg::transpose_into(b, k, n, b_cm);
-            MatRef::from_row_major_slice(b_cm, n, k).transpose()
+            view(b_cm, true, k, n)
         };
         c_cm.resize(m * n, 0.0);
-        let lhs = MatRef::from_row_major_slice(a, k, m).transpose();
+        let lhs = view(a, true, m, k);
         let dst = MatMut::from_column_major_slice_mut(c_cm, m, n);
         matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
         crate::linalg::transpose_into(c_cm, n, m, out);
     });
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_views(
-    out: &mut [f32],
-    a: &[f32],
-    a_t: bool,
-    b: &[f32],
-    b_t: bool,
-    (m, k, n): (usize, usize, usize),
-    par: Par,
-) {
-    let lhs = if a_t {
-        MatRef::from_row_major_slice(a, k, m).transpose()
-    } else {
-        MatRef::from_row_major_slice(a, m, k)
-    };
-    let rhs = if b_t {
-        MatRef::from_row_major_slice(b, n, k).transpose()
-    } else {
-        MatRef::from_row_major_slice(b, k, n)
-    };
-    let dst = MatMut::from_row_major_slice_mut(out, m, n);
-    matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
 }
 
 /// For every index of the broadcast shape `out`, the flat index into `shape`
