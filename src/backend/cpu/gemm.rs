@@ -27,13 +27,14 @@ fn par_for(flops: usize) -> Par {
 }
 
 /// Products with a left operand stored transposed (the backward `W^T dY`) at
-/// least this large (multiply-adds) run through [`gemm_transposed_lhs`];
-/// smaller ones read it in place. faer's fast form wants its right operand
-/// column-major in a column-major result, or, for a row-major result, a
-/// row-major left operand. Measured on Zen 3 (2 threads, `m x k x n`):
-/// 2048x768x512 11.9 ms that way against 15.5 ms in place and 15.2 ms with a
-/// row-major copy of the left operand; 768x2048x512 11.9 against 15.1 and
-/// 12.5; from 768x768x256 down, reading in place is as fast or faster.
+/// least this large (multiply-adds) may run through [`gemm_transposed_lhs`]
+/// (see [`transposed_lhs_detour`]); smaller ones read it in place. faer's fast
+/// form wants its right operand column-major in a column-major result, or, for
+/// a row-major result, a row-major left operand. Measured on Zen 3 (AVX2, 2
+/// threads, `m x k x n`): 2048x768x512 11.9 ms that way against 15.5 ms in
+/// place and 15.2 ms with a row-major copy of the left operand; 768x2048x512
+/// 11.9 against 15.1 and 12.5; from 768x768x256 down, reading in place is as
+/// fast or faster.
 const TRANSPOSED_LHS_FLOPS: usize = 1 << 28;
 
 thread_local! {
@@ -55,7 +56,7 @@ fn gemm(
     (m, k, n): (usize, usize, usize),
     par: Par,
 ) {
-    if a_t && !matches!(par, Par::Seq) && m * k * n >= TRANSPOSED_LHS_FLOPS {
+    if a_t && !matches!(par, Par::Seq) && transposed_lhs_detour((m, k, n), avx512()) {
         return gemm_transposed_lhs(out, a, b, b_t, (m, k, n), par);
     }
     let dst = MatMut::from_row_major_slice_mut(out, m, n);
@@ -67,6 +68,28 @@ fn gemm(
         1.0f32,
         par,
     );
+}
+
+/// Whether a product with a transposed left operand goes through
+/// [`gemm_transposed_lhs`]: large ones on AVX2, and on CPUs with AVX-512
+/// (where faer runs its 512-bit kernels) only those with more result rows than
+/// inner dimension. Measured on Ice Lake (2 threads, GFLOP/s in place against
+/// the detour, three rounds): 768x768x512 131-159 against 105-140,
+/// 768x2048x512 160-177 against 142-153, 2048x768x512 87-125 against 122-131.
+fn transposed_lhs_detour((m, k, n): (usize, usize, usize), avx512: bool) -> bool {
+    m * k * n >= TRANSPOSED_LHS_FLOPS && (!avx512 || m > k)
+}
+
+/// Whether this CPU has AVX-512F (std caches the answer).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// The `rows x cols` operand stored row-major, or transposed (`cols x rows`) if `t`.
@@ -616,6 +639,20 @@ mod tests {
     /// on a sample of entries (every row and column appears), with `b` stored
     /// both ways and shapes that are not multiples of the transpose tiles.
     #[test]
+    fn transposed_products_take_the_detour_where_measured_faster() {
+        // 2^28 multiply-adds is the size bound on every CPU.
+        assert!(!transposed_lhs_detour((512, 512, 1023), false));
+        assert!(transposed_lhs_detour((512, 512, 1024), false));
+        // Without AVX-512 every large product goes column-major.
+        assert!(transposed_lhs_detour((768, 768, 512), false));
+        assert!(transposed_lhs_detour((768, 2048, 512), false));
+        // With it, only those with more result rows than inner dimension.
+        assert!(!transposed_lhs_detour((768, 768, 512), true));
+        assert!(!transposed_lhs_detour((768, 2048, 512), true));
+        assert!(transposed_lhs_detour((2048, 768, 512), true));
+    }
+
+    #[test]
     fn large_products_with_a_transposed_left_operand() {
         let (m, k, n) = (1031, 517, 509);
         assert!(m * k * n >= TRANSPOSED_LHS_FLOPS);
@@ -627,9 +664,23 @@ mod tests {
             .collect();
         let mut b_t = vec![0.0; k * n];
         crate::linalg::transpose_into(&b, k, n, &mut b_t);
-        for (rhs, rhs_t) in [(&b, false), (&b_t, true)] {
+        // Both paths (read in place; the column-major detour), and whichever
+        // this CPU's `gemm` picks.
+        let par = Par::rayon(0);
+        for ((rhs, rhs_t), path) in [(&b, false), (&b_t, true)]
+            .into_iter()
+            .flat_map(|r| (0..3).map(move |p| (r, p)))
+        {
             let mut out = vec![f32::NAN; m * n];
-            gemm(&mut out, &a_t, true, rhs, rhs_t, (m, k, n), Par::rayon(0));
+            match path {
+                0 => {
+                    let dst = MatMut::from_row_major_slice_mut(&mut out, m, n);
+                    let (lhs, rhs) = (view(&a_t, true, m, k), view(rhs, rhs_t, k, n));
+                    matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
+                }
+                1 => gemm_transposed_lhs(&mut out, &a_t, rhs, rhs_t, (m, k, n), par),
+                _ => gemm(&mut out, &a_t, true, rhs, rhs_t, (m, k, n), par),
+            }
             for i in 0..m {
                 for j in [i % n, (i * 7 + 3) % n, n - 1 - i % n] {
                     let want: f64 = (0..k)
@@ -638,7 +689,7 @@ mod tests {
                     let got = f64::from(out[i * n + j]);
                     assert!(
                         (got - want).abs() < 1e-3,
-                        "({i}, {j}): {got} against {want}"
+                        "path {path}, ({i}, {j}): {got} against {want}"
                     );
                 }
             }
