@@ -52,7 +52,7 @@ def anemone(args, name, seq, batch, json_path):
     r = run(cmd, json_path)
     return {"ms": r["ms_median"], "min": r["ms_min"], "max": r["ms_max"],
             "gflops": r["gflops"], "peak": r["gemm_peak_gflops"],
-            "rss": r["peak_rss_mb"]}
+            "rss": r["peak_rss_mb"], "cpu": r.get("cpu"), "simd": r.get("simd")}
 
 
 def pytorch(args, name, seq, batch, json_path):
@@ -98,6 +98,8 @@ def main():
                       f"({t['gflops']:.0f} of {t['peak']:.0f} GFLOP/s)  ratio {got['ratio']:.2f}",
                       flush=True)
 
+    first = next(iter(results.values()))[0]["anemone"]
+    print(f"\nmachine: {first['cpu'] or 'unknown CPU'} ({first['simd']}), {args.threads} threads")
     print()
     print("| workload | rounds | anemone ms/step (median of medians) | PyTorch ms/step "
           "| ratio per round | median ratio | anemone share of in-run GEMM peak "

@@ -118,6 +118,19 @@ def train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch):
     return 3 * forward * batch
 
 
+def cpu_model():
+    """The first `model name` of /proc/cpuinfo (as anemone reports it), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def gemm_peak(m, k, n, reps=30, warmup=5):
     a, b = torch.randn(m, k), torch.randn(k, n)
     out = torch.empty(m, n)
@@ -193,9 +206,11 @@ def main():
         "gemm_shape": [m, k, n], "gemm_peak_gflops": peak, "fraction_of_gemm_peak": achieved / peak,
         "peak_rss_mb": rss_mb, "final_loss": losses[-1],
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
     }
     print(f"pytorch {torch.__version__} train-step {args.config}: seq {seq} batch {batch}, "
           f"{args.threads} threads, {args.steps} steps after {args.warmup} warmup ({args.attention} attention)")
+    print(f"  machine      {result['cpu'] or result['machine']}")
     print(f"  ms/step      {median:.1f} median (min {min(times):.1f}, max {max(times):.1f})")
     print(f"  tokens/s     {result['tokens_per_s']:.0f}")
     print(f"  GFLOP/s      {achieved:.1f} ({flops / 1e9:.2f} GFLOP per step, training = 3 x forward)")

@@ -103,7 +103,9 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
     (out.status.success() && !text.is_empty()).then_some(text)
 }
 
-fn chip_name() -> Option<String> {
+/// The CPU's name: `machdep.cpu.brand_string` on macOS, else `/proc/cpuinfo`'s
+/// first `model name`.
+pub fn chip_name() -> Option<String> {
     if std::env::consts::OS == "macos" {
         return command_output("sysctl", &["-n", "machdep.cpu.brand_string"]);
     }

@@ -18,6 +18,35 @@ pub fn simd<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether this CPU has AVX-512F (std caches the answer). faer runs its 512-bit
+/// GEMM kernels exactly then.
+pub fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The widest vector unit the GEMM and the vectorized loops use here:
+/// `"AVX-512"`, `"AVX2+FMA"`, or `"baseline"` (for benchmark reports).
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            return "AVX-512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "AVX2+FMA";
+        }
+    }
+    "baseline"
+}
+
 /// `e^x` for `f32`, within 2 ulp; `+inf` above 88.72, `0` below -103.97 (gradual
 /// underflow in between), NaN stays NaN.
 #[inline(always)]

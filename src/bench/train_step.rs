@@ -53,6 +53,10 @@ pub struct Phase {
 pub struct TrainStepReport {
     pub config: String,
     pub backend: String,
+    /// The CPU's name (`/proc/cpuinfo`, or sysctl on macOS), if known.
+    pub cpu: Option<String>,
+    /// The vector unit the CPU math uses (`math::simd_level`).
+    pub simd: String,
     pub threads: usize,
     pub seq: usize,
     pub batch: usize,
@@ -204,6 +208,8 @@ pub fn run(
     Ok(TrainStepReport {
         config: opts.config_name.clone(),
         backend: backend_name,
+        cpu: crate::doctor::chip_name(),
+        simd: crate::math::simd_level().into(),
         threads: rayon::current_num_threads(),
         seq: opts.seq,
         batch: opts.batch,
@@ -229,6 +235,11 @@ pub fn format_report(r: &TrainStepReport) -> String {
     out.push_str(&format!(
         "train-step {} on {} ({} threads), seq {} batch {}, {} timed steps\n",
         r.config, r.backend, r.threads, r.seq, r.batch, r.steps
+    ));
+    out.push_str(&format!(
+        "  machine      {} ({})\n",
+        r.cpu.as_deref().unwrap_or("unknown CPU"),
+        r.simd
     ));
     out.push_str(&format!(
         "  ms/step      {:>9.1}  (min {:.1}, max {:.1})\n",

@@ -329,6 +329,31 @@ fn train_step_reports_flops_phases_and_losses() {
     assert_eq!((u(&r, "seq"), u(&r, "batch"), u(&r, "steps")), (32, 2, 2));
     assert!(f(&r, "ms_min") <= f(&r, "ms_median") && f(&r, "ms_median") <= f(&r, "ms_max"));
     assert!(f(&r, "gemm_peak_gflops") > 0.0 && f(&r, "gflops") > 0.0);
+    // The machine, against /proc/cpuinfo's first processor (Linux x86-64).
+    if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
+        let field = |name: &str| {
+            info.lines()
+                .find(|l| l.split(':').next().map(str::trim) == Some(name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        if let (Some(model), Some(flags)) = (field("model name"), field("flags")) {
+            let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+            let simd = if has("avx512f") {
+                "AVX-512"
+            } else if has("avx2") && has("fma") {
+                "AVX2+FMA"
+            } else {
+                "baseline"
+            };
+            assert_eq!(r["cpu"].as_str(), Some(model.as_str()));
+            assert_eq!(r["simd"].as_str(), Some(simd));
+            assert!(
+                stdout.contains(&format!("machine      {model} ({simd})")),
+                "{stdout}"
+            );
+        }
+    }
     let phases: Vec<&str> = r["phases"]
         .as_array()
         .unwrap()

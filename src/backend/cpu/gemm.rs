@@ -56,7 +56,7 @@ fn gemm(
     (m, k, n): (usize, usize, usize),
     par: Par,
 ) {
-    if a_t && !matches!(par, Par::Seq) && transposed_lhs_detour((m, k, n), avx512()) {
+    if a_t && !matches!(par, Par::Seq) && transposed_lhs_detour((m, k, n), crate::math::avx512()) {
         return gemm_transposed_lhs(out, a, b, b_t, (m, k, n), par);
     }
     let dst = MatMut::from_row_major_slice_mut(out, m, n);
@@ -78,18 +78,6 @@ fn gemm(
 /// 768x2048x512 160-177 against 142-153, 2048x768x512 87-125 against 122-131.
 fn transposed_lhs_detour((m, k, n): (usize, usize, usize), avx512: bool) -> bool {
     m * k * n >= TRANSPOSED_LHS_FLOPS && (!avx512 || m > k)
-}
-
-/// Whether this CPU has AVX-512F (std caches the answer).
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// The `rows x cols` operand stored row-major, or transposed (`cols x rows`) if `t`.
