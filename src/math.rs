@@ -31,8 +31,9 @@ pub fn avx512() -> bool {
     }
 }
 
-/// The widest vector unit the GEMM and the vectorized loops use here:
-/// `"AVX-512"`, `"AVX2+FMA"`, or `"baseline"` (for benchmark reports).
+/// The widest vector unit faer's GEMM kernels use on this CPU, for benchmark
+/// reports: `"AVX-512"`, `"AVX2+FMA"`, or `"baseline"`. ([`simd`]'s loops use
+/// AVX2+FMA at most.)
 pub fn simd_level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {

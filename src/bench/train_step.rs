@@ -55,7 +55,7 @@ pub struct TrainStepReport {
     pub backend: String,
     /// The CPU's name (`/proc/cpuinfo`, or sysctl on macOS), if known.
     pub cpu: Option<String>,
-    /// The vector unit the CPU math uses (`math::simd_level`).
+    /// The vector unit of the GEMM kernels (`math::simd_level`).
     pub simd: String,
     pub threads: usize,
     pub seq: usize,

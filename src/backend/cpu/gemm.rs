@@ -622,10 +622,6 @@ mod tests {
         assert_eq!(out, [19., 22., 43., 50.]);
     }
 
-    /// Above `TRANSPOSED_LHS_FLOPS` a transposed left operand takes the
-    /// column-major route; its values are checked against an `f64` dot product
-    /// on a sample of entries (every row and column appears), with `b` stored
-    /// both ways and shapes that are not multiples of the transpose tiles.
     #[test]
     fn transposed_products_take_the_detour_where_measured_faster() {
         // 2^28 multiply-adds is the size bound on every CPU.
@@ -640,6 +636,11 @@ mod tests {
         assert!(transposed_lhs_detour((2048, 768, 512), true));
     }
 
+    /// A large product with a transposed left operand, by each path (read in
+    /// place, the column-major detour, and whichever `gemm` picks on this CPU):
+    /// values checked against an `f64` dot product on a sample of entries
+    /// (every row and column appears), with `b` stored both ways and shapes
+    /// that are not multiples of the transpose tiles.
     #[test]
     fn large_products_with_a_transposed_left_operand() {
         let (m, k, n) = (1031, 517, 509);
@@ -652,8 +653,6 @@ mod tests {
             .collect();
         let mut b_t = vec![0.0; k * n];
         crate::linalg::transpose_into(&b, k, n, &mut b_t);
-        // Both paths (read in place; the column-major detour), and whichever
-        // this CPU's `gemm` picks.
         let par = Par::rayon(0);
         for ((rhs, rhs_t), path) in [(&b, false), (&b_t, true)]
             .into_iter()
