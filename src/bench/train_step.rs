@@ -72,6 +72,10 @@ pub struct TrainStepReport {
     pub fraction_of_gemm_peak: f64,
     pub peak_rss_mb: Option<f64>,
     pub phases: Vec<Phase>,
+    /// Work run beside the phases (the weight gradients beside the backward
+    /// kernels): its whole time, which `phases` count only as far as the step
+    /// waited for it. Fractions are of the step, so they may add up past 1.
+    pub side_by_side: Vec<Phase>,
     /// CPU plan steps by `op -> result type`, longest first (with `ops`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ops: Vec<OpPhase>,
@@ -178,8 +182,12 @@ pub fn run(
     } else {
         Vec::new()
     };
-    for (name, d) in engine.take_profile().phases {
+    let engine_profile = engine.take_profile();
+    for (name, d) in engine_profile.phases {
         profile.add_duration(&name, d);
+    }
+    for (name, d) in engine_profile.side_by_side {
+        profile.add_side_by_side(&name, d);
     }
     let flops = train_flops(c, opts.seq, opts.batch);
     let ms: Vec<f64> = times.iter().map(|s| s * 1e3).collect();
@@ -188,15 +196,17 @@ pub fn run(
     let peak = gemm_peak_gflops(9)?;
     let total: Duration = times.iter().map(|s| Duration::from_secs_f64(*s)).sum();
     let steps = opts.steps.max(1) as f64;
-    let mut phases: Vec<Phase> = profile
-        .phases
-        .iter()
-        .map(|(name, d)| Phase {
-            name: name.to_string(),
-            ms_per_step: d.as_secs_f64() * 1e3 / steps,
-            fraction: d.as_secs_f64() / total.as_secs_f64(),
-        })
-        .collect();
+    let per_step = |list: &[(String, Duration)]| -> Vec<Phase> {
+        list.iter()
+            .map(|(name, d)| Phase {
+                name: name.to_string(),
+                ms_per_step: d.as_secs_f64() * 1e3 / steps,
+                fraction: d.as_secs_f64() / total.as_secs_f64(),
+            })
+            .collect()
+    };
+    let mut phases = per_step(&profile.phases);
+    let side_by_side = per_step(&profile.side_by_side);
     let accounted: f64 = phases.iter().map(|p| p.ms_per_step).sum();
     let step_ms = total.as_secs_f64() * 1e3 / steps;
     phases.push(Phase {
@@ -224,6 +234,7 @@ pub fn run(
         fraction_of_gemm_peak: gflops / peak,
         peak_rss_mb: peak_rss_mb(),
         phases,
+        side_by_side,
         ops,
         losses,
     })
@@ -266,6 +277,17 @@ pub fn format_report(r: &TrainStepReport) -> String {
             p.ms_per_step,
             100.0 * p.fraction
         ));
+    }
+    if !r.side_by_side.is_empty() {
+        out.push_str("  side by side (whole time; above only as waited for)\n");
+        for p in &r.side_by_side {
+            out.push_str(&format!(
+                "  {:<20} {:>8.2}  {:>5.1} %\n",
+                p.name,
+                p.ms_per_step,
+                100.0 * p.fraction
+            ));
+        }
     }
     if !r.ops.is_empty() {
         let shown = r.ops.len().min(30);

@@ -130,15 +130,20 @@ pub fn classifier_backward(
         Some(e_t) => n(e_t, dim, vocab),
         None => t(classifier, vocab, dim),
     };
-    gemm(dx, dim, p, e_t, n(g, vocab, p), 1.0, false);
-    gemm(
-        d_classifier,
-        vocab,
-        dim,
-        n(g, vocab, p),
-        t(x, dim, p),
-        1.0,
-        true,
+    // Two independent products, side by side (see `train::engine::overlapped`).
+    rayon::join(
+        || gemm(dx, dim, p, e_t, n(g, vocab, p), 1.0, false),
+        || {
+            gemm(
+                d_classifier,
+                vocab,
+                dim,
+                n(g, vocab, p),
+                t(x, dim, p),
+                1.0,
+                true,
+            )
+        },
     );
 }
 

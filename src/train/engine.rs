@@ -276,9 +276,15 @@ impl<'a> Call<'_, 'a> {
 /// [`Engine::take_profile`]. Kernel phases are named after the kernel
 /// (`attn_fwd`, ...); `io` is writing inputs to and reading outputs from kernel
 /// buffers (conversion to the buffer's dtype included).
+///
+/// `phases` split the wall time: no two run at once. Work that runs beside
+/// them (the weight gradients beside the backward kernels, see
+/// [`overlapped`]) is in `phases` only for the time the step waited for it,
+/// and in `side_by_side` for its whole time.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Profile {
     pub phases: Vec<(String, Duration)>,
+    pub side_by_side: Vec<(String, Duration)>,
 }
 
 impl Profile {
@@ -296,14 +302,23 @@ impl Profile {
     }
 
     pub fn add_duration(&mut self, phase: &str, d: Duration) {
-        match self.phases.iter_mut().find(|(name, _)| name == phase) {
-            Some((_, total)) => *total += d,
-            None => self.phases.push((phase.to_string(), d)),
-        }
+        add_to(&mut self.phases, phase, d);
+    }
+
+    /// Add `d` to the time of `phase` run beside the phases.
+    pub fn add_side_by_side(&mut self, phase: &str, d: Duration) {
+        add_to(&mut self.side_by_side, phase, d);
     }
 
     pub fn total(&self) -> Duration {
         self.phases.iter().map(|(_, d)| *d).sum()
+    }
+}
+
+fn add_to(phases: &mut Vec<(String, Duration)>, phase: &str, d: Duration) {
+    match phases.iter_mut().find(|(name, _)| name == phase) {
+        Some((_, total)) => *total += d,
+        None => phases.push((phase.to_string(), d)),
     }
 }
 
@@ -456,6 +471,8 @@ impl Engine {
     /// Wall time per phase since the last call: every kernel by name, `io`, and
     /// the host phases (`embedding`, `rmsnorm`, `residual`, `classifier`, `loss`,
     /// `dW gemm`).
+    /// Weight gradients run beside the backward kernels when there are two
+    /// or more worker threads (see [`Profile`]).
     pub fn take_profile(&mut self) -> Profile {
         let mut profile = std::mem::take(&mut self.profile);
         for kernel in self.kernels.all() {
@@ -750,64 +767,60 @@ impl Engine {
         let mut dv = reuse(&mut sc.dv, kv * seq);
         let mut dxn = reuse(&mut sc.dxn, d * seq);
         let mut dxn_kv = reuse(&mut sc.dxn_kv, d * seq);
+        let profile = &mut self.profile;
+        // Weight gradients run beside the backward kernels (see `overlapped`),
+        // in shares of about the kernel's size: the products of `dW2`, `dW1`,
+        // `dW3` beside the next kernel each, `dWo` and `dWq` beside `q_bwd` and
+        // `kv_bwd`, and `dWk`, `dWv` beside the next `ffn_bwd_w2` (the layer
+        // below, or the next sequence), whose inputs (`dk`, `dv`) are not
+        // overwritten before then.
+        let mut pending_kv: Option<(usize, usize)> = None;
+        let kv_grads = |grads: &mut Weights, (l, b): (usize, usize), dk: &[f32], dv: &[f32]| {
+            let xn = &self.acts[l][b].xn;
+            weight_grad(grads.get_mut(Param::Wk(l)), dk, xn, seq);
+            weight_grad(grads.get_mut(Param::Wv(l)), dv, xn, seq);
+        };
         for l in (0..c.n_layers).rev() {
             for b in 0..self.batch {
                 let a = &self.acts[l][b];
                 // x_out = x2 + W2 gate: dffn = dx; dx2 starts as dx.
                 let dffn = &dx[b];
-                k.ffn_bwd_w2
-                    .call()
-                    .weight("w2", w.get(Param::W2(l)))
-                    .input("dffn", dffn)
-                    .output("dgate", &mut dgate)
-                    .run(be)?;
-                self.profile.time("dW gemm", || {
-                    gemm(
-                        grads.get_mut(Param::W2(l)),
-                        d,
-                        f,
-                        n(dffn, d, seq),
-                        t(&a.gate, f, seq),
-                        1.0,
-                        true,
-                    )
-                });
-                k.ffn_bwd_w13
-                    .call()
-                    .weight("w1", w.get(Param::W1(l)))
-                    .weight("w3", w.get(Param::W3(l)))
-                    .input("dgate", &dgate)
-                    .input("h1", &a.h1)
-                    .input("h3", &a.h3)
-                    .output("dx2n", &mut dx2n)
-                    .output("dh1", &mut dh1)
-                    .output("dh3", &mut dh3)
-                    .run(be)?;
-                self.profile.time("dW gemm", || {
-                    gemm(
-                        grads.get_mut(Param::W1(l)),
-                        f,
-                        d,
-                        n(&dh1, f, seq),
-                        t(&a.x2n, d, seq),
-                        1.0,
-                        true,
-                    )
-                });
-                self.profile.time("dW gemm", || {
-                    gemm(
-                        grads.get_mut(Param::W3(l)),
-                        f,
-                        d,
-                        n(&dh3, f, seq),
-                        t(&a.x2n, d, seq),
-                        1.0,
-                        true,
-                    )
-                });
+                overlapped(
+                    profile,
+                    || {
+                        k.ffn_bwd_w2
+                            .call()
+                            .weight("w2", w.get(Param::W2(l)))
+                            .input("dffn", dffn)
+                            .output("dgate", &mut dgate)
+                            .run(be)
+                    },
+                    || {
+                        if let Some(at) = pending_kv.take() {
+                            kv_grads(grads, at, &dk, &dv);
+                        }
+                    },
+                )?;
+                overlapped(
+                    profile,
+                    || {
+                        k.ffn_bwd_w13
+                            .call()
+                            .weight("w1", w.get(Param::W1(l)))
+                            .weight("w3", w.get(Param::W3(l)))
+                            .input("dgate", &dgate)
+                            .input("h1", &a.h1)
+                            .input("h3", &a.h3)
+                            .output("dx2n", &mut dx2n)
+                            .output("dh1", &mut dh1)
+                            .output("dh3", &mut dh3)
+                            .run(be)
+                    },
+                    || weight_grad(grads.get_mut(Param::W2(l)), dffn, &a.gate, seq),
+                )?;
                 // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
                 let range = w.layout.range(Param::RmsFfn(l));
-                self.profile.time("rmsnorm", || {
+                profile.time("rmsnorm", || {
                     host::rmsnorm_backward(
                         &mut dx[b],
                         &mut grads.data[range],
@@ -818,85 +831,64 @@ impl Engine {
                     )
                 });
                 let dx2 = &dx[b];
-                k.wo_bwd
-                    .call()
-                    .weight("wo", w.get(Param::Wo(l)))
-                    .input("dx2", dx2)
-                    .output("dattn", &mut dattn)
-                    .run(be)?;
-                self.profile.time("dW gemm", || {
-                    gemm(
-                        grads.get_mut(Param::Wo(l)),
-                        d,
-                        q,
-                        n(dx2, d, seq),
-                        t(&a.attn, q, seq),
-                        1.0,
-                        true,
-                    )
-                });
-                k.attn_bwd
-                    .call()
-                    .input("q_rope", &a.q_rope)
-                    .input("k_rope", &a.k_rope)
-                    .input("v", &a.v)
-                    .input("dattn", &dattn)
-                    .output("dq", &mut dq)
-                    .output("dk", &mut dk)
-                    .output("dv", &mut dv)
-                    .run(be)?;
-                self.profile.time("dW gemm", || {
-                    gemm(
-                        grads.get_mut(Param::Wq(l)),
-                        q,
-                        d,
-                        n(&dq, q, seq),
-                        t(&a.xn, d, seq),
-                        1.0,
-                        true,
-                    )
-                });
-                self.profile.time("dW gemm", || {
-                    gemm(
-                        grads.get_mut(Param::Wk(l)),
-                        kv,
-                        d,
-                        n(&dk, kv, seq),
-                        t(&a.xn, d, seq),
-                        1.0,
-                        true,
-                    )
-                });
-                self.profile.time("dW gemm", || {
-                    gemm(
-                        grads.get_mut(Param::Wv(l)),
-                        kv,
-                        d,
-                        n(&dv, kv, seq),
-                        t(&a.xn, d, seq),
-                        1.0,
-                        true,
-                    )
-                });
-                k.q_bwd
-                    .call()
-                    .weight("wq", w.get(Param::Wq(l)))
-                    .input("dq", &dq)
-                    .output("dxn", &mut dxn)
-                    .run(be)?;
-                k.kv_bwd
-                    .call()
-                    .weight("wk", w.get(Param::Wk(l)))
-                    .weight("wv", w.get(Param::Wv(l)))
-                    .input("dk", &dk)
-                    .input("dv", &dv)
-                    .output("dxn", &mut dxn_kv)
-                    .run(be)?;
-                for (a, b) in dxn.iter_mut().zip(&dxn_kv) {
-                    *a += b;
-                }
+                overlapped(
+                    profile,
+                    || {
+                        k.wo_bwd
+                            .call()
+                            .weight("wo", w.get(Param::Wo(l)))
+                            .input("dx2", dx2)
+                            .output("dattn", &mut dattn)
+                            .run(be)
+                    },
+                    || weight_grad(grads.get_mut(Param::W1(l)), &dh1, &a.x2n, seq),
+                )?;
+                overlapped(
+                    profile,
+                    || {
+                        k.attn_bwd
+                            .call()
+                            .input("q_rope", &a.q_rope)
+                            .input("k_rope", &a.k_rope)
+                            .input("v", &a.v)
+                            .input("dattn", &dattn)
+                            .output("dq", &mut dq)
+                            .output("dk", &mut dk)
+                            .output("dv", &mut dv)
+                            .run(be)
+                    },
+                    || weight_grad(grads.get_mut(Param::W3(l)), &dh3, &a.x2n, seq),
+                )?;
+                overlapped(
+                    profile,
+                    || {
+                        k.q_bwd
+                            .call()
+                            .weight("wq", w.get(Param::Wq(l)))
+                            .input("dq", &dq)
+                            .output("dxn", &mut dxn)
+                            .run(be)?;
+                        k.kv_bwd
+                            .call()
+                            .weight("wk", w.get(Param::Wk(l)))
+                            .weight("wv", w.get(Param::Wv(l)))
+                            .input("dk", &dk)
+                            .input("dv", &dv)
+                            .output("dxn", &mut dxn_kv)
+                            .run(be)?;
+                        for (a, b) in dxn.iter_mut().zip(&dxn_kv) {
+                            *a += b;
+                        }
+                        Ok(())
+                    },
+                    || {
+                        weight_grad(grads.get_mut(Param::Wo(l)), dx2, &a.attn, seq);
+                        weight_grad(grads.get_mut(Param::Wq(l)), &dq, &a.xn, seq);
+                    },
+                )?;
+                pending_kv = Some((l, b));
                 let range = w.layout.range(Param::RmsAtt(l));
-                self.profile.time("rmsnorm", || {
+                profile.time("rmsnorm", || {
                     host::rmsnorm_backward(
                         &mut dx[b],
                         &mut grads.data[range],
@@ -907,6 +899,9 @@ impl Engine {
                     )
                 });
             }
+        }
+        if let Some(at) = pending_kv {
+            profile.time("dW gemm", || kv_grads(grads, at, &dk, &dv));
         }
         for b in 0..self.batch {
             self.profile.time("embedding", || {
@@ -968,6 +963,51 @@ struct Scratch {
 /// once: sequences are grouped up to it, because wider products run faster
 /// (`stories15m`'s vocabulary products: about 13 % for 4 sequences against 1).
 const LOGITS_FLOATS: usize = 1 << 25;
+
+/// `dw (O, I) += dy (O, T) x^T` with `x (I, T)`: one sequence's contribution
+/// to a weight gradient.
+fn weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], seq: usize) {
+    let (o, i) = (dy.len() / seq, x.len() / seq);
+    gemm(dw, o, i, n(dy, o, seq), t(x, i, seq), 1.0, true);
+}
+
+/// Runs `kernel` on this thread (the backend belongs to it) while `dw`, the
+/// weight gradients of a stage already done, runs on the rayon pool: the
+/// products of `dW = dY X^T` are independent of the next backward-dx kernel,
+/// and two products side by side use two cores better than one product split
+/// over both. The `dW gemm` phase gets the time the step waits for `dw` after
+/// the kernel; its whole time is also kept as run side by side (see
+/// [`Profile`]). With one worker thread the two run one after the other: the
+/// pool's only worker would be busy with `dw` while the kernel waits for it to
+/// run its parallel loops.
+fn overlapped(
+    profile: &mut Profile,
+    kernel: impl FnOnce() -> Result<()>,
+    dw: impl FnOnce() + Send,
+) -> Result<()> {
+    const PHASE: &str = "dW gemm";
+    if rayon::current_num_threads() < 2 {
+        kernel()?;
+        profile.time(PHASE, dw);
+        return Ok(());
+    }
+    let mut dw_time = Duration::ZERO;
+    let dw_time_ref = &mut dw_time;
+    let mut kernel_done = Instant::now();
+    let result = rayon::in_place_scope(|s| {
+        s.spawn(move |_| {
+            let start = Instant::now();
+            dw();
+            *dw_time_ref = start.elapsed();
+        });
+        let result = kernel();
+        kernel_done = Instant::now();
+        result
+    });
+    profile.add(PHASE, kernel_done);
+    profile.add_side_by_side(PHASE, dw_time);
+    result
+}
 
 /// `x (C, P)` of the sequences `seqs` (each `(C, T)`) side by side: column
 /// `k T + t` is position `t` of `seqs[k]`. One sequence is used in place.

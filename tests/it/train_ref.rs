@@ -153,14 +153,24 @@ fn fp32_engine_matches_pytorch_logits_loss_gradients_and_adamw_steps() {
         relative: 1e-4,
         absolute: 1e-6,
     };
-    check_against_pytorch(
-        Precision::Fp32,
-        DType::Fp32,
-        WeightMode::Inputs,
-        tol,
-        grad_tol,
-        1e-4,
-    );
+    // One worker thread runs the weight gradients after each backward kernel,
+    // two run them beside it (`engine::overlapped`): both must match.
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            check_against_pytorch(
+                Precision::Fp32,
+                DType::Fp32,
+                WeightMode::Inputs,
+                tol,
+                grad_tol,
+                1e-4,
+            )
+        });
+    }
 }
 
 #[test]

@@ -164,6 +164,12 @@ impl Matmul {
         )
     }
 
+    /// Multiply-adds of one run.
+    pub(super) fn multiply_adds(&self) -> usize {
+        let (m, k, n) = self.mkn;
+        m * k * n * self.batches.len()
+    }
+
     pub(super) fn run(&self, x: &[f32], y: &[f32], out: &mut [f32]) {
         let (m, k, n) = self.mkn;
         debug_assert_eq!(out.len(), self.batches.len() * m * n);
