@@ -262,6 +262,22 @@ pub trait Backend {
         let _ = (kernel, inputs, outputs);
         Ok(false)
     }
+
+    /// [`run_host`](Backend::run_host) for several independent sets of host
+    /// arrays (several sequences through the same kernel), which the backend
+    /// may run at the same time. `Ok(false)` and nothing touched where
+    /// `run_host` would decline; the caller then runs them one by one.
+    fn run_host_many(&mut self, kernel: KernelId, calls: &mut [HostCall<'_>]) -> Result<bool> {
+        let _ = (kernel, calls);
+        Ok(false)
+    }
+}
+
+/// One set of host arrays for [`Backend::run_host_many`]: as
+/// [`Backend::run_host`]'s `inputs` and `outputs`.
+pub struct HostCall<'a> {
+    pub inputs: Vec<&'a [f32]>,
+    pub outputs: Vec<&'a mut [f32]>,
 }
 
 #[cfg(test)]

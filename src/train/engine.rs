@@ -10,7 +10,7 @@
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Block, BufferId, KernelId};
+use crate::backend::{Backend, Block, BufferId, HostCall, KernelId};
 use crate::linalg::{gemm, n, t};
 use crate::model::host;
 use crate::model::kernels::{
@@ -178,7 +178,7 @@ pub struct Call<'k, 'a> {
     outputs: Vec<Option<&'a mut [f32]>>,
 }
 
-impl<'a> Call<'_, 'a> {
+impl<'k, 'a> Call<'k, 'a> {
     fn input_index(&self, name: &str) -> usize {
         let spec = &self.kernel.spec;
         spec.inputs
@@ -216,6 +216,11 @@ impl<'a> Call<'_, 'a> {
     }
 
     pub fn run(self, backend: &mut dyn Backend) -> Result<()> {
+        self.bind()?.run(backend)
+    }
+
+    /// Check that every slot is bound and take the arrays in slot order.
+    fn bind(self) -> Result<Bound<'k, 'a>> {
         let k = self.kernel;
         let unbound = |slots: &[Slot], bound: Vec<bool>| {
             slots
@@ -242,17 +247,64 @@ impl<'a> Call<'_, 'a> {
                 missing.join(", ")
             )));
         }
-        let inputs: Vec<&[f32]> = self.inputs.into_iter().flatten().collect();
-        let mut outputs: Vec<&mut [f32]> = self.outputs.into_iter().flatten().collect();
+        Ok(Bound {
+            kernel: k,
+            inputs: self.inputs.into_iter().flatten().collect(),
+            weights: self.weights,
+            outputs: self.outputs.into_iter().flatten().collect(),
+        })
+    }
+}
+
+/// Several runs of one kernel on independent arrays (the sequences of a
+/// batch), which the backend may run at the same time
+/// ([`Backend::run_host_many`]); otherwise they run one by one as [`Call`]s.
+/// Every call must bind the same weights.
+pub fn run_many(backend: &mut dyn Backend, calls: Vec<Call<'_, '_>>) -> Result<()> {
+    let Some(k) = calls.first().map(|c| c.kernel) else {
+        return Ok(());
+    };
+    let mut bound = calls
+        .into_iter()
+        .map(Call::bind)
+        .collect::<Result<Vec<_>>>()?;
+    if k.direct && bound.len() > 1 {
+        let mut host: Vec<HostCall> = bound
+            .iter_mut()
+            .map(|b| HostCall {
+                inputs: b.inputs.clone(),
+                outputs: b.outputs.iter_mut().map(|o| &mut **o).collect(),
+            })
+            .collect();
+        let start = Instant::now();
+        if backend.run_host_many(k.id, &mut host)? {
+            k.run_time.set(k.run_time.get() + start.elapsed());
+            return Ok(());
+        }
+    }
+    bound.into_iter().try_for_each(|b| b.run(backend))
+}
+
+/// A [`Call`] with every slot bound, arrays in slot order.
+struct Bound<'k, 'a> {
+    kernel: &'k Kernel,
+    inputs: Vec<&'a [f32]>,
+    weights: Vec<bool>,
+    outputs: Vec<&'a mut [f32]>,
+}
+
+impl Bound<'_, '_> {
+    fn run(mut self, backend: &mut dyn Backend) -> Result<()> {
+        let k = self.kernel;
         if k.direct {
             let start = Instant::now();
-            let ran = backend.run_host(k.id, &inputs, &mut outputs)?;
+            let ran = backend.run_host(k.id, &self.inputs, &mut self.outputs)?;
             if ran {
                 k.run_time.set(k.run_time.get() + start.elapsed());
                 return Ok(());
             }
         }
-        for (i, (data, slot)) in inputs.iter().zip(&k.spec.inputs).enumerate() {
+        for (i, (data, slot)) in self.inputs.iter().zip(&k.spec.inputs).enumerate() {
             if self.weights[i] {
                 let key = Some((data.as_ptr() as usize, data.len()));
                 if k.written.borrow()[i] == key {
@@ -265,7 +317,7 @@ impl<'a> Call<'_, 'a> {
             }
         }
         k.run(backend)?;
-        for (dst, slot) in outputs.iter_mut().zip(&k.spec.outputs) {
+        for (dst, slot) in self.outputs.iter_mut().zip(&k.spec.outputs) {
             k.read(backend, &slot.name, dst)?;
         }
         Ok(())
@@ -536,10 +588,12 @@ impl Engine {
         for kernel in k.all() {
             kernel.new_pass();
         }
+        // Stage by stage, every sequence of the batch through each kernel in
+        // one `run_many` (side by side where the backend can).
         for l in 0..c.n_layers {
             let (done, rest) = self.acts.split_at_mut(l + 1);
-            for b in 0..self.batch {
-                let a = &mut done[l][b];
+            let acts = &mut done[l];
+            for a in acts.iter_mut() {
                 self.profile.time("rmsnorm", || {
                     host::rmsnorm_forward(
                         &mut a.xn,
@@ -549,23 +603,35 @@ impl Engine {
                         c.norm_eps,
                     )
                 });
-                k.attn_fwd
-                    .call()
-                    .weight("wq", w.get(Param::Wq(l)))
-                    .weight("wk", w.get(Param::Wk(l)))
-                    .weight("wv", w.get(Param::Wv(l)))
-                    .input("xn", &a.xn)
-                    .output("attn", &mut a.attn)
-                    .output("q_rope", &mut a.q_rope)
-                    .output("k_rope", &mut a.k_rope)
-                    .output("v", &mut a.v)
-                    .run(be)?;
-                k.wo_fwd
-                    .call()
-                    .weight("wo", w.get(Param::Wo(l)))
-                    .input("attn", &a.attn)
-                    .output("o", &mut a.x2)
-                    .run(be)?;
+            }
+            let calls = acts
+                .iter_mut()
+                .map(|a| {
+                    k.attn_fwd
+                        .call()
+                        .weight("wq", w.get(Param::Wq(l)))
+                        .weight("wk", w.get(Param::Wk(l)))
+                        .weight("wv", w.get(Param::Wv(l)))
+                        .input("xn", &a.xn)
+                        .output("attn", &mut a.attn)
+                        .output("q_rope", &mut a.q_rope)
+                        .output("k_rope", &mut a.k_rope)
+                        .output("v", &mut a.v)
+                })
+                .collect();
+            run_many(be, calls)?;
+            let calls = acts
+                .iter_mut()
+                .map(|a| {
+                    k.wo_fwd
+                        .call()
+                        .weight("wo", w.get(Param::Wo(l)))
+                        .input("attn", &a.attn)
+                        .output("o", &mut a.x2)
+                })
+                .collect();
+            run_many(be, calls)?;
+            for a in acts.iter_mut() {
                 for (x2, x) in a.x2.iter_mut().zip(&a.x) {
                     *x2 += x;
                 }
@@ -578,21 +644,29 @@ impl Engine {
                         c.norm_eps,
                     )
                 });
-                let out = match rest.first_mut() {
-                    Some(next) => &mut next[b].x,
-                    None => &mut self.x_final[b],
-                };
-                k.ffn_fwd
-                    .call()
-                    .weight("w1", w.get(Param::W1(l)))
-                    .weight("w3", w.get(Param::W3(l)))
-                    .weight("w2", w.get(Param::W2(l)))
-                    .input("x2n", &a.x2n)
-                    .output("h1", &mut a.h1)
-                    .output("h3", &mut a.h3)
-                    .output("gate", &mut a.gate)
-                    .output("ffn", out)
-                    .run(be)?;
+            }
+            let mut outs: Vec<&mut Vec<f32>> = match rest.first_mut() {
+                Some(next) => next.iter_mut().map(|a| &mut a.x).collect(),
+                None => self.x_final.iter_mut().collect(),
+            };
+            let calls = acts
+                .iter_mut()
+                .zip(outs.iter_mut())
+                .map(|(a, out)| {
+                    k.ffn_fwd
+                        .call()
+                        .weight("w1", w.get(Param::W1(l)))
+                        .weight("w3", w.get(Param::W3(l)))
+                        .weight("w2", w.get(Param::W2(l)))
+                        .input("x2n", &a.x2n)
+                        .output("h1", &mut a.h1)
+                        .output("h3", &mut a.h3)
+                        .output("gate", &mut a.gate)
+                        .output("ffn", out)
+                })
+                .collect();
+            run_many(be, calls)?;
+            for (a, out) in acts.iter().zip(outs) {
                 for (o, x2) in out.iter_mut().zip(&a.x2) {
                     *o += x2;
                 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anemone::backend::cpu::{CpuBackend, HostTensor, run_program};
-use anemone::backend::{Backend, Block, BufferId, Precision};
+use anemone::backend::{Backend, Block, BufferId, HostCall, Precision};
 use anemone::mil::{
     Arg, DType, Dialect, Function, Literal, Op, Operation, Program, TensorType, Value, Var,
 };
@@ -382,6 +382,76 @@ fn backend_runs_a_kernel_twice_on_written_blocks() {
         all,
         [-1., 1., 2., -2., 22., 24., -3., 63., 66., -4., 124., 128.]
     );
+}
+
+/// Several sequences through one kernel at once: five calls on two worker
+/// threads (two workspaces), each result `(10c + s + 100k) * (c + 1)` of its
+/// own input; wrong array lengths are an error naming the input; an fp16
+/// kernel declines (nothing written).
+#[test]
+fn run_host_many_runs_every_call_on_its_own_arrays() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut cpu = CpuBackend::new(Precision::Fp32);
+        let kernel = cpu
+            .compile_program(&channel_scale(DType::Fp32), &BTreeMap::new())
+            .unwrap();
+        let inputs: Vec<Vec<f32>> = (0..5)
+            .map(|k| {
+                (0..4)
+                    .flat_map(|c| (0..3).map(move |s| (10 * c + s + 100 * k) as f32))
+                    .collect()
+            })
+            .collect();
+        let mut outputs = vec![vec![f32::NAN; 12]; 5];
+        let mut calls: Vec<HostCall> = inputs
+            .iter()
+            .zip(outputs.iter_mut())
+            .map(|(x, z)| HostCall {
+                inputs: vec![x.as_slice()],
+                outputs: vec![z.as_mut_slice()],
+            })
+            .collect();
+        assert!(cpu.run_host_many(kernel, &mut calls).unwrap());
+        drop(calls);
+        for (k, z) in outputs.iter().enumerate() {
+            let want: Vec<f32> = (0..4)
+                .flat_map(|c| (0..3).map(move |s| ((10 * c + s + 100 * k) * (c + 1)) as f32))
+                .collect();
+            assert_eq!(z, &want, "call {k}");
+        }
+
+        let short = [0.0f32; 11];
+        let mut z = [0.0f32; 12];
+        let mut calls = vec![HostCall {
+            inputs: vec![&short[..]],
+            outputs: vec![&mut z[..]],
+        }];
+        let err = cpu
+            .run_host_many(kernel, &mut calls)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`x`") && err.contains("needs 12 values, got 11"),
+            "{err}"
+        );
+
+        let half = cpu
+            .compile_program(&channel_scale(DType::Fp16), &BTreeMap::new())
+            .unwrap();
+        let x = [1.0f32; 12];
+        let mut z = [7.0f32; 12];
+        let mut calls = vec![HostCall {
+            inputs: vec![&x[..]],
+            outputs: vec![&mut z[..]],
+        }];
+        assert!(!cpu.run_host_many(half, &mut calls).unwrap());
+        drop(calls);
+        assert_eq!(z, [7.0; 12]);
+    });
 }
 
 #[test]
