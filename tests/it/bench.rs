@@ -285,6 +285,8 @@ fn train_step_reports_flops_phases_and_losses() {
             "2",
             "--warmup",
             "1",
+            "--threads",
+            "2",
             "--ops",
             "--json",
         ])
@@ -371,6 +373,23 @@ fn train_step_reports_flops_phases_and_losses() {
     ] {
         assert!(phases.contains(&name), "{name} missing from {phases:?}");
     }
+    // With two threads the weight gradients run beside the backward kernels:
+    // their whole time is listed apart, and the text says so.
+    let side: Vec<(&str, f64)> = r["side_by_side"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["ms_per_step"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(side.len(), 1, "{side:?}");
+    assert!(side[0].0 == "dW gemm" && side[0].1 > 0.0, "{side:?}");
+    assert!(stdout.contains("side by side (whole time"), "{stdout}");
+    assert_eq!(u(&r, "threads"), 2);
     // Random tokens over 1024 ids: the loss starts near ln(1024) = 6.93.
     let losses = r["losses"].as_array().unwrap();
     assert_eq!(losses.len(), 2);
