@@ -697,6 +697,13 @@ impl Engine {
         });
     }
 
+    /// Sequences per classifier group: by default as many as fit in
+    /// [`LOGITS_FLOATS`] logits (at least one). Fewer means less memory.
+    pub fn set_head_group(&mut self, sequences: usize) {
+        self.head_group = sequences.clamp(1, self.batch);
+        self.logits = vec![0.0; self.head_group * self.seq * self.config.vocab_size];
+    }
+
     /// The groups of sequences that go through the classifier together.
     fn head_groups(&self) -> impl Iterator<Item = (usize, usize)> + use<> {
         let (group, batch) = (self.head_group, self.batch);
@@ -993,6 +1000,7 @@ impl Engine {
             head_x: std::mem::take(&mut self.scratch.head_x),
             head_dx: std::mem::take(&mut self.scratch.head_dx),
             classifier_t: std::mem::take(&mut self.scratch.classifier_t),
+
             head_stats: std::mem::take(&mut self.scratch.head_stats),
             dgate,
             dh1,
@@ -1020,6 +1028,7 @@ struct Scratch {
     head_x: Vec<f32>,
     head_dx: Vec<f32>,
     classifier_t: Vec<f32>,
+
     head_stats: host::CrossEntropyScratch,
     dgate: Vec<f32>,
     dh1: Vec<f32>,

@@ -81,6 +81,7 @@ fn engine(r: &Reference, precision: Precision, dtype: DType, mode: WeightMode) -
 }
 
 fn check_against_pytorch(
+    head_group: Option<usize>,
     precision: Precision,
     dtype: DType,
     mode: WeightMode,
@@ -93,6 +94,9 @@ fn check_against_pytorch(
     assert_eq!(weights.data.len(), r.weights.len(), "fixture layout");
     weights.data.copy_from_slice(&r.weights);
     let mut e = engine(&r, precision, dtype, mode);
+    if let Some(n) = head_group {
+        e.set_head_group(n);
+    }
 
     let logits = e.logits(&weights, &r.inputs).unwrap();
     let vocab = r.config.vocab_size;
@@ -162,6 +166,7 @@ fn fp32_engine_matches_pytorch_logits_loss_gradients_and_adamw_steps() {
             .unwrap();
         pool.install(|| {
             check_against_pytorch(
+                None,
                 Precision::Fp32,
                 DType::Fp32,
                 WeightMode::Inputs,
@@ -170,6 +175,84 @@ fn fp32_engine_matches_pytorch_logits_loss_gradients_and_adamw_steps() {
                 1e-4,
             )
         });
+    }
+}
+
+/// One sequence per classifier group: two groups, each gathered, through the
+/// classifier with `E^T` transposed once, and scattered back per sequence.
+#[test]
+fn one_sequence_per_classifier_group_matches_pytorch() {
+    let r = reference();
+    assert_eq!(r.batch, 2, "the fixture has two sequences");
+    let tol = Tolerance {
+        relative: 1e-4,
+        absolute: 1e-5,
+    };
+    let grad_tol = Tolerance {
+        relative: 1e-4,
+        absolute: 1e-6,
+    };
+    check_against_pytorch(
+        Some(1),
+        Precision::Fp32,
+        DType::Fp32,
+        WeightMode::Inputs,
+        tol,
+        grad_tol,
+        1e-4,
+    );
+}
+
+/// Five sequences of a random batch in groups of 1, 2 and 5 (five groups of
+/// one, three groups with a last one of one, one group) give the gradients of
+/// one group, the form the PyTorch tests check.
+#[test]
+fn every_classifier_grouping_gives_the_same_gradients() {
+    let r = reference();
+    let batch = 5;
+    let mut rng = anemone::rng::Rng::new(11);
+    let vocab = r.config.vocab_size as u64;
+    let tokens: Vec<u32> = (0..2 * batch * r.seq)
+        .map(|_| rng.below(vocab) as u32)
+        .collect();
+    let (inputs, targets) = tokens.split_at(batch * r.seq);
+    let mut weights = Weights::zeros(&r.config);
+    weights.data.copy_from_slice(&r.weights);
+    let run = |group: usize| {
+        let mut e = Engine::new(
+            Box::new(CpuBackend::new(Precision::Fp32)),
+            &r.config,
+            r.seq,
+            batch,
+            KernelOptions::cpu(),
+        )
+        .unwrap();
+        e.set_head_group(group);
+        let mut grads = Weights::zeros(&r.config);
+        let loss = e
+            .forward_backward(&weights, &mut grads, inputs, targets, 1.0)
+            .unwrap();
+        (loss, grads)
+    };
+    let (loss, want) = run(batch);
+    let tol = Tolerance {
+        relative: 1e-5,
+        absolute: 1e-7,
+    };
+    for group in [1, 2] {
+        let (l, grads) = run(group);
+        assert!(
+            (l - loss).abs() <= 1e-6 * loss,
+            "group {group}: loss {l} vs {loss}"
+        );
+        for p in want.layout.params() {
+            let range = want.layout.range(p);
+            tol.assert_close(
+                &grads.data[range.clone()],
+                &want.data[range],
+                &format!("group {group}: gradient of {}", p.name()),
+            );
+        }
     }
 }
 
@@ -184,6 +267,7 @@ fn packed_weight_kernels_give_the_same_training_step() {
         absolute: 1e-6,
     };
     check_against_pytorch(
+        None,
         Precision::Fp32,
         DType::Fp32,
         WeightMode::Packed,
@@ -206,6 +290,7 @@ fn fp16_simulation_stays_within_fp16_tolerances() {
         absolute: 1e-4,
     };
     check_against_pytorch(
+        None,
         Precision::Fp16,
         DType::Fp16,
         WeightMode::Packed,
