@@ -269,18 +269,8 @@ pub fn format_report(r: &TrainStepReport) -> String {
     if let Some(rss) = r.peak_rss_mb {
         out.push_str(&format!("  peak RSS     {rss:>9.0}  MB\n"));
     }
-    out.push_str("  phase                 ms/step   share\n");
-    for p in &r.phases {
-        out.push_str(&format!(
-            "  {:<20} {:>8.2}  {:>5.1} %\n",
-            p.name,
-            p.ms_per_step,
-            100.0 * p.fraction
-        ));
-    }
-    if !r.side_by_side.is_empty() {
-        out.push_str("  side by side (whole time; above only as waited for)\n");
-        for p in &r.side_by_side {
+    let push_phases = |out: &mut String, phases: &[Phase]| {
+        for p in phases {
             out.push_str(&format!(
                 "  {:<20} {:>8.2}  {:>5.1} %\n",
                 p.name,
@@ -288,6 +278,12 @@ pub fn format_report(r: &TrainStepReport) -> String {
                 100.0 * p.fraction
             ));
         }
+    };
+    out.push_str("  phase                 ms/step   share\n");
+    push_phases(&mut out, &r.phases);
+    if !r.side_by_side.is_empty() {
+        out.push_str("  side by side (whole time; above only as waited for)\n");
+        push_phases(&mut out, &r.side_by_side);
     }
     if !r.ops.is_empty() {
         let shown = r.ops.len().min(30);

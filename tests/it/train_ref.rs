@@ -145,45 +145,10 @@ fn check_against_pytorch(
     }
 }
 
-#[test]
-fn fp32_engine_matches_pytorch_logits_loss_gradients_and_adamw_steps() {
-    // Gradients: max |a - b| <= 1e-4 * max|b| of the tensor + 1e-6 absolute floor
-    // (f32 accumulation against a float64 reference).
-    let tol = Tolerance {
-        relative: 1e-4,
-        absolute: 1e-5,
-    };
-    let grad_tol = Tolerance {
-        relative: 1e-4,
-        absolute: 1e-6,
-    };
-    // One worker thread runs the weight gradients after each backward kernel,
-    // two run them beside it (`engine::overlapped`): both must match.
-    for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            check_against_pytorch(
-                None,
-                Precision::Fp32,
-                DType::Fp32,
-                WeightMode::Inputs,
-                tol,
-                grad_tol,
-                1e-4,
-            )
-        });
-    }
-}
-
-/// One sequence per classifier group: two groups, each gathered, through the
-/// classifier with `E^T` transposed once, and scattered back per sequence.
-#[test]
-fn one_sequence_per_classifier_group_matches_pytorch() {
-    let r = reference();
-    assert_eq!(r.batch, 2, "the fixture has two sequences");
+/// [`check_against_pytorch`] in fp32: logits within 1e-4 of the tensor's
+/// largest magnitude plus 1e-5, gradients within 1e-4 plus 1e-6 (f32
+/// accumulation against a float64 reference), losses within 1e-4 relative.
+fn check_fp32(head_group: Option<usize>, mode: WeightMode) {
     let tol = Tolerance {
         relative: 1e-4,
         absolute: 1e-5,
@@ -193,14 +158,36 @@ fn one_sequence_per_classifier_group_matches_pytorch() {
         absolute: 1e-6,
     };
     check_against_pytorch(
-        Some(1),
+        head_group,
         Precision::Fp32,
         DType::Fp32,
-        WeightMode::Inputs,
+        mode,
         tol,
         grad_tol,
         1e-4,
     );
+}
+
+#[test]
+fn fp32_engine_matches_pytorch_logits_loss_gradients_and_adamw_steps() {
+    // One worker thread runs the weight gradients after each backward kernel,
+    // two run them beside it (`engine::overlapped`): both must match.
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| check_fp32(None, WeightMode::Inputs));
+    }
+}
+
+/// One sequence per classifier group: two groups, each gathered, through the
+/// classifier with `E^T` transposed once, and scattered back per sequence.
+#[test]
+fn one_sequence_per_classifier_group_matches_pytorch() {
+    let r = reference();
+    assert_eq!(r.batch, 2, "the fixture has two sequences");
+    check_fp32(Some(1), WeightMode::Inputs);
 }
 
 /// Five sequences of a random batch in groups of 1, 2 and 5 (five groups of
@@ -258,23 +245,7 @@ fn every_classifier_grouping_gives_the_same_gradients() {
 
 #[test]
 fn packed_weight_kernels_give_the_same_training_step() {
-    let tol = Tolerance {
-        relative: 1e-4,
-        absolute: 1e-5,
-    };
-    let grad_tol = Tolerance {
-        relative: 1e-4,
-        absolute: 1e-6,
-    };
-    check_against_pytorch(
-        None,
-        Precision::Fp32,
-        DType::Fp32,
-        WeightMode::Packed,
-        tol,
-        grad_tol,
-        1e-4,
-    );
+    check_fp32(None, WeightMode::Packed);
 }
 
 #[test]

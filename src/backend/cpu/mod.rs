@@ -156,6 +156,22 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
+    /// The kernel, if it can run straight on host arrays: every input and
+    /// output fp32 (nothing to convert).
+    fn host_kernel(&mut self, kernel: KernelId) -> Result<Option<&mut CompiledKernel>> {
+        let compiled = self
+            .kernels
+            .get_mut(kernel.0)
+            .ok_or_else(|| backend_error("run", format!("unknown kernel {}", kernel.0)))?;
+        let info = &compiled.info;
+        let fp32 = info
+            .inputs
+            .iter()
+            .chain(&info.outputs)
+            .all(|v| v.ty.dtype == DType::Fp32);
+        Ok(fp32.then_some(compiled))
+    }
+
     pub fn new(precision: Precision) -> CpuBackend {
         CpuBackend {
             precision,
@@ -330,19 +346,9 @@ impl Backend for CpuBackend {
         inputs: &[&[f32]],
         outputs: &mut [&mut [f32]],
     ) -> Result<bool> {
-        let compiled = self
-            .kernels
-            .get_mut(kernel.0)
-            .ok_or_else(|| backend_error("run", format!("unknown kernel {}", kernel.0)))?;
-        let info = &compiled.info;
-        if info
-            .inputs
-            .iter()
-            .chain(&info.outputs)
-            .any(|v| v.ty.dtype != DType::Fp32)
-        {
+        let Some(compiled) = self.host_kernel(kernel)? else {
             return Ok(false);
-        }
+        };
         compiled
             .plan
             .execute(&mut compiled.workspace, inputs, outputs)?;
@@ -357,19 +363,9 @@ impl Backend for CpuBackend {
     /// `exec::side_by_side`).
     fn run_host_many(&mut self, kernel: KernelId, calls: &mut [HostCall<'_>]) -> Result<bool> {
         use rayon::prelude::*;
-        let compiled = self
-            .kernels
-            .get_mut(kernel.0)
-            .ok_or_else(|| backend_error("run", format!("unknown kernel {}", kernel.0)))?;
-        let info = &compiled.info;
-        if info
-            .inputs
-            .iter()
-            .chain(&info.outputs)
-            .any(|v| v.ty.dtype != DType::Fp32)
-        {
+        let Some(compiled) = self.host_kernel(kernel)? else {
             return Ok(false);
-        }
+        };
         let shares = rayon::current_num_threads().min(calls.len()).max(1);
         if shares == 1 {
             for call in calls {
