@@ -23,10 +23,10 @@ pub fn embedding_forward(x: &mut [f32], embedding: &[f32], tokens: &[u32], dim: 
     debug_assert_eq!(x.len(), dim * seq);
     for (b, block) in tokens.chunks(EMBED_BLOCK).enumerate() {
         let p0 = b * EMBED_BLOCK;
-        let rows: Vec<&[f32]> = block
-            .iter()
-            .map(|&tok| &embedding[tok as usize * dim..][..dim])
-            .collect();
+        let mut rows: [&[f32]; EMBED_BLOCK] = [&[]; EMBED_BLOCK];
+        for (row, &tok) in rows.iter_mut().zip(block) {
+            *row = &embedding[tok as usize * dim..][..dim];
+        }
         for c in 0..dim {
             let out = &mut x[c * seq + p0..][..block.len()];
             for (o, row) in out.iter_mut().zip(&rows) {

@@ -522,9 +522,9 @@ impl Engine {
 
     /// Wall time per phase since the last call: every kernel by name, `io`, and
     /// the host phases (`embedding`, `rmsnorm`, `residual`, `classifier`, `loss`,
-    /// `dW gemm`).
-    /// Weight gradients run beside the backward kernels when there are two
-    /// or more worker threads (see [`Profile`]).
+    /// `dW gemm`). With two or more worker threads the weight gradients run
+    /// beside the backward kernels and are also listed as run side by side
+    /// (see [`Profile`]).
     pub fn take_profile(&mut self) -> Profile {
         let mut profile = std::mem::take(&mut self.profile);
         for kernel in self.kernels.all() {
@@ -1000,7 +1000,6 @@ impl Engine {
             head_x: std::mem::take(&mut self.scratch.head_x),
             head_dx: std::mem::take(&mut self.scratch.head_dx),
             classifier_t: std::mem::take(&mut self.scratch.classifier_t),
-
             head_stats: std::mem::take(&mut self.scratch.head_stats),
             dgate,
             dh1,
@@ -1028,7 +1027,6 @@ struct Scratch {
     head_x: Vec<f32>,
     head_dx: Vec<f32>,
     classifier_t: Vec<f32>,
-
     head_stats: host::CrossEntropyScratch,
     dgate: Vec<f32>,
     dh1: Vec<f32>,
