@@ -837,143 +837,219 @@ impl Engine {
         self.scratch.head_dx = head_dx;
         let be = self.backend.as_mut();
         let k = &self.kernels;
+        let batch = self.batch;
         let sc = &mut self.scratch;
-        let mut dgate = reuse(&mut sc.dgate, f * seq);
-        let mut dh1 = reuse(&mut sc.dh1, f * seq);
-        let mut dh3 = reuse(&mut sc.dh3, f * seq);
-        let mut dx2n = reuse(&mut sc.dx2n, d * seq);
-        let mut dattn = reuse(&mut sc.dattn, q * seq);
-        let mut dq = reuse(&mut sc.dq, q * seq);
-        let mut dk = reuse(&mut sc.dk, kv * seq);
-        let mut dv = reuse(&mut sc.dv, kv * seq);
-        let mut dxn = reuse(&mut sc.dxn, d * seq);
-        let mut dxn_kv = reuse(&mut sc.dxn_kv, d * seq);
+        let mut dgate = reuse_each(&mut sc.dgate, batch, f * seq);
+        let mut dh1 = reuse_each(&mut sc.dh1, batch, f * seq);
+        let mut dh3 = reuse_each(&mut sc.dh3, batch, f * seq);
+        let mut dx2n = reuse_each(&mut sc.dx2n, batch, d * seq);
+        let mut dattn = reuse_each(&mut sc.dattn, batch, q * seq);
+        let mut dq = reuse_each(&mut sc.dq, batch, q * seq);
+        let mut dk = reuse_each(&mut sc.dk, batch, kv * seq);
+        let mut dv = reuse_each(&mut sc.dv, batch, kv * seq);
+        let mut dxn = reuse_each(&mut sc.dxn, batch, d * seq);
+        let mut dxn_kv = reuse_each(&mut sc.dxn_kv, batch, d * seq);
         let profile = &mut self.profile;
-        // Weight gradients run beside the backward kernels (see `overlapped`),
-        // in shares of about the kernel's size: the products of `dW2`, `dW1`,
+        let acts = &self.acts;
+        // Stage by stage, every sequence of the batch through each backward
+        // kernel in one `run_many` (side by side where the backend can), while
+        // the weight gradients of a finished stage run beside it (see
+        // `overlapped`), in shares of about the kernel's size: `dW2`, `dW1`,
         // `dW3` beside the next kernel each, `dWo` and `dWq` beside `q_bwd` and
         // `kv_bwd`, and `dWk`, `dWv` beside the next `ffn_bwd_w2` (the layer
-        // below, or the next sequence), whose inputs (`dk`, `dv`) are not
-        // overwritten before then.
-        let mut pending_kv: Option<(usize, usize)> = None;
-        let kv_grads = |grads: &mut Weights, (l, b): (usize, usize), dk: &[f32], dv: &[f32]| {
-            let xn = &self.acts[l][b].xn;
-            weight_grad(grads.get_mut(Param::Wk(l)), dk, xn, seq);
-            weight_grad(grads.get_mut(Param::Wv(l)), dv, xn, seq);
+        // below), whose inputs (`dk`, `dv`) are not overwritten before then.
+        // Each gradient sums its sequences in batch order.
+        let mut pending_kv: Option<usize> = None;
+        let kv_grads = |grads: &mut Weights, l: usize, dk: &[Vec<f32>], dv: &[Vec<f32>]| {
+            let xn = || acts[l].iter().map(|a| a.xn.as_slice());
+            weight_grads(grads.get_mut(Param::Wk(l)), dk, xn(), seq);
+            weight_grads(grads.get_mut(Param::Wv(l)), dv, xn(), seq);
         };
         for l in (0..c.n_layers).rev() {
-            for b in 0..self.batch {
-                let a = &self.acts[l][b];
-                // x_out = x2 + W2 gate: dffn = dx; dx2 starts as dx.
-                let dffn = &dx[b];
-                overlapped(
-                    profile,
-                    || {
-                        k.ffn_bwd_w2
-                            .call()
-                            .weight("w2", w.get(Param::W2(l)))
-                            .input("dffn", dffn)
-                            .output("dgate", &mut dgate)
-                            .run(be)
-                    },
-                    || {
-                        if let Some(at) = pending_kv.take() {
-                            kv_grads(grads, at, &dk, &dv);
-                        }
-                    },
-                )?;
-                overlapped(
-                    profile,
-                    || {
-                        k.ffn_bwd_w13
-                            .call()
-                            .weight("w1", w.get(Param::W1(l)))
-                            .weight("w3", w.get(Param::W3(l)))
-                            .input("dgate", &dgate)
-                            .input("h1", &a.h1)
-                            .input("h3", &a.h3)
-                            .output("dx2n", &mut dx2n)
-                            .output("dh1", &mut dh1)
-                            .output("dh3", &mut dh3)
-                            .run(be)
-                    },
-                    || weight_grad(grads.get_mut(Param::W2(l)), dffn, &a.gate, seq),
-                )?;
-                // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
-                let range = w.layout.range(Param::RmsFfn(l));
+            let la = &acts[l];
+            // x_out = x2 + W2 gate: dffn = dx; dx2 starts as dx.
+            overlapped(
+                profile,
+                || {
+                    let calls = dx
+                        .iter()
+                        .zip(dgate.iter_mut())
+                        .map(|(dffn, dgate)| {
+                            k.ffn_bwd_w2
+                                .call()
+                                .weight("w2", w.get(Param::W2(l)))
+                                .input("dffn", dffn)
+                                .output("dgate", dgate)
+                        })
+                        .collect();
+                    run_many(be, calls)
+                },
+                || {
+                    if let Some(at) = pending_kv.take() {
+                        kv_grads(grads, at, &dk, &dv);
+                    }
+                },
+            )?;
+            overlapped(
+                profile,
+                || {
+                    let calls = la
+                        .iter()
+                        .zip(&dgate)
+                        .zip(dx2n.iter_mut().zip(dh1.iter_mut().zip(dh3.iter_mut())))
+                        .map(|((a, dgate), (dx2n, (dh1, dh3)))| {
+                            k.ffn_bwd_w13
+                                .call()
+                                .weight("w1", w.get(Param::W1(l)))
+                                .weight("w3", w.get(Param::W3(l)))
+                                .input("dgate", dgate)
+                                .input("h1", &a.h1)
+                                .input("h3", &a.h3)
+                                .output("dx2n", dx2n)
+                                .output("dh1", dh1)
+                                .output("dh3", dh3)
+                        })
+                        .collect();
+                    run_many(be, calls)
+                },
+                || {
+                    weight_grads(
+                        grads.get_mut(Param::W2(l)),
+                        &dx,
+                        la.iter().map(|a| &a.gate[..]),
+                        seq,
+                    )
+                },
+            )?;
+            // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
+            let range = w.layout.range(Param::RmsFfn(l));
+            for ((dx, dx2n), a) in dx.iter_mut().zip(&dx2n).zip(la) {
                 profile.time("rmsnorm", || {
                     host::rmsnorm_backward(
-                        &mut dx[b],
-                        &mut grads.data[range],
-                        &dx2n,
+                        dx,
+                        &mut grads.data[range.clone()],
+                        dx2n,
                         &a.x2,
                         w.get(Param::RmsFfn(l)),
                         &a.rrms2,
                     )
                 });
-                let dx2 = &dx[b];
-                overlapped(
-                    profile,
-                    || {
-                        k.wo_bwd
-                            .call()
-                            .weight("wo", w.get(Param::Wo(l)))
-                            .input("dx2", dx2)
-                            .output("dattn", &mut dattn)
-                            .run(be)
-                    },
-                    || weight_grad(grads.get_mut(Param::W1(l)), &dh1, &a.x2n, seq),
-                )?;
-                overlapped(
-                    profile,
-                    || {
-                        k.attn_bwd
-                            .call()
-                            .input("q_rope", &a.q_rope)
-                            .input("k_rope", &a.k_rope)
-                            .input("v", &a.v)
-                            .input("dattn", &dattn)
-                            .output("dq", &mut dq)
-                            .output("dk", &mut dk)
-                            .output("dv", &mut dv)
-                            .run(be)
-                    },
-                    || weight_grad(grads.get_mut(Param::W3(l)), &dh3, &a.x2n, seq),
-                )?;
-                overlapped(
-                    profile,
-                    || {
-                        k.q_bwd
-                            .call()
-                            .weight("wq", w.get(Param::Wq(l)))
-                            .input("dq", &dq)
-                            .output("dxn", &mut dxn)
-                            .run(be)?;
-                        k.kv_bwd
-                            .call()
-                            .weight("wk", w.get(Param::Wk(l)))
-                            .weight("wv", w.get(Param::Wv(l)))
-                            .input("dk", &dk)
-                            .input("dv", &dv)
-                            .output("dxn", &mut dxn_kv)
-                            .run(be)?;
-                        for (a, b) in dxn.iter_mut().zip(&dxn_kv) {
+            }
+            overlapped(
+                profile,
+                || {
+                    let calls = dx
+                        .iter()
+                        .zip(dattn.iter_mut())
+                        .map(|(dx2, dattn)| {
+                            k.wo_bwd
+                                .call()
+                                .weight("wo", w.get(Param::Wo(l)))
+                                .input("dx2", dx2)
+                                .output("dattn", dattn)
+                        })
+                        .collect();
+                    run_many(be, calls)
+                },
+                || {
+                    weight_grads(
+                        grads.get_mut(Param::W1(l)),
+                        &dh1,
+                        la.iter().map(|a| &a.x2n[..]),
+                        seq,
+                    )
+                },
+            )?;
+            overlapped(
+                profile,
+                || {
+                    let calls = la
+                        .iter()
+                        .zip(&dattn)
+                        .zip(dq.iter_mut().zip(dk.iter_mut().zip(dv.iter_mut())))
+                        .map(|((a, dattn), (dq, (dk, dv)))| {
+                            k.attn_bwd
+                                .call()
+                                .input("q_rope", &a.q_rope)
+                                .input("k_rope", &a.k_rope)
+                                .input("v", &a.v)
+                                .input("dattn", dattn)
+                                .output("dq", dq)
+                                .output("dk", dk)
+                                .output("dv", dv)
+                        })
+                        .collect();
+                    run_many(be, calls)
+                },
+                || {
+                    weight_grads(
+                        grads.get_mut(Param::W3(l)),
+                        &dh3,
+                        la.iter().map(|a| &a.x2n[..]),
+                        seq,
+                    )
+                },
+            )?;
+            overlapped(
+                profile,
+                || {
+                    let calls = dq
+                        .iter()
+                        .zip(dxn.iter_mut())
+                        .map(|(dq, dxn)| {
+                            k.q_bwd
+                                .call()
+                                .weight("wq", w.get(Param::Wq(l)))
+                                .input("dq", dq)
+                                .output("dxn", dxn)
+                        })
+                        .collect();
+                    run_many(be, calls)?;
+                    let calls = dk
+                        .iter()
+                        .zip(&dv)
+                        .zip(dxn_kv.iter_mut())
+                        .map(|((dk, dv), dxn)| {
+                            k.kv_bwd
+                                .call()
+                                .weight("wk", w.get(Param::Wk(l)))
+                                .weight("wv", w.get(Param::Wv(l)))
+                                .input("dk", dk)
+                                .input("dv", dv)
+                                .output("dxn", dxn)
+                        })
+                        .collect();
+                    run_many(be, calls)?;
+                    for (dxn, dxn_kv) in dxn.iter_mut().zip(&dxn_kv) {
+                        for (a, b) in dxn.iter_mut().zip(dxn_kv) {
                             *a += b;
                         }
-                        Ok(())
-                    },
-                    || {
-                        weight_grad(grads.get_mut(Param::Wo(l)), dx2, &a.attn, seq);
-                        weight_grad(grads.get_mut(Param::Wq(l)), &dq, &a.xn, seq);
-                    },
-                )?;
-                pending_kv = Some((l, b));
-                let range = w.layout.range(Param::RmsAtt(l));
+                    }
+                    Ok(())
+                },
+                || {
+                    weight_grads(
+                        grads.get_mut(Param::Wo(l)),
+                        &dx,
+                        la.iter().map(|a| &a.attn[..]),
+                        seq,
+                    );
+                    weight_grads(
+                        grads.get_mut(Param::Wq(l)),
+                        &dq,
+                        la.iter().map(|a| &a.xn[..]),
+                        seq,
+                    );
+                },
+            )?;
+            pending_kv = Some(l);
+            let range = w.layout.range(Param::RmsAtt(l));
+            for ((dx, dxn), a) in dx.iter_mut().zip(&dxn).zip(la) {
                 profile.time("rmsnorm", || {
                     host::rmsnorm_backward(
-                        &mut dx[b],
-                        &mut grads.data[range],
-                        &dxn,
+                        dx,
+                        &mut grads.data[range.clone()],
+                        dxn,
                         &a.x,
                         w.get(Param::RmsAtt(l)),
                         &a.rrms1,
@@ -1016,8 +1092,9 @@ impl Engine {
     }
 }
 
-/// Backward-pass buffers kept between steps (shapes `(channels, T)`), so that a
-/// step allocates nothing. Taken out of the engine during a pass.
+/// Backward-pass buffers kept between steps (shapes `(channels, T)`; the
+/// per-stage ones one per sequence of the batch), so that a step allocates
+/// nothing. Taken out of the engine during a pass.
 #[derive(Default)]
 struct Scratch {
     dx: Vec<Vec<f32>>,
@@ -1028,16 +1105,16 @@ struct Scratch {
     head_dx: Vec<f32>,
     classifier_t: Vec<f32>,
     head_stats: host::CrossEntropyScratch,
-    dgate: Vec<f32>,
-    dh1: Vec<f32>,
-    dh3: Vec<f32>,
-    dx2n: Vec<f32>,
-    dattn: Vec<f32>,
-    dq: Vec<f32>,
-    dk: Vec<f32>,
-    dv: Vec<f32>,
-    dxn: Vec<f32>,
-    dxn_kv: Vec<f32>,
+    dgate: Vec<Vec<f32>>,
+    dh1: Vec<Vec<f32>>,
+    dh3: Vec<Vec<f32>>,
+    dx2n: Vec<Vec<f32>>,
+    dattn: Vec<Vec<f32>>,
+    dq: Vec<Vec<f32>>,
+    dk: Vec<Vec<f32>>,
+    dv: Vec<Vec<f32>>,
+    dxn: Vec<Vec<f32>>,
+    dxn_kv: Vec<Vec<f32>>,
 }
 
 /// Logits of at most this many values (128 MiB) go through the classifier at
@@ -1050,6 +1127,19 @@ const LOGITS_FLOATS: usize = 1 << 25;
 fn weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], seq: usize) {
     let (o, i) = (dy.len() / seq, x.len() / seq);
     gemm(dw, o, i, n(dy, o, seq), t(x, i, seq), 1.0, true);
+}
+
+/// [`weight_grad`] of every sequence of a batch (`dys[b]` with `xs`' item
+/// `b`), summed in batch order.
+fn weight_grads<'a>(
+    dw: &mut [f32],
+    dys: &[Vec<f32>],
+    xs: impl Iterator<Item = &'a [f32]>,
+    seq: usize,
+) {
+    for (dy, x) in dys.iter().zip(xs) {
+        weight_grad(dw, dy, x, seq);
+    }
 }
 
 /// Runs `kernel` on this thread (the backend belongs to it) while `dw`, the
@@ -1104,6 +1194,17 @@ fn gather<'a>(buf: &'a mut Vec<f32>, seqs: &'a [Vec<f32>], dim: usize, seq: usiz
         }
     }
     buf
+}
+
+/// `buf`'s allocations as `count` vectors of `n` values each (contents
+/// unspecified: every user overwrites them), made where missing.
+fn reuse_each(buf: &mut Vec<Vec<f32>>, count: usize, n: usize) -> Vec<Vec<f32>> {
+    let mut v = std::mem::take(buf);
+    v.resize_with(count, Vec::new);
+    for b in &mut v {
+        b.resize(n, 0.0);
+    }
+    v
 }
 
 /// `buf`'s allocation as a vector of `n` values (contents unspecified: every

@@ -26,6 +26,7 @@ mod shape;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 use self::exec::{Plan, Workspace};
 use super::{Backend, Block, BufferId, HostCall, KernelId, KernelInfo, Precision, matrix_dims};
@@ -139,8 +140,9 @@ struct CompiledKernel {
     info: KernelInfo,
     plan: Plan,
     workspace: Workspace,
-    /// One more workspace per extra worker thread, for `run_host_many`.
-    lanes: Vec<Workspace>,
+    /// One workspace per worker thread of the pool, for `run_host_many`
+    /// (each locked only by its own thread).
+    lanes: Vec<Mutex<Workspace>>,
 }
 
 struct Buffer {
@@ -355,19 +357,20 @@ impl Backend for CpuBackend {
         Ok(true)
     }
 
-    /// Runs the calls on the rayon pool, split into as many contiguous shares
-    /// as there are worker threads, each share one after the other on a
-    /// workspace of its own (so memory grows with threads, not calls). Two
-    /// sequences through a layer side by side, each product on its own core,
-    /// beat one after the other with each product split over both (see
-    /// `exec::side_by_side`).
+    /// Runs the calls on the rayon pool, one task per call, each on the
+    /// workspace of the worker thread that runs it (so memory grows with
+    /// threads, not calls). Two sequences through a layer side by side, each
+    /// product on its own core, beat one after the other with each product
+    /// split over both (see `exec::side_by_side`); and tasks of one call each
+    /// keep both cores busy when other work (the weight gradients beside the
+    /// backward kernels) holds one of them for part of the time.
     fn run_host_many(&mut self, kernel: KernelId, calls: &mut [HostCall<'_>]) -> Result<bool> {
         use rayon::prelude::*;
         let Some(compiled) = self.host_kernel(kernel)? else {
             return Ok(false);
         };
-        let shares = rayon::current_num_threads().min(calls.len()).max(1);
-        if shares == 1 {
+        let threads = rayon::current_num_threads();
+        if threads == 1 || calls.len() == 1 {
             for call in calls {
                 compiled
                     .plan
@@ -375,20 +378,15 @@ impl Backend for CpuBackend {
             }
             return Ok(true);
         }
-        compiled.lanes.resize_with(shares - 1, Workspace::default);
-        let plan = &compiled.plan;
-        let share = calls.len().div_ceil(shares);
-        let workspaces = std::iter::once(&mut compiled.workspace).chain(compiled.lanes.iter_mut());
-        calls
-            .chunks_mut(share)
-            .zip(workspaces)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .try_for_each(|(calls, workspace)| {
-                calls
-                    .iter_mut()
-                    .try_for_each(|call| plan.execute(workspace, &call.inputs, &mut call.outputs))
-            })?;
+        compiled.lanes.resize_with(threads, Mutex::default);
+        let (plan, lanes) = (&compiled.plan, &compiled.lanes);
+        calls.par_iter_mut().with_max_len(1).try_for_each(|call| {
+            // Only this thread takes its own lane; a call from outside the
+            // pool (index `None`) shares lane 0 under its lock.
+            let lane = rayon::current_thread_index().unwrap_or(0) % threads;
+            let mut workspace = lanes[lane].lock().unwrap_or_else(|e| e.into_inner());
+            plan.execute(&mut workspace, &call.inputs, &mut call.outputs)
+        })?;
         Ok(true)
     }
 }
