@@ -385,7 +385,7 @@ fn backend_runs_a_kernel_twice_on_written_blocks() {
 }
 
 /// Several sequences through one kernel at once: five calls on two worker
-/// threads (two workspaces), each result `(10c + s + 100k) * (c + 1)` of its
+/// threads (a workspace per thread), each result `(10c + s + 100k) * (c + 1)` of its
 /// own input; wrong array lengths are an error naming the input; an fp16
 /// kernel declines (nothing written).
 #[test]
@@ -424,20 +424,27 @@ fn run_host_many_runs_every_call_on_its_own_arrays() {
             assert_eq!(z, &want, "call {k}");
         }
 
-        let short = [0.0f32; 11];
-        let mut z = [0.0f32; 12];
-        let mut calls = vec![HostCall {
-            inputs: vec![&short[..]],
-            outputs: vec![&mut z[..]],
-        }];
-        let err = cpu
-            .run_host_many(kernel, &mut calls)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`x`") && err.contains("needs 12 values, got 11"),
-            "{err}"
-        );
+        // One call alone, and one among others on the pool.
+        let (ok, short) = ([0.0f32; 12], [0.0f32; 11]);
+        for (count, bad) in [(1, 0), (3, 1)] {
+            let mut zs = vec![[0.0f32; 12]; count];
+            let mut calls: Vec<HostCall> = zs
+                .iter_mut()
+                .enumerate()
+                .map(|(k, z)| HostCall {
+                    inputs: vec![if k == bad { &short[..] } else { &ok[..] }],
+                    outputs: vec![&mut z[..]],
+                })
+                .collect();
+            let err = cpu
+                .run_host_many(kernel, &mut calls)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`x`") && err.contains("needs 12 values, got 11"),
+                "{count} calls: {err}"
+            );
+        }
 
         let half = cpu
             .compile_program(&channel_scale(DType::Fp16), &BTreeMap::new())
