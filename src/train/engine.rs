@@ -260,14 +260,17 @@ impl<'k, 'a> Call<'k, 'a> {
 /// batch), which the backend may run at the same time
 /// ([`Backend::run_host_many`]); otherwise they run one by one as [`Call`]s.
 /// Every call must bind the same weights.
-pub fn run_many(backend: &mut dyn Backend, calls: Vec<Call<'_, '_>>) -> Result<()> {
-    let Some(k) = calls.first().map(|c| c.kernel) else {
-        return Ok(());
-    };
+pub fn run_many<'k, 'a>(
+    backend: &mut dyn Backend,
+    calls: impl IntoIterator<Item = Call<'k, 'a>>,
+) -> Result<()> {
     let mut bound = calls
         .into_iter()
         .map(Call::bind)
         .collect::<Result<Vec<_>>>()?;
+    let Some(k) = bound.first().map(|b| b.kernel) else {
+        return Ok(());
+    };
     if k.direct && bound.len() > 1 {
         let mut host: Vec<HostCall> = bound
             .iter_mut()
@@ -604,9 +607,9 @@ impl Engine {
                     )
                 });
             }
-            let calls = acts
-                .iter_mut()
-                .map(|a| {
+            run_many(
+                be,
+                acts.iter_mut().map(|a| {
                     k.attn_fwd
                         .call()
                         .weight("wq", w.get(Param::Wq(l)))
@@ -617,20 +620,18 @@ impl Engine {
                         .output("q_rope", &mut a.q_rope)
                         .output("k_rope", &mut a.k_rope)
                         .output("v", &mut a.v)
-                })
-                .collect();
-            run_many(be, calls)?;
-            let calls = acts
-                .iter_mut()
-                .map(|a| {
+                }),
+            )?;
+            run_many(
+                be,
+                acts.iter_mut().map(|a| {
                     k.wo_fwd
                         .call()
                         .weight("wo", w.get(Param::Wo(l)))
                         .input("attn", &a.attn)
                         .output("o", &mut a.x2)
-                })
-                .collect();
-            run_many(be, calls)?;
+                }),
+            )?;
             for a in acts.iter_mut() {
                 for (x2, x) in a.x2.iter_mut().zip(&a.x) {
                     *x2 += x;
@@ -649,10 +650,9 @@ impl Engine {
                 Some(next) => next.iter_mut().map(|a| &mut a.x).collect(),
                 None => self.x_final.iter_mut().collect(),
             };
-            let calls = acts
-                .iter_mut()
-                .zip(outs.iter_mut())
-                .map(|(a, out)| {
+            run_many(
+                be,
+                acts.iter_mut().zip(outs.iter_mut()).map(|(a, out)| {
                     k.ffn_fwd
                         .call()
                         .weight("w1", w.get(Param::W1(l)))
@@ -663,9 +663,8 @@ impl Engine {
                         .output("h3", &mut a.h3)
                         .output("gate", &mut a.gate)
                         .output("ffn", out)
-                })
-                .collect();
-            run_many(be, calls)?;
+                }),
+            )?;
             for (a, out) in acts.iter().zip(outs) {
                 for (o, x2) in out.iter_mut().zip(&a.x2) {
                     *o += x2;
@@ -861,9 +860,8 @@ impl Engine {
         // Each gradient sums its sequences in batch order.
         let mut pending_kv: Option<usize> = None;
         let kv_grads = |grads: &mut Weights, l: usize, dk: &[Vec<f32>], dv: &[Vec<f32>]| {
-            let xn = || acts[l].iter().map(|a| a.xn.as_slice());
-            weight_grads(grads.get_mut(Param::Wk(l)), dk, xn(), seq);
-            weight_grads(grads.get_mut(Param::Wv(l)), dv, xn(), seq);
+            layer_grads(grads.get_mut(Param::Wk(l)), dk, &acts[l], |a| &a.xn, seq);
+            layer_grads(grads.get_mut(Param::Wv(l)), dv, &acts[l], |a| &a.xn, seq);
         };
         for l in (0..c.n_layers).rev() {
             let la = &acts[l];
@@ -871,18 +869,16 @@ impl Engine {
             overlapped(
                 profile,
                 || {
-                    let calls = dx
-                        .iter()
-                        .zip(dgate.iter_mut())
-                        .map(|(dffn, dgate)| {
+                    run_many(
+                        be,
+                        dx.iter().zip(dgate.iter_mut()).map(|(dffn, dgate)| {
                             k.ffn_bwd_w2
                                 .call()
                                 .weight("w2", w.get(Param::W2(l)))
                                 .input("dffn", dffn)
                                 .output("dgate", dgate)
-                        })
-                        .collect();
-                    run_many(be, calls)
+                        }),
+                    )
                 },
                 || {
                     if let Some(at) = pending_kv.take() {
@@ -893,33 +889,26 @@ impl Engine {
             overlapped(
                 profile,
                 || {
-                    let calls = la
-                        .iter()
-                        .zip(&dgate)
-                        .zip(dx2n.iter_mut().zip(dh1.iter_mut().zip(dh3.iter_mut())))
-                        .map(|((a, dgate), (dx2n, (dh1, dh3)))| {
-                            k.ffn_bwd_w13
-                                .call()
-                                .weight("w1", w.get(Param::W1(l)))
-                                .weight("w3", w.get(Param::W3(l)))
-                                .input("dgate", dgate)
-                                .input("h1", &a.h1)
-                                .input("h3", &a.h3)
-                                .output("dx2n", dx2n)
-                                .output("dh1", dh1)
-                                .output("dh3", dh3)
-                        })
-                        .collect();
-                    run_many(be, calls)
-                },
-                || {
-                    weight_grads(
-                        grads.get_mut(Param::W2(l)),
-                        &dx,
-                        la.iter().map(|a| &a.gate[..]),
-                        seq,
+                    run_many(
+                        be,
+                        la.iter()
+                            .zip(&dgate)
+                            .zip(dx2n.iter_mut().zip(dh1.iter_mut().zip(dh3.iter_mut())))
+                            .map(|((a, dgate), (dx2n, (dh1, dh3)))| {
+                                k.ffn_bwd_w13
+                                    .call()
+                                    .weight("w1", w.get(Param::W1(l)))
+                                    .weight("w3", w.get(Param::W3(l)))
+                                    .input("dgate", dgate)
+                                    .input("h1", &a.h1)
+                                    .input("h3", &a.h3)
+                                    .output("dx2n", dx2n)
+                                    .output("dh1", dh1)
+                                    .output("dh3", dh3)
+                            }),
                     )
                 },
+                || layer_grads(grads.get_mut(Param::W2(l)), &dx, la, |a| &a.gate, seq),
             )?;
             // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
             let range = w.layout.range(Param::RmsFfn(l));
@@ -938,88 +927,70 @@ impl Engine {
             overlapped(
                 profile,
                 || {
-                    let calls = dx
-                        .iter()
-                        .zip(dattn.iter_mut())
-                        .map(|(dx2, dattn)| {
+                    run_many(
+                        be,
+                        dx.iter().zip(dattn.iter_mut()).map(|(dx2, dattn)| {
                             k.wo_bwd
                                 .call()
                                 .weight("wo", w.get(Param::Wo(l)))
                                 .input("dx2", dx2)
                                 .output("dattn", dattn)
-                        })
-                        .collect();
-                    run_many(be, calls)
-                },
-                || {
-                    weight_grads(
-                        grads.get_mut(Param::W1(l)),
-                        &dh1,
-                        la.iter().map(|a| &a.x2n[..]),
-                        seq,
+                        }),
                     )
                 },
+                || layer_grads(grads.get_mut(Param::W1(l)), &dh1, la, |a| &a.x2n, seq),
             )?;
             overlapped(
                 profile,
                 || {
-                    let calls = la
-                        .iter()
-                        .zip(&dattn)
-                        .zip(dq.iter_mut().zip(dk.iter_mut().zip(dv.iter_mut())))
-                        .map(|((a, dattn), (dq, (dk, dv)))| {
-                            k.attn_bwd
-                                .call()
-                                .input("q_rope", &a.q_rope)
-                                .input("k_rope", &a.k_rope)
-                                .input("v", &a.v)
-                                .input("dattn", dattn)
-                                .output("dq", dq)
-                                .output("dk", dk)
-                                .output("dv", dv)
-                        })
-                        .collect();
-                    run_many(be, calls)
-                },
-                || {
-                    weight_grads(
-                        grads.get_mut(Param::W3(l)),
-                        &dh3,
-                        la.iter().map(|a| &a.x2n[..]),
-                        seq,
+                    run_many(
+                        be,
+                        la.iter()
+                            .zip(&dattn)
+                            .zip(dq.iter_mut().zip(dk.iter_mut().zip(dv.iter_mut())))
+                            .map(|((a, dattn), (dq, (dk, dv)))| {
+                                k.attn_bwd
+                                    .call()
+                                    .input("q_rope", &a.q_rope)
+                                    .input("k_rope", &a.k_rope)
+                                    .input("v", &a.v)
+                                    .input("dattn", dattn)
+                                    .output("dq", dq)
+                                    .output("dk", dk)
+                                    .output("dv", dv)
+                            }),
                     )
                 },
+                || layer_grads(grads.get_mut(Param::W3(l)), &dh3, la, |a| &a.x2n, seq),
             )?;
             overlapped(
                 profile,
                 || {
-                    let calls = dq
-                        .iter()
-                        .zip(dxn.iter_mut())
-                        .map(|(dq, dxn)| {
+                    run_many(
+                        be,
+                        dq.iter().zip(dxn.iter_mut()).map(|(dq, dxn)| {
                             k.q_bwd
                                 .call()
                                 .weight("wq", w.get(Param::Wq(l)))
                                 .input("dq", dq)
                                 .output("dxn", dxn)
-                        })
-                        .collect();
-                    run_many(be, calls)?;
-                    let calls = dk
-                        .iter()
-                        .zip(&dv)
-                        .zip(dxn_kv.iter_mut())
-                        .map(|((dk, dv), dxn)| {
-                            k.kv_bwd
-                                .call()
-                                .weight("wk", w.get(Param::Wk(l)))
-                                .weight("wv", w.get(Param::Wv(l)))
-                                .input("dk", dk)
-                                .input("dv", dv)
-                                .output("dxn", dxn)
-                        })
-                        .collect();
-                    run_many(be, calls)?;
+                        }),
+                    )?;
+                    run_many(
+                        be,
+                        dk.iter()
+                            .zip(&dv)
+                            .zip(dxn_kv.iter_mut())
+                            .map(|((dk, dv), dxn)| {
+                                k.kv_bwd
+                                    .call()
+                                    .weight("wk", w.get(Param::Wk(l)))
+                                    .weight("wv", w.get(Param::Wv(l)))
+                                    .input("dk", dk)
+                                    .input("dv", dv)
+                                    .output("dxn", dxn)
+                            }),
+                    )?;
                     for (dxn, dxn_kv) in dxn.iter_mut().zip(&dxn_kv) {
                         for (a, b) in dxn.iter_mut().zip(dxn_kv) {
                             *a += b;
@@ -1028,18 +999,8 @@ impl Engine {
                     Ok(())
                 },
                 || {
-                    weight_grads(
-                        grads.get_mut(Param::Wo(l)),
-                        &dx,
-                        la.iter().map(|a| &a.attn[..]),
-                        seq,
-                    );
-                    weight_grads(
-                        grads.get_mut(Param::Wq(l)),
-                        &dq,
-                        la.iter().map(|a| &a.xn[..]),
-                        seq,
-                    );
+                    layer_grads(grads.get_mut(Param::Wo(l)), &dx, la, |a| &a.attn, seq);
+                    layer_grads(grads.get_mut(Param::Wq(l)), &dq, la, |a| &a.xn, seq);
                 },
             )?;
             pending_kv = Some(l);
@@ -1129,16 +1090,17 @@ fn weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], seq: usize) {
     gemm(dw, o, i, n(dy, o, seq), t(x, i, seq), 1.0, true);
 }
 
-/// [`weight_grad`] of every sequence of a batch (`dys[b]` with `xs`' item
-/// `b`), summed in batch order.
-fn weight_grads<'a>(
+/// [`weight_grad`] of every sequence of a batch: `dys[b]` against `x` of
+/// `acts[b]`, summed in batch order.
+fn layer_grads(
     dw: &mut [f32],
     dys: &[Vec<f32>],
-    xs: impl Iterator<Item = &'a [f32]>,
+    acts: &[LayerActs],
+    x: fn(&LayerActs) -> &Vec<f32>,
     seq: usize,
 ) {
-    for (dy, x) in dys.iter().zip(xs) {
-        weight_grad(dw, dy, x, seq);
+    for (dy, a) in dys.iter().zip(acts) {
+        weight_grad(dw, dy, x(a), seq);
     }
 }
 
