@@ -332,7 +332,12 @@ fn main_fn(inputs: Vec<Var>, ops: Vec<Operation>, outputs: &[&str]) -> Program {
 
 /// `z = x * scale` with `x` `[1, 4, 1, 3]` and a per-channel const `scale` = 1, 2, 3, 4.
 fn channel_scale(dtype: DType) -> Program {
-    let x = TensorType::new(dtype, [1, 4, 1, 3]);
+    channel_scale_over(dtype, 3)
+}
+
+/// `z = x * [1, 2, 3, 4]` per channel of `x [1, 4, 1, len]`.
+fn channel_scale_over(dtype: DType, len: usize) -> Program {
+    let x = TensorType::new(dtype, [1, 4, 1, len]);
     let scale = Literal::floats(dtype, [1, 4, 1, 1], vec![1.0, 2.0, 3.0, 4.0]);
     main_fn(
         vec![Var::new("x", x.clone())],
@@ -382,6 +387,47 @@ fn backend_runs_a_kernel_twice_on_written_blocks() {
         all,
         [-1., 1., 2., -2., 22., 24., -3., 63., 66., -4., 124., 128.]
     );
+}
+
+/// Many calls whose own op runs in parallel (a product of 4 x 2^15 values, over
+/// the pool's threshold): a worker waiting inside one call's parallel loop
+/// runs other calls meanwhile, and each must still get a workspace of its own.
+/// Every result checked against its own input, over repeated runs.
+#[test]
+fn run_host_many_with_parallel_ops_inside_the_calls() {
+    let len = 1 << 15;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut cpu = CpuBackend::new(Precision::Fp32);
+        let kernel = cpu
+            .compile_program(&channel_scale_over(DType::Fp32, len), &BTreeMap::new())
+            .unwrap();
+        let inputs: Vec<Vec<f32>> = (0..16)
+            .map(|k| (0..4 * len).map(|i| (i % 1000 + k) as f32).collect())
+            .collect();
+        for round in 0..20 {
+            let mut outputs = vec![vec![f32::NAN; 4 * len]; inputs.len()];
+            let mut calls: Vec<HostCall> = inputs
+                .iter()
+                .zip(outputs.iter_mut())
+                .map(|(x, z)| HostCall {
+                    inputs: vec![x.as_slice()],
+                    outputs: vec![z.as_mut_slice()],
+                })
+                .collect();
+            assert!(cpu.run_host_many(kernel, &mut calls).unwrap());
+            drop(calls);
+            for (k, (x, z)) in inputs.iter().zip(&outputs).enumerate() {
+                for (i, (&x, &z)) in x.iter().zip(z).enumerate() {
+                    let c = (i / len) as f32 + 1.0;
+                    assert_eq!(z, x * c, "round {round}, call {k}, value {i}");
+                }
+            }
+        }
+    });
 }
 
 /// Several sequences through one kernel at once: five calls on two worker

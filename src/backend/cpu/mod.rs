@@ -140,9 +140,9 @@ struct CompiledKernel {
     info: KernelInfo,
     plan: Plan,
     workspace: Workspace,
-    /// One workspace per worker thread of the pool, for `run_host_many`
-    /// (each locked only by its own thread).
-    lanes: Vec<Mutex<Workspace>>,
+    /// Spare workspaces for `run_host_many`: a call takes one (or makes one
+    /// when all are in use) and puts it back when done.
+    spares: Mutex<Vec<Workspace>>,
 }
 
 struct Buffer {
@@ -202,7 +202,7 @@ impl CpuBackend {
             info,
             plan,
             workspace: Workspace::default(),
-            lanes: Vec::new(),
+            spares: Mutex::default(),
         });
         Ok(KernelId(self.kernels.len() - 1))
     }
@@ -357,20 +357,21 @@ impl Backend for CpuBackend {
         Ok(true)
     }
 
-    /// Runs the calls on the rayon pool, one task per call, each on the
-    /// workspace of the worker thread that runs it (so memory grows with
-    /// threads, not calls). Two sequences through a layer side by side, each
-    /// product on its own core, beat one after the other with each product
-    /// split over both (see `exec::side_by_side`); and tasks of one call each
-    /// keep both cores busy when other work (the weight gradients beside the
-    /// backward kernels) holds one of them for part of the time.
+    /// Runs the calls on the rayon pool, one task per call, each on a spare
+    /// workspace of the kernel's (made when none is free, so memory grows with
+    /// the calls running at once, not with the calls). Two sequences through a
+    /// layer side by side, each product on its own core, beat one after the
+    /// other with each product split over both (see `exec::side_by_side`);
+    /// and tasks of one call each keep both cores busy when other work (the
+    /// weight gradients beside the backward kernels) holds one of them for
+    /// part of the time. A workspace belongs to a call, not to a thread: a
+    /// thread waiting inside one call's parallel loop may run another call.
     fn run_host_many(&mut self, kernel: KernelId, calls: &mut [HostCall<'_>]) -> Result<bool> {
         use rayon::prelude::*;
         let Some(compiled) = self.host_kernel(kernel)? else {
             return Ok(false);
         };
-        let threads = rayon::current_num_threads();
-        if threads == 1 || calls.len() == 1 {
+        if rayon::current_num_threads() == 1 || calls.len() == 1 {
             for call in calls {
                 compiled
                     .plan
@@ -378,14 +379,13 @@ impl Backend for CpuBackend {
             }
             return Ok(true);
         }
-        compiled.lanes.resize_with(threads, Mutex::default);
-        let (plan, lanes) = (&compiled.plan, &compiled.lanes);
+        let (plan, spares) = (&compiled.plan, &compiled.spares);
+        let spares = || spares.lock().unwrap_or_else(|e| e.into_inner());
         calls.par_iter_mut().with_max_len(1).try_for_each(|call| {
-            // Only this thread takes its own lane; a call from outside the
-            // pool (index `None`) shares lane 0 under its lock.
-            let lane = rayon::current_thread_index().unwrap_or(0) % threads;
-            let mut workspace = lanes[lane].lock().unwrap_or_else(|e| e.into_inner());
-            plan.execute(&mut workspace, &call.inputs, &mut call.outputs)
+            let mut workspace = spares().pop().unwrap_or_default();
+            let result = plan.execute(&mut workspace, &call.inputs, &mut call.outputs);
+            spares().push(workspace);
+            result
         })?;
         Ok(true)
     }
