@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anemone::backend::cpu::{CpuBackend, HostTensor, run_program};
-use anemone::backend::{Backend, Block, BufferId, HostCall, Precision};
+use anemone::backend::{Backend, Block, BufferId, HostCall, KernelId, Precision};
 use anemone::mil::{
     Arg, DType, Dialect, Function, Literal, Op, Operation, Program, TensorType, Value, Var,
 };
@@ -389,6 +389,39 @@ fn backend_runs_a_kernel_twice_on_written_blocks() {
     );
 }
 
+/// `f` in a rayon pool of two threads.
+fn on_two_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(f)
+}
+
+/// A CPU backend in fp32 with `program` compiled.
+fn fp32_kernel(program: &Program) -> (CpuBackend, KernelId) {
+    let mut cpu = CpuBackend::new(Precision::Fp32);
+    let kernel = cpu.compile_program(program, &BTreeMap::new()).unwrap();
+    (cpu, kernel)
+}
+
+/// `kernel` (one input, one output of the input's size) on each of `inputs`
+/// in one `run_host_many`; the outputs start as NaN.
+fn run_each(cpu: &mut CpuBackend, kernel: KernelId, inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let mut outputs: Vec<Vec<f32>> = inputs.iter().map(|x| vec![f32::NAN; x.len()]).collect();
+    let mut calls: Vec<HostCall> = inputs
+        .iter()
+        .zip(outputs.iter_mut())
+        .map(|(x, z)| HostCall {
+            inputs: vec![x.as_slice()],
+            outputs: vec![z.as_mut_slice()],
+        })
+        .collect();
+    assert!(cpu.run_host_many(kernel, &mut calls).unwrap());
+    drop(calls);
+    outputs
+}
+
 /// Many calls whose own op runs in parallel (a product of 4 x 2^15 values, over
 /// the pool's threshold): a worker waiting inside one call's parallel loop
 /// runs other calls meanwhile, and each must still get a workspace of its own.
@@ -396,30 +429,13 @@ fn backend_runs_a_kernel_twice_on_written_blocks() {
 #[test]
 fn run_host_many_with_parallel_ops_inside_the_calls() {
     let len = 1 << 15;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    pool.install(|| {
-        let mut cpu = CpuBackend::new(Precision::Fp32);
-        let kernel = cpu
-            .compile_program(&channel_scale_over(DType::Fp32, len), &BTreeMap::new())
-            .unwrap();
+    on_two_threads(|| {
+        let (mut cpu, kernel) = fp32_kernel(&channel_scale_over(DType::Fp32, len));
         let inputs: Vec<Vec<f32>> = (0..16)
             .map(|k| (0..4 * len).map(|i| (i % 1000 + k) as f32).collect())
             .collect();
         for round in 0..20 {
-            let mut outputs = vec![vec![f32::NAN; 4 * len]; inputs.len()];
-            let mut calls: Vec<HostCall> = inputs
-                .iter()
-                .zip(outputs.iter_mut())
-                .map(|(x, z)| HostCall {
-                    inputs: vec![x.as_slice()],
-                    outputs: vec![z.as_mut_slice()],
-                })
-                .collect();
-            assert!(cpu.run_host_many(kernel, &mut calls).unwrap());
-            drop(calls);
+            let outputs = run_each(&mut cpu, kernel, &inputs);
             for (k, (x, z)) in inputs.iter().zip(&outputs).enumerate() {
                 for (i, (&x, &z)) in x.iter().zip(z).enumerate() {
                     let c = (i / len) as f32 + 1.0;
@@ -431,20 +447,13 @@ fn run_host_many_with_parallel_ops_inside_the_calls() {
 }
 
 /// Several sequences through one kernel at once: five calls on two worker
-/// threads (a workspace per thread), each result `(10c + s + 100k) * (c + 1)` of its
+/// threads, each result `(10c + s + 100k) * (c + 1)` of its
 /// own input; wrong array lengths are an error naming the input; an fp16
 /// kernel declines (nothing written).
 #[test]
 fn run_host_many_runs_every_call_on_its_own_arrays() {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    pool.install(|| {
-        let mut cpu = CpuBackend::new(Precision::Fp32);
-        let kernel = cpu
-            .compile_program(&channel_scale(DType::Fp32), &BTreeMap::new())
-            .unwrap();
+    on_two_threads(|| {
+        let (mut cpu, kernel) = fp32_kernel(&channel_scale(DType::Fp32));
         let inputs: Vec<Vec<f32>> = (0..5)
             .map(|k| {
                 (0..4)
@@ -452,17 +461,7 @@ fn run_host_many_runs_every_call_on_its_own_arrays() {
                     .collect()
             })
             .collect();
-        let mut outputs = vec![vec![f32::NAN; 12]; 5];
-        let mut calls: Vec<HostCall> = inputs
-            .iter()
-            .zip(outputs.iter_mut())
-            .map(|(x, z)| HostCall {
-                inputs: vec![x.as_slice()],
-                outputs: vec![z.as_mut_slice()],
-            })
-            .collect();
-        assert!(cpu.run_host_many(kernel, &mut calls).unwrap());
-        drop(calls);
+        let outputs = run_each(&mut cpu, kernel, &inputs);
         for (k, z) in outputs.iter().enumerate() {
             let want: Vec<f32> = (0..4)
                 .flat_map(|c| (0..3).map(move |s| ((10 * c + s + 100 * k) * (c + 1)) as f32))
