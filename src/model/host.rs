@@ -89,8 +89,29 @@ pub fn rmsnorm_backward(
     w: &[f32],
     rrms: &[f32],
 ) {
+    DOT.with_borrow_mut(|dot| {
+        dot.clear();
+        dot.resize(rrms.len(), 0.0);
+        rmsnorm_backward_with(dx, dw, dy, x, w, rrms, dot)
+    })
+}
+
+thread_local! {
+    /// [`rmsnorm_backward`]'s per-position sums, reused between calls.
+    static DOT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`rmsnorm_backward`] with its per-position sums in `dot` (zeroed, `T` long).
+fn rmsnorm_backward_with(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rrms: &[f32],
+    dot: &mut [f32],
+) {
     let (dim, seq) = (w.len(), rrms.len());
-    let mut dot = vec![0.0f32; seq];
     let full = seq / 8 * 8;
     for c in 0..dim {
         let (xs, dys) = (&x[c * seq..(c + 1) * seq], &dy[c * seq..(c + 1) * seq]);
