@@ -1,7 +1,7 @@
 //! criterion benchmarks of the CPU hot paths, so regressions show up:
 //! host GEMM shapes of a training step (platform-notes), RMSNorm forward and
-//! backward, softmax and the `attn_fwd` kernel through the CPU backend, and one
-//! AdamW step. Public APIs only; throughput is in FLOPs (reported as elem/s)
+//! backward, softmax and the `attn_fwd` kernel through the CPU backend, one
+//! AdamW step, and weight-sized transposes. Public APIs only; throughput is in FLOPs (reported as elem/s)
 //! or bytes where FLOPs mean little.
 //!
 //! Run: `cargo bench --bench hot` (all) or `cargo bench --bench hot -- gemm` (a group).
@@ -13,7 +13,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 use anemone::backend::cpu::CpuBackend;
 use anemone::backend::{Backend, Block, BufferId, KernelId, Precision};
-use anemone::linalg::{gemm, n, t};
+use anemone::linalg::{gemm, n, t, transpose_into};
 use anemone::mil::{Builder, DType, Dialect};
 use anemone::model::host::{rmsnorm_backward, rmsnorm_forward};
 use anemone::model::kernels::{KernelOptions, LayerKernels};
@@ -150,12 +150,30 @@ fn bench_adamw(c: &mut Criterion) {
     group.finish();
 }
 
+/// `linalg::transpose_into` on a layer's weight shapes and the classifier's.
+fn bench_transpose(c: &mut Criterion) {
+    let mut group = c.benchmark_group("transpose");
+    for (rows, cols) in [(768, 768), (2048, 768), (768, 2048), (32000, 288)] {
+        let src = random(rows * cols, 1);
+        let mut dst = vec![0.0f32; rows * cols];
+        // Read once and written once: 8 bytes per value.
+        group.throughput(Throughput::Bytes((rows * cols * 8) as u64));
+        group.bench_function(format!("{rows}x{cols}"), |b| {
+            b.iter(|| {
+                transpose_into(&src, rows, cols, &mut dst);
+                black_box(&dst);
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = hot;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_gemm, bench_rmsnorm, bench_softmax, bench_attention, bench_adamw
+    targets = bench_gemm, bench_rmsnorm, bench_softmax, bench_attention, bench_adamw, bench_transpose
 }
 criterion_main!(hot);

@@ -16,53 +16,164 @@ fn par_for(m: usize, n: usize, k: usize) -> Par {
     }
 }
 
-/// `dst (cols x rows) = src (rows x cols)^T`, both row-major. Tiles of 16 x 16
-/// go through a local array: sixteen contiguous reads of sixteen values and
-/// sixteen contiguous writes of a full cache line each. Work is split into
-/// bands of 32 result rows, in parallel for large matrices. Measured on Zen 3
-/// (2 threads): 1.2 ns a value for 32000 x 768, against 2.5 with 8 x 8 tiles,
-/// whose half-line writes each cost a line.
+/// `dst (cols x rows) = src (rows x cols)^T`, both row-major.
+///
+/// Large matrices are split into bands of result rows (strips of `src`'s
+/// columns), two per worker thread, run in parallel; each band walks `src` down in
+/// tiles of 16 rows by 8 columns, which become 8 result rows of 16 values (a
+/// whole cache line each). On x86-64 with AVX2 a tile is two 8 x 8
+/// transposes in registers (unpack, shuffle and lane-permute instructions
+/// through pulp's safe wrappers); elsewhere, and for the edges, values move
+/// one by one. Measured on Ice Lake with the operands in cache (ns a value,
+/// one thread / two): 768x768 0.7 / 0.4, 2048x768 1.0-1.4 / 0.5, 32000x288
+/// 2.6 / 1.6, against 1.4-2.4 / 0.8-1.4, 3.3-4.7 / 0.7-2.3 and 4.2-6.6 (one
+/// thread) for the earlier 16 x 16 tiles through a local array. From cold
+/// memory, as in a training step, weight-sized matrices still take 2-6 ns a
+/// value on that VM (`docs/performance.md`).
 pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const TILE: usize = 16;
-    const BAND: usize = 32;
-    debug_assert_eq!(src.len(), rows * cols);
-    debug_assert_eq!(dst.len(), rows * cols);
+    assert_eq!(src.len(), rows * cols, "transpose_into: source size");
+    assert_eq!(dst.len(), rows * cols, "transpose_into: destination size");
     if rows == 0 || cols == 0 {
         return;
     }
-    let band = |(b, out): (usize, &mut [f32])| {
-        let c0 = b * BAND;
+    if src.len() < 1 << 16 {
+        transpose_band(src, rows, cols, 0, dst);
+        return;
+    }
+    // Two bands per thread (for balance), at least 64 result rows each.
+    let threads = rayon::current_num_threads();
+    let width = cols.div_ceil(2 * threads).next_multiple_of(16).max(64);
+    dst.par_chunks_mut(width * rows)
+        .enumerate()
+        .for_each(|(b, out)| transpose_band(src, rows, cols, b * width, out));
+}
+
+/// Result rows `c0..c0 + out.len() / rows` of [`transpose_into`] into `out`:
+/// whole tiles in blocks of 64 x 64 (source rows outer, so that `src` is read
+/// in runs of the band's width), then the remaining rows value by value.
+fn transpose_band(src: &[f32], rows: usize, cols: usize, c0: usize, out: &mut [f32]) {
+    let width = out.len() / rows;
+    let tiled = simd8::transpose_tiles(src, rows, cols, c0, out);
+    for i in tiled..rows {
+        for c in 0..width {
+            out[c * rows + i] = src[i * cols + c0 + c];
+        }
+    }
+}
+
+/// 8 x 8 transposes in AVX registers, through pulp's safe intrinsics.
+#[cfg(target_arch = "x86_64")]
+mod simd8 {
+    use std::arch::x86_64::__m256;
+
+    use pulp::x86::V3;
+
+    /// Source rows and columns per block of a band.
+    const BLOCK: usize = 64;
+
+    /// [`super::transpose_band`]'s whole tiles of 16 source rows, in blocks:
+    /// returns how many source rows were done (0 without AVX2).
+    pub(super) fn transpose_tiles(
+        src: &[f32],
+        rows: usize,
+        cols: usize,
+        c0: usize,
+        out: &mut [f32],
+    ) -> usize {
+        let Some(v3) = V3::try_new() else {
+            return 0;
+        };
         let width = out.len() / rows;
-        let (full_r, full_c) = (rows / TILE * TILE, width / TILE * TILE);
-        for r0 in (0..full_r).step_by(TILE) {
-            for cb in (0..full_c).step_by(TILE) {
-                let mut tile = [[0.0f32; TILE]; TILE];
-                for i in 0..TILE {
-                    let s = &src[(r0 + i) * cols + c0 + cb..][..TILE];
-                    for j in 0..TILE {
-                        tile[j][i] = s[j];
+        let tiled = rows / 16 * 16;
+        v3.vectorize(
+            #[inline(always)]
+            || {
+                for r0 in (0..tiled).step_by(BLOCK) {
+                    for b0 in (0..width).step_by(BLOCK) {
+                        let b1 = (b0 + BLOCK).min(width);
+                        for r in (r0..(r0 + BLOCK).min(tiled)).step_by(16) {
+                            let mut c = b0;
+                            while c + 8 <= b1 {
+                                let tile = |r: usize| {
+                                    transpose(
+                                        v3,
+                                        std::array::from_fn(|i| {
+                                            load(&src[(r + i) * cols + c0 + c..])
+                                        }),
+                                    )
+                                };
+                                let (top, bottom) = (tile(r), tile(r + 8));
+                                for (j, (t, b)) in top.into_iter().zip(bottom).enumerate() {
+                                    let dst = &mut out[(c + j) * rows + r..][..16];
+                                    store(&mut dst[..8], t);
+                                    store(&mut dst[8..], b);
+                                }
+                                c += 8;
+                            }
+                            for c in c..b1 {
+                                for i in r..r + 16 {
+                                    out[c * rows + i] = src[i * cols + c0 + c];
+                                }
+                            }
+                        }
                     }
                 }
-                for (j, t) in tile.iter().enumerate() {
-                    out[(cb + j) * rows + r0..][..TILE].copy_from_slice(t);
-                }
+            },
+        );
+        tiled
+    }
+
+    /// The first 8 values of `s`.
+    #[inline(always)]
+    pub(super) fn load(s: &[f32]) -> __m256 {
+        let a: [f32; 8] = s[..8].try_into().expect("8 values");
+        pulp::cast(a)
+    }
+
+    /// `v` into the first 8 values of `d`.
+    #[inline(always)]
+    pub(super) fn store(d: &mut [f32], v: __m256) {
+        let a: [f32; 8] = pulp::cast(v);
+        d[..8].copy_from_slice(&a);
+    }
+
+    /// Row `j` of the result is column `j` of the rows `r`.
+    #[inline(always)]
+    pub(super) fn transpose(v3: V3, r: [__m256; 8]) -> [__m256; 8] {
+        let a = v3.avx;
+        // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves.
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                a._mm256_unpacklo_ps(x, y)
+            } else {
+                a._mm256_unpackhi_ps(x, y)
             }
-            for c in full_c..width {
-                for i in 0..TILE {
-                    out[c * rows + r0 + i] = src[(r0 + i) * cols + c0 + c];
-                }
+        });
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (x, y) = (t[i / 4 * 4 + i % 4 / 2], t[i / 4 * 4 + i % 4 / 2 + 2]);
+            if i % 2 == 0 {
+                a._mm256_shuffle_ps::<0x44>(x, y)
+            } else {
+                a._mm256_shuffle_ps::<0xEE>(x, y)
             }
-        }
-        for r in full_r..rows {
-            for c in 0..width {
-                out[c * rows + r] = src[r * cols + c0 + c];
+        });
+        std::array::from_fn(|j| {
+            let (x, y) = (u[j % 4], u[j % 4 + 4]);
+            if j < 4 {
+                a._mm256_permute2f128_ps::<0x20>(x, y)
+            } else {
+                a._mm256_permute2f128_ps::<0x31>(x, y)
             }
-        }
-    };
-    if src.len() >= 1 << 16 {
-        dst.par_chunks_mut(BAND * rows).enumerate().for_each(band);
-    } else {
-        dst.chunks_mut(BAND * rows).enumerate().for_each(band);
+        })
+    }
+}
+
+/// Without x86-64 every value of [`transpose_into`] moves one by one.
+#[cfg(not(target_arch = "x86_64"))]
+mod simd8 {
+    pub(super) fn transpose_tiles(_: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) -> usize {
+        0
     }
 }
 
@@ -156,6 +267,13 @@ mod tests {
             (8, 8),
             (16, 72),
             (771, 300),
+            // Whole 16 x 8 tiles only, and every kind of edge around them.
+            (64, 64),
+            (17, 9),
+            (130, 77),
+            (48, 1000),
+            // In parallel bands, the last one narrower than a tile.
+            (1024, 130),
         ] {
             let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
             let mut dst = vec![0.0; rows * cols];
