@@ -1,8 +1,8 @@
 //! criterion benchmarks of the CPU hot paths, so regressions show up:
 //! host GEMM shapes of a training step (platform-notes), RMSNorm forward and
 //! backward, softmax and the `attn_fwd` kernel through the CPU backend, one
-//! AdamW step, and weight-sized transposes. Public APIs only; throughput is in FLOPs (reported as elem/s)
-//! or bytes where FLOPs mean little.
+//! AdamW step, and weight-sized transposes. Public APIs only; throughput is in
+//! FLOPs (reported as elem/s) or bytes where FLOPs mean little.
 //!
 //! Run: `cargo bench --bench hot` (all) or `cargo bench --bench hot -- gemm` (a group).
 

@@ -19,16 +19,16 @@ fn par_for(m: usize, n: usize, k: usize) -> Par {
 /// `dst (cols x rows) = src (rows x cols)^T`, both row-major.
 ///
 /// Large matrices are split into bands of result rows (strips of `src`'s
-/// columns), two per worker thread, run in parallel; each band walks `src` down in
-/// tiles of 16 rows by 8 columns, which become 8 result rows of 16 values (a
-/// whole cache line each). On x86-64 with AVX2 a tile is two 8 x 8
+/// columns), two per worker thread, run in parallel; each band walks `src`
+/// down in tiles of 16 rows by 8 columns, which become 8 result rows of 16
+/// values (a whole cache line each). On x86-64 with AVX2 a tile is two 8 x 8
 /// transposes in registers (unpack, shuffle and lane-permute instructions
 /// through pulp's safe wrappers); elsewhere, and for the edges, values move
 /// one by one. Measured on Ice Lake with the operands in cache (ns a value,
 /// one thread / two): 768x768 0.7 / 0.4, 2048x768 1.0-1.4 / 0.5, 32000x288
 /// 2.6 / 1.6, against 1.4-2.4 / 0.8-1.4, 3.3-4.7 / 0.7-2.3 and 4.2-6.6 (one
 /// thread) for the earlier 16 x 16 tiles through a local array. From cold
-/// memory, as in a training step, weight-sized matrices still take 2-6 ns a
+/// memory, as in a training step, a layer's weights still took about 2 ns a
 /// value on that VM (`docs/performance.md`).
 pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     assert_eq!(src.len(), rows * cols, "transpose_into: source size");
@@ -125,21 +125,21 @@ mod simd8 {
 
     /// The first 8 values of `s`.
     #[inline(always)]
-    pub(super) fn load(s: &[f32]) -> __m256 {
+    fn load(s: &[f32]) -> __m256 {
         let a: [f32; 8] = s[..8].try_into().expect("8 values");
         pulp::cast(a)
     }
 
     /// `v` into the first 8 values of `d`.
     #[inline(always)]
-    pub(super) fn store(d: &mut [f32], v: __m256) {
+    fn store(d: &mut [f32], v: __m256) {
         let a: [f32; 8] = pulp::cast(v);
         d[..8].copy_from_slice(&a);
     }
 
     /// Row `j` of the result is column `j` of the rows `r`.
     #[inline(always)]
-    pub(super) fn transpose(v3: V3, r: [__m256; 8]) -> [__m256; 8] {
+    fn transpose(v3: V3, r: [__m256; 8]) -> [__m256; 8] {
         let a = v3.avx;
         // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves.
         let t: [__m256; 8] = std::array::from_fn(|i| {
