@@ -89,28 +89,10 @@ pub fn rmsnorm_backward(
     w: &[f32],
     rrms: &[f32],
 ) {
-    DOT.with_borrow_mut(|dot| {
-        dot.clear();
-        dot.resize(rrms.len(), 0.0);
-        rmsnorm_backward_with(dx, dw, dy, x, w, rrms, dot)
-    })
-}
-
-thread_local! {
-    /// [`rmsnorm_backward`]'s per-position sums, reused between calls.
-    static DOT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// [`rmsnorm_backward`] with its per-position sums in `dot` (zeroed, `T` long).
-fn rmsnorm_backward_with(
-    dx: &mut [f32],
-    dw: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    w: &[f32],
-    rrms: &[f32],
-    dot: &mut [f32],
-) {
+    // This thread's per-position sums, kept between calls (no allocation per call).
+    let mut dot = DOT.take();
+    dot.clear();
+    dot.resize(rrms.len(), 0.0);
     let (dim, seq) = (w.len(), rrms.len());
     let full = seq / 8 * 8;
     for c in 0..dim {
@@ -147,6 +129,12 @@ fn rmsnorm_backward_with(
             dxs[pos] += rrms[pos] * w[c] * dys[pos] - xs[pos] * dot[pos];
         }
     }
+    DOT.set(dot);
+}
+
+thread_local! {
+    /// [`rmsnorm_backward`]'s per-position sums, reused between calls.
+    static DOT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `logits (V, P) = E x` for final-norm activations `x (C, P)` and a
