@@ -52,35 +52,97 @@ pub fn embedding_backward(d_embedding: &mut [f32], dx: &[f32], tokens: &[u32], d
     }
 }
 
+/// Elements (`C x T`) from which the RMSNorm backward's passes split over
+/// threads (the forward's, from twice as many). Below it a pass takes tens of
+/// microseconds, about what handing work to the pool's workers costs
+/// (measured with criterion, `rmsnorm` group, Zen 4, 768 x 256: backward 170
+/// us on one thread against 105 on two; the forward 40 against 50).
+const NORM_PAR_MIN: usize = 1 << 17;
+
+/// Whether a pass over `elements` values splits over threads.
+fn norm_par(elements: usize) -> bool {
+    elements >= NORM_PAR_MIN && rayon::current_num_threads() > 1
+}
+
+/// `f(t0, block)` for blocks of positions of a per-position vector `out`
+/// (`t0`: the block's first position): one block of all of them, or with
+/// `par` one block per worker thread (whole cache lines each), in parallel.
+/// A block reads its span of every channel's row, so blocks are as long as
+/// possible: runs of 64 positions across 768 rows took 2.5x as long as whole
+/// rows on one thread.
+fn per_position_blocks(par: bool, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let len = if par {
+        out.len()
+            .div_ceil(rayon::current_num_threads())
+            .next_multiple_of(16)
+    } else {
+        out.len()
+    };
+    let body = |(b, block): (usize, &mut [f32])| {
+        crate::math::simd(
+            #[inline(always)]
+            || f(b * len, block),
+        )
+    };
+    if par {
+        out.par_chunks_mut(len).enumerate().for_each(body);
+    } else {
+        out.chunks_mut(len.max(1)).enumerate().for_each(body);
+    }
+}
+
 /// RMSNorm over channels of `x (C, T)`: `y = x * rrms[t] * w[c]` with
 /// `rrms[t] = 1 / sqrt(mean_c x[c,t]^2 + eps)`. Writes `rrms (T)` for the backward.
-/// One thread: a layer's norm takes tens of microseconds, about what waking
-/// the pool's workers costs (measured: 4x slower in two blocks of positions).
+///
+/// Two passes, each split over threads for large arrays ([`NORM_PAR_MIN`])
+/// without changing a value: the per-position sums by blocks of positions
+/// (each position sums its channels in order), then `y` by channel rows.
 pub fn rmsnorm_forward(y: &mut [f32], rrms: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let (dim, seq) = (w.len(), rrms.len());
     debug_assert_eq!(x.len(), dim * seq);
-    rrms.fill(0.0);
-    for c in 0..dim {
-        for (r, &v) in rrms.iter_mut().zip(&x[c * seq..(c + 1) * seq]) {
-            *r += v * v;
-        }
+    debug_assert_eq!(y.len(), dim * seq);
+    if seq == 0 {
+        return;
     }
-    for r in rrms.iter_mut() {
-        *r = 1.0 / (*r / dim as f32 + eps).sqrt();
-    }
-    for c in 0..dim {
-        let (xs, ys) = (&x[c * seq..(c + 1) * seq], &mut y[c * seq..(c + 1) * seq]);
-        for ((yv, &xv), &r) in ys.iter_mut().zip(xs).zip(rrms.iter()) {
-            *yv = xv * r * w[c];
+    let par = norm_par(dim * seq / 2);
+    per_position_blocks(par, rrms, |t0, r| {
+        r.fill(0.0);
+        for c in 0..dim {
+            for (r, &v) in r.iter_mut().zip(&x[c * seq + t0..]) {
+                *r += v * v;
+            }
         }
+        for r in r.iter_mut() {
+            *r = 1.0 / (*r / dim as f32 + eps).sqrt();
+        }
+    });
+    let rrms = &*rrms;
+    let row = |(c, ys): (usize, &mut [f32])| {
+        crate::math::simd(
+            #[inline(always)]
+            || {
+                let xs = &x[c * seq..(c + 1) * seq];
+                for ((yv, &xv), &r) in ys.iter_mut().zip(xs).zip(rrms) {
+                    *yv = xv * r * w[c];
+                }
+            },
+        )
+    };
+    if par {
+        y.par_chunks_mut(seq).enumerate().for_each(row);
+    } else {
+        y.chunks_mut(seq).enumerate().for_each(row);
     }
 }
 
 /// Backward of [`rmsnorm_forward`]: `dx += d/dx`, `dw += d/dw` given `dy (C, T)`.
 /// `dx[c,t] = rrms (w[c] dy[c,t]) - x[c,t] rrms^3 / C * sum_c' w[c'] dy[c',t] x[c',t]`.
-/// Each `dw[c]` sums over positions in eight interleaved lanes, so that the
-/// loop vectorizes (one running sum would wait on every add): 207 against
-/// 337 us for 768 x 256 (`cargo bench --bench hot -- rmsnorm`, Ice Lake).
+///
+/// Two passes like the forward's: the per-position sums by blocks of
+/// positions, then by channel rows `dw[c]` and `dx`'s row. Each `dw[c]` sums
+/// over positions in eight interleaved lanes, so that the loop vectorizes (one
+/// running sum would wait on every add): 207 against 337 us for 768 x 256
+/// (`cargo bench --bench hot -- rmsnorm`, Ice Lake, one thread).
 pub fn rmsnorm_backward(
     dx: &mut [f32],
     dw: &mut [f32],
@@ -89,45 +151,69 @@ pub fn rmsnorm_backward(
     w: &[f32],
     rrms: &[f32],
 ) {
+    let (dim, seq) = (w.len(), rrms.len());
+    debug_assert_eq!(x.len(), dim * seq);
+    debug_assert_eq!(dx.len(), dim * seq);
+    if seq == 0 {
+        return;
+    }
     // This thread's per-position sums, kept between calls (no allocation per call).
     let mut dot = DOT.take();
     dot.clear();
-    dot.resize(rrms.len(), 0.0);
-    let (dim, seq) = (w.len(), rrms.len());
-    let full = seq / 8 * 8;
-    for c in 0..dim {
-        let (xs, dys) = (&x[c * seq..(c + 1) * seq], &dy[c * seq..(c + 1) * seq]);
-        let wc = w[c];
-        let mut lanes = [0.0f32; 8];
-        for (((dot, d), xv), r) in dot[..full]
-            .chunks_exact_mut(8)
-            .zip(dys.chunks_exact(8))
-            .zip(xs.chunks_exact(8))
-            .zip(rrms.chunks_exact(8))
-        {
-            for i in 0..8 {
-                let g = d[i] * xv[i];
-                dot[i] += wc * g;
-                lanes[i] += g * r[i];
+    dot.resize(seq, 0.0);
+    let par = norm_par(dim * seq);
+    // dot[t] = rrms^3 / C * sum_c w[c] dy[c,t] x[c,t].
+    per_position_blocks(par, &mut dot, |t0, dot| {
+        for c in 0..dim {
+            let (xs, dys) = (&x[c * seq + t0..], &dy[c * seq + t0..]);
+            let wc = w[c];
+            for ((dot, &d), &xv) in dot.iter_mut().zip(dys).zip(xs) {
+                *dot += wc * (d * xv);
             }
         }
-        let mut tail = 0.0f32;
-        for pos in full..seq {
-            let g = dys[pos] * xs[pos];
-            dot[pos] += wc * g;
-            tail += g * rrms[pos];
+        for (dot, &r) in dot.iter_mut().zip(&rrms[t0..]) {
+            *dot *= r * r * r / dim as f32;
         }
-        dw[c] += lanes.iter().sum::<f32>() + tail;
-    }
-    for pos in 0..seq {
-        dot[pos] *= rrms[pos] * rrms[pos] * rrms[pos] / dim as f32;
-    }
-    for c in 0..dim {
-        let range = c * seq..(c + 1) * seq;
-        let (xs, dys, dxs) = (&x[range.clone()], &dy[range.clone()], &mut dx[range]);
-        for pos in 0..seq {
-            dxs[pos] += rrms[pos] * w[c] * dys[pos] - xs[pos] * dot[pos];
-        }
+    });
+    let dots = &*dot;
+    let full = seq / 8 * 8;
+    let row = |(c, (dxs, dwc)): (usize, (&mut [f32], &mut f32))| {
+        crate::math::simd(
+            #[inline(always)]
+            || {
+                let (xs, dys) = (&x[c * seq..(c + 1) * seq], &dy[c * seq..(c + 1) * seq]);
+                let mut lanes = [0.0f32; 8];
+                for ((d, xv), r) in dys[..full]
+                    .chunks_exact(8)
+                    .zip(xs.chunks_exact(8))
+                    .zip(rrms.chunks_exact(8))
+                {
+                    for i in 0..8 {
+                        lanes[i] += d[i] * xv[i] * r[i];
+                    }
+                }
+                let mut tail = 0.0f32;
+                for pos in full..seq {
+                    tail += dys[pos] * xs[pos] * rrms[pos];
+                }
+                *dwc += lanes.iter().sum::<f32>() + tail;
+                let wc = w[c];
+                for pos in 0..seq {
+                    dxs[pos] += rrms[pos] * wc * dys[pos] - xs[pos] * dots[pos];
+                }
+            },
+        )
+    };
+    if par {
+        dx.par_chunks_mut(seq)
+            .zip(dw.par_iter_mut())
+            .enumerate()
+            .for_each(row);
+    } else {
+        dx.chunks_mut(seq)
+            .zip(dw.iter_mut())
+            .enumerate()
+            .for_each(row);
     }
     DOT.set(dot);
 }
@@ -364,12 +450,30 @@ mod tests {
     /// formulas summed in f64.
     #[test]
     fn rmsnorm_matches_f64_sums() {
-        let (dim, seq) = (224, 300);
+        // One thread's size, and one large enough for both passes to split
+        // over threads (in blocks of positions that are not whole 16s); the
+        // split changes no value.
+        for (dim, seq) in [(224, 300), (480, 600)] {
+            rmsnorm_case(dim, seq);
+        }
+    }
+
+    fn rmsnorm_case(dim: usize, seq: usize) {
         let (x, w, dy) = (randn(dim * seq, 4), randn(dim, 5), randn(dim * seq, 6));
-        let (mut y, mut r) = (vec![0.0; dim * seq], vec![0.0; seq]);
-        rmsnorm_forward(&mut y, &mut r, &x, &w, 1e-5);
-        let (mut dx, mut dw) = (vec![0.5; dim * seq], vec![0.25; dim]);
-        rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &r);
+        let run = || {
+            let (mut y, mut r) = (vec![0.0; dim * seq], vec![0.0; seq]);
+            rmsnorm_forward(&mut y, &mut r, &x, &w, 1e-5);
+            let (mut dx, mut dw) = (vec![0.5; dim * seq], vec![0.25; dim]);
+            rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &r);
+            (y, r, dx, dw)
+        };
+        let (y, r, dx, dw) = run();
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool")
+            .install(run);
+        assert!(one_thread == (y.clone(), r.clone(), dx.clone(), dw.clone()));
         let at = |m: &[f32], c: usize, t: usize| f64::from(m[c * seq + t]);
         let mut want_dw = vec![0.25f64; dim];
         for t in 0..seq {

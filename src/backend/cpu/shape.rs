@@ -75,6 +75,9 @@ impl View {
         if len == 0 {
             return;
         }
+        if self.transposes_matrices() {
+            return self.gather_transposed(src, out);
+        }
         let inner = *self.shape.last().expect("rank >= 1");
         let step = *self.strides.last().expect("rank >= 1");
         // Tasks of whole rows, at least ROW_BLOCK elements each.
@@ -102,6 +105,35 @@ impl View {
             out.chunks_mut(rows_per_task * inner)
                 .enumerate()
                 .for_each(task);
+        }
+    }
+}
+
+impl View {
+    /// Whether the view is a stack of transposed matrices: its last two axes
+    /// `(R, C)` walk a row-major `C x R` matrix down its columns (strides 1 and
+    /// `R`), as a `transpose` of the last two axes (split heads, merge heads)
+    /// gives.
+    fn transposes_matrices(&self) -> bool {
+        let rank = self.shape.len();
+        rank >= 2 && self.strides[rank - 2] == 1 && self.strides[rank - 1] == self.shape[rank - 2]
+    }
+
+    /// [`View::gather`] of a stack of transposed matrices: each matrix through
+    /// the tiled [`crate::linalg::transpose_into`], matrices in parallel.
+    /// Measured on Zen 4 (one thread, `layer768`'s six head transposes,
+    /// `[12, 64, 512]` and back): 1.75 against 3.30 ms a step value by value.
+    fn gather_transposed(&self, src: &[f32], out: &mut [f32]) {
+        let rank = self.shape.len();
+        let (rows, cols) = (self.shape[rank - 2], self.shape[rank - 1]);
+        let one = |(m, dst): (usize, &mut [f32])| {
+            let start = self.row_offset(m * rows);
+            crate::linalg::transpose_into(&src[start..start + rows * cols], cols, rows, dst);
+        };
+        if out.len() >= PAR_MIN {
+            out.par_chunks_mut(rows * cols).enumerate().for_each(one);
+        } else {
+            out.chunks_mut(rows * cols).enumerate().for_each(one);
         }
     }
 }
@@ -431,6 +463,42 @@ mod tests {
         assert_eq!(out, [1.0, 3.0, 5.0]);
         // An empty view stays empty.
         assert_eq!(View::new(vec![2, 0, 3], vec![0, 3, 1], 0).numel(), 0);
+    }
+
+    #[test]
+    fn stacks_of_transposed_matrices_match_the_definition() {
+        // Transposes of the last two axes (the tiled path), with the batch
+        // axes in order and swapped, at sizes with whole 16 x 8 tiles, edges,
+        // and enough elements for the parallel loop.
+        for (shape, perm) in [
+            (vec![2, 3, 5, 7], vec![0, 1, 3, 2]),
+            (vec![1, 12, 64, 512], vec![0, 1, 3, 2]),
+            (vec![1, 12, 512, 64], vec![0, 1, 3, 2]),
+            (vec![3, 4, 33, 17], vec![1, 0, 3, 2]),
+        ] {
+            let x: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|v| v as f32)
+                .collect();
+            let strides = contiguous_strides(&shape);
+            let out_shape: Vec<usize> = perm.iter().map(|&d| shape[d]).collect();
+            let view = View::new(
+                out_shape.clone(),
+                perm.iter().map(|&d| strides[d]).collect(),
+                0,
+            );
+            assert!(view.transposes_matrices(), "{shape:?} {perm:?}");
+            let mut got = vec![0.0; x.len()];
+            view.gather(&x, &mut got);
+            // out[i0, i1, i2, i3] = x at index i permuted back.
+            let out_strides = contiguous_strides(&out_shape);
+            for (flat, &g) in got.iter().enumerate() {
+                let idx: Vec<usize> = (0..4)
+                    .map(|d| flat / out_strides[d] % out_shape[d])
+                    .collect();
+                let src: usize = (0..4).map(|d| idx[d] * strides[perm[d]]).sum();
+                assert_eq!(g, x[src], "{shape:?} {perm:?} at {idx:?}");
+            }
+        }
     }
 
     #[test]
