@@ -156,8 +156,8 @@ pub fn run(
             }
         }
         let start = Instant::now();
-        grads.data.fill(0.0);
-        let loss = engine.forward_backward(&weights, &mut grads, &inputs, &targets, 1.0)?;
+        let loss =
+            engine.forward_backward_overwrite(&weights, &mut grads, &inputs, &targets, 1.0)?;
         let opt_start = Instant::now();
         let clip = optim::clip_factor(optim::global_norm(&grads.data), 1.0);
         adamw.step(&mut weights, &grads.data, &mut adam, 3e-4, clip);

@@ -242,12 +242,14 @@ pub fn classifier_forward(logits: &mut [f32], x: &[f32], classifier: &[f32], dim
 }
 
 /// Backward of [`classifier_forward`] given `g = dlogits (V, P)`:
-/// `dx (C, P) = E^T g` (overwritten) and `dE (V, C) += g x^T`.
+/// `dx (C, P) = E^T g` (overwritten) and `dE (V, C) += g x^T` (`=` unless
+/// `add`).
 ///
 /// `E^T` as stored (`classifier_t`, `(C, V)`) gives the `dx` product a
 /// row-major left operand, faer's fast form; without it, `E` is read
 /// transposed in place, about a fifth slower. A caller with several groups of
 /// positions per step transposes `E` once for all of them.
+#[allow(clippy::too_many_arguments)]
 pub fn classifier_backward(
     dx: &mut [f32],
     d_classifier: &mut [f32],
@@ -256,6 +258,7 @@ pub fn classifier_backward(
     classifier: &[f32],
     classifier_t: Option<&[f32]>,
     dim: usize,
+    add: bool,
 ) {
     let vocab = classifier.len() / dim;
     let p = x.len() / dim;
@@ -274,7 +277,7 @@ pub fn classifier_backward(
                 n(g, vocab, p),
                 t(x, dim, p),
                 1.0,
-                true,
+                add,
             )
         },
     );
@@ -651,10 +654,10 @@ mod tests {
         let (mut dxf, mut de) = (vec![0.0; dim * seq], vec![0.0; vocab * dim]);
         let mut et = vec![0.0; dim * vocab];
         crate::linalg::transpose_into(&e, vocab, dim, &mut et);
-        classifier_backward(&mut dxf, &mut de, &probe, &xf, &e, Some(&et), dim);
+        classifier_backward(&mut dxf, &mut de, &probe, &xf, &e, Some(&et), dim, true);
         // E read transposed in place: the same gradients.
         let (mut dxf2, mut de2) = (vec![0.0; dim * seq], vec![0.0; vocab * dim]);
-        classifier_backward(&mut dxf2, &mut de2, &probe, &xf, &e, None, dim);
+        classifier_backward(&mut dxf2, &mut de2, &probe, &xf, &e, None, dim, true);
         assert!(dxf.iter().zip(&dxf2).all(|(a, b)| (a - b).abs() < 1e-5));
         assert!(de.iter().zip(&de2).all(|(a, b)| (a - b).abs() < 1e-5));
         for i in 0..dim * seq {

@@ -745,7 +745,6 @@ impl Engine {
         Ok(out)
     }
 
-    #[allow(clippy::needless_range_loop)]
     /// Forward and backward: adds `loss_scale * d(mean loss)/dw` to `grads` and
     /// returns the mean loss (unscaled).
     pub fn forward_backward(
@@ -756,9 +755,52 @@ impl Engine {
         targets: &[u32],
         loss_scale: f32,
     ) -> Result<f64> {
+        self.forward_backward_as(w, grads, inputs, targets, loss_scale, GradWrite::Add)
+    }
+
+    /// [`Engine::forward_backward`] writing `loss_scale * d(mean loss)/dw`
+    /// over `grads`, whatever they held: the first micro-batch of a step needs
+    /// no zeroed gradients. The weight matrices' first products replace
+    /// instead of adding (no pass to zero them, no read of the zeros); only
+    /// the gradients made by sums (norm weights, an untied embedding) are
+    /// zeroed first. The values equal those of zeroing `grads` and calling
+    /// [`Engine::forward_backward`].
+    pub fn forward_backward_overwrite(
+        &mut self,
+        w: &Weights,
+        grads: &mut Weights,
+        inputs: &[u32],
+        targets: &[u32],
+        loss_scale: f32,
+    ) -> Result<f64> {
+        self.forward_backward_as(w, grads, inputs, targets, loss_scale, GradWrite::Overwrite)
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    fn forward_backward_as(
+        &mut self,
+        w: &Weights,
+        grads: &mut Weights,
+        inputs: &[u32],
+        targets: &[u32],
+        loss_scale: f32,
+        write: GradWrite,
+    ) -> Result<f64> {
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(targets, "targets")?;
         self.forward(w, inputs)?;
+        if write == GradWrite::Overwrite {
+            // The gradients made by sums start from zero: the norm weights'
+            // and an untied embedding's (a tied one is the classifier's,
+            // whose first product writes it before the scatter adds).
+            for p in grads.layout.params() {
+                let summed = p.is_norm() || p == Param::Embedding && !self.config.tied_embeddings;
+                if summed {
+                    let range = grads.layout.range(p);
+                    grads.data[range].fill(0.0);
+                }
+            }
+        }
         let c = self.config.clone();
         let (seq, d, q, kv, f) = (self.seq, c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim);
         let classifier = w.layout.classifier();
@@ -809,9 +851,10 @@ impl Engine {
                 head_dx.resize(d * p, 0.0);
                 &mut head_dx
             };
+            let add = write == GradWrite::Add || b0 > 0;
             self.profile.time("classifier", || {
                 let e_t = (groups > 1).then_some(classifier_t.as_slice());
-                host::classifier_backward(dx_group, dcls, logits, x, w.classifier(), e_t, d)
+                host::classifier_backward(dx_group, dcls, logits, x, w.classifier(), e_t, d, add)
             });
             for b in b0..b1 {
                 if b1 - b0 > 1 {
@@ -860,8 +903,22 @@ impl Engine {
         // Each gradient sums its sequences in batch order.
         let mut pending_kv: Option<usize> = None;
         let kv_grads = |grads: &mut Weights, l: usize, dk: &[Vec<f32>], dv: &[Vec<f32>]| {
-            layer_grads(grads.get_mut(Param::Wk(l)), dk, &acts[l], |a| &a.xn, seq);
-            layer_grads(grads.get_mut(Param::Wv(l)), dv, &acts[l], |a| &a.xn, seq);
+            layer_grads(
+                grads.get_mut(Param::Wk(l)),
+                dk,
+                &acts[l],
+                |a| &a.xn,
+                seq,
+                write,
+            );
+            layer_grads(
+                grads.get_mut(Param::Wv(l)),
+                dv,
+                &acts[l],
+                |a| &a.xn,
+                seq,
+                write,
+            );
         };
         for l in (0..c.n_layers).rev() {
             let la = &acts[l];
@@ -908,7 +965,16 @@ impl Engine {
                             }),
                     )
                 },
-                || layer_grads(grads.get_mut(Param::W2(l)), &dx, la, |a| &a.gate, seq),
+                || {
+                    layer_grads(
+                        grads.get_mut(Param::W2(l)),
+                        &dx,
+                        la,
+                        |a| &a.gate,
+                        seq,
+                        write,
+                    )
+                },
             )?;
             // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
             let range = w.layout.range(Param::RmsFfn(l));
@@ -938,7 +1004,16 @@ impl Engine {
                         }),
                     )
                 },
-                || layer_grads(grads.get_mut(Param::W1(l)), &dh1, la, |a| &a.x2n, seq),
+                || {
+                    layer_grads(
+                        grads.get_mut(Param::W1(l)),
+                        &dh1,
+                        la,
+                        |a| &a.x2n,
+                        seq,
+                        write,
+                    )
+                },
             )?;
             overlapped(
                 profile,
@@ -961,7 +1036,16 @@ impl Engine {
                             }),
                     )
                 },
-                || layer_grads(grads.get_mut(Param::W3(l)), &dh3, la, |a| &a.x2n, seq),
+                || {
+                    layer_grads(
+                        grads.get_mut(Param::W3(l)),
+                        &dh3,
+                        la,
+                        |a| &a.x2n,
+                        seq,
+                        write,
+                    )
+                },
             )?;
             overlapped(
                 profile,
@@ -999,8 +1083,15 @@ impl Engine {
                     Ok(())
                 },
                 || {
-                    layer_grads(grads.get_mut(Param::Wo(l)), &dx, la, |a| &a.attn, seq);
-                    layer_grads(grads.get_mut(Param::Wq(l)), &dq, la, |a| &a.xn, seq);
+                    layer_grads(
+                        grads.get_mut(Param::Wo(l)),
+                        &dx,
+                        la,
+                        |a| &a.attn,
+                        seq,
+                        write,
+                    );
+                    layer_grads(grads.get_mut(Param::Wq(l)), &dq, la, |a| &a.xn, seq, write);
                 },
             )?;
             pending_kv = Some(l);
@@ -1083,24 +1174,35 @@ struct Scratch {
 /// (`stories15m`'s vocabulary products: about 13 % for 4 sequences against 1).
 const LOGITS_FLOATS: usize = 1 << 25;
 
-/// `dw (O, I) += dy (O, T) x^T` with `x (I, T)`: one sequence's contribution
-/// to a weight gradient.
-fn weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], seq: usize) {
+/// How [`Engine::forward_backward_as`] writes the gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GradWrite {
+    /// Add to them.
+    Add,
+    /// Write over them: each gradient's first contribution replaces.
+    Overwrite,
+}
+
+/// `dw (O, I) += dy (O, T) x^T` with `x (I, T)` (`=` unless `add`): one
+/// sequence's contribution to a weight gradient.
+fn weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], seq: usize, add: bool) {
     let (o, i) = (dy.len() / seq, x.len() / seq);
-    gemm(dw, o, i, n(dy, o, seq), t(x, i, seq), 1.0, true);
+    gemm(dw, o, i, n(dy, o, seq), t(x, i, seq), 1.0, add);
 }
 
 /// [`weight_grad`] of every sequence of a batch: `dys[b]` against `x` of
-/// `acts[b]`, summed in batch order.
+/// `acts[b]`, summed in batch order (the first replacing `dw` with
+/// [`GradWrite::Overwrite`]).
 fn layer_grads(
     dw: &mut [f32],
     dys: &[Vec<f32>],
     acts: &[LayerActs],
     x: fn(&LayerActs) -> &Vec<f32>,
     seq: usize,
+    write: GradWrite,
 ) {
-    for (dy, a) in dys.iter().zip(acts) {
-        weight_grad(dw, dy, x(a), seq);
+    for (b, (dy, a)) in dys.iter().zip(acts).enumerate() {
+        weight_grad(dw, dy, x(a), seq, write == GradWrite::Add || b > 0);
     }
 }
 

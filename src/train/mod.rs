@@ -263,12 +263,19 @@ impl Trainer {
         let tokens_per_update = (n * cfg.accum) as f64;
         while self.state.step < end {
             let started = Instant::now();
-            self.grads.data.fill(0.0);
             let scale = self.state.scaler.scale;
             let mut loss = 0.0;
-            for _ in 0..cfg.accum {
+            for micro in 0..cfg.accum {
                 data.next_batch(&mut inputs, &mut targets)?;
-                loss += self.engine.forward_backward(
+                // The first micro-batch writes the gradients (no zeroing pass),
+                // the others add to them.
+                let pass = if micro == 0 {
+                    Engine::forward_backward_overwrite
+                } else {
+                    Engine::forward_backward
+                };
+                loss += pass(
+                    &mut self.engine,
                     &self.weights,
                     &mut self.grads,
                     &inputs,

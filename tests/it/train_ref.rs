@@ -300,3 +300,69 @@ fn llama2c_export_round_trip_keeps_logits_and_the_pytorch_loss() {
         e.logits(&weights, &r.inputs).unwrap()
     );
 }
+
+/// Writing over the gradients (the first micro-batch of a step) gives, from
+/// gradients full of NaN, what adding to zeroed ones gives: for the fixture's
+/// tied model and an untied one, in one classifier group and in one per
+/// sequence, with the weight gradients after the kernels (one thread) and
+/// beside them (two). The values compare equal (`-0.0 == 0.0`: adding a
+/// product to zero may turn a negative zero positive).
+#[test]
+fn overwriting_the_gradients_equals_adding_to_zeros() {
+    let r = reference();
+    for tied in [true, false] {
+        let mut config = r.config.clone();
+        config.tied_embeddings = tied;
+        let weights = Weights::init(&config, 3);
+        for group in [r.batch, 1] {
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut e = Engine::new(
+                        Box::new(CpuBackend::new(Precision::Fp32)),
+                        &config,
+                        r.seq,
+                        r.batch,
+                        KernelOptions::cpu(),
+                    )
+                    .unwrap();
+                    e.set_head_group(group);
+                    let mut added = Weights::zeros(&config);
+                    let l1 = e
+                        .forward_backward(&weights, &mut added, &r.inputs, &r.targets, 1.0)
+                        .unwrap();
+                    let mut written = Weights::zeros(&config);
+                    written.data.fill(f32::NAN);
+                    let l2 = e
+                        .forward_backward_overwrite(
+                            &weights,
+                            &mut written,
+                            &r.inputs,
+                            &r.targets,
+                            1.0,
+                        )
+                        .unwrap();
+                    assert_eq!(l1, l2);
+                    for p in added.layout.params() {
+                        let range = added.layout.range(p);
+                        let (a, w) = (&added.data[range.clone()], &written.data[range]);
+                        let same = a.iter().zip(w).all(|(a, w)| a == w);
+                        assert!(
+                            same,
+                            "tied {tied}, group {group}, {threads} threads: gradient of {}",
+                            p.name()
+                        );
+                    }
+                    assert_eq!(added.data.len(), written.data.len());
+                    assert!(
+                        written.data.iter().all(|v| !v.is_nan()),
+                        "no value left unwritten"
+                    );
+                });
+            }
+        }
+    }
+}
