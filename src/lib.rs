@@ -14,7 +14,8 @@
 //! - [`doctor`]: what this machine offers the ANE backend, as a shareable report.
 //! - [`report`]: run directories: metrics log, plots, run listings.
 //! - [`bench`]: benchmark suites (training steps, ANE micro-benchmarks) and their timing harness.
-//! - [`math`]: vectorizable `exp`, sigmoid and reductions for the hot loops.
+//! - [`math`]: vectorizable `exp`, sigmoid and reductions for the hot loops, and
+//!   how they run (`simd`, `on_pool`).
 
 pub mod atomic;
 pub mod backend;

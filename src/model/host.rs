@@ -105,33 +105,41 @@ pub fn rmsnorm_forward(y: &mut [f32], rrms: &mut [f32], x: &[f32], w: &[f32], ep
         return;
     }
     let par = norm_par(dim * seq / 2);
-    per_position_blocks(par, rrms, |t0, r| {
-        r.fill(0.0);
-        for c in 0..dim {
-            for (r, &v) in r.iter_mut().zip(&x[c * seq + t0..]) {
-                *r += v * v;
-            }
-        }
-        for r in r.iter_mut() {
-            *r = 1.0 / (*r / dim as f32 + eps).sqrt();
-        }
-    });
-    let rrms = &*rrms;
-    let row = |(c, ys): (usize, &mut [f32])| {
-        crate::math::simd(
-            #[inline(always)]
-            || {
-                let xs = &x[c * seq..(c + 1) * seq];
-                for ((yv, &xv), &r) in ys.iter_mut().zip(xs).zip(rrms) {
-                    *yv = xv * r * w[c];
+    // Both passes in one hand-over to the pool (see `math::on_pool`).
+    let mut passes = || {
+        per_position_blocks(par, rrms, |t0, r| {
+            r.fill(0.0);
+            for c in 0..dim {
+                for (r, &v) in r.iter_mut().zip(&x[c * seq + t0..]) {
+                    *r += v * v;
                 }
-            },
-        )
+            }
+            for r in r.iter_mut() {
+                *r = 1.0 / (*r / dim as f32 + eps).sqrt();
+            }
+        });
+        let rrms = &*rrms;
+        let row = |(c, ys): (usize, &mut [f32])| {
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    let xs = &x[c * seq..(c + 1) * seq];
+                    for ((yv, &xv), &r) in ys.iter_mut().zip(xs).zip(rrms) {
+                        *yv = xv * r * w[c];
+                    }
+                },
+            )
+        };
+        if par {
+            y.par_chunks_mut(seq).enumerate().for_each(row);
+        } else {
+            y.chunks_mut(seq).enumerate().for_each(row);
+        }
     };
     if par {
-        y.par_chunks_mut(seq).enumerate().for_each(row);
+        crate::math::on_pool(passes);
     } else {
-        y.chunks_mut(seq).enumerate().for_each(row);
+        passes();
     }
 }
 
@@ -162,58 +170,65 @@ pub fn rmsnorm_backward(
     dot.clear();
     dot.resize(seq, 0.0);
     let par = norm_par(dim * seq);
-    // dot[t] = rrms^3 / C * sum_c w[c] dy[c,t] x[c,t].
-    per_position_blocks(par, &mut dot, |t0, dot| {
-        for c in 0..dim {
-            let (xs, dys) = (&x[c * seq + t0..], &dy[c * seq + t0..]);
-            let wc = w[c];
-            for ((dot, &d), &xv) in dot.iter_mut().zip(dys).zip(xs) {
-                *dot += wc * (d * xv);
-            }
-        }
-        for (dot, &r) in dot.iter_mut().zip(&rrms[t0..]) {
-            *dot *= r * r * r / dim as f32;
-        }
-    });
-    let dots = &*dot;
-    let full = seq / 8 * 8;
-    let row = |(c, (dxs, dwc)): (usize, (&mut [f32], &mut f32))| {
-        crate::math::simd(
-            #[inline(always)]
-            || {
-                let (xs, dys) = (&x[c * seq..(c + 1) * seq], &dy[c * seq..(c + 1) * seq]);
-                let mut lanes = [0.0f32; 8];
-                for ((d, xv), r) in dys[..full]
-                    .chunks_exact(8)
-                    .zip(xs.chunks_exact(8))
-                    .zip(rrms.chunks_exact(8))
-                {
-                    for i in 0..8 {
-                        lanes[i] += d[i] * xv[i] * r[i];
-                    }
-                }
-                let mut tail = 0.0f32;
-                for pos in full..seq {
-                    tail += dys[pos] * xs[pos] * rrms[pos];
-                }
-                *dwc += lanes.iter().sum::<f32>() + tail;
+    let mut passes = || {
+        // dot[t] = rrms^3 / C * sum_c w[c] dy[c,t] x[c,t].
+        per_position_blocks(par, &mut dot, |t0, dot| {
+            for c in 0..dim {
+                let (xs, dys) = (&x[c * seq + t0..], &dy[c * seq + t0..]);
                 let wc = w[c];
-                for pos in 0..seq {
-                    dxs[pos] += rrms[pos] * wc * dys[pos] - xs[pos] * dots[pos];
+                for ((dot, &d), &xv) in dot.iter_mut().zip(dys).zip(xs) {
+                    *dot += wc * (d * xv);
                 }
-            },
-        )
+            }
+            for (dot, &r) in dot.iter_mut().zip(&rrms[t0..]) {
+                *dot *= r * r * r / dim as f32;
+            }
+        });
+        let dots = &*dot;
+        let full = seq / 8 * 8;
+        let row = |(c, (dxs, dwc)): (usize, (&mut [f32], &mut f32))| {
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    let (xs, dys) = (&x[c * seq..(c + 1) * seq], &dy[c * seq..(c + 1) * seq]);
+                    let mut lanes = [0.0f32; 8];
+                    for ((d, xv), r) in dys[..full]
+                        .chunks_exact(8)
+                        .zip(xs.chunks_exact(8))
+                        .zip(rrms.chunks_exact(8))
+                    {
+                        for i in 0..8 {
+                            lanes[i] += d[i] * xv[i] * r[i];
+                        }
+                    }
+                    let mut tail = 0.0f32;
+                    for pos in full..seq {
+                        tail += dys[pos] * xs[pos] * rrms[pos];
+                    }
+                    *dwc += lanes.iter().sum::<f32>() + tail;
+                    let wc = w[c];
+                    for pos in 0..seq {
+                        dxs[pos] += rrms[pos] * wc * dys[pos] - xs[pos] * dots[pos];
+                    }
+                },
+            )
+        };
+        if par {
+            dx.par_chunks_mut(seq)
+                .zip(dw.par_iter_mut())
+                .enumerate()
+                .for_each(row);
+        } else {
+            dx.chunks_mut(seq)
+                .zip(dw.iter_mut())
+                .enumerate()
+                .for_each(row);
+        }
     };
     if par {
-        dx.par_chunks_mut(seq)
-            .zip(dw.par_iter_mut())
-            .enumerate()
-            .for_each(row);
+        crate::math::on_pool(passes);
     } else {
-        dx.chunks_mut(seq)
-            .zip(dw.iter_mut())
-            .enumerate()
-            .for_each(row);
+        passes();
     }
     DOT.set(dot);
 }

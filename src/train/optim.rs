@@ -66,40 +66,45 @@ impl AdamW {
         let bias1 = 1.0 - self.beta1.powi(t);
         let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         let step_size = lr / bias1;
-        for p in weights.layout.params() {
-            let range = weights.layout.range(p);
-            let decay = if p.is_norm() { 0.0 } else { self.weight_decay };
-            let w = &mut weights.data[range.clone()];
-            let (m, v, g) = (
-                &mut state.m[range.clone()],
-                &mut state.v[range.clone()],
-                &grad[range],
-            );
-            let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
-            let (keep, one_minus_b1, one_minus_b2) = (1.0 - lr * decay, 1.0 - beta1, 1.0 - beta2);
-            let update = |(((w, m), v), g): Chunks| {
-                crate::math::simd(
-                    #[inline(always)]
-                    || {
-                        let each = w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g);
-                        for (((w, m), v), &g) in each {
-                            let g = g * grad_scale;
-                            *w *= keep;
-                            *m = beta1 * *m + one_minus_b1 * g;
-                            *v = beta2 * *v + one_minus_b2 * g * g;
-                            let denom = v.sqrt() / bias2_sqrt + eps;
-                            *w -= step_size * *m / denom;
-                        }
-                    },
-                )
-            };
-            // Elementwise, so splitting across threads changes no result.
-            w.par_chunks_mut(CHUNK)
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK))
-                .for_each(update);
-        }
+        // One hand-over to the pool for all the parameters' loops (see
+        // `math::on_pool`).
+        crate::math::on_pool(|| {
+            for p in weights.layout.params() {
+                let range = weights.layout.range(p);
+                let decay = if p.is_norm() { 0.0 } else { self.weight_decay };
+                let w = &mut weights.data[range.clone()];
+                let (m, v, g) = (
+                    &mut state.m[range.clone()],
+                    &mut state.v[range.clone()],
+                    &grad[range],
+                );
+                let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
+                let (keep, one_minus_b1, one_minus_b2) =
+                    (1.0 - lr * decay, 1.0 - beta1, 1.0 - beta2);
+                let update = |(((w, m), v), g): Chunks| {
+                    crate::math::simd(
+                        #[inline(always)]
+                        || {
+                            let each = w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g);
+                            for (((w, m), v), &g) in each {
+                                let g = g * grad_scale;
+                                *w *= keep;
+                                *m = beta1 * *m + one_minus_b1 * g;
+                                *v = beta2 * *v + one_minus_b2 * g * g;
+                                let denom = v.sqrt() / bias2_sqrt + eps;
+                                *w -= step_size * *m / denom;
+                            }
+                        },
+                    )
+                };
+                // Elementwise, so splitting across threads changes no result.
+                w.par_chunks_mut(CHUNK)
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .zip(v.par_chunks_mut(CHUNK))
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(update);
+            }
+        });
     }
 }
 

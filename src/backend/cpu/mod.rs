@@ -333,7 +333,7 @@ impl Backend for CpuBackend {
             .iter()
             .map(|id| self.buffers[id.0].data.as_slice())
             .collect();
-        let result = plan.execute_into(workspace, &args, &mut results);
+        let result = crate::math::on_pool(|| plan.execute_into(workspace, &args, &mut results));
         for (id, data) in outputs.iter().zip(results) {
             self.buffers[id.0].data = data;
         }
@@ -351,9 +351,10 @@ impl Backend for CpuBackend {
         let Some(compiled) = self.host_kernel(kernel)? else {
             return Ok(false);
         };
-        compiled
-            .plan
-            .execute(&mut compiled.workspace, inputs, outputs)?;
+        let CompiledKernel {
+            plan, workspace, ..
+        } = compiled;
+        crate::math::on_pool(|| plan.execute(workspace, inputs, outputs))?;
         Ok(true)
     }
 
@@ -372,11 +373,15 @@ impl Backend for CpuBackend {
             return Ok(false);
         };
         if rayon::current_num_threads() == 1 || calls.len() == 1 {
-            for call in calls {
-                compiled
-                    .plan
-                    .execute(&mut compiled.workspace, &call.inputs, &mut call.outputs)?;
-            }
+            let CompiledKernel {
+                plan, workspace, ..
+            } = compiled;
+            crate::math::on_pool(|| {
+                for call in calls {
+                    plan.execute(workspace, &call.inputs, &mut call.outputs)?;
+                }
+                Ok::<_, crate::Error>(())
+            })?;
             return Ok(true);
         }
         let (plan, spares) = (&compiled.plan, &compiled.spares);
