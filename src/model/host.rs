@@ -11,45 +11,50 @@ use rayon::prelude::*;
 
 use crate::linalg::{gemm, n, t};
 
-/// Positions per block of the embedding gather/scatter: one cache line of a
-/// `(C, T)` row.
-const EMBED_BLOCK: usize = 16;
+thread_local! {
+    /// The embedding rows of a sequence, position-major `(T, C)`, between
+    /// [`embedding_forward`]'s gather and its transpose (and the reverse in
+    /// [`embedding_backward`]); kept between calls.
+    static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
-/// `x (C, T)[c, t] = embedding (V, C)[tokens[t], c]`. Blocks of
-/// [`EMBED_BLOCK`] positions, so that every write fills a whole cache line of a
-/// channel's row rather than one value of it.
+/// `x (C, T)[c, t] = embedding (V, C)[tokens[t], c]`: the rows copied
+/// position-major, then one tiled transpose (see [`crate::linalg::transpose_into`])
+/// into the channel-major layout, instead of writing each channel's row a
+/// value at a time.
 pub fn embedding_forward(x: &mut [f32], embedding: &[f32], tokens: &[u32], dim: usize) {
     let seq = tokens.len();
     debug_assert_eq!(x.len(), dim * seq);
-    for (b, block) in tokens.chunks(EMBED_BLOCK).enumerate() {
-        let p0 = b * EMBED_BLOCK;
-        let mut rows: [&[f32]; EMBED_BLOCK] = [&[]; EMBED_BLOCK];
-        for (row, &tok) in rows.iter_mut().zip(block) {
-            *row = &embedding[tok as usize * dim..][..dim];
+    ROWS.with_borrow_mut(|rows| {
+        rows.clear();
+        for &tok in tokens {
+            rows.extend_from_slice(&embedding[tok as usize * dim..][..dim]);
         }
-        for c in 0..dim {
-            let out = &mut x[c * seq + p0..][..block.len()];
-            for (o, row) in out.iter_mut().zip(&rows) {
-                *o = row[c];
-            }
-        }
-    }
+        crate::linalg::transpose_into(rows, seq, dim, x);
+    });
 }
 
-/// `d_embedding[tokens[t], c] += dx (C, T)[c, t]`, in the blocks of
-/// [`embedding_forward`]; a token repeated within a block adds in position
-/// order, as position by position would.
+/// `d_embedding[tokens[t], c] += dx (C, T)[c, t]`: `dx` transposed to
+/// position-major rows, each added to its token's row; a repeated token adds
+/// in position order.
 pub fn embedding_backward(d_embedding: &mut [f32], dx: &[f32], tokens: &[u32], dim: usize) {
     let seq = tokens.len();
-    for (b, block) in tokens.chunks(EMBED_BLOCK).enumerate() {
-        let p0 = b * EMBED_BLOCK;
-        for c in 0..dim {
-            let grads = &dx[c * seq + p0..][..block.len()];
-            for (&tok, &g) in block.iter().zip(grads) {
-                d_embedding[tok as usize * dim + c] += g;
-            }
+    debug_assert_eq!(dx.len(), dim * seq);
+    ROWS.with_borrow_mut(|rows| {
+        rows.resize(dim * seq, 0.0);
+        crate::linalg::transpose_into(dx, dim, seq, rows);
+        for (&tok, g) in tokens.iter().zip(rows.chunks_exact(dim)) {
+            let dst = &mut d_embedding[tok as usize * dim..][..dim];
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    for (d, &g) in dst.iter_mut().zip(g) {
+                        *d += g;
+                    }
+                },
+            );
         }
-    }
+    });
 }
 
 /// Elements (`C x T`) from which the RMSNorm backward's passes split over
@@ -107,17 +112,22 @@ pub fn rmsnorm_forward(y: &mut [f32], rrms: &mut [f32], x: &[f32], w: &[f32], ep
     let par = norm_par(dim * seq / 2);
     // Both passes in one hand-over to the pool (see `math::on_pool`).
     let mut passes = || {
-        per_position_blocks(par, rrms, |t0, r| {
-            r.fill(0.0);
-            for c in 0..dim {
-                for (r, &v) in r.iter_mut().zip(&x[c * seq + t0..]) {
-                    *r += v * v;
+        per_position_blocks(
+            par,
+            rrms,
+            #[inline(always)]
+            |t0, r| {
+                r.fill(0.0);
+                for c in 0..dim {
+                    for (r, &v) in r.iter_mut().zip(&x[c * seq + t0..]) {
+                        *r += v * v;
+                    }
                 }
-            }
-            for r in r.iter_mut() {
-                *r = 1.0 / (*r / dim as f32 + eps).sqrt();
-            }
-        });
+                for r in r.iter_mut() {
+                    *r = 1.0 / (*r / dim as f32 + eps).sqrt();
+                }
+            },
+        );
         let rrms = &*rrms;
         let row = |(c, ys): (usize, &mut [f32])| {
             crate::math::simd(
@@ -172,18 +182,23 @@ pub fn rmsnorm_backward(
     let par = norm_par(dim * seq);
     let mut passes = || {
         // dot[t] = rrms^3 / C * sum_c w[c] dy[c,t] x[c,t].
-        per_position_blocks(par, &mut dot, |t0, dot| {
-            for c in 0..dim {
-                let (xs, dys) = (&x[c * seq + t0..], &dy[c * seq + t0..]);
-                let wc = w[c];
-                for ((dot, &d), &xv) in dot.iter_mut().zip(dys).zip(xs) {
-                    *dot += wc * (d * xv);
+        per_position_blocks(
+            par,
+            &mut dot,
+            #[inline(always)]
+            |t0, dot| {
+                for c in 0..dim {
+                    let (xs, dys) = (&x[c * seq + t0..], &dy[c * seq + t0..]);
+                    let wc = w[c];
+                    for ((dot, &d), &xv) in dot.iter_mut().zip(dys).zip(xs) {
+                        *dot += wc * (d * xv);
+                    }
                 }
-            }
-            for (dot, &r) in dot.iter_mut().zip(&rrms[t0..]) {
-                *dot *= r * r * r / dim as f32;
-            }
-        });
+                for (dot, &r) in dot.iter_mut().zip(&rrms[t0..]) {
+                    *dot *= r * r * r / dim as f32;
+                }
+            },
+        );
         let dots = &*dot;
         let full = seq / 8 * 8;
         let row = |(c, (dxs, dwc)): (usize, (&mut [f32], &mut f32))| {
@@ -527,10 +542,10 @@ mod tests {
         }
     }
 
-    /// 37 positions (two full blocks and a part) with repeated tokens, one
-    /// repeat inside a block and one across blocks, against position-by-position loops.
+    /// 37 positions (whole 16 x 8 transpose tiles and edges) with repeated
+    /// tokens, near each other and far apart, against position-by-position loops.
     #[test]
-    fn embedding_blocks_match_position_by_position() {
+    fn embedding_gather_and_scatter_match_position_by_position() {
         let (vocab, dim, seq) = (11, 5, 37);
         let e = randn(vocab * dim, 7);
         let tokens: Vec<u32> = (0..seq).map(|t| ((t * 7) % vocab) as u32).collect();
