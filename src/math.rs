@@ -5,12 +5,33 @@
 //! correctly rounded result over the whole `f32` range (tested against `f64`).
 
 /// Run `f` compiled for the widest vector unit this CPU offers: on x86-64 with
-/// AVX2 and FMA (checked once at run time, through pulp's dispatch), `f` is
-/// inlined into a function built for them, so its loops use 8-lane registers;
-/// elsewhere `f` runs as built. The compiler never fuses a multiply and an add
-/// on its own, so results are the same bits either way.
+/// AVX-512 (F, BW, CD, DQ, VL) or else AVX2 and FMA (checked once at run time,
+/// through pulp's dispatch), `f` is inlined into a function built for them, so
+/// its loops use 16- or 8-lane registers; elsewhere `f` runs as built. The
+/// compiler never reorders floating-point operations or fuses a multiply and
+/// an add on its own, so results are the same bits either way. Measured on
+/// Zen 4 (`exp` over 1 Mi values): 0.30 ns a value with AVX-512 against 0.58-0.70
+/// with AVX2.
 #[inline(always)]
 pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(v4) = pulp::x86::V4::try_new() {
+            return v4.vectorize(f);
+        }
+        if let Some(v3) = pulp::x86::V3::try_new() {
+            return v3.vectorize(f);
+        }
+    }
+    f()
+}
+
+/// [`simd`] at most 256 bits wide (AVX2 and FMA): for loops dominated by
+/// square roots and divisions, which 512-bit registers do not speed up.
+/// Measured on Zen 4 (the AdamW update, in cache): 0.51 ns a value with AVX2
+/// against 1.10 with AVX-512.
+#[inline(always)]
+pub fn simd256<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if let Some(v3) = pulp::x86::V3::try_new() {
         return v3.vectorize(f);
@@ -47,8 +68,7 @@ pub fn avx512() -> bool {
 }
 
 /// The widest vector unit faer's GEMM kernels use on this CPU, for benchmark
-/// reports: `"AVX-512"`, `"AVX2+FMA"`, or `"baseline"`. ([`simd`]'s loops use
-/// AVX2+FMA at most.)
+/// reports: `"AVX-512"`, `"AVX2+FMA"`, or `"baseline"`.
 pub fn simd_level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
@@ -75,16 +95,21 @@ pub fn exp(x: f32) -> f32 {
     // it in the low mantissa bits.
     const SHIFTER: f32 = 12_582_912.0;
     let xc = x.clamp(-104.0, 89.0);
-    let t = xc * LOG2E + SHIFTER;
+    // Fused multiply-adds (one rounding each; exact on every target: an FMA
+    // instruction in [`simd`]'s code and on aarch64, libm's `fmaf` elsewhere)
+    // halve the instructions of the dependent chain below.
+    let t = xc.mul_add(LOG2E, SHIFTER);
     let n = t - SHIFTER;
-    let r = (xc - n * LN2_HI) - n * LN2_LO; // |r| <= ln2 / 2
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc)); // |r| <= ln2 / 2
     // Taylor series of e^r to degree 7: truncation error < 1e-8 relative on |r| <= 0.347.
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = r
+        .mul_add(1.0 / 5040.0, 1.0 / 720.0)
+        .mul_add(r, 1.0 / 120.0)
+        .mul_add(r, 1.0 / 24.0)
+        .mul_add(r, 1.0 / 6.0)
+        .mul_add(r, 0.5)
+        .mul_add(r, 1.0)
+        .mul_add(r, 1.0);
     // 2^n in two factors so that neither over- nor underflows for n in [-150, 129].
     let ni = (t.to_bits() as i32) - 0x4B40_0000;
     let n1 = ni >> 1;

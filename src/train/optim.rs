@@ -81,8 +81,9 @@ impl AdamW {
                 let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
                 let (keep, one_minus_b1, one_minus_b2) =
                     (1.0 - lr * decay, 1.0 - beta1, 1.0 - beta2);
+                // Square root and two divisions a value: 256-bit registers.
                 let update = |(((w, m), v), g): Chunks| {
-                    crate::math::simd(
+                    crate::math::simd256(
                         #[inline(always)]
                         || {
                             let each = w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g);
