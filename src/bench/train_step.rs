@@ -159,7 +159,7 @@ pub fn run(
         let loss =
             engine.forward_backward_overwrite(&weights, &mut grads, &inputs, &targets, 1.0)?;
         let opt_start = Instant::now();
-        let clip = optim::clip_factor(optim::global_norm(&grads.data), 1.0);
+        let clip = optim::clip_factor(engine.grad_norm(), 1.0);
         adamw.step(&mut weights, &grads.data, &mut adam, 3e-4, clip);
         let elapsed = start.elapsed().as_secs_f64();
         if step >= opts.warmup {

@@ -17,6 +17,7 @@ use crate::model::kernels::{
     KernelOptions, KernelSpec, LayerKernels, Slot, SlotKind, WeightMode, transpose,
 };
 use crate::model::{ModelConfig, Param, Weights};
+use crate::train::optim;
 use crate::{Error, Result};
 
 /// A compiled kernel with its buffers.
@@ -465,6 +466,9 @@ pub struct Engine {
     /// Host-side phases since the last `take_profile`.
     profile: Profile,
     scratch: Scratch,
+    /// Squared norms of the parameters' gradients, each taken as the last
+    /// pass finished it (see [`Engine::grad_norm`]).
+    grad_sq: Vec<f64>,
 }
 
 impl Engine {
@@ -520,6 +524,7 @@ impl Engine {
             logits: vec![0.0; head_group * seq * config.vocab_size],
             profile: Profile::default(),
             scratch: Scratch::default(),
+            grad_sq: Vec::new(),
         })
     }
 
@@ -534,6 +539,18 @@ impl Engine {
             kernel.take_times(&mut profile);
         }
         profile
+    }
+
+    /// The L2 norm of the gradients as the last [`Engine::forward_backward`]
+    /// (or `_overwrite`) left them: each parameter's sum of squares is taken
+    /// right after its last product or sum of that pass, while it is still in
+    /// cache (most of them beside the next backward kernel), instead of in a
+    /// pass over every gradient after the step. Each sum is
+    /// [`optim::sum_squares`]'s, added in a fixed order, so the value does not
+    /// depend on the threads; it equals [`optim::global_norm`] of the whole
+    /// gradient up to rounding.
+    pub fn grad_norm(&self) -> f64 {
+        self.grad_sq.iter().sum::<f64>().sqrt()
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -801,6 +818,8 @@ impl Engine {
                 }
             }
         }
+        let mut sq = std::mem::take(&mut self.grad_sq);
+        sq.clear();
         let c = self.config.clone();
         let (seq, d, q, kv, f) = (self.seq, c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim);
         let classifier = w.layout.classifier();
@@ -877,6 +896,10 @@ impl Engine {
         }
         self.scratch.classifier_t = classifier_t;
         self.scratch.head_dx = head_dx;
+        finished(&mut sq, grads, Param::RmsFinal);
+        if !c.tied_embeddings {
+            finished(&mut sq, grads, Param::Classifier);
+        }
         let be = self.backend.as_mut();
         let k = &self.kernels;
         let batch = self.batch;
@@ -902,24 +925,27 @@ impl Engine {
         // below), whose inputs (`dk`, `dv`) are not overwritten before then.
         // Each gradient sums its sequences in batch order.
         let mut pending_kv: Option<usize> = None;
-        let kv_grads = |grads: &mut Weights, l: usize, dk: &[Vec<f32>], dv: &[Vec<f32>]| {
-            layer_grads(
-                grads.get_mut(Param::Wk(l)),
-                dk,
-                &acts[l],
-                |a| &a.xn,
-                seq,
-                write,
-            );
-            layer_grads(
-                grads.get_mut(Param::Wv(l)),
-                dv,
-                &acts[l],
-                |a| &a.xn,
-                seq,
-                write,
-            );
-        };
+        let kv_grads =
+            |grads: &mut Weights, sq: &mut Vec<f64>, l: usize, dk: &[Vec<f32>], dv: &[Vec<f32>]| {
+                layer_grads(
+                    grads.get_mut(Param::Wk(l)),
+                    dk,
+                    &acts[l],
+                    |a| &a.xn,
+                    seq,
+                    write,
+                );
+                layer_grads(
+                    grads.get_mut(Param::Wv(l)),
+                    dv,
+                    &acts[l],
+                    |a| &a.xn,
+                    seq,
+                    write,
+                );
+                finished(sq, grads, Param::Wk(l));
+                finished(sq, grads, Param::Wv(l));
+            };
         for l in (0..c.n_layers).rev() {
             let la = &acts[l];
             // x_out = x2 + W2 gate: dffn = dx; dx2 starts as dx.
@@ -939,7 +965,7 @@ impl Engine {
                 },
                 || {
                     if let Some(at) = pending_kv.take() {
-                        kv_grads(grads, at, &dk, &dv);
+                        kv_grads(grads, &mut sq, at, &dk, &dv);
                     }
                 },
             )?;
@@ -973,7 +999,8 @@ impl Engine {
                         |a| &a.gate,
                         seq,
                         write,
-                    )
+                    );
+                    finished(&mut sq, grads, Param::W2(l));
                 },
             )?;
             // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
@@ -990,6 +1017,7 @@ impl Engine {
                     )
                 });
             }
+            finished(&mut sq, grads, Param::RmsFfn(l));
             overlapped(
                 profile,
                 || {
@@ -1012,7 +1040,8 @@ impl Engine {
                         |a| &a.x2n,
                         seq,
                         write,
-                    )
+                    );
+                    finished(&mut sq, grads, Param::W1(l));
                 },
             )?;
             overlapped(
@@ -1044,7 +1073,8 @@ impl Engine {
                         |a| &a.x2n,
                         seq,
                         write,
-                    )
+                    );
+                    finished(&mut sq, grads, Param::W3(l));
                 },
             )?;
             overlapped(
@@ -1092,6 +1122,8 @@ impl Engine {
                         write,
                     );
                     layer_grads(grads.get_mut(Param::Wq(l)), &dq, la, |a| &a.xn, seq, write);
+                    finished(&mut sq, grads, Param::Wo(l));
+                    finished(&mut sq, grads, Param::Wq(l));
                 },
             )?;
             pending_kv = Some(l);
@@ -1108,9 +1140,10 @@ impl Engine {
                     )
                 });
             }
+            finished(&mut sq, grads, Param::RmsAtt(l));
         }
         if let Some(at) = pending_kv {
-            profile.time("dW gemm", || kv_grads(grads, at, &dk, &dv));
+            profile.time("dW gemm", || kv_grads(grads, &mut sq, at, &dk, &dv));
         }
         for b in 0..self.batch {
             self.profile.time("embedding", || {
@@ -1122,6 +1155,8 @@ impl Engine {
                 )
             });
         }
+        finished(&mut sq, grads, Param::Embedding);
+        self.grad_sq = sq;
         self.scratch = Scratch {
             dx,
             dxf,
@@ -1173,6 +1208,11 @@ struct Scratch {
 /// once: sequences are grouped up to it, because wider products run faster
 /// (`stories15m`'s vocabulary products: about 13 % for 4 sequences against 1).
 const LOGITS_FLOATS: usize = 1 << 25;
+
+/// Records the sum of squares of `p`'s gradient, which the pass has finished.
+fn finished(sq: &mut Vec<f64>, grads: &Weights, p: Param) {
+    sq.push(optim::sum_squares(grads.get(p)));
+}
 
 /// How [`Engine::forward_backward_as`] writes the gradients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

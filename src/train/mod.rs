@@ -284,9 +284,10 @@ impl Trainer {
                 )?;
             }
             loss /= cfg.accum as f64;
-            // One pass for the norm (finite exactly when every gradient is);
-            // unscaling and clipping ride in AdamW's pass as one factor.
-            let scaled_norm = optim::global_norm(&self.grads.data);
+            // The norm, taken by the engine as each gradient was finished
+            // (finite exactly when every gradient is); unscaling and clipping
+            // ride in AdamW's pass as one factor.
+            let scaled_norm = self.engine.grad_norm();
             let event = self.state.scaler.update(scaled_norm);
             let lr =
                 optim::learning_rate(cfg.schedule, cfg.lr, self.state.step, cfg.warmup, cfg.steps);

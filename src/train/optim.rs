@@ -141,9 +141,14 @@ type Chunks<'a> = (((&'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
 /// Elements per task of the parallel optimizer loops.
 const CHUNK: usize = 1 << 15;
 
-/// Global L2 norm of `grad` (f64 accumulation). Partial sums per fixed-size
-/// chunk are added in order, so the result does not depend on the threads.
+/// Global L2 norm of `grad` (f64 accumulation): [`sum_squares`]'s root.
 pub fn global_norm(grad: &[f32]) -> f64 {
+    sum_squares(grad).sqrt()
+}
+
+/// Sum of the squares of `grad` in f64. Partial sums per fixed-size chunk are
+/// added in order, so the result does not depend on the threads.
+pub fn sum_squares(grad: &[f32]) -> f64 {
     let partial: Vec<f64> = grad
         .par_chunks(CHUNK)
         .map(|c| {
@@ -153,7 +158,7 @@ pub fn global_norm(grad: &[f32]) -> f64 {
             )
         })
         .collect();
-    partial.iter().sum::<f64>().sqrt()
+    partial.iter().sum::<f64>()
 }
 
 /// The factor that brings a gradient of global norm `norm` to at most

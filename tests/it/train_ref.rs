@@ -10,7 +10,7 @@ use anemone::mil::DType;
 use anemone::model::kernels::{KernelOptions, WeightMode};
 use anemone::model::{ModelConfig, Weights};
 use anemone::train::engine::Engine;
-use anemone::train::optim::{AdamState, AdamW};
+use anemone::train::optim::{AdamState, AdamW, global_norm};
 
 use crate::common::{Tolerance, fixture, read_npy_f32, read_npy_f64, read_npy_i32};
 
@@ -361,6 +361,19 @@ fn overwriting_the_gradients_equals_adding_to_zeros() {
                         written.data.iter().all(|v| !v.is_nan()),
                         "no value left unwritten"
                     );
+                    // The engine's norm, taken parameter by parameter as the
+                    // pass finished each, is the whole gradient's; after a
+                    // second pass that adds, the sum's.
+                    let close = |got: f64, want: f64| {
+                        assert!(
+                            (got - want).abs() <= 1e-12 * want,
+                            "tied {tied}, group {group}, {threads} threads: norm {got} vs {want}"
+                        )
+                    };
+                    close(e.grad_norm(), global_norm(&written.data));
+                    e.forward_backward(&weights, &mut written, &r.inputs, &r.targets, 0.5)
+                        .unwrap();
+                    close(e.grad_norm(), global_norm(&written.data));
                 });
             }
         }
