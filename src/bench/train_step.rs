@@ -23,7 +23,7 @@ use crate::linalg::{gemm, n};
 use crate::model::kernels::KernelOptions;
 use crate::model::{ModelConfig, Weights};
 use crate::rng::Rng;
-use crate::train::engine::{Engine, Profile};
+use crate::train::engine::{Engine, GradWrite, Profile};
 use crate::train::optim::{self, AdamState, AdamW};
 
 /// What to run.
@@ -156,8 +156,14 @@ pub fn run(
             }
         }
         let start = Instant::now();
-        let loss =
-            engine.forward_backward_overwrite(&weights, &mut grads, &inputs, &targets, 1.0)?;
+        let loss = engine.forward_backward_as(
+            &weights,
+            &mut grads,
+            GradWrite::Overwrite,
+            &inputs,
+            &targets,
+            1.0,
+        )?;
         let opt_start = Instant::now();
         let clip = optim::clip_factor(engine.grad_norm(), 1.0);
         adamw.step(&mut weights, &grads.data, &mut adam, 3e-4, clip);

@@ -542,7 +542,7 @@ impl Engine {
     }
 
     /// The L2 norm of the gradients as the last [`Engine::forward_backward`]
-    /// (or `_overwrite`) left them: each parameter's sum of squares is taken
+    /// (or `_as`) left them: each parameter's sum of squares is taken
     /// right after its last product or sum of that pass, while it is still in
     /// cache (most of them beside the next backward kernel), instead of in a
     /// pass over every gradient after the step. Each sum is
@@ -772,36 +772,24 @@ impl Engine {
         targets: &[u32],
         loss_scale: f32,
     ) -> Result<f64> {
-        self.forward_backward_as(w, grads, inputs, targets, loss_scale, GradWrite::Add)
+        self.forward_backward_as(w, grads, GradWrite::Add, inputs, targets, loss_scale)
     }
 
-    /// [`Engine::forward_backward`] writing `loss_scale * d(mean loss)/dw`
-    /// over `grads`, whatever they held: the first micro-batch of a step needs
-    /// no zeroed gradients. The weight matrices' first products replace
-    /// instead of adding (no pass to zero them, no read of the zeros); only
-    /// the gradients made by sums (norm weights, an untied embedding) are
-    /// zeroed first. The values equal those of zeroing `grads` and calling
-    /// [`Engine::forward_backward`].
-    pub fn forward_backward_overwrite(
-        &mut self,
-        w: &Weights,
-        grads: &mut Weights,
-        inputs: &[u32],
-        targets: &[u32],
-        loss_scale: f32,
-    ) -> Result<f64> {
-        self.forward_backward_as(w, grads, inputs, targets, loss_scale, GradWrite::Overwrite)
-    }
-
+    /// [`Engine::forward_backward`], adding to the gradients or, with
+    /// [`GradWrite::Overwrite`] (the first micro-batch of a step), writing
+    /// over them, whatever they held: the weight matrices' first products
+    /// replace instead of adding (no pass to zero them, no read of the zeros),
+    /// and only the gradients made by sums (norm weights, an untied embedding)
+    /// are zeroed first. The values equal those of zeroing `grads` and adding.
     #[allow(clippy::needless_range_loop)]
-    fn forward_backward_as(
+    pub fn forward_backward_as(
         &mut self,
         w: &Weights,
         grads: &mut Weights,
+        write: GradWrite,
         inputs: &[u32],
         targets: &[u32],
         loss_scale: f32,
-        write: GradWrite,
     ) -> Result<f64> {
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(targets, "targets")?;
@@ -927,24 +915,9 @@ impl Engine {
         let mut pending_kv: Option<usize> = None;
         let kv_grads =
             |grads: &mut Weights, sq: &mut Vec<f64>, l: usize, dk: &[Vec<f32>], dv: &[Vec<f32>]| {
-                layer_grads(
-                    grads.get_mut(Param::Wk(l)),
-                    dk,
-                    &acts[l],
-                    |a| &a.xn,
-                    seq,
-                    write,
-                );
-                layer_grads(
-                    grads.get_mut(Param::Wv(l)),
-                    dv,
-                    &acts[l],
-                    |a| &a.xn,
-                    seq,
-                    write,
-                );
-                finished(sq, grads, Param::Wk(l));
-                finished(sq, grads, Param::Wv(l));
+                for (p, dys) in [(Param::Wk(l), dk), (Param::Wv(l), dv)] {
+                    param_grads(grads, sq, p, dys, &acts[l], |a| &a.xn, (seq, write));
+                }
             };
         for l in (0..c.n_layers).rev() {
             let la = &acts[l];
@@ -992,15 +965,15 @@ impl Engine {
                     )
                 },
                 || {
-                    layer_grads(
-                        grads.get_mut(Param::W2(l)),
+                    param_grads(
+                        grads,
+                        &mut sq,
+                        Param::W2(l),
                         &dx,
                         la,
                         |a| &a.gate,
-                        seq,
-                        write,
+                        (seq, write),
                     );
-                    finished(&mut sq, grads, Param::W2(l));
                 },
             )?;
             // dx2 = dx + rmsnorm_backward(dx2n); computed in place in dx[b].
@@ -1033,15 +1006,15 @@ impl Engine {
                     )
                 },
                 || {
-                    layer_grads(
-                        grads.get_mut(Param::W1(l)),
+                    param_grads(
+                        grads,
+                        &mut sq,
+                        Param::W1(l),
                         &dh1,
                         la,
                         |a| &a.x2n,
-                        seq,
-                        write,
+                        (seq, write),
                     );
-                    finished(&mut sq, grads, Param::W1(l));
                 },
             )?;
             overlapped(
@@ -1066,15 +1039,15 @@ impl Engine {
                     )
                 },
                 || {
-                    layer_grads(
-                        grads.get_mut(Param::W3(l)),
+                    param_grads(
+                        grads,
+                        &mut sq,
+                        Param::W3(l),
                         &dh3,
                         la,
                         |a| &a.x2n,
-                        seq,
-                        write,
+                        (seq, write),
                     );
-                    finished(&mut sq, grads, Param::W3(l));
                 },
             )?;
             overlapped(
@@ -1113,17 +1086,24 @@ impl Engine {
                     Ok(())
                 },
                 || {
-                    layer_grads(
-                        grads.get_mut(Param::Wo(l)),
+                    param_grads(
+                        grads,
+                        &mut sq,
+                        Param::Wo(l),
                         &dx,
                         la,
                         |a| &a.attn,
-                        seq,
-                        write,
+                        (seq, write),
                     );
-                    layer_grads(grads.get_mut(Param::Wq(l)), &dq, la, |a| &a.xn, seq, write);
-                    finished(&mut sq, grads, Param::Wo(l));
-                    finished(&mut sq, grads, Param::Wq(l));
+                    param_grads(
+                        grads,
+                        &mut sq,
+                        Param::Wq(l),
+                        &dq,
+                        la,
+                        |a| &a.xn,
+                        (seq, write),
+                    );
                 },
             )?;
             pending_kv = Some(l);
@@ -1216,7 +1196,7 @@ fn finished(sq: &mut Vec<f64>, grads: &Weights, p: Param) {
 
 /// How [`Engine::forward_backward_as`] writes the gradients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum GradWrite {
+pub enum GradWrite {
     /// Add to them.
     Add,
     /// Write over them: each gradient's first contribution replaces.
@@ -1230,20 +1210,24 @@ fn weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], seq: usize, add: bool) {
     gemm(dw, o, i, n(dy, o, seq), t(x, i, seq), 1.0, add);
 }
 
-/// [`weight_grad`] of every sequence of a batch: `dys[b]` against `x` of
-/// `acts[b]`, summed in batch order (the first replacing `dw` with
-/// [`GradWrite::Overwrite`]).
-fn layer_grads(
-    dw: &mut [f32],
+/// [`weight_grad`] of every sequence of a batch into parameter `p`'s gradient:
+/// `dys[b]` against `x` of `acts[b]`, summed in batch order (the first
+/// replacing the gradient with [`GradWrite::Overwrite`]); then its sum of
+/// squares (see [`finished`]).
+fn param_grads(
+    grads: &mut Weights,
+    sq: &mut Vec<f64>,
+    p: Param,
     dys: &[Vec<f32>],
     acts: &[LayerActs],
     x: fn(&LayerActs) -> &Vec<f32>,
-    seq: usize,
-    write: GradWrite,
+    (seq, write): (usize, GradWrite),
 ) {
+    let dw = grads.get_mut(p);
     for (b, (dy, a)) in dys.iter().zip(acts).enumerate() {
         weight_grad(dw, dy, x(a), seq, write == GradWrite::Add || b > 0);
     }
+    finished(sq, grads, p);
 }
 
 /// Runs `kernel` on this thread (the backend belongs to it) while `dw`, the

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelConfig, Weights, checkpoint};
 use crate::{Error, Result};
-use engine::Engine;
+use engine::{Engine, GradWrite};
 use optim::{AdamState, AdamW, LossScaler, ScaleEvent, Schedule};
 
 /// Everything that defines a training run (saved as `config.json`).
@@ -269,15 +269,15 @@ impl Trainer {
                 data.next_batch(&mut inputs, &mut targets)?;
                 // The first micro-batch writes the gradients (no zeroing pass),
                 // the others add to them.
-                let pass = if micro == 0 {
-                    Engine::forward_backward_overwrite
+                let write = if micro == 0 {
+                    GradWrite::Overwrite
                 } else {
-                    Engine::forward_backward
+                    GradWrite::Add
                 };
-                loss += pass(
-                    &mut self.engine,
+                loss += self.engine.forward_backward_as(
                     &self.weights,
                     &mut self.grads,
+                    write,
                     &inputs,
                     &targets,
                     scale / cfg.accum as f32,

@@ -9,7 +9,7 @@ use anemone::backend::cpu::CpuBackend;
 use anemone::mil::DType;
 use anemone::model::kernels::{KernelOptions, WeightMode};
 use anemone::model::{ModelConfig, Weights};
-use anemone::train::engine::Engine;
+use anemone::train::engine::{Engine, GradWrite};
 use anemone::train::optim::{AdamState, AdamW, global_norm};
 
 use crate::common::{Tolerance, fixture, read_npy_f32, read_npy_f64, read_npy_i32};
@@ -337,9 +337,10 @@ fn overwriting_the_gradients_equals_adding_to_zeros() {
                     let mut written = Weights::zeros(&config);
                     written.data.fill(f32::NAN);
                     let l2 = e
-                        .forward_backward_overwrite(
+                        .forward_backward_as(
                             &weights,
                             &mut written,
+                            GradWrite::Overwrite,
                             &r.inputs,
                             &r.targets,
                             1.0,
