@@ -109,12 +109,18 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// In-place numerically stable softmax.
 fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = crate::math::exp(*v - max);
-        sum += *v;
-    }
-    x.iter_mut().for_each(|v| *v /= sum);
+    // In `math::simd`: `exp`'s fused multiply-adds become instructions.
+    crate::math::simd(
+        #[inline(always)]
+        || {
+            let mut sum = 0.0;
+            for v in x.iter_mut() {
+                *v = crate::math::exp(*v - max);
+                sum += *v;
+            }
+            x.iter_mut().for_each(|v| *v /= sum);
+        },
+    );
 }
 
 /// `x * w / rms(x)` with `rms = sqrt(mean(x^2) + eps)`.
@@ -311,9 +317,14 @@ impl<'w> Generator<'w> {
             );
             matvec(&mut self.h1, w.get(Param::W1(layer)), &self.xn);
             matvec(&mut self.h3, w.get(Param::W3(layer)), &self.xn);
-            for (a, &b) in self.h1.iter_mut().zip(&self.h3) {
-                *a = *a * crate::math::sigmoid(*a) * b;
-            }
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    for (a, &b) in self.h1.iter_mut().zip(&self.h3) {
+                        *a = *a * crate::math::sigmoid(*a) * b;
+                    }
+                },
+            );
             matvec(&mut self.proj, w.get(Param::W2(layer)), &self.h1);
             self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
         }

@@ -1,5 +1,7 @@
 //! Elementary functions in `f32` written so that loops over slices vectorize:
-//! no calls into libm, no branches the compiler cannot turn into selects.
+//! no calls into libm (except `fmaf` for [`exp`]'s fused multiply-adds on an
+//! x86-64 without FMA, where [`simd`] cannot use the instruction), no branches
+//! the compiler cannot turn into selects.
 //! libm's `expf` costs 20-50 ns a call on our machines and dominated softmax,
 //! sigmoid and the vocabulary-wide cross-entropy; [`exp`] is within 2 ulp of the
 //! correctly rounded result over the whole `f32` range (tested against `f64`).

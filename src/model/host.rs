@@ -387,9 +387,14 @@ pub fn cross_entropy(
     sums.resize(p, 0.0);
     for st in per_chunk.chunks(2 * p) {
         let (cmax, csum) = st.split_at(p);
-        for (((s, &cm), &cs), &m) in sums.iter_mut().zip(cmax).zip(csum).zip(max.iter()) {
-            *s += f64::from(cs) * f64::from(crate::math::exp(cm - m));
-        }
+        crate::math::simd(
+            #[inline(always)]
+            || {
+                for (((s, &cm), &cs), &m) in sums.iter_mut().zip(cmax).zip(csum).zip(max.iter()) {
+                    *s += f64::from(cs) * f64::from(crate::math::exp(cm - m));
+                }
+            },
+        );
     }
     let mut total = 0.0f64;
     for ((inv, &sum), &m) in inv_sum.iter_mut().zip(sums.iter()).zip(max.iter()) {
@@ -405,12 +410,14 @@ pub fn cross_entropy(
             .for_each(|(c, (l, st))| {
                 // The chunk's factors replace its maxima, no longer needed.
                 let factor = &mut st[..p];
-                for ((f, &m), &inv) in factor.iter_mut().zip(max).zip(inv_sum) {
-                    *f = crate::math::exp(*f - m) * inv * scale;
-                }
                 crate::math::simd(
                     #[inline(always)]
-                    || scale_columns(l, factor),
+                    || {
+                        for ((f, &m), &inv) in factor.iter_mut().zip(max).zip(inv_sum) {
+                            *f = crate::math::exp(*f - m) * inv * scale;
+                        }
+                        scale_columns(l, factor)
+                    },
                 );
                 let v0 = c * rows;
                 for (j, &target) in targets.iter().enumerate() {

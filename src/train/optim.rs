@@ -147,8 +147,16 @@ pub fn global_norm(grad: &[f32]) -> f64 {
 }
 
 /// Sum of the squares of `grad` in f64. Partial sums per fixed-size chunk are
-/// added in order, so the result does not depend on the threads.
+/// added in order, so the result does not depend on the threads. One chunk
+/// (a norm weight's gradient, say) is summed right here: no hand-over to the
+/// pool, no allocation, the same value.
 pub fn sum_squares(grad: &[f32]) -> f64 {
+    if grad.len() <= CHUNK {
+        return crate::math::simd(
+            #[inline(always)]
+            || crate::math::sum_squares_f64(grad),
+        );
+    }
     let partial: Vec<f64> = grad
         .par_chunks(CHUNK)
         .map(|c| {
@@ -217,8 +225,9 @@ impl LossScaler {
     }
 
     /// Decide on a step from the global norm of the gradients computed with
-    /// the current scale ([`global_norm`], which is finite exactly when every
-    /// gradient is: squares of `f32` values cannot overflow its `f64` sum).
+    /// the current scale ([`global_norm`], or the engine's `grad_norm`, the
+    /// same sums taken per parameter; finite exactly when every gradient is:
+    /// squares of `f32` values cannot overflow their `f64` sum).
     /// Non-finite gradients always skip the step (with scaling disabled the
     /// scale stays 1). The caller unscales through [`AdamW::step`]'s
     /// `grad_scale`, `clip_factor(norm / scale, max) / scale`, in the update's

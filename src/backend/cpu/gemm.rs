@@ -522,12 +522,17 @@ impl Attention {
                     *x = *x / scale + mask_row.map_or(0.0, |m| m[j]);
                 }
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for x in row.iter_mut() {
-                    *x = crate::math::exp(*x - max);
-                    sum += *x;
-                }
-                row.iter_mut().for_each(|x| *x /= sum);
+                crate::math::simd(
+                    #[inline(always)]
+                    || {
+                        let mut sum = 0.0f32;
+                        for x in row.iter_mut() {
+                            *x = crate::math::exp(*x - max);
+                            sum += *x;
+                        }
+                        row.iter_mut().for_each(|x| *x /= sum);
+                    },
+                );
             }
             gemm(
                 dst,

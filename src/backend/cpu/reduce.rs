@@ -78,21 +78,32 @@ impl Softmax {
             return;
         }
         for_blocks(x, out, len * inner, len * inner, |x, out| {
-            for i in 0..inner {
-                let max = (0..len)
-                    .map(|r| x[r * inner + i])
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for r in 0..len {
-                    let e = crate::math::exp(x[r * inner + i] - max);
-                    out[r * inner + i] = e;
-                    sum += e;
-                }
-                for r in 0..len {
-                    out[r * inner + i] /= sum;
-                }
-            }
+            // In `math::simd` for `exp`'s fused multiply-adds.
+            crate::math::simd(
+                #[inline(always)]
+                || Self::strided(x, out, len, inner),
+            )
         });
+    }
+
+    /// Softmax along a strided axis: `len` values `inner` apart, for each of
+    /// `inner` offsets.
+    #[inline(always)]
+    fn strided(x: &[f32], out: &mut [f32], len: usize, inner: usize) {
+        for i in 0..inner {
+            let max = (0..len)
+                .map(|r| x[r * inner + i])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for r in 0..len {
+                let e = crate::math::exp(x[r * inner + i] - max);
+                out[r * inner + i] = e;
+                sum += e;
+            }
+            for r in 0..len {
+                out[r * inner + i] /= sum;
+            }
+        }
     }
 }
 
