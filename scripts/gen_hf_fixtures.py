@@ -33,6 +33,8 @@ Models (2 layers, hidden 32, vocabulary from the tokenizer):
   qwen2        Qwen2ForCausalLM (q/k/v biases), vocabulary padded past the tokenizer's
   qwen3        Qwen3ForCausalLM (QK-norm), head_dim 16 != hidden / heads
   mistral      MistralForCausalLM, no sliding window, chat template in chat_template.jinja
+  llama-sharded  llama's weights in several shards with model.safetensors.index.json
+                 (config, generation config and tokenizer.json, no references)
 
 Every reference is computed in float64 from exactly the stored weights (bf16
 weights are upcast). AdamW: lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay
@@ -331,6 +333,12 @@ def build_model(name, cfg, tok, seed):
         json.dump(tcfg, f, indent=2)
     if name == "llama-v4":
         to_v4_config(os.path.join(d, "config.json"))
+    if name == "llama":
+        # The same weights in shards with a model.safetensors.index.json.
+        sharded = os.path.join(OUT, "llama-sharded")
+        shutil.rmtree(sharded, ignore_errors=True)
+        model.save_pretrained(sharded, max_shard_size="40KB")
+        shutil.copy(os.path.join(d, "tokenizer.json"), sharded)
 
     # float64 references from exactly the stored weights.
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64)
