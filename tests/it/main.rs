@@ -13,6 +13,7 @@ mod kernels;
 mod llama2c;
 mod mil_text;
 mod report;
+mod tidy;
 mod tokenizer;
 mod tokens;
 mod train_ref;
