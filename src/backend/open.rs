@@ -109,7 +109,12 @@ mod tests {
             ("cpu", Precision::Fp32)
         );
         let Some(reason) = ane::platform_unavailable_reason() else {
-            eprintln!("skipped: this machine may have an ANE");
+            // Apple silicon: auto runs the ANE where the probe passes, else
+            // the CPU; either way with fp16 kernels and a note naming it.
+            let auto = open(BackendKind::Auto, Precision::Fp16).unwrap();
+            assert_eq!(auto.precision, Precision::Fp16);
+            let named = format!("backend: {}", auto.backend.name());
+            assert!(auto.note.starts_with(&named), "{}", auto.note);
             return;
         };
         let err = open(BackendKind::Ane, Precision::Fp32).err().unwrap();

@@ -17,6 +17,8 @@ use anemone::train::engine::Engine;
 use anemone::train::optim::{AdamW, Schedule};
 use anemone::train::{Batches, Quiet, TrainConfig, Trainer};
 
+use crate::common::{skip, temp_dir};
+
 fn packed_fp16() -> KernelOptions {
     KernelOptions {
         dtype: DType::Fp16,
@@ -59,12 +61,6 @@ impl Batches for RandomBatches {
         Ok(())
     }
     fn rewind(&mut self) {}
-}
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("anemone-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -203,9 +199,10 @@ fn ane_skip_reason() -> Option<String> {
 }
 
 #[test]
+#[cfg_attr(not(target_os = "macos"), ignore = "needs the ANE (macOS)")]
 fn mac_only_probe_kernel_compiles_loads_and_evaluates_on_the_ane() {
     if let Some(reason) = ane_skip_reason() {
-        eprintln!("skipped: {reason}");
+        skip(&reason);
         return;
     }
     let (mut backend, family) = ane::open().unwrap();
@@ -218,9 +215,10 @@ fn mac_only_probe_kernel_compiles_loads_and_evaluates_on_the_ane() {
 }
 
 #[test]
+#[cfg_attr(not(target_os = "macos"), ignore = "needs the ANE (macOS)")]
 fn mac_only_every_training_kernel_matches_the_cpu_on_the_ane() {
     if let Some(reason) = ane_skip_reason() {
-        eprintln!("skipped: {reason}");
+        skip(&reason);
         return;
     }
     let (mut backend, _) = ane::open().unwrap();
