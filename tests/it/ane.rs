@@ -7,7 +7,7 @@ use anemone::backend::ane::budget::CompileBudget;
 use anemone::backend::ane::fake::FakeRuntime;
 use anemone::backend::ane::{self, AneBackend, probe};
 use anemone::backend::cpu::CpuBackend;
-use anemone::backend::{Backend, Precision};
+use anemone::backend::{Backend, CompileLimit, Precision, Preferences};
 use anemone::doctor;
 use anemone::mil::DType;
 use anemone::model::kernels::{KernelOptions, WeightMode};
@@ -227,4 +227,29 @@ fn mac_only_every_training_kernel_matches_the_cpu_on_the_ane() {
     for row in &report.rows {
         assert!(row.error.is_none() && row.ok, "{row:?}");
     }
+}
+
+#[test]
+fn backends_say_what_they_prefer_the_ane_packed_weights_under_its_compile_budget() {
+    let mut ane = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget { limit: 40 });
+    let limit = |used| CompileLimit {
+        limit: 40,
+        used,
+        raised_by: anemone::backend::ane::budget::BUDGET_ENV,
+    };
+    let packed = |used| Preferences {
+        weight_mode: WeightMode::Packed,
+        compile_limit: Some(limit(used)),
+    };
+    assert_eq!(ane.preferences(), packed(0));
+    ane.compile(&probe::probe_package()).unwrap();
+    assert_eq!(ane.preferences(), packed(1));
+    let cpu = CpuBackend::new(Precision::Fp32);
+    assert_eq!(
+        cpu.preferences(),
+        Preferences {
+            weight_mode: WeightMode::Inputs,
+            compile_limit: None
+        }
+    );
 }
