@@ -87,11 +87,16 @@ fn is_test_only(attrs: &[syn::Attribute]) -> bool {
             return false;
         };
         let tokens = list.tokens.to_string().replace(' ', "");
-        tokens == "test" || (tokens.starts_with("all(") && tokens.contains("test"))
+        let all = tokens
+            .strip_prefix("all(")
+            .and_then(|t| t.strip_suffix(')'));
+        tokens == "test" || all.is_some_and(|all| all.split(',').any(|part| part == "test"))
     })
 }
 
-/// One name brought into scope by a `use`: `None` for a glob (`use x::*`).
+/// One name brought into scope by a `use` (`None` for a glob, `use x::*`).
+/// Private and `pub` imports alike resolve names; only a private `use` is an
+/// edge of its file (see [`References`]).
 #[derive(Clone, Debug)]
 struct Import {
     name: Option<String>,
