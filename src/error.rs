@@ -63,6 +63,15 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An [`Error::Invalid`] for `given`, which is none of the `names` a
+    /// `what` can have: "unknown precision `fp8` (expected one of fp32, fp16)".
+    pub fn unknown_name(what: &str, given: &str, names: &[&str]) -> Self {
+        Error::Invalid(format!(
+            "unknown {what} `{given}` (expected one of {})",
+            names.join(", ")
+        ))
+    }
+
     /// Shorthand for an [`Error::Io`] on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -3,11 +3,18 @@
 //!
 //! This is the reference decoder: one token at a time, f32, llama2.c math
 //! (RMSNorm, interleaved-pair RoPE, GQA attention, SwiGLU, residuals with no
-//! scaling). It does not use MIL or any backend, and it does not tokenize
-//! (token ids in, token ids out; see [`crate::data::tokenizer`]).
+//! scaling). It does not use MIL or any backend. The [`Generator`] takes and
+//! gives token ids; on top of it, [`stream`] takes a text prompt and writes
+//! text through a [`Tokenizer`] (the `generate` command), and [`samples`]
+//! writes the main job's closing samples.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use rayon::prelude::*;
 
+use crate::data::tokenizer::Tokenizer;
 use crate::model::{Param, Weights};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -381,6 +388,90 @@ impl<'w> Generator<'w> {
             next_input = token;
         }
         Ok(out)
+    }
+}
+
+/// An output error: the stream has no path, so name the output.
+fn output_error(source: std::io::Error) -> Error {
+    Error::io("the output", source)
+}
+
+/// Generate from the text `prompt` (empty: from [`BOS`] alone), writing the
+/// prompt and then each new token's text to `out` as it is sampled; returns
+/// the new ids and the rate in tokens/s.
+pub fn stream(
+    weights: &Weights,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    out: &mut dyn Write,
+) -> Result<(Vec<u32>, f64)> {
+    let mut ids = vec![BOS];
+    if !prompt.is_empty() {
+        ids = tokenizer.encode(prompt, true, false);
+    }
+    let mut generator = Generator::new(weights);
+    let started = Instant::now();
+    let mut prev = *ids.last().expect("BOS");
+    write!(out, "{prompt}").map_err(output_error)?;
+    let mut failure = None;
+    let new = generator.generate(&ids, max_tokens, sampler, |id| {
+        match tokenizer.decode_token(Some(prev), id) {
+            Ok(bytes) => {
+                let _ = out.write_all(bytes);
+                let _ = out.flush();
+            }
+            Err(e) => failure = Some(e),
+        }
+        prev = id;
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let rate = new.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    Ok((new, rate))
+}
+
+/// Prompts of the main job's samples, used in turn.
+const SAMPLE_PROMPTS: [&str; 3] = ["Once upon a time", "One day, a little", "Lily and her dog"];
+
+/// The main job's closing samples: `n` stories of up to 200 tokens at
+/// temperature 0.7, top-p 0.9 (seeds `seed`, `seed + 1`, ...), each under a
+/// `--- sample i ---` line.
+pub fn samples(
+    weights: &Weights,
+    tokenizer_path: &Path,
+    n: usize,
+    seed: u64,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let tokenizer = Tokenizer::read(tokenizer_path, Some(weights.config().vocab_size))?;
+    for i in 0..n {
+        let mut sampler = Sampler::new(0.7, 0.9, seed + i as u64);
+        writeln!(out, "\n--- sample {} ---", i + 1).map_err(output_error)?;
+        let prompt = SAMPLE_PROMPTS[i % SAMPLE_PROMPTS.len()];
+        stream(weights, &tokenizer, prompt, 200, &mut sampler, out)?;
+        writeln!(out).map_err(output_error)?;
+    }
+    Ok(())
+}
+
+/// The `tokenizer.bin` of a run directory, or the one beside a model file.
+pub fn tokenizer_beside(model: &Path) -> Result<PathBuf> {
+    let dir = if model.is_dir() {
+        model
+    } else {
+        model.parent().unwrap_or(Path::new("."))
+    };
+    let candidate = dir.join("tokenizer.bin");
+    if candidate.exists() {
+        Ok(candidate)
+    } else {
+        Err(Error::Invalid(format!(
+            "no tokenizer found beside {} (hint: pass --tokenizer tokenizer.bin)",
+            model.display()
+        )))
     }
 }
 

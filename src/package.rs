@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::mil::verify::{Target, VerifyReport, verify_with_weights};
 use crate::mil::{self, Program};
 use crate::{Error, Result};
 
@@ -45,6 +46,12 @@ impl ProgramPackage {
     /// Parse the MIL text.
     pub fn program(&self) -> Result<Program> {
         mil::parse(&self.mil)
+    }
+
+    /// Parse the MIL text and verify it for `target` together with the weight
+    /// files (each BLOBFILE names a file here whose record matches its type).
+    pub fn verify(&self, target: Target) -> Result<VerifyReport> {
+        Ok(verify_with_weights(&self.program()?, &self.weights, target))
     }
 
     /// The blob bytes for a BLOBFILE path, with an error naming the path if absent.

@@ -631,8 +631,17 @@ mod tests {
     }
 
     #[test]
-    fn embedded_font_registers() {
+    fn embedded_font_registers_once_and_measures_text() {
         register_font();
         register_font();
+        // An unregistered family has no glyphs to measure: these sizes come
+        // from the embedded font, proportional (W is wider than i).
+        let font = (FONT, 16).into_font();
+        let (wide, height) = font.box_size("WWWW").unwrap();
+        let (narrow, _) = font.box_size("iiii").unwrap();
+        assert!(
+            height > 0 && narrow > 0 && wide > narrow,
+            "{wide} {narrow} {height}"
+        );
     }
 }

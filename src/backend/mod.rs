@@ -6,14 +6,25 @@
 //! The [`cpu`] backend is the specification: it interprets MIL exactly, in
 //! fp32 or with fp16 rounding after every op. The [`ane`] backend runs the same
 //! packages on the Apple Neural Engine (macOS); it compiles everywhere and
-//! reports "ANE unavailable" where there is none. [`open`] picks one.
+//! reports "ANE unavailable" where there is none. [`open`] picks one
+//! (`open.rs`). What a backend prefers of its callers (weight mode, compile
+//! limit) it says through [`Backend::preferences`] (`preferences.rs`), so no
+//! caller decides by a backend's name.
 
 pub mod ane;
 pub mod cpu;
+mod open;
+mod preferences;
+
+use std::fmt;
+use std::str::FromStr;
 
 use crate::Result;
 use crate::mil::{TensorType, Var};
 use crate::package::ProgramPackage;
+
+pub use open::{BackendKind, Opened, open};
+pub use preferences::{CompileLimit, CompilePlan, Preferences, RestartDecision, WeightMode};
 
 /// How the CPU backend evaluates fp16-typed values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -26,65 +37,33 @@ pub enum Precision {
     Fp16,
 }
 
-impl std::str::FromStr for Precision {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fp32" => Ok(Precision::Fp32),
-            "fp16" => Ok(Precision::Fp16),
-            other => Err(crate::Error::Invalid(format!(
-                "unknown precision `{other}` (expected fp32 or fp16)"
-            ))),
+impl Precision {
+    /// Every precision, the default first.
+    pub const ALL: [Precision; 2] = [Precision::Fp32, Precision::Fp16];
+
+    /// The name `--precision` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
         }
     }
 }
 
-/// Which backend to open (`--backend`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendKind {
-    Cpu,
-    Ane,
-    /// The ANE if a probe kernel compiles, runs and matches the CPU; else the CPU.
-    Auto,
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
-/// An opened backend, the precision its kernels must use, and why it was picked.
-pub struct Opened {
-    pub backend: Box<dyn Backend>,
-    /// `Fp16` on the ANE whatever was asked (its kernels compute in fp16).
-    pub precision: Precision,
-    /// One line for the user: which backend, and why.
-    pub note: String,
-}
-
-/// Open the backend `kind`. `precision` is the CPU backend's; the ANE always
-/// runs fp16 kernels. `Ane` fails where there is no ANE, naming why.
-pub fn open(kind: BackendKind, precision: Precision) -> Result<Opened> {
-    let cpu = |note: String| Opened {
-        backend: Box::new(cpu::CpuBackend::new(precision)),
-        precision,
-        note,
-    };
-    match kind {
-        BackendKind::Cpu => Ok(cpu("backend: cpu".into())),
-        BackendKind::Ane => {
-            let (backend, family) = ane::open()?;
-            Ok(Opened {
-                backend: Box::new(backend),
-                precision: Precision::Fp16,
-                note: format!("backend: ane ({family}), fp16 kernels"),
-            })
-        }
-        BackendKind::Auto => match ane::open_probed() {
-            Ok((backend, family)) => Ok(Opened {
-                backend: Box::new(backend),
-                precision: Precision::Fp16,
-                note: format!(
-                    "backend: ane ({family}; the probe kernel compiled, ran and matched the CPU), fp16 kernels"
-                ),
-            }),
-            Err(e) => Ok(cpu(format!("backend: cpu ({e})"))),
-        },
+impl FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let names = Precision::ALL.map(Precision::name);
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| crate::Error::unknown_name("precision", s, &names))
     }
 }
 
@@ -225,8 +204,16 @@ pub(crate) fn check_binding<'a>(
 
 /// A device that compiles MIL program packages and runs them on tensor buffers.
 pub trait Backend {
-    /// Short name for logs ("cpu", "ane").
+    /// Short name for logs ("cpu", "ane"); never a reason to decide anything
+    /// (that is [`Backend::preferences`]).
     fn name(&self) -> &'static str;
+
+    /// What this backend prefers of the code that builds and runs its kernels.
+    /// The default is a backend without device constraints (the CPU's):
+    /// weights as inputs, compiles free.
+    fn preferences(&self) -> Preferences {
+        Preferences::default()
+    }
 
     /// Compile a program package; the returned kernel can be run many times.
     fn compile(&mut self, package: &ProgramPackage) -> Result<KernelId>;
@@ -286,25 +273,12 @@ mod tests {
     use crate::mil::DType;
 
     #[test]
-    fn open_names_why_the_ane_is_unavailable_and_auto_falls_back_to_the_cpu() {
-        let cpu = open(BackendKind::Cpu, Precision::Fp32).unwrap();
-        assert_eq!(
-            (cpu.backend.name(), cpu.precision),
-            ("cpu", Precision::Fp32)
-        );
-        let Some(reason) = ane::platform_unavailable_reason() else {
-            eprintln!("skipped: this machine may have an ANE");
-            return;
-        };
-        let err = open(BackendKind::Ane, Precision::Fp32).err().unwrap();
-        assert_eq!(err.to_string(), format!("ane backend: dlopen: {reason}"));
-        let auto = open(BackendKind::Auto, Precision::Fp16).unwrap();
-        assert_eq!(auto.backend.name(), "cpu");
-        assert_eq!(auto.precision, Precision::Fp16);
-        assert!(
-            auto.note
-                .starts_with("backend: cpu (ane backend: dlopen: ANE unavailable")
-        );
+    fn precisions_parse_their_names_and_name_the_choices_otherwise() {
+        for p in Precision::ALL {
+            assert_eq!(p.to_string().parse::<Precision>().unwrap(), p);
+        }
+        let e = "fp8".parse::<Precision>().unwrap_err().to_string();
+        assert_eq!(e, "unknown precision `fp8` (expected one of fp32, fp16)");
     }
 
     #[test]

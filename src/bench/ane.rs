@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::{Repeat, Row, Stats, gflops, mib, time_ms};
 use crate::backend::{Backend, Block, BufferId, KernelId};
 use crate::blob::BlobWriter;
-use crate::mil::verify::{Target, verify_package};
+use crate::mil::verify::Target;
 use crate::mil::{Builder, DType, Dialect, TensorType};
 use crate::package::ProgramPackage;
 use crate::rng::Rng;
@@ -189,13 +189,7 @@ impl FromStr for Form {
         Form::ALL
             .into_iter()
             .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Form::ALL.iter().map(|f| f.name()).collect();
-                Error::Invalid(format!(
-                    "unknown kernel form `{s}` (expected one of {})",
-                    names.join(", ")
-                ))
-            })
+            .ok_or_else(|| Error::unknown_name("kernel form", s, &Form::ALL.map(Form::name)))
     }
 }
 
@@ -365,7 +359,8 @@ struct Loaded {
 /// Verify `k` against the ANE rules, compile it, allocate and fill its buffers.
 fn load(backend: &mut dyn Backend, k: &BenchKernel, seed: u64) -> Result<Loaded> {
     let context = |e: Error| Error::Invalid(format!("benchmark kernel `{}`: {e}", k.name));
-    verify_package(&k.package, Target::Ane)
+    k.package
+        .verify(Target::Ane)
         .and_then(|report| report.into_result())
         .map_err(context)?;
     let kernel = backend.compile(&k.package).map_err(context)?;
@@ -926,7 +921,6 @@ mod tests {
     use crate::backend::Precision;
     use crate::backend::cpu::CpuBackend;
     use crate::mil::Op;
-    use crate::mil::verify::verify_package;
 
     #[test]
     fn flops_follow_the_documented_convention() {
@@ -961,7 +955,7 @@ mod tests {
         for form in Form::ALL {
             for stack in [square, wide] {
                 let k = build(form, &stack, 1).unwrap();
-                let report = verify_package(&k.package, Target::Ane).unwrap();
+                let report = k.package.verify(Target::Ane).unwrap();
                 assert!(report.is_ok(), "{}: {report}", k.name);
                 let program = k.package.program().unwrap();
                 assert_eq!(program.main.inputs.len(), 1, "{}", k.name);

@@ -5,45 +5,41 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use anemone::backend::BackendKind;
-use anemone::backend::cpu::CpuBackend;
-use anemone::backend::{Backend, Precision};
+use anemone::backend::{self, Backend, BackendKind, Precision};
 use anemone::bench::ane::{self, Form, Stack};
 use anemone::bench::train_step::{self, TrainStepOptions};
 use anemone::bench::{Repeat, Report, Row, write_json};
 use anemone::model::ModelConfig;
+use anemone::train::job::{kernel_options, open_backend};
 
-use super::train::{BackendChoice, kernel_options, make_backend};
+use super::choices::{no_about, one_of};
 
-/// The device a suite runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BenchBackend {
-    Cpu,
-    Ane,
-}
+/// The backends the ane-* suites run on.
+const SUITE_BACKENDS: [BackendKind; 2] = [BackendKind::Cpu, BackendKind::Ane];
 
 /// The backend for `kind`. The CPU backend runs in fp32 (the kernels stay
 /// fp16-typed, so the MIL is exactly what the ANE would receive).
-pub fn backend_for(kind: BenchBackend) -> Result<Box<dyn Backend>> {
-    match kind {
-        BenchBackend::Cpu => Ok(Box::new(CpuBackend::new(Precision::Fp32))),
-        BenchBackend::Ane => {
-            let opened = anemone::backend::open(BackendKind::Ane, Precision::Fp16)
-                .map_err(|e| anyhow!("{e}\nhint: use --backend cpu"))?;
-            eprintln!("{}", opened.note);
-            Ok(opened.backend)
-        }
+pub fn backend_for(kind: BackendKind) -> Result<Box<dyn Backend>> {
+    let opened = backend::open(kind, Precision::Fp32)
+        .map_err(|e| anyhow!("{e}\nhint: use --backend cpu"))?;
+    if kind != BackendKind::Cpu {
+        eprintln!("{}", opened.note);
     }
+    Ok(opened.backend)
 }
 
 /// Options every suite takes.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub backend: BenchBackend,
+    #[arg(
+        long,
+        value_parser = one_of(&SUITE_BACKENDS, BackendKind::name, no_about),
+        default_value_t = BackendKind::Cpu
+    )]
+    pub backend: BackendKind,
     /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -202,10 +198,14 @@ pub struct TrainStepArgs {
     seq: Option<usize>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendChoice,
+    #[arg(
+        long,
+        value_parser = one_of(&BackendKind::ALL, BackendKind::name, no_about),
+        default_value_t = BackendKind::Cpu
+    )]
+    backend: BackendKind,
     /// fp32, or fp16 (rounding like the ANE)
-    #[arg(long, default_value = "fp32")]
+    #[arg(long, default_value_t = Precision::Fp32)]
     precision: Precision,
     /// Timed steps (after the warmup)
     #[arg(long, default_value_t = 10)]
@@ -224,10 +224,12 @@ pub struct TrainStepArgs {
 fn train_step(args: TrainStepArgs) -> Result<()> {
     let config = ModelConfig::from_name_or_file(&args.config)?;
     let seq = args.seq.unwrap_or(config.seq_len);
-    let (backend, precision) = make_backend(args.backend, args.precision)?;
+    let opened = open_backend(args.backend, args.precision)?;
+    eprintln!("{}", opened.note);
+    let (backend, precision) = (opened.backend, opened.precision);
     let opts = TrainStepOptions {
         config_name: args.config.clone(),
-        kernels: kernel_options(precision, backend.as_ref()),
+        kernels: kernel_options(precision, &backend.preferences()),
         config,
         seq,
         batch: args.batch,

@@ -1,17 +1,16 @@
-//! `anemone tokenizer train`, `anemone tokenize`, and the main job's data
-//! preparation (built-in corpus -> tokenizer -> token files).
+//! `anemone tokenizer train|encode`, `anemone tokenize`: text files through
+//! the library's tokenizer, with a byte progress bar on a terminal.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use anemone::data::corpus::{self, CorpusConfig};
 use anemone::data::tokenizer::Tokenizer;
 use anemone::data::tokenizer::train::{TrainOptions, train_bpe};
-use anemone::data::tokens::{tokenize_files, val_path_for};
+use anemone::data::tokens::tokenize_files;
 
 #[derive(Subcommand, Debug)]
 pub enum TokenizerCommand {
@@ -128,48 +127,4 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
-}
-
-/// What the main job prepared in its run directory.
-pub struct Prepared {
-    pub tokenizer: Tokenizer,
-    pub train: PathBuf,
-    pub val: PathBuf,
-}
-
-/// Vocabulary of the tokenizer trained on the built-in corpus.
-const BUILTIN_VOCAB: usize = 1024;
-
-/// Generate the built-in corpus (`corpus_mb` MB), train a tokenizer on it and
-/// tokenize it into `run_dir` (`corpus.txt`, `tokenizer.bin`, `tokens.bin`, `tokens.val.bin`).
-pub fn prepare_builtin(run_dir: &Path, corpus_mb: f64, seed: u64) -> Result<Prepared> {
-    if corpus_mb.is_nan() || corpus_mb <= 0.0 {
-        bail!("--corpus-mb must be positive");
-    }
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let started = std::time::Instant::now();
-    let text = corpus::generate(&CorpusConfig {
-        seed,
-        n_bytes: (corpus_mb * 1e6) as usize,
-    });
-    let corpus_path = run_dir.join("corpus.txt");
-    anemone::atomic::write_atomic(&corpus_path, text.as_bytes())?;
-    let tokenizer = train_bpe([text.as_str()], &TrainOptions::new(BUILTIN_VOCAB))?;
-    let tokenizer_path = run_dir.join("tokenizer.bin");
-    tokenizer.write(&tokenizer_path)?;
-    let train = run_dir.join("tokens.bin");
-    let report = tokenize_files(&tokenizer, &[corpus_path], &train, 0.05, &mut |_, _| {})?;
-    eprintln!(
-        "built-in corpus: {:.1} MB of stories, {}-token tokenizer, {} train / {} held-out tokens ({:.1}s)",
-        text.len() as f64 / 1e6,
-        tokenizer.vocab_size(),
-        report.train_tokens,
-        report.val_tokens,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(Prepared {
-        tokenizer,
-        val: val_path_for(&train),
-        train,
-    })
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 
 use anemone::backend::Precision;
 use anemone::backend::cpu::{HostTensor, run_program};
@@ -12,11 +12,7 @@ use anemone::mil::{DType, TensorType};
 use anemone::package::ProgramPackage;
 use npyz::WriterBuilder;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TargetChoice {
-    Ane,
-    Cpu,
-}
+use super::choices::{no_about, one_of};
 
 #[derive(Subcommand, Debug)]
 pub enum MilCommand {
@@ -24,8 +20,12 @@ pub enum MilCommand {
     Check {
         path: PathBuf,
         /// Rules to apply: the ANE catalogue (default) or structural checks only
-        #[arg(long, value_enum, default_value = "ane")]
-        target: TargetChoice,
+        #[arg(
+            long,
+            value_parser = one_of(&Target::ALL, Target::name, no_about),
+            default_value_t = Target::Ane
+        )]
+        target: Target,
     },
     /// Execute a program on the CPU backend with .npy inputs; one .npy per output
     Run {
@@ -37,8 +37,8 @@ pub enum MilCommand {
         /// Directory for the outputs (created)
         #[arg(long)]
         output: PathBuf,
-        #[arg(long, default_value = "fp32")]
-        precision: String,
+        #[arg(long, default_value_t = Precision::Fp32)]
+        precision: Precision,
     },
     /// Parse and re-emit canonically (to stdout, or in place with --write)
     Fmt {
@@ -56,7 +56,7 @@ pub fn run(cmd: MilCommand) -> Result<()> {
             inputs,
             output,
             precision,
-        } => execute(&path, &inputs, &output, &precision),
+        } => execute(&path, &inputs, &output, precision),
         MilCommand::Fmt { path, write } => fmt(&path, write),
     }
 }
@@ -65,15 +65,11 @@ fn load(path: &Path) -> Result<ProgramPackage> {
     ProgramPackage::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn check(path: &Path, target: TargetChoice) -> Result<()> {
+fn check(path: &Path, target: Target) -> Result<()> {
     let package = load(path)?;
     let program = package
         .program()
         .with_context(|| format!("parsing {}", path.display()))?;
-    let target = match target {
-        TargetChoice::Ane => Target::Ane,
-        TargetChoice::Cpu => Target::Cpu,
-    };
     let report = verify(&program, target);
     let text = report.to_string();
     if !text.trim().is_empty() {
@@ -166,8 +162,7 @@ fn write_npy(path: &Path, t: &HostTensor) -> Result<()> {
     Ok(())
 }
 
-fn execute(path: &Path, inputs: &[String], output: &Path, precision: &str) -> Result<()> {
-    let precision: Precision = precision.parse()?;
+fn execute(path: &Path, inputs: &[String], output: &Path, precision: Precision) -> Result<()> {
     let package = load(path)?;
     let program = package
         .program()

@@ -3,6 +3,7 @@
 //! where a fix is known) and exit with code 2.
 
 mod bench;
+mod choices;
 mod data;
 mod doctor;
 mod generate;

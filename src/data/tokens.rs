@@ -28,9 +28,11 @@
 //! This module does not know what a model is; callers pass the model's vocabulary
 //! size to [`TokenFile::check_vocab`].
 
+use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
@@ -578,6 +580,36 @@ pub enum Order {
     /// Starts `0, seq_len, 2 seq_len, ...` (each token is a target once per
     /// epoch), wrapping to 0 when the next window would not fit.
     Sequential,
+}
+
+impl Order {
+    /// Every order, the default first.
+    pub const ALL: [Order; 2] = [Order::Random, Order::Sequential];
+
+    /// The name `--data-order` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Order::Random => "random",
+            Order::Sequential => "sequential",
+        }
+    }
+}
+
+impl fmt::Display for Order {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Order {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let names = Order::ALL.map(Order::name);
+        Order::ALL
+            .into_iter()
+            .find(|order| order.name() == s)
+            .ok_or_else(|| Error::unknown_name("data order", s, &names))
+    }
 }
 
 /// Everything a [`Batcher`] needs to continue exactly where it was.

@@ -1,7 +1,7 @@
 //! The verifier: structural checks that hold for every backend, plus the
 //! catalogue of ANE rules ([`RULES`]) learned from the maderix/ANE reference.
 //!
-//! [`verify`] never fails; it returns a [`Report`] of [`Diagnostic`]s, each
+//! [`verify`] never fails; it returns a [`VerifyReport`] of [`Diagnostic`]s, each
 //! tagged with the id of the rule that fired. Rules with ids `MIL…` apply to
 //! every target; rules with ids `ANE…` only to [`Target::Ane`]. Whatever the
 //! reference leaves uncertain is a warning, never an error.
@@ -17,7 +17,6 @@ use super::infer::infer_outputs;
 use super::ir::{Arg, DType, Dialect, Literal, Operation, Program, TensorType};
 use super::op::Op;
 use crate::Result;
-use crate::package::ProgramPackage;
 
 /// Where a program is meant to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +25,36 @@ pub enum Target {
     Cpu,
     /// The Apple Neural Engine: structural rules plus the `ANE…` catalogue.
     Ane,
+}
+
+impl Target {
+    /// Every target, the default first.
+    pub const ALL: [Target; 2] = [Target::Ane, Target::Cpu];
+
+    /// The name `mil check --target` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Cpu => "cpu",
+            Target::Ane => "ane",
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let names = Target::ALL.map(Target::name);
+        Target::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| crate::Error::unknown_name("target", s, &names))
+    }
 }
 
 /// How bad a finding is.
@@ -287,11 +316,11 @@ impl fmt::Display for Diagnostic {
 
 /// Every finding of one verification.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Report {
+pub struct VerifyReport {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-impl Report {
+impl VerifyReport {
     /// No errors (warnings allowed).
     pub fn is_ok(&self) -> bool {
         self.errors().next().is_none()
@@ -323,7 +352,7 @@ impl Report {
     }
 
     /// `Ok(self)` without errors, else [`crate::Error::Verify`] listing every error.
-    pub fn into_result(self) -> Result<Report> {
+    pub fn into_result(self) -> Result<VerifyReport> {
         if self.is_ok() {
             return Ok(self);
         }
@@ -332,7 +361,7 @@ impl Report {
     }
 }
 
-impl fmt::Display for Report {
+impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for d in &self.diagnostics {
             writeln!(f, "{d}")?;
@@ -347,7 +376,7 @@ impl fmt::Display for Report {
 }
 
 /// Check `program` for `target`. Structural rules always, `ANE…` rules for [`Target::Ane`].
-pub fn verify(program: &Program, target: Target) -> Report {
+pub fn verify(program: &Program, target: Target) -> VerifyReport {
     let mut checker = Checker::new(program, target);
     checker.structural();
     if target == Target::Ane {
@@ -357,12 +386,12 @@ pub fn verify(program: &Program, target: Target) -> Report {
 }
 
 /// [`verify`] plus the weight-file checks (MIL007) against `weights`
-/// (`@model_path/weights/<file>` -> file bytes, as in [`ProgramPackage::weights`]).
+/// (`@model_path/weights/<file>` -> file bytes, as a program package holds them).
 pub fn verify_with_weights(
     program: &Program,
     weights: &BTreeMap<String, Vec<u8>>,
     target: Target,
-) -> Report {
+) -> VerifyReport {
     let mut checker = Checker::new(program, target);
     checker.structural();
     checker.weights(weights);
@@ -370,12 +399,6 @@ pub fn verify_with_weights(
         checker.ane();
     }
     checker.finish()
-}
-
-/// Parse the package's MIL text and verify it together with its weight files.
-pub fn verify_package(pkg: &ProgramPackage, target: Target) -> Result<Report> {
-    let program = pkg.program()?;
-    Ok(verify_with_weights(&program, &pkg.weights, target))
 }
 
 /// Prefix every BLOBFILE path must have.
@@ -476,8 +499,8 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn finish(self) -> Report {
-        Report {
+    fn finish(self) -> VerifyReport {
+        VerifyReport {
             diagnostics: self.diagnostics,
         }
     }

@@ -39,13 +39,9 @@ use crate::{Error, Result};
 
 use super::config::ModelConfig;
 
-/// Where kernel weights come from (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum WeightMode {
-    Baked,
-    Packed,
-    Inputs,
-}
+/// Where kernel weights come from (see the module docs); defined beside the
+/// backend trait, whose backends say which mode they prefer.
+pub use crate::backend::WeightMode;
 
 /// How kernels are typed and where their weights live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! The model: configuration, parameters, the Llama kernels as MIL graphs
 //! (forward/backward pairs), the CPU-side math, checkpoints and llama2.c
-//! import/export. Talks to devices only through the [`crate::backend::Backend`] trait.
+//! import/export, and [`load_weights`], which reads whichever of the two a path holds.
+//! Talks to devices only through the [`crate::backend::Backend`] trait.
 
 pub mod checkpoint;
 pub mod config;
@@ -9,5 +10,20 @@ pub mod kernels;
 pub mod llama2c;
 pub mod weights;
 
+use std::path::Path;
+
 pub use config::ModelConfig;
 pub use weights::{Layout, Param, Weights};
+
+/// Weights from a run directory (its `checkpoint.bin`), an anemone
+/// checkpoint or a llama2.c `model.bin`, whichever `path` is.
+pub fn load_weights(path: &Path) -> crate::Result<Weights> {
+    if path.is_dir() {
+        return load_weights(&path.join("checkpoint.bin"));
+    }
+    if checkpoint::is_checkpoint(path) {
+        Ok(checkpoint::load(path)?.weights)
+    } else {
+        llama2c::read(path)
+    }
+}

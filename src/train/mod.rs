@@ -1,12 +1,15 @@
 //! Training: step orchestration over the backend trait ([`engine`]), the
-//! optimizer, schedules and loss scaling ([`optim`]), and the run loop here:
-//! gradient accumulation, clipping, evaluation, metrics, checkpoints and exact resume.
+//! optimizer, schedules and loss scaling ([`optim`]), the run loop here:
+//! gradient accumulation, clipping, evaluation, metrics, checkpoints and exact
+//! resume; and whole jobs with their run policy ([`job`]: the main job, defaults,
+//! resuming, restarts for the compile budget).
 //!
 //! A run directory holds `config.json` (this run's [`TrainConfig`]),
 //! `metrics.jsonl` (one JSON object per step), `checkpoint.bin` (latest) and
 //! whatever the caller adds (tokenizer, samples).
 
 pub mod engine;
+pub mod job;
 pub mod optim;
 pub mod source;
 

@@ -4,10 +4,14 @@
 //! global-norm clipping, and dynamic loss scaling for fp16 kernels. The update is
 //! a pure function of explicit state.
 
+use std::fmt;
+use std::str::FromStr;
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Weights;
+use crate::{Error, Result};
 
 /// Hyper-parameters of AdamW.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -110,13 +114,53 @@ impl AdamW {
 }
 
 /// Learning-rate schedule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Linear warmup, then cosine decay to `min_lr_ratio * lr` at the last step.
     Cosine,
     /// Linear warmup, then constant.
     Constant,
+}
+
+impl Schedule {
+    /// Every schedule, the default first.
+    pub const ALL: [Schedule; 2] = [Schedule::Cosine, Schedule::Constant];
+
+    /// The name `--schedule` takes (and `config.json` holds).
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Cosine => "cosine",
+            Schedule::Constant => "constant",
+        }
+    }
+
+    /// What the schedule does, one line (the CLI's help).
+    pub fn about(self) -> &'static str {
+        match self {
+            Schedule::Cosine => {
+                "Linear warmup, then cosine decay to `min_lr_ratio * lr` at the last step"
+            }
+            Schedule::Constant => "Linear warmup, then constant",
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let names = Schedule::ALL.map(Schedule::name);
+        Schedule::ALL
+            .into_iter()
+            .find(|schedule| schedule.name() == s)
+            .ok_or_else(|| Error::unknown_name("schedule", s, &names))
+    }
 }
 
 /// Learning rate for update `step` (0-based) of `total` updates.

@@ -7,7 +7,7 @@ use anemone::backend::ane::budget::CompileBudget;
 use anemone::backend::ane::fake::FakeRuntime;
 use anemone::backend::ane::{self, AneBackend, probe};
 use anemone::backend::cpu::CpuBackend;
-use anemone::backend::{Backend, Precision};
+use anemone::backend::{Backend, CompileLimit, Precision, Preferences};
 use anemone::doctor;
 use anemone::mil::DType;
 use anemone::model::kernels::{KernelOptions, WeightMode};
@@ -16,6 +16,8 @@ use anemone::rng::Rng;
 use anemone::train::engine::Engine;
 use anemone::train::optim::{AdamW, Schedule};
 use anemone::train::{Batches, Quiet, TrainConfig, Trainer};
+
+use crate::common::{skip, temp_dir};
 
 fn packed_fp16() -> KernelOptions {
     KernelOptions {
@@ -59,12 +61,6 @@ impl Batches for RandomBatches {
         Ok(())
     }
     fn rewind(&mut self) {}
-}
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("anemone-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -203,9 +199,10 @@ fn ane_skip_reason() -> Option<String> {
 }
 
 #[test]
+#[cfg_attr(not(target_os = "macos"), ignore = "needs the ANE (macOS)")]
 fn mac_only_probe_kernel_compiles_loads_and_evaluates_on_the_ane() {
     if let Some(reason) = ane_skip_reason() {
-        eprintln!("skipped: {reason}");
+        skip(&reason);
         return;
     }
     let (mut backend, family) = ane::open().unwrap();
@@ -218,9 +215,10 @@ fn mac_only_probe_kernel_compiles_loads_and_evaluates_on_the_ane() {
 }
 
 #[test]
+#[cfg_attr(not(target_os = "macos"), ignore = "needs the ANE (macOS)")]
 fn mac_only_every_training_kernel_matches_the_cpu_on_the_ane() {
     if let Some(reason) = ane_skip_reason() {
-        eprintln!("skipped: {reason}");
+        skip(&reason);
         return;
     }
     let (mut backend, _) = ane::open().unwrap();
@@ -229,4 +227,29 @@ fn mac_only_every_training_kernel_matches_the_cpu_on_the_ane() {
     for row in &report.rows {
         assert!(row.error.is_none() && row.ok, "{row:?}");
     }
+}
+
+#[test]
+fn backends_say_what_they_prefer_the_ane_packed_weights_under_its_compile_budget() {
+    let mut ane = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget { limit: 40 });
+    let limit = |used| CompileLimit {
+        limit: 40,
+        used,
+        raised_by: anemone::backend::ane::budget::BUDGET_ENV,
+    };
+    let packed = |used| Preferences {
+        weight_mode: WeightMode::Packed,
+        compile_limit: Some(limit(used)),
+    };
+    assert_eq!(ane.preferences(), packed(0));
+    ane.compile(&probe::probe_package()).unwrap();
+    assert_eq!(ane.preferences(), packed(1));
+    let cpu = CpuBackend::new(Precision::Fp32);
+    assert_eq!(
+        cpu.preferences(),
+        Preferences {
+            weight_mode: WeightMode::Inputs,
+            compile_limit: None
+        }
+    );
 }

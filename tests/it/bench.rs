@@ -4,23 +4,17 @@
 //! whose timings are sane. No timed assertions: only positivity and ordering.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
-fn anemone() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_anemone"))
-}
+use crate::common::{anemone, temp_dir};
 
 /// A JSON path unique to this process and call (tests run in parallel).
 fn json_path(suite: &str) -> PathBuf {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!(
-        "anemone-bench-{suite}-{}-{call}.json",
-        std::process::id()
-    ))
+    temp_dir(&format!("bench-{suite}-{call}")).join("report.json")
 }
 
 /// Run `anemone bench <suite> --quick --json FILE [extra]`; the parsed JSON and stdout.

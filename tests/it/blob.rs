@@ -7,19 +7,15 @@
 //! the layout (module doc of `src/blob.rs`; platform notes, "coremltools as a
 //! test oracle").
 
-use std::path::PathBuf;
-
 use anemone::Error;
 use anemone::blob::{self, BlobDType, BlobFile, BlobWriter};
 use proptest::prelude::*;
 use serde_json::Value;
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blob")
-}
+use crate::common::fixture;
 
 fn manifest() -> Value {
-    let text = std::fs::read_to_string(fixture_dir().join("fixtures.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("blob").join("fixtures.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -35,7 +31,7 @@ fn fixture_files() -> Vec<(String, Vec<u8>, Vec<Value>)> {
     files
         .iter()
         .map(|(name, entry)| {
-            let bytes = std::fs::read(fixture_dir().join(name)).unwrap();
+            let bytes = std::fs::read(fixture("blob").join(name)).unwrap();
             assert_eq!(
                 bytes.len() as u64,
                 entry["size"].as_u64().unwrap(),

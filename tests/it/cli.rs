@@ -1,20 +1,14 @@
 //! The `anemone` binary end to end: `mil run` against NumPy, `mil check`
 //! diagnostics, and errors that name the problem.
 
-use std::process::Command;
-
-use crate::common::{Tolerance, fixture, read_npy_f32};
-
-fn anemone() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_anemone"))
-}
+use crate::common::{Tolerance, anemone, fixture, read_npy_f32, skip, temp_dir};
 
 #[test]
 fn mil_run_conv_with_blobfile_weight_matches_numpy() {
     // Package and expected output from scripts/gen_mil_run_fixture.py
     // (weight blob written by coremltools, reference by NumPy).
     let pkg = fixture("mil_run").join("conv");
-    let out = std::env::temp_dir().join(format!("anemone-mil-run-{}", std::process::id()));
+    let out = temp_dir("mil-run");
     let status = anemone()
         .args(["mil", "run"])
         .arg(&pkg)
@@ -40,7 +34,7 @@ fn mil_run_conv_with_blobfile_weight_matches_numpy() {
 
 #[test]
 fn mil_check_reports_and_fails_on_bad_programs() {
-    let dir = std::env::temp_dir().join(format!("anemone-mil-check-{}", std::process::id()));
+    let dir = temp_dir("mil-check");
     std::fs::create_dir_all(dir.join("weights")).unwrap();
     std::fs::copy(
         fixture("mil_run").join("conv/weights/w.bin"),
@@ -90,13 +84,6 @@ fn train_with_a_missing_data_file_names_it() {
     assert!(stderr.contains("/nonexistent/tokens.bin"), "{stderr}");
 }
 
-fn cli_temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("anemone-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A tiny model config file and a token file of random ids for it.
 fn tiny_run_inputs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let config = dir.join("model.json");
@@ -118,7 +105,7 @@ fn tiny_run_inputs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::Pat
 #[test]
 fn train_backend_ane_without_an_ane_exits_2_with_a_hint() {
     let Some(reason) = anemone::backend::ane::platform_unavailable_reason() else {
-        eprintln!("skipped: this machine may have an ANE");
+        skip("this machine may have an ANE");
         return;
     };
     let out = anemone()
@@ -145,7 +132,7 @@ fn train_backend_ane_without_an_ane_exits_2_with_a_hint() {
 
 #[test]
 fn doctor_reports_the_cpu_stand_in_and_writes_json() {
-    let dir = cli_temp_dir("doctor");
+    let dir = temp_dir("cli-doctor");
     let (config, _) = tiny_run_inputs(&dir);
     let json = dir.join("report.json");
     let out = anemone()
@@ -206,7 +193,7 @@ fn doctor_reports_the_cpu_stand_in_and_writes_json() {
 
 #[test]
 fn restart_every_execs_a_resuming_process_that_matches_an_uninterrupted_run() {
-    let dir = cli_temp_dir("restart");
+    let dir = temp_dir("cli-restart");
     let (config, tokens) = tiny_run_inputs(&dir);
     let train = |out: &str, extra: &[&str]| {
         let o = anemone()

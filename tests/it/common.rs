@@ -1,6 +1,9 @@
-//! Shared test helpers: fixture paths, `.npy` reading, one tolerance type.
+//! Shared test helpers: fixture and scratch paths, the `anemone` binary, the
+//! shared data directory and visible skips, `.npy` reading, one tolerance type.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// `tests/fixtures/<area>`.
 pub fn fixture(area: &str) -> PathBuf {
@@ -8,6 +11,66 @@ pub fn fixture(area: &str) -> PathBuf {
         .join("tests")
         .join("fixtures")
         .join(area)
+}
+
+/// A fresh, empty directory for one test: `<temp>/anemone-it-<pid>-<name>`
+/// (tests run in parallel: give each its own `name`).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anemone-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+/// The `anemone` binary of this build.
+pub fn anemone() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_anemone"))
+}
+
+/// Under `CI=true` (`.ci/run` sets it), where `../shared` is always present.
+fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Prefix of the line [`skip`] prints; `.ci/run` counts these lines.
+const SKIP_PREFIX: &str = "skipped: ";
+
+/// Say, visibly, that the running test did not check what it is for: a line
+/// `skipped: <test>: <why>` on the process's stderr, which the test harness
+/// does not capture (a skipped test still reports `ok`; `.ci/run` counts the
+/// lines and reports them as skips).
+pub fn skip(why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unnamed");
+    let line = format!("{SKIP_PREFIX}{test}: {why}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// The shared data directory: `$ANEMONE_SHARED_DATA`, else `../shared/data`
+/// beside this checkout.
+fn shared_dir() -> PathBuf {
+    std::env::var_os("ANEMONE_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
+
+/// A file of the shared data directory, or `None` after a visible [`skip`]
+/// where it is absent. Under `CI=true` an absent file fails the test.
+pub fn shared_data(name: &str) -> Option<PathBuf> {
+    let path = shared_dir().join(name);
+    if path.exists() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} is absent (set ANEMONE_SHARED_DATA to the directory holding it)",
+        path.display()
+    );
+    assert!(
+        !on_ci(),
+        "CI=true, where ../shared is always present: {why}"
+    );
+    skip(&why);
+    None
 }
 
 fn npy(path: &Path) -> npyz::NpyFile<std::io::BufReader<std::fs::File>> {

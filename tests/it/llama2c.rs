@@ -2,11 +2,13 @@
 //! round trips for version 0 and 1 (tied and untied), the NumPy-read fixture,
 //! and error messages.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anemone::model::llama2c::{self, MAGIC};
 use anemone::model::{ModelConfig, Param, Weights};
 use anemone::rng::Rng;
+
+use crate::common::temp_dir;
 
 pub const FIXTURE: &str = "tests/fixtures/llama2c/tiny_v0.bin";
 
@@ -49,12 +51,6 @@ fn regenerate_fixture() {
     llama2c::write_v0(&fixture_weights(), Path::new(FIXTURE)).unwrap();
 }
 
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anemone-llama2c-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
 /// A small GQA model with distinct random values everywhere.
 fn small_weights(tied: bool) -> Weights {
     let config = ModelConfig {
@@ -86,7 +82,7 @@ fn round_trips_are_bit_exact_for_both_versions_tied_and_untied() {
     for tied in [true, false] {
         let weights = small_weights(tied);
         for (version, name) in [(0, "v0.bin"), (1, "v1.bin")] {
-            let path = temp_path(&format!("rt-{tied}-{name}"));
+            let path = temp_dir(&format!("llama2c-rt-{tied}-{version}")).join(name);
             if version == 0 {
                 llama2c::write_v0(&weights, &path).unwrap();
             } else {
@@ -231,7 +227,7 @@ fn fixture_header_is_the_documented_tiny_model() {
 }
 
 fn read_err(bytes: &[u8]) -> String {
-    let path = temp_path("bad.bin");
+    let path = temp_dir("llama2c-bad").join("bad.bin");
     std::fs::write(&path, bytes).unwrap();
     let msg = llama2c::read(&path).unwrap_err().to_string();
     assert!(msg.contains("bad.bin"), "error must name the file: {msg}");
@@ -297,20 +293,21 @@ fn export_refuses_configs_llama2c_cannot_describe() {
         head_dim: 8,
         ..ModelConfig::llama(16, 1, 4, 2, 24, 40, 12)
     };
-    let err = llama2c::write_v0(&Weights::zeros(&config), &temp_path("hd.bin"))
+    let dir = temp_dir("llama2c-refused");
+    let err = llama2c::write_v0(&Weights::zeros(&config), &dir.join("hd.bin"))
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("head_dim") && err.contains("32 != dim (16)"),
         "{err}"
     );
-    assert!(!temp_path("hd.bin").exists());
+    assert!(!dir.join("hd.bin").exists());
 
     let config = ModelConfig {
         rope_theta: 1e6,
         ..ModelConfig::llama(16, 1, 4, 2, 24, 40, 12)
     };
-    let err = llama2c::write_v1(&Weights::zeros(&config), &temp_path("th.bin"))
+    let err = llama2c::write_v1(&Weights::zeros(&config), &dir.join("th.bin"))
         .unwrap_err()
         .to_string();
     assert!(

@@ -12,6 +12,8 @@ use anemone::mil::{
 };
 use proptest::prelude::*;
 
+use crate::common::fixture;
+
 // ---- helpers ------------------------------------------------------------------
 
 fn fp16_tensor(shape: &[usize]) -> TensorType {
@@ -397,15 +399,15 @@ fn generated_programs_cover_every_op_param_and_literal_kind() {
 
 // ---- canonical fixtures -------------------------------------------------------------
 
-fn fixture(name: &str) -> String {
-    let path = format!("{}/tests/fixtures/mil/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+/// The text of `tests/fixtures/mil/<name>`.
+fn mil_fixture(name: &str) -> String {
+    let path = fixture("mil").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[test]
 fn emit_inverts_parse_on_canonical_fixtures() {
-    let dir = format!("{}/tests/fixtures/mil", env!("CARGO_MANIFEST_DIR"));
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
+    let mut names: Vec<String> = std::fs::read_dir(fixture("mil"))
         .expect("fixture dir")
         .map(|e| {
             e.expect("dir entry")
@@ -426,7 +428,7 @@ fn emit_inverts_parse_on_canonical_fixtures() {
         ]
     );
     for name in names {
-        let text = fixture(&name);
+        let text = mil_fixture(&name);
         let program = parse_ok(&text);
         assert_eq!(mil::emit(&program), text, "{name}");
     }
@@ -434,7 +436,7 @@ fn emit_inverts_parse_on_canonical_fixtures() {
 
 #[test]
 fn fixture_literals_have_the_written_values() {
-    let p = parse_ok(&fixture("quant_conv_ios18.mil"));
+    let p = parse_ok(&mil_fixture("quant_conv_ios18.mil"));
     let f = &p.main;
     assert_eq!(
         f.const_value("m"),
@@ -475,7 +477,7 @@ fn fixture_literals_have_the_written_values() {
     );
     assert_eq!(wq.attr("scale"), Some(&Literal::fp16(0.0078125)));
 
-    let a = parse_ok(&fixture("attention_ios18.mil"));
+    let a = parse_ok(&mil_fixture("attention_ios18.mil"));
     let split = &a.main.ops[2];
     assert_eq!(split.op, Op::Split);
     let results: Vec<&str> = split.outputs.iter().map(|v| v.name.as_str()).collect();
@@ -651,8 +653,8 @@ fn reference_sample_parses_to_the_expected_graph() {
 
 #[test]
 fn ios16_verbose_scalars_parse_to_the_same_graph_as_ios18() {
-    let p16 = parse_ok(&fixture("rmsnorm_ios16.mil"));
-    let p18 = parse_ok(&fixture("rmsnorm_ios18.mil"));
+    let p16 = parse_ok(&mil_fixture("rmsnorm_ios16.mil"));
+    let p18 = parse_ok(&mil_fixture("rmsnorm_ios18.mil"));
     assert_eq!(p16.dialect, Dialect::Ios16);
     assert_eq!(p18.dialect, Dialect::Ios18);
     let f = &p16.main;

@@ -1,20 +1,14 @@
 //! Run reports on synthetic run directories: metrics parsing and its errors,
 //! plots (decoded and inspected pixel by pixel), run listings.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anemone::report::{
     self, MetricRow, OTHER_COLOR, PLOT_SIZE, TRAIN_COLOR, VAL_COLOR, format_runs, list_runs, plot,
     read_metrics,
 };
 
-/// A fresh, empty directory under the system temp dir, unique to this test.
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anemone-report-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use crate::common::temp_dir;
 
 /// A run of 300 steps: exponentially decaying train loss, held-out loss every
 /// 25 steps, linear warmup then linear decay of lr, steady throughput.
@@ -64,7 +58,7 @@ fn count(pixels: &[[u8; 3]], color: plotters::style::RGBColor) -> usize {
 
 #[test]
 fn plot_png_has_the_size_lines_and_text() {
-    let dir = scratch_dir("png");
+    let dir = temp_dir("report-png");
     write_synthetic_run(&dir, true);
     let out = dir.join("plot.png");
     plot(&dir, &out).unwrap();
@@ -89,7 +83,7 @@ fn plot_png_has_the_size_lines_and_text() {
     );
 
     // Without held-out losses, nothing is drawn in the held-out color.
-    let dir_no_val = scratch_dir("png-no-val");
+    let dir_no_val = temp_dir("report-png-no-val");
     write_synthetic_run(&dir_no_val, false);
     let out = dir_no_val.join("plot.png");
     plot(&dir_no_val, &out).unwrap();
@@ -102,7 +96,7 @@ fn plot_png_has_the_size_lines_and_text() {
 
 #[test]
 fn plot_svg_and_unknown_extension() {
-    let dir = scratch_dir("svg");
+    let dir = temp_dir("report-svg");
     write_synthetic_run(&dir, true);
     let out = dir.join("plot.svg");
     plot(&dir, &out).unwrap();
@@ -132,7 +126,7 @@ fn plot_svg_and_unknown_extension() {
 
 #[test]
 fn read_metrics_parses_rows_and_optional_fields() {
-    let dir = scratch_dir("parse");
+    let dir = temp_dir("report-parse");
     let text = "{\"step\":0,\"train_loss\":10.5,\"lr\":0.0}\n\
                 \n\
                 {\"step\":10,\"val_loss\":3.25,\"tokens_per_s\":1200.5,\"elapsed_s\":4.5,\"grad_norm\":1.0}\n";
@@ -161,7 +155,7 @@ fn read_metrics_parses_rows_and_optional_fields() {
 
 #[test]
 fn read_metrics_names_the_file_and_line_of_a_bad_row() {
-    let dir = scratch_dir("bad");
+    let dir = temp_dir("report-bad");
     let path = dir.join("metrics.jsonl");
     let good = "{\"step\":1,\"train_loss\":5.0}\n";
 
@@ -195,7 +189,7 @@ fn read_metrics_names_the_file_and_line_of_a_bad_row() {
 
 #[test]
 fn list_runs_summarizes_config_and_metrics() {
-    let parent = scratch_dir("runs");
+    let parent = temp_dir("report-runs");
     let run_a = parent.join("a-tiny");
     let run_b = parent.join("b-broken");
     std::fs::create_dir_all(&run_a).unwrap();

@@ -2,40 +2,13 @@
 //! `scripts/gen_tokenizer_fixtures.py`), hand-derived merges, format round trips
 //! and error messages, and the BPE trainer.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anemone::data::tokenizer::{
     BOS, BYTE_OFFSET, EOS, NO_MERGE_SCORE, Tokenizer, TrainOptions, byte_piece, train_bpe,
 };
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tokenizer")
-        .join(name)
-}
-
-/// The shared Llama-2 tokenizer and text, or `None` (with a printed reason).
-fn shared_data(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("ANEMONE_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/data"));
-    let path = dir.join(name);
-    if path.exists() {
-        Some(path)
-    } else {
-        println!(
-            "skipping: {} is absent (set ANEMONE_SHARED_DATA to the directory holding it)",
-            path.display()
-        );
-        None
-    }
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anemone-it-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use crate::common::{fixture, shared_data, skip, temp_dir};
 
 /// Reserved ids (0..259) as llama2.c lays them out, then `extra` (piece, score).
 fn vocab(extra: &[(&str, f32)]) -> Tokenizer {
@@ -94,9 +67,9 @@ fn check_cases(tokenizer: &Tokenizer, cases: &[Case]) {
 
 #[test]
 fn tiny_sentencepiece_model_encodes_identically() {
-    let tokenizer = Tokenizer::read(&fixture("tiny.bin"), None).unwrap();
+    let tokenizer = Tokenizer::read(&fixture("tokenizer").join("tiny.bin"), None).unwrap();
     assert_eq!(tokenizer.vocab_size(), 400);
-    let cases = cases(&fixture("tiny-cases.json"));
+    let cases = cases(&fixture("tokenizer").join("tiny-cases.json"));
     assert_eq!(cases.len(), 115);
     check_cases(&tokenizer, &cases);
 }
@@ -107,7 +80,10 @@ fn llama2_tokenizer_encodes_unicode_cases_like_sentencepiece() {
         return;
     };
     let tokenizer = Tokenizer::read(&path, Some(32000)).unwrap();
-    check_cases(&tokenizer, &cases(&fixture("llama2-cases.json")));
+    check_cases(
+        &tokenizer,
+        &cases(&fixture("tokenizer").join("llama2-cases.json")),
+    );
 }
 
 #[test]
@@ -121,7 +97,8 @@ fn llama2_tokenizer_encodes_every_tinyshakespeare_line_like_sentencepiece() {
     let tokenizer = Tokenizer::read(&tok_path, Some(32000)).unwrap();
     let text = std::fs::read_to_string(text_path).unwrap();
     let lines: Vec<&str> = text.split('\n').collect();
-    let fixture_text = std::fs::read_to_string(fixture("tinyshakespeare-llama2.ids")).unwrap();
+    let fixture_text =
+        std::fs::read_to_string(fixture("tokenizer").join("tinyshakespeare-llama2.ids")).unwrap();
     let expected: Vec<Vec<u32>> = fixture_text
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -143,7 +120,7 @@ fn llama2_tokenizer_encodes_every_tinyshakespeare_line_like_sentencepiece() {
 
 #[test]
 fn tokenizer_bin_round_trips_byte_for_byte() {
-    let mut files = vec![fixture("tiny.bin")];
+    let mut files = vec![fixture("tokenizer").join("tiny.bin")];
     files.extend(shared_data("llama2-tokenizer.bin"));
     let dir = temp_dir("tokenizer-round-trip");
     for path in files {
@@ -169,7 +146,7 @@ fn token_offset(bytes: &[u8], id: usize) -> usize {
 
 #[test]
 fn malformed_tokenizer_files_name_the_token_and_field() {
-    let bytes = std::fs::read(fixture("tiny.bin")).unwrap();
+    let bytes = std::fs::read(fixture("tokenizer").join("tiny.bin")).unwrap();
     let err = |b: &[u8], vocab| Tokenizer::from_bytes(b, vocab).unwrap_err().to_string();
 
     let mut negative = bytes.clone();
@@ -383,7 +360,7 @@ const HELD_OUT: &[&str] = &[
 
 #[test]
 fn trained_tokenizer_round_trips_held_out_text_and_its_file() {
-    let text = std::fs::read_to_string(fixture("tiny-cases.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("tokenizer").join("tiny-cases.json")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let tokenizer = train_bpe(lines.iter().copied(), &TrainOptions::new(512)).unwrap();
     assert_eq!(tokenizer.vocab_size(), 512);
@@ -408,7 +385,7 @@ fn trained_tokenizer_round_trips_held_out_text_and_its_file() {
 #[test]
 fn trainer_speed_on_five_megabytes() {
     if std::env::var_os("ANEMONE_SLOW").is_none() {
-        println!("skipping: set ANEMONE_SLOW=1 to run the tokenizer training speed test");
+        skip("set ANEMONE_SLOW=1 to run the tokenizer training speed test");
         return;
     }
     let Some(path) = shared_data("tinyshakespeare.txt") else {

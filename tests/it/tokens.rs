@@ -1,7 +1,7 @@
 //! Token files: both formats byte for byte, error messages, splits, batch
 //! sampling (sequential and seeded random, resumable), and `tokenize_files`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anemone::data::tokenizer::{BOS, Tokenizer};
@@ -9,12 +9,7 @@ use anemone::data::tokens::{
     Batcher, Dtype, Format, Order, TokenFile, TokenSpan, TokenWriter, tokenize_files, val_path_for,
 };
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anemone-it-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use crate::common::temp_dir;
 
 fn write_tokens(path: &Path, vocab: usize, ids: &[u32]) {
     let mut writer = TokenWriter::create(path, vocab).unwrap();

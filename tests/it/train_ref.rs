@@ -12,7 +12,7 @@ use anemone::model::{ModelConfig, Weights};
 use anemone::train::engine::{Engine, GradWrite};
 use anemone::train::optim::{AdamState, AdamW, global_norm};
 
-use crate::common::{Tolerance, fixture, read_npy_f32, read_npy_f64, read_npy_i32};
+use crate::common::{Tolerance, fixture, read_npy_f32, read_npy_f64, read_npy_i32, temp_dir};
 
 struct Reference {
     config: ModelConfig,
@@ -278,7 +278,7 @@ fn llama2c_export_round_trip_keeps_logits_and_the_pytorch_loss() {
     let r = reference();
     let mut weights = Weights::zeros(&r.config);
     weights.data.copy_from_slice(&r.weights);
-    let path = std::env::temp_dir().join(format!("anemone-ref-{}.bin", std::process::id()));
+    let path = temp_dir("train-ref-export").join("model.bin");
     anemone::model::llama2c::write_v0(&weights, &path).unwrap();
     let imported = anemone::model::llama2c::read(&path).unwrap();
     assert!(

@@ -15,12 +15,7 @@ use anemone::train::optim::{AdamW, Schedule};
 use anemone::train::source::WindowSource;
 use anemone::train::{Quiet, TrainConfig, Trainer};
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anemone-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use crate::common::temp_dir;
 
 /// Built-in stories tokenized with a 300-token BPE into `dir/tokens.bin`.
 fn story_tokens(dir: &Path) -> PathBuf {

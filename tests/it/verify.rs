@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use anemone::Error;
 use anemone::mil::infer::infer_outputs;
 use anemone::mil::verify::{
-    RULES, Report, Severity, Target, rule_by_id, verify, verify_with_weights,
+    RULES, Severity, Target, VerifyReport, rule_by_id, verify, verify_with_weights,
 };
 use anemone::mil::{
     Arg, Builder, DType, Dialect, Function, Literal, Op, Operation, Program, Tensor, TensorType,
@@ -780,7 +780,7 @@ fn weight_files_are_checked_against_declared_types() {
 // ---- verifier: ANE rules ----------------------------------------------------
 
 /// Verify for the ANE and expect exactly the rules `want` to fire.
-fn check_ane(p: &Program, want: &[&str]) -> Report {
+fn check_ane(p: &Program, want: &[&str]) -> VerifyReport {
     let report = verify(p, Target::Ane);
     assert_eq!(report.rule_ids(), want, "{report}");
     // Structural rules are the only ones for the CPU.

@@ -1,13 +1,12 @@
 //! The ANE compiler's per-process budget: about 119 compiles before it fails
-//! (ane-reference §6.3, §8.1), counted here, with a configurable limit and the
-//! decision of when a training process must checkpoint and `exec()` a fresh
-//! copy of itself. Packed and Inputs kernels are compiled once per process;
-//! Baked kernels are recompiled whenever their weights change. This module
-//! only counts and decides; `restart` builds the command and execs.
+//! (ane-reference §6.3, §8.1), counted here, with a configurable limit. The
+//! backend reports it as its [`CompileLimit`](crate::backend::CompileLimit);
+//! when a training process must checkpoint and `exec()` a fresh copy of itself
+//! is decided from that in `backend::preferences`. This module only counts and
+//! checks; `restart` builds the command and execs.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::model::kernels::WeightMode;
 use crate::{Error, Result};
 
 /// Compiles per process after which the reference saw the compiler fail.
@@ -80,52 +79,6 @@ impl CompileBudget {
     }
 }
 
-/// How many compiles a training run needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CompilePlan {
-    /// Compiles before the first update (every kernel once).
-    pub at_start: usize,
-    /// Compiles after every update (Baked kernels whose weights changed).
-    pub per_update: usize,
-}
-
-/// What a training process should do about its compile budget.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RestartDecision {
-    /// The budget never runs out (kernels compile once).
-    Never,
-    /// Run this many updates, then checkpoint and `exec()` a resuming process.
-    After(u64),
-}
-
-impl CompilePlan {
-    /// `kernels` compiled at start, of which `weight_kernels` hold weights.
-    pub fn new(mode: WeightMode, kernels: usize, weight_kernels: usize) -> CompilePlan {
-        CompilePlan {
-            at_start: kernels,
-            per_update: match mode {
-                WeightMode::Baked => weight_kernels,
-                WeightMode::Packed | WeightMode::Inputs => 0,
-            },
-        }
-    }
-
-    /// When a process that has done `used` compiles must restart. Errors when
-    /// even a fresh process could not run one update.
-    pub fn decide(&self, budget: CompileBudget, used: usize) -> Result<RestartDecision> {
-        budget.check(0, self.at_start + self.per_update)?;
-        if self.per_update == 0 {
-            return Ok(if used + self.at_start <= budget.limit {
-                RestartDecision::Never
-            } else {
-                RestartDecision::After(0)
-            });
-        }
-        let left = budget.limit.saturating_sub(used + self.at_start);
-        Ok(RestartDecision::After((left / self.per_update) as u64))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,41 +98,6 @@ mod tests {
             e.starts_with("ane backend: compile budget: 2 compiles"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn packed_and_inputs_kernels_compile_once_and_never_restart() {
-        let budget = CompileBudget::default();
-        for mode in [WeightMode::Packed, WeightMode::Inputs] {
-            let plan = CompilePlan::new(mode, 9, 7);
-            assert_eq!(
-                plan,
-                CompilePlan {
-                    at_start: 9,
-                    per_update: 0
-                }
-            );
-            assert_eq!(plan.decide(budget, 0).unwrap(), RestartDecision::Never);
-            assert_eq!(plan.decide(budget, 91).unwrap(), RestartDecision::Never);
-            // A process that already spent its budget (e.g. after a doctor run) restarts first.
-            assert_eq!(plan.decide(budget, 92).unwrap(), RestartDecision::After(0));
-        }
-    }
-
-    #[test]
-    fn baked_kernels_restart_when_the_next_recompile_would_exceed_the_budget() {
-        // 9 kernels, 8 with weights (attn_bwd has none): 100 - 9 = 91 left,
-        // 91 / 8 = 11 updates (88 recompiles, 97 compiles in all; a 12th needs 105).
-        let plan = CompilePlan::new(WeightMode::Baked, 9, 8);
-        let budget = CompileBudget::default();
-        assert_eq!(plan.decide(budget, 0).unwrap(), RestartDecision::After(11));
-        assert_eq!(plan.decide(budget, 20).unwrap(), RestartDecision::After(8));
-        assert_eq!(plan.decide(budget, 99).unwrap(), RestartDecision::After(0));
-        // The reference's static pipeline: restart when compile_count + needed > MAX.
-        let tiny = CompileBudget { limit: 17 };
-        assert_eq!(plan.decide(tiny, 0).unwrap(), RestartDecision::After(1));
-        // A budget too small for a single update cannot be fixed by restarting.
-        assert!(plan.decide(CompileBudget { limit: 16 }, 0).is_err());
     }
 
     #[test]

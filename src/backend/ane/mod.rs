@@ -29,7 +29,9 @@ pub mod surface;
 
 use std::collections::HashMap;
 
-use super::{Backend, Block, BufferId, KernelId, KernelInfo};
+use super::{
+    Backend, Block, BufferId, CompileLimit, KernelId, KernelInfo, Preferences, WeightMode,
+};
 use crate::mil::TensorType;
 use crate::package::ProgramPackage;
 use crate::{Error, Result};
@@ -38,23 +40,7 @@ use files::ModelFiles;
 use surface::SurfaceLayout;
 
 pub use ffi::{ANE_FRAMEWORK, platform_unavailable_reason};
-
-/// The ANE backend over the private runtime, with the compile budget from the
-/// environment, and the device family (`_ANEDeviceInfo`) or "unknown family".
-pub fn open() -> Result<(AneBackend<private::PrivateRuntime>, String)> {
-    let runtime = private::PrivateRuntime::open()?;
-    let family = runtime
-        .device_family()
-        .unwrap_or_else(|| "unknown family".into());
-    Ok((AneBackend::new(runtime, CompileBudget::from_env()?), family))
-}
-
-/// [`open`], then run the probe kernel; any failure is the reason not to use the ANE.
-pub fn open_probed() -> Result<(AneBackend<private::PrivateRuntime>, String)> {
-    let (mut backend, family) = open()?;
-    probe::run_probe(&mut backend)?;
-    Ok((backend, family))
-}
+pub use private::{open, open_probed};
 
 /// What the backend needs from a device: compile + load a program, create
 /// surfaces and touch their bytes, bind surfaces into requests, evaluate, unload.
@@ -191,6 +177,19 @@ impl<R: Runtime> Drop for AneBackend<R> {
 impl<R: Runtime> Backend for AneBackend<R> {
     fn name(&self) -> &'static str {
         "ane"
+    }
+
+    /// Packed weights (compile once: one input surface, one output), and the
+    /// compile budget of this process.
+    fn preferences(&self) -> Preferences {
+        Preferences {
+            weight_mode: WeightMode::Packed,
+            compile_limit: Some(CompileLimit {
+                limit: self.budget.limit,
+                used: self.runtime.compiles(),
+                raised_by: budget::BUDGET_ENV,
+            }),
+        }
     }
 
     fn compile(&mut self, package: &ProgramPackage) -> Result<KernelId> {

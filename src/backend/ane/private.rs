@@ -15,12 +15,33 @@
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use super::Runtime;
 use super::budget;
 use super::ffi::{Class, Framework, Object, Surface};
 use super::files::{ModelDir, ModelFiles};
+use super::probe::run_probe;
 use super::surface::SurfaceLayout;
+use super::{AneBackend, Runtime};
 use crate::Result;
+
+/// The ANE backend over the private runtime, with the compile budget from the
+/// environment, and the device family (`_ANEDeviceInfo`) or "unknown family".
+pub fn open() -> Result<(AneBackend<PrivateRuntime>, String)> {
+    let runtime = PrivateRuntime::open()?;
+    let family = runtime
+        .device_family()
+        .unwrap_or_else(|| "unknown family".into());
+    Ok((
+        AneBackend::new(runtime, budget::CompileBudget::from_env()?),
+        family,
+    ))
+}
+
+/// [`open`], then run the probe kernel; any failure is the reason not to use the ANE.
+pub fn open_probed() -> Result<(AneBackend<PrivateRuntime>, String)> {
+    let (mut backend, family) = open()?;
+    run_probe(&mut backend)?;
+    Ok((backend, family))
+}
 
 /// QoS used for every call (ane-reference §1.6).
 pub const DEFAULT_QOS: u32 = 21;

@@ -117,11 +117,11 @@ mod tests {
     use super::*;
     use crate::backend::ane::budget::CompileBudget;
     use crate::backend::ane::fake::FakeRuntime;
-    use crate::mil::verify::{Target, verify_package};
+    use crate::mil::verify::Target;
 
     #[test]
     fn probe_is_a_clean_ane_program_and_passes_on_the_fake_runtime() {
-        let report = verify_package(&probe_package(), Target::Ane).unwrap();
+        let report = probe_package().verify(Target::Ane).unwrap();
         assert!(report.diagnostics.is_empty(), "{:?}", report.diagnostics);
         let mut backend = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget::default());
         let r = run_probe(&mut backend).unwrap();
