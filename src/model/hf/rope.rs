@@ -237,9 +237,9 @@ mod tests {
     #[test]
     fn linear_and_llama3_scaling_by_hand() {
         let base = inv_freq(8, 100.0, &RopeScaling::None);
-        for (got, want) in base
-            .iter()
-            .zip([1.0, 0.31622776601683794, 0.1, 0.031622776601683794])
+        for (got, want) in
+            base.iter()
+                .zip([1.0, 0.316_227_766_016_837_94, 0.1, 0.031_622_776_601_683_79])
         {
             assert!((got - want).abs() <= 4e-16 * want, "{base:?}");
         }
