@@ -180,9 +180,11 @@ impl ChatTemplate {
     }
 
     /// The text of `messages` as `apply_chat_template(messages,
-    /// add_generation_prompt=.., tokenize=False, **extra)` renders it. An
-    /// error (a `raise_exception` in the template among them) names the file
-    /// and carries the template's message.
+    /// add_generation_prompt=.., tokenize=False, **extra)` renders it. Extra
+    /// variables override the special tokens, `tools` and `documents`;
+    /// `messages` and `add_generation_prompt` always come from the arguments.
+    /// An error (a `raise_exception` in the template among them) names the
+    /// file and carries the template's message.
     pub fn render(
         &self,
         messages: &[ChatMessage],
