@@ -28,6 +28,7 @@ pub mod generate;
 pub mod linalg;
 pub mod math;
 pub mod mil;
+pub mod mmap;
 pub mod model;
 pub mod package;
 pub mod report;

@@ -3,5 +3,6 @@
 //! built-in story corpus.
 
 pub mod corpus;
+pub mod hf;
 pub mod tokenizer;
 pub mod tokens;

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod hf;
 pub mod host;
 pub mod kernels;
 pub mod llama2c;

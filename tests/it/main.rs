@@ -9,6 +9,7 @@ mod common;
 mod corpus;
 mod cpu_ops;
 mod generate;
+mod hf_io;
 mod job;
 mod kernels;
 mod llama2c;

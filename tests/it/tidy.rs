@@ -31,7 +31,7 @@ const MAX_FUNCTION_LINES: usize = 120;
 const SHORT_FUNCTION_DIRS: [&str; 2] = ["src/train/", "src/backend/cpu/"];
 /// The only files that may hold `unsafe` code (ARCHITECTURE.md, invariant 3);
 /// the memory-map module joins this list when it lands.
-const UNSAFE_ALLOWED: [&str; 1] = ["src/backend/ane/ffi.rs"];
+const UNSAFE_ALLOWED: [&str; 2] = ["src/backend/ane/ffi.rs", "src/mmap.rs"];
 /// The only directory that may name the CLI parser crate.
 const CLI_DIR: &str = "src/cli/";
 
