@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 
 use super::ir::{Arg, DType, Function, Literal, Operation, TensorType, Value};
-use super::op::{Op, ParamKind};
+use super::op::{Category, Op, ParamKind};
 use crate::{Error, Result};
 
 /// Infer the result types of `op`, looking up operand types and constant values
@@ -25,36 +25,49 @@ use crate::{Error, Result};
 pub fn infer_outputs(func: &Function, op: &Operation) -> Result<Vec<TensorType>> {
     let cx = Cx { func, op };
     cx.check_params()?;
+    match op.op.category() {
+        Category::Unary => return cx.unary(),
+        Category::Binary => return cx.binary(),
+        _ => {}
+    }
     match op.op {
         Op::Const => cx.constant(),
+        Op::ConstexprAffineDequantize => cx.constexpr_affine_dequantize(),
         Op::Cast => cx.cast(),
-        Op::Conv => cx.conv(),
-        Op::Matmul => cx.matmul(),
-        Op::Add | Op::Sub | Op::Mul | Op::RealDiv | Op::Maximum | Op::Minimum | Op::Pow => {
-            cx.binary()
-        }
-        Op::Sqrt
-        | Op::Rsqrt
-        | Op::Exp
-        | Op::Log
-        | Op::Tanh
-        | Op::Sigmoid
-        | Op::Silu
-        | Op::Relu
-        | Op::Identity => cx.unary(),
+        Op::Select => cx.select(),
+        Op::Quantize => cx.quantize(),
+        Op::Dequantize => cx.dequantize(),
         Op::Softmax => cx.softmax(),
         Op::ReduceSum | Op::ReduceMean | Op::ReduceMax => cx.reduce(),
+        Op::Identity => Ok(vec![cx.tensor("x")?]),
         Op::Reshape => cx.reshape(),
         Op::Transpose => cx.transpose(),
         Op::SliceBySize => cx.slice_by_size(),
         Op::Concat => cx.concat(),
         Op::Split => cx.split(),
-        Op::Select => cx.select(),
-        Op::ConstexprAffineDequantize => cx.constexpr_affine_dequantize(),
-        Op::Quantize => cx.quantize(),
-        Op::Dequantize => cx.dequantize(),
+        Op::Matmul => cx.matmul(),
+        Op::Conv => cx.conv(),
         Op::ScaledDotProductAttention => cx.sdpa(),
+        unary_or_binary => unreachable!("`{unary_or_binary}` is inferred by its category"),
     }
+}
+
+/// How the declared result types of `op` differ from the `inferred` ones,
+/// one message per difference (empty when they agree).
+pub fn result_mismatches(op: &Operation, inferred: &[TensorType]) -> Vec<String> {
+    if op.outputs.len() != inferred.len() {
+        return vec![format!(
+            "declares {} results but the op yields {}",
+            op.outputs.len(),
+            inferred.len()
+        )];
+    }
+    op.outputs
+        .iter()
+        .zip(inferred)
+        .filter(|(var, ty)| var.ty != **ty)
+        .map(|(var, ty)| format!("result `{}` is declared {} but is {ty}", var.name, var.ty))
+        .collect()
 }
 
 /// NumPy broadcasting of two shapes: align right, each pair of dims equal or one of them 1.
@@ -158,6 +171,17 @@ impl<'a> Cx<'a> {
             }
             if !seen.insert(key.as_str()) {
                 return Err(self.err(format!("parameter `{key}` is given twice")));
+            }
+        }
+        for param in kind.params().iter().filter(|p| !p.choices.is_empty()) {
+            if let Some(value) = self.string(param.name)?
+                && !param.choices.contains(&value)
+            {
+                return Err(self.err(format!(
+                    "parameter `{}`: \"{value}\" is not one of {}",
+                    param.name,
+                    param.choices.join(", ")
+                )));
             }
         }
         if kind == Op::Const && self.op.attr("val").is_none() {
@@ -387,11 +411,7 @@ impl<'a> Cx<'a> {
     }
 
     fn unary(&self) -> Result<Vec<TensorType>> {
-        let x = if self.op.op == Op::Identity {
-            self.tensor("x")?
-        } else {
-            self.typed("x", FLOAT)?
-        };
+        let x = self.typed("x", FLOAT)?;
         if let Some(eps) = self.literal("epsilon")? {
             if !eps.ty.is_scalar() || eps.ty.dtype != x.dtype {
                 return Err(self.err(format!(
@@ -796,11 +816,7 @@ impl<'a> Cx<'a> {
                 "same" | "same_lower" => {
                     (stride * input.div_ceil(stride) + kernel).saturating_sub(input + stride)
                 }
-                other => {
-                    return Err(self.err(format!(
-                        "parameter `pad_type`: \"{other}\" is not one of valid, same, same_lower, custom"
-                    )));
-                }
+                other => unreachable!("pad_type \"{other}\" passed check_params"),
             };
             if input + total_pad < kernel {
                 return Err(self.err(format!(

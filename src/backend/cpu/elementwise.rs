@@ -413,7 +413,7 @@ pub(super) fn compile_unary(ctx: &OpCtx) -> Result<Kernel> {
         Op::Sigmoid => Unary::Sigmoid,
         Op::Silu => Unary::Silu,
         Op::Relu => Unary::Relu,
-        other => unreachable!("{other} is not unary"),
+        other => unreachable!("no CPU kernel for unary `{other}`"),
     };
     Ok(Kernel::Unary(unary))
 }

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::{attention, constant, elementwise, gemm, reduce, shape};
 use crate::backend::Precision;
-use crate::mil::op::ParamKind;
+use crate::mil::op::{Category, ParamKind};
 use crate::mil::{Arg, DType, Literal, Op, Operation, Program, TensorType, Value, Var};
 use crate::{Error, Result};
 
@@ -1463,15 +1463,13 @@ fn check_params(op: &Operation) -> Result<()> {
 }
 
 fn lower_kernel(ctx: &OpCtx) -> Result<Kernel> {
+    match ctx.op.op.category() {
+        Category::Unary => return elementwise::compile_unary(ctx),
+        Category::Binary => return elementwise::compile_binary(ctx),
+        _ => {}
+    }
     match ctx.op.op {
-        Op::Const | Op::ConstexprAffineDequantize => unreachable!("constants are materialized"),
         Op::Identity | Op::Reshape => shape::compile_copy(ctx),
-        Op::Sqrt | Op::Rsqrt | Op::Exp | Op::Log | Op::Tanh | Op::Sigmoid | Op::Silu | Op::Relu => {
-            elementwise::compile_unary(ctx)
-        }
-        Op::Add | Op::Sub | Op::Mul | Op::RealDiv | Op::Maximum | Op::Minimum | Op::Pow => {
-            elementwise::compile_binary(ctx)
-        }
         Op::Select => elementwise::compile_select(ctx),
         Op::Cast => elementwise::compile_cast(ctx),
         Op::Quantize => elementwise::compile_quantize(ctx),
@@ -1485,6 +1483,7 @@ fn lower_kernel(ctx: &OpCtx) -> Result<Kernel> {
         Op::Matmul => gemm::compile_matmul(ctx),
         Op::Conv => gemm::compile_conv(ctx),
         Op::ScaledDotProductAttention => gemm::compile_attention(ctx),
+        other => unreachable!("`{other}` is lowered by its category or materialized"),
     }
 }
 
