@@ -144,6 +144,13 @@ CASES = [
     case("conv_bias", "conv", {"x": (F16, [1, 16, 1, 8])}, {"w": tensor(F16, [32, 16, 1, 1]), "b": tensor(F16, [32])}, x=var("x"), weight=var("w"), bias=var("b")),
     case("conv_group_mismatch", "conv", {"x": (F16, [1, 16, 1, 8])}, {"w": tensor(F16, [32, 16, 1, 1])}, x=var("x"), weight=var("w"), groups=i32(2)),
     case("conv_channel_mismatch", "conv", {"x": (F16, [1, 16, 1, 8])}, {"w": tensor(F16, [32, 12, 1, 1])}, x=var("x"), weight=var("w")),
+    case("conv_1d_strided", "conv", {"x": (F16, [1, 4, 9])}, {"w": tensor(F16, [2, 4, 3])},
+         x=var("x"), weight=var("w"), strides=i32s(2), pad_type={"str": "valid"}),
+    case("conv_1d_custom_pad_dilated", "conv", {"x": ("fp32", [2, 3, 10])}, {"w": tensor("fp32", [6, 3, 2])},
+         x=var("x"), weight=var("w"), pad_type={"str": "custom"}, pad=i32s(1, 2), dilations=i32s(3)),
+    case("conv_1d_same", "conv", {"x": (F16, [1, 2, 7])}, {"w": tensor(F16, [4, 2, 3])},
+         x=var("x"), weight=var("w"), strides=i32s(2), pad_type={"str": "same"}),
+    case("conv_rank_mismatch", "conv", {"x": (F16, [1, 4, 9])}, {"w": tensor(F16, [2, 4, 1, 3])}, x=var("x"), weight=var("w")),
     # matmul
     case("matmul_scores", "matmul", {"q": (F16, [1, 12, 256, 64]), "k": (F16, [1, 12, 256, 64])},
          x=var("q"), y=var("k"), transpose_x={"bool": False}, transpose_y={"bool": True}),

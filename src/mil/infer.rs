@@ -745,18 +745,23 @@ impl<'a> Cx<'a> {
         let x = self.typed("x", FLOAT)?;
         let w = self.tensor("weight")?;
         self.same_dtype("weight", &w, "x", &x)?;
-        if x.rank() != 4 {
-            return Err(self.err(format!(
-                "operand `x`: conv needs a rank-4 [N, C, H, W] input, got shape {:?}",
-                x.shape
-            )));
-        }
-        if w.rank() != 4 {
-            return Err(self.err(format!(
-                "operand `weight`: needs rank 4 [OC, IC/groups, KH, KW], got shape {:?}",
-                w.shape
-            )));
-        }
+        // Two spatial axes, or one (a 1-D convolution).
+        let spatial = match (x.rank(), w.rank()) {
+            (4, 4) => 2,
+            (3, 3) => 1,
+            (4, _) => {
+                return Err(self.err(format!(
+                    "operand `weight`: needs rank 4 [OC, IC/groups, KH, KW], got shape {:?}",
+                    w.shape
+                )));
+            }
+            _ => {
+                return Err(self.err(format!(
+                    "operand `x`: conv needs a rank-4 [N, C, H, W] input (or a rank-3 [N, C, W] one with a rank-3 weight), got shape {:?}",
+                    x.shape
+                )));
+            }
+        };
         let groups = self.int("groups")?.unwrap_or(1);
         let (c_in, c_out) = (x.shape[1], w.shape[0]);
         if groups < 1 || c_in % groups as usize != 0 || c_out % groups as usize != 0 {
@@ -781,33 +786,25 @@ impl<'a> Cx<'a> {
                 )));
             }
         }
-        let pair = |param: &str| -> Result<[usize; 2]> {
+        let list = |param: &str, len: usize, min: i64, default: usize| -> Result<Vec<usize>> {
             match self.ints(param)? {
-                None => Ok([1, 1]),
-                Some(v) if v.len() == 2 && v.iter().all(|&s| s >= 1) => {
-                    Ok([v[0] as usize, v[1] as usize])
+                None => Ok(vec![default; len]),
+                Some(v) if v.len() == len && v.iter().all(|&s| s >= min) => {
+                    Ok(v.iter().map(|&s| s as usize).collect())
                 }
                 Some(v) => Err(self.err(format!(
-                    "parameter `{param}`: {v:?} must hold two values >= 1"
+                    "parameter `{param}`: {v:?} must hold {len} values >= {min}"
                 ))),
             }
         };
-        let strides = pair("strides")?;
-        let dilations = pair("dilations")?;
+        let strides = list("strides", spatial, 1, 1)?;
+        let dilations = list("dilations", spatial, 1, 1)?;
+        let pad = list("pad", 2 * spatial, 0, 0)?;
         let pad_type = self.string("pad_type")?.unwrap_or("valid");
-        let pad = match self.ints("pad")? {
-            None => [0; 4],
-            Some(v) if v.len() == 4 && v.iter().all(|&p| p >= 0) => {
-                [v[0] as usize, v[1] as usize, v[2] as usize, v[3] as usize]
-            }
-            Some(v) => {
-                return Err(self.err(format!("parameter `pad`: {v:?} must hold four values >= 0")));
-            }
-        };
         let mut shape = vec![x.shape[0], c_out];
-        for d in 0..2 {
+        for d in 0..spatial {
             let input = x.shape[2 + d];
-            let kernel = (w.shape[2 + d] - 1) * dilations[d] + 1;
+            let kernel = (w.shape[2 + d].max(1) - 1) * dilations[d] + 1;
             let stride = strides[d];
             // Total padding along the axis, as in coremltools' `aggregated_pad`.
             let total_pad = match pad_type {

@@ -8,8 +8,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::exec::{Kernel, OpCtx};
-use crate::Result;
+use super::values::OpCtx;
 use crate::mil::ir::round_fp16;
 use crate::mil::{DType, Op};
 
@@ -387,35 +386,29 @@ fn minimum(a: f32, b: f32) -> f32 {
     if a <= b || a.is_nan() { a } else { b }
 }
 
-pub(super) fn compile_unary(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    ctx.expect_float("x", x)?;
-    ctx.expect_output(x.dtype, &x.shape)?;
+pub(super) fn compile_unary(ctx: &OpCtx) -> Unary {
+    let x = ctx.input("x");
     // The default epsilon is a literal of x's dtype: 1e-12 and 1e-45 are 0 in fp16.
-    let epsilon = |default: f32| -> Result<f32> {
-        match ctx.floats("epsilon")? {
-            Some([e]) => Ok(*e),
-            Some(_) => Err(ctx.err("`epsilon` must be a float scalar")),
-            None if x.dtype == DType::Fp16 => Ok(round_fp16(default)),
-            None => Ok(default),
-        }
+    let epsilon = |default: f32| match ctx.floats("epsilon") {
+        Some(e) => e[0],
+        None if x.dtype == DType::Fp16 => round_fp16(default),
+        None => default,
     };
-    let unary = match ctx.op.op {
+    match ctx.op.op {
         Op::Sqrt => Unary::Sqrt,
         Op::Rsqrt => Unary::Rsqrt {
-            epsilon: epsilon(1e-12)?,
+            epsilon: epsilon(1e-12),
         },
         Op::Exp => Unary::Exp,
         Op::Log => Unary::Log {
-            epsilon: epsilon(1e-45)?,
+            epsilon: epsilon(1e-45),
         },
         Op::Tanh => Unary::Tanh,
         Op::Sigmoid => Unary::Sigmoid,
         Op::Silu => Unary::Silu,
         Op::Relu => Unary::Relu,
         other => unreachable!("no CPU kernel for unary `{other}`"),
-    };
-    Ok(Kernel::Unary(unary))
+    }
 }
 
 /// A binary op on broadcast operands.
@@ -565,52 +558,22 @@ impl Chain {
     }
 }
 
-pub(super) fn compile_binary(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let y = ctx.input("y")?;
-    if x.dtype != y.dtype {
-        return Err(ctx.err(format!("`x` is {x} but `y` is {y}; dtypes must match")));
-    }
-    let out = ctx.output();
-    if out.dtype != x.dtype {
-        return Err(ctx.err(format!(
-            "result is declared {out} but the operands are {}",
-            x.dtype
-        )));
-    }
-    let broadcast = Broadcast::new(&[&x.shape, &y.shape], &out.shape).map_err(|e| ctx.err(e))?;
-    Ok(Kernel::Binary(Binary {
+pub(super) fn compile_binary(ctx: &OpCtx) -> Binary {
+    let (x, y) = (ctx.input("x"), ctx.input("y"));
+    Binary {
         op: ctx.op.op,
-        broadcast,
-    }))
+        broadcast: Broadcast::new(&[&x.shape, &y.shape], &ctx.output().shape)
+            .expect("inference checked the broadcast"),
+    }
 }
 
-pub(super) fn compile_select(ctx: &OpCtx) -> Result<Kernel> {
-    let cond = ctx.input("cond")?;
-    let a = ctx.input("a")?;
-    let b = ctx.input("b")?;
-    if a.dtype != b.dtype {
-        return Err(ctx.err(format!("`a` is {a} but `b` is {b}; dtypes must match")));
-    }
-    let out = ctx.output();
-    if out.dtype != a.dtype {
-        return Err(ctx.err(format!("result is declared {out} but `a` is {}", a.dtype)));
-    }
-    let broadcast =
-        Broadcast::new(&[&cond.shape, &a.shape, &b.shape], &out.shape).map_err(|e| ctx.err(e))?;
-    Ok(Kernel::Select(broadcast))
+pub(super) fn compile_select(ctx: &OpCtx) -> Broadcast {
+    let shapes = ["cond", "a", "b"].map(|p| ctx.input(p).shape.as_slice());
+    Broadcast::new(&shapes, &ctx.output().shape).expect("inference checked the broadcast")
 }
 
-pub(super) fn compile_cast(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let name = ctx
-        .string("dtype")?
-        .ok_or_else(|| ctx.err("missing required parameter `dtype`"))?;
-    let dtype = DType::from_mil_name(name)
-        .filter(|d| *d != DType::String)
-        .ok_or_else(|| ctx.err(format!("unknown `dtype` \"{name}\"")))?;
-    ctx.expect_output(dtype, &x.shape)?;
-    Ok(Kernel::Cast(dtype))
+pub(super) fn compile_cast(ctx: &OpCtx) -> DType {
+    ctx.output().dtype
 }
 
 /// A quantization parameter: one value, or one per index along an axis.
@@ -622,30 +585,18 @@ struct PerAxis {
 }
 
 impl PerAxis {
-    fn new(
-        ctx: &OpCtx,
-        param: &str,
-        values: Vec<f32>,
-        axis: Option<i64>,
-        shape: &[usize],
-    ) -> Result<PerAxis> {
+    /// `values` for a tensor of `shape`: one value, or one per index along `axis`.
+    fn new(values: Vec<f32>, axis: Option<i64>, shape: &[usize]) -> PerAxis {
         if values.len() == 1 {
-            return Ok(PerAxis { values, inner: 1 });
+            return PerAxis { values, inner: 1 };
         }
-        let axis =
-            axis.ok_or_else(|| ctx.err(format!("`{param}` is a vector, so `axis` must be given")))?;
-        let axis = ctx.axis("axis", axis, shape.len())?;
-        if values.len() != shape[axis] {
-            return Err(ctx.err(format!(
-                "`{param}` has {} values but axis {axis} of {shape:?} has {}",
-                values.len(),
-                shape[axis]
-            )));
-        }
-        Ok(PerAxis {
+        let axis = axis.expect("inference checked that a vector has an axis");
+        let axis = crate::mil::infer::normalize_axis(axis, shape.len()).expect("checked");
+        debug_assert_eq!(values.len(), shape[axis]);
+        PerAxis {
             values,
             inner: shape[axis + 1..].iter().product(),
-        })
+        }
     }
 
     /// The parameter for flat element index `i`.
@@ -678,35 +629,21 @@ impl Quantize {
     }
 }
 
-pub(super) fn compile_quantize(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("input")?;
-    ctx.expect_float("input", x)?;
-    let name = ctx
-        .string("output_dtype")?
-        .ok_or_else(|| ctx.err("missing required parameter `output_dtype`"))?;
-    let dtype = match DType::from_mil_name(name) {
-        Some(d @ (DType::Int8 | DType::Uint8)) => d,
-        _ => {
-            return Err(ctx.err(format!(
-                "`output_dtype` must be \"int8\" or \"uint8\", got \"{name}\""
-            )));
-        }
-    };
-    ctx.expect_output(dtype, &x.shape)?;
-    let axis = ctx.int("axis")?;
-    let scale = ctx
-        .floats("scale")?
-        .ok_or_else(|| ctx.err("missing required parameter `scale`"))?;
-    let zero_point = match ctx.ints("zero_point")? {
+pub(super) fn compile_quantize(ctx: &OpCtx) -> Quantize {
+    let x = ctx.input("input");
+    let axis = ctx.int("axis");
+    let scale = ctx.floats("scale").expect("required");
+    let zero_point = match ctx.ints("zero_point") {
         Some(zp) => zp.iter().map(|&v| v as f32).collect(),
         None => vec![0.0],
     };
-    Ok(Kernel::Quantize(Quantize {
-        scale: PerAxis::new(ctx, "scale", scale.to_vec(), axis, &x.shape)?,
-        zero_point: PerAxis::new(ctx, "zero_point", zero_point, axis, &x.shape)?,
-        dtype,
-        round_quotient: x.dtype == DType::Fp16 && ctx.precision == crate::backend::Precision::Fp16,
-    }))
+    Quantize {
+        scale: PerAxis::new(scale.to_vec(), axis, &x.shape),
+        zero_point: PerAxis::new(zero_point, axis, &x.shape),
+        dtype: ctx.output().dtype,
+        round_quotient: x.dtype == DType::Fp16
+            && ctx.precision() == crate::backend::Precision::Fp16,
+    }
 }
 
 /// `dequantize`: `(q - zero_point) * scale`.
@@ -718,22 +655,15 @@ pub(super) struct Dequantize {
 
 impl Dequantize {
     pub(super) fn new(
-        ctx: &OpCtx,
         scale: Vec<f32>,
         zero_point: Option<Vec<f32>>,
         axis: Option<i64>,
         shape: &[usize],
-    ) -> Result<Dequantize> {
-        Ok(Dequantize {
-            scale: PerAxis::new(ctx, "scale", scale, axis, shape)?,
-            zero_point: PerAxis::new(
-                ctx,
-                "zero_point",
-                zero_point.unwrap_or_else(|| vec![0.0]),
-                axis,
-                shape,
-            )?,
-        })
+    ) -> Dequantize {
+        Dequantize {
+            scale: PerAxis::new(scale, axis, shape),
+            zero_point: PerAxis::new(zero_point.unwrap_or_else(|| vec![0.0]), axis, shape),
+        }
     }
 
     pub(super) fn run(&self, q: &[f32], out: &mut [f32]) {
@@ -743,27 +673,16 @@ impl Dequantize {
     }
 }
 
-pub(super) fn compile_dequantize(ctx: &OpCtx) -> Result<Kernel> {
-    let q = ctx.input("input")?;
-    if !matches!(q.dtype, DType::Int8 | DType::Uint8) {
-        return Err(ctx.err(format!("`input` must be int8 or uint8, got {q}")));
-    }
-    let scale_lit = ctx
-        .lit("scale")?
-        .ok_or_else(|| ctx.err("missing required parameter `scale`"))?;
-    ctx.expect_float("scale", &scale_lit.ty)?;
-    ctx.expect_output(scale_lit.ty.dtype, &q.shape)?;
-    let scale = ctx.floats("scale")?.expect("checked above").to_vec();
+pub(super) fn compile_dequantize(ctx: &OpCtx) -> Dequantize {
     let zero_point = ctx
-        .ints("zero_point")?
+        .ints("zero_point")
         .map(|zp| zp.iter().map(|&v| v as f32).collect());
-    Ok(Kernel::Dequantize(Dequantize::new(
-        ctx,
-        scale,
+    Dequantize::new(
+        ctx.floats("scale").expect("required").to_vec(),
         zero_point,
-        ctx.int("axis")?,
-        &q.shape,
-    )?))
+        ctx.int("axis"),
+        &ctx.input("input").shape,
+    )
 }
 
 #[cfg(test)]

@@ -17,18 +17,22 @@
 mod attention;
 mod constant;
 mod elementwise;
-mod exec;
+mod fuse;
 mod gemm;
+mod kernel;
+mod lower;
+mod plan;
 pub mod profile;
 mod reduce;
 mod rewrite;
 mod shape;
+mod values;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use self::exec::{Plan, Workspace};
+use self::plan::{Plan, Workspace};
 use super::{Backend, Block, BufferId, HostCall, KernelId, KernelInfo, Precision, matrix_dims};
 use crate::mil::{DType, Program, TensorType};
 use crate::package::ProgramPackage;
@@ -362,7 +366,7 @@ impl Backend for CpuBackend {
     /// workspace of the kernel's (made when none is free, so memory grows with
     /// the calls running at once, not with the calls). Two sequences through a
     /// layer side by side, each product on its own core, beat one after the
-    /// other with each product split over both (see `exec::side_by_side`);
+    /// other with each product split over both (see `plan::side_by_side`);
     /// and tasks of one call each keep both cores busy when other work (the
     /// weight gradients beside the backward kernels) holds one of them for
     /// part of the time. A workspace belongs to a call, not to a thread: a
