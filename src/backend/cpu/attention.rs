@@ -1,6 +1,6 @@
 //! Causal attention, fused: the CPU backend's form of the attention idioms the
-//! Llama kernels write as separate MIL ops (see `PlanBuilder::fuse` for the
-//! patterns matched). What changes is the work done, not the values:
+//! Llama kernels write as separate MIL ops (`fuse/causal.rs` matches the
+//! patterns). What changes is the work done, not the values:
 //!
 //! - **Causal skipping.** A constant mask whose rows end in a run of large
 //!   negative values (the causal mask: `-65504` above the diagonal) makes those
@@ -87,10 +87,9 @@ impl MatrixLayout {
         self.rows * self.cols
     }
 
-    /// The Euclidean norm of every row of one matrix `data` in this layout,
-    /// summed in `f32` (an overflow gives infinity, a NaN stays NaN: both
-    /// fail the scores bound, which is what they should do).
-    /// The L2 norm of each of the `rows` rows of `data` into `norms`.
+    /// The Euclidean norm of each of the `rows` rows of one matrix `data` in
+    /// this layout into `norms`, summed in `f32` (an overflow gives infinity,
+    /// a NaN stays NaN: both fail the scores bound, which is what they should do).
     fn row_norms(&self, data: &[f32], norms: &mut [f32]) {
         crate::math::simd(
             #[inline(always)]

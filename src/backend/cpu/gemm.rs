@@ -27,13 +27,10 @@ fn par_for(flops: usize) -> Par {
 
 /// Products with a left operand stored transposed (the backward `W^T dY`) at
 /// least this large (multiply-adds) may run through [`gemm_transposed_lhs`]
-/// (see [`transposed_lhs_detour`]); smaller ones read it in place. faer's fast
-/// form wants its right operand column-major in a column-major result, or, for
-/// a row-major result, a row-major left operand. Measured on Zen 3 (AVX2, 2
-/// threads, `m x k x n`): 2048x768x512 11.9 ms that way against 15.5 ms in
-/// place and 15.2 ms with a row-major copy of the left operand; 768x2048x512
-/// 11.9 against 15.1 and 12.5; from 768x768x256 down, reading in place is as
-/// fast or faster.
+/// (see [`transposed_lhs_detour`]); smaller ones read it in place, which
+/// measured as fast or faster (`docs/performance.md`, "Measurements behind CPU
+/// backend choices"). faer's fast form wants its right operand column-major in
+/// a column-major result, or, for a row-major result, a row-major left operand.
 const TRANSPOSED_LHS_FLOPS: usize = 1 << 28;
 
 thread_local! {
@@ -72,9 +69,8 @@ fn gemm(
 /// Whether a product with a transposed left operand goes through
 /// [`gemm_transposed_lhs`]: large ones on AVX2, and on CPUs with AVX-512
 /// (where faer runs its 512-bit kernels) only those with more result rows than
-/// inner dimension. Measured on Ice Lake (2 threads, GFLOP/s in place against
-/// the detour, three rounds): 768x768x512 131-159 against 105-140,
-/// 768x2048x512 160-177 against 142-153, 2048x768x512 87-125 against 122-131.
+/// inner dimension; each choice is the faster one measured
+/// (`docs/performance.md`).
 fn transposed_lhs_detour((m, k, n): (usize, usize, usize), avx512: bool) -> bool {
     m * k * n >= TRANSPOSED_LHS_FLOPS && (!avx512 || m > k)
 }

@@ -401,9 +401,8 @@ const SIDE_BY_SIDE_FLOPS: usize = 1 << 24;
 /// Splits the steps into runs (as start indices, with the end appended): a run
 /// is one step, or consecutive large products that are independent: none reads
 /// or overwrites a buffer another one writes. Two products each on its own
-/// core run faster than one after the other each split over both (measured on
-/// Ice Lake, 2 threads: 2048x768x512 products at 170-190 GFLOP/s against
-/// 120-140), and rayon balances the pair when one finishes first.
+/// core run faster than one after the other each split over both (measured:
+/// `docs/performance.md`), and rayon balances the pair when one finishes first.
 fn side_by_side(steps: &[Step], homes: &[Home]) -> Vec<usize> {
     let large = |s: &Step| matches!(&s.kernel, StepKernel::Matmul(m) if m.multiply_adds() >= SIDE_BY_SIDE_FLOPS);
     let writes = |s: &Step| s.results.iter().map(|&r| homes[r]).collect::<Vec<_>>();

@@ -119,9 +119,8 @@ impl View {
     }
 
     /// [`View::gather`] of a stack of transposed matrices: each matrix through
-    /// the tiled [`crate::linalg::transpose_into`], matrices in parallel.
-    /// Measured on Zen 4 (one thread, `layer768`'s six head transposes,
-    /// `[12, 64, 512]` and back): 1.75 against 3.30 ms a step value by value.
+    /// the tiled [`crate::linalg::transpose_into`], matrices in parallel:
+    /// faster than value by value (measured: `docs/performance.md`).
     fn gather_transposed(&self, src: &[f32], out: &mut [f32]) {
         let rank = self.shape.len();
         let (rows, cols) = (self.shape[rank - 2], self.shape[rank - 1]);
