@@ -9,6 +9,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::values::OpCtx;
+use crate::math::sigmoid;
 use crate::mil::ir::round_fp16;
 use crate::mil::{DType, Op};
 
@@ -277,7 +278,9 @@ impl Broadcast {
     }
 }
 
-/// A unary float op; `epsilon` is added to the operand first.
+/// A unary float op, its constant parameters resolved (`epsilon` is added to
+/// the operand first). A unary op is three adjacent pieces: its variant here,
+/// its arm in [`compile_unary`] and its scalar function in `with_unary!`.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Unary {
     Sqrt,
@@ -290,7 +293,31 @@ pub(super) enum Unary {
     Relu,
 }
 
-use crate::math::sigmoid;
+/// The unary kernel of `ctx`'s op.
+pub(super) fn compile_unary(ctx: &OpCtx) -> Unary {
+    let x = ctx.input("x");
+    // The default epsilon is a literal of x's dtype: 1e-12 and 1e-45 are 0 in fp16.
+    let epsilon = |default: f32| match ctx.floats("epsilon") {
+        Some(e) => e[0],
+        None if x.dtype == DType::Fp16 => round_fp16(default),
+        None => default,
+    };
+    match ctx.op.op {
+        Op::Sqrt => Unary::Sqrt,
+        Op::Rsqrt => Unary::Rsqrt {
+            epsilon: epsilon(1e-12),
+        },
+        Op::Exp => Unary::Exp,
+        Op::Log => Unary::Log {
+            epsilon: epsilon(1e-45),
+        },
+        Op::Tanh => Unary::Tanh,
+        Op::Sigmoid => Unary::Sigmoid,
+        Op::Silu => Unary::Silu,
+        Op::Relu => Unary::Relu,
+        other => unreachable!("no CPU kernel for unary `{other}`"),
+    }
+}
 
 /// `$body` with `$f` bound to the scalar function of unary op `$u`
 /// (one arm per op, so that loops in `$body` see a concrete closure).
@@ -384,31 +411,6 @@ fn maximum(a: f32, b: f32) -> f32 {
 /// NumPy `minimum`: NaN if either operand is NaN.
 fn minimum(a: f32, b: f32) -> f32 {
     if a <= b || a.is_nan() { a } else { b }
-}
-
-pub(super) fn compile_unary(ctx: &OpCtx) -> Unary {
-    let x = ctx.input("x");
-    // The default epsilon is a literal of x's dtype: 1e-12 and 1e-45 are 0 in fp16.
-    let epsilon = |default: f32| match ctx.floats("epsilon") {
-        Some(e) => e[0],
-        None if x.dtype == DType::Fp16 => round_fp16(default),
-        None => default,
-    };
-    match ctx.op.op {
-        Op::Sqrt => Unary::Sqrt,
-        Op::Rsqrt => Unary::Rsqrt {
-            epsilon: epsilon(1e-12),
-        },
-        Op::Exp => Unary::Exp,
-        Op::Log => Unary::Log {
-            epsilon: epsilon(1e-45),
-        },
-        Op::Tanh => Unary::Tanh,
-        Op::Sigmoid => Unary::Sigmoid,
-        Op::Silu => Unary::Silu,
-        Op::Relu => Unary::Relu,
-        other => unreachable!("no CPU kernel for unary `{other}`"),
-    }
 }
 
 /// A binary op on broadcast operands.
