@@ -88,6 +88,11 @@ CASES = [
     case("sigmoid", "sigmoid", {"x": (F16, [1, 8, 1, 4])}, x=var("x")),
     case("silu", "silu", {"x": (F16, [1, 8, 1, 4])}, x=var("x")),
     case("relu", "relu", {"x": (F16, [4])}, x=var("x")),
+    case("gelu_default", "gelu", {"x": (F16, [1, 8, 1, 4])}, x=var("x")),
+    case("gelu_tanh", "gelu", {"x": ("fp32", [2, 3])}, x=var("x"), mode={"str": "TANH_APPROXIMATION"}),
+    case("gelu_sigmoid", "gelu", {"x": (F16, [4])}, x=var("x"), mode={"str": "SIGMOID_APPROXIMATION"}),
+    case("gelu_unknown_mode", "gelu", {"x": (F16, [4])}, x=var("x"), mode={"str": "FAST"}),
+    case("gelu_int_rejected", "gelu", {"x": ("int32", [3])}, x=var("x")),
     case("identity", "identity", {"x": (F16, [1, 64, 1, 8])}, x=var("x")),
     case("sqrt_int_rejected", "sqrt", {"x": ("int32", [3])}, x=var("x")),
     # softmax

@@ -198,6 +198,9 @@ ops! {
     Sigmoid:                   "sigmoid",                     Unary,       Ios15, true,  UNARY;
     Silu:                      "silu",                        Unary,       Ios15, false, UNARY;
     Relu:                      "relu",                        Unary,       Ios15, false, UNARY;
+    Gelu:                      "gelu",                        Unary,       Ios15, false, &[
+        req("x", Tensor), choice("mode", &["EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION"]),
+    ];
     Softmax:                   "softmax",                     Reduction,   Ios15, true,  &[req("x", Tensor), opt("axis", Const)];
     ReduceSum:                 "reduce_sum",                  Reduction,   Ios15, true,  REDUCE;
     ReduceMean:                "reduce_mean",                 Reduction,   Ios15, false, REDUCE;

@@ -284,13 +284,23 @@ impl Broadcast {
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Unary {
     Sqrt,
-    Rsqrt { epsilon: f32 },
+    Rsqrt {
+        epsilon: f32,
+    },
     Exp,
-    Log { epsilon: f32 },
+    Log {
+        epsilon: f32,
+    },
     Tanh,
     Sigmoid,
     Silu,
     Relu,
+    /// `gelu`, mode `EXACT`: `0.5 x (1 + erf(x / sqrt 2))`.
+    GeluExact,
+    /// `gelu`, mode `TANH_APPROXIMATION`: `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+    GeluTanh,
+    /// `gelu`, mode `SIGMOID_APPROXIMATION`: `x sigmoid(1.702 x)`.
+    GeluSigmoid,
 }
 
 /// The unary kernel of `ctx`'s op.
@@ -315,6 +325,12 @@ pub(super) fn compile_unary(ctx: &OpCtx) -> Unary {
         Op::Sigmoid => Unary::Sigmoid,
         Op::Silu => Unary::Silu,
         Op::Relu => Unary::Relu,
+        Op::Gelu => match ctx.string("mode") {
+            Some("EXACT") => Unary::GeluExact,
+            Some("TANH_APPROXIMATION") => Unary::GeluTanh,
+            Some("SIGMOID_APPROXIMATION") => Unary::GeluSigmoid,
+            mode => unreachable!("gelu mode {mode:?} passed inference"),
+        },
         other => unreachable!("no CPU kernel for unary `{other}`"),
     }
 }
@@ -354,6 +370,19 @@ macro_rules! with_unary {
             }
             Unary::Relu => {
                 let $f = |v: f32| maximum(v, 0.0);
+                $body
+            }
+            Unary::GeluExact => {
+                let $f = gelu_exact;
+                $body
+            }
+            // 0.5 (1 + tanh(u)) = sigmoid(2 u), without the cancellation for negative u.
+            Unary::GeluTanh => {
+                let $f = |v: f32| v * sigmoid(2.0 * GELU_TANH_SCALE * (v + 0.044715 * v * v * v));
+                $body
+            }
+            Unary::GeluSigmoid => {
+                let $f = |v: f32| v * sigmoid(1.702 * v);
                 $body
             }
         }
@@ -401,6 +430,46 @@ impl Unary {
     pub(super) fn run(self, x: &[f32], out: &mut [f32]) {
         with_unary!(self, |f| map(x, out, f))
     }
+}
+
+/// `sqrt(2 / pi)`, the scale of gelu's tanh approximation.
+const GELU_TANH_SCALE: f32 = 0.797_884_6;
+
+/// Exact gelu, `0.5 x (1 + erf(x / sqrt 2)) = 0.5 x erfc(-x / sqrt 2)`, in
+/// `f64` and without cancellation where `erf` is near -1.
+fn gelu_exact(x: f32) -> f32 {
+    let x = f64::from(x);
+    (0.5 * x * erfc(-x * std::f64::consts::FRAC_1_SQRT_2)) as f32
+}
+
+/// The complementary error function, to about `1e-10` relative error:
+/// `1 - erf(z)` with erf's Maclaurin series below 2.5, the continued
+/// fraction `erfc(z) = exp(-z^2) / sqrt(pi) / (z + (1/2) / (z + 1 / (z + (3/2) / (z + ...))))`
+/// from there on (60 terms, evaluated from the tail), and
+/// `erfc(-z) = 2 - erfc(z)`. NaN stays NaN.
+fn erfc(z: f64) -> f64 {
+    if z < 0.0 {
+        return 2.0 - erfc(-z);
+    }
+    let two_over_sqrt_pi = std::f64::consts::FRAC_2_SQRT_PI;
+    if z < 2.5 {
+        // erf(z) = 2 / sqrt(pi) * sum_n (-1)^n z^(2n+1) / (n! (2n+1)).
+        let (z2, mut term, mut sum) = (z * z, z, z);
+        for n in 1..100 {
+            term *= -z2 / n as f64;
+            let add = term / (2 * n + 1) as f64;
+            sum += add;
+            if add.abs() <= 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        return 1.0 - two_over_sqrt_pi * sum;
+    }
+    let mut tail = z;
+    for k in (1..=60).rev() {
+        tail = z + (k as f64 / 2.0) / tail;
+    }
+    (-z * z).exp() * two_over_sqrt_pi / (2.0 * tail)
 }
 
 /// NumPy `maximum`: NaN if either operand is NaN.
@@ -703,6 +772,34 @@ mod tests {
         assert_eq!(out[8..12], [308.0, 309.0, 310.0, 311.0]);
         assert!(Broadcast::new(&[&[2, 3], &[4, 3]], &[4, 3]).is_err());
         assert!(Broadcast::new(&[&[2, 3], &[3]], &[3, 3]).is_err());
+    }
+
+    /// `erfc` against Python's `math.erfc`:
+    /// `[math.erfc(z) for z in (-1.5, 0, 0.3, 1, 2.4, 2.6, 5, 10, 26)]`.
+    #[test]
+    fn erfc_matches_a_reference_on_both_sides_of_the_switch() {
+        let cases = [
+            (-1.5, 1.9661051464753108),
+            (0.0, 1.0),
+            (0.3, 0.6713732405408726),
+            (1.0, 0.15729920705028513),
+            (2.4, 0.0006885138966450789),
+            (2.6, 0.00023603441652934908),
+            (5.0, 1.5374597944280351e-12),
+            (10.0, 2.088487583762545e-45),
+            (26.0, 5.663192408856143e-296),
+        ];
+        for (z, want) in cases {
+            let got = erfc(z);
+            assert!(
+                (got - want).abs() <= 1e-10 * want,
+                "erfc({z}) = {got}, want {want}"
+            );
+        }
+        assert!(erfc(f64::NAN).is_nan());
+        // As the definition gives: -inf * 0.5 * (1 + erf(-inf)) is -inf * 0.
+        assert!(gelu_exact(f32::NEG_INFINITY).is_nan());
+        assert_eq!(gelu_exact(f32::INFINITY), f32::INFINITY);
     }
 
     #[test]
