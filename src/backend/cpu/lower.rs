@@ -171,8 +171,8 @@ impl<'p> Lowering<'p> {
 
     /// A computing operation: its step, fused if a fusion matches.
     fn step(&mut self, op: &'p Operation) -> Result<()> {
-        let kernel = StepKernel::lower(&self.values.ctx(op));
         let args = self.operand_slots(op)?;
+        let kernel = StepKernel::lower(&self.values.ctx(op));
         let fused = match self.fuse {
             true => FUSIONS
                 .iter()
@@ -211,18 +211,19 @@ impl<'p> Lowering<'p> {
     }
 
     /// Slots of the tensor operands of `op`, in parameter order (tuples
-    /// expanded); inline literals become constants.
+    /// expanded); inline literals become constants. A string constant is no
+    /// tensor operand (the kernel compilers see tensors only).
     fn operand_slots(&mut self, op: &Operation) -> Result<Vec<ValueSlot>> {
         let mut slots = Vec::new();
         for param in op.op.params() {
             match op.arg(param.name) {
                 Some(Arg::Tuple(items)) => {
                     for item in items {
-                        slots.push(self.operand_slot(op, item)?);
+                        slots.push(self.operand_slot(op, param.name, item)?);
                     }
                 }
                 Some(arg) if matches!(param.kind, ParamKind::Tensor | ParamKind::ConstTensor) => {
-                    slots.push(self.operand_slot(op, arg)?)
+                    slots.push(self.operand_slot(op, param.name, arg)?)
                 }
                 _ => {}
             }
@@ -230,9 +231,14 @@ impl<'p> Lowering<'p> {
         Ok(slots)
     }
 
-    fn operand_slot(&mut self, op: &Operation, arg: &Arg) -> Result<ValueSlot> {
+    fn operand_slot(&mut self, op: &Operation, param: &str, arg: &Arg) -> Result<ValueSlot> {
         match arg {
-            Arg::Var(name) => Ok(self.values.slot(name).expect("checked: a tensor operand")),
+            Arg::Var(name) => self.values.slot(name).ok_or_else(|| {
+                op_error(
+                    op,
+                    format!("`{param}` refers to `{name}`, which is not a tensor value"),
+                )
+            }),
             Arg::Lit(lit) => {
                 let data = constant::materialize(lit, self.weights, op)?;
                 let slot = self.values.new_slot(lit.ty.clone());
@@ -241,5 +247,30 @@ impl<'p> Lowering<'p> {
             }
             Arg::Tuple(_) => unreachable!("inference rejects nested tuples"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::backend::Precision;
+    use crate::backend::cpu::plan::Plan;
+    use crate::backend::cpu::plan::tests::program;
+
+    /// Inference accepts any type for `identity`, but a string constant is
+    /// no tensor the interpreter holds: an error naming it, not a panic.
+    #[test]
+    fn a_string_constant_is_no_tensor_operand() {
+        let body = "        string s = const()[name = string(\"s\"), val = string(\"text\")];\n\
+                    \x20       string y = identity(x = s)[name = string(\"y\")];\n";
+        let program = program(body, "tensor<fp32, [1]> x", "y");
+        let err = Plan::compile(&program, &BTreeMap::new(), Precision::Fp32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`x` refers to `s`, which is not a tensor value"),
+            "{err}"
+        );
     }
 }

@@ -107,4 +107,24 @@ mod tests {
             assert!((got[0][20..24].iter().sum::<f32>() - 1.0).abs() < 2e-3);
         }
     }
+
+    /// The pattern's inner ops must be used only by their consumer: with the
+    /// scaled scores also an output, nothing fuses (the plan keeps three steps).
+    #[test]
+    fn an_intermediate_used_elsewhere_is_not_absorbed() {
+        let body = "        tensor<fp32, [1, 2, 3]> m = mul(x = s, y = fp32(0.3))[name = string(\"m\")];\n\
+                    \x20       tensor<fp32, [1, 2, 3]> a = add(x = m, y = mask)[name = string(\"a\")];\n\
+                    \x20       tensor<fp32, [1, 2, 3]> p = softmax(x = a, axis = int32(-1))[name = string(\"p\")];\n";
+        let sig = "tensor<fp32, [1, 2, 3]> s, tensor<fp32, [1, 2, 3]> mask";
+        let program = program(body, sig, "p, m");
+        let fused = Plan::compile(&program, &BTreeMap::new(), Precision::Fp32).unwrap();
+        assert_eq!(fused.step_labels().len(), 3);
+        let separate = Plan::lower_unfused(&program, &BTreeMap::new(), Precision::Fp32).unwrap();
+        let (s, mask) = ([0.5, -1.0, 2.0, 0.0, 1.5, -0.25], [0.0; 6]);
+        let args = [&s[..], &mask[..]];
+        assert_eq!(
+            run(&fused, &mut Workspace::default(), &args),
+            run(&separate, &mut Workspace::default(), &args)
+        );
+    }
 }
