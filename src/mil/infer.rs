@@ -2,6 +2,11 @@
 //! definitions of coremltools (iOS15 through iOS18 opsets). Given a function
 //! and one of its operations, [`infer_outputs`] checks the operands (presence,
 //! kind, dtype, shape, constant parameters) and returns the result types.
+//! It is the one place operands and parameters are checked: the verifier
+//! (MIL001, MIL002 through [`result_mismatches`]) and the CPU backend's
+//! lowering call it and trust what it accepts. Unary and binary ops are
+//! inferred by their family ([`Category`]), the others op by op; a string
+//! parameter with [`choices`](super::op::OpParam::choices) is checked against them.
 //!
 //! Shapes are static: parameters that decide a shape (axes, perms, reshape
 //! shapes, slice bounds, conv hyper-parameters) must be compile-time constants,

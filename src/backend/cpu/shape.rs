@@ -1,6 +1,7 @@
-//! Data movement: `reshape`, `identity`, `transpose`, `slice_by_size`, `concat`
-//! and `split`. Each is a strided [`View`] of a row-major buffer, read into a
-//! dense result; `concat` copies the contiguous blocks of its operands.
+//! Data movement: `transpose`, `slice_by_size`, `concat` and `split` (the plan
+//! gives `reshape` and `identity` their operand's storage, no step), and the
+//! fused pair rotation. Each is a strided [`View`] of a row-major buffer, read
+//! into a dense result; `concat` copies the contiguous blocks of its operands.
 
 use rayon::prelude::*;
 

@@ -1,7 +1,7 @@
 //! What a fusion returns ([`Fused`]) and what lowering remembers about the
 //! results of earlier steps for the fusions of later ones ([`Facts`]): the
 //! elementwise expression behind each elementwise result, and which values
-//! are zero beyond per-row extents.
+//! are zero beyond per-row extents. It matches nothing itself.
 
 use std::collections::HashMap;
 
