@@ -20,7 +20,10 @@ MIL program from it, runs it on the CPU backend in both precisions, and compares
 A literal is {"dtype", "shape", "data"}. dtype "float" is fp32 in the fp32 run
 and fp16 in the fp16 run. Non-finite floats are the strings "inf", "-inf", "nan".
 
-Semantics follow coremltools 9 (iOS17/18 opsets): rsqrt/log add `epsilon`
+Semantics follow coremltools 9 (iOS17/18 opsets): gelu's modes are EXACT
+0.5 x (1 + erf(x / sqrt 2)) (the default), TANH_APPROXIMATION
+0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) and SIGMOID_APPROXIMATION
+x sigmoid(1.702 x); rsqrt/log add `epsilon`
 (default 1e-12 / 1e-45 in x's dtype, i.e. 0 in fp16); quantize is
 clip(round_half_even(x / scale) + zero_point); dequantize (q - zero_point) * scale;
 cast to an integer truncates (NumPy astype); scaled_dot_product_attention is
@@ -41,7 +44,7 @@ rng = np.random.default_rng(7)
 NATIVE16 = {"add", "sub", "mul", "real_div", "maximum", "minimum", "pow", "sqrt", "exp", "tanh", "relu"}
 # Ops whose fp16 result must match bit for bit.
 EXACT16 = NATIVE16 | {
-    "rsqrt", "log", "sigmoid", "silu", "identity", "reshape", "transpose", "slice_by_size",
+    "rsqrt", "log", "sigmoid", "silu", "gelu", "identity", "reshape", "transpose", "slice_by_size",
     "concat", "split", "select", "cast", "quantize", "dequantize", "constexpr_affine_dequantize",
 }
 
@@ -167,6 +170,15 @@ def softmax(x, axis):
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def gelu(x, mode):
+    """MIL's gelu, each mode as its definition reads, in float64."""
+    if mode == "EXACT":
+        return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return x * sigmoid(1.702 * x)
 
 
 def conv_ref(x, w, b, strides, dil, pads, groups):
@@ -415,6 +427,14 @@ def main():
     one("sdpa_no_mask", "scaled_dot_product_attention",
         {"query": (F, randn(1, 4, 4)), "key": (F, randn(1, 4, 4)), "value": (F, randn(1, 4, 3))},
         lambda v, p: sdpa(v["query"], v["key"], v["value"]), [1, 4, 3])
+
+    # ---- gelu (last, so that the cases above keep their random draws) ----------
+    g = np.concatenate([randn(12, scale=2.0), np.array([-8, -4, -1, -0.5, 0, 0.5, 1, 4], np.float32)])
+    g = g.reshape(4, 5)
+    one("gelu_default_mode", "gelu", {"x": (F, g)}, lambda v, p: gelu(v["x"], "EXACT"), [4, 5])
+    for mode, spell in (("EXACT", "const"), ("TANH_APPROXIMATION", "lit"), ("SIGMOID_APPROXIMATION", "const")):
+        one(f"gelu_{mode.lower()}", "gelu", {"x": (F, g)}, lambda v, p, mode=mode: gelu(v["x"], mode), [4, 5],
+            args={"mode": {spell: lit("string", mode, [])}})
 
     total = sum(f.stat().st_size for f in OUT.glob("*.json"))
     print(f"wrote {len(list(OUT.glob('*.json')))} cases, {total} bytes, to {OUT}")

@@ -4,7 +4,7 @@
 //!
 //! Kernel code is trusted code, so a shape or dtype mistake is a programmer
 //! error and panics with the inference message (which names the op and the
-//! operand). Text from users goes through [`super::parse`] and the verifier instead.
+//! operand). Text from users goes through [`super::parse`](mod@super::parse) and the verifier instead.
 //!
 //! Parameters (axes, perms, shapes, conv hyper-parameters) become named `const`
 //! operations `<op name>_<parameter>`, the form coremltools writes and the ANE

@@ -2,7 +2,7 @@
 //! in the program's own [`Dialect`] (`program.dialect`; to write another
 //! dialect, clone the program and set the field). Same program, same bytes.
 //!
-//! Canonical form (what [`super::parse`] reads back to the same program):
+//! Canonical form (what [`super::parse`](mod@super::parse) reads back to the same program):
 //! - `program(<version>)`, the dialect's `buildInfo` line, `{`, the function
 //!   indented 4 spaces, statements indented 8, `}` and a trailing newline.
 //! - Statements: `<type> <var> = <op>(<k> = <arg>, ...)[name = string("<n>"), <attrs>];`

@@ -2,6 +2,11 @@
 //! definitions of coremltools (iOS15 through iOS18 opsets). Given a function
 //! and one of its operations, [`infer_outputs`] checks the operands (presence,
 //! kind, dtype, shape, constant parameters) and returns the result types.
+//! It is the one place operands and parameters are checked: the verifier
+//! (MIL001, MIL002 through [`result_mismatches`]) and the CPU backend's
+//! lowering call it and trust what it accepts. Unary and binary ops are
+//! inferred by their family ([`Category`]), the others op by op; a string
+//! parameter with [`choices`](super::op::OpParam::choices) is checked against them.
 //!
 //! Shapes are static: parameters that decide a shape (axes, perms, reshape
 //! shapes, slice bounds, conv hyper-parameters) must be compile-time constants,
@@ -15,7 +20,7 @@
 use std::collections::HashSet;
 
 use super::ir::{Arg, DType, Function, Literal, Operation, TensorType, Value};
-use super::op::{Op, ParamKind};
+use super::op::{Category, Op, ParamKind};
 use crate::{Error, Result};
 
 /// Infer the result types of `op`, looking up operand types and constant values
@@ -25,36 +30,49 @@ use crate::{Error, Result};
 pub fn infer_outputs(func: &Function, op: &Operation) -> Result<Vec<TensorType>> {
     let cx = Cx { func, op };
     cx.check_params()?;
+    match op.op.category() {
+        Category::Unary => return cx.unary(),
+        Category::Binary => return cx.binary(),
+        _ => {}
+    }
     match op.op {
         Op::Const => cx.constant(),
+        Op::ConstexprAffineDequantize => cx.constexpr_affine_dequantize(),
         Op::Cast => cx.cast(),
-        Op::Conv => cx.conv(),
-        Op::Matmul => cx.matmul(),
-        Op::Add | Op::Sub | Op::Mul | Op::RealDiv | Op::Maximum | Op::Minimum | Op::Pow => {
-            cx.binary()
-        }
-        Op::Sqrt
-        | Op::Rsqrt
-        | Op::Exp
-        | Op::Log
-        | Op::Tanh
-        | Op::Sigmoid
-        | Op::Silu
-        | Op::Relu
-        | Op::Identity => cx.unary(),
+        Op::Select => cx.select(),
+        Op::Quantize => cx.quantize(),
+        Op::Dequantize => cx.dequantize(),
         Op::Softmax => cx.softmax(),
         Op::ReduceSum | Op::ReduceMean | Op::ReduceMax => cx.reduce(),
+        Op::Identity => Ok(vec![cx.tensor("x")?]),
         Op::Reshape => cx.reshape(),
         Op::Transpose => cx.transpose(),
         Op::SliceBySize => cx.slice_by_size(),
         Op::Concat => cx.concat(),
         Op::Split => cx.split(),
-        Op::Select => cx.select(),
-        Op::ConstexprAffineDequantize => cx.constexpr_affine_dequantize(),
-        Op::Quantize => cx.quantize(),
-        Op::Dequantize => cx.dequantize(),
+        Op::Matmul => cx.matmul(),
+        Op::Conv => cx.conv(),
         Op::ScaledDotProductAttention => cx.sdpa(),
+        unary_or_binary => unreachable!("`{unary_or_binary}` is inferred by its category"),
     }
+}
+
+/// How the declared result types of `op` differ from the `inferred` ones,
+/// one message per difference (empty when they agree).
+pub fn result_mismatches(op: &Operation, inferred: &[TensorType]) -> Vec<String> {
+    if op.outputs.len() != inferred.len() {
+        return vec![format!(
+            "declares {} results but the op yields {}",
+            op.outputs.len(),
+            inferred.len()
+        )];
+    }
+    op.outputs
+        .iter()
+        .zip(inferred)
+        .filter(|(var, ty)| var.ty != **ty)
+        .map(|(var, ty)| format!("result `{}` is declared {} but is {ty}", var.name, var.ty))
+        .collect()
 }
 
 /// NumPy broadcasting of two shapes: align right, each pair of dims equal or one of them 1.
@@ -158,6 +176,17 @@ impl<'a> Cx<'a> {
             }
             if !seen.insert(key.as_str()) {
                 return Err(self.err(format!("parameter `{key}` is given twice")));
+            }
+        }
+        for param in kind.params().iter().filter(|p| !p.choices.is_empty()) {
+            if let Some(value) = self.string(param.name)?
+                && !param.choices.contains(&value)
+            {
+                return Err(self.err(format!(
+                    "parameter `{}`: \"{value}\" is not one of {}",
+                    param.name,
+                    param.choices.join(", ")
+                )));
             }
         }
         if kind == Op::Const && self.op.attr("val").is_none() {
@@ -387,11 +416,7 @@ impl<'a> Cx<'a> {
     }
 
     fn unary(&self) -> Result<Vec<TensorType>> {
-        let x = if self.op.op == Op::Identity {
-            self.tensor("x")?
-        } else {
-            self.typed("x", FLOAT)?
-        };
+        let x = self.typed("x", FLOAT)?;
         if let Some(eps) = self.literal("epsilon")? {
             if !eps.ty.is_scalar() || eps.ty.dtype != x.dtype {
                 return Err(self.err(format!(
@@ -725,18 +750,23 @@ impl<'a> Cx<'a> {
         let x = self.typed("x", FLOAT)?;
         let w = self.tensor("weight")?;
         self.same_dtype("weight", &w, "x", &x)?;
-        if x.rank() != 4 {
-            return Err(self.err(format!(
-                "operand `x`: conv needs a rank-4 [N, C, H, W] input, got shape {:?}",
-                x.shape
-            )));
-        }
-        if w.rank() != 4 {
-            return Err(self.err(format!(
-                "operand `weight`: needs rank 4 [OC, IC/groups, KH, KW], got shape {:?}",
-                w.shape
-            )));
-        }
+        // Two spatial axes, or one (a 1-D convolution).
+        let spatial = match (x.rank(), w.rank()) {
+            (4, 4) => 2,
+            (3, 3) => 1,
+            (4, _) => {
+                return Err(self.err(format!(
+                    "operand `weight`: needs rank 4 [OC, IC/groups, KH, KW], got shape {:?}",
+                    w.shape
+                )));
+            }
+            _ => {
+                return Err(self.err(format!(
+                    "operand `x`: conv needs a rank-4 [N, C, H, W] input (or a rank-3 [N, C, W] one with a rank-3 weight), got shape {:?}",
+                    x.shape
+                )));
+            }
+        };
         let groups = self.int("groups")?.unwrap_or(1);
         let (c_in, c_out) = (x.shape[1], w.shape[0]);
         if groups < 1 || c_in % groups as usize != 0 || c_out % groups as usize != 0 {
@@ -761,33 +791,25 @@ impl<'a> Cx<'a> {
                 )));
             }
         }
-        let pair = |param: &str| -> Result<[usize; 2]> {
+        let list = |param: &str, len: usize, min: i64, default: usize| -> Result<Vec<usize>> {
             match self.ints(param)? {
-                None => Ok([1, 1]),
-                Some(v) if v.len() == 2 && v.iter().all(|&s| s >= 1) => {
-                    Ok([v[0] as usize, v[1] as usize])
+                None => Ok(vec![default; len]),
+                Some(v) if v.len() == len && v.iter().all(|&s| s >= min) => {
+                    Ok(v.iter().map(|&s| s as usize).collect())
                 }
                 Some(v) => Err(self.err(format!(
-                    "parameter `{param}`: {v:?} must hold two values >= 1"
+                    "parameter `{param}`: {v:?} must hold {len} values >= {min}"
                 ))),
             }
         };
-        let strides = pair("strides")?;
-        let dilations = pair("dilations")?;
+        let strides = list("strides", spatial, 1, 1)?;
+        let dilations = list("dilations", spatial, 1, 1)?;
+        let pad = list("pad", 2 * spatial, 0, 0)?;
         let pad_type = self.string("pad_type")?.unwrap_or("valid");
-        let pad = match self.ints("pad")? {
-            None => [0; 4],
-            Some(v) if v.len() == 4 && v.iter().all(|&p| p >= 0) => {
-                [v[0] as usize, v[1] as usize, v[2] as usize, v[3] as usize]
-            }
-            Some(v) => {
-                return Err(self.err(format!("parameter `pad`: {v:?} must hold four values >= 0")));
-            }
-        };
         let mut shape = vec![x.shape[0], c_out];
-        for d in 0..2 {
+        for d in 0..spatial {
             let input = x.shape[2 + d];
-            let kernel = (w.shape[2 + d] - 1) * dilations[d] + 1;
+            let kernel = (w.shape[2 + d].max(1) - 1) * dilations[d] + 1;
             let stride = strides[d];
             // Total padding along the axis, as in coremltools' `aggregated_pad`.
             let total_pad = match pad_type {
@@ -796,11 +818,7 @@ impl<'a> Cx<'a> {
                 "same" | "same_lower" => {
                     (stride * input.div_ceil(stride) + kernel).saturating_sub(input + stride)
                 }
-                other => {
-                    return Err(self.err(format!(
-                        "parameter `pad_type`: \"{other}\" is not one of valid, same, same_lower, custom"
-                    )));
-                }
+                other => unreachable!("pad_type \"{other}\" passed check_params"),
             };
             if input + total_pad < kernel {
                 return Err(self.err(format!(

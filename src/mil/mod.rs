@@ -1,6 +1,6 @@
 //! MIL, the Model Intermediate Language the ANE compiler consumes: a typed IR
 //! ([`ir`]), the op list ([`op`]), shape/dtype inference ([`infer`]), a builder
-//! for kernels ([`build`]), the text emitter ([`emit`]) and parser ([`parse`]),
+//! for kernels ([`build`]), the text emitter ([`emit`](mod@emit)) and parser ([`parse`](mod@parse)),
 //! and the verifier with the catalogue of ANE rules ([`verify`]).
 //!
 //! This module does no I/O, is plain safe Rust, and knows nothing about macOS.

@@ -2,7 +2,7 @@
 //! subset of MIL that anemone reads and writes (one function, the ops of
 //! [`Op`]), in either dialect.
 //!
-//! Accepted beyond the canonical form of [`super::emit`]:
+//! Accepted beyond the canonical form of [`super::emit`](mod@super::emit):
 //! - any whitespace and indentation, `//` line comments, `[1,2]` or `[1, 2]`;
 //! - both dialects' scalar spellings anywhere (`fp16` or `tensor<fp16, []>`,
 //!   `int32(1)` or `tensor<int32, []>(1)`); the dialect is set by the opset in

@@ -13,9 +13,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use super::infer::infer_outputs;
+use super::infer::{infer_outputs, result_mismatches};
 use super::ir::{Arg, DType, Dialect, Literal, Operation, Program, TensorType};
-use super::op::Op;
+use super::op::{Op, Opset};
 use crate::Result;
 
 /// Where a program is meant to run.
@@ -404,46 +404,6 @@ pub fn verify_with_weights(
 /// Prefix every BLOBFILE path must have.
 pub const WEIGHTS_PREFIX: &str = "@model_path/weights/";
 
-/// Ops the reference ran on the ANE (ane-reference §4.3); the rest is unverified.
-fn used_by_reference(op: Op) -> bool {
-    match op {
-        Op::Const
-        | Op::Cast
-        | Op::Conv
-        | Op::Matmul
-        | Op::Add
-        | Op::Sub
-        | Op::Mul
-        | Op::Pow
-        | Op::ReduceSum
-        | Op::Softmax
-        | Op::Sigmoid
-        | Op::Reshape
-        | Op::Transpose
-        | Op::SliceBySize
-        | Op::Concat
-        | Op::ScaledDotProductAttention
-        | Op::ConstexprAffineDequantize
-        | Op::Quantize
-        | Op::Dequantize => true,
-        Op::RealDiv
-        | Op::Maximum
-        | Op::Minimum
-        | Op::Sqrt
-        | Op::Rsqrt
-        | Op::Exp
-        | Op::Log
-        | Op::Tanh
-        | Op::Silu
-        | Op::Relu
-        | Op::ReduceMean
-        | Op::ReduceMax
-        | Op::Split
-        | Op::Select
-        | Op::Identity => false,
-    }
-}
-
 /// Blob dtype codes of the MILBlob format (ane-reference §3.3).
 fn blob_dtype_code(dtype: DType) -> Option<u32> {
     match dtype {
@@ -611,30 +571,8 @@ impl<'a> Checker<'a> {
             Err(crate::Error::Op { msg, .. }) => self.on_op("MIL001", op, msg),
             Err(other) => self.on_op("MIL001", op, other.to_string()),
             Ok(types) => {
-                let declared: Vec<&TensorType> = op.outputs.iter().map(|v| &v.ty).collect();
-                if declared.len() != types.len() {
-                    self.on_op(
-                        "MIL002",
-                        op,
-                        format!(
-                            "declares {} results but the op yields {}",
-                            declared.len(),
-                            types.len()
-                        ),
-                    );
-                    return;
-                }
-                for (var, inferred) in op.outputs.iter().zip(&types) {
-                    if &var.ty != inferred {
-                        self.on_op(
-                            "MIL002",
-                            op,
-                            format!(
-                                "result `{}` is declared {} but is {inferred}",
-                                var.name, var.ty
-                            ),
-                        );
-                    }
+                for msg in result_mismatches(op, &types) {
+                    self.on_op("MIL002", op, msg);
                 }
             }
         }
@@ -670,12 +608,8 @@ impl<'a> Checker<'a> {
         if self.program.dialect != Dialect::Ios16 {
             return;
         }
-        let since = match op.op {
-            Op::Quantize | Op::Dequantize => Some("iOS17"),
-            Op::ScaledDotProductAttention => Some("iOS18"),
-            _ => None,
-        };
-        if let Some(since) = since {
+        let since = op.op.since();
+        if since > Opset::Ios16 {
             self.on_op(
                 "MIL008",
                 op,
@@ -820,7 +754,7 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
-            if !used_by_reference(op.op) {
+            if !op.op.ran_on_ane() {
                 self.on_op(
                     "ANE012",
                     op,

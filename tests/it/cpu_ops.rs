@@ -306,6 +306,67 @@ fn every_op_matches_numpy_in_fp32_and_fp16() {
     );
 }
 
+/// gelu is one row of the op table plus its math: the text round-trips, the
+/// verifier checks `mode` against the table's choices (EXACT when absent), and
+/// the interpreter runs every mode. References (Python):
+/// `[0.5*x*(1+math.erf(x/math.sqrt(2))) for x in xs]`,
+/// `[0.5*x*(1+math.tanh(math.sqrt(2/math.pi)*(x+0.044715*x**3))) for x in xs]`,
+/// `[x/(1+math.exp(-1.702*x)) for x in xs]` with `xs = [-2, -0.5, 0.5, 3]`.
+#[test]
+fn gelu_modes_come_from_the_op_table() {
+    use anemone::mil::verify::{Target, verify};
+    let program = |mode: &str| {
+        let text = format!(
+            "program(1.3)\n{{\n    func main<ios18>(tensor<fp32, [1, 4]> x) {{\n        \
+             tensor<fp32, [1, 4]> y = gelu(x = x{mode})[name = string(\"y\")];\n    }} -> (y);\n}}\n"
+        );
+        let program = anemone::mil::parse(&text).unwrap();
+        assert_eq!(
+            anemone::mil::parse(&anemone::mil::emit(&program)).unwrap(),
+            program
+        );
+        program
+    };
+    let x = HostTensor::new(
+        TensorType::new(DType::Fp32, [1, 4]),
+        vec![-2.0, -0.5, 0.5, 3.0],
+    );
+    let run = |program: &Program| {
+        run_program(
+            program,
+            &BTreeMap::new(),
+            &[("x".into(), x.clone())],
+            Precision::Fp32,
+        )
+    };
+    let exact = [-0.045500264, -0.15426877, 0.34573123, 2.9959503];
+    let tanh = [-0.045402306, -0.154286, 0.345714, 2.9963626];
+    let sigmoid = [-0.06434138, -0.14961156, 0.35038844, 2.9819287];
+    for (mode, want) in [
+        ("", exact),
+        (", mode = string(\"EXACT\")", exact),
+        (", mode = string(\"TANH_APPROXIMATION\")", tanh),
+        (", mode = string(\"SIGMOID_APPROXIMATION\")", sigmoid),
+    ] {
+        let program = program(mode);
+        assert!(verify(&program, Target::Cpu).is_ok(), "{mode}");
+        let got = &run(&program).unwrap()[0].1.data;
+        Tolerance::FP32
+            .check(got, &want)
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+    }
+    let unknown = program(", mode = string(\"FAST\")");
+    assert!(verify(&unknown, Target::Cpu).fired("MIL001"));
+    let err = run(&unknown).unwrap_err().to_string();
+    assert!(
+        err.contains("op `gelu` (name \"y\")")
+            && err.contains(
+                "\"FAST\" is not one of EXACT, TANH_APPROXIMATION, SIGMOID_APPROXIMATION"
+            ),
+        "{err}"
+    );
+}
+
 // ---- hand-built programs ------------------------------------------------------------
 
 fn operation(op: Op, out: Var, args: Vec<(&str, Arg)>) -> Operation {

@@ -777,9 +777,9 @@ fn check_statement_error(statement: &str, needle: &str, fragment: &str) {
 fn malformed_input_errors_name_the_problem_and_its_position() {
     // Unknown op, with the list of known ones.
     check_statement_error(
-        r#"tensor<fp16, [1, 4]> y = gelu(x = x)[name = string("y")];"#,
-        "gelu",
-        "unknown op `gelu` (known ops: const, cast,",
+        r#"tensor<fp16, [1, 4]> y = softplus(x = x)[name = string("y")];"#,
+        "softplus",
+        "unknown op `softplus` (known ops: const, cast,",
     );
     // Unknown dtypes in a declared type and in a literal.
     check_statement_error(

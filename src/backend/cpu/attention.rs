@@ -1,6 +1,6 @@
 //! Causal attention, fused: the CPU backend's form of the attention idioms the
-//! Llama kernels write as separate MIL ops (see `PlanBuilder::fuse` for the
-//! patterns matched). What changes is the work done, not the values:
+//! Llama kernels write as separate MIL ops (`fuse/causal.rs` matches the
+//! patterns). What changes is the work done, not the values:
 //!
 //! - **Causal skipping.** A constant mask whose rows end in a run of large
 //!   negative values (the causal mask: `-65504` above the diagonal) makes those
@@ -76,21 +76,20 @@ impl CausalMask {
 /// One matrix of a batch: `rows x cols` as used, stored row-major either so
 /// or transposed (`cols x rows`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Layout {
+pub(super) struct MatrixLayout {
     pub(super) rows: usize,
     pub(super) cols: usize,
     pub(super) t: bool,
 }
 
-impl Layout {
+impl MatrixLayout {
     fn len(&self) -> usize {
         self.rows * self.cols
     }
 
-    /// The Euclidean norm of every row of one matrix `data` in this layout,
-    /// summed in `f32` (an overflow gives infinity, a NaN stays NaN: both
-    /// fail the scores bound, which is what they should do).
-    /// The L2 norm of each of the `rows` rows of `data` into `norms`.
+    /// The Euclidean norm of each of the `rows` rows of one matrix `data` in
+    /// this layout into `norms`, summed in `f32` (an overflow gives infinity,
+    /// a NaN stays NaN: both fail the scores bound, which is what they should do).
     fn row_norms(&self, data: &[f32], norms: &mut [f32]) {
         crate::math::simd(
             #[inline(always)]
@@ -172,8 +171,8 @@ fn product_into(dst: &mut [f32], stride: usize, a: MatRef<f32>, b: MatRef<f32>) 
 #[derive(Debug, Clone)]
 pub(super) struct Scores {
     pub(super) batches: usize,
-    pub(super) q: Layout,
-    pub(super) k: Layout,
+    pub(super) q: MatrixLayout,
+    pub(super) k: MatrixLayout,
     pub(super) scale: f32,
     pub(super) mask: CausalMask,
 }
@@ -298,9 +297,9 @@ impl Scores {
 pub(super) struct Attend {
     pub(super) scores: Scores,
     /// `V`: `T x N` per batch.
-    pub(super) v: Layout,
+    pub(super) v: MatrixLayout,
     /// The result: `T x N` per batch.
-    pub(super) out: Layout,
+    pub(super) out: MatrixLayout,
 }
 
 impl Attend {
@@ -355,9 +354,9 @@ pub(super) struct TriMatmul {
     /// Use `P^T`.
     pub(super) p_t: bool,
     /// `Y`: `T x N` per batch.
-    pub(super) y: Layout,
+    pub(super) y: MatrixLayout,
     /// The result: `T x N` per batch.
-    pub(super) out: Layout,
+    pub(super) out: MatrixLayout,
 }
 
 impl TriMatmul {
@@ -428,8 +427,8 @@ impl TriMatmul {
 pub(super) struct SoftmaxBackward {
     pub(super) batches: usize,
     pub(super) t: usize,
-    pub(super) a: Layout,
-    pub(super) b: Layout,
+    pub(super) a: MatrixLayout,
+    pub(super) b: MatrixLayout,
     pub(super) scale: Option<f32>,
 }
 
@@ -499,7 +498,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use crate::backend::Precision;
-    use crate::backend::cpu::exec::Plan;
+    use crate::backend::cpu::plan::Plan;
     use crate::model::ModelConfig;
     use crate::model::kernels::{KernelOptions, LayerKernels, WeightMode};
     use crate::rng::Rng;
@@ -601,7 +600,7 @@ mod tests {
     fn scores_skip_masked_columns_only_when_the_bound_allows() {
         let (t, d, heads, scale) = (70, 8, 2, 0.35f32);
         let mask = crate::model::kernels::causal_mask(t);
-        let lay = Layout {
+        let lay = MatrixLayout {
             rows: t,
             cols: d,
             t: false,

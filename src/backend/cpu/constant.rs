@@ -11,7 +11,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::elementwise::Dequantize;
-use super::exec::{OpCtx, op_error};
+use super::values::op_error;
 use crate::mil::{BlobRef, DType, Literal, Operation, TensorType, Value};
 use crate::{Error, Result};
 
@@ -151,41 +151,17 @@ fn read_blob(
 /// Evaluate `constexpr_affine_dequantize`: `(quantized_data - zero_point) * scale`
 /// with `zero_point` and `scale` scalars or vectors along `axis`.
 pub(super) fn affine_dequantize(
-    ctx: &OpCtx,
+    op: &Operation,
     weights: &BTreeMap<String, Vec<u8>>,
 ) -> Result<Vec<f32>> {
-    let op = ctx.op;
-    let attr = |key: &str| {
-        op.attr(key)
-            .ok_or_else(|| ctx.err(format!("missing required attribute `{key}`")))
-    };
-    let data = attr("quantized_data")?;
-    let zero_point = attr("zero_point")?;
-    let scale = attr("scale")?;
-    let axis = attr("axis")?
-        .as_int()
-        .ok_or_else(|| ctx.err("`axis` must be an integer scalar"))?;
-    if !matches!(data.ty.dtype, DType::Int8 | DType::Uint8) {
-        return Err(ctx.err(format!(
-            "`quantized_data` must be int8 or uint8, got {}",
-            data.ty
-        )));
-    }
-    if zero_point.ty.dtype != data.ty.dtype {
-        return Err(ctx.err(format!(
-            "`zero_point` must have the dtype of `quantized_data` ({}), got {}",
-            data.ty.dtype, zero_point.ty
-        )));
-    }
-    ctx.expect_float("scale", &scale.ty)?;
-    ctx.expect_output(scale.ty.dtype, &data.ty.shape)?;
+    let attr = |key: &str| op.attr(key).expect("inference checked the attributes");
+    let data = attr("quantized_data");
     let dequantize = Dequantize::new(
-        ctx,
-        materialize(scale, weights, op)?,
-        Some(materialize(zero_point, weights, op)?),
-        Some(axis),
+        materialize(attr("scale"), weights, op)?,
+        Some(materialize(attr("zero_point"), weights, op)?),
+        attr("axis").as_int(),
         &data.ty.shape,
-    )?;
+    );
     let q = materialize(data, weights, op)?;
     let mut out = vec![0.0; q.len()];
     dequantize.run(&q, &mut out);

@@ -8,8 +8,8 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::exec::{Kernel, OpCtx};
-use crate::Result;
+use super::values::OpCtx;
+use crate::math::sigmoid;
 use crate::mil::ir::round_fp16;
 use crate::mil::{DType, Op};
 
@@ -278,20 +278,62 @@ impl Broadcast {
     }
 }
 
-/// A unary float op; `epsilon` is added to the operand first.
+/// A unary float op, its constant parameters resolved (`epsilon` is added to
+/// the operand first). A unary op is three adjacent pieces: its variant here,
+/// its arm in [`compile_unary`] and its scalar function in `with_unary!`.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Unary {
     Sqrt,
-    Rsqrt { epsilon: f32 },
+    Rsqrt {
+        epsilon: f32,
+    },
     Exp,
-    Log { epsilon: f32 },
+    Log {
+        epsilon: f32,
+    },
     Tanh,
     Sigmoid,
     Silu,
     Relu,
+    /// `gelu`, mode `EXACT`: `0.5 x (1 + erf(x / sqrt 2))`.
+    GeluExact,
+    /// `gelu`, mode `TANH_APPROXIMATION`: `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+    GeluTanh,
+    /// `gelu`, mode `SIGMOID_APPROXIMATION`: `x sigmoid(1.702 x)`.
+    GeluSigmoid,
 }
 
-use crate::math::sigmoid;
+/// The unary kernel of `ctx`'s op.
+pub(super) fn compile_unary(ctx: &OpCtx) -> Unary {
+    let x = ctx.input("x");
+    // The default epsilon is a literal of x's dtype: 1e-12 and 1e-45 are 0 in fp16.
+    let epsilon = |default: f32| match ctx.floats("epsilon") {
+        Some(e) => e[0],
+        None if x.dtype == DType::Fp16 => round_fp16(default),
+        None => default,
+    };
+    match ctx.op.op {
+        Op::Sqrt => Unary::Sqrt,
+        Op::Rsqrt => Unary::Rsqrt {
+            epsilon: epsilon(1e-12),
+        },
+        Op::Exp => Unary::Exp,
+        Op::Log => Unary::Log {
+            epsilon: epsilon(1e-45),
+        },
+        Op::Tanh => Unary::Tanh,
+        Op::Sigmoid => Unary::Sigmoid,
+        Op::Silu => Unary::Silu,
+        Op::Relu => Unary::Relu,
+        Op::Gelu => match ctx.string("mode") {
+            Some("EXACT") => Unary::GeluExact,
+            Some("TANH_APPROXIMATION") => Unary::GeluTanh,
+            Some("SIGMOID_APPROXIMATION") => Unary::GeluSigmoid,
+            mode => unreachable!("gelu mode {mode:?} passed inference"),
+        },
+        other => unreachable!("no CPU kernel for unary `{other}`"),
+    }
+}
 
 /// `$body` with `$f` bound to the scalar function of unary op `$u`
 /// (one arm per op, so that loops in `$body` see a concrete closure).
@@ -328,6 +370,19 @@ macro_rules! with_unary {
             }
             Unary::Relu => {
                 let $f = |v: f32| maximum(v, 0.0);
+                $body
+            }
+            Unary::GeluExact => {
+                let $f = gelu_exact;
+                $body
+            }
+            // 0.5 (1 + tanh(u)) = sigmoid(2 u), without the cancellation for negative u.
+            Unary::GeluTanh => {
+                let $f = |v: f32| v * sigmoid(2.0 * GELU_TANH_SCALE * (v + 0.044715 * v * v * v));
+                $body
+            }
+            Unary::GeluSigmoid => {
+                let $f = |v: f32| v * sigmoid(1.702 * v);
                 $body
             }
         }
@@ -377,6 +432,46 @@ impl Unary {
     }
 }
 
+/// `sqrt(2 / pi)`, the scale of gelu's tanh approximation.
+const GELU_TANH_SCALE: f32 = 0.797_884_6;
+
+/// Exact gelu, `0.5 x (1 + erf(x / sqrt 2)) = 0.5 x erfc(-x / sqrt 2)`, in
+/// `f64` and without cancellation where `erf` is near -1.
+fn gelu_exact(x: f32) -> f32 {
+    let x = f64::from(x);
+    (0.5 * x * erfc(-x * std::f64::consts::FRAC_1_SQRT_2)) as f32
+}
+
+/// The complementary error function, to about `1e-10` relative error:
+/// `1 - erf(z)` with erf's Maclaurin series below 2.5, the continued
+/// fraction `erfc(z) = exp(-z^2) / sqrt(pi) / (z + (1/2) / (z + 1 / (z + (3/2) / (z + ...))))`
+/// from there on (60 terms, evaluated from the tail), and
+/// `erfc(-z) = 2 - erfc(z)`. NaN stays NaN.
+fn erfc(z: f64) -> f64 {
+    if z < 0.0 {
+        return 2.0 - erfc(-z);
+    }
+    let two_over_sqrt_pi = std::f64::consts::FRAC_2_SQRT_PI;
+    if z < 2.5 {
+        // erf(z) = 2 / sqrt(pi) * sum_n (-1)^n z^(2n+1) / (n! (2n+1)).
+        let (z2, mut term, mut sum) = (z * z, z, z);
+        for n in 1..100 {
+            term *= -z2 / n as f64;
+            let add = term / (2 * n + 1) as f64;
+            sum += add;
+            if add.abs() <= 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        return 1.0 - two_over_sqrt_pi * sum;
+    }
+    let mut tail = z;
+    for k in (1..=60).rev() {
+        tail = z + (k as f64 / 2.0) / tail;
+    }
+    (-z * z).exp() * two_over_sqrt_pi / (2.0 * tail)
+}
+
 /// NumPy `maximum`: NaN if either operand is NaN.
 fn maximum(a: f32, b: f32) -> f32 {
     if a >= b || a.is_nan() { a } else { b }
@@ -385,37 +480,6 @@ fn maximum(a: f32, b: f32) -> f32 {
 /// NumPy `minimum`: NaN if either operand is NaN.
 fn minimum(a: f32, b: f32) -> f32 {
     if a <= b || a.is_nan() { a } else { b }
-}
-
-pub(super) fn compile_unary(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    ctx.expect_float("x", x)?;
-    ctx.expect_output(x.dtype, &x.shape)?;
-    // The default epsilon is a literal of x's dtype: 1e-12 and 1e-45 are 0 in fp16.
-    let epsilon = |default: f32| -> Result<f32> {
-        match ctx.floats("epsilon")? {
-            Some([e]) => Ok(*e),
-            Some(_) => Err(ctx.err("`epsilon` must be a float scalar")),
-            None if x.dtype == DType::Fp16 => Ok(round_fp16(default)),
-            None => Ok(default),
-        }
-    };
-    let unary = match ctx.op.op {
-        Op::Sqrt => Unary::Sqrt,
-        Op::Rsqrt => Unary::Rsqrt {
-            epsilon: epsilon(1e-12)?,
-        },
-        Op::Exp => Unary::Exp,
-        Op::Log => Unary::Log {
-            epsilon: epsilon(1e-45)?,
-        },
-        Op::Tanh => Unary::Tanh,
-        Op::Sigmoid => Unary::Sigmoid,
-        Op::Silu => Unary::Silu,
-        Op::Relu => Unary::Relu,
-        other => unreachable!("{other} is not unary"),
-    };
-    Ok(Kernel::Unary(unary))
 }
 
 /// A binary op on broadcast operands.
@@ -565,52 +629,22 @@ impl Chain {
     }
 }
 
-pub(super) fn compile_binary(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let y = ctx.input("y")?;
-    if x.dtype != y.dtype {
-        return Err(ctx.err(format!("`x` is {x} but `y` is {y}; dtypes must match")));
-    }
-    let out = ctx.output();
-    if out.dtype != x.dtype {
-        return Err(ctx.err(format!(
-            "result is declared {out} but the operands are {}",
-            x.dtype
-        )));
-    }
-    let broadcast = Broadcast::new(&[&x.shape, &y.shape], &out.shape).map_err(|e| ctx.err(e))?;
-    Ok(Kernel::Binary(Binary {
+pub(super) fn compile_binary(ctx: &OpCtx) -> Binary {
+    let (x, y) = (ctx.input("x"), ctx.input("y"));
+    Binary {
         op: ctx.op.op,
-        broadcast,
-    }))
+        broadcast: Broadcast::new(&[&x.shape, &y.shape], &ctx.output().shape)
+            .expect("inference checked the broadcast"),
+    }
 }
 
-pub(super) fn compile_select(ctx: &OpCtx) -> Result<Kernel> {
-    let cond = ctx.input("cond")?;
-    let a = ctx.input("a")?;
-    let b = ctx.input("b")?;
-    if a.dtype != b.dtype {
-        return Err(ctx.err(format!("`a` is {a} but `b` is {b}; dtypes must match")));
-    }
-    let out = ctx.output();
-    if out.dtype != a.dtype {
-        return Err(ctx.err(format!("result is declared {out} but `a` is {}", a.dtype)));
-    }
-    let broadcast =
-        Broadcast::new(&[&cond.shape, &a.shape, &b.shape], &out.shape).map_err(|e| ctx.err(e))?;
-    Ok(Kernel::Select(broadcast))
+pub(super) fn compile_select(ctx: &OpCtx) -> Broadcast {
+    let shapes = ["cond", "a", "b"].map(|p| ctx.input(p).shape.as_slice());
+    Broadcast::new(&shapes, &ctx.output().shape).expect("inference checked the broadcast")
 }
 
-pub(super) fn compile_cast(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let name = ctx
-        .string("dtype")?
-        .ok_or_else(|| ctx.err("missing required parameter `dtype`"))?;
-    let dtype = DType::from_mil_name(name)
-        .filter(|d| *d != DType::String)
-        .ok_or_else(|| ctx.err(format!("unknown `dtype` \"{name}\"")))?;
-    ctx.expect_output(dtype, &x.shape)?;
-    Ok(Kernel::Cast(dtype))
+pub(super) fn compile_cast(ctx: &OpCtx) -> DType {
+    ctx.output().dtype
 }
 
 /// A quantization parameter: one value, or one per index along an axis.
@@ -622,30 +656,18 @@ struct PerAxis {
 }
 
 impl PerAxis {
-    fn new(
-        ctx: &OpCtx,
-        param: &str,
-        values: Vec<f32>,
-        axis: Option<i64>,
-        shape: &[usize],
-    ) -> Result<PerAxis> {
+    /// `values` for a tensor of `shape`: one value, or one per index along `axis`.
+    fn new(values: Vec<f32>, axis: Option<i64>, shape: &[usize]) -> PerAxis {
         if values.len() == 1 {
-            return Ok(PerAxis { values, inner: 1 });
+            return PerAxis { values, inner: 1 };
         }
-        let axis =
-            axis.ok_or_else(|| ctx.err(format!("`{param}` is a vector, so `axis` must be given")))?;
-        let axis = ctx.axis("axis", axis, shape.len())?;
-        if values.len() != shape[axis] {
-            return Err(ctx.err(format!(
-                "`{param}` has {} values but axis {axis} of {shape:?} has {}",
-                values.len(),
-                shape[axis]
-            )));
-        }
-        Ok(PerAxis {
+        let axis = axis.expect("inference checked that a vector has an axis");
+        let axis = crate::mil::infer::normalize_axis(axis, shape.len()).expect("checked");
+        debug_assert_eq!(values.len(), shape[axis]);
+        PerAxis {
             values,
             inner: shape[axis + 1..].iter().product(),
-        })
+        }
     }
 
     /// The parameter for flat element index `i`.
@@ -678,35 +700,21 @@ impl Quantize {
     }
 }
 
-pub(super) fn compile_quantize(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("input")?;
-    ctx.expect_float("input", x)?;
-    let name = ctx
-        .string("output_dtype")?
-        .ok_or_else(|| ctx.err("missing required parameter `output_dtype`"))?;
-    let dtype = match DType::from_mil_name(name) {
-        Some(d @ (DType::Int8 | DType::Uint8)) => d,
-        _ => {
-            return Err(ctx.err(format!(
-                "`output_dtype` must be \"int8\" or \"uint8\", got \"{name}\""
-            )));
-        }
-    };
-    ctx.expect_output(dtype, &x.shape)?;
-    let axis = ctx.int("axis")?;
-    let scale = ctx
-        .floats("scale")?
-        .ok_or_else(|| ctx.err("missing required parameter `scale`"))?;
-    let zero_point = match ctx.ints("zero_point")? {
+pub(super) fn compile_quantize(ctx: &OpCtx) -> Quantize {
+    let x = ctx.input("input");
+    let axis = ctx.int("axis");
+    let scale = ctx.floats("scale").expect("required");
+    let zero_point = match ctx.ints("zero_point") {
         Some(zp) => zp.iter().map(|&v| v as f32).collect(),
         None => vec![0.0],
     };
-    Ok(Kernel::Quantize(Quantize {
-        scale: PerAxis::new(ctx, "scale", scale.to_vec(), axis, &x.shape)?,
-        zero_point: PerAxis::new(ctx, "zero_point", zero_point, axis, &x.shape)?,
-        dtype,
-        round_quotient: x.dtype == DType::Fp16 && ctx.precision == crate::backend::Precision::Fp16,
-    }))
+    Quantize {
+        scale: PerAxis::new(scale.to_vec(), axis, &x.shape),
+        zero_point: PerAxis::new(zero_point, axis, &x.shape),
+        dtype: ctx.output().dtype,
+        round_quotient: x.dtype == DType::Fp16
+            && ctx.precision() == crate::backend::Precision::Fp16,
+    }
 }
 
 /// `dequantize`: `(q - zero_point) * scale`.
@@ -718,22 +726,15 @@ pub(super) struct Dequantize {
 
 impl Dequantize {
     pub(super) fn new(
-        ctx: &OpCtx,
         scale: Vec<f32>,
         zero_point: Option<Vec<f32>>,
         axis: Option<i64>,
         shape: &[usize],
-    ) -> Result<Dequantize> {
-        Ok(Dequantize {
-            scale: PerAxis::new(ctx, "scale", scale, axis, shape)?,
-            zero_point: PerAxis::new(
-                ctx,
-                "zero_point",
-                zero_point.unwrap_or_else(|| vec![0.0]),
-                axis,
-                shape,
-            )?,
-        })
+    ) -> Dequantize {
+        Dequantize {
+            scale: PerAxis::new(scale, axis, shape),
+            zero_point: PerAxis::new(zero_point.unwrap_or_else(|| vec![0.0]), axis, shape),
+        }
     }
 
     pub(super) fn run(&self, q: &[f32], out: &mut [f32]) {
@@ -743,27 +744,16 @@ impl Dequantize {
     }
 }
 
-pub(super) fn compile_dequantize(ctx: &OpCtx) -> Result<Kernel> {
-    let q = ctx.input("input")?;
-    if !matches!(q.dtype, DType::Int8 | DType::Uint8) {
-        return Err(ctx.err(format!("`input` must be int8 or uint8, got {q}")));
-    }
-    let scale_lit = ctx
-        .lit("scale")?
-        .ok_or_else(|| ctx.err("missing required parameter `scale`"))?;
-    ctx.expect_float("scale", &scale_lit.ty)?;
-    ctx.expect_output(scale_lit.ty.dtype, &q.shape)?;
-    let scale = ctx.floats("scale")?.expect("checked above").to_vec();
+pub(super) fn compile_dequantize(ctx: &OpCtx) -> Dequantize {
     let zero_point = ctx
-        .ints("zero_point")?
+        .ints("zero_point")
         .map(|zp| zp.iter().map(|&v| v as f32).collect());
-    Ok(Kernel::Dequantize(Dequantize::new(
-        ctx,
-        scale,
+    Dequantize::new(
+        ctx.floats("scale").expect("required").to_vec(),
         zero_point,
-        ctx.int("axis")?,
-        &q.shape,
-    )?))
+        ctx.int("axis"),
+        &ctx.input("input").shape,
+    )
 }
 
 #[cfg(test)]
@@ -782,6 +772,34 @@ mod tests {
         assert_eq!(out[8..12], [308.0, 309.0, 310.0, 311.0]);
         assert!(Broadcast::new(&[&[2, 3], &[4, 3]], &[4, 3]).is_err());
         assert!(Broadcast::new(&[&[2, 3], &[3]], &[3, 3]).is_err());
+    }
+
+    /// `erfc` against Python's `math.erfc`:
+    /// `[math.erfc(z) for z in (-1.5, 0, 0.3, 1, 2.4, 2.6, 5, 10, 26)]`.
+    #[test]
+    fn erfc_matches_a_reference_on_both_sides_of_the_switch() {
+        let cases = [
+            (-1.5, 1.9661051464753108),
+            (0.0, 1.0),
+            (0.3, 0.6713732405408726),
+            (1.0, 0.15729920705028513),
+            (2.4, 0.0006885138966450789),
+            (2.6, 0.00023603441652934908),
+            (5.0, 1.5374597944280351e-12),
+            (10.0, 2.088487583762545e-45),
+            (26.0, 5.663192408856143e-296),
+        ];
+        for (z, want) in cases {
+            let got = erfc(z);
+            assert!(
+                (got - want).abs() <= 1e-10 * want,
+                "erfc({z}) = {got}, want {want}"
+            );
+        }
+        assert!(erfc(f64::NAN).is_nan());
+        // As the definition gives: -inf * 0.5 * (1 + erf(-inf)) is -inf * 0.
+        assert!(gelu_exact(f32::NEG_INFINITY).is_nan());
+        assert_eq!(gelu_exact(f32::INFINITY), f32::INFINITY);
     }
 
     #[test]

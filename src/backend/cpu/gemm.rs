@@ -7,9 +7,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::elementwise::{Broadcast, broadcast_shape};
-use super::exec::{Kernel, OpCtx};
-use crate::Result;
-use crate::mil::{DType, TensorType};
+use super::values::OpCtx;
+use crate::mil::DType;
 
 /// Products with fewer multiply-adds than this run on one thread.
 const PAR_FLOPS: usize = 1 << 18;
@@ -28,13 +27,10 @@ fn par_for(flops: usize) -> Par {
 
 /// Products with a left operand stored transposed (the backward `W^T dY`) at
 /// least this large (multiply-adds) may run through [`gemm_transposed_lhs`]
-/// (see [`transposed_lhs_detour`]); smaller ones read it in place. faer's fast
-/// form wants its right operand column-major in a column-major result, or, for
-/// a row-major result, a row-major left operand. Measured on Zen 3 (AVX2, 2
-/// threads, `m x k x n`): 2048x768x512 11.9 ms that way against 15.5 ms in
-/// place and 15.2 ms with a row-major copy of the left operand; 768x2048x512
-/// 11.9 against 15.1 and 12.5; from 768x768x256 down, reading in place is as
-/// fast or faster.
+/// (see [`transposed_lhs_detour`]); smaller ones read it in place, which
+/// measured as fast or faster (`docs/performance.md`, "Measurements behind CPU
+/// backend choices"). faer's fast form wants its right operand column-major in
+/// a column-major result, or, for a row-major result, a row-major left operand.
 const TRANSPOSED_LHS_FLOPS: usize = 1 << 28;
 
 thread_local! {
@@ -73,9 +69,8 @@ fn gemm(
 /// Whether a product with a transposed left operand goes through
 /// [`gemm_transposed_lhs`]: large ones on AVX2, and on CPUs with AVX-512
 /// (where faer runs its 512-bit kernels) only those with more result rows than
-/// inner dimension. Measured on Ice Lake (2 threads, GFLOP/s in place against
-/// the detour, three rounds): 768x768x512 131-159 against 105-140,
-/// 768x2048x512 160-177 against 142-153, 2048x768x512 87-125 against 122-131.
+/// inner dimension; each choice is the faster one measured
+/// (`docs/performance.md`).
 fn transposed_lhs_detour((m, k, n): (usize, usize, usize), avx512: bool) -> bool {
     m * k * n >= TRANSPOSED_LHS_FLOPS && (!avx512 || m > k)
 }
@@ -205,66 +200,37 @@ impl Matmul {
     }
 }
 
-pub(super) fn compile_matmul(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let y = ctx.input("y")?;
-    ctx.expect_float("x", x)?;
-    if x.dtype != y.dtype {
-        return Err(ctx.err(format!("`x` is {x} but `y` is {y}; dtypes must match")));
-    }
-    if x.rank() == 0 || y.rank() == 0 {
-        return Err(ctx.err(format!("operands must have rank >= 1, got {x} and {y}")));
-    }
+pub(super) fn compile_matmul(ctx: &OpCtx) -> Matmul {
+    let (x, y) = (ctx.input("x"), ctx.input("y"));
     // Rank-1 operands as in NumPy: x [K] is [1, K], y [K] is [K, 1]; no transposes.
     let (xs, tx) = match x.rank() {
         1 => (vec![1, x.shape[0]], false),
-        _ => (x.shape.clone(), ctx.flag("transpose_x")?.unwrap_or(false)),
+        _ => (x.shape.clone(), ctx.flag("transpose_x").unwrap_or(false)),
     };
     let (ys, ty) = match y.rank() {
         1 => (vec![y.shape[0], 1], false),
-        _ => (y.shape.clone(), ctx.flag("transpose_y")?.unwrap_or(false)),
+        _ => (y.shape.clone(), ctx.flag("transpose_y").unwrap_or(false)),
     };
     let (xr, yr) = (xs.len(), ys.len());
-    let (m, kx) = if tx {
+    let (m, k) = if tx {
         (xs[xr - 1], xs[xr - 2])
     } else {
         (xs[xr - 2], xs[xr - 1])
     };
-    let (ky, n) = if ty {
-        (ys[yr - 1], ys[yr - 2])
-    } else {
-        (ys[yr - 2], ys[yr - 1])
-    };
-    if kx != ky {
-        return Err(ctx.err(format!(
-            "inner dimensions differ: `x` {x} gives {kx}, `y` {y} gives {ky}"
-        )));
-    }
+    let n = if ty { ys[yr - 2] } else { ys[yr - 1] };
     let (bx, by) = (&xs[..xr - 2], &ys[..yr - 2]);
-    let batch = broadcast_shape(&[bx, by]).ok_or_else(|| {
-        ctx.err(format!(
-            "batch dimensions {bx:?} and {by:?} do not broadcast"
-        ))
-    })?;
-    let mut out_shape = batch.clone();
-    if x.rank() > 1 {
-        out_shape.push(m);
-    }
-    if y.rank() > 1 {
-        out_shape.push(n);
-    }
-    ctx.expect_output(x.dtype, &out_shape)?;
+    let batch = broadcast_shape(&[bx, by]).expect("inference checked the batch dimensions");
     let batches = broadcast_index(bx, &batch)
         .into_iter()
         .zip(broadcast_index(by, &batch))
-        .map(|(i, j)| (i * m * kx, j * kx * n))
+        .map(|(i, j)| (i * m * k, j * k * n))
         .collect();
-    Ok(Kernel::Matmul(Matmul {
-        mkn: (m, kx, n),
+    Matmul {
+        mkn: (m, k, n),
         transpose_x: tx,
         transpose_y: ty,
         batches,
-    }))
+    }
 }
 
 /// A 2-D convolution `[N, C, H, W]` (1-D inputs run with `H = 1`).
@@ -353,103 +319,36 @@ impl Conv {
     }
 }
 
-pub(super) fn compile_conv(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let weight = ctx.input("weight")?;
-    ctx.expect_float("x", x)?;
-    if weight.dtype != x.dtype {
-        return Err(ctx.err(format!(
-            "`x` is {x} but `weight` is {weight}; dtypes must match"
-        )));
-    }
-    let spatial = x.rank().saturating_sub(2);
-    if !(1..=2).contains(&spatial) || weight.rank() != x.rank() {
-        return Err(ctx.err(format!(
-            "conv needs x [N, C, W] or [N, C, H, W] and a weight of the same rank, got {x} and {weight}"
-        )));
-    }
-    let groups = ctx.int("groups")?.unwrap_or(1);
-    let (batch, cin) = (x.shape[0], x.shape[1]);
-    let (cout, cin_g) = (weight.shape[0], weight.shape[1]);
-    if groups < 1 || cin_g * groups as usize != cin || cout % groups as usize != 0 {
-        return Err(ctx.err(format!(
-            "groups = {groups} does not fit x {x} and weight {weight} (weight is [C_out, C_in/groups, ...])"
-        )));
-    }
-    let list = |param: &str| -> Result<Vec<usize>> {
-        match ctx.ints(param)? {
-            None => Ok(vec![1; spatial]),
-            Some(v) if v.len() == spatial && v.iter().all(|&s| s >= 1) => {
-                Ok(v.iter().map(|&s| s as usize).collect())
-            }
-            Some(v) => Err(ctx.err(format!("`{param}` {v:?} needs {spatial} positive entries"))),
+pub(super) fn compile_conv(ctx: &OpCtx) -> Conv {
+    let (x, weight) = (ctx.input("x"), ctx.input("weight"));
+    let spatial = x.rank() - 2;
+    let list = |param: &str| -> Vec<usize> {
+        match ctx.ints(param) {
+            Some(v) => v.iter().map(|&s| s as usize).collect(),
+            None => vec![1; spatial],
         }
     };
-    let strides = list("strides")?;
-    let dilations = list("dilations")?;
-    let in_sp = &x.shape[2..];
-    let kernel = &weight.shape[2..];
-    let effective: Vec<usize> = (0..spatial)
-        .map(|d| (kernel[d].max(1) - 1) * dilations[d] + 1)
-        .collect();
-    let pad_type = ctx.string("pad_type")?.unwrap_or("valid");
-    let pads: Vec<(usize, usize)> = match pad_type {
-        "valid" => vec![(0, 0); spatial],
-        "custom" => match ctx.ints("pad")? {
-            Some(p) if p.len() == 2 * spatial && p.iter().all(|&v| v >= 0) => p
-                .chunks(2)
-                .map(|c| (c[0] as usize, c[1] as usize))
-                .collect(),
-            other => {
-                return Err(ctx.err(format!(
-                    "pad_type \"custom\" needs `pad` with {} non-negative entries, got {other:?}",
-                    2 * spatial
-                )));
-            }
-        },
-        // Output size ceil(in / stride); "same" puts an odd extra pad after, "same_lower" before.
-        "same" | "same_lower" => (0..spatial)
-            .map(|d| {
-                let out = in_sp[d].div_ceil(strides[d]);
-                let total = ((out.max(1) - 1) * strides[d] + effective[d]).saturating_sub(in_sp[d]);
-                let before = if pad_type == "same" {
+    let (strides, dilations) = (list("strides"), list("dilations"));
+    let (in_sp, kernel, out_sp) = (&x.shape[2..], &weight.shape[2..], &ctx.output().shape[2..]);
+    let pad_type = ctx.string("pad_type").expect("has a default");
+    let pad_before: Vec<usize> = (0..spatial)
+        .map(|d| match pad_type {
+            "custom" => ctx.ints("pad").map_or(0, |p| p[2 * d] as usize),
+            // The total padding that gives the result's size; "same" puts
+            // an odd extra pad after, "same_lower" before.
+            "same" | "same_lower" => {
+                let effective = (kernel[d].max(1) - 1) * dilations[d] + 1;
+                let total =
+                    ((out_sp[d].max(1) - 1) * strides[d] + effective).saturating_sub(in_sp[d]);
+                if pad_type == "same" {
                     total / 2
                 } else {
                     total - total / 2
-                };
-                (before, total - before)
-            })
-            .collect(),
-        other => {
-            return Err(ctx.err(format!(
-                "unknown pad_type \"{other}\" (expected valid, custom, same or same_lower)"
-            )));
-        }
-    };
-    let mut out_sp = Vec::with_capacity(spatial);
-    for d in 0..spatial {
-        let padded = in_sp[d] + pads[d].0 + pads[d].1;
-        if padded < effective[d] {
-            return Err(ctx.err(format!(
-                "kernel extent {} exceeds padded input extent {padded} on spatial axis {d}",
-                effective[d]
-            )));
-        }
-        out_sp.push((padded - effective[d]) / strides[d] + 1);
-    }
-    if let Some(bias) = ctx.opt_input("bias")? {
-        if bias.numel() != cout || bias.dtype != x.dtype {
-            return Err(ctx.err(format!(
-                "`bias` must hold {cout} {} values, got {bias}",
-                x.dtype
-            )));
-        }
-    }
-    let out_shape: Vec<usize> = [batch, cout]
-        .into_iter()
-        .chain(out_sp.iter().copied())
+                }
+            }
+            _ => 0,
+        })
         .collect();
-    ctx.expect_output(x.dtype, &out_shape)?;
     // A 1-D convolution is a 2-D one with a single row.
     let two = |v: &[usize], fill: usize| {
         if spatial == 1 {
@@ -458,18 +357,18 @@ pub(super) fn compile_conv(ctx: &OpCtx) -> Result<Kernel> {
             (v[0], v[1])
         }
     };
-    Ok(Kernel::Conv(Conv {
-        batch,
-        in_channels: cin,
+    Conv {
+        batch: x.shape[0],
+        in_channels: x.shape[1],
         in_hw: two(in_sp, 1),
-        out_channels: cout,
-        groups: groups as usize,
+        out_channels: weight.shape[0],
+        groups: ctx.int("groups").unwrap_or(1) as usize,
         kernel: two(kernel, 1),
         strides: two(&strides, 1),
         dilations: two(&dilations, 1),
-        pad_before: two(&pads.iter().map(|p| p.0).collect::<Vec<_>>(), 0),
-        out_hw: two(&out_sp, 1),
-    }))
+        pad_before: two(&pad_before, 0),
+        out_hw: two(out_sp, 1),
+    }
 }
 
 /// `softmax(q k^T / sqrt(E) + mask) v` over batches of `[L, E]`, `[S, E]`, `[S, EV]`.
@@ -552,47 +451,22 @@ impl Attention {
     }
 }
 
-pub(super) fn compile_attention(ctx: &OpCtx) -> Result<Kernel> {
-    let q = ctx.input("query")?;
-    let k = ctx.input("key")?;
-    let v = ctx.input("value")?;
-    ctx.expect_float("query", q)?;
+pub(super) fn compile_attention(ctx: &OpCtx) -> Attention {
+    let (q, k, v) = (ctx.input("query"), ctx.input("key"), ctx.input("value"));
     let rank = q.rank();
-    let same_batch =
-        |t: &TensorType| t.rank() == rank && t.shape[..rank - 2] == q.shape[..rank - 2];
-    if rank < 3 || !same_batch(k) || !same_batch(v) || k.dtype != q.dtype || v.dtype != q.dtype {
-        return Err(ctx.err(format!(
-            "query {q}, key {k} and value {v} need one dtype, rank >= 3 and equal batch dimensions"
-        )));
-    }
     let (l, e) = (q.shape[rank - 2], q.shape[rank - 1]);
-    let (s, ek) = (k.shape[rank - 2], k.shape[rank - 1]);
-    let (sv, ev) = (v.shape[rank - 2], v.shape[rank - 1]);
-    if ek != e || sv != s {
-        return Err(ctx.err(format!(
-            "query {q} and key {k} need the same embedding size, key and value {v} the same length"
-        )));
-    }
+    let (s, ev) = (k.shape[rank - 2], v.shape[rank - 1]);
     let batch_shape = &q.shape[..rank - 2];
-    let mask = match ctx.opt_input("attn_mask")? {
-        None => None,
-        Some(m) => {
-            if !(m.dtype.is_float() || m.dtype == DType::Bool) {
-                return Err(ctx.err(format!("`attn_mask` must be bool, fp16 or fp32, got {m}")));
-            }
-            let target: Vec<usize> = batch_shape.iter().copied().chain([l, s]).collect();
-            let b = Broadcast::to(&[&m.shape], &target)
-                .map_err(|e| ctx.err(format!("`attn_mask` {m}: {e}")))?;
-            Some((b, m.dtype == DType::Bool))
-        }
-    };
-    let out_shape: Vec<usize> = batch_shape.iter().copied().chain([l, ev]).collect();
-    ctx.expect_output(q.dtype, &out_shape)?;
-    Ok(Kernel::Attention(Attention {
+    let mask = ctx.opt_input("attn_mask").map(|m| {
+        let target: Vec<usize> = batch_shape.iter().copied().chain([l, s]).collect();
+        let b = Broadcast::to(&[&m.shape], &target).expect("inference checked the mask");
+        (b, m.dtype == DType::Bool)
+    });
+    Attention {
         batch: batch_shape.iter().product(),
         dims: (l, s, e, ev),
         mask,
-    }))
+    }
 }
 
 #[cfg(test)]

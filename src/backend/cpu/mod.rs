@@ -1,10 +1,22 @@
 //! The CPU backend: a MIL interpreter, and the executable specification of what
 //! every op in [`Op::ALL`](crate::mil::Op::ALL) computes.
 //!
-//! - `exec`: compiling a program into a plan of slots and kernels, running it.
-//! - `constant`: literals, BLOBFILE records, `constexpr_affine_dequantize`.
-//! - `elementwise`, `reduce`, `shape`, `gemm`: the math, one family per file.
+//! - `plan`: a compiled program (a home for every value, the steps in
+//!   side-by-side groups) and running it; `lower`: a program to steps, each
+//!   operation checked by [`crate::mil::infer`], fusions tried in order;
+//!   `rewrite`: transposes folded into `matmul` flags before lowering.
+//! - `kernel`: the plain interpreter, `StepKernel` and the
+//!   lowering table from op families to the math files; `values`: slots and
+//!   types of the values, and `OpCtx`, what a kernel compiler reads of an op.
+//! - `elementwise`, `reduce`, `shape`, `gemm`: the math, one family per file;
+//!   `attention`: fused causal attention; `constant`: literals, BLOBFILE
+//!   records, `constexpr_affine_dequantize`.
+//! - `fuse`: the fusions, op patterns run as one step, each tested against
+//!   the program run op by op.
 //! - `profile`: opt-in wall time per plan step (`bench train-step --ops`).
+//!
+//! This file holds the [`Backend`] implementation and [`run_program`]; the
+//! files below it import nothing from here.
 //!
 //! Values are `f32` vectors whatever their declared dtype (integers and bools
 //! are exact). In [`Precision::Fp16`] every fp16-typed op result, constant and
@@ -17,18 +29,22 @@
 mod attention;
 mod constant;
 mod elementwise;
-mod exec;
+mod fuse;
 mod gemm;
+mod kernel;
+mod lower;
+mod plan;
 pub mod profile;
 mod reduce;
 mod rewrite;
 mod shape;
+mod values;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use self::exec::{Plan, Workspace};
+use self::plan::{Plan, Workspace};
 use super::{Backend, Block, BufferId, HostCall, KernelId, KernelInfo, Precision, matrix_dims};
 use crate::mil::{DType, Program, TensorType};
 use crate::package::ProgramPackage;
@@ -362,7 +378,7 @@ impl Backend for CpuBackend {
     /// workspace of the kernel's (made when none is free, so memory grows with
     /// the calls running at once, not with the calls). Two sequences through a
     /// layer side by side, each product on its own core, beat one after the
-    /// other with each product split over both (see `exec::side_by_side`);
+    /// other with each product split over both (see `plan::side_by_side`);
     /// and tasks of one call each keep both cores busy when other work (the
     /// weight gradients beside the backward kernels) holds one of them for
     /// part of the time. A workspace belongs to a call, not to a thread: a

@@ -9,9 +9,8 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::elementwise::PAR_MIN;
-use super::exec::{Kernel, OpCtx};
 use super::shape::{View, contiguous_strides};
-use crate::Result;
+use super::values::OpCtx;
 use crate::mil::Op;
 
 /// Elements of input a parallel task covers at least.
@@ -170,16 +169,11 @@ impl MaskedSoftmax {
     }
 }
 
-pub(super) fn compile_softmax(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    ctx.expect_float("x", x)?;
-    ctx.expect_output(x.dtype, &x.shape)?;
-    let axis = ctx.axis("axis", ctx.int("axis")?.unwrap_or(-1), x.rank())?;
-    if x.rank() == 0 {
-        return Ok(Kernel::Softmax(Softmax { len: 1, inner: 1 }));
-    }
+pub(super) fn compile_softmax(ctx: &OpCtx) -> Softmax {
+    let x = ctx.input("x");
+    let axis = ctx.axis(ctx.int("axis").unwrap_or(-1), x.rank());
     let (_, len, inner) = split3(&x.shape, axis, axis);
-    Ok(Kernel::Softmax(Softmax { len, inner }))
+    Softmax { len, inner }
 }
 
 /// A reduction over the middle of `[outer, len, inner]`, after an optional
@@ -241,45 +235,32 @@ impl Reduce {
     }
 }
 
-pub(super) fn compile_reduce(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
+pub(super) fn compile_reduce(ctx: &OpCtx) -> Reduce {
+    let x = ctx.input("x");
     let rank = x.rank();
-    let mut axes = match ctx.ints("axes")? {
-        Some(axes) => axes
-            .iter()
-            .map(|&a| ctx.axis("axes", a, rank))
-            .collect::<Result<Vec<_>>>()?,
+    let mut axes: Vec<usize> = match ctx.ints("axes") {
+        Some(axes) => axes.iter().map(|&a| ctx.axis(a, rank)).collect(),
         None => (0..rank).collect(),
     };
     axes.sort_unstable();
-    axes.dedup();
-    let keep_dims = ctx.flag("keep_dims")?.unwrap_or(false);
-    let out_shape: Vec<usize> = (0..rank)
-        .filter_map(|d| match (axes.contains(&d), keep_dims) {
-            (false, _) => Some(x.shape[d]),
-            (true, true) => Some(1),
-            (true, false) => None,
-        })
-        .collect();
-    ctx.expect_output(x.dtype, &out_shape)?;
     let op = ctx.op.op;
     let (Some(&first), Some(&last)) = (axes.first(), axes.last()) else {
         // No axes: every element is its own group.
-        return Ok(Kernel::Reduce(Reduce {
+        return Reduce {
             op,
             transpose: None,
             len: 1,
             inner: 1,
-        }));
+        };
     };
     if last - first + 1 == axes.len() {
         let (_, len, inner) = split3(&x.shape, first, last);
-        return Ok(Kernel::Reduce(Reduce {
+        return Reduce {
             op,
             transpose: None,
             len,
             inner,
-        }));
+        };
     }
     // Move the reduced axes to the end, keeping the order of the others.
     let perm: Vec<usize> = (0..rank)
@@ -292,10 +273,10 @@ pub(super) fn compile_reduce(ctx: &OpCtx) -> Result<Kernel> {
         perm.iter().map(|&d| strides[d]).collect(),
         0,
     );
-    Ok(Kernel::Reduce(Reduce {
+    Reduce {
         op,
         transpose: Some(view),
         len: axes.iter().map(|&d| x.shape[d]).product(),
         inner: 1,
-    }))
+    }
 }

@@ -41,7 +41,7 @@ fn definitions(program: &Program) -> HashMap<String, usize> {
 
 /// Uses of each value as an operation argument or function output, by name.
 fn use_counts(program: &Program) -> HashMap<String, usize> {
-    super::exec::use_counts(&program.main)
+    super::values::use_counts(&program.main)
         .into_iter()
         .map(|(name, n)| (name.to_string(), n))
         .collect()
@@ -256,7 +256,7 @@ mod tests {
 
     use super::*;
     use crate::backend::Precision;
-    use crate::backend::cpu::exec::Plan;
+    use crate::backend::cpu::plan::Plan;
     use crate::model::ModelConfig;
     use crate::model::kernels::{KernelOptions, LayerKernels, WeightMode};
     use crate::rng::Rng;

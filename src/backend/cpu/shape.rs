@@ -1,12 +1,12 @@
-//! Data movement: `reshape`, `identity`, `transpose`, `slice_by_size`, `concat`
-//! and `split`. Each is a strided [`View`] of a row-major buffer, read into a
-//! dense result; `concat` copies the contiguous blocks of its operands.
+//! Data movement: `transpose`, `slice_by_size`, `concat` and `split` (the plan
+//! gives `reshape` and `identity` their operand's storage, no step), and the
+//! fused pair rotation. Each is a strided [`View`] of a row-major buffer, read
+//! into a dense result; `concat` copies the contiguous blocks of its operands.
 
 use rayon::prelude::*;
 
 use super::elementwise::PAR_MIN;
-use super::exec::{Kernel, OpCtx};
-use crate::Result;
+use super::values::OpCtx;
 
 /// Row-major element strides of `shape`.
 pub(super) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
@@ -120,9 +120,8 @@ impl View {
     }
 
     /// [`View::gather`] of a stack of transposed matrices: each matrix through
-    /// the tiled [`crate::linalg::transpose_into`], matrices in parallel.
-    /// Measured on Zen 4 (one thread, `layer768`'s six head transposes,
-    /// `[12, 64, 512]` and back): 1.75 against 3.30 ms a step value by value.
+    /// the tiled [`crate::linalg::transpose_into`], matrices in parallel:
+    /// faster than value by value (measured: `docs/performance.md`).
     fn gather_transposed(&self, src: &[f32], out: &mut [f32]) {
         let rank = self.shape.len();
         let (rows, cols) = (self.shape[rank - 2], self.shape[rank - 1]);
@@ -141,110 +140,31 @@ impl View {
 /// Elements per task of the data-movement loops.
 const ROW_BLOCK: usize = 1 << 12;
 
-/// `reshape` and `identity` keep the data as it is.
-pub(super) fn compile_copy(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let out = ctx.output();
-    if ctx.op.op == crate::mil::Op::Identity {
-        ctx.expect_output(x.dtype, &x.shape)?;
-        return Ok(Kernel::Copy);
-    }
-    let spec = ctx
-        .ints("shape")?
-        .ok_or_else(|| ctx.err("missing required parameter `shape`"))?;
-    // -1 stands for the dimension that keeps the element count.
-    let known: i64 = spec.iter().filter(|&&d| d != -1).product();
-    let inferred = match spec.iter().filter(|&&d| d == -1).count() {
-        0 => None,
-        1 if known > 0 && x.numel() as i64 % known == 0 => Some(x.numel() as i64 / known),
-        _ => return Err(ctx.err(format!("`shape` {spec:?} cannot reshape {x}"))),
-    };
-    let shape = spec
+pub(super) fn compile_transpose(ctx: &OpCtx) -> View {
+    let x = ctx.input("x");
+    let perm: Vec<usize> = ctx
+        .ints("perm")
+        .expect("required")
         .iter()
-        .map(|&d| match d {
-            -1 => inferred.map(|d| d as usize),
-            d if d >= 0 => Some(d as usize),
-            _ => None,
-        })
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| ctx.err(format!("`shape` {spec:?} has a negative dimension")))?;
-    if shape.iter().product::<usize>() != x.numel() {
-        return Err(ctx.err(format!(
-            "`shape` {shape:?} holds {} elements but {x} has {}",
-            shape.iter().product::<usize>(),
-            x.numel()
-        )));
-    }
-    if out.dtype != x.dtype {
-        return Err(ctx.err(format!("result is declared {out} but `x` is {}", x.dtype)));
-    }
-    ctx.expect_output(x.dtype, &shape)?;
-    Ok(Kernel::Copy)
-}
-
-pub(super) fn compile_transpose(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let spec = ctx
-        .ints("perm")?
-        .ok_or_else(|| ctx.err("missing required parameter `perm`"))?;
-    let perm = spec
-        .iter()
-        .map(|&a| ctx.axis("perm", a, x.rank()))
-        .collect::<Result<Vec<_>>>()?;
-    let mut sorted = perm.clone();
-    sorted.sort_unstable();
-    if sorted != (0..x.rank()).collect::<Vec<_>>() {
-        return Err(ctx.err(format!(
-            "`perm` {spec:?} is not a permutation of the {} axes of {x}",
-            x.rank()
-        )));
-    }
-    let out_shape: Vec<usize> = perm.iter().map(|&d| x.shape[d]).collect();
-    ctx.expect_output(x.dtype, &out_shape)?;
+        .map(|&a| ctx.axis(a, x.rank()))
+        .collect();
     let strides = contiguous_strides(&x.shape);
-    Ok(Kernel::Gather(View::new(
-        out_shape,
+    View::new(
+        ctx.output().shape.clone(),
         perm.iter().map(|&d| strides[d]).collect(),
         0,
-    )))
+    )
 }
 
-pub(super) fn compile_slice(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let begin = ctx
-        .ints("begin")?
-        .ok_or_else(|| ctx.err("missing required parameter `begin`"))?;
-    let size = ctx
-        .ints("size")?
-        .ok_or_else(|| ctx.err("missing required parameter `size`"))?;
-    if begin.len() != x.rank() || size.len() != x.rank() {
-        return Err(ctx.err(format!(
-            "`begin` {begin:?} and `size` {size:?} need one entry per axis of {x}"
-        )));
-    }
+pub(super) fn compile_slice(ctx: &OpCtx) -> View {
+    let x = ctx.input("x");
+    let begin = ctx.ints("begin").expect("required");
     let strides = contiguous_strides(&x.shape);
-    let mut offset = 0;
-    let mut out_shape = Vec::with_capacity(x.rank());
-    for d in 0..x.rank() {
-        let dim = x.shape[d] as i64;
-        // A negative begin counts from the end; size -1 means "to the end".
-        let b = if begin[d] < 0 {
-            begin[d] + dim
-        } else {
-            begin[d]
-        };
-        let s = if size[d] == -1 { dim - b } else { size[d] };
-        if b < 0 || s < 0 || b + s > dim {
-            return Err(ctx.err(format!(
-                "axis {d}: begin {} size {} is outside dimension {dim} of {x}",
-                begin[d], size[d]
-            )));
-        }
-        offset += b as usize * strides[d];
-        out_shape.push(s as usize);
-    }
-    ctx.expect_output(x.dtype, &out_shape)?;
-    Ok(Kernel::Gather(View::new(out_shape, strides, offset)))
+    // A negative begin counts from the end; the sizes are the result's.
+    let offset = (0..x.rank())
+        .map(|d| begin[d].rem_euclid(x.shape[d] as i64) as usize * strides[d])
+        .sum();
+    View::new(ctx.output().shape.clone(), strides, offset)
 }
 
 /// A last axis of two elements rebuilt from the two elements of an operand of
@@ -341,98 +261,35 @@ impl Concat {
     }
 }
 
-pub(super) fn compile_concat(ctx: &OpCtx) -> Result<Kernel> {
-    let values = ctx.tuple("values")?;
-    let first = *values
-        .first()
-        .ok_or_else(|| ctx.err("`values` must hold at least one tensor"))?;
-    let rank = first.rank();
-    let axis = ctx.axis(
-        "axis",
-        ctx.int("axis")?
-            .ok_or_else(|| ctx.err("missing required parameter `axis`"))?,
-        rank,
-    )?;
-    let interleave = ctx.flag("interleave")?.unwrap_or(false);
-    for (i, v) in values.iter().enumerate() {
-        let fits = v.dtype == first.dtype
-            && v.rank() == rank
-            && (0..rank).all(|d| (d == axis && !interleave) || v.shape[d] == first.shape[d]);
-        if !fits {
-            let rule = if interleave {
-                "equal shapes"
-            } else {
-                "equal shapes except along the axis"
-            };
-            return Err(ctx.err(format!(
-                "value {i} is {v} but value 0 is {first}; concat along axis {axis} needs {rule}"
-            )));
-        }
-    }
-    let mut out_shape = first.shape.clone();
-    out_shape[axis] = values.iter().map(|v| v.shape[axis]).sum();
-    ctx.expect_output(first.dtype, &out_shape)?;
+pub(super) fn compile_concat(ctx: &OpCtx) -> Concat {
+    let values = ctx.tuple("values");
+    let first = values[0];
+    let axis = ctx.axis(ctx.int("axis").expect("required"), first.rank());
+    let interleave = ctx.flag("interleave").unwrap_or(false);
     let outer: usize = first.shape[..axis].iter().product();
     let after: usize = first.shape[axis + 1..].iter().product();
-    Ok(Kernel::Concat(Concat {
+    Concat {
         outer,
         parts: values.iter().map(|v| v.shape[axis] * after).collect(),
         interleave: interleave.then_some((first.shape[axis], after)),
-    }))
+    }
 }
 
-pub(super) fn compile_split(ctx: &OpCtx) -> Result<Kernel> {
-    let x = ctx.input("x")?;
-    let axis = ctx.axis(
-        "axis",
-        ctx.int("axis")?
-            .ok_or_else(|| ctx.err("missing required parameter `axis`"))?,
-        x.rank(),
-    )?;
-    let dim = x.shape[axis];
-    let sizes: Vec<usize> = match (ctx.ints("split_sizes")?, ctx.int("num_splits")?) {
-        (Some(sizes), _) => {
-            if sizes.iter().any(|&s| s < 0) || sizes.iter().sum::<i64>() != dim as i64 {
-                return Err(ctx.err(format!(
-                    "`split_sizes` {sizes:?} must be non-negative and sum to {dim} (axis {axis} of {x})"
-                )));
-            }
-            sizes.iter().map(|&s| s as usize).collect()
-        }
-        (None, Some(n)) if n > 0 && dim % n as usize == 0 => vec![dim / n as usize; n as usize],
-        (None, Some(n)) => {
-            return Err(ctx.err(format!(
-                "`num_splits` {n} does not divide axis {axis} of {x}"
-            )));
-        }
-        (None, None) => return Err(ctx.err("give `num_splits` or `split_sizes`")),
-    };
-    let outputs = &ctx.op.outputs;
-    if outputs.len() != sizes.len() {
-        return Err(ctx.err(format!(
-            "the split makes {} parts but {} results are declared",
-            sizes.len(),
-            outputs.len()
-        )));
-    }
+/// One view of `x` per result of `split`.
+pub(super) fn compile_split(ctx: &OpCtx) -> Vec<View> {
+    let x = ctx.input("x");
+    let axis = ctx.axis(ctx.int("axis").expect("required"), x.rank());
     let strides = contiguous_strides(&x.shape);
-    let mut views = Vec::with_capacity(sizes.len());
     let mut start = 0;
-    for (size, out) in sizes.iter().zip(outputs) {
-        let mut shape = x.shape.clone();
-        shape[axis] = *size;
-        if out.ty.dtype != x.dtype || out.ty.shape != shape {
-            return Err(ctx.err(format!(
-                "result `{}` is declared {} but the split gives {}",
-                out.name,
-                out.ty,
-                crate::mil::TensorType::new(x.dtype, shape)
-            )));
-        }
-        views.push(View::new(shape, strides.clone(), start * strides[axis]));
-        start += size;
-    }
-    Ok(Kernel::Split(views))
+    ctx.op
+        .outputs
+        .iter()
+        .map(|out| {
+            let view = View::new(out.ty.shape.clone(), strides.clone(), start * strides[axis]);
+            start += out.ty.shape[axis];
+            view
+        })
+        .collect()
 }
 
 #[cfg(test)]
