@@ -1,4 +1,6 @@
-//! Training: step orchestration over the backend trait ([`engine`]), the
+//! Training: one step over the backend trait ([`engine`], with the layer pair
+//! in `layer`, the classifier head in `classifier`, the weight-gradient
+//! scheduler in `schedule`, kernel calls in [`kernel`] and `stages`), the
 //! optimizer, schedules and loss scaling ([`optim`]), and the run loop here:
 //! gradient accumulation, clipping, evaluation, metrics, checkpoints and exact resume.
 //!
@@ -6,9 +8,17 @@
 //! `metrics.jsonl` (one JSON object per step), `checkpoint.bin` (latest) and
 //! whatever the caller adds (tokenizer, samples).
 
+mod buffers;
+pub mod classifier;
 pub mod engine;
+mod grads;
+pub mod kernel;
+mod layer;
 pub mod optim;
+pub mod profile;
+mod schedule;
 pub mod source;
+mod stages;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::model::kernels::WeightMode;
+use crate::model::kernels::{self, WeightMode};
 use crate::{Error, Result};
 
 /// Compiles per process after which the reference saw the compiler fail.
@@ -110,6 +110,13 @@ impl CompilePlan {
         }
     }
 
+    /// The plan of a training run: the layer's kernel set
+    /// ([`kernels::kernel_counts`]) in weight mode `mode`.
+    pub fn for_layer_kernels(mode: WeightMode) -> CompilePlan {
+        let counts = kernels::kernel_counts();
+        CompilePlan::new(mode, counts.kernels, counts.reading_weights)
+    }
+
     /// When a process that has done `used` compiles must restart. Errors when
     /// even a fresh process could not run one update.
     pub fn decide(&self, budget: CompileBudget, used: usize) -> Result<RestartDecision> {
@@ -152,6 +159,7 @@ mod tests {
         let budget = CompileBudget::default();
         for mode in [WeightMode::Packed, WeightMode::Inputs] {
             let plan = CompilePlan::new(mode, 9, 7);
+            assert_eq!(CompilePlan::for_layer_kernels(mode), plan);
             assert_eq!(
                 plan,
                 CompilePlan {
@@ -171,6 +179,7 @@ mod tests {
         // 9 kernels, 8 with weights (attn_bwd has none): 100 - 9 = 91 left,
         // 91 / 8 = 11 updates (88 recompiles, 97 compiles in all; a 12th needs 105).
         let plan = CompilePlan::new(WeightMode::Baked, 9, 8);
+        assert_eq!(CompilePlan::for_layer_kernels(WeightMode::Baked), plan);
         let budget = CompileBudget::default();
         assert_eq!(plan.decide(budget, 0).unwrap(), RestartDecision::After(11));
         assert_eq!(plan.decide(budget, 20).unwrap(), RestartDecision::After(8));
