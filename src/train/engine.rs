@@ -20,6 +20,7 @@ use crate::train::kernel::{self, CompiledKernel};
 use crate::train::layer::{LayerContext, LayerParams, layer_backward, layer_forward};
 use crate::train::profile::{Profile, TimedHost};
 use crate::train::schedule::DwSchedule;
+use crate::train::stages::BatchKernels;
 use crate::{Error, Result};
 
 /// How [`Engine::forward_backward_as`] writes the gradients.
@@ -77,6 +78,7 @@ impl Engine {
         }
         let specs = LayerKernels::build(config, seq, opts, &|_| None)?;
         let kernels = kernel::compile(backend.as_mut(), specs)?;
+        let kernel_names = kernels.iter().map(|kernel| kernel.name().into()).collect();
         let acts = (0..config.n_layers)
             .map(|_| (0..batch).map(|_| LayerActs::new(config, seq)).collect())
             .collect();
@@ -90,7 +92,7 @@ impl Engine {
             head: ClassifierHead::new(config, seq, batch),
             dy: DySources::default(),
             scratch: BackwardScratch::default(),
-            schedule: DwSchedule::default(),
+            schedule: DwSchedule::new(kernel_names),
             host: TimedHost::default(),
             grad_sq: Vec::new(),
         })
@@ -134,9 +136,8 @@ impl Engine {
         self.batch
     }
 
-    /// Sequences per classifier group: by default as many as fit in
-    /// [`crate::train::classifier::LOGITS_FLOATS`] logits (at least one).
-    /// Fewer means less memory.
+    /// Sequences per classifier group: by default as many as fit in 128 MiB
+    /// of logits (at least one). Fewer means less memory.
     pub fn set_classifier_group(&mut self, sequences: usize) {
         self.head.set_group(sequences);
     }
@@ -176,8 +177,10 @@ impl Engine {
             kernel.new_pass();
         }
         let mut ctx = LayerContext {
-            backend: self.backend.as_mut(),
-            kernels: &self.kernels,
+            kernels: BatchKernels {
+                backend: self.backend.as_mut(),
+                kernels: &self.kernels,
+            },
             host: &mut self.host,
             norm_eps: self.config.norm_eps,
         };
@@ -269,8 +272,10 @@ impl Engine {
         );
         let mut dw = self.schedule.pass(&mut self.dy, &self.acts, sink);
         let mut ctx = LayerContext {
-            backend: self.backend.as_mut(),
-            kernels: &self.kernels,
+            kernels: BatchKernels {
+                backend: self.backend.as_mut(),
+                kernels: &self.kernels,
+            },
             host,
             norm_eps: self.config.norm_eps,
         };

@@ -1,7 +1,7 @@
 //! One transformer layer over the batch, as a forward/backward pair:
 //! [`layer_forward`] and [`layer_backward`], with the layer's parameters
 //! looked up in one place ([`LayerParams`]). Each stage runs every sequence
-//! through one kernel (`stages`); RMSNorm and the residual adds run on the
+//! through one kernel ([`BatchKernels`]); RMSNorm and the residual adds run on the
 //! host in fp32 between them.
 //!
 //! The backward says which weight gradient each stage makes computable
@@ -9,14 +9,11 @@
 //! the timing of the host math is `profile`'s.
 
 use crate::Result;
-use crate::backend::Backend;
-use crate::model::kernels::LayerKernels;
 use crate::model::{Param, Weights};
 use crate::train::buffers::{BackwardScratch, Dy, LayerActs};
-use crate::train::kernel::CompiledKernel;
 use crate::train::profile::TimedHost;
 use crate::train::schedule::DwPass;
-use crate::train::stages;
+use crate::train::stages::BatchKernels;
 
 /// One layer's parameters as the kernels and the host math read them:
 /// matrices `[out, in]` row-major, as stored.
@@ -52,8 +49,7 @@ impl<'w> LayerParams<'w> {
 
 /// What the layer passes run on.
 pub struct LayerContext<'e> {
-    pub backend: &'e mut dyn Backend,
-    pub kernels: &'e LayerKernels<CompiledKernel>,
+    pub kernels: BatchKernels<'e>,
     pub host: &'e mut TimedHost,
     pub norm_eps: f32,
 }
@@ -67,22 +63,21 @@ pub fn layer_forward(
     acts: &mut [LayerActs],
     out: &mut [&mut Vec<f32>],
 ) -> Result<()> {
-    let eps = ctx.norm_eps;
+    let (kernels, host, eps) = (&mut ctx.kernels, &mut *ctx.host, ctx.norm_eps);
     for layer_acts in acts.iter_mut() {
         let LayerActs { x, xn, rrms1, .. } = layer_acts;
-        ctx.host.rmsnorm_forward(xn, rrms1, x, params.rms_att, eps);
+        host.rmsnorm_forward(xn, rrms1, x, params.rms_att, eps);
     }
-    stages::attn_fwd(ctx.backend, ctx.kernels, params, acts)?;
-    stages::wo_fwd(ctx.backend, ctx.kernels, params, acts)?;
+    kernels.attn_fwd(params, acts)?;
+    kernels.wo_fwd(params, acts)?;
     for layer_acts in acts.iter_mut() {
         let LayerActs {
             x, x2, x2n, rrms2, ..
         } = layer_acts;
         add_assign(x2, x); // x2 = x + Wo attn
-        ctx.host
-            .rmsnorm_forward(x2n, rrms2, x2, params.rms_ffn, eps);
+        host.rmsnorm_forward(x2n, rrms2, x2, params.rms_ffn, eps);
     }
-    stages::ffn_fwd(ctx.backend, ctx.kernels, params, acts, out)?;
+    kernels.ffn_fwd(params, acts, out)?;
     for (layer_acts, out) in acts.iter().zip(out) {
         add_assign(out, &layer_acts.x2); // x_out = x2 + W2 gate
     }
@@ -100,93 +95,71 @@ pub fn layer_backward(
     scratch: &mut BackwardScratch,
     dw: &mut DwPass,
 ) -> Result<()> {
-    let (layer, kernels, backend) = (params.layer, ctx.kernels, &mut *ctx.backend);
+    let (layer, kernels, host) = (params.layer, &mut ctx.kernels, &mut *ctx.host);
     // x_out = x2 + W2 gate: the FFN's output gradient is dx; dx2 starts as dx.
-    dw.run("ffn_bwd_w2", [], |dy, []| {
-        stages::ffn_bwd_w2(backend, kernels, params, &dy.dx, &mut scratch.dgate)
+    dw.run("ffn_bwd_w2", |dy| {
+        kernels.ffn_bwd_w2(params, &dy.dx, &mut scratch.dgate)
     })?;
     dw.due(Param::W2(layer), Dy::Dx, |a| &a.gate);
-    dw.run("ffn_bwd_w13", [Dy::Dh1, Dy::Dh3], |_, [dh1, dh3]| {
-        let dgate = &scratch.dgate;
-        stages::ffn_bwd_w13(
-            backend,
-            kernels,
-            params,
-            acts,
-            dgate,
-            &mut scratch.dx2n,
-            dh1,
-            dh3,
-        )
+    dw.run_writing("ffn_bwd_w13", [Dy::Dh1, Dy::Dh3], |_, [dh1, dh3]| {
+        kernels.ffn_bwd_w13(params, acts, &scratch.dgate, &mut scratch.dx2n, dh1, dh3)
     })?;
     dw.due(Param::W1(layer), Dy::Dh1, |a| &a.x2n);
     dw.due(Param::W3(layer), Dy::Dh3, |a| &a.x2n);
     // dx2 = dx + rmsnorm_backward(dx2n).
-    let (rms_ffn, dx2n) = (params.rms_ffn, &scratch.dx2n);
-    norm_backward(
-        ctx.host,
-        dw,
-        Param::RmsFfn(layer),
-        rms_ffn,
-        dx2n,
-        acts,
-        |a| (&a.x2, &a.rrms2),
-    );
-    dw.run("wo_bwd", [], |dy, []| {
-        stages::wo_bwd(backend, kernels, params, &dy.dx, &mut scratch.dattn)
+    norm_backward(host, dw, params, Norm::Ffn, &scratch.dx2n, acts);
+    dw.run("wo_bwd", |dy| {
+        kernels.wo_bwd(params, &dy.dx, &mut scratch.dattn)
     })?;
     dw.due(Param::Wo(layer), Dy::Dx, |a| &a.attn);
-    dw.run("attn_bwd", [Dy::Dq, Dy::Dk, Dy::Dv], |_, [dq, dk, dv]| {
-        stages::attn_bwd(backend, kernels, acts, &scratch.dattn, dq, dk, dv)
+    dw.run_writing("attn_bwd", [Dy::Dq, Dy::Dk, Dy::Dv], |_, [dq, dk, dv]| {
+        kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
     })?;
     dw.due(Param::Wq(layer), Dy::Dq, |a| &a.xn);
     dw.due(Param::Wk(layer), Dy::Dk, |a| &a.xn);
     dw.due(Param::Wv(layer), Dy::Dv, |a| &a.xn);
     // dxn = Wq^T dq + (Wk^T dk + Wv^T dv).
-    dw.run("q_bwd", [], |dy, []| {
-        stages::q_bwd(backend, kernels, params, &dy.dq, &mut scratch.dxn)?;
-        stages::kv_bwd(
-            backend,
-            kernels,
-            params,
-            &dy.dk,
-            &dy.dv,
-            &mut scratch.dxn_kv,
-        )?;
+    dw.run("q_bwd", |dy| {
+        kernels.q_bwd(params, &dy.dq, &mut scratch.dxn)?;
+        kernels.kv_bwd(params, &dy.dk, &dy.dv, &mut scratch.dxn_kv)?;
         for (dxn, dxn_kv) in scratch.dxn.iter_mut().zip(&scratch.dxn_kv) {
             add_assign(dxn, dxn_kv);
         }
         Ok(())
     })?;
     // dx = dx2 + rmsnorm_backward(dxn).
-    let (rms_att, dxn) = (params.rms_att, &scratch.dxn);
-    norm_backward(
-        ctx.host,
-        dw,
-        Param::RmsAtt(layer),
-        rms_att,
-        dxn,
-        acts,
-        |a| (&a.x, &a.rrms1),
-    );
+    norm_backward(host, dw, params, Norm::Attention, &scratch.dxn, acts);
     Ok(())
 }
 
+/// The layer's two RMSNorms.
+#[derive(Clone, Copy)]
+enum Norm {
+    Attention,
+    Ffn,
+}
+
 /// `dx += rmsnorm_backward(dy)` per sequence, in place in the scheduler's
-/// `dx`, with the norm weight `param`'s gradient; `saved` gives the norm's
-/// input and reciprocal RMS.
+/// `dx`, and the gradient of the norm's weight.
 fn norm_backward(
     host: &mut TimedHost,
     dw: &mut DwPass,
-    param: Param,
-    weight: &[f32],
+    params: &LayerParams,
+    norm: Norm,
     dy: &[Vec<f32>],
     acts: &[LayerActs],
-    saved: fn(&LayerActs) -> (&Vec<f32>, &Vec<f32>),
 ) {
+    let (param, weight) = match norm {
+        Norm::Attention => (Param::RmsAtt(params.layer), params.rms_att),
+        Norm::Ffn => (Param::RmsFfn(params.layer), params.rms_ffn),
+    };
     let mut dx = dw.take(Dy::Dx);
     for ((dx, dy), layer_acts) in dx.iter_mut().zip(dy).zip(acts) {
-        let (x, rrms) = saved(layer_acts);
+        // The norm's input and reciprocal RMS, as the forward saved them.
+        let (x, rrms) = match norm {
+            Norm::Attention => (&layer_acts.x, &layer_acts.rrms1),
+            Norm::Ffn => (&layer_acts.x2, &layer_acts.rrms2),
+        };
         host.rmsnorm_backward(dx, dw.grads.get_mut(param), dy, x, weight, rrms);
     }
     dw.put(Dy::Dx, dx);

@@ -50,8 +50,9 @@ pub struct WeightGrad {
 }
 
 /// The scheduler's state kept between passes (so that a pass allocates nothing).
-#[derive(Default)]
 pub struct DwSchedule {
+    /// The kernels stages may be named after.
+    kernel_names: Vec<String>,
     /// Due and not yet run, in the order they became due.
     pending: Vec<WeightGrad>,
     /// Those chosen to run now.
@@ -61,6 +62,16 @@ pub struct DwSchedule {
 }
 
 impl DwSchedule {
+    /// A scheduler for stages named after `kernel_names`.
+    pub fn new(kernel_names: Vec<String>) -> DwSchedule {
+        DwSchedule {
+            kernel_names,
+            pending: Vec::new(),
+            now: Vec::new(),
+            profile: Profile::default(),
+        }
+    }
+
     /// The time of the weight gradients since the last call (see [`Profile`]).
     pub fn take_profile(&mut self) -> Profile {
         std::mem::take(&mut self.profile)
@@ -125,16 +136,28 @@ impl<'g> DwPass<'_, 'g> {
         *self.dy.get_mut(which) = array;
     }
 
-    /// Run `kernel`, the backward stage that starts with the kernel `name`,
-    /// beside the due gradients the plan puts there. The stage writes the
-    /// arrays `writes`, which it is lent (see [`DwPass::take`]), and reads the
-    /// others.
-    pub fn run<const N: usize>(
+    /// Run `stage`, the backward stage that starts with the kernel `name`,
+    /// beside the due gradients the plan puts there. The stage reads the
+    /// arrays it is given and writes none of them.
+    pub fn run(&mut self, name: &str, stage: impl FnOnce(&DySources) -> Result<()>) -> Result<()> {
+        self.run_writing(name, [], |dy, []| stage(dy))
+    }
+
+    /// [`DwPass::run`] for a stage that also writes the arrays `writes`, which
+    /// it is lent (see [`DwPass::take`]) in that order.
+    pub fn run_writing<const N: usize>(
         &mut self,
         name: &str,
         writes: [Dy; N],
-        kernel: impl FnOnce(&DySources, &mut [Vec<Vec<f32>>; N]) -> Result<()>,
+        stage: impl FnOnce(&DySources, &mut [Vec<Vec<f32>>; N]) -> Result<()>,
     ) -> Result<()> {
+        debug_assert!(
+            self.schedule
+                .kernel_names
+                .iter()
+                .any(|kernel| kernel == name),
+            "no kernel named {name}"
+        );
         let mut written = writes.map(|which| self.take(which));
         self.choose(|grad| planned_beside(grad.param).is_none_or(|planned| planned == name));
         let DwPass {
@@ -146,11 +169,11 @@ impl<'g> DwPass<'_, 'g> {
         let dy: &DySources = dy;
         let now = &schedule.now;
         let result = if now.is_empty() {
-            kernel(dy, &mut written)
+            stage(dy, &mut written)
         } else {
             overlapped(
                 &mut schedule.profile,
-                || kernel(dy, &mut written),
+                || stage(dy, &mut written),
                 || run_all(now, grads, dy, acts),
             )
         };
@@ -240,4 +263,63 @@ fn overlapped(
     profile.add(PHASE, kernel_done);
     profile.add_side_by_side(PHASE, dw_time);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::kernels::{KernelOptions, LayerKernels};
+    use crate::model::{ModelConfig, Weights};
+    use crate::train::engine::GradWrite;
+
+    #[test]
+    fn the_plan_names_kernels_of_the_set() {
+        let config = ModelConfig::preset("tiny").unwrap();
+        let specs = LayerKernels::build(&config, 8, KernelOptions::cpu(), &|_| None).unwrap();
+        let names: Vec<&str> = specs.iter().map(|spec| spec.name.as_str()).collect();
+        let layout = Weights::zeros(&config).layout;
+        for param in layout.params() {
+            if let Some(kernel) = planned_beside(param) {
+                assert!(names.contains(&kernel), "{}: {kernel}", param.name());
+            }
+        }
+    }
+
+    /// A gradient planned beside a later kernel still sees the values it was
+    /// declared with when its array is written first: the write waits for it.
+    #[test]
+    fn an_array_is_lent_out_only_after_the_gradients_that_read_it() {
+        let config = ModelConfig {
+            n_layers: 1,
+            ..ModelConfig::preset("tiny").unwrap()
+        };
+        let seq = 4;
+        let mut acts = vec![vec![LayerActs::new(&config, seq)]];
+        acts[0][0].gate.fill(1.0);
+        let mut dy = DySources::default();
+        dy.resize(&config, 1, seq);
+        dy.dx[0].fill(2.0);
+        let mut grads = Weights::zeros(&config);
+        let mut sums_of_squares = Vec::new();
+        let mut schedule = DwSchedule::new(vec!["wo_bwd".into()]);
+        let sink = GradSink::start(&mut grads, GradWrite::Add, seq, &mut sums_of_squares);
+        let mut pass = schedule.pass(&mut dy, &acts, sink);
+        // dW2 = dx gate^T, planned beside `ffn_bwd_w13`: not beside `wo_bwd`.
+        pass.due(Param::W2(0), Dy::Dx, |a| &a.gate);
+        pass.run("wo_bwd", |_| Ok(())).unwrap();
+        let mut dx = pass.take(Dy::Dx);
+        dx[0].fill(0.0);
+        pass.put(Dy::Dx, dx);
+        pass.finish();
+        assert_eq!(sums_of_squares.len(), 1);
+        // Each entry sums 2 x 1 over the 4 positions.
+        assert!(grads.get(Param::W2(0)).iter().all(|&value| value == 8.0));
+        assert!(
+            schedule
+                .take_profile()
+                .phases
+                .iter()
+                .any(|(phase, _)| phase == PHASE)
+        );
+    }
 }
