@@ -29,6 +29,11 @@
 //! Every kernel reads and writes `[1, C, 1, W]` tensors. A [`KernelSpec`] records
 //! where each logical tensor lives (buffer, channel rows, spatial columns), so the
 //! host code is the same in every mode.
+//!
+//! The set is declared once, [`LAYER_KERNELS`] (each kernel's builder and
+//! whether it reads weights); [`LayerKernels::build`] maps it into specs, the
+//! engine maps those into compiled kernels, and [`kernel_counts`] gives the
+//! ANE compile plan its numbers. How the host calls a kernel is `train`'s.
 
 use std::collections::BTreeMap;
 

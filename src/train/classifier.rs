@@ -123,8 +123,7 @@ impl ClassifierHead {
     ) -> f64 {
         // With several groups, E^T once per step: the classifier's dx product
         // then has a row-major left operand (faer's fast form) for all of them.
-        let several = self.batch.div_ceil(self.group) > 1;
-        if several {
+        if self.several_groups() {
             self.classifier_t.resize(self.dim * self.vocab, 0.0);
             host.transpose_classifier(weights.classifier(), self.dim, &mut self.classifier_t);
         }
@@ -136,7 +135,7 @@ impl ClassifierHead {
             let logits = &mut self.logits[..self.vocab * positions];
             let targets = &targets[first * self.seq..end * self.seq];
             total += host.cross_entropy(logits, targets, Some(grad_scale), &mut self.stats);
-            self.group_backward(host, weights, grads, first, end, several, dx);
+            self.group_backward(host, weights, grads, first, end, dx);
         }
         grads.finished(Param::RmsFinal);
         if !weights.config().tied_embeddings {
@@ -145,9 +144,12 @@ impl ClassifierHead {
         total
     }
 
+    fn several_groups(&self) -> bool {
+        self.batch.div_ceil(self.group) > 1
+    }
+
     /// The backward of group `first..end` from its logits' gradient: the
     /// classifier's products, then each sequence's final norm into `dx`.
-    #[allow(clippy::too_many_arguments)]
     fn group_backward(
         &mut self,
         host: &mut TimedHost,
@@ -155,10 +157,9 @@ impl ClassifierHead {
         grads: &mut GradSink,
         first: usize,
         end: usize,
-        several: bool,
         dx: &mut [Vec<f32>],
     ) {
-        let (dim, seq) = (self.dim, self.seq);
+        let (dim, seq, several) = (self.dim, self.seq, self.several_groups());
         let positions = (end - first) * seq;
         let logits = &self.logits[..self.vocab * positions];
         // The group's activations, as `classify` gathered them.

@@ -20,7 +20,6 @@ use crate::train::kernel::{self, CompiledKernel};
 use crate::train::layer::{LayerContext, LayerParams, layer_backward, layer_forward};
 use crate::train::profile::{Profile, TimedHost};
 use crate::train::schedule::DwSchedule;
-use crate::train::stages::BatchKernels;
 use crate::{Error, Result};
 
 /// How [`Engine::forward_backward_as`] writes the gradients.
@@ -176,14 +175,8 @@ impl Engine {
         for kernel in self.kernels.iter() {
             kernel.new_pass();
         }
-        let mut ctx = LayerContext {
-            kernels: BatchKernels {
-                backend: self.backend.as_mut(),
-                kernels: &self.kernels,
-            },
-            host: &mut self.host,
-            norm_eps: self.config.norm_eps,
-        };
+        let eps = self.config.norm_eps;
+        let mut ctx = LayerContext::new(self.backend.as_mut(), &self.kernels, &mut self.host, eps);
         for layer in 0..self.config.n_layers {
             let (done, rest) = self.acts.split_at_mut(layer + 1);
             let mut out: Vec<&mut Vec<f32>> = match rest.first_mut() {
@@ -271,14 +264,8 @@ impl Engine {
             &mut self.dy.dx,
         );
         let mut dw = self.schedule.pass(&mut self.dy, &self.acts, sink);
-        let mut ctx = LayerContext {
-            kernels: BatchKernels {
-                backend: self.backend.as_mut(),
-                kernels: &self.kernels,
-            },
-            host,
-            norm_eps: self.config.norm_eps,
-        };
+        let eps = self.config.norm_eps;
+        let mut ctx = LayerContext::new(self.backend.as_mut(), &self.kernels, host, eps);
         for layer in (0..self.config.n_layers).rev() {
             let params = LayerParams::new(weights, layer);
             let acts = &self.acts[layer];

@@ -9,8 +9,11 @@
 //! the timing of the host math is `profile`'s.
 
 use crate::Result;
+use crate::backend::Backend;
+use crate::model::kernels::LayerKernels;
 use crate::model::{Param, Weights};
 use crate::train::buffers::{BackwardScratch, Dy, LayerActs};
+use crate::train::kernel::CompiledKernel;
 use crate::train::profile::TimedHost;
 use crate::train::schedule::DwPass;
 use crate::train::stages::BatchKernels;
@@ -52,6 +55,21 @@ pub struct LayerContext<'e> {
     pub kernels: BatchKernels<'e>,
     pub host: &'e mut TimedHost,
     pub norm_eps: f32,
+}
+
+impl<'e> LayerContext<'e> {
+    pub fn new(
+        backend: &'e mut dyn Backend,
+        kernels: &'e LayerKernels<CompiledKernel>,
+        host: &'e mut TimedHost,
+        norm_eps: f32,
+    ) -> LayerContext<'e> {
+        LayerContext {
+            kernels: BatchKernels { backend, kernels },
+            host,
+            norm_eps,
+        }
+    }
 }
 
 /// Forward through one layer for every sequence `b` of the batch: `acts[b].x`

@@ -22,12 +22,11 @@ use crate::train::profile::Profile;
 const PHASE: &str = "dW gemm";
 
 /// Beside which backward kernel a due gradient of `param` runs: the first
-/// kernel of that name after it became due, so that each kernel gets a share
-/// of about its own size (`dW2` beside `ffn_bwd_w13`, ..., `dWo` and `dWq`
-/// beside `q_bwd` and `kv_bwd`). `dWk` and `dWv` wait for the next layer's
-/// `ffn_bwd_w2`: their `dY` (`dk`, `dv`) is not written again before that
-/// layer's `attn_bwd`. A gradient the plan does not name runs beside the next
-/// kernel; one left at the end of the pass runs alone.
+/// kernel of that name after it became due. The plan gives each kernel a share
+/// of gradients of about its own size; `dWk` and `dWv` wait for the next
+/// layer's `ffn_bwd_w2`, beside which nothing else is due yet. A gradient the
+/// plan does not name runs beside the next kernel; one left at the end of the
+/// pass runs alone.
 pub fn planned_beside(param: Param) -> Option<&'static str> {
     match param {
         Param::W2(_) => Some("ffn_bwd_w13"),
@@ -115,19 +114,7 @@ impl<'g> DwPass<'_, 'g> {
     /// pending gradient that reads it. Give it back with [`DwPass::put`].
     pub fn take(&mut self, which: Dy) -> Vec<Vec<f32>> {
         self.choose(|grad| grad.dy == which);
-        let DwPass {
-            schedule,
-            dy,
-            acts,
-            grads,
-        } = self;
-        let dy: &DySources = dy;
-        let now = &schedule.now;
-        if !now.is_empty() {
-            schedule
-                .profile
-                .time(PHASE, || run_all(now, grads, dy, acts));
-        }
+        self.run_chosen();
         std::mem::take(self.dy.get_mut(which))
     }
 
@@ -186,19 +173,24 @@ impl<'g> DwPass<'_, 'g> {
     /// Run every gradient still due (the step waits for them) and end the pass.
     pub fn finish(mut self) -> GradSink<'g> {
         self.choose(|_| true);
+        self.run_chosen();
+        self.grads
+    }
+
+    /// Run the chosen gradients on this thread: the step waits for them.
+    fn run_chosen(&mut self) {
         let DwPass {
             schedule,
             dy,
             acts,
-            mut grads,
+            grads,
         } = self;
         let now = &schedule.now;
         if !now.is_empty() {
             schedule
                 .profile
-                .time(PHASE, || run_all(now, &mut grads, dy, acts));
+                .time(PHASE, || run_all(now, grads, dy, acts));
         }
-        grads
     }
 
     /// Move the pending gradients that `run_now` picks, in due order, to `now`.
