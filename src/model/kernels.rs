@@ -592,8 +592,9 @@ fn rope_consts(k: &mut KernelBuilder, config: &ModelConfig, seq: usize) -> (Tens
 
 /// The kernels of one layer (see the module docs), one `T` per kernel: the
 /// set's declaration ([`LAYER_KERNELS`]), the specs it builds, an engine's
-/// compiled kernels. Everything about the set maps its declaration, so a
-/// kernel is added in one place.
+/// compiled kernels, their names (`LAYER_KERNELS.map(|decl| decl.name)`).
+/// Everything about the set maps its declaration, so a kernel is added in one
+/// place (and its builder).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LayerKernels<T> {
     pub attn_fwd: T,
@@ -610,36 +611,42 @@ pub struct LayerKernels<T> {
 /// How many kernels a layer has (the fields of [`LayerKernels`]).
 pub const KERNELS_PER_LAYER: usize = 9;
 
-/// The layer's kernel set: how each kernel is built and whether it reads weights.
+/// The layer's kernel set: each kernel's name, how it is built and whether it
+/// reads weights.
 pub const LAYER_KERNELS: LayerKernels<KernelDecl> = LayerKernels {
-    attn_fwd: KernelDecl::with_weights(attn_fwd),
-    wo_fwd: KernelDecl::with_weights(wo_fwd),
-    ffn_fwd: KernelDecl::with_weights(ffn_fwd),
-    ffn_bwd_w2: KernelDecl::with_weights(ffn_bwd_w2),
-    ffn_bwd_w13: KernelDecl::with_weights(ffn_bwd_w13),
-    wo_bwd: KernelDecl::with_weights(wo_bwd),
+    attn_fwd: KernelDecl::with_weights("attn_fwd", attn_fwd),
+    wo_fwd: KernelDecl::with_weights("wo_fwd", wo_fwd),
+    ffn_fwd: KernelDecl::with_weights("ffn_fwd", ffn_fwd),
+    ffn_bwd_w2: KernelDecl::with_weights("ffn_bwd_w2", ffn_bwd_w2),
+    ffn_bwd_w13: KernelDecl::with_weights("ffn_bwd_w13", ffn_bwd_w13),
+    wo_bwd: KernelDecl::with_weights("wo_bwd", wo_bwd),
     attn_bwd: KernelDecl {
+        name: "attn_bwd",
         build: |config, seq, opts, _| attn_bwd(config, seq, opts),
         reads_weights: false,
     },
-    q_bwd: KernelDecl::with_weights(q_bwd),
-    kv_bwd: KernelDecl::with_weights(kv_bwd),
+    q_bwd: KernelDecl::with_weights("q_bwd", q_bwd),
+    kv_bwd: KernelDecl::with_weights("kv_bwd", kv_bwd),
 };
 
-/// One kernel of the set: its builder (`baked` supplies weight values by slot
-/// name for `WeightMode::Baked`) and whether it reads weights, in which case a
-/// `Baked` kernel is compiled again whenever they change.
+/// One kernel of the set: its name (the built spec's), its builder (`baked`
+/// supplies weight values by slot name for `WeightMode::Baked`) and whether it
+/// reads weights, in which case a `Baked` kernel is compiled again whenever
+/// they change.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelDecl {
+    pub name: &'static str,
     pub build: fn(&ModelConfig, usize, KernelOptions, Baked) -> Result<KernelSpec>,
     pub reads_weights: bool,
 }
 
 impl KernelDecl {
     const fn with_weights(
+        name: &'static str,
         build: fn(&ModelConfig, usize, KernelOptions, Baked) -> Result<KernelSpec>,
     ) -> KernelDecl {
         KernelDecl {
+            name,
             build,
             reads_weights: true,
         }
@@ -999,8 +1006,10 @@ mod tests {
             assert_eq!(decl.reads_weights, reads_weights, "{}", spec.name);
         }
         let names: Vec<&str> = specs.iter().map(|spec| spec.name.as_str()).collect();
+        let declared = LAYER_KERNELS.map(|decl| decl.name).into_array();
+        assert_eq!(names, declared);
         assert_eq!(
-            names,
+            declared,
             [
                 "attn_fwd",
                 "wo_fwd",

@@ -89,9 +89,14 @@ impl ClassifierHead {
         host.classifier_forward(logits, x, weights.classifier(), self.dim);
     }
 
-    /// Logits `(V, T)` of sequence `b`.
-    pub fn logits_of(&mut self, host: &mut TimedHost, weights: &Weights, b: usize) -> &[f32] {
-        self.classify(host, weights, b, b + 1);
+    /// Logits `(V, T)` of one sequence of the batch.
+    pub fn logits_of(
+        &mut self,
+        host: &mut TimedHost,
+        weights: &Weights,
+        sequence: usize,
+    ) -> &[f32] {
+        self.classify(host, weights, sequence, sequence + 1);
         &self.logits[..self.vocab * self.seq]
     }
 

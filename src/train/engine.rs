@@ -77,7 +77,6 @@ impl Engine {
         }
         let specs = LayerKernels::build(config, seq, opts, &|_| None)?;
         let kernels = kernel::compile(backend.as_mut(), specs)?;
-        let kernel_names = kernels.iter().map(|kernel| kernel.name().into()).collect();
         let acts = (0..config.n_layers)
             .map(|_| (0..batch).map(|_| LayerActs::new(config, seq)).collect())
             .collect();
@@ -91,7 +90,7 @@ impl Engine {
             head: ClassifierHead::new(config, seq, batch),
             dy: DySources::default(),
             scratch: BackwardScratch::default(),
-            schedule: DwSchedule::new(kernel_names),
+            schedule: DwSchedule::default(),
             host: TimedHost::default(),
             grad_sq: Vec::new(),
         })
@@ -209,8 +208,8 @@ impl Engine {
         self.forward(weights, inputs)?;
         let (seq, vocab) = (self.seq, self.config.vocab_size);
         let mut out = Vec::new();
-        for b in 0..self.batch {
-            let logits = self.head.logits_of(&mut self.host, weights, b);
+        for sequence in 0..self.batch {
+            let logits = self.head.logits_of(&mut self.host, weights, sequence);
             let mut rows = vec![0.0; seq * vocab];
             crate::linalg::transpose_into(logits, vocab, seq, &mut rows);
             out.push(rows);

@@ -118,24 +118,24 @@ pub fn layer_backward(
     dw.run("ffn_bwd_w2", |dy| {
         kernels.ffn_bwd_w2(params, &dy.dx, &mut scratch.dgate)
     })?;
-    dw.due(Param::W2(layer), Dy::Dx, |a| &a.gate);
+    dw.due(Param::W2(layer), Dy::Dx, |layer_acts| &layer_acts.gate);
     dw.run_writing("ffn_bwd_w13", [Dy::Dh1, Dy::Dh3], |_, [dh1, dh3]| {
         kernels.ffn_bwd_w13(params, acts, &scratch.dgate, &mut scratch.dx2n, dh1, dh3)
     })?;
-    dw.due(Param::W1(layer), Dy::Dh1, |a| &a.x2n);
-    dw.due(Param::W3(layer), Dy::Dh3, |a| &a.x2n);
+    dw.due(Param::W1(layer), Dy::Dh1, |layer_acts| &layer_acts.x2n);
+    dw.due(Param::W3(layer), Dy::Dh3, |layer_acts| &layer_acts.x2n);
     // dx2 = dx + rmsnorm_backward(dx2n).
     norm_backward(host, dw, params, Norm::Ffn, &scratch.dx2n, acts);
     dw.run("wo_bwd", |dy| {
         kernels.wo_bwd(params, &dy.dx, &mut scratch.dattn)
     })?;
-    dw.due(Param::Wo(layer), Dy::Dx, |a| &a.attn);
+    dw.due(Param::Wo(layer), Dy::Dx, |layer_acts| &layer_acts.attn);
     dw.run_writing("attn_bwd", [Dy::Dq, Dy::Dk, Dy::Dv], |_, [dq, dk, dv]| {
         kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
     })?;
-    dw.due(Param::Wq(layer), Dy::Dq, |a| &a.xn);
-    dw.due(Param::Wk(layer), Dy::Dk, |a| &a.xn);
-    dw.due(Param::Wv(layer), Dy::Dv, |a| &a.xn);
+    dw.due(Param::Wq(layer), Dy::Dq, |layer_acts| &layer_acts.xn);
+    dw.due(Param::Wk(layer), Dy::Dk, |layer_acts| &layer_acts.xn);
+    dw.due(Param::Wv(layer), Dy::Dv, |layer_acts| &layer_acts.xn);
     // dxn = Wq^T dq + (Wk^T dk + Wv^T dv).
     dw.run("q_bwd", |dy| {
         kernels.q_bwd(params, &dy.dq, &mut scratch.dxn)?;

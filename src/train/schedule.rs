@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::Result;
 use crate::model::Param;
+use crate::model::kernels::LAYER_KERNELS;
 use crate::train::buffers::{Dy, DySources, LayerActs};
 use crate::train::grads::GradSink;
 use crate::train::profile::Profile;
@@ -49,9 +50,8 @@ pub struct WeightGrad {
 }
 
 /// The scheduler's state kept between passes (so that a pass allocates nothing).
+#[derive(Default)]
 pub struct DwSchedule {
-    /// The kernels stages may be named after.
-    kernel_names: Vec<String>,
     /// Due and not yet run, in the order they became due.
     pending: Vec<WeightGrad>,
     /// Those chosen to run now.
@@ -61,16 +61,6 @@ pub struct DwSchedule {
 }
 
 impl DwSchedule {
-    /// A scheduler for stages named after `kernel_names`.
-    pub fn new(kernel_names: Vec<String>) -> DwSchedule {
-        DwSchedule {
-            kernel_names,
-            pending: Vec::new(),
-            now: Vec::new(),
-            profile: Profile::default(),
-        }
-    }
-
     /// The time of the weight gradients since the last call (see [`Profile`]).
     pub fn take_profile(&mut self) -> Profile {
         std::mem::take(&mut self.profile)
@@ -139,10 +129,7 @@ impl<'g> DwPass<'_, 'g> {
         stage: impl FnOnce(&DySources, &mut [Vec<Vec<f32>>; N]) -> Result<()>,
     ) -> Result<()> {
         debug_assert!(
-            self.schedule
-                .kernel_names
-                .iter()
-                .any(|kernel| kernel == name),
+            LAYER_KERNELS.iter().any(|decl| decl.name == name),
             "no kernel named {name}"
         );
         let mut written = writes.map(|which| self.take(which));
@@ -260,17 +247,14 @@ fn overlapped(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kernels::{KernelOptions, LayerKernels};
     use crate::model::{ModelConfig, Weights};
     use crate::train::engine::GradWrite;
 
     #[test]
     fn the_plan_names_kernels_of_the_set() {
         let config = ModelConfig::preset("tiny").unwrap();
-        let specs = LayerKernels::build(&config, 8, KernelOptions::cpu(), &|_| None).unwrap();
-        let names: Vec<&str> = specs.iter().map(|spec| spec.name.as_str()).collect();
-        let layout = Weights::zeros(&config).layout;
-        for param in layout.params() {
+        let names = LAYER_KERNELS.map(|decl| decl.name).into_array();
+        for param in Weights::zeros(&config).layout.params() {
             if let Some(kernel) = planned_beside(param) {
                 assert!(names.contains(&kernel), "{}: {kernel}", param.name());
             }
@@ -293,7 +277,7 @@ mod tests {
         dy.dx[0].fill(2.0);
         let mut grads = Weights::zeros(&config);
         let mut sums_of_squares = Vec::new();
-        let mut schedule = DwSchedule::new(vec!["wo_bwd".into()]);
+        let mut schedule = DwSchedule::default();
         let sink = GradSink::start(&mut grads, GradWrite::Add, seq, &mut sums_of_squares);
         let mut pass = schedule.pass(&mut dy, &acts, sink);
         // dW2 = dx gate^T, planned beside `ffn_bwd_w13`: not beside `wo_bwd`.
