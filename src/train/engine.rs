@@ -1,5 +1,5 @@
 //! One training step over the backend trait, llm.c-style: embedding, then
-//! [`layer_forward`] per layer, the classifier head, then [`layer_backward`]
+//! `layer_forward` per layer, the classifier head, then `layer_backward`
 //! per layer in reverse and the embedding's gradient. Layer-major: every
 //! sequence of the batch passes through layer `l` before layer `l+1`, so each
 //! layer's weights are written once per pass.
