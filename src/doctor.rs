@@ -17,7 +17,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Block, Precision};
 use crate::mil::DType;
 use crate::model::ModelConfig;
-use crate::model::kernels::{KernelOptions, KernelSpec, LayerKernels, SlotKind, WeightMode};
+use crate::model::kernels::{KernelOptions, KernelSpec, LayerKernels, SlotRole, WeightMode};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -140,7 +140,7 @@ pub fn kernel_inputs(spec: &KernelSpec, inputs: &[crate::mil::Var], seed: u64) -
         })
         .collect();
     for slot in &spec.inputs {
-        if let SlotKind::Weight { .. } = slot.kind {
+        if let SlotRole::Weight { .. } = slot.role {
             let (_, width) = crate::backend::matrix_dims(&inputs[slot.buffer].ty);
             let scale = 1.0 / (slot.rows as f32).sqrt();
             for r in slot.row..slot.row + slot.rows {
@@ -221,7 +221,7 @@ pub fn compare_kernels(
     let kernels = LayerKernels::build(config, seq, opts, &|_| None)?;
     let (rel, abs) = KERNEL_TOLERANCE;
     let mut rows = Vec::new();
-    for (i, spec) in kernels.all().into_iter().enumerate() {
+    for (i, spec) in kernels.iter().enumerate() {
         let main = &spec.program.main;
         let dims = |ty| {
             let (r, c) = crate::backend::matrix_dims(ty);

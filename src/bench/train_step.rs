@@ -23,8 +23,9 @@ use crate::linalg::{gemm, n};
 use crate::model::kernels::KernelOptions;
 use crate::model::{ModelConfig, Weights};
 use crate::rng::Rng;
-use crate::train::engine::{Engine, GradWrite, Profile};
+use crate::train::engine::{Engine, GradWrite};
 use crate::train::optim::{self, AdamState, AdamW};
+use crate::train::profile::Profile;
 
 /// What to run.
 #[derive(Clone, Debug)]

@@ -296,7 +296,7 @@ pub fn classifier_backward(
         Some(e_t) => n(e_t, dim, vocab),
         None => t(classifier, vocab, dim),
     };
-    // Two independent products, side by side (see `train::engine::overlapped`).
+    // Two independent products, side by side (see `train::schedule`).
     rayon::join(
         || gemm(dx, dim, p, e_t, n(g, vocab, p), 1.0, false),
         || {

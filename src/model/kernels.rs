@@ -29,6 +29,11 @@
 //! Every kernel reads and writes `[1, C, 1, W]` tensors. A [`KernelSpec`] records
 //! where each logical tensor lives (buffer, channel rows, spatial columns), so the
 //! host code is the same in every mode.
+//!
+//! The set is declared once, [`LAYER_KERNELS`] (each kernel's builder and
+//! whether it reads weights); [`LayerKernels::build`] maps it into specs, the
+//! engine maps those into compiled kernels, and [`kernel_counts`] gives the
+//! ANE compile plan its numbers. How the host calls a kernel is `train`'s.
 
 use std::collections::BTreeMap;
 
@@ -62,10 +67,10 @@ impl KernelOptions {
     }
 }
 
-/// How the host writes a weight slot: the parameter as stored (`W`, rows =
-/// W's rows) or transposed (`W^T`).
+/// What a tensor slot holds: an activation, or a weight the host writes as
+/// the parameter is stored (`W`, rows = W's rows) or transposed (`W^T`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SlotKind {
+pub enum SlotRole {
     Activation,
     Weight { transposed: bool },
 }
@@ -74,9 +79,9 @@ pub enum SlotKind {
 /// `row..row+rows` (channels) and columns `col..col+cols` (positions or weight
 /// columns) of buffer `buffer` (an index into the kernel's inputs or outputs).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Slot {
+pub struct TensorSlot {
     pub name: String,
-    pub kind: SlotKind,
+    pub role: SlotRole,
     pub buffer: usize,
     pub row: usize,
     pub rows: usize,
@@ -90,19 +95,19 @@ pub struct KernelSpec {
     pub name: String,
     pub program: Program,
     pub package: ProgramPackage,
-    pub inputs: Vec<Slot>,
-    pub outputs: Vec<Slot>,
+    pub inputs: Vec<TensorSlot>,
+    pub outputs: Vec<TensorSlot>,
 }
 
 impl KernelSpec {
-    pub fn input(&self, name: &str) -> &Slot {
+    pub fn input(&self, name: &str) -> &TensorSlot {
         self.inputs
             .iter()
             .find(|s| s.name == name)
             .unwrap_or_else(|| panic!("kernel {} has no input `{name}`", self.name))
     }
 
-    pub fn output(&self, name: &str) -> &Slot {
+    pub fn output(&self, name: &str) -> &TensorSlot {
         self.outputs
             .iter()
             .find(|s| s.name == name)
@@ -155,7 +160,7 @@ pub struct KernelBuilder<'w> {
     /// Per weight: its input tensor, and whether it holds `M = [in, out]` (else the
     /// `[out, in]` form that the kernel transposes).
     weight_tensors: Vec<Option<(Tensor, bool)>>,
-    inputs: Vec<Slot>,
+    inputs: Vec<TensorSlot>,
     outputs: Vec<(String, Tensor)>,
     blobs: BTreeMap<String, BlobWriter>,
 }
@@ -230,10 +235,10 @@ impl<'w> KernelBuilder<'w> {
         // inputs (the CPU's mode) a weight is passed as stored, so the host never
         // transposes it: the CPU backend folds the in-kernel transpose into the matmul.
         let packed_channels = self.packed_channels()?;
-        let mut items: Vec<(String, SlotKind, usize, usize)> = Vec::new(); // name, kind, rows, cols
+        let mut items: Vec<(String, SlotRole, usize, usize)> = Vec::new(); // name, role, rows, cols
         let mut m_forms = Vec::new();
         for (name, channels) in &self.acts {
-            items.push((name.clone(), SlotKind::Activation, *channels, seq));
+            items.push((name.clone(), SlotRole::Activation, *channels, seq));
         }
         for w in &self.weights {
             if self.opts.mode == WeightMode::Baked {
@@ -251,15 +256,16 @@ impl<'w> KernelBuilder<'w> {
             } else {
                 (w.usage == Use::Transposed, out, inp)
             };
-            items.push((w.name.clone(), SlotKind::Weight { transposed }, rows, cols));
+            items.push((w.name.clone(), SlotRole::Weight { transposed }, rows, cols));
             m_forms.push(m_form);
         }
         let mut tensors = Vec::new();
         match packed_channels {
             None => {
-                for (i, (name, kind, rows, cols)) in items.iter().enumerate() {
+                for (i, (name, role, rows, cols)) in items.iter().enumerate() {
                     let t = self.b.input(name, dtype, &[1, *rows, 1, *cols]);
-                    self.inputs.push(slot(name, *kind, i, 0, *rows, 0, *cols));
+                    self.inputs
+                        .push(tensor_slot(name, *role, i, 0, *rows, 0, *cols));
                     tensors.push(t);
                 }
             }
@@ -270,15 +276,15 @@ impl<'w> KernelBuilder<'w> {
                 };
                 let x = self.b.input("x", dtype, &[1, channels, 1, width]);
                 let mut offset = 0;
-                for (name, kind, rows, cols) in &items {
+                for (name, role, rows, cols) in &items {
                     let (begin, s) = match axis {
                         PackAxis::Width(_) => (
                             vec![0, 0, 0, offset],
-                            slot(name, *kind, 0, 0, *rows, offset, *cols),
+                            tensor_slot(name, *role, 0, 0, *rows, offset, *cols),
                         ),
                         PackAxis::Channels(_) => (
                             vec![0, offset, 0, 0],
-                            slot(name, *kind, 0, offset, *rows, 0, *cols),
+                            tensor_slot(name, *role, 0, offset, *rows, 0, *cols),
                         ),
                     };
                     offset += if matches!(axis, PackAxis::Width(_)) {
@@ -417,7 +423,15 @@ impl<'w> KernelBuilder<'w> {
             let mut row = 0;
             for (name, t) in &self.outputs {
                 let (rows, cols) = (t.shape()[1], t.shape()[3]);
-                slots.push(slot(name, SlotKind::Activation, 0, row, rows, 0, cols));
+                slots.push(tensor_slot(
+                    name,
+                    SlotRole::Activation,
+                    0,
+                    row,
+                    rows,
+                    0,
+                    cols,
+                ));
                 row += rows;
             }
             let parts: Vec<Tensor> = self.outputs.iter().map(|(_, t)| t.clone()).collect();
@@ -428,7 +442,7 @@ impl<'w> KernelBuilder<'w> {
         } else {
             for (i, (name, t)) in self.outputs.iter().enumerate() {
                 let (rows, cols) = (t.shape()[1], t.shape()[3]);
-                slots.push(slot(name, SlotKind::Activation, i, 0, rows, 0, cols));
+                slots.push(tensor_slot(name, SlotRole::Activation, i, 0, rows, 0, cols));
                 self.b.output(t);
             }
         }
@@ -453,18 +467,18 @@ enum PackAxis {
     Channels(usize),
 }
 
-fn slot(
+fn tensor_slot(
     name: &str,
-    kind: SlotKind,
+    role: SlotRole,
     buffer: usize,
     row: usize,
     rows: usize,
     col: usize,
     cols: usize,
-) -> Slot {
-    Slot {
+) -> TensorSlot {
+    TensorSlot {
         name: name.to_string(),
-        kind,
+        role,
         buffer,
         row,
         rows,
@@ -572,57 +586,168 @@ fn rope_consts(k: &mut KernelBuilder, config: &ModelConfig, seq: usize) -> (Tens
     )
 }
 
-/// The nine kernels of a layer (see the module docs), in one struct.
-pub struct LayerKernels {
-    pub attn_fwd: KernelSpec,
-    pub wo_fwd: KernelSpec,
-    pub ffn_fwd: KernelSpec,
-    pub ffn_bwd_w2: KernelSpec,
-    pub ffn_bwd_w13: KernelSpec,
-    pub wo_bwd: KernelSpec,
-    pub attn_bwd: KernelSpec,
-    pub q_bwd: KernelSpec,
-    pub kv_bwd: KernelSpec,
+/// The kernels of one layer (see the module docs), one `T` per kernel: the
+/// set's declaration ([`LAYER_KERNELS`]), the specs it builds, an engine's
+/// compiled kernels, their names (`LAYER_KERNELS.map(|decl| decl.name)`).
+/// Everything about the set maps its declaration, so a kernel is added in one
+/// place (and its builder).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerKernels<T> {
+    pub attn_fwd: T,
+    pub wo_fwd: T,
+    pub ffn_fwd: T,
+    pub ffn_bwd_w2: T,
+    pub ffn_bwd_w13: T,
+    pub wo_bwd: T,
+    pub attn_bwd: T,
+    pub q_bwd: T,
+    pub kv_bwd: T,
 }
 
-impl LayerKernels {
-    /// Build every kernel for `config` at sequence length `seq`. `baked` supplies
-    /// weight values by slot name (`wq`, `wk`, ...) for `WeightMode::Baked`.
+/// How many kernels a layer has (the fields of [`LayerKernels`]).
+pub const KERNELS_PER_LAYER: usize = 9;
+
+/// The layer's kernel set: each kernel's name, how it is built and whether it
+/// reads weights.
+pub const LAYER_KERNELS: LayerKernels<KernelDecl> = LayerKernels {
+    attn_fwd: KernelDecl::with_weights("attn_fwd", attn_fwd),
+    wo_fwd: KernelDecl::with_weights("wo_fwd", wo_fwd),
+    ffn_fwd: KernelDecl::with_weights("ffn_fwd", ffn_fwd),
+    ffn_bwd_w2: KernelDecl::with_weights("ffn_bwd_w2", ffn_bwd_w2),
+    ffn_bwd_w13: KernelDecl::with_weights("ffn_bwd_w13", ffn_bwd_w13),
+    wo_bwd: KernelDecl::with_weights("wo_bwd", wo_bwd),
+    attn_bwd: KernelDecl {
+        name: "attn_bwd",
+        build: |config, seq, opts, _| attn_bwd(config, seq, opts),
+        reads_weights: false,
+    },
+    q_bwd: KernelDecl::with_weights("q_bwd", q_bwd),
+    kv_bwd: KernelDecl::with_weights("kv_bwd", kv_bwd),
+};
+
+/// One kernel of the set: its name (the built spec's), its builder (`baked`
+/// supplies weight values by slot name for `WeightMode::Baked`) and whether it
+/// reads weights, in which case a `Baked` kernel is compiled again whenever
+/// they change.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelDecl {
+    pub name: &'static str,
+    pub build: fn(&ModelConfig, usize, KernelOptions, Baked) -> Result<KernelSpec>,
+    pub reads_weights: bool,
+}
+
+impl KernelDecl {
+    const fn with_weights(
+        name: &'static str,
+        build: fn(&ModelConfig, usize, KernelOptions, Baked) -> Result<KernelSpec>,
+    ) -> KernelDecl {
+        KernelDecl {
+            name,
+            build,
+            reads_weights: true,
+        }
+    }
+}
+
+impl<T> LayerKernels<T> {
+    /// Apply `f` to every kernel, in declaration order, stopping at the first error.
+    pub fn try_map<U, E>(
+        self,
+        mut f: impl FnMut(T) -> std::result::Result<U, E>,
+    ) -> std::result::Result<LayerKernels<U>, E> {
+        Ok(LayerKernels {
+            attn_fwd: f(self.attn_fwd)?,
+            wo_fwd: f(self.wo_fwd)?,
+            ffn_fwd: f(self.ffn_fwd)?,
+            ffn_bwd_w2: f(self.ffn_bwd_w2)?,
+            ffn_bwd_w13: f(self.ffn_bwd_w13)?,
+            wo_bwd: f(self.wo_bwd)?,
+            attn_bwd: f(self.attn_bwd)?,
+            q_bwd: f(self.q_bwd)?,
+            kv_bwd: f(self.kv_bwd)?,
+        })
+    }
+
+    /// Apply `f` to every kernel, in declaration order.
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> LayerKernels<U> {
+        let mapped = self.try_map(|kernel| Ok::<U, std::convert::Infallible>(f(kernel)));
+        match mapped {
+            Ok(kernels) => kernels,
+            Err(never) => match never {},
+        }
+    }
+
+    pub fn as_ref(&self) -> LayerKernels<&T> {
+        LayerKernels {
+            attn_fwd: &self.attn_fwd,
+            wo_fwd: &self.wo_fwd,
+            ffn_fwd: &self.ffn_fwd,
+            ffn_bwd_w2: &self.ffn_bwd_w2,
+            ffn_bwd_w13: &self.ffn_bwd_w13,
+            wo_bwd: &self.wo_bwd,
+            attn_bwd: &self.attn_bwd,
+            q_bwd: &self.q_bwd,
+            kv_bwd: &self.kv_bwd,
+        }
+    }
+
+    /// The kernels in declaration order: the forward ones, then the backward ones.
+    pub fn into_array(self) -> [T; KERNELS_PER_LAYER] {
+        [
+            self.attn_fwd,
+            self.wo_fwd,
+            self.ffn_fwd,
+            self.ffn_bwd_w2,
+            self.ffn_bwd_w13,
+            self.wo_bwd,
+            self.attn_bwd,
+            self.q_bwd,
+            self.kv_bwd,
+        ]
+    }
+
+    /// The kernels in declaration order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.as_ref().into_array().into_iter()
+    }
+}
+
+impl LayerKernels<KernelSpec> {
+    /// Build every kernel of [`LAYER_KERNELS`] for `config` at sequence length
+    /// `seq`. `baked` supplies weight values by slot name (`wq`, `wk`, ...) for
+    /// `WeightMode::Baked`.
     pub fn build(
         config: &ModelConfig,
         seq: usize,
         opts: KernelOptions,
-        baked: &dyn Fn(&str) -> Option<Vec<f32>>,
-    ) -> Result<LayerKernels> {
-        Ok(LayerKernels {
-            attn_fwd: attn_fwd(config, seq, opts, baked)?,
-            wo_fwd: wo_fwd(config, seq, opts, baked)?,
-            ffn_fwd: ffn_fwd(config, seq, opts, baked)?,
-            ffn_bwd_w2: ffn_bwd_w2(config, seq, opts, baked)?,
-            ffn_bwd_w13: ffn_bwd_w13(config, seq, opts, baked)?,
-            wo_bwd: wo_bwd(config, seq, opts, baked)?,
-            attn_bwd: attn_bwd(config, seq, opts)?,
-            q_bwd: q_bwd(config, seq, opts, baked)?,
-            kv_bwd: kv_bwd(config, seq, opts, baked)?,
-        })
-    }
-
-    pub fn all(&self) -> [&KernelSpec; 9] {
-        [
-            &self.attn_fwd,
-            &self.wo_fwd,
-            &self.ffn_fwd,
-            &self.ffn_bwd_w2,
-            &self.ffn_bwd_w13,
-            &self.wo_bwd,
-            &self.attn_bwd,
-            &self.q_bwd,
-            &self.kv_bwd,
-        ]
+        baked: Baked,
+    ) -> Result<LayerKernels<KernelSpec>> {
+        LAYER_KERNELS.try_map(|decl| (decl.build)(config, seq, opts, baked))
     }
 }
 
-type Baked<'a> = &'a dyn Fn(&str) -> Option<Vec<f32>>;
+/// What a compile plan needs to know about the kernel set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelCounts {
+    /// Kernels compiled once per layer shape (all of them).
+    pub kernels: usize,
+    /// Those that read weights: a `Baked` one is compiled again after every update.
+    pub reading_weights: usize,
+}
+
+/// The counts of [`LAYER_KERNELS`], from which a compile plan is made.
+pub fn kernel_counts() -> KernelCounts {
+    KernelCounts {
+        kernels: LAYER_KERNELS.iter().count(),
+        reading_weights: LAYER_KERNELS
+            .iter()
+            .filter(|decl| decl.reads_weights)
+            .count(),
+    }
+}
+
+/// Weight values by slot name for `WeightMode::Baked` (`None`: not baked).
+pub type Baked<'a> = &'a dyn Fn(&str) -> Option<Vec<f32>>;
 
 /// Attention forward: QKV projections, RoPE, causal softmax attention per head.
 pub fn attn_fwd(
@@ -857,4 +982,51 @@ pub fn kv_bwd(
     let dx = k.b().add(&a, &bb);
     k.output("dxn", dx);
     k.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The declaration says which kernels read weights; the builders decide
+    /// it: both must agree, and every field builds the kernel of its name.
+    #[test]
+    fn the_kernel_set_declaration_matches_the_built_kernels() {
+        let config = ModelConfig::preset("tiny").unwrap();
+        let specs = LayerKernels::build(&config, 8, KernelOptions::cpu(), &|_| None).unwrap();
+        for (decl, spec) in LAYER_KERNELS.iter().zip(specs.iter()) {
+            let reads_weights = spec
+                .inputs
+                .iter()
+                .any(|slot| matches!(slot.role, SlotRole::Weight { .. }));
+            assert_eq!(decl.reads_weights, reads_weights, "{}", spec.name);
+        }
+        let names: Vec<&str> = specs.iter().map(|spec| spec.name.as_str()).collect();
+        let declared = LAYER_KERNELS.map(|decl| decl.name).into_array();
+        assert_eq!(names, declared);
+        assert_eq!(
+            declared,
+            [
+                "attn_fwd",
+                "wo_fwd",
+                "ffn_fwd",
+                "ffn_bwd_w2",
+                "ffn_bwd_w13",
+                "wo_bwd",
+                "attn_bwd",
+                "q_bwd",
+                "kv_bwd"
+            ]
+        );
+        assert_eq!(
+            kernel_counts(),
+            KernelCounts {
+                kernels: 9,
+                reading_weights: 8
+            }
+        );
+        let doubled = LAYER_KERNELS.map(|decl| usize::from(decl.reads_weights) * 2);
+        assert_eq!(doubled.iter().sum::<usize>(), 16);
+        assert_eq!(doubled.attn_bwd, 0);
+    }
 }

@@ -36,6 +36,22 @@ impl Param {
         matches!(self, Param::RmsAtt(_) | Param::RmsFfn(_) | Param::RmsFinal)
     }
 
+    /// The layer a per-layer parameter belongs to.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            Param::RmsAtt(l)
+            | Param::Wq(l)
+            | Param::Wk(l)
+            | Param::Wv(l)
+            | Param::Wo(l)
+            | Param::RmsFfn(l)
+            | Param::W1(l)
+            | Param::W2(l)
+            | Param::W3(l) => Some(l),
+            Param::Embedding | Param::RmsFinal | Param::Classifier => None,
+        }
+    }
+
     /// Stable name, e.g. `layers.3.wq`.
     pub fn name(self) -> String {
         let layer = |l: usize, n: &str| format!("layers.{l}.{n}");

@@ -455,9 +455,12 @@ pub fn updates_before_restart(
         }
         return Ok(Some(n));
     }
-    // Nine kernels, eight of them with weights.
-    // lead: derive from LayerKernels
-    let plan = CompilePlan::new(preferences.weight_mode, 9, 8);
+    let counts = crate::model::kernels::kernel_counts();
+    let plan = CompilePlan::new(
+        preferences.weight_mode,
+        counts.kernels,
+        counts.reading_weights,
+    );
     preferences.updates_before_restart(plan)
 }
 

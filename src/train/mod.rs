@@ -1,17 +1,27 @@
-//! Training: step orchestration over the backend trait ([`engine`]), the
+//! Training: one step over the backend trait ([`engine`], with the layer pair
+//! in `layer`, the classifier head in `classifier`, the weight-gradient
+//! scheduler in `schedule`, kernel calls in [`kernel`] and `stages`), the
 //! optimizer, schedules and loss scaling ([`optim`]), the run loop here:
 //! gradient accumulation, clipping, evaluation, metrics, checkpoints and exact
-//! resume; and whole jobs with their run policy ([`job`]: the main job, defaults,
-//! resuming, restarts for the compile budget).
+//! resume; and whole jobs with their run policy ([`job`]: the main job,
+//! defaults, resuming, restarts for the compile budget).
 //!
 //! A run directory holds `config.json` (this run's [`TrainConfig`]),
 //! `metrics.jsonl` (one JSON object per step), `checkpoint.bin` (latest) and
 //! whatever the caller adds (tokenizer, samples).
 
+mod buffers;
+mod classifier;
 pub mod engine;
+mod grads;
 pub mod job;
+pub mod kernel;
+mod layer;
 pub mod optim;
+pub mod profile;
+mod schedule;
 pub mod source;
+mod stages;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -369,4 +379,48 @@ fn validate(c: &TrainConfig) -> Result<()> {
         return bad("eval_batches must be at least 1".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// No function in `src/train/` is longer than 120 lines (issue 19): the
+    /// step reads a screen at a time. A function runs from its `fn` line to
+    /// the first line that is its indentation and `}` (rustfmt's layout).
+    #[test]
+    fn no_function_in_train_is_longer_than_120_lines() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/train");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|ext| ext != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            for (start, line) in lines.iter().enumerate() {
+                let body = line.trim_start();
+                let indent = line.len() - body.len();
+                let signature = ["fn ", "pub fn ", "const fn ", "pub const fn "]
+                    .iter()
+                    .any(|prefix| body.starts_with(prefix));
+                if !signature || line.ends_with('}') || line.ends_with(';') {
+                    continue;
+                }
+                let closing = format!("{}}}", " ".repeat(indent));
+                let length = lines[start..]
+                    .iter()
+                    .position(|line| *line == closing)
+                    .map(|end| end + 1)
+                    .unwrap_or_else(|| panic!("{}:{}: no end", path.display(), start + 1));
+                assert!(
+                    length <= 120,
+                    "{}:{}: a function of {length} lines",
+                    path.display(),
+                    start + 1
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "only {checked} functions found");
+    }
 }

@@ -9,9 +9,9 @@ use anemone::backend::cpu::CpuBackend;
 use anemone::mil::DType;
 use anemone::mil::verify::{Target, verify};
 use anemone::model::ModelConfig;
-use anemone::model::kernels::{self, KernelOptions, KernelSpec, SlotKind, WeightMode};
+use anemone::model::kernels::{self, KernelOptions, KernelSpec, SlotRole, WeightMode};
 use anemone::rng::Rng;
-use anemone::train::engine::Kernel;
+use anemone::train::kernel::CompiledKernel;
 
 use crate::common::{Tolerance, fixture, read_npy_f32};
 
@@ -47,14 +47,14 @@ fn run(
     precision: Precision,
 ) -> Vec<(String, Vec<f32>)> {
     let mut backend = CpuBackend::new(precision);
-    let k = Kernel::new(&mut backend, spec.clone()).unwrap();
+    let k = CompiledKernel::new(&mut backend, spec.clone()).unwrap();
     // Runtime weights as separate inputs go straight to the backend; packed
     // slots go through the kernel's buffers.
     let packed = spec
         .inputs
         .iter()
         .chain(&spec.outputs)
-        .any(|s| s.row != 0 || s.col != 0 || s.kind == SlotKind::Weight { transposed: true });
+        .any(|s| s.row != 0 || s.col != 0 || s.role == SlotRole::Weight { transposed: true });
     assert_eq!(k.direct(), !packed, "{}", spec.name);
     let mut outs: Vec<(String, Vec<f32>)> = spec
         .outputs
@@ -66,9 +66,9 @@ fn run(
         if !spec.inputs.iter().any(|s| s.name == *name) {
             continue; // baked weights are not inputs
         }
-        call = match spec.input(name).kind {
-            SlotKind::Activation => call.input(name, data),
-            SlotKind::Weight { .. } => call.weight(name, data),
+        call = match spec.input(name).role {
+            SlotRole::Activation => call.input(name, data),
+            SlotRole::Weight { .. } => call.weight(name, data),
         };
     }
     for (name, out) in outs.iter_mut() {
@@ -150,7 +150,7 @@ fn packed_kernels_have_one_input_and_one_output_and_pass_the_ane_rules() {
         ..KernelOptions::cpu()
     };
     let all = kernels::LayerKernels::build(&c, T, o, &|_| None).unwrap();
-    for spec in all.all() {
+    for spec in all.iter() {
         assert_eq!(spec.program.main.inputs.len(), 1, "{}", spec.name);
         assert_eq!(spec.program.main.outputs.len(), 1, "{}", spec.name);
         let report = verify(&spec.program, Target::Ane);
@@ -361,7 +361,7 @@ fn a_call_with_an_unbound_slot_names_it() {
     let c = config();
     let spec = kernels::wo_fwd(&c, T, opts(WeightMode::Inputs), &baked).unwrap();
     let mut backend = CpuBackend::new(Precision::Fp32);
-    let k = Kernel::new(&mut backend, spec).unwrap();
+    let k = CompiledKernel::new(&mut backend, spec).unwrap();
     let attn = vec![0.0; c.q_dim() * T];
     let err = k
         .call()

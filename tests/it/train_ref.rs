@@ -81,7 +81,7 @@ fn engine(r: &Reference, precision: Precision, dtype: DType, mode: WeightMode) -
 }
 
 fn check_against_pytorch(
-    head_group: Option<usize>,
+    classifier_group: Option<usize>,
     precision: Precision,
     dtype: DType,
     mode: WeightMode,
@@ -94,8 +94,8 @@ fn check_against_pytorch(
     assert_eq!(weights.data.len(), r.weights.len(), "fixture layout");
     weights.data.copy_from_slice(&r.weights);
     let mut e = engine(&r, precision, dtype, mode);
-    if let Some(n) = head_group {
-        e.set_head_group(n);
+    if let Some(n) = classifier_group {
+        e.set_classifier_group(n);
     }
 
     let logits = e.logits(&weights, &r.inputs).unwrap();
@@ -148,7 +148,7 @@ fn check_against_pytorch(
 /// [`check_against_pytorch`] in fp32: logits within 1e-4 of the tensor's
 /// largest magnitude plus 1e-5, gradients within 1e-4 plus 1e-6 (f32
 /// accumulation against a float64 reference), losses within 1e-4 relative.
-fn check_fp32(head_group: Option<usize>, mode: WeightMode) {
+fn check_fp32(classifier_group: Option<usize>, mode: WeightMode) {
     let tol = Tolerance {
         relative: 1e-4,
         absolute: 1e-5,
@@ -158,7 +158,7 @@ fn check_fp32(head_group: Option<usize>, mode: WeightMode) {
         absolute: 1e-6,
     };
     check_against_pytorch(
-        head_group,
+        classifier_group,
         Precision::Fp32,
         DType::Fp32,
         mode,
@@ -171,7 +171,7 @@ fn check_fp32(head_group: Option<usize>, mode: WeightMode) {
 #[test]
 fn fp32_engine_matches_pytorch_logits_loss_gradients_and_adamw_steps() {
     // One worker thread runs the weight gradients after each backward kernel,
-    // two run them beside it (`engine::overlapped`): both must match.
+    // two run them beside it (`train::schedule`): both must match.
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -214,7 +214,7 @@ fn every_classifier_grouping_gives_the_same_gradients() {
             KernelOptions::cpu(),
         )
         .unwrap();
-        e.set_head_group(group);
+        e.set_classifier_group(group);
         let mut grads = Weights::zeros(&r.config);
         let loss = e
             .forward_backward(&weights, &mut grads, inputs, targets, 1.0)
@@ -329,7 +329,7 @@ fn overwriting_the_gradients_equals_adding_to_zeros() {
                         KernelOptions::cpu(),
                     )
                     .unwrap();
-                    e.set_head_group(group);
+                    e.set_classifier_group(group);
                     let mut added = Weights::zeros(&config);
                     let l1 = e
                         .forward_backward(&weights, &mut added, &r.inputs, &r.targets, 1.0)

@@ -277,7 +277,7 @@ mod tests {
                 ..KernelOptions::cpu()
             };
             let kernels = LayerKernels::build(&config, 16, opts, &|_| None).unwrap();
-            for spec in kernels.all() {
+            for spec in kernels.iter() {
                 let program = &spec.program;
                 let rewritten = rewrite(program);
                 let before = count(program, Op::Transpose);

@@ -1,0 +1,192 @@
+//! One transformer layer over the batch, as a forward/backward pair:
+//! [`layer_forward`] and [`layer_backward`], with the layer's parameters
+//! looked up in one place ([`LayerParams`]). Each stage runs every sequence
+//! through one kernel ([`BatchKernels`]); RMSNorm and the residual adds run on the
+//! host in fp32 between them.
+//!
+//! The backward says which weight gradient each stage makes computable
+//! (`dw.due`); when it runs is the scheduler's decision (`schedule`), and
+//! the timing of the host math is `profile`'s.
+
+use crate::Result;
+use crate::backend::Backend;
+use crate::model::kernels::LayerKernels;
+use crate::model::{Param, Weights};
+use crate::train::buffers::{BackwardScratch, Dy, LayerActs};
+use crate::train::kernel::CompiledKernel;
+use crate::train::profile::TimedHost;
+use crate::train::schedule::DwPass;
+use crate::train::stages::BatchKernels;
+
+/// One layer's parameters as the kernels and the host math read them:
+/// matrices `[out, in]` row-major, as stored.
+pub struct LayerParams<'w> {
+    pub layer: usize,
+    pub rms_att: &'w [f32], // (C)
+    pub wq: &'w [f32],      // (H*D, C)
+    pub wk: &'w [f32],      // (Hkv*D, C)
+    pub wv: &'w [f32],      // (Hkv*D, C)
+    pub wo: &'w [f32],      // (C, H*D)
+    pub rms_ffn: &'w [f32], // (C)
+    pub w1: &'w [f32],      // (F, C)
+    pub w2: &'w [f32],      // (C, F)
+    pub w3: &'w [f32],      // (F, C)
+}
+
+impl<'w> LayerParams<'w> {
+    pub fn new(weights: &'w Weights, layer: usize) -> LayerParams<'w> {
+        LayerParams {
+            layer,
+            rms_att: weights.get(Param::RmsAtt(layer)),
+            wq: weights.get(Param::Wq(layer)),
+            wk: weights.get(Param::Wk(layer)),
+            wv: weights.get(Param::Wv(layer)),
+            wo: weights.get(Param::Wo(layer)),
+            rms_ffn: weights.get(Param::RmsFfn(layer)),
+            w1: weights.get(Param::W1(layer)),
+            w2: weights.get(Param::W2(layer)),
+            w3: weights.get(Param::W3(layer)),
+        }
+    }
+}
+
+/// What the layer passes run on.
+pub struct LayerContext<'e> {
+    pub kernels: BatchKernels<'e>,
+    pub host: &'e mut TimedHost,
+    pub norm_eps: f32,
+}
+
+impl<'e> LayerContext<'e> {
+    pub fn new(
+        backend: &'e mut dyn Backend,
+        kernels: &'e LayerKernels<CompiledKernel>,
+        host: &'e mut TimedHost,
+        norm_eps: f32,
+    ) -> LayerContext<'e> {
+        LayerContext {
+            kernels: BatchKernels { backend, kernels },
+            host,
+            norm_eps,
+        }
+    }
+}
+
+/// Forward through one layer for every sequence `b` of the batch: `acts[b].x`
+/// in, `out[b]` (the next layer's input) out, the rest of `acts[b]` saved for
+/// the backward.
+pub fn layer_forward(
+    ctx: &mut LayerContext,
+    params: &LayerParams,
+    acts: &mut [LayerActs],
+    out: &mut [&mut Vec<f32>],
+) -> Result<()> {
+    let (kernels, host, eps) = (&mut ctx.kernels, &mut *ctx.host, ctx.norm_eps);
+    for layer_acts in acts.iter_mut() {
+        let LayerActs { x, xn, rrms1, .. } = layer_acts;
+        host.rmsnorm_forward(xn, rrms1, x, params.rms_att, eps);
+    }
+    kernels.attn_fwd(params, acts)?;
+    kernels.wo_fwd(params, acts)?;
+    for layer_acts in acts.iter_mut() {
+        let LayerActs {
+            x, x2, x2n, rrms2, ..
+        } = layer_acts;
+        add_assign(x2, x); // x2 = x + Wo attn
+        host.rmsnorm_forward(x2n, rrms2, x2, params.rms_ffn, eps);
+    }
+    kernels.ffn_fwd(params, acts, out)?;
+    for (layer_acts, out) in acts.iter().zip(out) {
+        add_assign(out, &layer_acts.x2); // x_out = x2 + W2 gate
+    }
+    Ok(())
+}
+
+/// Backward through one layer for every sequence of the batch: `dx` (in the
+/// scheduler's arrays) comes in as the gradient of the layer's output and
+/// leaves as the gradient of its input; the norm weights' gradients are
+/// written here, the matrices' declared due.
+pub fn layer_backward(
+    ctx: &mut LayerContext,
+    params: &LayerParams,
+    acts: &[LayerActs],
+    scratch: &mut BackwardScratch,
+    dw: &mut DwPass,
+) -> Result<()> {
+    let (layer, kernels, host) = (params.layer, &mut ctx.kernels, &mut *ctx.host);
+    // x_out = x2 + W2 gate: the FFN's output gradient is dx; dx2 starts as dx.
+    dw.run("ffn_bwd_w2", |dy| {
+        kernels.ffn_bwd_w2(params, &dy.dx, &mut scratch.dgate)
+    })?;
+    dw.due(Param::W2(layer), Dy::Dx, |layer_acts| &layer_acts.gate);
+    dw.run_writing("ffn_bwd_w13", [Dy::Dh1, Dy::Dh3], |_, [dh1, dh3]| {
+        kernels.ffn_bwd_w13(params, acts, &scratch.dgate, &mut scratch.dx2n, dh1, dh3)
+    })?;
+    dw.due(Param::W1(layer), Dy::Dh1, |layer_acts| &layer_acts.x2n);
+    dw.due(Param::W3(layer), Dy::Dh3, |layer_acts| &layer_acts.x2n);
+    // dx2 = dx + rmsnorm_backward(dx2n).
+    norm_backward(host, dw, params, Norm::Ffn, &scratch.dx2n, acts);
+    dw.run("wo_bwd", |dy| {
+        kernels.wo_bwd(params, &dy.dx, &mut scratch.dattn)
+    })?;
+    dw.due(Param::Wo(layer), Dy::Dx, |layer_acts| &layer_acts.attn);
+    dw.run_writing("attn_bwd", [Dy::Dq, Dy::Dk, Dy::Dv], |_, [dq, dk, dv]| {
+        kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
+    })?;
+    dw.due(Param::Wq(layer), Dy::Dq, |layer_acts| &layer_acts.xn);
+    dw.due(Param::Wk(layer), Dy::Dk, |layer_acts| &layer_acts.xn);
+    dw.due(Param::Wv(layer), Dy::Dv, |layer_acts| &layer_acts.xn);
+    // dxn = Wq^T dq + (Wk^T dk + Wv^T dv).
+    dw.run("q_bwd", |dy| {
+        kernels.q_bwd(params, &dy.dq, &mut scratch.dxn)?;
+        kernels.kv_bwd(params, &dy.dk, &dy.dv, &mut scratch.dxn_kv)?;
+        for (dxn, dxn_kv) in scratch.dxn.iter_mut().zip(&scratch.dxn_kv) {
+            add_assign(dxn, dxn_kv);
+        }
+        Ok(())
+    })?;
+    // dx = dx2 + rmsnorm_backward(dxn).
+    norm_backward(host, dw, params, Norm::Attention, &scratch.dxn, acts);
+    Ok(())
+}
+
+/// The layer's two RMSNorms.
+#[derive(Clone, Copy)]
+enum Norm {
+    Attention,
+    Ffn,
+}
+
+/// `dx += rmsnorm_backward(dy)` per sequence, in place in the scheduler's
+/// `dx`, and the gradient of the norm's weight.
+fn norm_backward(
+    host: &mut TimedHost,
+    dw: &mut DwPass,
+    params: &LayerParams,
+    norm: Norm,
+    dy: &[Vec<f32>],
+    acts: &[LayerActs],
+) {
+    let (param, weight) = match norm {
+        Norm::Attention => (Param::RmsAtt(params.layer), params.rms_att),
+        Norm::Ffn => (Param::RmsFfn(params.layer), params.rms_ffn),
+    };
+    let mut dx = dw.take(Dy::Dx);
+    for ((dx, dy), layer_acts) in dx.iter_mut().zip(dy).zip(acts) {
+        // The norm's input and reciprocal RMS, as the forward saved them.
+        let (x, rrms) = match norm {
+            Norm::Attention => (&layer_acts.x, &layer_acts.rrms1),
+            Norm::Ffn => (&layer_acts.x2, &layer_acts.rrms2),
+        };
+        host.rmsnorm_backward(dx, dw.grads.get_mut(param), dy, x, weight, rrms);
+    }
+    dw.put(Dy::Dx, dx);
+    dw.grads.finished(param);
+}
+
+/// `dst += src`, element by element.
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    for (dst, src) in dst.iter_mut().zip(src) {
+        *dst += src;
+    }
+}

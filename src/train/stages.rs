@@ -1,0 +1,232 @@
+//! Each layer kernel run over the batch: every sequence through one kernel in
+//! one [`run_many`], its slots bound by name to the layer's parameters and
+//! the sequence's arrays (shapes in `buffers`; slot names in
+//! `model::kernels`). One method of [`BatchKernels`] per kernel, named after it.
+//!
+//! This module binds and runs; the order of the stages and the host math
+//! between them are `layer`'s, the weight gradients `schedule`'s.
+
+use crate::Result;
+use crate::backend::Backend;
+use crate::model::kernels::LayerKernels;
+use crate::train::buffers::LayerActs;
+use crate::train::kernel::{CompiledKernel, run_many};
+use crate::train::layer::LayerParams;
+
+/// A layer's compiled kernels on their backend, each run over the batch.
+pub struct BatchKernels<'e> {
+    pub backend: &'e mut dyn Backend,
+    pub kernels: &'e LayerKernels<CompiledKernel>,
+}
+
+impl BatchKernels<'_> {
+    /// `attn`, `q_rope`, `k_rope`, `v` from `xn`: QKV projections, RoPE, causal attention.
+    pub fn attn_fwd(&mut self, params: &LayerParams, acts: &mut [LayerActs]) -> Result<()> {
+        run_many(
+            self.backend,
+            acts.iter_mut().map(|layer_acts| {
+                self.kernels
+                    .attn_fwd
+                    .call()
+                    .weight("wq", params.wq)
+                    .weight("wk", params.wk)
+                    .weight("wv", params.wv)
+                    .input("xn", &layer_acts.xn)
+                    .output("attn", &mut layer_acts.attn)
+                    .output("q_rope", &mut layer_acts.q_rope)
+                    .output("k_rope", &mut layer_acts.k_rope)
+                    .output("v", &mut layer_acts.v)
+            }),
+        )
+    }
+
+    /// `x2 = Wo attn` (the residual is added on the host).
+    pub fn wo_fwd(&mut self, params: &LayerParams, acts: &mut [LayerActs]) -> Result<()> {
+        run_many(
+            self.backend,
+            acts.iter_mut().map(|layer_acts| {
+                self.kernels
+                    .wo_fwd
+                    .call()
+                    .weight("wo", params.wo)
+                    .input("attn", &layer_acts.attn)
+                    .output("o", &mut layer_acts.x2)
+            }),
+        )
+    }
+
+    /// `h1`, `h3`, `gate` and `out = W2 gate` from `x2n` (SwiGLU).
+    pub fn ffn_fwd(
+        &mut self,
+        params: &LayerParams,
+        acts: &mut [LayerActs],
+        out: &mut [&mut Vec<f32>],
+    ) -> Result<()> {
+        run_many(
+            self.backend,
+            acts.iter_mut()
+                .zip(out.iter_mut())
+                .map(|(layer_acts, out)| {
+                    self.kernels
+                        .ffn_fwd
+                        .call()
+                        .weight("w1", params.w1)
+                        .weight("w3", params.w3)
+                        .weight("w2", params.w2)
+                        .input("x2n", &layer_acts.x2n)
+                        .output("h1", &mut layer_acts.h1)
+                        .output("h3", &mut layer_acts.h3)
+                        .output("gate", &mut layer_acts.gate)
+                        .output("ffn", out)
+                }),
+        )
+    }
+
+    /// `dgate = W2^T dffn`.
+    pub fn ffn_bwd_w2(
+        &mut self,
+        params: &LayerParams,
+        dffn: &[Vec<f32>],
+        dgate: &mut [Vec<f32>],
+    ) -> Result<()> {
+        run_many(
+            self.backend,
+            dffn.iter().zip(dgate.iter_mut()).map(|(dffn, dgate)| {
+                self.kernels
+                    .ffn_bwd_w2
+                    .call()
+                    .weight("w2", params.w2)
+                    .input("dffn", dffn)
+                    .output("dgate", dgate)
+            }),
+        )
+    }
+
+    /// `dh1`, `dh3` and `dx2n = W1^T dh1 + W3^T dh3` from `dgate`, `h1`, `h3`.
+    pub fn ffn_bwd_w13(
+        &mut self,
+        params: &LayerParams,
+        acts: &[LayerActs],
+        dgate: &[Vec<f32>],
+        dx2n: &mut [Vec<f32>],
+        dh1: &mut [Vec<f32>],
+        dh3: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let outputs = dx2n.iter_mut().zip(dh1.iter_mut().zip(dh3.iter_mut()));
+        run_many(
+            self.backend,
+            acts.iter()
+                .zip(dgate)
+                .zip(outputs)
+                .map(|((layer_acts, dgate), (dx2n, (dh1, dh3)))| {
+                    self.kernels
+                        .ffn_bwd_w13
+                        .call()
+                        .weight("w1", params.w1)
+                        .weight("w3", params.w3)
+                        .input("dgate", dgate)
+                        .input("h1", &layer_acts.h1)
+                        .input("h3", &layer_acts.h3)
+                        .output("dx2n", dx2n)
+                        .output("dh1", dh1)
+                        .output("dh3", dh3)
+                }),
+        )
+    }
+
+    /// `dattn = Wo^T dx2`.
+    pub fn wo_bwd(
+        &mut self,
+        params: &LayerParams,
+        dx2: &[Vec<f32>],
+        dattn: &mut [Vec<f32>],
+    ) -> Result<()> {
+        run_many(
+            self.backend,
+            dx2.iter().zip(dattn.iter_mut()).map(|(dx2, dattn)| {
+                self.kernels
+                    .wo_bwd
+                    .call()
+                    .weight("wo", params.wo)
+                    .input("dx2", dx2)
+                    .output("dattn", dattn)
+            }),
+        )
+    }
+
+    /// `dq`, `dk`, `dv` (before RoPE) from `dattn` and the saved `q_rope`, `k_rope`, `v`.
+    pub fn attn_bwd(
+        &mut self,
+        acts: &[LayerActs],
+        dattn: &[Vec<f32>],
+        dq: &mut [Vec<f32>],
+        dk: &mut [Vec<f32>],
+        dv: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let outputs = dq.iter_mut().zip(dk.iter_mut().zip(dv.iter_mut()));
+        run_many(
+            self.backend,
+            acts.iter()
+                .zip(dattn)
+                .zip(outputs)
+                .map(|((layer_acts, dattn), (dq, (dk, dv)))| {
+                    self.kernels
+                        .attn_bwd
+                        .call()
+                        .input("q_rope", &layer_acts.q_rope)
+                        .input("k_rope", &layer_acts.k_rope)
+                        .input("v", &layer_acts.v)
+                        .input("dattn", dattn)
+                        .output("dq", dq)
+                        .output("dk", dk)
+                        .output("dv", dv)
+                }),
+        )
+    }
+
+    /// `dxn = Wq^T dq`.
+    pub fn q_bwd(
+        &mut self,
+        params: &LayerParams,
+        dq: &[Vec<f32>],
+        dxn: &mut [Vec<f32>],
+    ) -> Result<()> {
+        run_many(
+            self.backend,
+            dq.iter().zip(dxn.iter_mut()).map(|(dq, dxn)| {
+                self.kernels
+                    .q_bwd
+                    .call()
+                    .weight("wq", params.wq)
+                    .input("dq", dq)
+                    .output("dxn", dxn)
+            }),
+        )
+    }
+
+    /// `dxn = Wk^T dk + Wv^T dv`.
+    pub fn kv_bwd(
+        &mut self,
+        params: &LayerParams,
+        dk: &[Vec<f32>],
+        dv: &[Vec<f32>],
+        dxn: &mut [Vec<f32>],
+    ) -> Result<()> {
+        run_many(
+            self.backend,
+            dk.iter()
+                .zip(dv)
+                .zip(dxn.iter_mut())
+                .map(|((dk, dv), dxn)| {
+                    self.kernels
+                        .kv_bwd
+                        .call()
+                        .weight("wk", params.wk)
+                        .weight("wv", params.wv)
+                        .input("dk", dk)
+                        .input("dv", dv)
+                        .output("dxn", dxn)
+                }),
+        )
+    }
+}
