@@ -16,20 +16,13 @@ use crate::model::{ModelConfig, Param, Weights};
 use crate::train::buffers::{BackwardScratch, DySources, LayerActs};
 use crate::train::classifier::ClassifierHead;
 use crate::train::grads::GradSink;
+pub use crate::train::grads::GradWrite;
 use crate::train::kernel::{self, CompiledKernel};
-use crate::train::layer::{LayerContext, LayerParams, layer_backward, layer_forward};
+use crate::train::layer::{LayerContext, layer_backward, layer_forward};
+use crate::train::params::LayerParams;
 use crate::train::profile::{Profile, TimedHost};
 use crate::train::schedule::DwSchedule;
 use crate::{Error, Result};
-
-/// How [`Engine::forward_backward_as`] writes the gradients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GradWrite {
-    /// Add to them.
-    Add,
-    /// Write over them: each gradient's first contribution replaces.
-    Overwrite,
-}
 
 /// Runs forward and backward passes of a model on a backend.
 pub struct Engine {

@@ -9,8 +9,16 @@
 use crate::linalg::{gemm, n, t};
 use crate::model::{Param, Weights};
 use crate::train::buffers::LayerActs;
-use crate::train::engine::GradWrite;
 use crate::train::optim;
+
+/// How `Engine::forward_backward_as` writes the gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWrite {
+    /// Add to them.
+    Add,
+    /// Write over them: each gradient's first contribution replaces.
+    Overwrite,
+}
 
 /// The gradients of one backward pass, and the sums of squares of those it finished.
 pub struct GradSink<'g> {

@@ -1,6 +1,6 @@
 //! One transformer layer over the batch, as a forward/backward pair:
 //! [`layer_forward`] and [`layer_backward`], with the layer's parameters
-//! looked up in one place ([`LayerParams`]). Each stage runs every sequence
+//! looked up in one place (`params::LayerParams`). Each stage runs every sequence
 //! through one kernel ([`BatchKernels`]); RMSNorm and the residual adds run on the
 //! host in fp32 between them.
 //!
@@ -10,45 +10,14 @@
 
 use crate::Result;
 use crate::backend::Backend;
+use crate::model::Param;
 use crate::model::kernels::LayerKernels;
-use crate::model::{Param, Weights};
 use crate::train::buffers::{BackwardScratch, Dy, LayerActs};
 use crate::train::kernel::CompiledKernel;
+use crate::train::params::LayerParams;
 use crate::train::profile::TimedHost;
 use crate::train::schedule::DwPass;
 use crate::train::stages::BatchKernels;
-
-/// One layer's parameters as the kernels and the host math read them:
-/// matrices `[out, in]` row-major, as stored.
-pub struct LayerParams<'w> {
-    pub layer: usize,
-    pub rms_att: &'w [f32], // (C)
-    pub wq: &'w [f32],      // (H*D, C)
-    pub wk: &'w [f32],      // (Hkv*D, C)
-    pub wv: &'w [f32],      // (Hkv*D, C)
-    pub wo: &'w [f32],      // (C, H*D)
-    pub rms_ffn: &'w [f32], // (C)
-    pub w1: &'w [f32],      // (F, C)
-    pub w2: &'w [f32],      // (C, F)
-    pub w3: &'w [f32],      // (F, C)
-}
-
-impl<'w> LayerParams<'w> {
-    pub fn new(weights: &'w Weights, layer: usize) -> LayerParams<'w> {
-        LayerParams {
-            layer,
-            rms_att: weights.get(Param::RmsAtt(layer)),
-            wq: weights.get(Param::Wq(layer)),
-            wk: weights.get(Param::Wk(layer)),
-            wv: weights.get(Param::Wv(layer)),
-            wo: weights.get(Param::Wo(layer)),
-            rms_ffn: weights.get(Param::RmsFfn(layer)),
-            w1: weights.get(Param::W1(layer)),
-            w2: weights.get(Param::W2(layer)),
-            w3: weights.get(Param::W3(layer)),
-        }
-    }
-}
 
 /// What the layer passes run on.
 pub struct LayerContext<'e> {

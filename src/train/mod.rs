@@ -18,6 +18,7 @@ pub mod job;
 pub mod kernel;
 mod layer;
 pub mod optim;
+mod params;
 pub mod profile;
 mod schedule;
 pub mod source;

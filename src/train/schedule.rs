@@ -248,7 +248,7 @@ fn overlapped(
 mod tests {
     use super::*;
     use crate::model::{ModelConfig, Weights};
-    use crate::train::engine::GradWrite;
+    use crate::train::grads::GradWrite;
 
     #[test]
     fn the_plan_names_kernels_of_the_set() {

@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::model::kernels::LayerKernels;
 use crate::train::buffers::LayerActs;
 use crate::train::kernel::{CompiledKernel, run_many};
-use crate::train::layer::LayerParams;
+use crate::train::params::LayerParams;
 
 /// A layer's compiled kernels on their backend, each run over the batch.
 pub struct BatchKernels<'e> {

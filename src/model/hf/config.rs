@@ -24,8 +24,44 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::tensors::FloatDtype;
 use crate::{Error, Result};
+
+/// The float formats anemone reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatDtype {
+    /// From a config's `dtype`/`torch_dtype` value (`"bfloat16"`, ...).
+    pub fn from_torch_name(name: &str) -> Option<FloatDtype> {
+        match name {
+            "float32" => Some(FloatDtype::F32),
+            "float16" => Some(FloatDtype::F16),
+            "bfloat16" => Some(FloatDtype::BF16),
+            _ => None,
+        }
+    }
+
+    /// The name a config's `dtype` uses.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "float32",
+            FloatDtype::F16 => "float16",
+            FloatDtype::BF16 => "bfloat16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatDtype::F32 => 4,
+            FloatDtype::F16 | FloatDtype::BF16 => 2,
+        }
+    }
+}
 
 /// The supported `architectures[0]` values (with their `model_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,8 +20,8 @@ pub mod tensors;
 
 use std::path::Path;
 
-pub use config::{Architecture, HfConfig, RopeScaling};
-pub use tensors::{FloatDtype, SafetensorsReader, TensorSpec, TensorToWrite};
+pub use config::{Architecture, FloatDtype, HfConfig, RopeScaling};
+pub use tensors::{SafetensorsReader, TensorSpec, TensorToWrite};
 
 use crate::Result;
 

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 
-use super::config::HfConfig;
+use super::config::{FloatDtype, HfConfig};
 use crate::mmap::MappedFile;
 use crate::{Error, Result};
 
@@ -35,57 +35,21 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// The float formats anemone reads and writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FloatDtype {
-    F32,
-    F16,
-    BF16,
+/// The safetensors dtype of a float format and back.
+fn float_dtype_of(dtype: Dtype) -> Option<FloatDtype> {
+    match dtype {
+        Dtype::F32 => Some(FloatDtype::F32),
+        Dtype::F16 => Some(FloatDtype::F16),
+        Dtype::BF16 => Some(FloatDtype::BF16),
+        _ => None,
+    }
 }
 
-impl FloatDtype {
-    /// From a config's `dtype`/`torch_dtype` value (`"bfloat16"`, ...).
-    pub fn from_torch_name(name: &str) -> Option<FloatDtype> {
-        match name {
-            "float32" => Some(FloatDtype::F32),
-            "float16" => Some(FloatDtype::F16),
-            "bfloat16" => Some(FloatDtype::BF16),
-            _ => None,
-        }
-    }
-
-    /// The name a config's `dtype` uses.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            FloatDtype::F32 => "float32",
-            FloatDtype::F16 => "float16",
-            FloatDtype::BF16 => "bfloat16",
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            FloatDtype::F32 => 4,
-            FloatDtype::F16 | FloatDtype::BF16 => 2,
-        }
-    }
-
-    fn from_safetensors(dtype: Dtype) -> Option<FloatDtype> {
-        match dtype {
-            Dtype::F32 => Some(FloatDtype::F32),
-            Dtype::F16 => Some(FloatDtype::F16),
-            Dtype::BF16 => Some(FloatDtype::BF16),
-            _ => None,
-        }
-    }
-
-    fn to_safetensors(self) -> Dtype {
-        match self {
-            FloatDtype::F32 => Dtype::F32,
-            FloatDtype::F16 => Dtype::F16,
-            FloatDtype::BF16 => Dtype::BF16,
-        }
+fn safetensors_dtype(dtype: FloatDtype) -> Dtype {
+    match dtype {
+        FloatDtype::F32 => Dtype::F32,
+        FloatDtype::F16 => Dtype::F16,
+        FloatDtype::BF16 => Dtype::BF16,
     }
 }
 
@@ -314,7 +278,7 @@ impl SafetensorsReader {
     /// The stored dtype, when it is one anemone reads.
     pub fn float_dtype(&self, name: &str) -> Option<FloatDtype> {
         self.info(name)
-            .and_then(|(_, info)| FloatDtype::from_safetensors(info.dtype))
+            .and_then(|(_, info)| float_dtype_of(info.dtype))
     }
 
     /// The file holding `name`.
@@ -348,7 +312,7 @@ impl SafetensorsReader {
                 ),
             ));
         }
-        let dtype = FloatDtype::from_safetensors(info.dtype).ok_or_else(|| {
+        let dtype = float_dtype_of(info.dtype).ok_or_else(|| {
             Error::format(
                 path,
                 name,
@@ -519,7 +483,7 @@ pub fn write_safetensors(
         infos.push((
             tensor.name.to_string(),
             TensorInfo {
-                dtype: dtype.to_safetensors(),
+                dtype: safetensors_dtype(dtype),
                 shape: tensor.shape.to_vec(),
                 data_offsets: (offset, end),
             },
@@ -631,7 +595,7 @@ mod tests {
                 .zip(&bytes)
                 .map(|(t, b)| {
                     let view = safetensors::tensor::TensorView::new(
-                        dtype.to_safetensors(),
+                        safetensors_dtype(dtype),
                         t.shape.to_vec(),
                         b,
                     )
