@@ -15,6 +15,7 @@ Examples:
   python3 scripts/bench_compare.py                         # the three workloads, 5 rounds
   python3 scripts/bench_compare.py --workloads layer768 --rounds 3
   python3 scripts/bench_compare.py --json compare.json     # every run's fields too
+  python3 scripts/bench_compare.py --baseline /tmp/anemone-old   # also an older build, same rounds
 
 Workloads (docs/performance.md): layer768 (seq 512, batch 1), stories110m
 (seq 256, batch 1), stories15m (seq 256, batch 8). Needs torch (CPU is enough)
@@ -47,8 +48,8 @@ def run(cmd, json_path):
         return json.load(f)
 
 
-def anemone(args, name, seq, batch, json_path):
-    cmd = [args.anemone, "bench", "train-step", "--config", name, "--seq", str(seq),
+def anemone(args, name, seq, batch, json_path, binary=None):
+    cmd = [binary or args.anemone, "bench", "train-step", "--config", name, "--seq", str(seq),
            "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--json", json_path]
     r = run(cmd, json_path)
@@ -76,6 +77,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--anemone", default=os.path.join(ROOT, "target", "release", "anemone"),
                    help="the anemone binary (default: target/release/anemone)")
+    p.add_argument("--baseline", help="a second anemone binary (an earlier build) run in the same "
+                   "rounds, in rotating order, to compare two builds of anemone")
     p.add_argument("--json", help="write every run's fields and the summary here")
     args = p.parse_args()
     if not os.path.exists(args.anemone):
@@ -88,16 +91,24 @@ def main():
             for w in args.workloads:
                 seq, batch = WORKLOADS[w]
                 path = os.path.join(tmp, f"{w}-{rnd}.json")
-                sides = [("anemone", anemone), ("pytorch", pytorch)]
-                if rnd % 2 == 1:
-                    sides.reverse()
+                sides = [("anemone", lambda *a: anemone(*a)), ("pytorch", pytorch)]
+                if args.baseline:
+                    sides.insert(1, ("baseline", lambda *a: anemone(*a, binary=args.baseline)))
+                # Rotate the order from round to round, so that a slow spell
+                # of a shared VM lands on every side.
+                k = rnd % len(sides)
+                sides = sides[k:] + sides[:k]
                 got = {side: fn(args, w, seq, batch, path) for side, fn in sides}
                 got["ratio"] = got["anemone"]["ms"] / got["pytorch"]["ms"]
+                if args.baseline:
+                    got["vs_baseline"] = got["anemone"]["ms"] / got["baseline"]["ms"]
                 results[w].append(got)
                 a, t = got["anemone"], got["pytorch"]
+                extra = (f"  baseline {got['baseline']['ms']:8.1f} ms  anemone/baseline "
+                         f"{got['vs_baseline']:.3f}") if args.baseline else ""
                 print(f"round {rnd + 1}/{args.rounds} {w:12} anemone {a['ms']:8.1f} ms "
                       f"({a['gflops']:.0f} of {a['peak']:.0f} GFLOP/s)  pytorch {t['ms']:8.1f} ms "
-                      f"({t['gflops']:.0f} of {t['peak']:.0f} GFLOP/s)  ratio {got['ratio']:.2f}",
+                      f"({t['gflops']:.0f} of {t['peak']:.0f} GFLOP/s)  ratio {got['ratio']:.2f}{extra}",
                       flush=True)
 
     first = next(iter(results.values()))[0]["anemone"]
@@ -127,6 +138,20 @@ def main():
         print(f"| `{w}`, seq {seq}, batch {batch} | {len(runs)} | {a_ms:.1f} | {t_ms:.1f} "
               f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{statistics.median(ratios):.2f}** "
               f"| {fastest:.2f} | {share * 100:.0f} % | {a_rss:.0f} MB / {t_rss:.0f} MB |")
+    if args.baseline:
+        print(f"\nanemone ({args.anemone}) against the baseline build ({args.baseline}), same rounds:\n")
+        print("| workload | anemone ms/step | baseline ms/step | anemone/baseline per round "
+              "| median | fastest steps' ratio |")
+        print("|---|---|---|---|---|---|")
+        for w, runs in results.items():
+            vs = [r["vs_baseline"] for r in runs]
+            a_ms = statistics.median(r["anemone"]["ms"] for r in runs)
+            b_ms = statistics.median(r["baseline"]["ms"] for r in runs)
+            fastest = min(r["anemone"]["min"] for r in runs) / min(r["baseline"]["min"] for r in runs)
+            summary[w]["baseline_ms"] = b_ms
+            summary[w]["vs_baseline"] = statistics.median(vs)
+            print(f"| `{w}` | {a_ms:.1f} | {b_ms:.1f} | {' / '.join(f'{x:.3f}' for x in vs)} "
+                  f"| **{statistics.median(vs):.3f}** | {fastest:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": results, "summary": summary, "args": vars(args)}, f, indent=2)

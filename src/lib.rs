@@ -7,15 +7,23 @@
 //! the executable specification of what the ANE must compute.
 //!
 //! Layers, bottom up (see `ARCHITECTURE.md`):
-//! - [`mil`]: typed IR, builder, text emitter and parser, verifier (no I/O).
+//! - [`mil`]: typed IR, op table, builder, text emitter and parser, verifier (no I/O).
 //! - [`blob`]: the CoreML MILBlob v2 weight file format.
 //! - [`package`]: MIL text + weight blobs = what a backend compiles.
 //! - [`backend`]: the narrow backend trait, the CPU interpreter, the ANE runtime.
+//! - [`model`]: configs and presets, the flat weights, the layer kernels as MIL,
+//!   host math, checkpoints, llama2.c and Hugging Face formats.
+//! - [`train`]: the training step, the optimizer, the run loop and whole jobs.
+//! - [`data`]: token files, tokenizers (llama2.c and `tokenizer.json`), chat
+//!   templates, the built-in corpus.
+//! - [`generate`]: decoding with a KV cache.
 //! - [`doctor`]: what this machine offers the ANE backend, as a shareable report.
 //! - [`report`]: run directories: metrics log, plots, run listings.
 //! - [`bench`]: benchmark suites (training steps, ANE micro-benchmarks) and their timing harness.
-//! - [`math`]: vectorizable `exp`, sigmoid and reductions for the hot loops, and
-//!   how they run (`simd`, `on_pool`).
+//! - [`linalg`], [`math`], [`rng`]: GEMM and transposes, vectorizable `exp` and
+//!   how hot loops run (`simd`, `on_pool`), the random generator.
+//! - [`atomic`], [`mmap`]: atomic file writes, read-only memory maps (the one
+//!   module besides the ANE FFI with `unsafe`).
 
 pub mod atomic;
 pub mod backend;
