@@ -483,7 +483,7 @@ fn read_record(bytes: &[u8], offset: u64) -> Result<Record> {
             offset + ALIGNMENT
         )));
     }
-    if data_offset % ALIGNMENT != 0 {
+    if !data_offset.is_multiple_of(ALIGNMENT) {
         return Err(blob_error(format!(
             "record at {offset}: data offset {data_offset} is not {ALIGNMENT}-byte aligned"
         )));
@@ -503,7 +503,7 @@ fn read_record(bytes: &[u8], offset: u64) -> Result<Record> {
             "record at {offset}: padding of {padding_bits} bits in {size_in_bytes} data bytes (must be below 8 and fit the data)"
         )));
     }
-    if (data_bits - padding_bits) % dtype.bits() != 0 {
+    if !(data_bits - padding_bits).is_multiple_of(dtype.bits()) {
         return Err(blob_error(format!(
             "record at {offset}: {size_in_bytes} bytes less {padding_bits} padding bits is not a whole number of {dtype} elements"
         )));

@@ -44,9 +44,8 @@ pub fn simd256<R>(f: impl FnOnce() -> R) -> R {
 /// Run `f` on a worker thread of rayon's global pool, the calling thread
 /// waiting for it (directly, when the caller is a worker already). A parallel
 /// loop started from outside the pool is handed over to a worker and its end
-/// handed back, about 25 us each on our 2-core VMs (measured: 128 Ki-element
-/// loops, 47-55 us each from the main thread against 22 us inside the pool);
-/// inside `f`, loops start on the worker's own queue. The training step makes
+/// handed back, which costs tens of microseconds per loop (measured in
+/// `docs/performance.md`); inside `f`, loops start on the worker's own queue. The training step makes
 /// about a hundred such loops per layer, so code that starts several wraps
 /// them in one `on_pool`.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {

@@ -239,7 +239,7 @@ impl Observer for Progress {
             }
             None => {
                 let every = (total / 20).max(1);
-                if m.step % every == 0 || m.step == total || m.step == 1 {
+                if m.step.is_multiple_of(every) || m.step == total || m.step == 1 {
                     eprintln!("step {}/{total} {msg} ({:.0}s)", m.step, m.elapsed_s);
                 }
             }

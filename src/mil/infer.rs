@@ -417,13 +417,13 @@ impl<'a> Cx<'a> {
 
     fn unary(&self) -> Result<Vec<TensorType>> {
         let x = self.typed("x", FLOAT)?;
-        if let Some(eps) = self.literal("epsilon")? {
-            if !eps.ty.is_scalar() || eps.ty.dtype != x.dtype {
-                return Err(self.err(format!(
-                    "parameter `epsilon` must be a scalar {} like `x`, got {}",
-                    x.dtype, eps.ty
-                )));
-            }
+        if let Some(eps) = self.literal("epsilon")?
+            && (!eps.ty.is_scalar() || eps.ty.dtype != x.dtype)
+        {
+            return Err(self.err(format!(
+                "parameter `epsilon` must be a scalar {} like `x`, got {}",
+                x.dtype, eps.ty
+            )));
         }
         Ok(vec![x])
     }

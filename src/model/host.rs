@@ -159,8 +159,8 @@ pub fn rmsnorm_forward(y: &mut [f32], rrms: &mut [f32], x: &[f32], w: &[f32], ep
 /// Two passes like the forward's: the per-position sums by blocks of
 /// positions, then by channel rows `dw[c]` and `dx`'s row. Each `dw[c]` sums
 /// over positions in eight interleaved lanes, so that the loop vectorizes (one
-/// running sum would wait on every add): 207 against 337 us for 768 x 256
-/// (`cargo bench --bench hot -- rmsnorm`, Ice Lake, one thread).
+/// running sum would wait on every add; measured in `docs/performance.md`,
+/// "Measurements behind host-code choices").
 pub fn rmsnorm_backward(
     dx: &mut [f32],
     dw: &mut [f32],
@@ -276,8 +276,8 @@ pub fn classifier_forward(logits: &mut [f32], x: &[f32], classifier: &[f32], dim
 /// `add`).
 ///
 /// `E^T` as stored (`classifier_t`, `(C, V)`) gives the `dx` product a
-/// row-major left operand, faer's fast form; without it, `E` is read
-/// transposed in place, about a fifth slower. A caller with several groups of
+/// row-major left operand, faer's fast form (reading `E` transposed in place
+/// is slower: `docs/performance.md`). A caller with several groups of
 /// positions per step transposes `E` once for all of them.
 #[allow(clippy::too_many_arguments)]
 pub fn classifier_backward(
@@ -434,8 +434,8 @@ pub fn cross_entropy(
 /// `max[j] = max(max[j], l[r, j])` over the rows of `l (rows, P)`.
 ///
 /// These three loops are plain zips over a row: in that form the compiler
-/// vectorizes them across positions (with `math::exp` inlined). Spelled as
-/// fixed blocks of eight, the exponential loop ran ten times slower.
+/// vectorizes them across positions (with `math::exp` inlined); spelled as
+/// fixed blocks of eight, it did not (`docs/performance.md`).
 #[inline(always)]
 fn column_max(l: &[f32], max: &mut [f32]) {
     for row in l.chunks_exact(max.len()) {

@@ -751,237 +751,238 @@ pub type Baked<'a> = &'a dyn Fn(&str) -> Option<Vec<f32>>;
 
 /// Attention forward: QKV projections, RoPE, causal softmax attention per head.
 pub fn attn_fwd(
-    c: &ModelConfig,
+    config: &ModelConfig,
     seq: usize,
     opts: KernelOptions,
     baked: Baked,
 ) -> Result<KernelSpec> {
-    let (d, q, kv) = (c.dim, c.q_dim(), c.kv_dim());
-    let mut k = KernelBuilder::new("attn_fwd", opts, seq).with_baked(baked);
-    k.act("xn", d);
-    let wq = k.weight_forward("wq", q, d);
-    let wk = k.weight_forward("wk", kv, d);
-    let wv = k.weight_forward("wv", kv, d);
-    let xn = k.begin()?.remove(0);
-    let qp = k.linear(&xn, wq)?;
-    let kp = k.linear(&xn, wk)?;
-    let vp = k.linear(&xn, wv)?;
-    let (cos, sin) = rope_consts(&mut k, c, seq);
+    let (dim, q_dim, kv_dim) = (config.dim, config.q_dim(), config.kv_dim());
+    let mut kernel = KernelBuilder::new("attn_fwd", opts, seq).with_baked(baked);
+    kernel.act("xn", dim);
+    let wq = kernel.weight_forward("wq", q_dim, dim);
+    let wk = kernel.weight_forward("wk", kv_dim, dim);
+    let wv = kernel.weight_forward("wv", kv_dim, dim);
+    let xn = kernel.begin()?.remove(0);
+    let qp = kernel.linear(&xn, wq)?;
+    let kp = kernel.linear(&xn, wk)?;
+    let vp = kernel.linear(&xn, wv)?;
+    let (cos, sin) = rope_consts(&mut kernel, config, seq);
     let mask_values = causal_mask(seq);
-    let mask = k.table("mask", &[1, 1, seq, seq], &mask_values);
-    let b = k.b();
-    let qh = b.split_heads(&qp, c.n_heads);
-    let kh = b.split_heads(&kp, c.n_kv_heads);
-    let vh = b.split_heads(&vp, c.n_kv_heads);
-    let qr = rope(b, &qh, &cos, &sin);
-    let kr = rope(b, &kh, &cos, &sin);
-    let kx = expand_kv(b, &kr, c.gqa_ratio());
-    let vx = expand_kv(b, &vh, c.gqa_ratio());
-    let scale = 1.0 / (c.head_dim as f32).sqrt();
-    let (att, _) = b.causal_attention(&qr, &kx, &vx, &mask, scale);
-    let attn = b.merge_heads(&att);
-    let q_rope = b.merge_heads(&qr);
-    let k_rope = b.merge_heads(&kr);
-    k.output("attn", attn);
-    k.output("q_rope", q_rope);
-    k.output("k_rope", k_rope);
-    k.output("v", vp);
-    k.finish()
+    let mask = kernel.table("mask", &[1, 1, seq, seq], &mask_values);
+    let builder = kernel.b();
+    let qh = builder.split_heads(&qp, config.n_heads);
+    let kh = builder.split_heads(&kp, config.n_kv_heads);
+    let vh = builder.split_heads(&vp, config.n_kv_heads);
+    let qr = rope(builder, &qh, &cos, &sin);
+    let kr = rope(builder, &kh, &cos, &sin);
+    let kx = expand_kv(builder, &kr, config.gqa_ratio());
+    let vx = expand_kv(builder, &vh, config.gqa_ratio());
+    let scale = 1.0 / (config.head_dim as f32).sqrt();
+    let (att, _) = builder.causal_attention(&qr, &kx, &vx, &mask, scale);
+    let attn = builder.merge_heads(&att);
+    let q_rope = builder.merge_heads(&qr);
+    let k_rope = builder.merge_heads(&kr);
+    kernel.output("attn", attn);
+    kernel.output("q_rope", q_rope);
+    kernel.output("k_rope", k_rope);
+    kernel.output("v", vp);
+    kernel.finish()
 }
 
 /// Attention backward (weight-free): recompute probabilities from `q_rope`,
 /// `k_rope`; `dV = P^T dO`, `dP = dO V^T`, `dS = P (dP - rowsum(dP P))`,
 /// `dQ = dS K s`, `dK = dS^T Q s`; GQA sums; RoPE backward to pre-RoPE q and k.
-pub fn attn_bwd(c: &ModelConfig, seq: usize, opts: KernelOptions) -> Result<KernelSpec> {
-    let (q, kv) = (c.q_dim(), c.kv_dim());
-    let mut k = KernelBuilder::new("attn_bwd", opts, seq);
-    k.act("q_rope", q);
-    k.act("k_rope", kv);
-    k.act("v", kv);
-    k.act("dattn", q);
-    let acts = k.begin()?;
-    let (cos, sin) = rope_consts(&mut k, c, seq);
+pub fn attn_bwd(config: &ModelConfig, seq: usize, opts: KernelOptions) -> Result<KernelSpec> {
+    let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
+    let mut kernel = KernelBuilder::new("attn_bwd", opts, seq);
+    kernel.act("q_rope", q_dim);
+    kernel.act("k_rope", kv_dim);
+    kernel.act("v", kv_dim);
+    kernel.act("dattn", q_dim);
+    let acts = kernel.begin()?;
+    let (cos, sin) = rope_consts(&mut kernel, config, seq);
     let mask_values = causal_mask(seq);
-    let mask = k.table("mask", &[1, 1, seq, seq], &mask_values);
-    let g = c.gqa_ratio();
-    let b = k.b();
-    let qh = b.split_heads(&acts[0], c.n_heads);
-    let kh = b.split_heads(&acts[1], c.n_kv_heads);
-    let vh = b.split_heads(&acts[2], c.n_kv_heads);
-    let d_out = b.split_heads(&acts[3], c.n_heads);
-    let kx = expand_kv(b, &kh, g);
-    let vx = expand_kv(b, &vh, g);
-    let scale = 1.0 / (c.head_dim as f32).sqrt();
-    let (_, probs) = b.causal_attention(&qh, &kx, &vx, &mask, scale);
-    let dv_full = b.matmul(&probs, &d_out, true, false);
-    let dp = b.matmul(&d_out, &vx, false, true);
-    let pdp = b.mul(&dp, &probs);
-    let row = b.reduce_sum(&pdp, &[-1], true);
-    let centered = b.sub(&dp, &row);
-    let ds = b.mul(&probs, &centered);
-    let s = b.scalar(c_dtype(&opts), scale);
-    let ds = b.mul(&ds, &s);
-    let dq_rope = b.matmul(&ds, &kx, false, false);
-    let dk_full = b.matmul(&ds, &qh, true, false);
-    let dk_rope = reduce_kv(b, &dk_full, g);
-    let dv = reduce_kv(b, &dv_full, g);
-    let dq = rope_backward(b, &dq_rope, &cos, &sin);
-    let dk = rope_backward(b, &dk_rope, &cos, &sin);
-    let dq = b.merge_heads(&dq);
-    let dk = b.merge_heads(&dk);
-    let dv = b.merge_heads(&dv);
-    k.output("dq", dq);
-    k.output("dk", dk);
-    k.output("dv", dv);
-    k.finish()
-}
-
-fn c_dtype(opts: &KernelOptions) -> DType {
-    opts.dtype
+    let mask = kernel.table("mask", &[1, 1, seq, seq], &mask_values);
+    let group = config.gqa_ratio();
+    let builder = kernel.b();
+    let qh = builder.split_heads(&acts[0], config.n_heads);
+    let kh = builder.split_heads(&acts[1], config.n_kv_heads);
+    let vh = builder.split_heads(&acts[2], config.n_kv_heads);
+    let d_out = builder.split_heads(&acts[3], config.n_heads);
+    let kx = expand_kv(builder, &kh, group);
+    let vx = expand_kv(builder, &vh, group);
+    let scale = 1.0 / (config.head_dim as f32).sqrt();
+    let (_, probs) = builder.causal_attention(&qh, &kx, &vx, &mask, scale);
+    let dv_full = builder.matmul(&probs, &d_out, true, false);
+    let dp = builder.matmul(&d_out, &vx, false, true);
+    let pdp = builder.mul(&dp, &probs);
+    let row = builder.reduce_sum(&pdp, &[-1], true);
+    let centered = builder.sub(&dp, &row);
+    let ds = builder.mul(&probs, &centered);
+    let s = builder.scalar(opts.dtype, scale);
+    let ds = builder.mul(&ds, &s);
+    let dq_rope = builder.matmul(&ds, &kx, false, false);
+    let dk_full = builder.matmul(&ds, &qh, true, false);
+    let dk_rope = reduce_kv(builder, &dk_full, group);
+    let dv = reduce_kv(builder, &dv_full, group);
+    let dq = rope_backward(builder, &dq_rope, &cos, &sin);
+    let dk = rope_backward(builder, &dk_rope, &cos, &sin);
+    let dq = builder.merge_heads(&dq);
+    let dk = builder.merge_heads(&dk);
+    let dv = builder.merge_heads(&dv);
+    kernel.output("dq", dq);
+    kernel.output("dk", dk);
+    kernel.output("dv", dv);
+    kernel.finish()
 }
 
 /// Output projection forward: `o = Wo attn`.
 pub fn wo_fwd(
-    c: &ModelConfig,
+    config: &ModelConfig,
     seq: usize,
     opts: KernelOptions,
     baked: Baked,
 ) -> Result<KernelSpec> {
-    let mut k = KernelBuilder::new("wo_fwd", opts, seq).with_baked(baked);
-    k.act("attn", c.q_dim());
-    let wo = k.weight_forward("wo", c.dim, c.q_dim());
-    let attn = k.begin()?.remove(0);
-    let o = k.linear(&attn, wo)?;
-    k.output("o", o);
-    k.finish()
+    let mut kernel = KernelBuilder::new("wo_fwd", opts, seq).with_baked(baked);
+    kernel.act("attn", config.q_dim());
+    let wo = kernel.weight_forward("wo", config.dim, config.q_dim());
+    let attn = kernel.begin()?.remove(0);
+    let o = kernel.linear(&attn, wo)?;
+    kernel.output("o", o);
+    kernel.finish()
 }
 
 /// Output projection backward: `dattn = Wo^T dx2`.
 pub fn wo_bwd(
-    c: &ModelConfig,
+    config: &ModelConfig,
     seq: usize,
     opts: KernelOptions,
     baked: Baked,
 ) -> Result<KernelSpec> {
-    let mut k = KernelBuilder::new("wo_bwd", opts, seq).with_baked(baked);
-    k.act("dx2", c.dim);
-    let wo = k.weight_transposed("wo", c.dim, c.q_dim());
-    let dx2 = k.begin()?.remove(0);
-    let da = k.linear(&dx2, wo)?;
-    k.output("dattn", da);
-    k.finish()
+    let mut kernel = KernelBuilder::new("wo_bwd", opts, seq).with_baked(baked);
+    kernel.act("dx2", config.dim);
+    let wo = kernel.weight_transposed("wo", config.dim, config.q_dim());
+    let dx2 = kernel.begin()?.remove(0);
+    let da = kernel.linear(&dx2, wo)?;
+    kernel.output("dattn", da);
+    kernel.finish()
 }
 
 /// SwiGLU forward: `h1 = W1 x`, `h3 = W3 x`, `gate = silu(h1) h3`, `ffn = W2 gate`.
 pub fn ffn_fwd(
-    c: &ModelConfig,
+    config: &ModelConfig,
     seq: usize,
     opts: KernelOptions,
     baked: Baked,
 ) -> Result<KernelSpec> {
-    let (d, f) = (c.dim, c.hidden_dim);
-    let mut k = KernelBuilder::new("ffn_fwd", opts, seq).with_baked(baked);
-    k.act("x2n", d);
-    let w1 = k.weight_forward("w1", f, d);
-    let w3 = k.weight_forward("w3", f, d);
-    let w2 = k.weight_forward("w2", d, f);
-    let x = k.begin()?.remove(0);
-    let h1 = k.linear(&x, w1)?;
-    let h3 = k.linear(&x, w3)?;
-    let b = k.b();
-    let sig = b.sigmoid(&h1);
-    let silu = b.mul(&h1, &sig);
-    let gate = b.mul(&silu, &h3);
-    let ffn = k.linear(&gate, w2)?;
-    k.output("ffn", ffn);
-    k.output("h1", h1);
-    k.output("h3", h3);
-    k.output("gate", gate);
-    k.finish()
+    let (dim, hidden) = (config.dim, config.hidden_dim);
+    let mut kernel = KernelBuilder::new("ffn_fwd", opts, seq).with_baked(baked);
+    kernel.act("x2n", dim);
+    let w1 = kernel.weight_forward("w1", hidden, dim);
+    let w3 = kernel.weight_forward("w3", hidden, dim);
+    let w2 = kernel.weight_forward("w2", dim, hidden);
+    let x = kernel.begin()?.remove(0);
+    let h1 = kernel.linear(&x, w1)?;
+    let h3 = kernel.linear(&x, w3)?;
+    let builder = kernel.b();
+    let sig = builder.sigmoid(&h1);
+    let silu = builder.mul(&h1, &sig);
+    let gate = builder.mul(&silu, &h3);
+    let ffn = kernel.linear(&gate, w2)?;
+    kernel.output("ffn", ffn);
+    kernel.output("h1", h1);
+    kernel.output("h3", h3);
+    kernel.output("gate", gate);
+    kernel.finish()
 }
 
 /// SwiGLU backward, first half: `dgate = W2^T dffn`.
 pub fn ffn_bwd_w2(
-    c: &ModelConfig,
+    config: &ModelConfig,
     seq: usize,
     opts: KernelOptions,
     baked: Baked,
 ) -> Result<KernelSpec> {
-    let mut k = KernelBuilder::new("ffn_bwd_w2", opts, seq).with_baked(baked);
-    k.act("dffn", c.dim);
-    let w2 = k.weight_transposed("w2", c.dim, c.hidden_dim);
-    let dffn = k.begin()?.remove(0);
-    let dgate = k.linear(&dffn, w2)?;
-    k.output("dgate", dgate);
-    k.finish()
+    let mut kernel = KernelBuilder::new("ffn_bwd_w2", opts, seq).with_baked(baked);
+    kernel.act("dffn", config.dim);
+    let w2 = kernel.weight_transposed("w2", config.dim, config.hidden_dim);
+    let dffn = kernel.begin()?.remove(0);
+    let dgate = kernel.linear(&dffn, w2)?;
+    kernel.output("dgate", dgate);
+    kernel.finish()
 }
 
 /// SwiGLU backward, second half: `dh3 = dgate silu(h1)`,
 /// `dh1 = dgate h3 sig (1 + h1 (1 - sig))`, `dx2n = W1^T dh1 + W3^T dh3`.
 pub fn ffn_bwd_w13(
-    c: &ModelConfig,
+    config: &ModelConfig,
     seq: usize,
     opts: KernelOptions,
     baked: Baked,
 ) -> Result<KernelSpec> {
-    let (d, f) = (c.dim, c.hidden_dim);
-    let mut k = KernelBuilder::new("ffn_bwd_w13", opts, seq).with_baked(baked);
-    k.act("dgate", f);
-    k.act("h1", f);
-    k.act("h3", f);
-    let w1 = k.weight_transposed("w1", f, d);
-    let w3 = k.weight_transposed("w3", f, d);
-    let acts = k.begin()?;
+    let (dim, hidden) = (config.dim, config.hidden_dim);
+    let mut kernel = KernelBuilder::new("ffn_bwd_w13", opts, seq).with_baked(baked);
+    kernel.act("dgate", hidden);
+    kernel.act("h1", hidden);
+    kernel.act("h3", hidden);
+    let w1 = kernel.weight_transposed("w1", hidden, dim);
+    let w3 = kernel.weight_transposed("w3", hidden, dim);
+    let acts = kernel.begin()?;
     let (dgate, h1, h3) = (&acts[0], &acts[1], &acts[2]);
-    let one = k.b().scalar(opts.dtype, 1.0);
-    let b = k.b();
-    let sig = b.sigmoid(h1);
-    let silu = b.mul(h1, &sig);
-    let dh3 = b.mul(dgate, &silu);
-    let dsilu = b.mul(dgate, h3);
-    let one_minus = b.sub(&one, &sig);
-    let h1_om = b.mul(h1, &one_minus);
-    let inner = b.add(&one, &h1_om);
-    let dsig = b.mul(&sig, &inner);
-    let dh1 = b.mul(&dsilu, &dsig);
-    let a = k.linear(&dh1, w1)?;
-    let bb = k.linear(&dh3, w3)?;
-    let dx = k.b().add(&a, &bb);
-    k.output("dx2n", dx);
-    k.output("dh1", dh1);
-    k.output("dh3", dh3);
-    k.finish()
+    let one = kernel.b().scalar(opts.dtype, 1.0);
+    let builder = kernel.b();
+    let sig = builder.sigmoid(h1);
+    let silu = builder.mul(h1, &sig);
+    let dh3 = builder.mul(dgate, &silu);
+    let dsilu = builder.mul(dgate, h3);
+    let one_minus = builder.sub(&one, &sig);
+    let h1_om = builder.mul(h1, &one_minus);
+    let inner = builder.add(&one, &h1_om);
+    let dsig = builder.mul(&sig, &inner);
+    let dh1 = builder.mul(&dsilu, &dsig);
+    let from_w1 = kernel.linear(&dh1, w1)?;
+    let from_w3 = kernel.linear(&dh3, w3)?;
+    let dx = kernel.b().add(&from_w1, &from_w3);
+    kernel.output("dx2n", dx);
+    kernel.output("dh1", dh1);
+    kernel.output("dh3", dh3);
+    kernel.finish()
 }
 
 /// Query projection backward: `dxn = Wq^T dq`.
-pub fn q_bwd(c: &ModelConfig, seq: usize, opts: KernelOptions, baked: Baked) -> Result<KernelSpec> {
-    let mut k = KernelBuilder::new("q_bwd", opts, seq).with_baked(baked);
-    k.act("dq", c.q_dim());
-    let wq = k.weight_transposed("wq", c.q_dim(), c.dim);
-    let dq = k.begin()?.remove(0);
-    let dx = k.linear(&dq, wq)?;
-    k.output("dxn", dx);
-    k.finish()
+pub fn q_bwd(
+    config: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    baked: Baked,
+) -> Result<KernelSpec> {
+    let mut kernel = KernelBuilder::new("q_bwd", opts, seq).with_baked(baked);
+    kernel.act("dq", config.q_dim());
+    let wq = kernel.weight_transposed("wq", config.q_dim(), config.dim);
+    let dq = kernel.begin()?.remove(0);
+    let dx = kernel.linear(&dq, wq)?;
+    kernel.output("dxn", dx);
+    kernel.finish()
 }
 
 /// Key/value projection backward: `dxn = Wk^T dk + Wv^T dv`.
 pub fn kv_bwd(
-    c: &ModelConfig,
+    config: &ModelConfig,
     seq: usize,
     opts: KernelOptions,
     baked: Baked,
 ) -> Result<KernelSpec> {
-    let mut k = KernelBuilder::new("kv_bwd", opts, seq).with_baked(baked);
-    k.act("dk", c.kv_dim());
-    k.act("dv", c.kv_dim());
-    let wk = k.weight_transposed("wk", c.kv_dim(), c.dim);
-    let wv = k.weight_transposed("wv", c.kv_dim(), c.dim);
-    let acts = k.begin()?;
-    let a = k.linear(&acts[0], wk)?;
-    let bb = k.linear(&acts[1], wv)?;
-    let dx = k.b().add(&a, &bb);
-    k.output("dxn", dx);
-    k.finish()
+    let mut kernel = KernelBuilder::new("kv_bwd", opts, seq).with_baked(baked);
+    kernel.act("dk", config.kv_dim());
+    kernel.act("dv", config.kv_dim());
+    let wk = kernel.weight_transposed("wk", config.kv_dim(), config.dim);
+    let wv = kernel.weight_transposed("wv", config.kv_dim(), config.dim);
+    let acts = kernel.begin()?;
+    let from_w1 = kernel.linear(&acts[0], wk)?;
+    let from_w3 = kernel.linear(&acts[1], wv)?;
+    let dx = kernel.b().add(&from_w1, &from_w3);
+    kernel.output("dxn", dx);
+    kernel.finish()
 }
 
 #[cfg(test)]

@@ -339,7 +339,7 @@ impl Trainer {
             };
             let last = self.state.step == cfg.steps;
             if let Some(val) = val.as_deref_mut()
-                && ((cfg.eval_every > 0 && self.state.step % cfg.eval_every == 0) || last)
+                && ((cfg.eval_every > 0 && self.state.step.is_multiple_of(cfg.eval_every)) || last)
             {
                 let v = self.evaluate(val)?;
                 row.val_loss = Some(v);
@@ -351,7 +351,7 @@ impl Trainer {
                 .map_err(|e| Error::io(self.run_dir.join("metrics.jsonl"), e))?;
             observer.on_step(&row, cfg.steps);
             if cfg.checkpoint_every > 0
-                && self.state.step % cfg.checkpoint_every == 0
+                && self.state.step.is_multiple_of(cfg.checkpoint_every)
                 && self.state.step < end
             {
                 self.save(data)?;

@@ -83,12 +83,12 @@ pub fn interleaved_rows_to_hf(interleaved: &[f32], head_dim: usize, row_len: usi
 
 fn permute_rows(src: &[f32], head_dim: usize, row_len: usize, to_interleaved: bool) -> Vec<f32> {
     assert!(
-        head_dim % 2 == 0 && row_len > 0,
+        head_dim.is_multiple_of(2) && row_len > 0,
         "head_dim {head_dim} must be even and row_len {row_len} positive"
     );
     let head = head_dim * row_len;
     assert!(
-        src.len() % head == 0,
+        src.len().is_multiple_of(head),
         "{} values are not whole heads of {head_dim} rows of {row_len}",
         src.len()
     );
