@@ -1,9 +1,12 @@
 //! `anemone doctor`: what this machine offers the ANE backend, as a report a
 //! user can share. OS and chip, whether `AppleNeuralEngine.framework` and its
-//! classes load, the ANE family (`_ANEDeviceInfo`), the probe kernel, then
-//! every training kernel of a small config run on the subject backend (the
-//! ANE, or the CPU in fp16 where there is none) against the CPU interpreter in
-//! fp32, the specification, with max error and time per kernel.
+//! classes load, the ANE family (`_ANEDeviceInfo`), the probe kernels (conv in
+//! the ios18 dialect, else ios16; width-axis slice/concat/reshape; matmul on
+//! runtime tensors: each names what needs it when the chip refuses it), the
+//! energy counters, then every training kernel of a small config run on the
+//! subject backend (the ANE, or the CPU in fp16 where there is none) against
+//! the CPU interpreter in fp32, the specification, with max error, time and
+//! the ANE rules each kernel's package trips.
 //!
 //! This module gathers and formats; it does not decide which backend training
 //! uses (that is [`crate::backend::open`]).
@@ -16,6 +19,7 @@ use crate::backend::ane::{self, budget, private::REQUIRED_CLASSES, probe};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Block, Precision};
 use crate::mil::DType;
+use crate::mil::verify::Target;
 use crate::model::ModelConfig;
 use crate::model::kernels::{KernelOptions, KernelSpec, LayerKernels, SlotRole, WeightMode};
 use crate::rng::Rng;
@@ -37,9 +41,35 @@ pub struct DoctorReport {
     pub chip: Option<String>,
     pub ane: AneStatus,
     pub probe: Option<ProbeReport>,
-    /// "ane" when the probe passed, else "cpu".
+    /// Every probe kernel run, in order (empty without an ANE).
+    pub checks: Vec<CheckReport>,
+    /// The MIL dialect the chip compiled the conv probe in (`ios18`, `ios16`).
+    pub dialect: Option<String>,
+    /// "ane" when the probes found nothing the training kernels need refused, else "cpu".
     pub auto_backend: String,
+    /// Why `--backend auto` takes the CPU (the refused probe and what needs it).
+    pub auto_reason: Option<String>,
+    pub energy: EnergyReport,
     pub kernels: KernelReport,
+}
+
+/// One probe kernel: what it checks, in which dialect, and how it went.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub name: String,
+    pub dialect: String,
+    pub needed_for: String,
+    #[serde(flatten)]
+    pub result: ProbeReport,
+}
+
+/// Whether the energy counters can be read, and a short idle sample.
+#[derive(Clone, Debug, Serialize)]
+pub struct EnergyReport {
+    pub available: bool,
+    pub reason: Option<String>,
+    /// 200 ms of the idle machine, per rail ("unavailable" where missing).
+    pub idle_sample: crate::energy::Energy,
 }
 
 /// What loading the private framework found.
@@ -92,6 +122,8 @@ pub struct KernelRow {
     pub error: Option<String>,
     pub subject_ms: Option<f64>,
     pub reference_ms: Option<f64>,
+    /// Ids of the ANE rules the kernel's package trips (errors and warnings).
+    pub ane_rules: Vec<String>,
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
@@ -187,6 +219,7 @@ pub fn run_kernel(
         backend.read(*buffer, Block::whole(&var.ty), &mut v)?;
         results.push(v);
     }
+    backend.release(id)?;
     Ok((results, ms))
 }
 
@@ -204,8 +237,8 @@ pub fn max_error(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
     (err, scale)
 }
 
-/// Run every kernel of `config` (packed fp16, window `seq`) on `subject` and
-/// on the CPU in fp32.
+/// Run every kernel of `config` (packed fp16 in the subject's dialect, window
+/// `seq`) on `subject` and on the CPU in fp32.
 pub fn compare_kernels(
     subject: &mut dyn Backend,
     subject_name: &str,
@@ -216,7 +249,7 @@ pub fn compare_kernels(
     let opts = KernelOptions {
         dtype: DType::Fp16,
         mode: WeightMode::Packed,
-        ..KernelOptions::cpu()
+        dialect: subject.dialect(),
     };
     let kernels = LayerKernels::build(config, seq, opts, &|_| None)?;
     let (rel, abs) = KERNEL_TOLERANCE;
@@ -239,6 +272,11 @@ pub fn compare_kernels(
             error: None,
             subject_ms: None,
             reference_ms: None,
+            ane_rules: spec
+                .package
+                .verify(Target::Ane)
+                .map(|r| r.rule_ids().iter().map(|id| id.to_string()).collect())
+                .unwrap_or_default(),
         };
         let mut reference = CpuBackend::new(Precision::Fp32);
         let outcome = run_kernel(&mut reference, spec, &inputs).and_then(|(want, ref_ms)| {
@@ -289,6 +327,9 @@ pub fn run(config_name: &str, seq: usize) -> Result<DoctorReport> {
         compile_budget: budget_limit,
     };
     let mut probe_report = None;
+    let mut checks = Vec::new();
+    let mut dialect = None;
+    let auto_reason;
     let opened = ane::open();
     let kernels = match opened {
         Ok((mut backend, family)) => {
@@ -300,27 +341,24 @@ pub fn run(config_name: &str, seq: usize) -> Result<DoctorReport> {
                 .chain(&["_ANEDeviceInfo"])
                 .map(|c| (c.to_string(), runtime.has_class(c)))
                 .collect();
-            let probe = probe::run_probe(&mut backend);
-            status.available = probe.is_ok();
-            if let Err(e) = &probe {
-                status.reason = Some(e.to_string());
+            let chip = probe::examine(&mut backend);
+            status.available = chip.dialect.is_some();
+            if let Some(first) = chip.checks.first() {
+                status.reason = first.result.clone().err();
+                probe_report = Some(probe_row(&first.result));
             }
-            probe_report = Some(match probe {
-                Ok(p) => ProbeReport {
-                    ok: true,
-                    error: None,
-                    max_error: Some(p.max_error),
-                    compile_ms: Some(p.compile_ms),
-                    run_ms: Some(p.run_ms),
-                },
-                Err(e) => ProbeReport {
-                    ok: false,
-                    error: Some(e.to_string()),
-                    max_error: None,
-                    compile_ms: None,
-                    run_ms: None,
-                },
-            });
+            auto_reason = chip.training_refusal();
+            dialect = chip.dialect.map(|d| d.opset().to_string());
+            checks = chip
+                .checks
+                .iter()
+                .map(|c| CheckReport {
+                    name: c.name.to_string(),
+                    dialect: c.dialect.opset().to_string(),
+                    needed_for: c.needed_for.to_string(),
+                    result: probe_row(&c.result),
+                })
+                .collect();
             compare_kernels(&mut backend, "ane", config_name, &config, seq)?
         }
         Err(e) => {
@@ -333,6 +371,7 @@ pub fn run(config_name: &str, seq: usize) -> Result<DoctorReport> {
                 }
             );
             status.reason = Some(e.to_string());
+            auto_reason = status.reason.clone();
             let mut cpu = CpuBackend::new(Precision::Fp16);
             compare_kernels(&mut cpu, "cpu-fp16", config_name, &config, seq)?
         }
@@ -343,11 +382,48 @@ pub fn run(config_name: &str, seq: usize) -> Result<DoctorReport> {
         arch: std::env::consts::ARCH.to_string(),
         os_version: os_version(),
         chip: chip_name(),
-        auto_backend: if status.available { "ane" } else { "cpu" }.into(),
+        auto_backend: if auto_reason.is_none() { "ane" } else { "cpu" }.into(),
+        auto_reason,
         ane: status,
         probe: probe_report,
+        checks,
+        dialect,
+        energy: energy_report(),
         kernels,
     })
+}
+
+fn probe_row(result: &std::result::Result<probe::ProbeResult, String>) -> ProbeReport {
+    match result {
+        Ok(p) => ProbeReport {
+            ok: true,
+            error: None,
+            max_error: Some(p.max_error),
+            compile_ms: Some(p.compile_ms),
+            run_ms: Some(p.run_ms),
+        },
+        Err(e) => ProbeReport {
+            ok: false,
+            error: Some(e.clone()),
+            max_error: None,
+            compile_ms: None,
+            run_ms: None,
+        },
+    }
+}
+
+/// The energy counters, and 200 ms of the idle machine through them.
+fn energy_report() -> EnergyReport {
+    let reason = crate::energy::unavailable_reason();
+    let span = crate::energy::start();
+    if reason.is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    EnergyReport {
+        available: reason.is_none(),
+        reason,
+        idle_sample: span.finish(1, 0),
+    }
 }
 
 fn opt<T: std::fmt::Display>(v: &Option<T>, f: impl Fn(&T) -> String) -> String {
@@ -395,8 +471,43 @@ pub fn format(report: &DoctorReport) -> String {
     }
     s += &format!("budget:    {} compiles per process\n", a.compile_budget);
     s += &format!(
-        "backend:   {} (what `--backend auto` picks)\n",
-        report.auto_backend
+        "backend:   {} (what `--backend auto` picks){}\n",
+        report.auto_backend,
+        opt(&report.auto_reason, |r| format!(": {r}"))
+    );
+    if let Some(d) = &report.dialect {
+        s += &format!("dialect:   {d}\n");
+    }
+    for c in &report.checks {
+        let p = &c.result;
+        s += &format!(
+            "check:     {} ({}): {}\n",
+            c.name,
+            c.dialect,
+            if p.ok {
+                format!(
+                    "ok (max error {})",
+                    opt(&p.max_error, |e| format!("{e:.2e}"))
+                )
+            } else {
+                format!(
+                    "REFUSED: {}; needed by {}",
+                    p.error.as_deref().unwrap_or("?"),
+                    c.needed_for
+                )
+            }
+        );
+    }
+    let e = &report.energy;
+    s += &format!(
+        "energy:    {}\n",
+        match &e.reason {
+            Some(reason) => format!("unavailable ({reason})"),
+            None => format!(
+                "IOReport counters; idle 200 ms: cpu {} J, gpu {} J, ane {} J",
+                e.idle_sample.cpu_j, e.idle_sample.gpu_j, e.idle_sample.ane_j
+            ),
+        }
     );
     match &report.probe {
         Some(p) if p.ok => {
@@ -417,7 +528,14 @@ pub fn format(report: &DoctorReport) -> String {
     );
     s += &format!(
         "{:<12} {:>12} {:>12} {:>10} {:>9} {:>11} {:>11}  {}\n",
-        "kernel", "input", "output", "max err", "scale", "subject ms", "cpu32 ms", "result"
+        "kernel",
+        "input",
+        "output",
+        "max err",
+        "scale",
+        "subject ms",
+        "cpu32 ms",
+        "result (ANE rules tripped)"
     );
     for r in &k.rows {
         s += &format!(
@@ -433,6 +551,10 @@ pub fn format(report: &DoctorReport) -> String {
                 (Some(e), _) => format!("ERROR {e}"),
                 (None, true) => "ok".into(),
                 (None, false) => "MISMATCH".into(),
+            } + &if r.ane_rules.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.ane_rules.join(", "))
             }
         );
     }

@@ -18,6 +18,8 @@
 //!   templates, the built-in corpus.
 //! - [`generate`]: decoding with a KV cache.
 //! - [`doctor`]: what this machine offers the ANE backend, as a shareable report.
+//! - [`energy`]: CPU, GPU and ANE joules over a span (IOReport on macOS,
+//!   "unavailable" elsewhere), for the benchmarks and `metrics.jsonl`.
 //! - [`report`]: run directories: metrics log, plots, run listings.
 //! - [`bench`]: benchmark suites (training steps, ANE micro-benchmarks) and their timing harness.
 //! - [`linalg`], [`math`], [`rng`]: GEMM and transposes, vectorizable `exp` and
@@ -31,6 +33,7 @@ pub mod bench;
 pub mod blob;
 pub mod data;
 pub mod doctor;
+pub mod energy;
 pub mod error;
 pub mod generate;
 pub mod linalg;

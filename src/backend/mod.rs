@@ -20,7 +20,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::Result;
-use crate::mil::{TensorType, Var};
+use crate::mil::{Dialect, TensorType, Var};
 use crate::package::ProgramPackage;
 
 pub use open::{BackendKind, Opened, open};
@@ -46,6 +46,23 @@ impl Precision {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
+        }
+    }
+}
+
+/// The largest magnitude an fp16 kernel's products may reach: the ANE's
+/// matmul outputs overflow to inf near 32,759, half of fp16's largest finite
+/// value (65,504), on every chip tested (field reports; `docs/ane-notes.md`).
+/// Loss scaling keeps scaled gradients below it.
+pub const FP16_MATMUL_LIMIT: f32 = 32_759.0;
+
+impl Precision {
+    /// The largest magnitude a kernel output may safely reach in this
+    /// precision: [`FP16_MATMUL_LIMIT`] for fp16, `f32::MAX` for fp32.
+    pub fn output_limit(self) -> f32 {
+        match self {
+            Precision::Fp16 => FP16_MATMUL_LIMIT,
+            Precision::Fp32 => f32::MAX,
         }
     }
 }
@@ -216,7 +233,23 @@ pub trait Backend {
     }
 
     /// Compile a program package; the returned kernel can be run many times.
+    /// A package the device's compiler refuses fails at step "compile"
+    /// ([`is_compile_refusal`]), distinct from budget, load and I/O failures.
     fn compile(&mut self, package: &ProgramPackage) -> Result<KernelId>;
+
+    /// Unload a compiled kernel the caller is done with (the ANE unloads the
+    /// model and removes its temp directory); running it afterwards is an
+    /// error, its [`Backend::kernel_info`] stays. The default keeps it.
+    fn release(&mut self, kernel: KernelId) -> Result<()> {
+        let _ = kernel;
+        Ok(())
+    }
+
+    /// The MIL dialect kernels for this backend are written in: ios18 unless
+    /// the device was found to need ios16 (M1/M2, see `ane::probe`).
+    fn dialect(&self) -> Dialect {
+        Dialect::Ios18
+    }
 
     /// Input and output signature of a compiled kernel.
     fn kernel_info(&self, kernel: KernelId) -> &KernelInfo;
@@ -257,6 +290,56 @@ pub trait Backend {
     fn run_host_many(&mut self, kernel: KernelId, calls: &mut [HostCall<'_>]) -> Result<bool> {
         let _ = (kernel, calls);
         Ok(false)
+    }
+}
+
+/// Whether `error` is a device compiler refusing a program (step "compile"),
+/// as opposed to a spent compile budget, a failed load or bad I/O: the case
+/// in which a different form of the kernel may still compile.
+pub fn is_compile_refusal(error: &crate::Error) -> bool {
+    matches!(
+        error,
+        crate::Error::Backend {
+            step: "compile",
+            ..
+        }
+    )
+}
+
+/// A kernel compiled whole, or split into parts because the whole was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Compiled {
+    Whole(KernelId),
+    /// The parts, run in order, compute what the whole would; `refused` is the
+    /// compiler's error for the whole (for the user's log).
+    Split {
+        parts: Vec<KernelId>,
+        refused: String,
+    },
+}
+
+/// Compile `whole`; if the device's compiler refuses it
+/// ([`is_compile_refusal`]), compile the packages `parts` builds instead (the
+/// reference's split of a kernel that is too big for some chips, e.g. the
+/// attention backward in two). Any other failure is returned as it is.
+pub fn compile_or_split(
+    backend: &mut dyn Backend,
+    whole: &ProgramPackage,
+    parts: impl FnOnce() -> Result<Vec<ProgramPackage>>,
+) -> Result<Compiled> {
+    match backend.compile(whole) {
+        Ok(kernel) => Ok(Compiled::Whole(kernel)),
+        Err(e) if is_compile_refusal(&e) => {
+            let parts = parts()?
+                .iter()
+                .map(|package| backend.compile(package))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Compiled::Split {
+                parts,
+                refused: e.to_string(),
+            })
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -11,9 +11,13 @@
 //! | [`int8`] | INT8 W8A8 vs FP16 | `ane_int8_bench`'s conv stack, int8 weights and activations |
 //!
 //! Every kernel is built with the MIL [`Builder`], packaged as a
-//! [`ProgramPackage`] (one weight file per tensor), verified against the ANE
-//! rule catalogue (errors fail the suite, warnings are allowed), then compiled
-//! and run through the trait. All kernel I/O is fp16 `[1, C, H, W]`; inputs
+//! [`ProgramPackage`] (all weights as records of one `weight.bin`, as the
+//! reference's benchmarks write them), verified against the ANE rule
+//! catalogue (errors fail the suite, warnings are allowed), compiled and run
+//! through the trait, and released when measured. All kernel I/O is fp16
+//! `[1, C, H, W]`, padded where a shape is below the ANE's I/O rules
+//! (`mil::layout`: the padding is sliced away unread, FLOPs and sizes count
+//! the benchmark's shape); inputs
 //! hold seeded random values scaled so activations stay O(1) through a stack
 //! (weights uniform in `±sqrt(3 / C_in)`), which keeps the CPU away from
 //! denormals and the ANE away from fp16 overflow.
@@ -41,8 +45,9 @@ use serde::{Deserialize, Serialize};
 use super::{Repeat, Row, Stats, gflops, mib, time_ms};
 use crate::backend::{Backend, Block, BufferId, KernelId};
 use crate::blob::BlobWriter;
+use crate::energy::{self, Energy};
 use crate::mil::verify::Target;
-use crate::mil::{Builder, DType, Dialect, TensorType};
+use crate::mil::{Builder, DType, Dialect, TensorType, layout};
 use crate::package::ProgramPackage;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -249,20 +254,20 @@ pub fn build(form: Form, stack: &Stack, seed: u64) -> Result<BenchKernel> {
     })
 }
 
+/// The one weight file of a benchmark kernel (rule ANE021).
+const WEIGHT_FILE: &str = "weight.bin";
+
 /// `d` chained 1x1 convs over `[1, C, H, W]`, fp16 or W8A8.
 fn conv_stack(stack: &Stack, int8: bool, rng: &mut Rng) -> ProgramPackage {
     let mut b = Builder::new(Dialect::Ios18);
-    let mut h = b.input(
-        "x",
-        DType::Fp16,
-        &[1, stack.c_in, stack.height, stack.width],
-    );
-    let mut files = Vec::with_capacity(stack.depth);
+    let shape = [1, stack.c_in, stack.height, stack.width];
+    let (_, mut h) = layout::padded_input(&mut b, "x", DType::Fp16, shape);
+    let pad_output =
+        layout::output_needs_padding(stack.c_out, stack.height, stack.width, DType::Fp16);
+    let mut blob = BlobWriter::new();
     for layer in 0..stack.depth {
         let (c_in, c_out) = stack.layer_dims(layer);
-        let file = format!("w{layer}.bin");
         let shape = [c_out, c_in, 1, 1]; // (C_out, C_in, 1, 1)
-        let mut blob = BlobWriter::new();
         let amplitude = weight_amplitude(c_in);
         let weight = if int8 {
             let q: Vec<i8> = (0..c_in * c_out)
@@ -270,14 +275,13 @@ fn conv_stack(stack: &Stack, int8: bool, rng: &mut Rng) -> ProgramPackage {
                 .collect();
             let offset = blob.add_int8(&q);
             let ty = TensorType::new(DType::Int8, shape);
-            b.affine_dequantize_blob(ty, &file, offset, amplitude / 127.0, DType::Fp16)
+            b.affine_dequantize_blob(ty, WEIGHT_FILE, offset, amplitude / 127.0, DType::Fp16)
         } else {
             let offset = blob.add_fp16(&uniform(rng, c_in * c_out, amplitude));
-            b.blob_const(TensorType::new(DType::Fp16, shape), &file, offset)
+            b.blob_const(TensorType::new(DType::Fp16, shape), WEIGHT_FILE, offset)
         };
-        files.push((file, blob.finish()));
         let last = layer + 1 == stack.depth;
-        if last {
+        if last && !pad_output {
             b.name_next("y");
         }
         h = b.conv(&h, &weight, 1);
@@ -286,8 +290,9 @@ fn conv_stack(stack: &Stack, int8: bool, rng: &mut Rng) -> ProgramPackage {
             h = b.dequantize(&q, ACT_SCALE, DType::Fp16);
         }
     }
-    b.output(&h);
-    ProgramPackage::from_program(&b.finish(), files)
+    let y = layout::padded_output(&mut b, &[&h], "y");
+    b.output(&y);
+    ProgramPackage::from_program(&b.finish(), [(WEIGHT_FILE.to_string(), blob.finish())])
 }
 
 /// `d` chained matmuls on `[1, 1, S, C]`, weights const or packed in the input.
@@ -296,15 +301,17 @@ fn matmul_stack(stack: &Stack, packed: bool, rng: &mut Rng) -> ProgramPackage {
     let mut b = Builder::new(Dialect::Ios18);
     let packed_cols: usize = (0..stack.depth).map(|l| stack.layer_dims(l).1).sum();
     let width = if packed { seq + packed_cols } else { seq };
-    let x = b.input("x", DType::Fp16, &[1, stack.c_in, 1, width]);
-    let act = if packed {
+    // Spare rows and columns up to the ANE's I/O rules (mil::layout), unread.
+    let padded = layout::padded_io(stack.c_in, 1, width, DType::Fp16);
+    let x = b.input("x", DType::Fp16, &[1, padded.0, 1, padded.1]);
+    let act = if packed || padded != (stack.c_in, width) {
         b.slice_by_size(&x, &[0, 0, 0, 0], &[1, stack.c_in, 1, seq])
     } else {
         x.clone()
     };
     let a = b.reshape(&act, &[1, 1, stack.c_in, seq]); // (1, 1, C_in, S)
     let mut h = b.transpose(&a, &[0, 1, 3, 2]); // (1, 1, S, C_in)
-    let mut files = Vec::new();
+    let mut blob = BlobWriter::new();
     let mut col = seq;
     for layer in 0..stack.depth {
         let (c_in, c_out) = stack.layer_dims(layer);
@@ -313,32 +320,41 @@ fn matmul_stack(stack: &Stack, packed: bool, rng: &mut Rng) -> ProgramPackage {
             col += c_out;
             b.reshape(&m, &[1, 1, c_in, c_out])
         } else {
-            let file = format!("w{layer}.bin");
-            let mut blob = BlobWriter::new();
             let offset = blob.add_fp16(&uniform(rng, c_in * c_out, weight_amplitude(c_in)));
-            files.push((file.clone(), blob.finish()));
             b.blob_const(
                 TensorType::new(DType::Fp16, [1, 1, c_in, c_out]),
-                &file,
+                WEIGHT_FILE,
                 offset,
             )
         };
         h = b.matmul(&h, &weight, false, false); // (1, 1, S, C_out)
     }
     let t = b.transpose(&h, &[0, 1, 3, 2]); // (1, 1, C_out, S)
-    b.name_next("y");
+    if !layout::output_needs_padding(stack.c_out, 1, seq, DType::Fp16) {
+        b.name_next("y");
+    }
     let y = b.reshape(&t, &[1, stack.c_out, 1, seq]);
+    let y = layout::padded_output(&mut b, &[&y], "y");
     b.output(&y);
+    let files = if packed {
+        Vec::new()
+    } else {
+        vec![(WEIGHT_FILE.to_string(), blob.finish())]
+    };
     ProgramPackage::from_program(&b.finish(), files)
 }
 
-/// The dispatch probe: `y = x * 0.5` on `[1, C, 1, S]`, one op and no weights.
+/// The dispatch probe: `y = x * 0.5` on `[1, C, 1, S]`, one op and no weights
+/// (plus the ANE's I/O padding for shapes below its rules).
 pub fn scale_kernel(channels: usize, spatial: usize) -> BenchKernel {
     let mut b = Builder::new(Dialect::Ios18);
-    let x = b.input("x", DType::Fp16, &[1, channels, 1, spatial]);
+    let (_, x) = layout::padded_input(&mut b, "x", DType::Fp16, [1, channels, 1, spatial]);
     let half = b.scalar(DType::Fp16, 0.5);
-    b.name_next("y");
+    if !layout::output_needs_padding(channels, 1, spatial, DType::Fp16) {
+        b.name_next("y");
+    }
     let y = b.mul(&x, &half);
+    let y = layout::padded_output(&mut b, &[&y], "y");
     b.output(&y);
     BenchKernel {
         name: format!("mul {channels}ch sp{spatial}"),
@@ -386,13 +402,48 @@ fn load(backend: &mut dyn Backend, k: &BenchKernel, seed: u64) -> Result<Loaded>
     })
 }
 
-/// Compile `k` and time back-to-back evaluations (no host I/O in the loop).
-pub fn measure(backend: &mut dyn Backend, k: &BenchKernel, repeat: Repeat) -> Result<Stats> {
+/// [`time_ms`] plus the energy of the timed repetitions (not the warm-up),
+/// each of which processes `tokens` tokens (positions).
+fn timed(
+    repeat: Repeat,
+    tokens: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(Stats, Energy)> {
+    for _ in 0..repeat.warmup {
+        f()?;
+    }
+    let span = energy::start();
+    let stats = time_ms(Repeat::new(0, repeat.reps), f)?;
+    let evaluations = stats.samples as u64;
+    Ok((stats, span.finish(evaluations, evaluations * tokens as u64)))
+}
+
+/// The energy column: millijoules per evaluation, or "unavailable".
+fn energy_cell(energy: &Energy) -> String {
+    energy
+        .joules_per_step
+        .value()
+        .map_or(energy::UNAVAILABLE.to_string(), |j| {
+            format!("{:.3}", j * 1e3)
+        })
+}
+
+/// Compile `k`, time back-to-back evaluations of `tokens` positions each (no
+/// host I/O in the loop) with their energy, and unload the kernel.
+pub fn measure(
+    backend: &mut dyn Backend,
+    k: &BenchKernel,
+    repeat: Repeat,
+    tokens: usize,
+) -> Result<(Stats, Energy)> {
     let loaded = load(backend, k, 0x5EED)?;
-    time_ms(repeat, || {
+    let context = |e: Error| Error::Invalid(format!("benchmark kernel `{}`: {e}", k.name));
+    let measured = timed(repeat, tokens, || {
         backend.run(loaded.kernel, &loaded.inputs, &loaded.outputs)
     })
-    .map_err(|e| Error::Invalid(format!("benchmark kernel `{}`: {e}", k.name)))
+    .map_err(context)?;
+    backend.release(loaded.kernel).map_err(context)?;
+    Ok(measured)
 }
 
 fn done(progress: Progress, what: &str, stats: &Stats) {
@@ -416,6 +467,8 @@ pub struct PeakRow {
     pub flops: u64,
     #[serde(flatten)]
     pub stats: Stats,
+    /// Energy per evaluation (tokens are positions), "unavailable" off macOS.
+    pub energy: Energy,
     pub gflops: f64,
 }
 
@@ -428,6 +481,7 @@ impl Row for PeakRow {
             "median ms",
             "min..max ms",
             "GFLOP/s",
+            "mJ/eval",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -438,6 +492,7 @@ impl Row for PeakRow {
             format!("{:.3}", self.stats.median_ms),
             self.stats.spread(3),
             format!("{:.1}", self.gflops),
+            energy_cell(&self.energy),
         ]
     }
 }
@@ -476,7 +531,7 @@ pub fn peak(
     let mut rows = Vec::with_capacity(configs.len());
     for (i, stack) in configs.iter().enumerate() {
         let kernel = build(Form::Conv, stack, 1 + i as u64)?;
-        let stats = measure(backend, &kernel, repeat)?;
+        let (stats, energy) = measure(backend, &kernel, repeat, stack.positions())?;
         done(progress, &kernel.name, &stats);
         rows.push(PeakRow {
             config: format!(
@@ -492,6 +547,7 @@ pub fn peak(
             flops: stack.flops(),
             gflops: gflops(stack.flops() as f64, stats.median_ms),
             stats,
+            energy,
         });
     }
     Ok(rows)
@@ -509,6 +565,8 @@ pub struct DispatchRow {
     pub io_bytes: usize,
     #[serde(flatten)]
     pub stats: Stats,
+    /// Energy per evaluation (tokens are positions), "unavailable" off macOS.
+    pub energy: Energy,
 }
 
 impl Row for DispatchRow {
@@ -520,6 +578,7 @@ impl Row for DispatchRow {
             "median us",
             "min..max us",
             "IQR us",
+            "mJ/eval",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -531,6 +590,7 @@ impl Row for DispatchRow {
             us(self.stats.median_ms),
             format!("{}..{}", us(self.stats.min_ms), us(self.stats.max_ms)),
             us(self.stats.iqr_ms()),
+            energy_cell(&self.energy),
         ]
     }
 }
@@ -555,7 +615,7 @@ pub fn dispatch(
     for k in &kernels {
         let loaded = load(backend, k, 0x5EED)?;
         let context = |e: Error| Error::Invalid(format!("benchmark kernel `{}`: {e}", k.name));
-        let stats = time_ms(repeat, || {
+        let (stats, energy) = timed(repeat, spatial, || {
             backend.run(loaded.kernel, &loaded.inputs, &loaded.outputs)
         })
         .map_err(context)?;
@@ -565,13 +625,14 @@ pub fn dispatch(
             mode: "run".into(),
             io_bytes,
             stats,
+            energy,
         });
 
         let info = backend.kernel_info(loaded.kernel).clone();
         let (in_ty, out_ty) = (&info.inputs[0].ty, &info.outputs[0].ty);
         let host_in = uniform(&mut Rng::new(7), in_ty.numel(), 1.0);
         let mut host_out = vec![0.0f32; out_ty.numel()];
-        let stats = time_ms(repeat, || {
+        let (stats, energy) = timed(repeat, spatial, || {
             backend.write(loaded.inputs[0], Block::whole(in_ty), &host_in)?;
             backend.run(loaded.kernel, &loaded.inputs, &loaded.outputs)?;
             backend.read(loaded.outputs[0], Block::whole(out_ty), &mut host_out)
@@ -583,7 +644,9 @@ pub fn dispatch(
             mode: "write+run+read".into(),
             io_bytes,
             stats,
+            energy,
         });
+        backend.release(loaded.kernel).map_err(context)?;
     }
     Ok(rows)
 }
@@ -605,6 +668,8 @@ pub struct SramRow {
     pub flops: u64,
     #[serde(flatten)]
     pub stats: Stats,
+    /// Energy per evaluation (tokens are positions), "unavailable" off macOS.
+    pub energy: Energy,
     pub gflops: f64,
     /// GFLOP/s per MiB of weights (the reference's efficiency column).
     pub gflops_per_mib: f64,
@@ -625,6 +690,7 @@ impl Row for SramRow {
             "GFLOP/s",
             "GFLOP/s/MiB",
             "vs best",
+            "mJ/eval",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -639,6 +705,7 @@ impl Row for SramRow {
             format!("{:.1}", self.gflops),
             format!("{:.2}", self.gflops_per_mib),
             format!("{:.2}", self.relative),
+            energy_cell(&self.energy),
         ]
     }
 }
@@ -678,7 +745,7 @@ pub fn sram(
         let first = rows.len();
         for (i, stack) in configs.iter().enumerate() {
             let kernel = build(form, stack, 1 + i as u64)?;
-            let stats = measure(backend, &kernel, repeat)?;
+            let (stats, energy) = measure(backend, &kernel, repeat, stack.positions())?;
             done(progress, &kernel.name, &stats);
             let (weight_mib, act_mib) = (
                 mib((stack.weight_elements() * form.weight_bytes()) as f64),
@@ -694,6 +761,7 @@ pub fn sram(
                 total_mib: weight_mib + 2.0 * act_mib,
                 flops: stack.flops(),
                 stats,
+                energy,
                 gflops: rate,
                 gflops_per_mib: rate / weight_mib,
                 relative: 0.0,
@@ -721,6 +789,8 @@ pub struct ConvVsMatmulRow {
     pub flops: u64,
     #[serde(flatten)]
     pub stats: Stats,
+    /// Energy per evaluation (tokens are positions), "unavailable" off macOS.
+    pub energy: Energy,
     pub gflops: f64,
     /// The conv row's median time over this row's (> 1: faster than conv).
     pub speed_vs_conv: f64,
@@ -736,6 +806,7 @@ impl Row for ConvVsMatmulRow {
             "min..max ms",
             "GFLOP/s",
             "vs conv",
+            "mJ/eval",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -747,6 +818,7 @@ impl Row for ConvVsMatmulRow {
             self.stats.spread(3),
             format!("{:.1}", self.gflops),
             format!("{:.2}", self.speed_vs_conv),
+            energy_cell(&self.energy),
         ]
     }
 }
@@ -790,7 +862,7 @@ pub fn conv_vs_matmul(
         let first = rows.len();
         for &form in forms {
             let kernel = build(form, stack, 1 + i as u64)?;
-            let stats = measure(backend, &kernel, repeat)?;
+            let (stats, energy) = measure(backend, &kernel, repeat, stack.positions())?;
             done(progress, &kernel.name, &stats);
             rows.push(ConvVsMatmulRow {
                 config: stack.label(),
@@ -802,6 +874,7 @@ pub fn conv_vs_matmul(
                 flops: stack.flops(),
                 gflops: gflops(stack.flops() as f64, stats.median_ms),
                 stats,
+                energy,
                 speed_vs_conv: f64::NAN,
             });
         }
@@ -834,6 +907,8 @@ pub struct Int8Row {
     pub flops: u64,
     #[serde(flatten)]
     pub stats: Stats,
+    /// Energy per evaluation (tokens are positions), "unavailable" off macOS.
+    pub energy: Energy,
     pub gflops: f64,
     /// The fp16 row's median time over this row's (> 1: faster than fp16).
     pub speedup_vs_fp16: f64,
@@ -850,6 +925,7 @@ impl Row for Int8Row {
             "min..max ms",
             "GFLOP/s",
             "vs fp16",
+            "mJ/eval",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -862,6 +938,7 @@ impl Row for Int8Row {
             self.stats.spread(3),
             format!("{:.1}", self.gflops),
             format!("{:.2}", self.speedup_vs_fp16),
+            energy_cell(&self.energy),
         ]
     }
 }
@@ -894,7 +971,7 @@ pub fn int8(
         let mut fp16_ms = None;
         for form in [Form::Conv, Form::ConvInt8] {
             let kernel = build(form, stack, 1 + i as u64)?;
-            let stats = measure(backend, &kernel, repeat)?;
+            let (stats, energy) = measure(backend, &kernel, repeat, stack.positions())?;
             done(progress, &kernel.name, &stats);
             let reference_ms = *fp16_ms.get_or_insert(stats.median_ms);
             rows.push(Int8Row {
@@ -909,6 +986,7 @@ pub fn int8(
                 gflops: gflops(stack.flops() as f64, stats.median_ms),
                 speedup_vs_fp16: reference_ms / stats.median_ms,
                 stats,
+                energy,
             });
         }
     }
@@ -960,9 +1038,10 @@ mod tests {
                 let program = k.package.program().unwrap();
                 assert_eq!(program.main.inputs.len(), 1, "{}", k.name);
                 assert_eq!(program.main.outputs, ["y"], "{}", k.name);
+                // Every weight a record of one weight.bin.
                 let weight_files = match form {
                     Form::MatmulPacked => 0,
-                    _ => stack.depth,
+                    _ => 1,
                 };
                 assert_eq!(k.package.weights.len(), weight_files, "{}", k.name);
             }
@@ -1003,17 +1082,24 @@ mod tests {
         let mut cpu = CpuBackend::new(Precision::Fp32);
         let kernel = cpu.compile(&k.package).unwrap();
         let info = cpu.kernel_info(kernel).clone();
-        assert_eq!(info.inputs[0].ty.shape, [1, 2, 1, 2 + 3]);
+        // The [2, 2 + 3] packed input at the origin of an input padded to the
+        // ANE's rules; the [3, 2] output likewise.
+        let padded = layout::padded_io(2, 1, 2 + 3, DType::Fp16);
+        assert_eq!(info.inputs[0].ty.shape, [1, padded.0, 1, padded.1]);
         let x = cpu.alloc(&info.inputs[0].ty).unwrap();
         let y = cpu.alloc(&info.outputs[0].ty).unwrap();
         // Activation (C_in=2, S=2) = [[1, 2], [3, 4]]; matrix M (C_in=2, C_out=3) = [[1,0,1],[0,1,1]].
         let packed = [1.0, 2.0, 1.0, 0.0, 1.0, 3.0, 4.0, 0.0, 1.0, 1.0];
-        cpu.write(x, Block::whole(&info.inputs[0].ty), &packed)
-            .unwrap();
+        let block = |rows, cols| Block {
+            row: 0,
+            rows,
+            col: 0,
+            cols,
+        };
+        cpu.write(x, block(2, 5), &packed).unwrap();
         cpu.run(kernel, &[x], &[y]).unwrap();
         let mut out = vec![0.0; 6];
-        cpu.read(y, Block::whole(&info.outputs[0].ty), &mut out)
-            .unwrap();
+        cpu.read(y, block(3, 2), &mut out).unwrap();
         // y[o, t] = sum_i x[i, t] M[i, o]: o0 = x0, o1 = x1, o2 = x0 + x1.
         assert_eq!(out, [1.0, 2.0, 3.0, 4.0, 4.0, 6.0]);
     }

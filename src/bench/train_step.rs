@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::{Repeat, Stats, gflops, time_ms};
 use crate::Result;
 use crate::backend::Backend;
+use crate::energy::{self, Energy};
 use crate::linalg::{gemm, n};
 use crate::model::kernels::KernelOptions;
 use crate::model::{ModelConfig, Weights};
@@ -81,6 +82,9 @@ pub struct TrainStepReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ops: Vec<OpPhase>,
     pub losses: Vec<f64>,
+    /// Joules of the timed steps per rail, per step and tokens per joule
+    /// ("unavailable" where the counters are missing, e.g. off macOS).
+    pub energy: Energy,
 }
 
 /// One CPU plan step label of the op profile, per timed step.
@@ -145,11 +149,13 @@ pub fn run(
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let mut profile = Profile::default();
+    let mut span = None;
     for step in 0..opts.warmup + opts.steps {
         for tok in inputs.iter_mut().chain(targets.iter_mut()) {
             *tok = rng.below(c.vocab_size as u64) as u32;
         }
         if step == opts.warmup {
+            span = Some(energy::start());
             engine.take_profile();
             if opts.ops {
                 crate::backend::cpu::profile::take();
@@ -176,6 +182,10 @@ pub fn run(
         }
         progress(step, elapsed);
     }
+    let steps_run = opts.steps as u64;
+    let energy = span.map_or_else(Energy::default, |span| {
+        span.finish(steps_run, steps_run * n_tokens as u64)
+    });
     let ops: Vec<OpPhase> = if opts.ops {
         crate::backend::cpu::profile::set_enabled(false);
         crate::backend::cpu::profile::take()
@@ -244,6 +254,7 @@ pub fn run(
         side_by_side,
         ops,
         losses,
+        energy,
     })
 }
 
@@ -264,6 +275,7 @@ pub fn format_report(r: &TrainStepReport) -> String {
         r.ms_median, r.ms_min, r.ms_max
     ));
     out.push_str(&format!("  tokens/s     {:>9.0}\n", r.tokens_per_s));
+    out.push_str(&format!("  energy       {}\n", r.energy.summary()));
     out.push_str(&format!(
         "  GFLOP/s      {:>9.1}  ({:.2} GFLOP/step)\n",
         r.gflops, r.gflop_per_step

@@ -15,7 +15,8 @@ use std::fmt;
 
 use super::infer::{infer_outputs, result_mismatches};
 use super::ir::{Arg, DType, Dialect, Literal, Operation, Program, TensorType};
-use super::op::{Op, Opset};
+use super::layout;
+use super::op::{Category, Op, Opset};
 use crate::Result;
 
 /// Where a program is meant to run.
@@ -230,16 +231,16 @@ pub static RULES: &[Rule] = &[
     ),
     rule(
         "ANE009",
-        W,
+        E,
         "inputs and outputs have at least 64 channels",
-        "probes with fewer channels failed (\"ANE minimum size requirement\")",
+        "probes with fewer channels failed (\"ANE minimum size requirement\"); pad the channels",
         "ane-reference §2.5 (commit 184b182)",
     ),
     rule(
         "ANE010",
-        W,
-        "input and output surfaces hold at least 49,152 bytes",
-        "claimed minimum IOSurface size; not on the reference's main branch",
+        E,
+        "input and output tensors hold at least 49,152 bytes",
+        "evaluate failed with 0x1d on smaller surfaces; pad the tensor",
         "ane-reference §2.5 (unmerged PR #16)",
     ),
     rule(
@@ -269,6 +270,76 @@ pub static RULES: &[Rule] = &[
         "optional parameters spelled out: conv's five hyper-parameters, matmul's transposes, concat's interleave",
         "the form every reference kernel uses; defaults were never tested",
         "ane-reference §4.3, §10.4",
+    ),
+    rule(
+        "ANE015",
+        E,
+        "input and output widths (last axis) are at least 16 and a multiple of 16",
+        "other widths silently corrupt the data; pad the width",
+        "field report: rustane README, jmanhype/ane-lora-training README",
+    ),
+    rule(
+        "ANE016",
+        E,
+        "input and output rows (width x element size) are a multiple of 64 bytes",
+        "surface rows are strided to 64 bytes (PR #16 pads the stride); other rows are misread; pad the width",
+        "field report: issue 22; ane-reference §2.5 (unmerged PR #16)",
+    ),
+    rule(
+        "ANE017",
+        E,
+        "several inputs all hold the same number of bytes",
+        "input surfaces of different allocation sizes were reported to fail; pad the smaller inputs",
+        "field report: Orion core/lora_adapter.h",
+    ),
+    rule(
+        "ANE018",
+        E,
+        "several inputs are declared in alphabetical order of their names",
+        "surfaces are bound to inputs in name order; another declaration order swaps them",
+        "field report: Orion core/lora_adapter.h",
+    ),
+    rule(
+        "ANE019",
+        E,
+        "no tensor dimension exceeds 65,536",
+        "larger dimensions fail to compile; chunk the tensor (e.g. a classifier over a large vocabulary)",
+        "field report: maderix/ANE#26, ANEForge#227",
+    ),
+    rule(
+        "ANE020",
+        E,
+        "baked weights of a program total at most 2 GiB",
+        "the compiler refuses more than 2,147,483,648 bytes of weights; split the program into chunks",
+        "field report: coremltools#2593, ANEForge#45, ANEForge#254",
+    ),
+    rule(
+        "ANE021",
+        E,
+        "a program names at most 16 weight files",
+        "programs with more BLOBFILE files were reported to fail; keep the weights in one weight.bin",
+        "field report: issue 22",
+    ),
+    rule(
+        "ANE022",
+        W,
+        "no rsqrt or sqrt of a reduction",
+        "the compiler failed on rsqrt/sqrt after a reduce op; use pow(x, -0.5) or pow(x, 0.5)",
+        "field report: rustane README",
+    ),
+    rule(
+        "ANE023",
+        W,
+        "no reduce_mean",
+        "reduce_mean was reported missing from the MIL text the compiler takes; use reduce_sum times 1/N",
+        "field report: hollance/neural-engine#44",
+    ),
+    rule(
+        "ANE024",
+        W,
+        "softmax runs over an axis whose size is a power of two",
+        "softmax over other sizes failed with InvalidMILProgram; pad the axis to a power of two and mask it",
+        "field report: hollance/neural-engine#44",
     ),
 ];
 
@@ -724,9 +795,18 @@ impl<'a> Checker<'a> {
             }
         }
 
+        self.ane_weights();
         for op in &func.ops {
+            self.ane_dims(op);
             match op.op {
                 Op::Conv => self.ane_conv(op),
+                Op::Rsqrt | Op::Sqrt => self.ane_root_of_reduction(op),
+                Op::ReduceMean => self.on_op(
+                    "ANE023",
+                    op,
+                    "`reduce_mean` was reported missing from the compiler's MIL; use reduce_sum and mul by 1/N".into(),
+                ),
+                Op::Softmax => self.ane_softmax(op),
                 Op::ScaledDotProductAttention if op.arg("attn_mask").is_some() => self.on_op(
                     "ANE005",
                     op,
@@ -838,25 +918,221 @@ impl<'a> Checker<'a> {
                 if s[0] != 1 || s[2] != 1 {
                     self.on_var("ANE002", name, format!("{kind} is {ty}, not [1, C, 1, S]"));
                 }
-                if s[1] < 64 {
+                if kind == "input" && s.iter().any(|&d| d > layout::MAX_DIM) {
                     self.on_var(
-                        "ANE009",
+                        "ANE019",
                         name,
+                        format!("input is {ty}: dimensions above 65,536 fail to compile; chunk it"),
+                    );
+                }
+                self.ane_io_size(kind, name, ty);
+            }
+        }
+        if inputs.len() > 1 {
+            let sizes: Vec<usize> = inputs
+                .iter()
+                .map(|(_, ty)| ty.byte_size().unwrap_or(0))
+                .collect();
+            if sizes.iter().any(|&b| b != sizes[0]) {
+                let listed: Vec<String> = inputs
+                    .iter()
+                    .zip(&sizes)
+                    .map(|((name, _), bytes)| format!("`{name}` {bytes}"))
+                    .collect();
+                self.report(
+                    "ANE017",
+                    None,
+                    None,
+                    format!(
+                        "inputs hold different byte counts ({}); pad them to one size",
+                        listed.join(", ")
+                    ),
+                );
+            }
+            let names: Vec<&str> = inputs.iter().map(|(name, _)| *name).collect();
+            let mut sorted = names.clone();
+            sorted.sort_unstable();
+            if names != sorted {
+                self.report(
+                    "ANE018",
+                    None,
+                    None,
+                    format!(
+                        "inputs are declared as {names:?}; declare them in name order {sorted:?}"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// ANE009, ANE010, ANE015, ANE016 for one rank-4 input or output.
+    fn ane_io_size(&mut self, kind: &str, name: &str, ty: &TensorType) {
+        let s = &ty.shape;
+        let (channels, height, width) = (s[1], s[2], s[3]);
+        let hint = {
+            let (c, w) = layout::padded_io(channels, height, width, ty.dtype);
+            format!("pad it to [1, {c}, {height}, {w}] (mil::layout::padded_io)")
+        };
+        if channels < layout::MIN_CHANNELS {
+            self.on_var(
+                "ANE009",
+                name,
+                format!(
+                    "{kind} has {channels} channels; kernels with fewer than 64 failed in probes; {hint}"
+                ),
+            );
+        }
+        let bytes = ty.byte_size().unwrap_or(0);
+        if bytes < layout::MIN_SURFACE_BYTES {
+            self.on_var(
+                "ANE010",
+                name,
+                format!(
+                    "{kind} is {bytes} bytes, below the 49,152-byte minimum surface (evaluate fails with 0x1d); {hint}"
+                ),
+            );
+        }
+        if width < layout::WIDTH_MULTIPLE || !width.is_multiple_of(layout::WIDTH_MULTIPLE) {
+            self.on_var(
+                "ANE015",
+                name,
+                format!(
+                    "{kind} width {width} is not a multiple of 16 of at least 16 (silent data corruption); {hint}"
+                ),
+            );
+        }
+        let row = width * ty.dtype.byte_size().unwrap_or(4);
+        if !row.is_multiple_of(layout::ROW_BYTES_MULTIPLE) {
+            self.on_var(
+                "ANE016",
+                name,
+                format!("{kind} rows are {row} bytes, not a multiple of 64; {hint}"),
+            );
+        }
+    }
+
+    /// ANE019: every dimension of the op's results fits the compiler.
+    fn ane_dims(&mut self, op: &Operation) {
+        let too_big = op
+            .outputs
+            .iter()
+            .find(|v| v.ty.shape.iter().any(|&d| d > layout::MAX_DIM));
+        if let Some(var) = too_big {
+            self.on_op(
+                "ANE019",
+                op,
+                format!(
+                    "`{}` is {}: dimensions above 65,536 fail to compile; chunk it",
+                    var.name, var.ty
+                ),
+            );
+        }
+    }
+
+    /// ANE020, ANE021: the program's baked weights, over every BLOBFILE.
+    fn ane_weights(&mut self) {
+        let mut records = HashSet::new();
+        let mut files = HashSet::new();
+        let mut bytes: u64 = 0;
+        let program = self.program;
+        for (_, lit) in program.blob_refs() {
+            let blob = lit.as_blob().expect("blob_refs yields blobs");
+            files.insert(blob.path.as_str());
+            if records.insert((blob.path.as_str(), blob.offset)) {
+                bytes += lit.ty.byte_size().unwrap_or(0) as u64;
+            }
+        }
+        if bytes > layout::MAX_BAKED_BYTES {
+            self.report(
+                "ANE020",
+                None,
+                None,
+                format!(
+                    "{bytes} bytes of baked weights exceed the compiler's 2,147,483,648; split the program into chunks"
+                ),
+            );
+        }
+        if files.len() > layout::MAX_WEIGHT_FILES {
+            self.report(
+                "ANE021",
+                None,
+                None,
+                format!(
+                    "{} weight files (more than 16 were reported to fail); write them as records of one weight.bin",
+                    files.len()
+                ),
+            );
+        }
+    }
+
+    /// ANE022: `rsqrt`/`sqrt` whose operand comes, through at most a few
+    /// elementwise ops (the `+ eps`, `* 1/N`), from a reduction.
+    fn ane_root_of_reduction(&mut self, op: &Operation) {
+        let program = self.program;
+        let func = &program.main;
+        let mut frontier: Vec<&str> = op.arg("x").map(arg_vars).unwrap_or_default();
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for var in frontier {
+                let Some(Some(idx)) = self.defined_by.get(var).copied() else {
+                    continue;
+                };
+                let producer = &func.ops[idx];
+                if producer.op.mil_name().starts_with("reduce_") {
+                    self.on_op(
+                        "ANE022",
+                        op,
                         format!(
-                            "{kind} has {} channels; kernels with fewer than 64 failed in probes",
-                            s[1]
+                            "`{}` of the reduction \"{}\" was reported to fail to compile; use pow(x, {})",
+                            op.op,
+                            producer.name,
+                            if op.op == Op::Rsqrt { "-0.5" } else { "0.5" }
                         ),
                     );
+                    return;
                 }
-                let bytes = ty.byte_size().unwrap_or(0);
-                if bytes < 49152 {
-                    self.on_var(
-                        "ANE010",
-                        name,
-                        format!("{kind} surface is {bytes} bytes, below the reported 49,152-byte minimum"),
-                    );
+                if matches!(
+                    producer.op.category(),
+                    Category::Binary | Category::Elementwise
+                ) {
+                    next.extend(producer.args.iter().flat_map(|(_, a)| arg_vars(a)));
                 }
             }
+            frontier = next;
+        }
+    }
+
+    /// ANE024: the softmax axis has a power-of-two size.
+    fn ane_softmax(&mut self, op: &Operation) {
+        let program = self.program;
+        let func = &program.main;
+        let axis = match op.arg("axis") {
+            Some(Arg::Lit(l)) => l.as_int(),
+            Some(Arg::Var(v)) => func.const_value(v).and_then(Literal::as_int),
+            _ => Some(-1),
+        };
+        let shape = match op.arg("x") {
+            Some(Arg::Var(v)) => func.var_type(v).map(|t| t.shape.clone()),
+            _ => None,
+        };
+        let (Some(axis), Some(shape)) = (axis, shape) else {
+            return;
+        };
+        let rank = shape.len() as i64;
+        let Some(&size) = usize::try_from(if axis < 0 { axis + rank } else { axis })
+            .ok()
+            .and_then(|a| shape.get(a))
+        else {
+            return;
+        };
+        if !size.is_power_of_two() {
+            self.on_op(
+                "ANE024",
+                op,
+                format!(
+                    "softmax over an axis of {size} (not a power of two) failed to compile elsewhere; pad the axis and mask the padding"
+                ),
+            );
         }
     }
 

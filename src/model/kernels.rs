@@ -38,7 +38,7 @@
 use std::collections::BTreeMap;
 
 use crate::blob::BlobWriter;
-use crate::mil::{Builder, DType, Dialect, Program, Tensor, TensorType};
+use crate::mil::{Builder, DType, Dialect, Program, Tensor, TensorType, layout};
 use crate::package::ProgramPackage;
 use crate::{Error, Result};
 
@@ -234,7 +234,7 @@ impl<'w> KernelBuilder<'w> {
         // transpose; in packed mode the channel count decides. With separate
         // inputs (the CPU's mode) a weight is passed as stored, so the host never
         // transposes it: the CPU backend folds the in-kernel transpose into the matmul.
-        let packed_channels = self.packed_channels()?;
+        let packed_channels = self.pack_axis()?;
         let mut items: Vec<(String, SlotRole, usize, usize)> = Vec::new(); // name, role, rows, cols
         let mut m_forms = Vec::new();
         for (name, channels) in &self.acts {
@@ -273,6 +273,13 @@ impl<'w> KernelBuilder<'w> {
                 let (channels, width) = match axis {
                     PackAxis::Width(c) => (c, items.iter().map(|i| i.3).sum()),
                     PackAxis::Channels(w) => (items.iter().map(|i| i.2).sum(), w),
+                };
+                // ANE-bound: spare rows and columns up to the I/O rules
+                // (mil::layout); the slices below never read them.
+                let (channels, width) = if self.ane_layout() {
+                    layout::padded_io(channels, 1, width, dtype)
+                } else {
+                    (channels, width)
                 };
                 let x = self.b.input("x", dtype, &[1, channels, 1, width]);
                 let mut offset = 0;
@@ -314,9 +321,36 @@ impl<'w> KernelBuilder<'w> {
         Ok(self.act_tensors.clone())
     }
 
-    /// Packed mode: everything shares the channel count (concatenate along
-    /// width), or, for weight-free kernels, the width (concatenate along channels).
-    fn packed_channels(&self) -> Result<Option<PackAxis>> {
+    /// Whether the kernel is built for the ANE's surfaces: fp16 I/O packed
+    /// into one input and one output (`Packed` or `Baked`). Its I/O is then
+    /// padded to the ANE's rules (`mil::layout`, rules ANE009/ANE010/ANE015/ANE016);
+    /// fp32 and `Inputs` kernels are the CPU's and keep their exact shapes.
+    fn ane_layout(&self) -> bool {
+        self.opts.dtype == DType::Fp16 && self.opts.mode != WeightMode::Inputs
+    }
+
+    /// The weight file of a baked tensor or table named `name`: all of a
+    /// program's records in one `weight.bin`, as the reference's benchmarks
+    /// write them (rule ANE021); in the ios16 dialect of M1/M2, which took only
+    /// one record per file (ANE013), a file per tensor.
+    fn blob_file(&self, name: &str) -> String {
+        match self.opts.dialect {
+            Dialect::Ios16 => format!("{name}.bin"),
+            Dialect::Ios18 => "weight.bin".to_string(),
+        }
+    }
+
+    /// How the inputs are packed into one. Packed mode: everything shares the
+    /// channel count (concatenate along width), or, for weight-free kernels,
+    /// the width (concatenate along channels). Baked mode: the activations
+    /// along channels, when there are several or the ANE's rules need padding.
+    fn pack_axis(&self) -> Result<Option<PackAxis>> {
+        if self.opts.mode == WeightMode::Baked {
+            let rows: usize = self.acts.iter().map(|a| a.1).sum();
+            let pad = self.ane_layout()
+                && layout::padded_io(rows, 1, self.seq, self.dtype()) != (rows, self.seq);
+            return Ok((self.acts.len() > 1 || pad).then_some(PackAxis::Channels(self.seq)));
+        }
         if self.opts.mode != WeightMode::Packed {
             return Ok(None);
         }
@@ -370,7 +404,7 @@ impl<'w> KernelBuilder<'w> {
                 Use::Forward => values,
                 Use::Transposed => transpose(&values, decl.rows, decl.cols),
             };
-            let file = format!("{}.bin", decl.name);
+            let file = self.blob_file(&decl.name);
             let dtype = self.dtype();
             let writer = self.blobs.entry(file.clone()).or_default();
             let offset = match dtype {
@@ -400,7 +434,7 @@ impl<'w> KernelBuilder<'w> {
     /// A constant `[1, 1, rows, cols]`-shaped table stored as a BLOBFILE.
     pub fn table(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Tensor {
         let dtype = self.dtype();
-        let file = format!("{name}.bin");
+        let file = self.blob_file(name);
         let writer = self.blobs.entry(file.clone()).or_default();
         let offset = match dtype {
             DType::Fp16 => writer.add_fp16(values),
@@ -416,10 +450,15 @@ impl<'w> KernelBuilder<'w> {
         self.outputs.push((name.to_string(), t));
     }
 
-    /// Finish: single concatenated output in packed mode, one per tensor otherwise.
+    /// Finish: a single output in the packed and baked modes (the outputs
+    /// concatenated along channels, padded to the ANE's rules when ANE-bound),
+    /// one per tensor in the inputs mode.
     pub fn finish(mut self) -> Result<KernelSpec> {
         let mut slots = Vec::new();
-        if self.opts.mode == WeightMode::Packed && self.outputs.len() > 1 {
+        let rows: usize = self.outputs.iter().map(|(_, t)| t.shape()[1]).sum();
+        let pad =
+            self.ane_layout() && layout::output_needs_padding(rows, 1, self.seq, self.dtype());
+        if self.opts.mode != WeightMode::Inputs && (self.outputs.len() > 1 || pad) {
             let mut row = 0;
             for (name, t) in &self.outputs {
                 let (rows, cols) = (t.shape()[1], t.shape()[3]);
@@ -436,8 +475,12 @@ impl<'w> KernelBuilder<'w> {
             }
             let parts: Vec<Tensor> = self.outputs.iter().map(|(_, t)| t.clone()).collect();
             let refs: Vec<&Tensor> = parts.iter().collect();
-            self.b.name_next("y");
-            let y = self.b.concat(&refs, 1);
+            let y = if self.ane_layout() {
+                layout::padded_output(&mut self.b, &refs, "y")
+            } else {
+                self.b.name_next("y");
+                self.b.concat(&refs, 1)
+            };
             self.b.output(&y);
         } else {
             for (i, (name, t)) in self.outputs.iter().enumerate() {

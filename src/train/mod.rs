@@ -90,6 +90,9 @@ pub struct Metrics {
     pub skipped: bool,
     pub tokens_per_s: f32,
     pub elapsed_s: f64,
+    /// Joules of the update per rail, per step and tokens per joule ("unavailable" off macOS).
+    #[serde(default)]
+    pub energy: crate::energy::Energy,
 }
 
 /// Trainer state saved in checkpoints besides weights and moments.
@@ -277,6 +280,7 @@ impl Trainer {
         let tokens_per_update = (n * cfg.accum) as f64;
         while self.state.step < end {
             let started = Instant::now();
+            let energy = crate::energy::start();
             let scale = self.state.scaler.scale;
             let mut loss = 0.0;
             for micro in 0..cfg.accum {
@@ -336,6 +340,7 @@ impl Trainer {
                 skipped: event == ScaleEvent::Skip,
                 tokens_per_s: (tokens_per_update / seconds) as f32,
                 elapsed_s: self.state.elapsed_s,
+                energy: energy.finish(1, tokens_per_update as u64),
             };
             let last = self.state.step == cfg.steps;
             if let Some(val) = val.as_deref_mut()

@@ -7,10 +7,16 @@ use anemone::backend::ane::budget::CompileBudget;
 use anemone::backend::ane::fake::FakeRuntime;
 use anemone::backend::ane::{self, AneBackend, probe};
 use anemone::backend::cpu::CpuBackend;
-use anemone::backend::{Backend, CompileLimit, Precision, Preferences};
+use anemone::backend::{
+    Backend, Block, CompileLimit, Compiled, Precision, Preferences, compile_or_split,
+    is_compile_refusal,
+};
+use anemone::bench::Repeat;
+use anemone::bench::ane as ane_bench;
 use anemone::doctor;
-use anemone::mil::DType;
-use anemone::model::kernels::{KernelOptions, WeightMode};
+use anemone::mil::verify::Target;
+use anemone::mil::{DType, Dialect};
+use anemone::model::kernels::{KernelOptions, LayerKernels, WeightMode};
 use anemone::model::{ModelConfig, Weights};
 use anemone::rng::Rng;
 use anemone::train::engine::Engine;
@@ -252,4 +258,253 @@ fn backends_say_what_they_prefer_the_ane_packed_weights_under_its_compile_budget
             compile_limit: None
         }
     );
+}
+
+/// The rules of the ANE catalogue that issue 22 added or made errors: no
+/// ANE-bound package of ours may trip them.
+const FIELD_RULES: [&str; 12] = [
+    "ANE009", "ANE010", "ANE015", "ANE016", "ANE017", "ANE018", "ANE019", "ANE020", "ANE021",
+    "ANE022", "ANE023", "ANE024",
+];
+
+fn assert_passes_the_field_rules(what: &str, package: &anemone::package::ProgramPackage) {
+    let report = package.verify(Target::Ane).unwrap();
+    assert!(report.is_ok(), "{what}:\n{report}");
+    let tripped: Vec<&str> = report
+        .rule_ids()
+        .into_iter()
+        .filter(|id| FIELD_RULES.contains(id))
+        .collect();
+    assert!(tripped.is_empty(), "{what} trips {tripped:?}:\n{report}");
+}
+
+/// Zero weights of the right size for every baked slot of `config`.
+fn zero_weights(config: &ModelConfig) -> impl Fn(&str) -> Option<Vec<f32>> + '_ {
+    move |name: &str| {
+        let (d, q, kv, f) = (
+            config.dim,
+            config.q_dim(),
+            config.kv_dim(),
+            config.hidden_dim,
+        );
+        let n = match name {
+            "wq" | "wo" => q * d,
+            "wk" | "wv" => kv * d,
+            "w1" | "w2" | "w3" => f * d,
+            _ => return None,
+        };
+        Some(vec![0.0; n])
+    }
+}
+
+/// Issue 22, acceptance: every kernel the model builds for the ANE (every
+/// preset at its training window and at doctor's, packed and baked weights,
+/// both dialects), every benchmark kernel (quick and full configs of every
+/// suite and form) and every probe passes the field's rules. (LoRA kernels
+/// join this list when they exist.)
+#[test]
+fn every_ane_bound_kernel_benchmark_and_probe_passes_the_field_rules() {
+    for preset in anemone::model::config::PRESETS {
+        let config = ModelConfig::preset(preset).unwrap();
+        let weights = zero_weights(&config);
+        let mut seqs = vec![config.seq_len.min(256), config.seq_len.min(128)];
+        seqs.dedup();
+        for seq in seqs {
+            for mode in [WeightMode::Packed, WeightMode::Baked] {
+                for dialect in [Dialect::Ios18, Dialect::Ios16] {
+                    let opts = KernelOptions {
+                        dtype: DType::Fp16,
+                        mode,
+                        dialect,
+                    };
+                    let specs = LayerKernels::build(&config, seq, opts, &weights).unwrap();
+                    for spec in specs.iter() {
+                        let what = format!("{preset} seq {seq} {mode:?} {dialect:?} {}", spec.name);
+                        assert_passes_the_field_rules(&what, &spec.package);
+                    }
+                }
+            }
+        }
+    }
+    for quick in [true, false] {
+        let suites = [
+            (ane_bench::peak_configs(quick), vec![ane_bench::Form::Conv]),
+            (
+                ane_bench::sram_configs(quick),
+                ane_bench::Form::ALL.to_vec(),
+            ),
+            (
+                ane_bench::conv_vs_matmul_configs(quick),
+                ane_bench::Form::ALL.to_vec(),
+            ),
+            (
+                ane_bench::int8_configs(quick),
+                vec![ane_bench::Form::Conv, ane_bench::Form::ConvInt8],
+            ),
+        ];
+        for (configs, forms) in suites {
+            for stack in configs {
+                for &form in &forms {
+                    let Ok(k) = ane_bench::build(form, &stack, 1) else {
+                        continue; // a shape the form does not take (a clear error)
+                    };
+                    assert_passes_the_field_rules(&k.name, &k.package);
+                }
+            }
+        }
+    }
+    for (c, s) in [ane_bench::DISPATCH_SHAPE, (64, 16)] {
+        let k = ane_bench::scale_kernel(c, s);
+        assert_passes_the_field_rules(&k.name, &k.package);
+    }
+    for dialect in [Dialect::Ios18, Dialect::Ios16] {
+        for check in [
+            probe::conv_check(dialect),
+            probe::width_check(dialect),
+            probe::matmul_check(dialect),
+        ] {
+            assert_passes_the_field_rules(check.name, &check.package);
+        }
+    }
+}
+
+/// A chip that refuses the fused attention backward: compiling the layer's
+/// kernels fails at step "compile", a refusal (not a budget, load or I/O
+/// failure), the case in which the engine can ask for the reference's split
+/// form through `backend::compile_or_split` (the split kernels are the
+/// kernel side's, see docs/ane-notes.md).
+#[test]
+fn a_chip_refusing_the_fused_attention_backward_is_a_compile_refusal() {
+    let config = small_config();
+    let specs = LayerKernels::build(&config, 32, packed_fp16(), &|_| None).unwrap();
+    let fused = specs.attn_bwd.program.clone();
+    let runtime = FakeRuntime::in_temp_dir()
+        .refusing("the fused attention backward is too big", move |p| {
+            *p == fused
+        });
+    let backend = AneBackend::new(runtime, CompileBudget::default());
+    let err = Engine::new(Box::new(backend), &config, 32, 1, packed_fp16())
+        .err()
+        .expect("attn_bwd refused");
+    assert!(is_compile_refusal(&err), "{err}");
+    assert!(err.to_string().contains("too big"), "{err}");
+    let budget = CompileBudget { limit: 3 };
+    let spent = Engine::new(
+        Box::new(AneBackend::new(FakeRuntime::in_temp_dir(), budget)),
+        &config,
+        32,
+        1,
+        packed_fp16(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        !is_compile_refusal(&spent),
+        "a spent budget is no refusal: {spent}"
+    );
+}
+
+/// `y = 2x + 1` whole, or as `t = 2x` then `y = t + 1`.
+fn affine_packages() -> (
+    anemone::package::ProgramPackage,
+    Vec<anemone::package::ProgramPackage>,
+) {
+    use anemone::mil::Builder;
+    use anemone::package::ProgramPackage;
+    let io = [1, 64, 1, 384];
+    let scaled = |b: &mut Builder, x: &anemone::mil::Tensor| {
+        let two = b.scalar(DType::Fp16, 2.0);
+        b.mul(x, &two)
+    };
+    let shifted = |b: &mut Builder, x: &anemone::mil::Tensor| {
+        let one = b.scalar(DType::Fp16, 1.0);
+        b.add(x, &one)
+    };
+    let mut b = Builder::new(Dialect::Ios18);
+    let x = b.input("x", DType::Fp16, &io);
+    let t = scaled(&mut b, &x);
+    let y = shifted(&mut b, &t);
+    b.output(&y);
+    let whole = ProgramPackage::from_program(&b.finish(), []);
+    let mut parts = Vec::new();
+    for part in [scaled, shifted] {
+        let mut b = Builder::new(Dialect::Ios18);
+        let x = b.input("x", DType::Fp16, &io);
+        let y = part(&mut b, &x);
+        b.output(&y);
+        parts.push(ProgramPackage::from_program(&b.finish(), []));
+    }
+    (whole, parts)
+}
+
+/// The split fallback: a runtime that refuses a kernel compiles its parts
+/// instead, and the parts run in order give the whole's numbers bit for bit.
+#[test]
+fn a_refused_kernel_runs_split_into_parts_with_the_same_numbers() {
+    let (whole, parts) = affine_packages();
+    let refused = whole.program().unwrap();
+    let runtime = FakeRuntime::in_temp_dir().refusing("too many ops", move |p| *p == refused);
+    let mut ane = AneBackend::new(runtime, CompileBudget::default());
+    let compiled = compile_or_split(&mut ane, &whole, || Ok(parts.clone())).unwrap();
+    let Compiled::Split {
+        parts: ids,
+        refused,
+    } = compiled
+    else {
+        panic!("expected the split form, got {compiled:?}");
+    };
+    assert_eq!(ids.len(), 2);
+    assert!(refused.contains("too many ops"), "{refused}");
+    let ty = ane.kernel_info(ids[0]).inputs[0].ty.clone();
+    let x: Vec<f32> = (0..ty.numel())
+        .map(|i| (i % 97) as f32 * 0.125 - 6.0)
+        .collect();
+    let (bx, bt, by) = (
+        ane.alloc(&ty).unwrap(),
+        ane.alloc(&ty).unwrap(),
+        ane.alloc(&ty).unwrap(),
+    );
+    ane.write(bx, Block::whole(&ty), &x).unwrap();
+    ane.run(ids[0], &[bx], &[bt]).unwrap();
+    ane.run(ids[1], &[bt], &[by]).unwrap();
+    let mut split = vec![0.0; ty.numel()];
+    ane.read(by, Block::whole(&ty), &mut split).unwrap();
+    // The whole kernel where it is not refused.
+    let mut cpu = CpuBackend::new(Precision::Fp16);
+    let Compiled::Whole(k) = compile_or_split(&mut cpu, &whole, || unreachable!()).unwrap() else {
+        panic!("the CPU takes the whole kernel");
+    };
+    let (cx, cy) = (cpu.alloc(&ty).unwrap(), cpu.alloc(&ty).unwrap());
+    cpu.write(cx, Block::whole(&ty), &x).unwrap();
+    cpu.run(k, &[cx], &[cy]).unwrap();
+    let mut joined = vec![0.0; ty.numel()];
+    cpu.read(cy, Block::whole(&ty), &mut joined).unwrap();
+    assert_eq!(bits(&split), bits(&joined));
+    // Other failures are not papered over by splitting.
+    let mut spent = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget { limit: 1 });
+    spent.compile(&parts[0]).unwrap();
+    let err = compile_or_split(&mut spent, &whole, || Ok(Vec::new())).unwrap_err();
+    assert!(err.to_string().contains("compile budget"), "{err}");
+}
+
+/// The benchmarks unload every model when they are done with it (the ANE
+/// keeps no more than one benchmark kernel loaded), and report energy
+/// ("unavailable" off macOS).
+#[test]
+fn benchmarks_unload_each_kernel_and_report_energy() {
+    let mut ane = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget::default());
+    let forms = [ane_bench::Form::Conv, ane_bench::Form::MatmulPacked];
+    let configs = ane_bench::sram_configs(true);
+    let rows = ane_bench::sram(&mut ane, &configs, &forms, Repeat::new(0, 1), &mut |_| {}).unwrap();
+    assert_eq!(rows.len(), 6);
+    assert_eq!(anemone::backend::ane::Runtime::compiles(ane.runtime()), 6);
+    assert_eq!(ane.loaded_kernels(), 0);
+    assert!(ane.runtime().live_dirs().is_empty());
+    let rows = ane_bench::dispatch(&mut ane, (64, 16), Repeat::new(0, 1), &mut |_| {}).unwrap();
+    assert_eq!(ane.loaded_kernels(), 0);
+    if std::env::consts::OS != "macos" {
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(json["energy"]["joules_per_step"], "unavailable", "{json}");
+        assert_eq!(json["energy"]["ane_j"], "unavailable", "{json}");
+    }
 }

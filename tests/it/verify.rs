@@ -464,13 +464,18 @@ fn attention_kernel(heads: usize, head_dim: usize, seq: usize) -> (Program, Tens
 
 #[test]
 fn attention_kernel_shapes_and_verification() {
-    // Small sizes: H = 2, D = 4, S = 8; only the size observations may fire.
+    // Small sizes: H = 2, D = 4, S = 8; only the I/O size rules fire (errors
+    // since issue 22: too few channels and bytes, too narrow a width).
     let (p, out, probs) = attention_kernel(2, 4, 8);
     assert_eq!(out.shape(), [1, 8, 1, 8]);
     assert_eq!(probs.shape(), [1, 2, 8, 8]);
     let report = verify(&p, Target::Ane);
-    assert!(report.is_ok(), "{report}");
-    assert_eq!(report.rule_ids(), ["ANE009", "ANE010"], "{report}");
+    assert!(!report.is_ok(), "{report}");
+    assert_eq!(
+        report.rule_ids(),
+        ["ANE009", "ANE010", "ANE015", "ANE016"],
+        "{report}"
+    );
     assert!(verify(&p, Target::Cpu).diagnostics.is_empty());
     // The attention core is matmul(transpose_y) / mul(scale) / add(mask) / softmax(-1) / matmul.
     let core: Vec<Op> = non_const_ops(&p)
@@ -496,10 +501,15 @@ fn attention_kernel_shapes_and_verification() {
     };
     assert_eq!(const_scalar(&p, scale), 0.5); // 1/sqrt(4)
 
-    // Production-like sizes: H = 2, D = 32, S = 384 verify with no diagnostics at all.
+    // Production-like sizes: H = 2, D = 32, S = 384 verify with one warning,
+    // a softmax over 384 positions (not a power of two, ANE024).
     let (p, out, _) = attention_kernel(2, 32, 384);
     assert_eq!(out.shape(), [1, 64, 1, 384]);
-    assert_clean(&p);
+    let report = verify(&p, Target::Ane);
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.rule_ids(), ["ANE024"], "{report}");
+    // At S = 512 (a power of two) nothing fires.
+    assert_clean(&attention_kernel(2, 32, 512).0);
 }
 
 #[test]
@@ -933,6 +943,153 @@ fn ane009_and_ane010_minimum_sizes() {
 }
 
 #[test]
+fn ane009_and_ane010_are_errors_with_the_padding_in_the_message() {
+    let report = check_ane(
+        &program(Dialect::Ios18, &[1, 32, 1, 768], F16, |b, x| b.mul(&x, &x)),
+        &["ANE009"],
+    );
+    assert!(!report.is_ok());
+    assert!(
+        report.diagnostics[0]
+            .message
+            .contains("pad it to [1, 64, 1, 768]"),
+        "{report}"
+    );
+}
+
+#[test]
+fn ane015_and_ane016_io_widths() {
+    // 776 positions: not a multiple of 16, and 1,552-byte rows.
+    let p = program(Dialect::Ios18, &[1, 64, 1, 776], F16, |b, x| b.mul(&x, &x));
+    let report = check_ane(&p, &["ANE015", "ANE016"]);
+    assert_eq!(report.errors().count(), 4, "input and output: {report}");
+    // 400 positions: a multiple of 16, but 800-byte rows.
+    let p = program(Dialect::Ios18, &[1, 64, 1, 400], F16, |b, x| b.mul(&x, &x));
+    check_ane(&p, &["ANE016"]);
+    // In fp32 (with casts) the same width has 1,600-byte rows: clean.
+    let p = program(Dialect::Ios18, &[1, 64, 1, 400], DType::Fp32, |b, x| {
+        let h = b.cast(&x, F16);
+        let y = b.mul(&h, &h);
+        b.cast(&y, DType::Fp32)
+    });
+    check_ane(&p, &[]);
+}
+
+#[test]
+fn ane017_and_ane018_several_inputs() {
+    // Different sizes: 384 and 768 positions.
+    let mut b = Builder::new(Dialect::Ios18);
+    let x = b.input("x", F16, &IO);
+    let y = b.input("y", F16, &[1, 64, 1, 768]);
+    let head = b.slice_by_size(&y, &[0, 0, 0, 0], &IO);
+    let s = b.add(&x, &head);
+    b.output(&s);
+    let report = check_ane(&b.finish(), &["ANE003", "ANE017"]);
+    assert!(!report.is_ok());
+    // Equal sizes declared out of name order.
+    let mut b = Builder::new(Dialect::Ios18);
+    let y = b.input("y", F16, &IO);
+    let x = b.input("x", F16, &IO);
+    let s = b.add(&x, &y);
+    b.output(&s);
+    let report = check_ane(&b.finish(), &["ANE003", "ANE018"]);
+    assert!(
+        report.to_string().contains(r#"name order ["x", "y"]"#),
+        "{report}"
+    );
+}
+
+#[test]
+fn ane019_dimensions_above_65536() {
+    // A conv to 70,000 channels (a classifier over a large vocabulary).
+    let p = program(Dialect::Ios18, &IO, F16, |b, x| {
+        let w = b.blob_const(TensorType::new(F16, [70000, 64, 1, 1]), "w.bin", 64);
+        b.conv(&x, &w, 1)
+    });
+    let report = check_ane(&p, &["ANE019"]);
+    assert_eq!(
+        report.errors().count(),
+        2,
+        "the weight and the result: {report}"
+    );
+}
+
+#[test]
+fn ane020_more_than_2_gib_of_baked_weights() {
+    // Two 2 GiB matrices (32,768 x 32,768 fp16), one file each.
+    let p = program(Dialect::Ios18, &IO, F16, |b, x| {
+        for file in ["a.bin", "b.bin"] {
+            b.blob_const(TensorType::new(F16, [32768, 32768]), file, 64);
+        }
+        b.mul(&x, &x)
+    });
+    check_ane(&p, &["ANE020"]);
+}
+
+#[test]
+fn ane021_more_than_16_weight_files() {
+    let many = |files: usize| {
+        program(Dialect::Ios18, &IO, F16, move |b, x| {
+            let mut h = x;
+            for i in 0..files {
+                let w = b.blob_const(
+                    TensorType::new(F16, [1, 64, 1, 1]),
+                    &format!("w{i}.bin"),
+                    64,
+                );
+                h = b.mul(&h, &w);
+            }
+            h
+        })
+    };
+    check_ane(&many(16), &[]);
+    check_ane(&many(17), &["ANE021"]);
+}
+
+#[test]
+fn ane022_root_of_a_reduction() {
+    let p = program(Dialect::Ios18, &IO, F16, |b, x| {
+        let sq = b.mul(&x, &x);
+        let ss = b.reduce_sum(&sq, &[1], true);
+        let eps = b.scalar(F16, 1e-5);
+        let var = b.add(&ss, &eps);
+        let r = b.rsqrt(&var);
+        b.mul(&x, &r)
+    });
+    let report = check_ane(&p, &["ANE012", "ANE022"]);
+    assert!(report.to_string().contains("pow(x, -0.5)"), "{report}");
+    // A root of something else is only unverified (ANE012).
+    let p = program(Dialect::Ios18, &IO, F16, |b, x| {
+        let sq = b.mul(&x, &x);
+        b.sqrt(&sq)
+    });
+    check_ane(&p, &["ANE012"]);
+}
+
+#[test]
+fn ane023_reduce_mean() {
+    let p = program(Dialect::Ios18, &IO, F16, |b, x| {
+        let m = b.reduce_mean(&x, &[1], true);
+        b.mul(&x, &m)
+    });
+    let report = check_ane(&p, &["ANE012", "ANE023"]);
+    assert!(report.to_string().contains("reduce_sum"), "{report}");
+}
+
+#[test]
+fn ane024_softmax_over_a_power_of_two() {
+    // Over the width (384): warned; over the channels (64): fine.
+    check_ane(
+        &program(Dialect::Ios18, &IO, F16, |b, x| b.softmax(&x, -1)),
+        &["ANE024"],
+    );
+    check_ane(
+        &program(Dialect::Ios18, &IO, F16, |b, x| b.softmax(&x, 1)),
+        &[],
+    );
+}
+
+#[test]
 fn ane011_huge_conv_input_channels() {
     let p = program(Dialect::Ios18, &[1, 32000, 1, 384], F16, |b, x| {
         let w = b.blob_const(TensorType::new(F16, [64, 32000, 1, 1]), "w.bin", 64);
@@ -991,7 +1148,8 @@ fn every_ane_rule_has_a_test_and_a_catalogue_entry() {
     // The ANE rules exercised above; a new rule needs a test here too.
     let tested = [
         "ANE001", "ANE002", "ANE003", "ANE004", "ANE005", "ANE006", "ANE007", "ANE008", "ANE009",
-        "ANE010", "ANE011", "ANE012", "ANE013", "ANE014",
+        "ANE010", "ANE011", "ANE012", "ANE013", "ANE014", "ANE015", "ANE016", "ANE017", "ANE018",
+        "ANE019", "ANE020", "ANE021", "ANE022", "ANE023", "ANE024",
     ];
     let catalogue: Vec<&str> = RULES
         .iter()
@@ -999,12 +1157,13 @@ fn every_ane_rule_has_a_test_and_a_catalogue_entry() {
         .filter(|id| id.starts_with("ANE"))
         .collect();
     assert_eq!(catalogue, tested);
+    // Sources: the reference's engineering notes, or a field report of
+    // another project (docs/shared field-reports.md, issue 22).
     for id in tested {
+        let source = rule_by_id(id).unwrap().source;
         assert!(
-            rule_by_id(id)
-                .unwrap()
-                .source
-                .starts_with("ane-reference §")
+            source.starts_with("ane-reference §") || source.starts_with("field report: "),
+            "{id}: {source}"
         );
     }
 }

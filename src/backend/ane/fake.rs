@@ -5,7 +5,10 @@
 //! It lets the whole ANE orchestration (surfaces, packing, requests, budget,
 //! temp directories) run and be tested on any machine, and it is what the
 //! ANE must match: it computes exactly what `CpuBackend` in fp16 computes.
-//! It models no ANE timing, accumulation order or failure.
+//! It models no ANE timing or accumulation order. It refuses to compile only
+//! what it is told to ([`FakeRuntime::refusing`], [`FakeRuntime::refusing_op`],
+//! [`FakeRuntime::refusing_dialect`]): a stand-in for a chip that rejects some
+//! form, to test the fallbacks chosen by probing.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -19,7 +22,7 @@ use super::files::{ModelDir, ModelFiles, content_identifier};
 use super::surface::SurfaceLayout;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Block, BufferId, KernelId, Precision};
-use crate::mil::DType;
+use crate::mil::{DType, Dialect, Op, Program};
 use crate::{Error, Result};
 
 /// A host surface: its layout and bytes.
@@ -50,6 +53,12 @@ pub struct FakeRequest {
     outputs: Vec<FakeSurface>,
 }
 
+/// A form of program a [`FakeRuntime`] refuses: its reason, and which programs.
+struct Refusal {
+    reason: String,
+    refuses: Box<dyn Fn(&Program) -> bool>,
+}
+
 /// The CPU stand-in for the ANE.
 pub struct FakeRuntime {
     cpu: CpuBackend,
@@ -57,6 +66,7 @@ pub struct FakeRuntime {
     compiles: usize,
     evaluations: usize,
     live_dirs: Vec<PathBuf>,
+    refusals: Vec<Refusal>,
 }
 
 impl FakeRuntime {
@@ -68,7 +78,37 @@ impl FakeRuntime {
             compiles: 0,
             evaluations: 0,
             live_dirs: Vec::new(),
+            refusals: Vec::new(),
         }
+    }
+
+    /// Refuse to compile every program `refuses` picks, at step "compile",
+    /// with `reason` in the error (as a chip's compiler would).
+    pub fn refusing(
+        mut self,
+        reason: &str,
+        refuses: impl Fn(&Program) -> bool + 'static,
+    ) -> FakeRuntime {
+        self.refusals.push(Refusal {
+            reason: reason.to_string(),
+            refuses: Box::new(refuses),
+        });
+        self
+    }
+
+    /// Refuse every program that contains `op` (e.g. `matmul`, as M1/M2 reportedly do).
+    pub fn refusing_op(self, op: Op) -> FakeRuntime {
+        let reason = format!("`{op}` is not supported on this (fake) chip");
+        self.refusing(&reason, move |p| p.main.ops.iter().any(|o| o.op == op))
+    }
+
+    /// Refuse every program written in `dialect` (e.g. ios18 on an M1).
+    pub fn refusing_dialect(self, dialect: Dialect) -> FakeRuntime {
+        let reason = format!(
+            "the {} dialect is not supported on this (fake) chip",
+            dialect.opset()
+        );
+        self.refusing(&reason, move |p| p.dialect == dialect)
     }
 
     /// In a per-process directory under the system temp dir.
@@ -115,6 +155,17 @@ impl Runtime for FakeRuntime {
 
     fn load(&mut self, files: &ModelFiles) -> Result<FakeModel> {
         let dir = ModelDir::create(&self.root, &content_identifier(files), files)?;
+        let program = crate::mil::parse(&files.mil)?;
+        if let Some(refusal) = self.refusals.iter().find(|r| (r.refuses)(&program)) {
+            return Err(Error::Backend {
+                backend: "ane",
+                step: "compile",
+                msg: format!(
+                    "compileWithQoS:options:error: failed: (fake runtime) {}",
+                    refusal.reason
+                ),
+            });
+        }
         let kernel = self
             .cpu
             .compile(&files.package())

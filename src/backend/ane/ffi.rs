@@ -4,7 +4,8 @@
 //! retain/release, autorelease pools), the few Foundation objects the private
 //! API takes (NSData, NSString, NSNumber, NSDictionary, NSArray, NSError),
 //! IOSurface (create with the six properties, lock/unlock, base address, alloc
-//! size) and `dlopen` of `AppleNeuralEngine.framework`.
+//! size) and `dlopen` of `AppleNeuralEngine.framework`; and [`IoReport`],
+//! the energy counters of `libIOReport` (no root needed).
 //!
 //! Symbols are resolved at run time with `dlopen`/`dlsym` (libloading), so this
 //! file compiles on every platform; [`Framework::open`] fails cleanly where
@@ -690,9 +691,253 @@ impl Drop for SurfaceLock<'_> {
     }
 }
 
+/// `libIOReport`, where macOS keeps its energy counters.
+const IOREPORT: &str = "/usr/lib/libIOReport.dylib";
+/// The IOReport group whose channels count joules per rail.
+const ENERGY_GROUP: &str = "Energy Model";
+/// `kCFStringEncodingUTF8`.
+const UTF8: u32 = 0x0800_0100;
+
+/// One channel of an energy delta: group, channel name, unit label and value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelValue {
+    pub group: String,
+    pub channel: String,
+    pub unit: String,
+    pub value: i64,
+}
+
+/// A subscription to IOReport's "Energy Model" channels (the counters that
+/// `powermetrics` and `macmon` read; readable without root). Symbols are
+/// taken with `dlopen` as for the framework, so this compiles everywhere and
+/// [`IoReport::open`] fails cleanly off macOS. Prototypes follow the
+/// reverse-engineered headers every IOReport reader uses (unverified by us).
+pub struct IoReport {
+    create_samples: unsafe extern "C" fn(Id, Id, Id) -> Id,
+    create_samples_delta: unsafe extern "C" fn(Id, Id, Id) -> Id,
+    channel_group: unsafe extern "C" fn(Id) -> Id,
+    channel_name: unsafe extern "C" fn(Id) -> Id,
+    unit_label: unsafe extern "C" fn(Id) -> Id,
+    integer_value: unsafe extern "C" fn(Id, i32) -> i64,
+    string_create: unsafe extern "C" fn(Id, *const c_char, u32) -> Id,
+    string_get: unsafe extern "C" fn(Id, *mut c_char, isize, u32) -> u8,
+    dictionary_get: unsafe extern "C" fn(Id, Id) -> Id,
+    array_count: unsafe extern "C" fn(Id) -> isize,
+    array_at: unsafe extern "C" fn(Id, isize) -> Id,
+    cf_release: unsafe extern "C" fn(Id),
+    /// The subscription and the channels it delivers (owned, +1).
+    subscription: Id,
+    channels: Id,
+    _libraries: Vec<Library>,
+}
+
+// SAFETY: the CoreFoundation objects held (a subscription and an immutable
+// channel dictionary) are only read, retained and released; CF allows that
+// from any thread, and callers serialise access (`energy` keeps it in a Mutex).
+unsafe impl Send for IoReport {}
+
+/// One IOReport sample (a CFDictionary, +1), released on drop.
+pub struct IoSample {
+    ptr: Id,
+    release: unsafe extern "C" fn(Id),
+}
+
+// SAFETY: a sample is an immutable CFDictionary that is only read and
+// released, which CF allows from any thread.
+unsafe impl Send for IoSample {}
+
+impl Drop for IoSample {
+    fn drop(&mut self) {
+        // SAFETY: we own the +1 reference returned by IOReportCreateSamples.
+        unsafe { (self.release)(self.ptr) }
+    }
+}
+
+impl IoReport {
+    /// Load `libIOReport` and CoreFoundation and subscribe to the "Energy
+    /// Model" group. Off macOS: step "dlopen", "energy counters need macOS".
+    pub fn open() -> Result<IoReport> {
+        if std::env::consts::OS != "macos" {
+            return Err(error(
+                "dlopen",
+                format!(
+                    "energy counters need macOS (this is {})",
+                    std::env::consts::OS
+                ),
+            ));
+        }
+        let ioreport = open_library(IOREPORT)?;
+        let core_foundation = open_library(COREFOUNDATION)?;
+        type CopyChannels = unsafe extern "C" fn(Id, Id, u64, u64, u64) -> Id;
+        type Subscribe = unsafe extern "C" fn(Id, Id, *mut Id, u64, Id) -> Id;
+        let copy_channels: CopyChannels = symbol(&ioreport, "IOReportCopyChannelsInGroup")?;
+        let subscribe: Subscribe = symbol(&ioreport, "IOReportCreateSubscription")?;
+        let mut report = IoReport {
+            create_samples: symbol(&ioreport, "IOReportCreateSamples")?,
+            create_samples_delta: symbol(&ioreport, "IOReportCreateSamplesDelta")?,
+            channel_group: symbol(&ioreport, "IOReportChannelGetGroup")?,
+            channel_name: symbol(&ioreport, "IOReportChannelGetChannelName")?,
+            unit_label: symbol(&ioreport, "IOReportChannelGetUnitLabel")?,
+            integer_value: symbol(&ioreport, "IOReportSimpleGetIntegerValue")?,
+            string_create: symbol(&core_foundation, "CFStringCreateWithCString")?,
+            string_get: symbol(&core_foundation, "CFStringGetCString")?,
+            dictionary_get: symbol(&core_foundation, "CFDictionaryGetValue")?,
+            array_count: symbol(&core_foundation, "CFArrayGetCount")?,
+            array_at: symbol(&core_foundation, "CFArrayGetValueAtIndex")?,
+            cf_release: symbol(&core_foundation, "CFRelease")?,
+            subscription: std::ptr::null_mut(),
+            channels: std::ptr::null_mut(),
+            _libraries: Vec::new(),
+        };
+        let group = report.cf_string(ENERGY_GROUP)?;
+        // SAFETY: `IOReportCopyChannelsInGroup(CFStringRef group, CFStringRef
+        // subgroup, u64, u64, u64)` returns a +1 CFMutableDictionary or NULL;
+        // `group` is a live CFString and a NULL subgroup means all of them.
+        let wanted = unsafe { copy_channels(group, std::ptr::null_mut(), 0, 0, 0) };
+        // SAFETY: `group` is the +1 string created above.
+        unsafe { (report.cf_release)(group) };
+        if wanted.is_null() {
+            return Err(error("energy", "no \"Energy Model\" channels in IOReport"));
+        }
+        let mut subscribed: Id = std::ptr::null_mut();
+        // SAFETY: `IOReportCreateSubscription(void*, CFMutableDictionaryRef
+        // desired, CFMutableDictionaryRef* subscribed, u64, CFTypeRef)` returns
+        // a +1 subscription and writes a +1 dictionary to the out-pointer.
+        let subscription = unsafe {
+            subscribe(
+                std::ptr::null_mut(),
+                wanted,
+                &mut subscribed,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        // SAFETY: `wanted` is the +1 dictionary copied above, no longer needed.
+        unsafe { (report.cf_release)(wanted) };
+        if subscription.is_null() || subscribed.is_null() {
+            return Err(error("energy", "IOReportCreateSubscription returned NULL"));
+        }
+        report.subscription = subscription;
+        report.channels = subscribed;
+        report._libraries = vec![ioreport, core_foundation];
+        Ok(report)
+    }
+
+    /// A +1 CFString from `text`.
+    fn cf_string(&self, text: &str) -> Result<Id> {
+        let c = CString::new(text).map_err(|_| error("energy", "string with NUL"))?;
+        // SAFETY: CFStringCreateWithCString(NULL allocator, valid C string, UTF-8).
+        let s = unsafe { (self.string_create)(std::ptr::null_mut(), c.as_ptr(), UTF8) };
+        non_nil(s, "energy", "CFStringCreateWithCString returned NULL")
+    }
+
+    /// The text of a CFString (empty for NULL).
+    fn text(&self, s: Id) -> String {
+        if s.is_null() {
+            return String::new();
+        }
+        let mut buf = [0 as c_char; 256];
+        // SAFETY: `s` is a live CFString; the buffer holds `len` bytes and
+        // CFStringGetCString writes a NUL-terminated string or fails.
+        let ok = unsafe { (self.string_get)(s, buf.as_mut_ptr(), buf.len() as isize, UTF8) };
+        if ok == 0 {
+            return String::new();
+        }
+        // SAFETY: on success the buffer holds a NUL-terminated string.
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The current value of every subscribed counter.
+    pub fn sample(&self) -> Result<IoSample> {
+        // SAFETY: `IOReportCreateSamples(subscription, subscribed channels,
+        // CFTypeRef)` returns a +1 CFDictionary or NULL; both objects are live.
+        let ptr = unsafe {
+            (self.create_samples)(self.subscription, self.channels, std::ptr::null_mut())
+        };
+        let ptr = non_nil(ptr, "energy", "IOReportCreateSamples returned NULL")?;
+        Ok(IoSample {
+            ptr,
+            release: self.cf_release,
+        })
+    }
+
+    /// Every channel's change from `earlier` to `later`.
+    pub fn delta(&self, earlier: &IoSample, later: &IoSample) -> Result<Vec<ChannelValue>> {
+        // SAFETY: `IOReportCreateSamplesDelta(CFDictionaryRef, CFDictionaryRef,
+        // CFTypeRef)` returns a +1 CFDictionary or NULL; both samples are live.
+        let delta =
+            unsafe { (self.create_samples_delta)(earlier.ptr, later.ptr, std::ptr::null_mut()) };
+        let delta = IoSample {
+            ptr: non_nil(delta, "energy", "IOReportCreateSamplesDelta returned NULL")?,
+            release: self.cf_release,
+        };
+        let key = self.cf_string("IOReportChannels")?;
+        // SAFETY: a live dictionary and a live key; the value is borrowed
+        // (Get rule) from `delta`, which outlives its use below.
+        let items = unsafe { (self.dictionary_get)(delta.ptr, key) };
+        // SAFETY: `key` is the +1 string created above.
+        unsafe { (self.cf_release)(key) };
+        if items.is_null() {
+            return Ok(Vec::new());
+        }
+        // SAFETY: `items` is the CFArray of channel dictionaries in `delta`.
+        let count = unsafe { (self.array_count)(items) };
+        let mut values = Vec::with_capacity(count.max(0) as usize);
+        for index in 0..count {
+            // SAFETY: `index` is below the array's count; the item is borrowed.
+            let item = unsafe { (self.array_at)(items, index) };
+            if item.is_null() {
+                continue;
+            }
+            // SAFETY: each item is an IOReport channel dictionary; the getters
+            // return borrowed CFStrings (or NULL) and a plain integer.
+            let (group, channel, unit, value) = unsafe {
+                (
+                    (self.channel_group)(item),
+                    (self.channel_name)(item),
+                    (self.unit_label)(item),
+                    (self.integer_value)(item, 0),
+                )
+            };
+            values.push(ChannelValue {
+                group: self.text(group),
+                channel: self.text(channel),
+                unit: self.text(unit),
+                value,
+            });
+        }
+        Ok(values)
+    }
+}
+
+impl Drop for IoReport {
+    fn drop(&mut self) {
+        for object in [self.subscription, self.channels] {
+            if !object.is_null() {
+                // SAFETY: both are the +1 objects IOReportCreateSubscription returned.
+                unsafe { (self.cf_release)(object) }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn energy_counters_off_macos_name_the_reason() {
+        if std::env::consts::OS != "macos" {
+            let err = IoReport::open().err().expect("no IOReport here");
+            assert!(
+                err.to_string()
+                    .starts_with("ane backend: dlopen: energy counters need macOS"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn opening_off_apple_silicon_names_the_reason() {

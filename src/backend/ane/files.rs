@@ -114,6 +114,12 @@ fn live_dirs() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
     LIVE_DIRS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The temp directories of the models of this process loaded now (all of
+/// them should be gone before an `exec()` restart, see `restart`).
+pub fn live_model_dirs() -> Vec<PathBuf> {
+    live_dirs().iter().cloned().collect()
+}
+
 /// A model's temp directory, populated with its files and removed on drop.
 #[derive(Debug)]
 pub struct ModelDir {
@@ -121,9 +127,11 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
-    /// Create `root/<name>/` with `files`' layout. Fails if another live model
-    /// of this process owns that directory; a leftover from a dead process is
-    /// replaced.
+    /// Create `root/<name>/` with `files`' layout, as the reference does before
+    /// compiling: `weights/` always (also for weight-free kernels), every file
+    /// written in place. Nothing that exists is deleted first (a leftover of a
+    /// dead process keeps its other files; the compiler may own some). Fails
+    /// if another live model of this process owns that directory.
     pub fn create(root: &Path, name: &str, files: &ModelFiles) -> Result<ModelDir> {
         let err = |msg: String| Error::Backend {
             backend: "ane",
@@ -141,9 +149,8 @@ impl ModelDir {
             )));
         }
         let dir = ModelDir { path };
-        if dir.path.exists() {
-            std::fs::remove_dir_all(&dir.path).map_err(|e| Error::io(&dir.path, e))?;
-        }
+        let weights = dir.path.join("weights");
+        std::fs::create_dir_all(&weights).map_err(|e| Error::io(&weights, e))?;
         for (rel, bytes) in files.layout()? {
             let file = dir.path.join(rel);
             let parent = file.parent().expect("files live inside the directory");
@@ -286,10 +293,25 @@ mod tests {
             dir2.path().join("model.mil").exists(),
             "the other model keeps its files"
         );
-        // Once released, the name can be used again (e.g. a stale leftover).
+        // Once released, the name can be used again (e.g. a stale leftover),
+        // whose files are overwritten in place, never deleted first.
         std::fs::create_dir_all(path.join("junk")).unwrap();
+        std::fs::write(path.join("model.mil"), "stale").unwrap();
         let again = ModelDir::create(&root, &name, &files).unwrap();
-        assert!(!again.path().join("junk").exists());
+        assert!(again.path().join("junk").exists());
+        assert_eq!(
+            std::fs::read_to_string(again.path().join("model.mil")).unwrap(),
+            files.mil
+        );
+        // weights/ exists for a weight-free kernel too.
+        let free = ModelFiles {
+            mil: files.mil.clone(),
+            weights: Vec::new(),
+        };
+        let free_dir = ModelDir::create(&root, "weight-free", &free).unwrap();
+        assert!(free_dir.path().join("weights").is_dir());
+        assert!(live_model_dirs().contains(&free_dir.path().to_path_buf()));
+        drop(free_dir);
         assert!(ModelDir::create(&root, "../x", &files).is_err());
         drop((again, dir2));
         let _ = std::fs::remove_dir_all(&root);

@@ -17,6 +17,12 @@
 //! binding, so per-layer input surfaces get their own requests. It knows
 //! nothing about models or training: what goes where in a surface is the
 //! caller's [`Block`].
+//!
+//! When the compiler refuses a package, the error keeps the step ("compile")
+//! and adds what the rule catalogue finds wrong with the package, so a first
+//! run says what the chip refused; [`probe`] finds out what the chip takes
+//! (conv, width-axis slices, runtime matmul, the ios18 or ios16 dialect)
+//! before `--backend auto` commits to it.
 
 pub mod budget;
 pub mod fake;
@@ -32,15 +38,17 @@ use std::collections::HashMap;
 use super::{
     Backend, Block, BufferId, CompileLimit, KernelId, KernelInfo, Preferences, WeightMode,
 };
-use crate::mil::TensorType;
+use crate::mil::verify::Target;
+use crate::mil::{Dialect, TensorType};
 use crate::package::ProgramPackage;
 use crate::{Error, Result};
 use budget::CompileBudget;
 use files::ModelFiles;
 use surface::SurfaceLayout;
 
-pub use ffi::{ANE_FRAMEWORK, platform_unavailable_reason};
+pub use ffi::{ANE_FRAMEWORK, ChannelValue, IoReport, IoSample, platform_unavailable_reason};
 pub use private::{open, open_probed};
+pub use probe::ChipReport;
 
 /// What the backend needs from a device: compile + load a program, create
 /// surfaces and touch their bytes, bind surfaces into requests, evaluate, unload.
@@ -112,6 +120,10 @@ pub struct AneBackend<R: Runtime> {
     buffers: Vec<AneBuffer<R::Surface>>,
     /// (kernel, inputs, outputs) -> request.
     requests: HashMap<(usize, Vec<usize>, Vec<usize>), R::Request>,
+    /// Requests created so far (released kernels drop theirs from the map).
+    requests_created: usize,
+    /// The MIL dialect this chip compiles (`probe` may find it needs ios16).
+    dialect: Dialect,
     /// `ANEMONE_DEBUG`: 1 compiles, 2 + per-run timings, 3 + MIL text, 4 + blob layouts.
     debug: u32,
 }
@@ -140,6 +152,8 @@ impl<R: Runtime> AneBackend<R> {
             kernels: Vec::new(),
             buffers: Vec::new(),
             requests: HashMap::new(),
+            requests_created: 0,
+            dialect: Dialect::Ios18,
             debug: debug_level(),
         }
     }
@@ -150,7 +164,17 @@ impl<R: Runtime> AneBackend<R> {
 
     /// Requests created so far (one per distinct binding).
     pub fn request_count(&self) -> usize {
-        self.requests.len()
+        self.requests_created
+    }
+
+    /// Kernels compiled and not released.
+    pub fn loaded_kernels(&self) -> usize {
+        self.kernels.iter().filter(|k| k.model.is_some()).count()
+    }
+
+    /// Build kernels for this chip in `dialect` (what [`probe`] found it takes).
+    pub fn set_dialect(&mut self, dialect: Dialect) {
+        self.dialect = dialect;
     }
 
     fn buffer(&self, id: BufferId, step: &'static str) -> Result<&AneBuffer<R::Surface>> {
@@ -212,7 +236,10 @@ impl<R: Runtime> Backend for AneBackend<R> {
         self.budget.check(self.runtime.compiles(), 1)?;
         let files = ModelFiles::new(package, &files::next_instance_tag());
         let started = std::time::Instant::now();
-        let model = self.runtime.load(&files)?;
+        let model = self
+            .runtime
+            .load(&files)
+            .map_err(|e| explain_refusal(e, package))?;
         if self.debug >= 1 {
             let sig = |vars: &[crate::mil::Var]| {
                 vars.iter()
@@ -252,6 +279,23 @@ impl<R: Runtime> Backend for AneBackend<R> {
     /// Panics if `kernel` was not returned by this backend.
     fn kernel_info(&self, kernel: KernelId) -> &KernelInfo {
         &self.kernels[kernel.0].info
+    }
+
+    /// Unload the model (its requests first) and remove its temp directory.
+    fn release(&mut self, kernel: KernelId) -> Result<()> {
+        let compiled = self
+            .kernels
+            .get_mut(kernel.0)
+            .ok_or_else(|| backend_error("unload", format!("unknown kernel {}", kernel.0)))?;
+        self.requests.retain(|key, _| key.0 != kernel.0);
+        match compiled.model.take() {
+            Some(model) => self.runtime.unload(model),
+            None => Ok(()),
+        }
+    }
+
+    fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     fn alloc(&mut self, ty: &TensorType) -> Result<BufferId> {
@@ -294,7 +338,7 @@ impl<R: Runtime> Backend for AneBackend<R> {
         let model = compiled
             .model
             .as_ref()
-            .expect("models stay loaded while the backend lives");
+            .ok_or_else(|| backend_error("run", format!("kernel {} was released", kernel.0)))?;
         let key = (
             kernel.0,
             inputs.iter().map(|b| b.0).collect::<Vec<_>>(),
@@ -306,6 +350,7 @@ impl<R: Runtime> Backend for AneBackend<R> {
                 outputs.iter().map(|b| &self.buffers[b.0].surface).collect();
             let request = self.runtime.request(model, &ins, &outs)?;
             self.requests.insert(key.clone(), request);
+            self.requests_created += 1;
         }
         let request = &self.requests[&key];
         let started = std::time::Instant::now();
@@ -321,11 +366,33 @@ impl<R: Runtime> Backend for AneBackend<R> {
     }
 }
 
+/// A failed compile or load of `package`, with the error rules of the ANE
+/// catalogue the package breaks appended (the step stays, so a refusal is
+/// still recognised as one).
+fn explain_refusal(error: Error, package: &ProgramPackage) -> Error {
+    let Error::Backend { backend, step, msg } = error else {
+        return error;
+    };
+    let findings: Vec<String> = match package.verify(Target::Ane) {
+        Ok(report) => report.errors().map(|d| d.to_string()).collect(),
+        Err(e) => vec![e.to_string()],
+    };
+    let msg = if findings.is_empty() {
+        format!("{msg} (the package passes every error rule of the ANE catalogue)")
+    } else {
+        format!(
+            "{msg}; the package breaks the ANE rules: {}",
+            findings.join("; ")
+        )
+    };
+    Error::Backend { backend, step, msg }
+}
+
 #[cfg(test)]
 mod tests {
     use super::fake::FakeRuntime;
     use super::*;
-    use crate::mil::{Builder, DType, Dialect};
+    use crate::mil::{Builder, DType};
 
     /// `y = x * 2` on `[1, 64, 1, 8]` fp16.
     fn doubling() -> ProgramPackage {
@@ -370,6 +437,73 @@ mod tests {
         be.run(k, &[x1], &[y]).unwrap();
         assert_eq!(be.request_count(), 2);
         assert_eq!(be.runtime().evaluations(), 5);
+    }
+
+    #[test]
+    fn released_kernels_unload_their_model_and_directory() {
+        let root = std::env::temp_dir().join(format!("anemone-release-{}", std::process::id()));
+        let mut be = AneBackend::new(FakeRuntime::new(root.clone()), CompileBudget::default());
+        let k = be.compile(&doubling()).unwrap();
+        let ty = be.kernel_info(k).inputs[0].ty.clone();
+        let (x, y) = (be.alloc(&ty).unwrap(), be.alloc(&ty).unwrap());
+        be.run(k, &[x], &[y]).unwrap();
+        assert_eq!(
+            (be.loaded_kernels(), be.runtime().live_dirs().len()),
+            (1, 1)
+        );
+        let dir = be.runtime().live_dirs()[0].clone();
+        assert!(
+            dir.join("weights").is_dir(),
+            "weights/ exists for a weight-free kernel"
+        );
+        be.release(k).unwrap();
+        assert_eq!(
+            (be.loaded_kernels(), be.runtime().live_dirs().len()),
+            (0, 0)
+        );
+        assert!(!dir.exists());
+        let e = be.run(k, &[x], &[y]).unwrap_err().to_string();
+        assert_eq!(e, "ane backend: run: kernel 0 was released");
+        assert_eq!(be.kernel_info(k).inputs[0].ty, ty, "the signature stays");
+        be.release(k).unwrap();
+        assert_eq!(be.request_count(), 1, "requests created so far");
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn a_refused_compile_keeps_its_step_and_names_the_rules_the_package_breaks() {
+        // The doubling kernel is 8 positions wide: below three I/O rules.
+        let runtime = FakeRuntime::in_temp_dir().refusing("too small", |_| true);
+        let mut be = AneBackend::new(runtime, CompileBudget::default());
+        let e = be.compile(&doubling()).unwrap_err();
+        assert!(crate::backend::is_compile_refusal(&e));
+        let text = e.to_string();
+        assert!(
+            text.starts_with("ane backend: compile: compileWithQoS:options:error: failed: (fake runtime) too small; the package breaks the ANE rules: error[ANE010]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("error[ANE015]") && text.contains("pad it to [1, 768, 1, 32]"),
+            "{text}"
+        );
+        assert_eq!(
+            be.runtime().compiles(),
+            0,
+            "a refused compile is not counted"
+        );
+        // A clean package refused anyway says so.
+        let mut b = Builder::new(Dialect::Ios18);
+        let x = b.input("x", DType::Fp16, &[1, 64, 1, 384]);
+        let y = b.mul(&x, &x);
+        b.output(&y);
+        let text = be
+            .compile(&ProgramPackage::from_program(&b.finish(), []))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.ends_with("(the package passes every error rule of the ANE catalogue)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use super::budget;
 use super::ffi::{Class, Framework, Object, Surface};
 use super::files::{ModelDir, ModelFiles};
-use super::probe::run_probe;
+use super::probe::examine;
 use super::surface::SurfaceLayout;
 use super::{AneBackend, Runtime};
 use crate::Result;
@@ -36,10 +36,17 @@ pub fn open() -> Result<(AneBackend<PrivateRuntime>, String)> {
     ))
 }
 
-/// [`open`], then run the probe kernel; any failure is the reason not to use the ANE.
+/// [`open`], then probe what the training kernels need ([`examine`]); any
+/// refusal is the reason not to use the ANE (step "probe").
 pub fn open_probed() -> Result<(AneBackend<PrivateRuntime>, String)> {
     let (mut backend, family) = open()?;
-    run_probe(&mut backend)?;
+    if let Some(reason) = examine(&mut backend).training_refusal() {
+        return Err(crate::Error::Backend {
+            backend: "ane",
+            step: "probe",
+            msg: reason,
+        });
+    }
     Ok((backend, family))
 }
 

@@ -4,7 +4,10 @@
 //! (the trainer's resume restores weights, moments, data position and loss
 //! scale). Unlike the reference, the program path comes from
 //! `std::env::current_exe()`, not `argv[0]`, so a binary found through `PATH`
-//! restarts too (§8.3 item 16). Saving the checkpoint is the caller's job.
+//! restarts too (§8.3 item 16). Saving the checkpoint is the caller's job, and
+//! so is unloading every model before (dropping the backend: `exec()` runs no
+//! destructors); [`exec_self`] removes the temp directory of any model still
+//! loaded, and says so, so that none outlives the process.
 
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
@@ -50,8 +53,19 @@ pub fn resume_args(args: &[OsString], run_dir: &Path) -> Vec<OsString> {
 }
 
 /// Replace this process with the current executable run with `args`. Returns
-/// only on failure.
+/// only on failure. Models still loaded (the caller should have dropped its
+/// backend) lose their temp directories first, with a warning.
 pub fn exec_self(args: &[OsString]) -> Error {
+    let leftover = super::files::live_model_dirs();
+    if !leftover.is_empty() {
+        eprintln!(
+            "warning: {} ANE model(s) still loaded at exec(); removing their temp directories",
+            leftover.len()
+        );
+        for dir in leftover {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => return Error::io("current executable", e),
