@@ -261,7 +261,7 @@ const WEIGHT_FILE: &str = "weight.bin";
 fn conv_stack(stack: &Stack, int8: bool, rng: &mut Rng) -> ProgramPackage {
     let mut b = Builder::new(Dialect::Ios18);
     let shape = [1, stack.c_in, stack.height, stack.width];
-    let (_, mut h) = layout::padded_input(&mut b, "x", DType::Fp16, shape);
+    let (_, mut h) = b.padded_input("x", DType::Fp16, shape);
     let pad_output =
         layout::output_needs_padding(stack.c_out, stack.height, stack.width, DType::Fp16);
     let mut blob = BlobWriter::new();
@@ -290,7 +290,7 @@ fn conv_stack(stack: &Stack, int8: bool, rng: &mut Rng) -> ProgramPackage {
             h = b.dequantize(&q, ACT_SCALE, DType::Fp16);
         }
     }
-    let y = layout::padded_output(&mut b, &[&h], "y");
+    let y = b.padded_output(&[&h], "y");
     b.output(&y);
     ProgramPackage::from_program(&b.finish(), [(WEIGHT_FILE.to_string(), blob.finish())])
 }
@@ -334,7 +334,7 @@ fn matmul_stack(stack: &Stack, packed: bool, rng: &mut Rng) -> ProgramPackage {
         b.name_next("y");
     }
     let y = b.reshape(&t, &[1, stack.c_out, 1, seq]);
-    let y = layout::padded_output(&mut b, &[&y], "y");
+    let y = b.padded_output(&[&y], "y");
     b.output(&y);
     let files = if packed {
         Vec::new()
@@ -348,13 +348,13 @@ fn matmul_stack(stack: &Stack, packed: bool, rng: &mut Rng) -> ProgramPackage {
 /// (plus the ANE's I/O padding for shapes below its rules).
 pub fn scale_kernel(channels: usize, spatial: usize) -> BenchKernel {
     let mut b = Builder::new(Dialect::Ios18);
-    let (_, x) = layout::padded_input(&mut b, "x", DType::Fp16, [1, channels, 1, spatial]);
+    let (_, x) = b.padded_input("x", DType::Fp16, [1, channels, 1, spatial]);
     let half = b.scalar(DType::Fp16, 0.5);
     if !layout::output_needs_padding(channels, 1, spatial, DType::Fp16) {
         b.name_next("y");
     }
     let y = b.mul(&x, &half);
-    let y = layout::padded_output(&mut b, &[&y], "y");
+    let y = b.padded_output(&[&y], "y");
     b.output(&y);
     BenchKernel {
         name: format!("mul {channels}ch sp{spatial}"),

@@ -17,6 +17,7 @@ use std::collections::HashSet;
 use super::infer::infer_outputs;
 use super::ir::Arg;
 use super::ir::{DType, Dialect, Function, Literal, Operation, Program, TensorType, Var};
+use super::layout;
 use super::op::Op;
 
 /// Handle to a value of the function under construction.
@@ -562,6 +563,69 @@ impl Builder {
         let probs = self.softmax(&masked, -1); // (1, H, S, S)
         let out = self.matmul(&probs, v, false, false); // (1, H, S, D)
         (out, probs)
+    }
+    // ---- I/O padded to the ANE's rules (`super::layout`) -----------------
+    /// Declare input `name` of logical shape `[1, C, H, W]`, padded to
+    /// [`layout::padded_io`]. Returns `(input, view)`: the function input and
+    /// the `[1, C, H, W]` tensor to compute with (the input itself when no
+    /// padding is needed, else a slice of its first rows and columns).
+    pub fn padded_input(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: [usize; 4],
+    ) -> (Tensor, Tensor) {
+        let [_, channels, height, width] = shape;
+        let (padded_c, padded_w) = layout::padded_io(channels, height, width, dtype);
+        if (padded_c, padded_w) == (channels, width) {
+            let x = self.input(name, dtype, &shape);
+            return (x.clone(), x);
+        }
+        let x = self.input(name, dtype, &[1, padded_c, height, padded_w]);
+        let view = self.slice_by_size(&x, &[0, 0, 0, 0], &shape);
+        (x, view)
+    }
+    /// The single output holding `parts` (`[1, C_i, H, W]`, one dtype) one
+    /// after another along channels, padded to [`layout::padded_io`]: the
+    /// channel concat repeats the parts until there are enough channels, and
+    /// the width is padded with copies of the columns. The last op is named
+    /// `name`; with a single part and nothing to pad, that part is returned as
+    /// it is (and keeps its name).
+    pub fn padded_output(&mut self, parts: &[&Tensor], name: &str) -> Tensor {
+        assert!(!parts.is_empty(), "padded_output: no parts");
+        let shape = parts[0].shape().to_vec();
+        let dtype = parts[0].dtype();
+        let (height, width) = (shape[2], shape[3]);
+        let channels: usize = parts.iter().map(|p| p.shape()[1]).sum();
+        let (padded_c, padded_w) = layout::padded_io(channels, height, width, dtype);
+        let copies = padded_c.div_ceil(channels);
+        let widen = padded_w > width;
+        let mut y = if parts.len() * copies > 1 {
+            let repeated: Vec<&Tensor> = (0..copies).flat_map(|_| parts.iter().copied()).collect();
+            if !widen {
+                self.name_next(name);
+            }
+            self.concat(&repeated, 1)
+        } else {
+            parts[0].clone()
+        };
+        if widen {
+            let column_copies = padded_w.div_ceil(width);
+            let cut = column_copies * width != padded_w;
+            let columns: Vec<&Tensor> = (0..column_copies).map(|_| &y).collect();
+            if !cut {
+                self.name_next(name);
+            }
+            let wide = self.concat(&columns, 3);
+            y = if cut {
+                let rows = wide.shape()[1];
+                self.name_next(name);
+                self.slice_by_size(&wide, &[0, 0, 0, 0], &[1, rows, height, padded_w])
+            } else {
+                wide
+            };
+        }
+        y
     }
     /// An inline `[1, 1, S, S]` causal mask constant of `dtype`.
     pub fn causal_mask(&mut self, dtype: DType, seq: usize) -> Tensor {

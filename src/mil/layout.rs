@@ -3,15 +3,14 @@
 //! (`docs/ane-notes.md` keeps each with its source), and the padding that
 //! meets the I/O limits. The verifier checks these numbers (rules ANE009,
 //! ANE010, ANE015, ANE016, ANE019-ANE021); the kernel builders
-//! (`model::kernels`, `bench::ane`) pad to them with [`padded_io`],
-//! [`padded_input`] and [`padded_output`].
+//! (`model::kernels`, `bench::ane`) pad to them with [`padded_io`] and the
+//! builder's `padded_input` and `padded_output`.
 //!
 //! Padding never changes what a program computes: padded input rows and
 //! columns are sliced away unread, and padded outputs repeat real values
 //! (copies of the output along channels and width) that the host ignores.
-//! This module only builds ops; it does not decide which programs are padded.
+//! This module computes shapes; it builds no ops and decides nothing.
 
-use super::build::{Builder, Tensor};
 use super::ir::DType;
 
 /// Smallest input or output tensor, in bytes: smaller surfaces made evaluate
@@ -66,79 +65,16 @@ pub fn padded_io(channels: usize, height: usize, width: usize, dtype: DType) -> 
     (channels, width)
 }
 
-/// Declare input `name` of logical shape `[1, C, H, W]`, padded to
-/// [`padded_io`]. Returns `(input, view)`: the function input and the
-/// `[1, C, H, W]` tensor to compute with (the input itself when no padding is
-/// needed, else a slice of its first rows and columns).
-pub fn padded_input(
-    b: &mut Builder,
-    name: &str,
-    dtype: DType,
-    shape: [usize; 4],
-) -> (Tensor, Tensor) {
-    let [_, channels, height, width] = shape;
-    let (padded_c, padded_w) = padded_io(channels, height, width, dtype);
-    if (padded_c, padded_w) == (channels, width) {
-        let x = b.input(name, dtype, &shape);
-        return (x.clone(), x);
-    }
-    let x = b.input(name, dtype, &[1, padded_c, height, padded_w]);
-    let view = b.slice_by_size(&x, &[0, 0, 0, 0], &shape);
-    (x, view)
-}
-
-/// Whether an output of `[1, C, H, W]` needs [`padded_output`]'s padding.
+/// Whether an output of `[1, C, H, W]` needs the builder's `padded_output`.
 pub fn output_needs_padding(channels: usize, height: usize, width: usize, dtype: DType) -> bool {
     padded_io(channels, height, width, dtype) != (channels, width)
-}
-
-/// The single output holding `parts` (`[1, C_i, H, W]`, one dtype) one after
-/// another along channels, padded to [`padded_io`]: the channel concat repeats
-/// the parts until there are enough channels, and the width is padded with
-/// copies of the columns. The last op is named `name`; with a single part and
-/// nothing to pad, that part is returned as it is (and keeps its name).
-pub fn padded_output(b: &mut Builder, parts: &[&Tensor], name: &str) -> Tensor {
-    assert!(!parts.is_empty(), "padded_output: no parts");
-    let shape = parts[0].shape().to_vec();
-    let dtype = parts[0].dtype();
-    let (height, width) = (shape[2], shape[3]);
-    let channels: usize = parts.iter().map(|p| p.shape()[1]).sum();
-    let (padded_c, padded_w) = padded_io(channels, height, width, dtype);
-    let copies = padded_c.div_ceil(channels);
-    let widen = padded_w > width;
-    let mut y = if parts.len() * copies > 1 {
-        let repeated: Vec<&Tensor> = (0..copies).flat_map(|_| parts.iter().copied()).collect();
-        if !widen {
-            b.name_next(name);
-        }
-        b.concat(&repeated, 1)
-    } else {
-        parts[0].clone()
-    };
-    if widen {
-        let column_copies = padded_w.div_ceil(width);
-        let cut = column_copies * width != padded_w;
-        let columns: Vec<&Tensor> = (0..column_copies).map(|_| &y).collect();
-        if !cut {
-            b.name_next(name);
-        }
-        let wide = b.concat(&columns, 3);
-        y = if cut {
-            let rows = wide.shape()[1];
-            b.name_next(name);
-            b.slice_by_size(&wide, &[0, 0, 0, 0], &[1, rows, height, padded_w])
-        } else {
-            wide
-        };
-    }
-    y
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mil::Dialect;
     use crate::mil::verify::{Target, verify};
+    use crate::mil::{Builder, Dialect};
 
     #[test]
     fn padding_meets_every_io_rule_and_leaves_conforming_shapes_alone() {
@@ -163,11 +99,11 @@ mod tests {
     fn padded_io_programs_verify_for_the_ane() {
         for (channels, width) in [(8, 6), (64, 384), (32, 40), (100, 16)] {
             let mut b = Builder::new(Dialect::Ios18);
-            let (_, view) = padded_input(&mut b, "x", DType::Fp16, [1, channels, 1, width]);
+            let (_, view) = b.padded_input("x", DType::Fp16, [1, channels, 1, width]);
             assert_eq!(view.shape(), [1, channels, 1, width]);
             let two = b.scalar(DType::Fp16, 2.0);
             let doubled = b.mul(&view, &two);
-            let y = padded_output(&mut b, &[&doubled, &view], "y");
+            let y = b.padded_output(&[&doubled, &view], "y");
             b.output(&y);
             let program = b.finish();
             let report = verify(&program, Target::Ane);

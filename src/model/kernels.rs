@@ -476,7 +476,7 @@ impl<'w> KernelBuilder<'w> {
             let parts: Vec<Tensor> = self.outputs.iter().map(|(_, t)| t.clone()).collect();
             let refs: Vec<&Tensor> = parts.iter().collect();
             let y = if self.ane_layout() {
-                layout::padded_output(&mut self.b, &refs, "y")
+                self.b.padded_output(&refs, "y")
             } else {
                 self.b.name_next("y");
                 self.b.concat(&refs, 1)

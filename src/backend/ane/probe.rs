@@ -119,9 +119,9 @@ fn small_values(n: usize) -> Vec<f32> {
     (0..n).map(|i| ((i * 7) % 33) as f32 * 0.5 - 8.0).collect()
 }
 
-/// `(C, S)` of the width and matmul probes: 128 channels, 128 positions plus
-/// a 128-column packed matrix.
-const PACKED_PROBE: (usize, usize) = (128, 128);
+/// `(C, S)` of the width and matmul probes: 128 channels, 256 positions plus
+/// a 128-column packed matrix (the smallest output is 128 x 256 fp16, 64 KiB).
+const PACKED_PROBE: (usize, usize) = (128, 256);
 
 /// The probe's input and output in `dialect`: fp32 with casts in ios18 (the
 /// form probes ran on M5), fp16 in ios16 (no `cast` on M1/M2).
