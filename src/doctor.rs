@@ -112,9 +112,13 @@ pub struct KernelReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelRow {
     pub kernel: String,
-    /// `[C, W]` of the single packed input and output.
+    /// `[C, W]` the slots of the single packed input and output cover.
     pub input: [usize; 2],
     pub output: [usize; 2],
+    /// `[C, W]` of the input and output tensors, padded to the ANE's I/O
+    /// rules where the slots alone are too small (`mil::layout`).
+    pub surface_input: [usize; 2],
+    pub surface_output: [usize; 2],
     pub max_error: Option<f32>,
     /// Largest reference magnitude.
     pub scale: Option<f32>,
@@ -262,10 +266,17 @@ pub fn compare_kernels(
         };
         let outputs = main.output_vars();
         let inputs = kernel_inputs(spec, &main.inputs, 1000 + i as u64);
+        let covered = |slots: &[crate::model::kernels::TensorSlot]| {
+            let rows = slots.iter().map(|s| s.row + s.rows).max().unwrap_or(0);
+            let cols = slots.iter().map(|s| s.col + s.cols).max().unwrap_or(0);
+            [rows, cols]
+        };
         let mut row = KernelRow {
             kernel: spec.name.clone(),
-            input: dims(&main.inputs[0].ty),
-            output: dims(&outputs[0].ty),
+            input: covered(&spec.inputs),
+            output: covered(&spec.outputs),
+            surface_input: dims(&main.inputs[0].ty),
+            surface_output: dims(&outputs[0].ty),
             max_error: None,
             scale: None,
             ok: false,

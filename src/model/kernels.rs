@@ -21,14 +21,21 @@
 //! probabilities through memory). RMSNorm, embedding, classifier and loss run on the CPU.
 //!
 //! Where weights come from is one choice per kernel build, [`WeightMode`]:
-//! - `Baked`: BLOBFILE constants, conv 1x1 (frozen weights, inference; recompile on change);
+//! - `Baked`: BLOBFILE constants, conv 1x1 (frozen weights, inference; recompile
+//!   on change), the activations packed along channels into one input and the
+//!   outputs into one;
 //! - `Packed`: appended along the spatial axis of the single input (the ANE's
 //!   dynamic-weight trick: compile once, one input and one output surface);
 //! - `Inputs`: one function input per tensor (cheapest on the CPU backend).
 //!
 //! Every kernel reads and writes `[1, C, 1, W]` tensors. A [`KernelSpec`] records
 //! where each logical tensor lives (buffer, channel rows, spatial columns), so the
-//! host code is the same in every mode.
+//! host code is the same in every mode. ANE-bound kernels (fp16, packed or
+//! baked) have their input and output padded to the ANE's I/O rules
+//! (`mil::layout`: at least 64 channels and 49,152 bytes, widths a multiple of
+//! 32) where the slots alone fall short; the host never touches the padding.
+//! Baked weights and tables are records of one `weight.bin` (one file per
+//! tensor in the ios16 dialect).
 //!
 //! The set is declared once, [`LAYER_KERNELS`] (each kernel's builder and
 //! whether it reads weights); [`LayerKernels::build`] maps it into specs, the

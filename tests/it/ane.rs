@@ -508,3 +508,50 @@ fn benchmarks_unload_each_kernel_and_report_energy() {
         assert_eq!(json["energy"]["ane_j"], "unavailable", "{json}");
     }
 }
+
+/// `metrics.jsonl` carries each update's energy; off macOS every field is
+/// "unavailable", never 0.
+#[test]
+fn metrics_rows_carry_the_energy_of_each_update() {
+    let c = train_config(2);
+    let engine = Engine::new(
+        Box::new(CpuBackend::new(Precision::Fp16)),
+        &c.model,
+        c.seq,
+        c.batch,
+        packed_fp16(),
+    )
+    .unwrap();
+    let dir = temp_dir("energy-metrics");
+    let mut t = Trainer::new(c.clone(), Weights::init(&c.model, 1), engine, &dir).unwrap();
+    let mut data = RandomBatches {
+        rng: Rng::new(5),
+        vocab: 96,
+        seq: c.seq,
+    };
+    t.train(&mut data, None, &mut Quiet, None).unwrap();
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let energy = &row["energy"];
+        for field in [
+            "cpu_j",
+            "gpu_j",
+            "ane_j",
+            "joules_per_step",
+            "tokens_per_joule",
+        ] {
+            let value = &energy[field];
+            if std::env::consts::OS == "macos" {
+                assert!(value.is_number() || value == "unavailable", "{row}");
+            } else {
+                assert_eq!(value, "unavailable", "{field} in {row}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
