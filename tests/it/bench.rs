@@ -393,4 +393,17 @@ fn train_step_reports_flops_phases_and_losses() {
             .all(|l| (l.as_f64().unwrap() - 6.93).abs() < 0.3)
     );
     assert!(stdout.contains("ms/step") && stdout.contains("dW gemm"));
+    // Energy of the timed steps: "unavailable" (never 0) without counters.
+    assert!(stdout.contains("energy"), "{stdout}");
+    if std::env::consts::OS != "macos" {
+        for field in [
+            "cpu_j",
+            "gpu_j",
+            "ane_j",
+            "joules_per_step",
+            "tokens_per_joule",
+        ] {
+            assert_eq!(r["energy"][field], "unavailable", "{field}");
+        }
+    }
 }

@@ -176,6 +176,10 @@ fn doctor_reports_the_cpu_stand_in_and_writes_json() {
     assert_eq!(rows[1]["input"], serde_json::json!([32, 48]));
     assert_eq!(rows[1]["output"], serde_json::json!([32, 16]));
     if anemone::backend::ane::platform_unavailable_reason().is_some() {
+        assert_eq!(report["energy"]["available"], false);
+        assert_eq!(report["energy"]["idle_sample"]["ane_j"], "unavailable");
+        assert_eq!(report["checks"], serde_json::json!([]));
+        assert_eq!(report["auto_backend"], "cpu");
         assert_eq!(report["ane"]["available"], false);
         assert!(
             report["ane"]["reason"]
