@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod corpus;
 mod cpu_ops;
+mod fuzz;
 mod generate;
 mod hf_io;
 mod job;

@@ -181,7 +181,7 @@ impl SafetensorsReader {
     /// The shards listed by a `model.safetensors.index.json`; every tensor of
     /// its `weight_map` must be in the shard it names.
     pub fn open_index(index_path: &Path) -> Result<SafetensorsReader> {
-        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let text = crate::memory::read_text(index_path)?;
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             Error::format(
                 index_path,
