@@ -17,9 +17,12 @@ use std::sync::Arc;
 use anemone::backend::Precision;
 use anemone::data::tokens::{Batcher, Order, TokenFile, TokenSpan};
 
+/// A fuzz target: raw bytes in, nothing out (errors are fine, panics not).
+pub type Target = fn(&[u8]);
+
 /// Every target by name, as `fuzz_targets/<name>.rs` and the corpus
 /// directories are named.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("mil", mil),
     ("blob", blob),
     ("checkpoint", checkpoint),

@@ -188,7 +188,7 @@ impl Layout {
                     HEADER_LEN,
                 )
             } else {
-                if file_len % 2 != 0 {
+                if !file_len.is_multiple_of(2) {
                     return Err(fmt_err(
                         "size",
                         format!(

@@ -197,7 +197,7 @@ mod tests {
         let source: String = SOURCE
             .lines()
             .filter(|l| !l.starts_with("//"))
-            .map(|l| format!("{}\n", l.split("; //").next().unwrap()))
+            .map(|l| format!("{}\n", l.replace("; // twice x", ";")))
             .collect();
         assert!(comments(&source).is_empty(), "{source}");
         let canonical = emit(&super::super::parse(&source).unwrap());

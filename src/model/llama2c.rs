@@ -237,9 +237,6 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Weights> {
             seq_len as usize,
         )
     };
-    config
-        .validate()
-        .map_err(|e| Error::format(path, "header", e.to_string()))?;
     let describe = || {
         format!(
             "dim={dim} hidden_dim={hidden_dim} n_layers={n_layers} n_heads={n_heads} \
@@ -256,6 +253,9 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Weights> {
                 format!("implausibly large config {}", describe()),
             )
         })?;
+    config
+        .validate()
+        .map_err(|e| Error::format(path, "header", e.to_string()))?;
     if bytes.len() as u64 != expected {
         let what = if (bytes.len() as u64) < expected {
             "truncated"

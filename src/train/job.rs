@@ -244,6 +244,12 @@ fn plan_new_run(
         }
         None => None,
     };
+    if let (Some(name), Some(_)) = (&options.config, &options.init) {
+        return Err(Error::Invalid(format!(
+            "--config {name} conflicts with --init: the model is the one the --init weights \
+             describe\nhint: drop --config"
+        )));
+    }
     let init = match &options.init {
         Some(path) => Some(load_weights(path).map_err(|e| Error::Invalid(format!("--init: {e}")))?),
         None => None,
