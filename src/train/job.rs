@@ -188,6 +188,7 @@ fn start(
             .as_ref()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         main_job,
+        corpus_mb: main_job.then(|| options.corpus_mb.unwrap_or(DEFAULTS.corpus_mb)),
     };
     let weights = init.unwrap_or_else(|| Weights::init(&config.model, config.seed));
     let preferences = opened.backend.preferences();
@@ -433,7 +434,10 @@ fn resume(
         ));
     }
     let mut record = RunRecord::read(dir)?;
-    let notes = super::resume::reconcile(&mut record, options, dir)?;
+    let mut notes = super::resume::reconcile(&mut record, options, dir)?;
+    if options.overwrite {
+        notes.push("note: --overwrite does nothing with --resume (the run continues)".into());
+    }
     let files = resume_data(&mut record, options, dir, observer)?;
     record.config.validate()?;
     for note in &notes {
@@ -496,8 +500,16 @@ fn resume_data(
     dir: &Path,
     observer: &mut dyn Observer,
 ) -> Result<DataFiles> {
+    // A moved run directory: its own token files are found in it.
+    let moved = |recorded: &DataFile| -> Option<PathBuf> {
+        let inside = dir.join(recorded.path.file_name()?);
+        (!recorded.path.exists() && inside.is_file()).then_some(inside)
+    };
     let train = match &record.data {
-        Some(recorded) => recorded_file(recorded, options.data.as_deref(), "--data", observer)?,
+        Some(recorded) => {
+            let given = options.data.clone().or_else(|| moved(recorded));
+            recorded_file(recorded, given.as_deref(), "--data", observer)?
+        }
         None => {
             let path = match &options.data {
                 Some(data) => data.clone(),
@@ -516,12 +528,10 @@ fn resume_data(
         }
     };
     let val = match (&record.val_data, record.val_fraction) {
-        (Some(recorded), _) => Some(recorded_file(
-            recorded,
-            options.val_data.as_deref(),
-            "--val-data",
-            observer,
-        )?),
+        (Some(recorded), _) => {
+            let given = options.val_data.clone().or_else(|| moved(recorded));
+            Some(recorded_file(recorded, given.as_deref(), "--val-data", observer)?)
+        }
         (None, Some(_)) if options.val_data.is_some() => {
             return Err(Error::Invalid(format!(
                 "--val-data conflicts with the run in {}, which holds out the tail of its \

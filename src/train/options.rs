@@ -198,13 +198,6 @@ impl JobOptions {
                 ));
             }
         }
-        if self.overwrite && self.resume.is_some() {
-            return Err(Error::Invalid(
-                "--overwrite and --resume contradict each other: --resume continues the run, \
-                 --overwrite replaces it"
-                    .into(),
-            ));
-        }
         Ok(())
     }
 }

@@ -10,7 +10,8 @@
 //!   `--eval-batches`, `--checkpoint-every`) is an override: applied to the
 //!   record and reported in a note;
 //! - that only concerns the process (`--backend`, `--stop-after`,
-//!   `--restart-every`, `--samples`) is used as given.
+//!   `--restart-every`, `--samples`) is used as given; `--overwrite` does
+//!   nothing (a note says so: an ANE restart repeats the first process's flags).
 //!
 //! The token files are matched by their checksum in `train::job`.
 
@@ -54,10 +55,16 @@ pub(super) fn reconcile(
         return Err(conflict(dir, "--out", out.display(), dir.display()));
     }
     if let Some(mb) = options.corpus_mb {
-        return Err(Error::Invalid(format!(
-            "--corpus-mb {mb} only applies to a new main job; the corpus of {} is made",
-            dir.display()
-        )));
+        match record.corpus_mb {
+            Some(recorded) if recorded == mb => {}
+            Some(recorded) => return Err(conflict(dir, "--corpus-mb", mb, recorded)),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "--corpus-mb {mb} only applies to the main job; {} trains on a token file",
+                    dir.display()
+                )));
+            }
+        }
     }
     if let Some(name) = &options.config {
         check_model(name, c.preset.as_deref(), &c.model, dir)?;

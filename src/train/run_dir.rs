@@ -191,6 +191,9 @@ pub struct RunRecord {
     /// The main job (built-in corpus, samples at the end).
     #[serde(default)]
     pub main_job: bool,
+    /// The main job's built-in corpus size in MB.
+    #[serde(default)]
+    pub corpus_mb: Option<f64>,
 }
 
 impl RunRecord {

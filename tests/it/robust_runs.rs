@@ -384,3 +384,39 @@ fn temp_files(dir: &Path) -> Vec<String> {
         .filter(|n| n.ends_with(".tmp"))
         .collect()
 }
+
+/// Class 5: a main job stopped early and moved resumes from its directory
+/// alone (its token files are found in it by their checksums) and ends with
+/// its samples; an ANE-style restart's repeated flags are no conflict.
+#[test]
+fn issue_23_a_moved_main_job_resumes_from_its_directory() {
+    let dir = temp_dir("robust-moved");
+    let first = dir.join("first");
+    let main_job = [
+        "train", "--corpus-mb", "0.05", "--steps", "3", "--batch", "1", "--seq", "16",
+        "--eval-batches", "1", "--samples", "1", "--out",
+    ];
+    let out = anemone()
+        .args(main_job)
+        .arg(&first)
+        .args(["--stop-after", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty(), "no samples before the last update");
+    let moved = dir.join("moved");
+    std::fs::rename(&first, &moved).unwrap();
+    let out = anemone()
+        .args(main_job)
+        .arg(&moved)
+        .args(["--overwrite", "--resume"])
+        .arg(&moved)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("the same tokens as"), "{stderr}");
+    assert!(stderr.contains("--overwrite does nothing with --resume"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("--- sample 1 ---"), "{stdout}");
+}
