@@ -39,11 +39,23 @@ pub enum Error {
         msg: String,
     },
 
-    /// An I/O error on a named path.
-    #[error("{}: {source}", path.display())]
+    /// An I/O error on a named path. The OS error is part of the message and
+    /// not a `source()`, so a printed chain (`{:#}`) says it once.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+
+    /// What `what` would allocate exceeds the memory this machine offers
+    /// (`crate::memory`): refused before allocating.
+    #[error("{what} needs {} of memory, more than the {} available{hint}", crate::memory::human(*needed), crate::memory::human(*available))]
+    Memory {
+        what: String,
+        needed: u64,
+        available: u64,
+        /// Empty, or "\nhint: ..." naming the flag or field to change.
+        hint: String,
     },
 
     /// A backend (CPU or ANE) failure at a named step ("compile", "load", "evaluate", ...).
@@ -76,8 +88,17 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
+    }
+
+    /// An [`Error::Invalid`] for a numeric flag or field outside its range:
+    /// "--lr 1e30 is out of range: expected a number in (0, 1]" (numbers in
+    /// their `Debug` spelling, which writes 1e30 rather than thirty zeros).
+    pub fn out_of_range(name: &str, value: impl std::fmt::Debug, allowed: &str) -> Self {
+        Error::Invalid(format!(
+            "{name} {value:?} is out of range: expected {allowed}"
+        ))
     }
 
     /// Shorthand for an [`Error::Format`].

@@ -19,10 +19,17 @@ use crate::model::{Param, Weights};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-/// Beginning-of-sequence token id (llama2.c convention).
+/// Beginning-of-sequence token id (llama2.c convention). `anemone tokenize`
+/// starts every document with it, so a model sampling it has ended its
+/// document: generation stops there, as llama2.c's `run.c` does.
 pub const BOS: u32 = 1;
 /// End-of-sequence token id: generation stops when it is sampled.
 pub const EOS: u32 = 2;
+/// The tokens that end generation by default ([`Generator::set_stop_tokens`]
+/// adds a model's own, such as a Hugging Face config's `eos_token_id`s).
+pub const STOP_TOKENS: [u32; 2] = [BOS, EOS];
+/// The largest sampling temperature accepted.
+pub const MAX_TEMPERATURE: f32 = 100.0;
 
 /// Picks the next token from a row of logits.
 #[derive(Clone, Debug)]
@@ -46,6 +53,27 @@ impl Sampler {
             top_p,
             rng: Rng::new(seed),
         }
+    }
+
+    /// [`Sampler::new`] for user-given settings: temperature in
+    /// `[0, MAX_TEMPERATURE]` (0 is greedy), `top_p` in `(0, 1]` (1 keeps every
+    /// token); anything else (NaN, negative, 2) is an error naming the flag.
+    pub fn checked(temperature: f32, top_p: f32, seed: u64) -> Result<Sampler> {
+        if !(0.0..=MAX_TEMPERATURE).contains(&temperature) {
+            return Err(Error::out_of_range(
+                "--temperature",
+                temperature,
+                &format!("a number in [0, {MAX_TEMPERATURE}] (0 is greedy)"),
+            ));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Error::out_of_range(
+                "--top-p",
+                top_p,
+                "a number in (0, 1] (1 samples from every token)",
+            ));
+        }
+        Ok(Sampler::new(temperature, top_p, seed))
     }
 
     /// The next token id. Temperature 0 is argmax; otherwise softmax of
@@ -190,14 +218,21 @@ fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
 }
 
 /// A decoder over borrowed weights with its KV cache and scratch buffers.
+/// The cache grows with the positions used, never to the model's `seq_len`
+/// up front: a model file's context, however large, costs nothing until
+/// tokens fill it.
 pub struct Generator<'w> {
     weights: &'w Weights,
     /// Next position to fill.
     pos: usize,
-    /// Per layer `(seq_len, kv_dim)`.
+    /// Tokens that end [`Generator::generate`].
+    stop: Vec<u32>,
+    /// Per layer `(positions used, kv_dim)`.
     key_cache: Vec<Vec<f32>>,
     value_cache: Vec<Vec<f32>>,
-    /// `(seq_len, head_dim / 2)` RoPE tables.
+    /// `(head_dim / 2)` RoPE frequencies `theta^(-2i / head_dim)`.
+    rope_freq: Vec<f64>,
+    /// `(head_dim / 2)` RoPE rotation of the current position.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     x: Vec<f32>,      // (C) residual stream
@@ -214,23 +249,18 @@ impl<'w> Generator<'w> {
     pub fn new(weights: &'w Weights) -> Generator<'w> {
         let c = weights.config();
         let half = c.head_dim / 2;
-        let mut rope_cos = Vec::with_capacity(c.seq_len * half);
-        let mut rope_sin = Vec::with_capacity(c.seq_len * half);
-        for pos in 0..c.seq_len {
-            for i in 0..half {
-                let freq = (c.rope_theta as f64).powf(-((2 * i) as f64) / c.head_dim as f64);
-                let angle = pos as f64 * freq;
-                rope_cos.push(angle.cos() as f32);
-                rope_sin.push(angle.sin() as f32);
-            }
-        }
+        let rope_freq = (0..half)
+            .map(|i| (c.rope_theta as f64).powf(-((2 * i) as f64) / c.head_dim as f64))
+            .collect();
         Generator {
             weights,
             pos: 0,
-            key_cache: vec![vec![0.0; c.seq_len * c.kv_dim()]; c.n_layers],
-            value_cache: vec![vec![0.0; c.seq_len * c.kv_dim()]; c.n_layers],
-            rope_cos,
-            rope_sin,
+            stop: STOP_TOKENS.to_vec(),
+            key_cache: vec![Vec::new(); c.n_layers],
+            value_cache: vec![Vec::new(); c.n_layers],
+            rope_freq,
+            rope_cos: vec![0.0; half],
+            rope_sin: vec![0.0; half],
             x: vec![0.0; c.dim],
             xn: vec![0.0; c.dim],
             q: vec![0.0; c.q_dim()],
@@ -245,6 +275,11 @@ impl<'w> Generator<'w> {
     /// Number of tokens in the KV cache.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// End [`Generator::generate`] at any of `ids` (default [`STOP_TOKENS`]).
+    pub fn set_stop_tokens(&mut self, ids: &[u32]) {
+        self.stop = ids.to_vec();
     }
 
     /// Forget the context (the cache is overwritten, not cleared).
@@ -269,11 +304,15 @@ impl<'w> Generator<'w> {
             )));
         }
         let (pos, d, hd, kv_dim) = (self.pos, c.dim, c.head_dim, c.kv_dim());
-        let half = hd / 2;
-        let (cos, sin) = (
-            &self.rope_cos[pos * half..(pos + 1) * half],
-            &self.rope_sin[pos * half..(pos + 1) * half],
-        );
+        for (i, &freq) in self.rope_freq.iter().enumerate() {
+            let angle = pos as f64 * freq;
+            self.rope_cos[i] = angle.cos() as f32;
+            self.rope_sin[i] = angle.sin() as f32;
+        }
+        for cache in self.key_cache.iter_mut().chain(&mut self.value_cache) {
+            cache.resize((pos + 1) * kv_dim, 0.0);
+        }
+        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
         let token = token as usize;
         self.x
             .copy_from_slice(&w.get(Param::Embedding)[token * d..(token + 1) * d]);
@@ -351,10 +390,11 @@ impl<'w> Generator<'w> {
     }
 
     /// Generate up to `max_tokens` tokens after `prompt` (which should start
-    /// with [`BOS`]), from an empty context. Stops before emitting [`EOS`] or
-    /// when the context reaches `seq_len` (at most `seq_len - prompt.len() + 1`
-    /// new tokens). Calls `on_token` with each new id as it is sampled and
-    /// returns the new ids (prompt and EOS excluded).
+    /// with [`BOS`]), from an empty context. Stops before emitting a stop
+    /// token ([`BOS`], [`EOS`] or those set by [`Generator::set_stop_tokens`];
+    /// the document ends there) or when the context reaches `seq_len` (at most
+    /// `seq_len - prompt.len() + 1` new tokens). Calls `on_token` with each new
+    /// id as it is sampled and returns the new ids (prompt and stop excluded).
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -380,7 +420,7 @@ impl<'w> Generator<'w> {
         let mut out = Vec::new();
         while out.len() < max_tokens && self.pos < seq_len {
             let token = sampler.sample(self.forward(next_input)?);
-            if token == EOS {
+            if self.stop.contains(&token) {
                 break;
             }
             on_token(token);

@@ -20,12 +20,16 @@
 //! - [`doctor`]: what this machine offers the ANE backend, as a shareable report.
 //! - [`energy`]: CPU, GPU and ANE joules over a span (IOReport on macOS,
 //!   "unavailable" elsewhere), for the benchmarks and `metrics.jsonl`.
+//! - [`npy`]: NumPy `.npy` files (`mil run`'s inputs and outputs).
 //! - [`report`]: run directories: metrics log, plots, run listings.
 //! - [`bench`]: benchmark suites (training steps, ANE micro-benchmarks) and their timing harness.
 //! - [`linalg`], [`math`], [`rng`]: GEMM and transposes, vectorizable `exp` and
 //!   how hot loops run (`simd`, `on_pool`), the random generator.
-//! - [`atomic`], [`mmap`]: atomic file writes, read-only memory maps (the one
-//!   module besides the ANE FFI with `unsafe`).
+//! - [`atomic`], [`mmap`]: atomic file writes (and the removal of temp files
+//!   a killed process left), read-only memory maps (the one module besides the
+//!   ANE FFI with `unsafe`).
+//! - [`memory`]: the memory budget checked before input-sized allocations,
+//!   and bounded file reads.
 
 pub mod atomic;
 pub mod backend;
@@ -38,9 +42,11 @@ pub mod error;
 pub mod generate;
 pub mod linalg;
 pub mod math;
+pub mod memory;
 pub mod mil;
 pub mod mmap;
 pub mod model;
+pub mod npy;
 pub mod package;
 pub mod report;
 pub mod rng;

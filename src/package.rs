@@ -108,7 +108,7 @@ impl ProgramPackage {
                 path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             )
         };
-        let mil = std::fs::read_to_string(&mil_path).map_err(|e| Error::io(&mil_path, e))?;
+        let mil = crate::memory::read_text(&mil_path)?;
         let program =
             mil::parse(&mil).map_err(|e| Error::Invalid(format!("{}: {e}", mil_path.display())))?;
         let mut weights = BTreeMap::new();
@@ -118,7 +118,7 @@ impl ProgramPackage {
                 continue;
             }
             let file = dir.join(Self::relative_path(key)?);
-            let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+            let bytes = crate::memory::read_file(&file, u64::MAX)?;
             weights.insert(key.clone(), bytes);
         }
         Ok(ProgramPackage { mil, weights })

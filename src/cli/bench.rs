@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
@@ -50,7 +51,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub warmup: Option<usize>,
     /// Timed repetitions (default: per suite)
-    #[arg(long)]
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub reps: Option<usize>,
 }
 
@@ -91,13 +92,13 @@ pub struct PeakArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Channel counts C (comma-separated); with --depth replaces the default configs
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub channels: Vec<usize>,
     /// Positions S per config when --channels/--depth are given
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub spatial: usize,
     /// Stack depths d (comma-separated)
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub depth: Vec<usize>,
 }
 
@@ -105,9 +106,9 @@ pub struct PeakArgs {
 pub struct DispatchArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    #[arg(long, default_value_t = ane::DISPATCH_SHAPE.0)]
+    #[arg(long, default_value_t = ane::DISPATCH_SHAPE.0, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub channels: usize,
-    #[arg(long, default_value_t = ane::DISPATCH_SHAPE.1)]
+    #[arg(long, default_value_t = ane::DISPATCH_SHAPE.1, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub spatial: usize,
 }
 
@@ -116,10 +117,10 @@ pub struct SramArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Channel counts C (comma-separated; weights are C x C fp16)
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub channels: Vec<usize>,
     /// Positions S when --channels is given
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub spatial: usize,
     /// Kernel forms (conv, conv-int8, matmul-const, matmul-packed)
     #[arg(long, value_delimiter = ',', default_value = "conv,matmul-packed")]
@@ -131,14 +132,14 @@ pub struct ConvVsMatmulArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Input channels of one config (with --c-out; replaces the defaults)
-    #[arg(long)]
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub c_in: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub c_out: Option<usize>,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub spatial: usize,
     /// Chained layers (needs --c-in == --c-out above 1 for packed weights)
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub depth: usize,
     #[arg(
         long,
@@ -153,16 +154,16 @@ pub struct Int8Args {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Channel counts C (comma-separated); with --depth replaces the defaults
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub channels: Vec<usize>,
     /// Stack depths d (comma-separated)
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub depth: Vec<usize>,
     /// Spatial height H (the reference uses 64 x 64)
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub height: usize,
     /// Spatial width W
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub width: usize,
 }
 
@@ -194,9 +195,9 @@ pub struct TrainStepArgs {
     #[arg(long, default_value = "layer768")]
     config: String,
     /// Tokens per sequence (default: the model's seq_len)
-    #[arg(long)]
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     seq: Option<usize>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     batch: usize,
     #[arg(
         long,
@@ -208,7 +209,7 @@ pub struct TrainStepArgs {
     #[arg(long, default_value_t = Precision::Fp32)]
     precision: Precision,
     /// Timed steps (after the warmup)
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     steps: usize,
     /// Untimed steps first
     #[arg(long, default_value_t = 2)]
@@ -224,6 +225,19 @@ pub struct TrainStepArgs {
 fn train_step(args: TrainStepArgs) -> Result<()> {
     let config = ModelConfig::from_name_or_file(&args.config)?;
     let seq = args.seq.unwrap_or(config.seq_len);
+    if seq > config.seq_len {
+        return Err(anemone::Error::out_of_range(
+            "--seq",
+            seq,
+            &format!("an integer in 1..={} (the model's seq_len)", config.seq_len),
+        )
+        .into());
+    }
+    anemone::memory::check(
+        &format!("training steps of {} x {seq} tokens", args.batch),
+        anemone::train::job::training_bytes(&config, args.batch, seq),
+        "lower --batch or --seq",
+    )?;
     let opened = open_backend(args.backend, args.precision)?;
     eprintln!("{}", opened.note);
     let (backend, precision) = (opened.backend, opened.precision);

@@ -2,9 +2,10 @@
 //! the library's tokenizer, with a byte progress bar on a terminal.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -20,7 +21,8 @@ pub enum TokenizerCommand {
         #[arg(long, num_args = 1.., required = true)]
         input: Vec<PathBuf>,
         /// Vocabulary size, including the 259 reserved ids (<unk>, <s>, </s>, 256 bytes)
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096,
+              value_parser = RangedU64ValueParser::<usize>::new().range(260..=1 << 20))]
         vocab: usize,
         #[arg(long, default_value = "tokenizer.bin")]
         out: PathBuf,
@@ -36,12 +38,19 @@ pub enum TokenizerCommand {
 pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
     match cmd {
         TokenizerCommand::Train { input, vocab, out } => {
+            let named: Vec<(&str, &Path)> =
+                input.iter().map(|p| ("--input", p.as_path())).collect();
+            anemone::atomic::refuse_input_as_output("--out", &out, &named)?;
             let mut texts = Vec::new();
             for path in &input {
-                texts.push(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?,
-                );
+                let bytes = anemone::memory::read_file(path, u64::MAX)?;
+                texts.push(String::from_utf8(bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: not UTF-8 text (invalid byte at {})",
+                        path.display(),
+                        e.utf8_error().valid_up_to()
+                    )
+                })?);
             }
             let started = std::time::Instant::now();
             let tok = train_bpe(texts.iter().map(String::as_str), &TrainOptions::new(vocab))?;
@@ -79,7 +88,7 @@ pub struct TokenizeArgs {
     #[arg(long, default_value = "tokens.bin")]
     pub out: PathBuf,
     /// Fraction of the input (at the end) written to the held-out file
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub val_fraction: f64,
 }
 
@@ -97,6 +106,10 @@ fn byte_bar(total: u64, what: &str) -> Option<ProgressBar> {
 }
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
+    let val = anemone::data::tokens::val_path_for(&args.out);
+    for out in [&args.out, &val] {
+        anemone::atomic::refuse_input_as_output("--out", out, &[("--tokenizer", &args.tokenizer)])?;
+    }
     let tok = Tokenizer::read(&args.tokenizer, None)?;
     let mut bar: Option<ProgressBar> = None;
     let report = tokenize_files(

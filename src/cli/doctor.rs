@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use clap::builder::RangedU64ValueParser;
 
 #[derive(Args, Debug)]
 pub struct DoctorArgs {
@@ -15,7 +16,7 @@ pub struct DoctorArgs {
     #[arg(long, default_value = "tiny")]
     pub config: String,
     /// Window length of the compared kernels (default: the model's seq_len, at most 128)
-    #[arg(long)]
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub seq: Option<usize>,
 }
 

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, ValueEnum};
 
 use anemone::data::tokenizer::Tokenizer;
@@ -21,30 +22,35 @@ pub struct GenerateArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long, default_value = "")]
     pub prompt: String,
-    #[arg(long, default_value_t = 256)]
+    /// New tokens at most (generation also stops at the end of a document, a
+    /// BOS or EOS token, and at the model's context length)
+    #[arg(long, default_value_t = 256, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_tokens: usize,
-    /// 0 = greedy (deterministic)
-    #[arg(long, default_value_t = 0.8)]
+    /// 0 = greedy (deterministic); at most 100
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 0.9)]
+    /// Nucleus mass in (0, 1]; 1 samples from every token
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     pub top_p: f32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let weights =
-        load_weights(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    // Settings first: a bad flag fails before a large model is read.
+    let checked = Sampler::checked(args.temperature, args.top_p, args.seed)?;
+    let mut sampler = if args.temperature == 0.0 {
+        Sampler::greedy()
+    } else {
+        checked
+    };
+    let weights = load_weights(&args.model).context("--model")?;
     let tokenizer_path = match args.tokenizer {
         Some(path) => path,
         None => tokenizer_beside(&args.model)?,
     };
-    let tokenizer = Tokenizer::read(&tokenizer_path, Some(weights.config().vocab_size))?;
-    let mut sampler = if args.temperature == 0.0 {
-        Sampler::greedy()
-    } else {
-        Sampler::new(args.temperature, args.top_p, args.seed)
-    };
+    let tokenizer = Tokenizer::read(&tokenizer_path, Some(weights.config().vocab_size))
+        .context("--tokenizer")?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let (new, rate) = stream(
@@ -82,8 +88,14 @@ pub struct ExportArgs {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    let weights =
-        load_weights(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    // A run directory is read through its checkpoint.
+    let input = if args.model.is_dir() {
+        args.model.join("checkpoint.bin")
+    } else {
+        args.model.clone()
+    };
+    anemone::atomic::refuse_input_as_output("--out", &args.out, &[("--model", &input)])?;
+    let weights = load_weights(&args.model).context("--model")?;
     match (args.format, args.version) {
         (ExportFormat::Llama2c, 0) => llama2c::write_v0(&weights, &args.out)?,
         (ExportFormat::Llama2c, 1) => llama2c::write_v1(&weights, &args.out)?,

@@ -1,4 +1,5 @@
-//! `anemone train`, `anemone eval`: flags into [`JobOptions`], the library's
+//! `anemone train`, `anemone eval`: flags into [`JobOptions`] (a flag not
+//! given is `None`), the library's
 //! job ([`anemone::train::job`]) run with a progress display, and the `exec()`
 //! of a resuming process when the job says the compile budget is spent.
 
@@ -13,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use anemone::backend::ane::restart;
 use anemone::backend::{BackendKind, Precision};
 use anemone::data::tokens::Order;
-use anemone::train::job::{self, JobOptions, Outcome};
+use anemone::train::job::{self, DEFAULTS, JobOptions, Outcome};
 use anemone::train::optim::Schedule;
 use anemone::train::{Metrics, Observer};
 
@@ -22,8 +23,9 @@ use super::choices::{no_about, one_of};
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Model preset (tiny, stories260k, stories15m, stories42m, stories110m,
-    /// qwen3-0.6b-shape, layer768) or a JSON config file
-    #[arg(long, default_value_t = JobOptions::default().config)]
+    /// qwen3-0.6b-shape, layer768) or a JSON config file; a new model takes
+    /// the token file's vocabulary
+    #[arg(long, default_value_t = DEFAULTS.config.to_string())]
     pub config: String,
     /// Token file (anemone .bin with header, or raw uint16). Without it, the
     /// main job: generate the built-in corpus, train a tokenizer and tokenize it
@@ -33,22 +35,24 @@ pub struct TrainArgs {
     #[arg(long)]
     pub val_data: Option<PathBuf>,
     /// Fraction of --data held out for evaluation when --val-data is absent
-    #[arg(long, default_value_t = JobOptions::default().val_fraction)]
+    #[arg(long, default_value_t = DEFAULTS.val_fraction, allow_negative_numbers = true)]
     pub val_fraction: f64,
     /// Start from these weights: an anemone checkpoint or a llama2.c model.bin
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Continue the run in this directory from its checkpoint, exactly
+    /// Continue the run in this directory from its checkpoint, exactly (its
+    /// data, order and settings are recorded; other flags must agree, and
+    /// --steps, --eval-every, --eval-batches, --checkpoint-every override)
     #[arg(long)]
     pub resume: Option<PathBuf>,
     #[arg(
         long,
         value_parser = one_of(&BackendKind::ALL, BackendKind::name, no_about),
-        default_value_t = JobOptions::default().backend
+        default_value_t = DEFAULTS.backend
     )]
     pub backend: BackendKind,
     /// Kernel precision: fp32, or fp16 (rounded after every op, with loss scaling)
-    #[arg(long, default_value_t = JobOptions::default().precision)]
+    #[arg(long, default_value_t = DEFAULTS.precision)]
     pub precision: Precision,
     /// Optimizer updates
     #[arg(long)]
@@ -60,9 +64,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub seq: Option<usize>,
     /// Micro-batches per update (gradient accumulation)
-    #[arg(long, default_value_t = JobOptions::default().accum)]
+    #[arg(long, default_value_t = DEFAULTS.accum)]
     pub accum: usize,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f32>,
     /// Warmup updates
     #[arg(long)]
@@ -70,33 +74,37 @@ pub struct TrainArgs {
     #[arg(
         long,
         value_parser = one_of(&Schedule::ALL, Schedule::name, Schedule::about),
-        default_value_t = JobOptions::default().schedule
+        default_value_t = DEFAULTS.schedule
     )]
     pub schedule: Schedule,
-    #[arg(long, default_value_t = JobOptions::default().weight_decay)]
+    #[arg(long, default_value_t = DEFAULTS.weight_decay, allow_negative_numbers = true)]
     pub weight_decay: f32,
     /// Global gradient-norm clip (0 disables)
-    #[arg(long, default_value_t = JobOptions::default().grad_clip)]
+    #[arg(long, default_value_t = DEFAULTS.grad_clip, allow_negative_numbers = true)]
     pub grad_clip: f32,
-    #[arg(long, default_value_t = JobOptions::default().seed)]
+    #[arg(long, default_value_t = DEFAULTS.seed)]
     pub seed: u64,
     #[arg(
         long,
         value_parser = one_of(&Order::ALL, Order::name, no_about),
-        default_value_t = JobOptions::default().data_order
+        default_value_t = DEFAULTS.data_order
     )]
     pub data_order: Order,
-    /// Run directory (default: runs/<config>-<n>)
+    /// Run directory (default: runs/<config>-<n>); an existing run there is
+    /// refused unless --overwrite
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace the run already in --out (its files only)
+    #[arg(long)]
+    pub overwrite: bool,
     /// Evaluate held-out loss every N updates
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// Held-out batches per evaluation
-    #[arg(long, default_value_t = JobOptions::default().eval_batches)]
+    #[arg(long, default_value_t = DEFAULTS.eval_batches)]
     pub eval_batches: usize,
     /// Save a checkpoint every N updates (0: only at the end)
-    #[arg(long, default_value_t = JobOptions::default().checkpoint_every)]
+    #[arg(long, default_value_t = DEFAULTS.checkpoint_every)]
     pub checkpoint_every: u64,
     /// Stop after this many updates of this invocation (the run can be resumed)
     #[arg(long, hide = true)]
@@ -106,15 +114,18 @@ pub struct TrainArgs {
     #[arg(long, hide = true)]
     pub restart_every: Option<u64>,
     /// Generated samples to print at the end of the main job
-    #[arg(long, default_value_t = JobOptions::default().samples)]
+    #[arg(long, default_value_t = DEFAULTS.samples)]
     pub samples: usize,
     /// Built-in corpus size in MB (main job)
-    #[arg(long, default_value_t = JobOptions::default().corpus_mb)]
+    #[arg(long, default_value_t = DEFAULTS.corpus_mb, allow_negative_numbers = true)]
     pub corpus_mb: f64,
 }
 
-impl From<TrainArgs> for JobOptions {
-    fn from(args: TrainArgs) -> JobOptions {
+impl TrainArgs {
+    /// The job's options: a flag not given on the command line is `None`
+    /// (`given` says which were), so a resumed run can tell a flag that
+    /// repeats a default from one not given.
+    pub fn into_options(self, given: &dyn Fn(&str) -> bool) -> JobOptions {
         let TrainArgs {
             config,
             data,
@@ -136,6 +147,7 @@ impl From<TrainArgs> for JobOptions {
             seed,
             data_order,
             out,
+            overwrite,
             eval_every,
             eval_batches,
             checkpoint_every,
@@ -143,42 +155,43 @@ impl From<TrainArgs> for JobOptions {
             restart_every,
             samples,
             corpus_mb,
-        } = args;
+        } = self;
         JobOptions {
-            config,
+            config: given("config").then_some(config),
             data,
             val_data,
-            val_fraction,
+            val_fraction: given("val_fraction").then_some(val_fraction),
             init,
             resume,
-            backend,
-            precision,
+            backend: given("backend").then_some(backend),
+            precision: given("precision").then_some(precision),
             steps,
             batch,
             seq,
-            accum,
+            accum: given("accum").then_some(accum),
             lr,
             warmup,
-            schedule,
-            weight_decay,
-            grad_clip,
-            seed,
-            data_order,
+            schedule: given("schedule").then_some(schedule),
+            weight_decay: given("weight_decay").then_some(weight_decay),
+            grad_clip: given("grad_clip").then_some(grad_clip),
+            seed: given("seed").then_some(seed),
+            data_order: given("data_order").then_some(data_order),
             out,
+            overwrite,
             eval_every,
-            eval_batches,
-            checkpoint_every,
+            eval_batches: given("eval_batches").then_some(eval_batches),
+            checkpoint_every: given("checkpoint_every").then_some(checkpoint_every),
             stop_after,
             restart_every,
-            samples,
-            corpus_mb,
+            samples: given("samples").then_some(samples),
+            corpus_mb: given("corpus_mb").then_some(corpus_mb),
         }
     }
 }
 
-pub fn train(args: TrainArgs) -> Result<()> {
+pub fn train(options: JobOptions) -> Result<()> {
     let mut progress = Progress::default();
-    let outcome = job::run(&args.into(), &mut progress, &mut std::io::stdout())?;
+    let outcome = job::run(&options, &mut progress, &mut std::io::stdout())?;
     drop(progress);
     match outcome {
         Outcome::Finished { .. } => Ok(()),
@@ -275,7 +288,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Evaluate at most this many tokens (from the start, in consecutive windows)
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_tokens: usize,
     /// Window length (default: the model's seq_len, at most 256)
     #[arg(long)]

@@ -118,25 +118,22 @@ impl std::fmt::Debug for TokenFile {
     }
 }
 
-impl TokenFile {
-    /// Open and check the structure of a token file (see the module doc for the
-    /// in-memory / on-disk choice). Ids are checked by [`TokenFile::check_vocab`].
-    pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with_limit(path, IN_MEMORY_LIMIT)
-    }
+/// What a file's first bytes and its length say about its layout.
+struct Layout {
+    format: Format,
+    dtype: Dtype,
+    vocab_size: Option<usize>,
+    n_tokens: usize,
+    data_offset: usize,
+}
 
-    /// [`TokenFile::open`] with an explicit in-memory size limit (bytes).
-    pub fn open_with_limit(path: &Path, in_memory_limit: u64) -> Result<Self> {
-        let io = |e| Error::io(path, e);
-        let mut file = File::open(path).map_err(io)?;
-        let file_len = file.metadata().map_err(io)?.len();
-        let mut head = [0u8; HEADER_LEN];
-        let head_len = (file_len as usize).min(HEADER_LEN);
-        file.read_exact(&mut head[..head_len]).map_err(io)?;
+impl Layout {
+    /// Check the header (`head`: the file's first bytes, up to [`HEADER_LEN`])
+    /// against the file's length.
+    fn parse(head: &[u8], file_len: u64, path: &Path) -> Result<Layout> {
         let fmt_err = |field: &str, msg: String| Error::format(path, field, msg);
-
         let (format, dtype, vocab_size, n_tokens, data_offset) =
-            if head_len >= 8 && &head[..8] == MAGIC {
+            if head.len() >= 8 && &head[..8] == MAGIC {
                 if file_len < HEADER_LEN as u64 {
                     return Err(fmt_err(
                         "header",
@@ -191,7 +188,7 @@ impl TokenFile {
                     HEADER_LEN,
                 )
             } else {
-                if file_len % 2 != 0 {
+                if !file_len.is_multiple_of(2) {
                     return Err(fmt_err(
                         "size",
                         format!(
@@ -204,12 +201,62 @@ impl TokenFile {
             };
         let n_tokens = usize::try_from(n_tokens)
             .map_err(|_| fmt_err("n_tokens", format!("{n_tokens} is too large")))?;
+        Ok(Layout {
+            format,
+            dtype,
+            vocab_size,
+            n_tokens,
+            data_offset,
+        })
+    }
+
+    fn file(self, path: &Path, storage: Storage) -> TokenFile {
+        TokenFile {
+            path: path.to_path_buf(),
+            format: self.format,
+            dtype: self.dtype,
+            vocab_size: self.vocab_size,
+            n_tokens: self.n_tokens,
+            data_offset: self.data_offset,
+            storage,
+        }
+    }
+}
+
+impl TokenFile {
+    /// Open and check the structure of a token file (see the module doc for the
+    /// in-memory / on-disk choice). Ids are checked by [`TokenFile::check_vocab`].
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_limit(path, IN_MEMORY_LIMIT)
+    }
+
+    /// [`TokenFile::open`] with an explicit in-memory size limit (bytes).
+    pub fn open_with_limit(path: &Path, in_memory_limit: u64) -> Result<Self> {
+        let io = |e| Error::io(path, e);
+        let mut file = File::open(path).map_err(io)?;
+        let metadata = file.metadata().map_err(io)?;
+        if !metadata.is_file() {
+            return Err(Error::format(
+                path,
+                "file",
+                "not a regular file (a token file is read at random positions)",
+            ));
+        }
+        let file_len = metadata.len();
+        let mut head = [0u8; HEADER_LEN];
+        let head_len = (file_len as usize).min(HEADER_LEN);
+        file.read_exact(&mut head[..head_len]).map_err(io)?;
+        let layout = Layout::parse(&head[..head_len], file_len, path)?;
         let storage = if file_len <= in_memory_limit {
+            crate::memory::check(&format!("reading {}", path.display()), file_len, "")?;
             let mut bytes = Vec::with_capacity(file_len as usize);
             file.seek(SeekFrom::Start(0)).map_err(io)?;
-            file.read_to_end(&mut bytes).map_err(io)?;
+            file.take(file_len + 1)
+                .read_to_end(&mut bytes)
+                .map_err(io)?;
             if bytes.len() as u64 != file_len {
-                return Err(fmt_err(
+                return Err(Error::format(
+                    path,
                     "size",
                     "file changed while it was read".to_string(),
                 ));
@@ -218,15 +265,14 @@ impl TokenFile {
         } else {
             Storage::Disk(Mutex::new(file))
         };
-        Ok(TokenFile {
-            path: path.to_path_buf(),
-            format,
-            dtype,
-            vocab_size,
-            n_tokens,
-            data_offset,
-            storage,
-        })
+        Ok(layout.file(path, storage))
+    }
+
+    /// A token file held in `bytes` (either format); `path` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+        let head_len = bytes.len().min(HEADER_LEN);
+        let layout = Layout::parse(&bytes[..head_len], bytes.len() as u64, path)?;
+        Ok(layout.file(path, Storage::Memory(bytes)))
     }
 
     /// The path the file was opened from.
@@ -299,6 +345,33 @@ impl TokenFile {
         let mut out = vec![0; len];
         self.read_into(start, &mut out)?;
         Ok(out)
+    }
+
+    /// CRC-32 (IEEE) of the ids' bytes as stored (the header excluded): what a
+    /// run records to know it continues on the same tokens.
+    pub fn checksum(&self) -> Result<u32> {
+        let width = self.dtype.width();
+        let mut crc = crc32fast::Hasher::new();
+        match &self.storage {
+            Storage::Memory(bytes) => {
+                crc.update(&bytes[self.data_offset..self.data_offset + self.n_tokens * width]);
+            }
+            Storage::Disk(file) => {
+                let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                file.seek(SeekFrom::Start(self.data_offset as u64))
+                    .map_err(|e| Error::io(&self.path, e))?;
+                let mut left = (self.n_tokens * width) as u64;
+                let mut buf = vec![0u8; 1 << 20];
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    file.read_exact(&mut buf[..n])
+                        .map_err(|e| Error::io(&self.path, e))?;
+                    crc.update(&buf[..n]);
+                    left -= n as u64;
+                }
+            }
+        }
+        Ok(crc.finalize())
     }
 
     /// Check the file against a model's vocabulary: the recorded vocabulary (if
@@ -400,11 +473,8 @@ impl TokenWriter {
         let name = path
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let tmp = crate::atomic::temp_path(dir, &name.to_string_lossy());
+        crate::atomic::remove_stale_temps(dir);
         let mut out =
             BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
         if format == Format::Anemone {
@@ -565,9 +635,11 @@ impl TokenSpan {
 
 fn check_val_fraction(val_fraction: f64) -> Result<()> {
     if !(0.0..1.0).contains(&val_fraction) {
-        return Err(Error::Invalid(format!(
-            "val_fraction {val_fraction} must be in [0, 1)"
-        )));
+        return Err(Error::out_of_range(
+            "--val-fraction",
+            val_fraction,
+            "a number in [0, 1)",
+        ));
     }
     Ok(())
 }
@@ -778,6 +850,9 @@ pub fn val_path_for(out: &Path) -> PathBuf {
 /// Line that ends a document besides a blank line (TinyStories' text files).
 const END_OF_TEXT: &str = "<|endoftext|>";
 
+/// The longest line [`tokenize_files`] reads (its ids are held in memory).
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
 /// Tokenize text files into `out` (train) and [`val_path_for`]`(out)` (validation).
 ///
 /// Streaming, line by line: a document is a run of non-blank lines (a blank line
@@ -785,8 +860,10 @@ const END_OF_TEXT: &str = "<|endoftext|>";
 /// dummy prefix, each further line as `"\n" + line` without prefix, so the ids
 /// decode back to the document's text. A trailing `\r` is dropped from each line.
 /// Lines starting in the last `val_fraction` of the input bytes go to the
-/// validation file (starting a new document there). `progress(done, total)` is
-/// called with byte counts.
+/// validation file (starting a new document there); when the input's last line
+/// reaches into that part (a text of one line), it is split where the part
+/// begins. Lines longer than [`MAX_LINE_BYTES`] are an error. The outputs must
+/// not be inputs. `progress(done, total)` is called with byte counts.
 pub fn tokenize_files(
     tokenizer: &Tokenizer,
     inputs: &[PathBuf],
@@ -795,6 +872,12 @@ pub fn tokenize_files(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<TokenizeReport> {
     check_val_fraction(val_fraction)?;
+    let val_path = (val_fraction > 0.0).then(|| val_path_for(out));
+    let named: Vec<(&str, &Path)> = inputs.iter().map(|p| ("--input", p.as_path())).collect();
+    crate::atomic::refuse_input_as_output("--out", out, &named)?;
+    if let Some(val_path) = &val_path {
+        crate::atomic::refuse_input_as_output("the held-out output", val_path, &named)?;
+    }
     let mut total = 0u64;
     for path in inputs {
         total += std::fs::metadata(path)
@@ -802,7 +885,6 @@ pub fn tokenize_files(
             .len();
     }
     let val_from = ((total as f64) * (1.0 - val_fraction)).ceil() as u64;
-    let val_path = (val_fraction > 0.0).then(|| val_path_for(out));
     let mut train = TokenWriter::create(out, tokenizer.vocab_size())?;
     let mut val = match &val_path {
         Some(p) => Some(TokenWriter::create(p, tokenizer.vocab_size())?),
@@ -852,13 +934,25 @@ pub fn tokenize_files(
         let mut line_no = 0usize;
         loop {
             raw.clear();
-            let n = reader
+            let n = (&mut reader)
+                .take(MAX_LINE_BYTES as u64 + 1)
                 .read_until(b'\n', &mut raw)
                 .map_err(|e| Error::io(path, e))?;
             if n == 0 {
                 break;
             }
             line_no += 1;
+            if n > MAX_LINE_BYTES {
+                return Err(Error::format(
+                    path,
+                    format!("line {line_no}"),
+                    format!(
+                        "longer than {} without a line break; this is not a text file, or \
+                         its lines must be split",
+                        crate::memory::human(MAX_LINE_BYTES as u64)
+                    ),
+                ));
+            }
             let line_start = done;
             done += n as u64;
             let mut text = String::from_utf8(std::mem::take(&mut raw)).map_err(|e| {
@@ -873,6 +967,16 @@ pub fn tokenize_files(
             })?;
             while text.ends_with('\n') || text.ends_with('\r') {
                 text.pop();
+            }
+            // The last line of the input reaching into the held-out part is
+            // split there (at a character boundary), so that a text of one
+            // line (one document) still holds some out; other lines go whole.
+            let mut held_out_tail = None;
+            if val.is_some() && !in_val && line_start < val_from && done >= total {
+                let cut = (val_from - line_start) as usize;
+                if let Some(at) = (cut..text.len()).find(|&i| text.is_char_boundary(i)) {
+                    held_out_tail = Some(text.split_off(at));
+                }
             }
             if val.is_some() && !in_val && line_start >= val_from {
                 in_val = true;
@@ -892,6 +996,17 @@ pub fn tokenize_files(
                 to_val: in_val,
             });
             in_document = true;
+            if let Some(tail) = held_out_tail {
+                // The held-out part starts a document of its own.
+                documents += 1;
+                chunk_bytes += tail.len();
+                chunk.push(Line {
+                    text: tail,
+                    first_of_document: true,
+                    to_val: true,
+                });
+                in_val = true;
+            }
             if chunk_bytes >= CHUNK_BYTES {
                 flush(&mut chunk, &mut train, &mut val)?;
                 chunk_bytes = 0;

@@ -28,6 +28,27 @@ use crate::{Error, Result};
 ///
 /// Errors are [`Error::Op`] naming the op, its `name` and the operand or parameter at fault.
 pub fn infer_outputs(func: &Function, op: &Operation) -> Result<Vec<TensorType>> {
+    let results = infer_unchecked(func, op)?;
+    // Element and byte counts stay representable for every later consumer,
+    // as the parser keeps them for declared types.
+    for ty in &results {
+        let fits = ty
+            .shape
+            .iter()
+            .try_fold(8usize, |acc, &d| acc.checked_mul(d))
+            .is_some();
+        if !fits {
+            return Err(Error::Op {
+                op: op.op.to_string(),
+                name: op.name.clone(),
+                msg: format!("the result shape {:?} has too many elements", ty.shape),
+            });
+        }
+    }
+    Ok(results)
+}
+
+fn infer_unchecked(func: &Function, op: &Operation) -> Result<Vec<TensorType>> {
     let cx = Cx { func, op };
     cx.check_params()?;
     match op.op.category() {
@@ -809,24 +830,47 @@ impl<'a> Cx<'a> {
         let mut shape = vec![x.shape[0], c_out];
         for d in 0..spatial {
             let input = x.shape[2 + d];
-            let kernel = (w.shape[2 + d].max(1) - 1) * dilations[d] + 1;
+            if w.shape[2 + d] == 0 || input == 0 {
+                return Err(self.err(format!(
+                    "operand `{}`: spatial axis {d} has size 0 (weight shape {:?}, x shape {:?})",
+                    if input == 0 { "x" } else { "weight" },
+                    w.shape,
+                    x.shape
+                )));
+            }
             let stride = strides[d];
+            // Sizes from hyper-parameters are checked: a huge dilation or pad
+            // is an error, not a wrapped size.
+            let too_large = || {
+                self.err(format!(
+                    "parameters `dilations`, `strides` or `pad` at spatial axis {d} give sizes \
+                     too large to represent"
+                ))
+            };
+            let kernel = (w.shape[2 + d] - 1)
+                .checked_mul(dilations[d])
+                .and_then(|k| k.checked_add(1))
+                .ok_or_else(too_large)?;
             // Total padding along the axis, as in coremltools' `aggregated_pad`.
             let total_pad = match pad_type {
                 "valid" => 0,
-                "custom" => pad[2 * d] + pad[2 * d + 1],
-                "same" | "same_lower" => {
-                    (stride * input.div_ceil(stride) + kernel).saturating_sub(input + stride)
-                }
+                "custom" => pad[2 * d]
+                    .checked_add(pad[2 * d + 1])
+                    .ok_or_else(too_large)?,
+                "same" | "same_lower" => stride
+                    .checked_mul(input.div_ceil(stride))
+                    .and_then(|n| n.checked_add(kernel))
+                    .ok_or_else(too_large)?
+                    .saturating_sub(input + stride),
                 other => unreachable!("pad_type \"{other}\" passed check_params"),
             };
-            if input + total_pad < kernel {
+            let padded = input.checked_add(total_pad).ok_or_else(too_large)?;
+            if padded < kernel {
                 return Err(self.err(format!(
-                    "operand `weight`: dilated kernel size {kernel} exceeds the padded input size {} at spatial axis {d}",
-                    input + total_pad
+                    "operand `weight`: dilated kernel size {kernel} exceeds the padded input size {padded} at spatial axis {d}"
                 )));
             }
-            shape.push((input + total_pad - kernel) / stride + 1);
+            shape.push((padded - kernel) / stride + 1);
         }
         Ok(vec![TensorType::new(x.dtype, shape)])
     }

@@ -36,6 +36,12 @@ use crate::{Error, Result};
 
 /// Parse MIL text (either dialect) into a program. Errors carry line and column.
 pub fn parse(text: &str) -> Result<Program> {
+    Ok(parse_with_lines(text)?.0)
+}
+
+/// [`parse`], and the 1-based line on which each variable (input or result)
+/// is declared, for tools that map the program back to its text.
+pub fn parse_with_lines(text: &str) -> Result<(Program, HashMap<String, usize>)> {
     let tokens = lex(text)?;
     let mut parser = Parser {
         tokens,
@@ -43,7 +49,8 @@ pub fn parse(text: &str) -> Result<Program> {
         defined: HashMap::new(),
         in_blob: false,
     };
-    parser.program()
+    let program = parser.program()?;
+    Ok((program, parser.defined))
 }
 
 // ---- lexer ----------------------------------------------------------------

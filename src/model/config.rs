@@ -37,6 +37,28 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
 }
 
+/// Upper bounds on a config's sizes: far beyond any model anemone can
+/// train, low enough that products of a few of them cannot overflow.
+pub struct Limits {
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    pub positions: usize,
+}
+
+/// The bounds [`ModelConfig::validate`] applies.
+pub const LIMITS: Limits = Limits {
+    width: 1 << 20,
+    layers: 1 << 12,
+    heads: 1 << 12,
+    vocab: 1 << 24,
+    positions: 1 << 24,
+};
+
+/// At most 2^38 parameters (1 TiB of f32).
+pub const MAX_PARAMS: usize = 1 << 38;
+
 fn default_eps() -> f32 {
     1e-5
 }
@@ -125,8 +147,12 @@ impl ModelConfig {
 
     /// Read a JSON config file (the fields of this struct).
     pub fn read_json(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: ModelConfig = serde_json::from_str(&text).map_err(|e| {
+        Self::parse_json(&crate::memory::read_text(path)?, path)
+    }
+
+    /// Parse and validate the text of a JSON config; `path` names it in errors.
+    pub fn parse_json(text: &str, path: &Path) -> Result<ModelConfig> {
+        let config: ModelConfig = serde_json::from_str(text).map_err(|e| {
             Error::format(
                 path,
                 format!("line {} column {}", e.line(), e.column()),
@@ -140,20 +166,18 @@ impl ModelConfig {
     }
 
     /// Check the shape is usable; the message names the field and the fix.
+    /// Every size is bounded ([`LIMITS`], [`MAX_PARAMS`]) and the parameter
+    /// count is computed with checked arithmetic, so the layout arithmetic
+    /// of a validated config cannot overflow.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid(msg));
-        for (field, value) in [
-            ("dim", self.dim),
-            ("n_layers", self.n_layers),
-            ("n_heads", self.n_heads),
-            ("n_kv_heads", self.n_kv_heads),
-            ("head_dim", self.head_dim),
-            ("hidden_dim", self.hidden_dim),
-            ("vocab_size", self.vocab_size),
-            ("seq_len", self.seq_len),
-        ] {
-            if value == 0 {
-                return bad(format!("model config: `{field}` must be positive"));
+        for (field, value, max) in self.sizes() {
+            if value == 0 || value > max {
+                return Err(Error::out_of_range(
+                    &format!("model config: `{field}`"),
+                    value,
+                    &format!("an integer in 1..={max}"),
+                ));
             }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
@@ -168,14 +192,64 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        if self.norm_eps.is_nan()
-            || self.norm_eps <= 0.0
-            || self.rope_theta.is_nan()
-            || self.rope_theta <= 1.0
-        {
-            return bad("model config: norm_eps must be > 0 and rope_theta > 1".into());
+        if !(self.norm_eps > 0.0 && self.norm_eps <= 1.0) {
+            return Err(Error::out_of_range(
+                "model config: `norm_eps`",
+                self.norm_eps,
+                "a number in (0, 1]",
+            ));
         }
-        Ok(())
+        if !(self.rope_theta > 1.0 && self.rope_theta <= 1e12) {
+            return Err(Error::out_of_range(
+                "model config: `rope_theta`",
+                self.rope_theta,
+                "a number in (1, 1e12]",
+            ));
+        }
+        match self.checked_n_params() {
+            Some(n) if n <= MAX_PARAMS => Ok(()),
+            count => bad(format!(
+                "model config: {} parameters is more than anemone handles ({MAX_PARAMS}); \
+                 check dim, hidden_dim, n_layers and vocab_size",
+                count.map_or("an overflowing number of".to_string(), |n| n.to_string())
+            )),
+        }
+    }
+
+    /// Every size field with its name and upper bound, in declaration order.
+    fn sizes(&self) -> [(&'static str, usize, usize); 8] {
+        [
+            ("dim", self.dim, LIMITS.width),
+            ("n_layers", self.n_layers, LIMITS.layers),
+            ("n_heads", self.n_heads, LIMITS.heads),
+            ("n_kv_heads", self.n_kv_heads, LIMITS.heads),
+            ("head_dim", self.head_dim, LIMITS.width),
+            ("hidden_dim", self.hidden_dim, LIMITS.width),
+            ("vocab_size", self.vocab_size, LIMITS.vocab),
+            ("seq_len", self.seq_len, LIMITS.positions),
+        ]
+    }
+
+    /// [`ModelConfig::n_params`] with checked arithmetic: `None` on overflow.
+    pub fn checked_n_params(&self) -> Option<usize> {
+        let d = self.dim;
+        let q = self.n_heads.checked_mul(self.head_dim)?;
+        let kv = self.n_kv_heads.checked_mul(self.head_dim)?;
+        let layer = [
+            Some(2 * d),
+            q.checked_mul(d)?.checked_mul(2),
+            kv.checked_mul(d)?.checked_mul(2),
+            self.hidden_dim.checked_mul(d)?.checked_mul(3),
+        ]
+        .into_iter()
+        .try_fold(0usize, |sum, term| sum.checked_add(term?))?;
+        let emb = self.vocab_size.checked_mul(d)?;
+        let classifier = if self.tied_embeddings { 0 } else { emb };
+        layer
+            .checked_mul(self.n_layers)?
+            .checked_add(emb)?
+            .checked_add(d)?
+            .checked_add(classifier)
     }
 
     /// Query width `n_heads * head_dim`.
@@ -246,6 +320,50 @@ mod tests {
         c.n_kv_heads = 4;
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.contains("n_kv_heads"), "{msg}");
+        for (field, config, needle) in [
+            (
+                "n_layers",
+                ModelConfig {
+                    n_layers: 1 << 62,
+                    ..c.clone()
+                },
+                "1..=4096",
+            ),
+            (
+                "norm_eps",
+                ModelConfig {
+                    norm_eps: f32::INFINITY,
+                    n_kv_heads: 6,
+                    ..c.clone()
+                },
+                "(0, 1]",
+            ),
+            (
+                "rope_theta",
+                ModelConfig {
+                    rope_theta: f32::NAN,
+                    n_kv_heads: 6,
+                    ..c.clone()
+                },
+                "(1, 1e12]",
+            ),
+        ] {
+            let msg = config.validate().unwrap_err().to_string();
+            assert!(msg.contains(field) && msg.contains(needle), "{msg}");
+        }
+        // Every field at its bound: the count is checked, not wrapped.
+        let huge = ModelConfig::llama(
+            1 << 20,
+            1 << 12,
+            1 << 12,
+            1 << 12,
+            1 << 20,
+            1 << 24,
+            1 << 24,
+        );
+        assert!(huge.checked_n_params().is_none_or(|n| n > MAX_PARAMS));
+        let msg = huge.validate().unwrap_err().to_string();
+        assert!(msg.contains("parameters is more than"), "{msg}");
         assert!(
             ModelConfig::preset("nope")
                 .unwrap_err()

@@ -115,7 +115,7 @@ fn body_floats(config: &ModelConfig, version: i32) -> Option<u64> {
 
 /// Read a llama2.c checkpoint (version 0 or 1, detected by the magic).
 pub fn read(path: &Path) -> Result<Weights> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::memory::read_file(path, u64::MAX)?;
     decode(&bytes, path)
 }
 
@@ -237,9 +237,6 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Weights> {
             seq_len as usize,
         )
     };
-    config
-        .validate()
-        .map_err(|e| Error::format(path, "header", e.to_string()))?;
     let describe = || {
         format!(
             "dim={dim} hidden_dim={hidden_dim} n_layers={n_layers} n_heads={n_heads} \
@@ -256,6 +253,9 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Weights> {
                 format!("implausibly large config {}", describe()),
             )
         })?;
+    config
+        .validate()
+        .map_err(|e| Error::format(path, "header", e.to_string()))?;
     if bytes.len() as u64 != expected {
         let what = if (bytes.len() as u64) < expected {
             "truncated"
@@ -290,6 +290,7 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Weights> {
         }
     }
     debug_assert_eq!(offset, bytes.len());
+    weights.check_finite(path)?;
     Ok(weights)
 }
 
@@ -320,8 +321,19 @@ pub fn encode(weights: &Weights, version: i32, path: &Path) -> Result<Vec<u8>> {
         ]
         .map(|x| x as i32)
     };
-    let body = body_floats(config, version).expect("config fits in memory") as usize;
-    let mut out = Vec::with_capacity(V1_HEADER_BYTES + 4 * body);
+    let body = body_floats(config, version).expect("a validated config's size fits") as usize;
+    let bytes = crate::memory::size(&[body, 4]).saturating_add(V1_HEADER_BYTES as u64);
+    let hint = if version == 0 {
+        "version 0 stores RoPE tables of seq_len rows; --version 1 has none"
+    } else {
+        ""
+    };
+    crate::memory::check(
+        &format!("the llama2.c version {version} file {}", path.display()),
+        bytes,
+        hint,
+    )?;
+    let mut out = Vec::with_capacity(bytes as usize);
     if version == 0 {
         let mut fields = header_fields(config.vocab_size);
         if !config.tied_embeddings {

@@ -17,12 +17,13 @@ pub use config::ModelConfig;
 pub use weights::{Layout, Param, Weights};
 
 /// Weights from a run directory (its `checkpoint.bin`), an anemone
-/// checkpoint or a llama2.c `model.bin`, whichever `path` is.
+/// checkpoint or a llama2.c `model.bin`, whichever `path` is. A checkpoint
+/// whose magic is damaged is reported as a checkpoint, not read as llama2.c.
 pub fn load_weights(path: &Path) -> crate::Result<Weights> {
     if path.is_dir() {
         return load_weights(&path.join("checkpoint.bin"));
     }
-    if checkpoint::is_checkpoint(path) {
+    if checkpoint::looks_like_checkpoint(path) {
         Ok(checkpoint::load(path)?.weights)
     } else {
         llama2c::read(path)

@@ -241,6 +241,30 @@ impl Weights {
     pub fn classifier(&self) -> &[f32] {
         self.get(self.layout.classifier())
     }
+
+    /// An error naming `path`, the tensor and the element when a weight is
+    /// NaN or infinite (a diverged run's weights, or a corrupt file).
+    pub fn check_finite(&self, path: &std::path::Path) -> crate::Result<()> {
+        let Some(index) = self.data.iter().position(|x| !x.is_finite()) else {
+            return Ok(());
+        };
+        let param = self
+            .layout
+            .params()
+            .into_iter()
+            .find(|&p| self.layout.range(p).contains(&index))
+            .expect("the params tile the vector");
+        Err(crate::Error::format(
+            path,
+            format!("weights.{}", param.name()),
+            format!(
+                "element {} is {}: the weights are not finite (a diverged run, or a \
+                 corrupt file)",
+                index - self.layout.range(param).start,
+                self.data[index]
+            ),
+        ))
+    }
 }
 
 #[cfg(test)]

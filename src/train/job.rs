@@ -2,15 +2,18 @@
 //! policy around it: the main job (no token file given: the built-in corpus,
 //! a tokenizer trained on it, token files, the `tiny` model, samples at the
 //! end), the defaults that differ between the main job and a run on the
-//! user's data ([`RunDefaults`]), resuming a run directory, the kernel options
-//! and restart decision the backend's [`Preferences`] call for, and the
-//! held-out evaluation of a saved model ([`evaluate`]).
+//! user's data ([`RunDefaults`]), the run directory a job takes (locked,
+//! refused when it holds a run unless `--overwrite`), resuming a run from its
+//! record with nothing but its directory, the memory a run needs checked
+//! before anything is allocated, the kernel options and restart decision
+//! the backend's [`Preferences`] call for, and the held-out evaluation of a
+//! saved model ([`evaluate`]).
 //!
-//! The CLI parses flags into [`JobOptions`] (whose `Default` holds the flags'
-//! defaults) and calls [`run`]; progress and notes go to an [`Observer`],
-//! samples to a writer. This module does not parse arguments, draw progress,
-//! or replace the process: [`Outcome::Restart`] says that a process resuming
-//! the run must take over (the ANE's compile budget), and the caller execs it.
+//! The CLI parses flags into [`JobOptions`] (`None` for a flag not given) and
+//! calls [`run`]; progress and notes go to an [`Observer`], samples to a
+//! writer. This module does not parse arguments, draw progress, or replace
+//! the process: [`Outcome::Restart`] says that a process resuming the run
+//! must take over (the ANE's compile budget), and the caller execs it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,7 +21,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::engine::Engine;
-use super::optim::{AdamW, Schedule};
+use super::optim::AdamW;
+use super::run_dir::{DataFile, RunLock, RunRecord};
 use super::source::WindowSource;
 use super::{Batches, Observer, TrainConfig, Trainer};
 use crate::backend::{self, BackendKind, CompilePlan, Opened, Precision, Preferences};
@@ -30,123 +34,7 @@ use crate::model::kernels::KernelOptions;
 use crate::model::{ModelConfig, Weights, load_weights};
 use crate::{Error, Result};
 
-/// Everything a training job can be told (`anemone train`'s flags). `None`
-/// fields take the [`RunDefaults`] of the kind of run.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JobOptions {
-    /// Model preset or JSON config file.
-    pub config: String,
-    /// Token file; `None` runs the main job.
-    pub data: Option<PathBuf>,
-    /// Held-out token file (default: the last `val_fraction` of `data`).
-    pub val_data: Option<PathBuf>,
-    /// Fraction of `data` held out when `val_data` is absent.
-    pub val_fraction: f64,
-    /// Initial weights: an anemone checkpoint or a llama2.c model.bin.
-    pub init: Option<PathBuf>,
-    /// Continue the run in this directory from its checkpoint, exactly.
-    pub resume: Option<PathBuf>,
-    pub backend: BackendKind,
-    pub precision: Precision,
-    /// Optimizer updates.
-    pub steps: Option<u64>,
-    /// Sequences per micro-batch.
-    pub batch: Option<usize>,
-    /// Tokens per sequence (default: the model's seq_len, at most 256).
-    pub seq: Option<usize>,
-    /// Micro-batches per update.
-    pub accum: usize,
-    pub lr: Option<f32>,
-    /// Warmup updates.
-    pub warmup: Option<u64>,
-    pub schedule: Schedule,
-    pub weight_decay: f32,
-    /// Global gradient-norm clip (0 disables).
-    pub grad_clip: f32,
-    pub seed: u64,
-    pub data_order: Order,
-    /// Run directory (default: `runs/<config>-<n>`, `runs/tiny-<n>` for the main job).
-    pub out: Option<PathBuf>,
-    /// Evaluate held-out loss every N updates.
-    pub eval_every: Option<u64>,
-    /// Held-out batches per evaluation.
-    pub eval_batches: usize,
-    /// Save a checkpoint every N updates (0: only at the end).
-    pub checkpoint_every: u64,
-    /// Stop after this many updates of this process (the run can be resumed).
-    pub stop_after: Option<u64>,
-    /// Checkpoint and restart every N updates (what the ANE compile budget
-    /// forces on baked kernels; for tests).
-    pub restart_every: Option<u64>,
-    /// Samples printed at the end of the main job.
-    pub samples: usize,
-    /// Size of the main job's built-in corpus, in MB.
-    pub corpus_mb: f64,
-}
-
-impl Default for JobOptions {
-    /// The main job with the flags' defaults.
-    fn default() -> Self {
-        JobOptions {
-            config: "tiny".into(),
-            data: None,
-            val_data: None,
-            val_fraction: 0.05,
-            init: None,
-            resume: None,
-            backend: BackendKind::Cpu,
-            precision: Precision::Fp32,
-            steps: None,
-            batch: None,
-            seq: None,
-            accum: 1,
-            lr: None,
-            warmup: None,
-            schedule: Schedule::Cosine,
-            weight_decay: 0.1,
-            grad_clip: 1.0,
-            seed: 1337,
-            data_order: Order::Random,
-            out: None,
-            eval_every: None,
-            eval_batches: 8,
-            checkpoint_every: 100,
-            stop_after: None,
-            restart_every: None,
-            samples: 3,
-            corpus_mb: 4.0,
-        }
-    }
-}
-
-/// What a run uses for the options left unset, by kind of run.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RunDefaults {
-    pub steps: u64,
-    pub batch: usize,
-    pub lr: f32,
-    pub warmup: u64,
-    pub eval_every: u64,
-}
-
-impl RunDefaults {
-    /// The main job: a few minutes of the `tiny` model on the built-in corpus.
-    pub const MAIN_JOB: RunDefaults = RunDefaults {
-        steps: 200,
-        batch: 8,
-        lr: 3e-3,
-        warmup: 20,
-        eval_every: 50,
-    };
-    /// A run on the user's token file.
-    pub const OWN_DATA: RunDefaults = RunDefaults {
-        steps: 1000,
-        batch: 4,
-        lr: 5e-4,
-        warmup: 100,
-        eval_every: 200,
-    };
-}
+pub use super::options::{DEFAULTS, Defaults, JobOptions, RunDefaults};
 
 /// The main job's model preset, which also names its run directories.
 pub const MAIN_JOB_PRESET: &str = "tiny";
@@ -172,186 +60,137 @@ pub fn run(
     observer: &mut dyn Observer,
     samples_out: &mut dyn Write,
 ) -> Result<Outcome> {
-    if let Some(dir) = &options.resume {
-        return resume(options, dir, observer);
+    options.validate()?;
+    match &options.resume {
+        Some(dir) => resume(options, dir, observer, samples_out),
+        None => start(options, observer, samples_out),
     }
+}
+
+/// The token files of a run, opened: training data and held-out data (a
+/// file of its own, or the tail of the training data).
+struct DataFiles {
+    train: Arc<TokenFile>,
+    val: Option<Arc<TokenFile>>,
+    val_fraction: f64,
+}
+
+impl DataFiles {
+    fn open(data: &Path, val_data: Option<&Path>, val_fraction: f64) -> Result<DataFiles> {
+        Ok(DataFiles {
+            train: Arc::new(TokenFile::open(data)?),
+            val: match val_data {
+                Some(path) => Some(Arc::new(TokenFile::open(path)?)),
+                None => None,
+            },
+            val_fraction,
+        })
+    }
+
+    /// Every id below `vocab`, then the spans for training and evaluation.
+    fn spans(&self, vocab: usize) -> Result<(TokenSpan, TokenSpan)> {
+        self.train.check_vocab(vocab)?;
+        match &self.val {
+            Some(val) => {
+                val.check_vocab(vocab)?;
+                Ok((
+                    TokenSpan::whole(self.train.clone()),
+                    TokenSpan::whole(val.clone()),
+                ))
+            }
+            None => TokenSpan::split_tail(self.train.clone(), self.val_fraction),
+        }
+    }
+
+    /// The batch sources over the spans: training windows in `order`,
+    /// held-out windows in sequence.
+    fn sources(&self, config: &TrainConfig, order: Order) -> Result<(WindowSource, WindowSource)> {
+        let (train_span, val_span) = self.spans(config.model.vocab_size)?;
+        Ok((
+            WindowSource::new(Batcher::new(train_span, config.seq, order, config.seed)?),
+            WindowSource::new(Batcher::new(val_span, config.seq, Order::Sequential, 0)?),
+        ))
+    }
+}
+
+/// Lock `run_dir` for a new run and check it holds no run (or remove the
+/// old run's files with `overwrite`); notes say what was found.
+fn take_run_dir(run_dir: &Path, overwrite: bool, observer: &mut dyn Observer) -> Result<RunLock> {
+    let (lock, stale) = RunLock::acquire(run_dir)?;
+    if let Some(pid) = stale {
+        observer.on_message(&format!(
+            "note: {} was locked by process {pid}, which ended without releasing it; taken over",
+            run_dir.display()
+        ));
+    }
+    for path in crate::atomic::remove_stale_temps(run_dir) {
+        observer.on_message(&format!(
+            "note: removed {}, left by a process that was killed while writing it",
+            path.display()
+        ));
+    }
+    let removed = super::run_dir::prepare_new(run_dir, overwrite)?;
+    if !removed.is_empty() {
+        observer.on_message(&format!(
+            "--overwrite: removed the previous run's {}",
+            removed
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(lock)
+}
+
+/// A new run (the main job when `options.data` is `None`).
+fn start(
+    options: &JobOptions,
+    observer: &mut dyn Observer,
+    samples_out: &mut dyn Write,
+) -> Result<Outcome> {
     // Open the backend first: `--backend ane` fails before any data is prepared.
-    let opened = open_backend(options.backend, options.precision)?;
+    let precision = options.precision.unwrap_or(DEFAULTS.precision);
+    let opened = open_backend(options.backend.unwrap_or(DEFAULTS.backend), precision)?;
     observer.on_message(&opened.note);
     let main_job = options.data.is_none();
-    let (data, val_data, run_dir, vocab) = match &options.data {
-        Some(data) => {
-            let run_dir = options
-                .out
-                .clone()
-                .unwrap_or_else(|| next_run_dir(&options.config));
-            (data.clone(), options.val_data.clone(), run_dir, None)
-        }
+    // Everything is checked before the run directory is touched.
+    let (mut config, own_files, init) = plan_new_run(options, opened.precision, observer)?;
+    let config_name = options.config.as_deref().unwrap_or(DEFAULTS.config);
+    let run_dir = options.out.clone().unwrap_or_else(|| {
+        next_run_dir(if main_job {
+            MAIN_JOB_PRESET
+        } else {
+            config_name
+        })
+    });
+    let _lock = take_run_dir(&run_dir, options.overwrite, observer)?;
+    let files = match own_files {
+        Some(files) => files,
         None => {
-            let run_dir = options
-                .out
-                .clone()
-                .unwrap_or_else(|| next_run_dir(MAIN_JOB_PRESET));
-            let prepared = prepare_main_job(&run_dir, options.corpus_mb, options.seed, observer)?;
-            (
-                prepared.train,
-                Some(prepared.val),
-                run_dir,
-                Some(prepared.vocab),
-            )
+            let mb = options.corpus_mb.unwrap_or(DEFAULTS.corpus_mb);
+            let prepared = prepare_main_job(&run_dir, mb, config.seed, observer)?;
+            config.model.vocab_size = prepared.vocab;
+            config.validate()?;
+            DataFiles::open(&prepared.train, Some(&prepared.val), 0.0)?
         }
     };
-    let init = match &options.init {
-        Some(path) => Some(
-            load_weights(path)
-                .map_err(|e| Error::Invalid(format!("loading --init {}: {e}", path.display())))?,
-        ),
-        None => None,
+    let data_order = options.data_order.unwrap_or(DEFAULTS.data_order);
+    let (mut source, mut val) = files.sources(&config, data_order)?;
+    let record = RunRecord {
+        config: config.clone(),
+        data_order,
+        data: Some(DataFile::of(&files.train)?),
+        val_data: files.val.as_deref().map(DataFile::of).transpose()?,
+        val_fraction: files.val.is_none().then_some(files.val_fraction),
+        init: options
+            .init
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        main_job,
+        corpus_mb: main_job.then(|| options.corpus_mb.unwrap_or(DEFAULTS.corpus_mb)),
     };
-    let mut model = match &init {
-        Some(weights) => weights.config().clone(),
-        None => ModelConfig::from_name_or_file(&options.config)?,
-    };
-    if let Some(vocab) = vocab {
-        model.vocab_size = vocab;
-    }
-    let seq = options.seq.unwrap_or(model.seq_len.min(256));
-    model.seq_len = model.seq_len.max(seq);
-    let defaults = if main_job {
-        RunDefaults::MAIN_JOB
-    } else {
-        RunDefaults::OWN_DATA
-    };
-    let config = train_config(options, defaults, model, seq, opened.precision);
     let weights = init.unwrap_or_else(|| Weights::init(&config.model, config.seed));
-    let (train_span, val_span) =
-        spans(&data, val_data.as_deref(), options, config.model.vocab_size)?;
-    let mut source = WindowSource::new(Batcher::new(
-        train_span,
-        seq,
-        options.data_order,
-        config.seed,
-    )?);
-    let mut val = WindowSource::new(Batcher::new(val_span, seq, Order::Sequential, 0)?);
-
-    let preferences = opened.backend.preferences();
-    let restart_after = updates_before_restart(options.restart_every, &preferences)?;
-    let kernels = kernel_options(opened.precision, &preferences);
-    let engine = Engine::new(opened.backend, &config.model, seq, config.batch, kernels)?;
-    observer.on_message(&format!(
-        "training {} ({:.2}M parameters, dim {}, {} layers) on {} for {} steps of {} x {} tokens -> {}",
-        config.preset.as_deref().unwrap_or("model"),
-        config.model.n_params() as f64 / 1e6,
-        config.model.dim,
-        config.model.n_layers,
-        engine.backend_name(),
-        config.steps,
-        config.batch * config.accum,
-        seq,
-        run_dir.display()
-    ));
-    let mut trainer = Trainer::new(config, weights, engine, &run_dir)?;
-    let outcome = run_loop(
-        &mut trainer,
-        &mut source,
-        &mut val,
-        options,
-        restart_after,
-        observer,
-    )?;
-    if main_job && matches!(outcome, Outcome::Finished { .. }) {
-        let tokenizer = run_dir.join("tokenizer.bin");
-        crate::generate::samples(
-            &trainer.weights,
-            &tokenizer,
-            options.samples,
-            options.seed,
-            samples_out,
-        )?;
-    }
-    Ok(outcome)
-}
-
-/// This run's config: the options, else `defaults`.
-fn train_config(
-    options: &JobOptions,
-    defaults: RunDefaults,
-    model: ModelConfig,
-    seq: usize,
-    precision: Precision,
-) -> TrainConfig {
-    TrainConfig {
-        preset: crate::model::config::PRESETS
-            .contains(&options.config.as_str())
-            .then(|| options.config.clone()),
-        steps: options.steps.unwrap_or(defaults.steps),
-        batch: options.batch.unwrap_or(defaults.batch),
-        seq,
-        accum: options.accum,
-        lr: options.lr.unwrap_or(defaults.lr),
-        warmup: options.warmup.unwrap_or(defaults.warmup),
-        schedule: options.schedule,
-        optimizer: AdamW {
-            weight_decay: options.weight_decay,
-            ..AdamW::default()
-        },
-        grad_clip: options.grad_clip,
-        seed: options.seed,
-        eval_every: options.eval_every.unwrap_or(defaults.eval_every),
-        eval_batches: options.eval_batches,
-        checkpoint_every: options.checkpoint_every,
-        fp16: precision == Precision::Fp16,
-        model,
-    }
-}
-
-/// Continue the run in `dir` from its checkpoint, with its saved config.
-fn resume(options: &JobOptions, dir: &Path, observer: &mut dyn Observer) -> Result<Outcome> {
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| {
-        Error::Invalid(format!(
-            "reading {} (is --resume a run directory?): {e}",
-            config_path.display()
-        ))
-    })?;
-    let config: TrainConfig = serde_json::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("parsing {}: {e}", config_path.display())))?;
-    let data = match &options.data {
-        Some(data) => data.clone(),
-        None if dir.join("tokens.bin").exists() => dir.join("tokens.bin"),
-        None => {
-            return Err(Error::Invalid(
-                "--resume needs --data (the token file the run was started with)".into(),
-            ));
-        }
-    };
-    let val_data = options
-        .val_data
-        .clone()
-        .or_else(|| Some(dir.join("tokens.val.bin")).filter(|p| p.exists()));
-    let (train_span, val_span) =
-        spans(&data, val_data.as_deref(), options, config.model.vocab_size)?;
-    let mut source = WindowSource::new(Batcher::new(
-        train_span,
-        config.seq,
-        options.data_order,
-        config.seed,
-    )?);
-    let mut val = WindowSource::new(Batcher::new(val_span, config.seq, Order::Sequential, 0)?);
-    // A run keeps the precision it started with (fp16 runs carry a loss scale).
-    let wanted = if config.fp16 {
-        Precision::Fp16
-    } else {
-        options.precision
-    };
-    let opened = open_backend(options.backend, wanted)?;
-    observer.on_message(&opened.note);
-    if opened.precision != wanted {
-        return Err(Error::Invalid(format!(
-            "{} was trained with fp32 kernels; the ANE runs fp16 kernels (hint: resume it with --backend cpu)",
-            dir.display()
-        )));
-    }
     let preferences = opened.backend.preferences();
     let restart_after = updates_before_restart(options.restart_every, &preferences)?;
     let kernels = kernel_options(opened.precision, &preferences);
@@ -362,20 +201,406 @@ fn resume(options: &JobOptions, dir: &Path, observer: &mut dyn Observer) -> Resu
         config.batch,
         kernels,
     )?;
-    let mut trainer = Trainer::resume(dir, engine, &mut source, options.steps)?;
     observer.on_message(&format!(
-        "resumed {} at step {}",
-        dir.display(),
-        trainer.step()
+        "training {} ({:.2}M parameters, dim {}, {} layers) on {} for {} steps of {} x {} tokens -> {}",
+        config.preset.as_deref().unwrap_or("model"),
+        config.model.n_params() as f64 / 1e6,
+        config.model.dim,
+        config.model.n_layers,
+        engine.backend_name(),
+        config.steps,
+        config.batch * config.accum,
+        config.seq,
+        run_dir.display()
     ));
-    run_loop(
+    let mut trainer = Trainer::new(config, weights, engine, &run_dir)?;
+    record.write(&run_dir)?;
+    let outcome = run_loop(
         &mut trainer,
         &mut source,
         &mut val,
         options,
         restart_after,
         observer,
+    )?;
+    finish(&trainer, &outcome, main_job, options, samples_out)?;
+    Ok(outcome)
+}
+
+/// A new run's config, validated and within memory, its token files (the
+/// user's; the main job makes its own later) and its `--init` weights.
+fn plan_new_run(
+    options: &JobOptions,
+    precision: Precision,
+    observer: &mut dyn Observer,
+) -> Result<(TrainConfig, Option<DataFiles>, Option<Weights>)> {
+    let files = match &options.data {
+        Some(data) => {
+            let fraction = options.val_fraction.unwrap_or(DEFAULTS.val_fraction);
+            Some(DataFiles::open(
+                data,
+                options.val_data.as_deref(),
+                fraction,
+            )?)
+        }
+        None => None,
+    };
+    if let (Some(name), Some(_)) = (&options.config, &options.init) {
+        return Err(Error::Invalid(format!(
+            "--config {name} conflicts with --init: the model is the one the --init weights \
+             describe\nhint: drop --config"
+        )));
+    }
+    let init = match &options.init {
+        Some(path) => Some(load_weights(path).map_err(|e| Error::Invalid(format!("--init: {e}")))?),
+        None => None,
+    };
+    let vocab = match &files {
+        Some(files) => files
+            .train
+            .vocab_size()
+            .map(|v| (v, files.train.path().to_path_buf())),
+        // The main job's tokenizer has at most this many tokens.
+        None => Some((MAIN_JOB_VOCAB, PathBuf::new())),
+    };
+    let model = new_model(options, init.as_ref(), vocab, observer)?;
+    let main_job = files.is_none();
+    let config = train_config(options, main_job, init.is_none(), model, precision);
+    config.validate()?;
+    check_training_memory(&config)?;
+    Ok((config, files, init))
+}
+
+/// The main job's closing samples, once its last update is done.
+fn finish(
+    trainer: &Trainer,
+    outcome: &Outcome,
+    main_job: bool,
+    options: &JobOptions,
+    samples_out: &mut dyn Write,
+) -> Result<()> {
+    let done = matches!(outcome, Outcome::Finished { step, .. } if *step == trainer.config.steps);
+    if main_job && done {
+        crate::generate::samples(
+            &trainer.weights,
+            &trainer.run_dir().join("tokenizer.bin"),
+            options.samples.unwrap_or(DEFAULTS.samples),
+            trainer.config.seed,
+            samples_out,
+        )?;
+    }
+    Ok(())
+}
+
+/// The model of a new run: the `--init` weights' shape, else the preset or
+/// config file with the vocabulary of the token file (`vocab`: its size and
+/// path; an empty path for the main job's tokenizer), and a context of at
+/// least `--seq` tokens; each change from the config said in a note.
+fn new_model(
+    options: &JobOptions,
+    init: Option<&Weights>,
+    vocab: Option<(usize, PathBuf)>,
+    observer: &mut dyn Observer,
+) -> Result<ModelConfig> {
+    if let Some(weights) = init {
+        // `--seq` beyond the weights' context is refused by the config check.
+        return Ok(weights.config().clone());
+    }
+    let name = options.config.as_deref().unwrap_or(DEFAULTS.config);
+    let mut model = ModelConfig::from_name_or_file(name)?;
+    if let Some((vocab, path)) = vocab
+        && vocab != model.vocab_size
+    {
+        if !path.as_os_str().is_empty() {
+            observer.on_message(&format!(
+                "vocabulary: {vocab} tokens, from {} (--config {name} has {}; a new model \
+                 takes its token file's)",
+                path.display(),
+                model.vocab_size
+            ));
+        }
+        model.vocab_size = vocab;
+    }
+    let seq = options.seq.unwrap_or(model.seq_len.min(256));
+    let max_seq = crate::model::config::LIMITS.positions;
+    if seq > max_seq {
+        return Err(Error::out_of_range(
+            "--seq",
+            seq,
+            &format!("an integer in 1..={max_seq}"),
+        ));
+    }
+    if seq > model.seq_len {
+        observer.on_message(&format!(
+            "context: {seq} tokens (--seq {seq}; --config {name} has seq_len {})",
+            model.seq_len
+        ));
+        model.seq_len = seq;
+    }
+    Ok(model)
+}
+
+/// This run's config: the options, else the defaults of its kind of run.
+fn train_config(
+    options: &JobOptions,
+    main_job: bool,
+    fresh: bool,
+    model: ModelConfig,
+    precision: Precision,
+) -> TrainConfig {
+    let defaults = if main_job {
+        RunDefaults::MAIN_JOB
+    } else {
+        RunDefaults::OWN_DATA
+    };
+    let name = options.config.as_deref().unwrap_or(DEFAULTS.config);
+    TrainConfig {
+        // A preset names the model only when the model is the preset's.
+        preset: (fresh && crate::model::config::PRESETS.contains(&name)).then(|| name.to_string()),
+        steps: options.steps.unwrap_or(defaults.steps),
+        batch: options.batch.unwrap_or(defaults.batch),
+        seq: options.seq.unwrap_or(model.seq_len.min(256)),
+        accum: options.accum.unwrap_or(DEFAULTS.accum),
+        lr: options.lr.unwrap_or(defaults.lr),
+        warmup: options.warmup.unwrap_or(defaults.warmup),
+        schedule: options.schedule.unwrap_or(DEFAULTS.schedule),
+        optimizer: AdamW {
+            weight_decay: options.weight_decay.unwrap_or(DEFAULTS.weight_decay),
+            ..AdamW::default()
+        },
+        grad_clip: options.grad_clip.unwrap_or(DEFAULTS.grad_clip),
+        seed: options.seed.unwrap_or(DEFAULTS.seed),
+        eval_every: options.eval_every.unwrap_or(defaults.eval_every),
+        eval_batches: options.eval_batches.unwrap_or(DEFAULTS.eval_batches),
+        checkpoint_every: options
+            .checkpoint_every
+            .unwrap_or(DEFAULTS.checkpoint_every),
+        fp16: precision == Precision::Fp16,
+        model,
+    }
+}
+
+/// Bytes a training step holds, estimated from the shapes (saturating): the
+/// weights with their gradients and two AdamW moments, the activations the
+/// forward saves and the backward's arrays per token, the classifier's
+/// logits, and per sequence in flight the attention's `T x T` masks and
+/// probabilities.
+pub fn training_bytes(model: &ModelConfig, batch: usize, seq: usize) -> u64 {
+    use crate::memory::size;
+    let (c, f, q, kv) = (model.dim, model.hidden_dim, model.q_dim(), model.kv_dim());
+    let params = model.checked_n_params().unwrap_or(usize::MAX);
+    let per_layer_token = 6 * c + 3 * f + 2 * q + 2 * kv + 2;
+    let backward_token = 4 * c + 3 * f + 2 * q + 2 * kv;
+    let tokens = size(&[batch, seq]);
+    let in_flight = batch.min(rayon::current_num_threads()).max(1);
+    [
+        size(&[params, 4, 5]),
+        tokens.saturating_mul(size(&[model.n_layers, per_layer_token, 4])),
+        tokens.saturating_mul(size(&[backward_token + model.vocab_size, 4])),
+        size(&[in_flight, model.n_heads + 2, seq, seq, 4]),
+    ]
+    .into_iter()
+    .fold(0, u64::saturating_add)
+}
+
+/// Refuse a run whose step would not fit in memory, before allocating it.
+fn check_training_memory(config: &TrainConfig) -> Result<()> {
+    crate::memory::check(
+        &format!(
+            "training a {:.1}M-parameter model on {} x {} tokens",
+            config.model.checked_n_params().unwrap_or(usize::MAX) as f64 / 1e6,
+            config.batch,
+            config.seq
+        ),
+        training_bytes(&config.model, config.batch, config.seq),
+        "lower --batch (use --accum for the same tokens per update) or --seq, or use a smaller --config",
     )
+}
+
+/// Continue the run in `dir` from its checkpoint and its record; the
+/// options given besides must agree with the record (`train::resume`).
+fn resume(
+    options: &JobOptions,
+    dir: &Path,
+    observer: &mut dyn Observer,
+    samples_out: &mut dyn Write,
+) -> Result<Outcome> {
+    RunRecord::read(dir)?;
+    let (_lock, stale) = RunLock::acquire(dir)?;
+    if let Some(pid) = stale {
+        observer.on_message(&format!(
+            "note: {} was locked by process {pid}, which ended without releasing it; taken over",
+            dir.display()
+        ));
+    }
+    let mut record = RunRecord::read(dir)?;
+    let mut notes = super::resume::reconcile(&mut record, options, dir)?;
+    if options.overwrite {
+        notes.push("note: --overwrite does nothing with --resume (the run continues)".into());
+    }
+    let files = resume_data(&mut record, options, dir, observer)?;
+    record.config.validate()?;
+    for note in &notes {
+        observer.on_message(note);
+    }
+    record.write(dir)?;
+    let config = record.config.clone();
+    // A run keeps the precision it started with (fp16 runs carry a loss scale).
+    let wanted = if config.fp16 {
+        Precision::Fp16
+    } else {
+        Precision::Fp32
+    };
+    let opened = open_backend(options.backend.unwrap_or(DEFAULTS.backend), wanted)?;
+    observer.on_message(&opened.note);
+    if opened.precision != wanted {
+        return Err(Error::Invalid(format!(
+            "{} was trained with fp32 kernels; the ANE runs fp16 kernels (hint: resume it with --backend cpu)",
+            dir.display()
+        )));
+    }
+    check_training_memory(&config)?;
+    let (mut source, mut val) = files.sources(&config, record.data_order)?;
+    let preferences = opened.backend.preferences();
+    let restart_after = updates_before_restart(options.restart_every, &preferences)?;
+    let kernels = kernel_options(opened.precision, &preferences);
+    let engine = Engine::new(
+        opened.backend,
+        &config.model,
+        config.seq,
+        config.batch,
+        kernels,
+    )?;
+    let mut trainer = Trainer::resume(dir, engine, &mut source, None)?;
+    observer.on_message(&format!(
+        "resumed {} at step {} of {}",
+        dir.display(),
+        trainer.step(),
+        trainer.config.steps
+    ));
+    let outcome = run_loop(
+        &mut trainer,
+        &mut source,
+        &mut val,
+        options,
+        restart_after,
+        observer,
+    )?;
+    finish(&trainer, &outcome, record.main_job, options, samples_out)?;
+    Ok(outcome)
+}
+
+/// The token files of a resumed run: the recorded ones, found by their
+/// recorded paths or by `--data`/`--val-data`, and holding the recorded
+/// tokens. Runs from before files were recorded take `--data` (or the run's
+/// own `tokens.bin`) and record it now.
+fn resume_data(
+    record: &mut RunRecord,
+    options: &JobOptions,
+    dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<DataFiles> {
+    // A moved run directory: its own token files are found in it.
+    let moved = |recorded: &DataFile| -> Option<PathBuf> {
+        let inside = dir.join(recorded.path.file_name()?);
+        (!recorded.path.exists() && inside.is_file()).then_some(inside)
+    };
+    let train = match &record.data {
+        Some(recorded) => {
+            let given = options.data.clone().or_else(|| moved(recorded));
+            recorded_file(recorded, given.as_deref(), "--data", observer)?
+        }
+        None => {
+            let path = match &options.data {
+                Some(data) => data.clone(),
+                None if dir.join("tokens.bin").exists() => dir.join("tokens.bin"),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "{} does not record its token file (a run from an older anemone): \
+                         --resume it with --data (the token file it was started with)",
+                        dir.display()
+                    )));
+                }
+            };
+            let file = TokenFile::open(&path)?;
+            record.data = Some(DataFile::of(&file)?);
+            file
+        }
+    };
+    let val = match (&record.val_data, record.val_fraction) {
+        (Some(recorded), _) => {
+            let given = options.val_data.clone().or_else(|| moved(recorded));
+            Some(recorded_file(recorded, given.as_deref(), "--val-data", observer)?)
+        }
+        (None, Some(_)) if options.val_data.is_some() => {
+            return Err(Error::Invalid(format!(
+                "--val-data conflicts with the run in {}, which holds out the tail of its \
+                 training data\nhint: drop --val-data",
+                dir.display()
+            )));
+        }
+        (None, Some(_)) => None,
+        (None, None) => {
+            let path = options
+                .val_data
+                .clone()
+                .or_else(|| Some(dir.join("tokens.val.bin")).filter(|p| p.exists()));
+            match path {
+                Some(path) => {
+                    let file = TokenFile::open(&path)?;
+                    record.val_data = Some(DataFile::of(&file)?);
+                    Some(file)
+                }
+                None => {
+                    record.val_fraction = Some(DEFAULTS.val_fraction);
+                    None
+                }
+            }
+        }
+    };
+    Ok(DataFiles {
+        train: Arc::new(train),
+        val: val.map(Arc::new),
+        val_fraction: record.val_fraction.unwrap_or(DEFAULTS.val_fraction),
+    })
+}
+
+/// A recorded token file, at `given` when a flag names one, else where it
+/// was; its tokens must be the recorded ones.
+fn recorded_file(
+    recorded: &DataFile,
+    given: Option<&Path>,
+    flag: &str,
+    observer: &mut dyn Observer,
+) -> Result<TokenFile> {
+    let path = given.unwrap_or(&recorded.path);
+    let file = TokenFile::open(path).map_err(|e| match given {
+        None => Error::Invalid(format!(
+            "{e}\nhint: the run's token file is not where it was; pass {flag} with a file \
+             holding the same tokens"
+        )),
+        Some(_) => e,
+    })?;
+    let found = DataFile::of(&file)?;
+    if found.tokens != recorded.tokens || found.crc32 != recorded.crc32 {
+        return Err(Error::Invalid(format!(
+            "{} holds other tokens than the run started with ({} tokens, CRC-32 {}; now {} \
+             tokens, CRC-32 {})\nhint: resume with the token file the run started with ({flag})",
+            path.display(),
+            recorded.tokens,
+            recorded.crc32,
+            found.tokens,
+            found.crc32
+        )));
+    }
+    if found.path != recorded.path {
+        observer.on_message(&format!(
+            "note: {flag} {}: the same tokens as {}, which the run started with",
+            path.display(),
+            recorded.path.display()
+        ));
+    }
+    Ok(file)
 }
 
 /// Train until the end of the run, `stop_after` or the compile budget,
@@ -473,25 +698,6 @@ fn next_run_dir(name: &str) -> PathBuf {
         .expect("a free run directory")
 }
 
-/// Token spans for training and evaluation: `val_data` whole, else the tail of `data`.
-fn spans(
-    data: &Path,
-    val_data: Option<&Path>,
-    options: &JobOptions,
-    vocab: usize,
-) -> Result<(TokenSpan, TokenSpan)> {
-    let file = Arc::new(TokenFile::open(data)?);
-    file.check_vocab(vocab)?;
-    match val_data {
-        Some(path) => {
-            let val = Arc::new(TokenFile::open(path)?);
-            val.check_vocab(vocab)?;
-            Ok((TokenSpan::whole(file), TokenSpan::whole(val)))
-        }
-        None => TokenSpan::split_tail(file, options.val_fraction),
-    }
-}
-
 /// What the main job prepared in its run directory.
 struct Prepared {
     vocab: usize,
@@ -563,10 +769,24 @@ pub fn evaluate(
     max_tokens: usize,
     seq: Option<usize>,
 ) -> Result<Evaluation> {
-    let weights = load_weights(model)
-        .map_err(|e| Error::Invalid(format!("loading {}: {e}", model.display())))?;
+    if max_tokens == 0 {
+        return Err(Error::out_of_range("--max-tokens", 0, "an integer >= 1"));
+    }
+    let weights = load_weights(model).map_err(|e| Error::Invalid(format!("--model: {e}")))?;
     let config = weights.config().clone();
     let seq = seq.unwrap_or(config.seq_len.min(256));
+    if !(1..=config.seq_len).contains(&seq) {
+        return Err(Error::out_of_range(
+            "--seq",
+            seq,
+            &format!("an integer in 1..={} (the model's seq_len)", config.seq_len),
+        ));
+    }
+    crate::memory::check(
+        &format!("evaluating windows of {seq} tokens"),
+        training_bytes(&config, 1, seq),
+        "lower --seq",
+    )?;
     let file = Arc::new(TokenFile::open(data)?);
     file.check_vocab(config.vocab_size)?;
     let windows = ((file.len().saturating_sub(1)) / seq).min((max_tokens / seq).max(1));
@@ -586,6 +806,14 @@ pub fn evaluate(
     for _ in 0..windows {
         batcher.next_window(&mut inputs, &mut targets)?;
         total += engine.loss(&weights, &inputs, &targets)?;
+    }
+    if !total.is_finite() {
+        return Err(Error::Invalid(format!(
+            "the loss of {} on {} is {total}: its weights overflow the computation \
+             (finite, but too large)",
+            model.display(),
+            data.display()
+        )));
     }
     Ok(Evaluation {
         loss: total / windows as f64,

@@ -4,11 +4,14 @@
 //! optimizer, schedules and loss scaling ([`optim`]), the run loop here:
 //! gradient accumulation, clipping, evaluation, metrics, checkpoints and exact
 //! resume; and whole jobs with their run policy ([`job`]: the main job,
-//! defaults, resuming, restarts for the compile budget).
+//! defaults, resuming, restarts for the compile budget; [`options`]: what a
+//! job can be told; [`run_dir`]: the lock, the record and the checks of a run
+//! directory; `resume`: which flags a resumed run accepts).
 //!
-//! A run directory holds `config.json` (this run's [`TrainConfig`]),
-//! `metrics.jsonl` (one JSON object per step), `checkpoint.bin` (latest) and
-//! whatever the caller adds (tokenizer, samples).
+//! A run directory holds `config.json` (this run's [`TrainConfig`], and in a
+//! job's run the record of its data, [`run_dir::RunRecord`]),
+//! `metrics.jsonl` (one JSON object per step), `checkpoint.bin` (latest),
+//! `.lock` and whatever the caller adds (tokenizer, samples).
 
 mod buffers;
 mod classifier;
@@ -18,8 +21,11 @@ pub mod job;
 pub mod kernel;
 mod layer;
 pub mod optim;
+pub mod options;
 mod params;
 pub mod profile;
+mod resume;
+pub mod run_dir;
 mod schedule;
 pub mod source;
 mod stages;
@@ -138,13 +144,14 @@ impl Trainer {
         engine: Engine,
         run_dir: &Path,
     ) -> Result<Trainer> {
-        validate(&config)?;
+        config.validate()?;
         if weights.config() != &config.model {
             return Err(Error::Invalid(
                 "initial weights do not match the model config (dim, layers, heads or vocab differ)".into(),
             ));
         }
         std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+        crate::atomic::remove_stale_temps(run_dir);
         let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::Invalid(e.to_string()))?;
         crate::atomic::write_atomic(&run_dir.join("config.json"), &json)?;
         let n = weights.data.len();
@@ -179,12 +186,11 @@ impl Trainer {
         data: &mut dyn Batches,
         steps: Option<u64>,
     ) -> Result<Trainer> {
-        let config_path = run_dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let mut config: TrainConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&config_path, "config", e.to_string()))?;
+        crate::atomic::remove_stale_temps(run_dir);
+        let mut config = TrainConfig::read(&run_dir.join("config.json"))?;
         if let Some(steps) = steps {
             config.steps = steps;
+            config.validate()?;
         }
         let ckpt_path = run_dir.join("checkpoint.bin");
         let ckpt = checkpoint::load(&ckpt_path)?;
@@ -200,6 +206,17 @@ impl Trainer {
             .ok_or_else(|| Error::format(&ckpt_path, "optimizer", "checkpoint has no optimizer state; cannot resume exactly (use --init to start a new run from it)"))?;
         let state: State = serde_json::from_value(ckpt.state)
             .map_err(|e| Error::format(&ckpt_path, "header.state", e.to_string()))?;
+        if state.step > config.steps {
+            return Err(Error::out_of_range(
+                "--steps",
+                config.steps,
+                &format!(
+                    "at least the {} updates {} has done",
+                    state.step,
+                    run_dir.display()
+                ),
+            ));
+        }
         data.restore(&state.data)?;
         // Drop metrics rows written after the checkpoint (a crash after saving).
         let metrics_path = run_dir.join("metrics.jsonl");
@@ -256,6 +273,20 @@ impl Trainer {
         )
     }
 
+    /// The error that ends a run whose last `skipped` updates all had
+    /// non-finite gradients: it cannot make progress.
+    fn no_progress(&self, skipped: u64, loss: f64, lr: f32) -> Error {
+        Error::Invalid(format!(
+            "training cannot make progress: the last {skipped} updates (to step {}) all had \
+             non-finite gradients and were skipped (loss {loss}, learning rate {lr:e}); the \
+             last checkpoint in {} is from before them\nhint: lower --lr (this run's peak \
+             is {:e}) or --grad-clip, and check the data and the initial weights",
+            self.state.step,
+            self.run_dir.display(),
+            self.config.lr
+        ))
+    }
+
     /// Run updates until `config.steps`, or until `stop_after` more updates
     /// (for tests of interrupted runs). Saves a checkpoint at the end.
     pub fn train(
@@ -278,6 +309,7 @@ impl Trainer {
             None => cfg.steps,
         };
         let tokens_per_update = (n * cfg.accum) as f64;
+        let mut skipped_in_a_row = 0;
         while self.state.step < end {
             let started = Instant::now();
             let energy = crate::energy::start();
@@ -320,12 +352,17 @@ impl Trainer {
                     lr,
                     factor,
                 );
+                skipped_in_a_row = 0;
             } else {
                 observer.on_message(&format!(
                     "step {}: non-finite gradients, update skipped, loss scale now {}",
                     self.state.step + 1,
                     self.state.scaler.scale
                 ));
+                skipped_in_a_row += 1;
+                if skipped_in_a_row >= MAX_SKIPPED_UPDATES {
+                    return Err(self.no_progress(skipped_in_a_row, loss, lr));
+                }
             }
             self.state.step += 1;
             let seconds = started.elapsed().as_secs_f64();
@@ -366,26 +403,101 @@ impl Trainer {
     }
 }
 
-fn validate(c: &TrainConfig) -> Result<()> {
-    c.model.validate()?;
-    let bad = |m: String| Err(Error::Invalid(m));
-    if c.batch == 0 || c.accum == 0 || c.steps == 0 {
-        return bad("--batch, --accum and --steps must be at least 1".into());
+impl TrainConfig {
+    /// Check every field against its range; messages name the flag that sets
+    /// it and the range (`--lr 1e30 is out of range: expected a number in (0, 1]`).
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        c.model.validate()?;
+        let counts = [
+            ("--steps", c.steps, 1, MAX_STEPS),
+            ("--batch", c.batch as u64, 1, MAX_BATCH),
+            ("--accum", c.accum as u64, 1, MAX_BATCH),
+            ("--seq", c.seq as u64, 1, c.model.seq_len as u64),
+            ("--warmup", c.warmup, 0, MAX_STEPS),
+            ("--eval-batches", c.eval_batches as u64, 1, MAX_BATCH),
+        ];
+        for (flag, value, min, max) in counts {
+            if !(min..=max).contains(&value) {
+                let why = if flag == "--seq" {
+                    " (the model's seq_len)"
+                } else {
+                    ""
+                };
+                return Err(Error::out_of_range(
+                    flag,
+                    value,
+                    &format!("an integer in {min}..={max}{why}"),
+                ));
+            }
+        }
+        let numbers = [
+            (
+                "--lr",
+                c.lr,
+                "a number in (0, 1]",
+                c.lr > 0.0 && c.lr <= 1.0,
+            ),
+            (
+                "--weight-decay",
+                c.optimizer.weight_decay,
+                "a number in [0, 10]",
+                (0.0..=10.0).contains(&c.optimizer.weight_decay),
+            ),
+            (
+                "--grad-clip",
+                c.grad_clip,
+                "a finite number >= 0 (0 disables clipping)",
+                c.grad_clip >= 0.0 && c.grad_clip.is_finite(),
+            ),
+        ];
+        for (flag, value, allowed, ok) in numbers {
+            if !ok {
+                return Err(Error::out_of_range(flag, value, allowed));
+            }
+        }
+        let adam = &c.optimizer;
+        if !((0.0..1.0).contains(&adam.beta1)
+            && (0.0..1.0).contains(&adam.beta2)
+            && adam.eps > 0.0
+            && adam.eps.is_finite())
+        {
+            return Err(Error::Invalid(format!(
+                "optimizer: beta1 {} and beta2 {} must be in [0, 1) and eps {} a positive number",
+                adam.beta1, adam.beta2, adam.eps
+            )));
+        }
+        Ok(())
     }
-    if c.seq == 0 || c.seq > c.model.seq_len {
-        return bad(format!(
-            "--seq {} must be between 1 and the model's seq_len {}",
-            c.seq, c.model.seq_len
-        ));
+
+    /// Parse and validate a run's `config.json`; `path` names it in errors.
+    pub fn parse_json(text: &str, path: &Path) -> Result<TrainConfig> {
+        let config: TrainConfig = serde_json::from_str(text).map_err(|e| {
+            Error::format(
+                path,
+                format!("line {} column {}", e.line(), e.column()),
+                e.to_string(),
+            )
+        })?;
+        config
+            .validate()
+            .map_err(|e| Error::format(path, "config", e.to_string()))?;
+        Ok(config)
     }
-    if !(c.lr > 0.0 && c.lr.is_finite()) {
-        return bad(format!("--lr {} must be a positive number", c.lr));
+
+    /// [`TrainConfig::parse_json`] of the file at `path`.
+    pub fn read(path: &Path) -> Result<TrainConfig> {
+        TrainConfig::parse_json(&crate::memory::read_text(path)?, path)
     }
-    if c.eval_batches == 0 {
-        return bad("eval_batches must be at least 1".into());
-    }
-    Ok(())
 }
+
+/// Most updates a run may ask for.
+pub const MAX_STEPS: u64 = 1_000_000_000;
+/// Most sequences per micro-batch, micro-batches per update, held-out batches.
+pub const MAX_BATCH: u64 = 1 << 20;
+/// Consecutive skipped updates (non-finite gradients) after which a run stops:
+/// more than the dynamic loss scale's halvings from its start to 1.
+pub const MAX_SKIPPED_UPDATES: u64 = 25;
 
 #[cfg(test)]
 mod tests {

@@ -120,3 +120,64 @@ impl Tolerance {
         );
     }
 }
+
+/// The `anemone` binary run with its address space limited to `bytes` where
+/// the shell can (`ulimit -v`, Unix): a command that would allocate more
+/// fails instead of succeeding slowly. Elsewhere the plain binary.
+pub fn anemone_within(bytes: u64) -> Command {
+    if !cfg!(unix) {
+        return anemone();
+    }
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("ulimit -v {}; exec \"$0\" \"$@\"", bytes / 1024))
+        .arg(env!("CARGO_BIN_EXE_anemone"));
+    command
+}
+
+/// Run `command`, which must fail with exit code 2 (the house style's error
+/// exit) and an `error: ` line; returns its stderr.
+pub fn fails(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit code 2 from {command:?}\nstderr: {stderr}\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains("error: "), "{stderr}");
+    stderr
+}
+
+/// Run `command`, which must succeed; returns its stderr.
+pub fn succeeds(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{command:?} failed\nstderr: {stderr}\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
+/// A one-layer model config (`model.json`, vocabulary 64, context 16) and a
+/// token file of 4000 random ids for it (`tokens.bin`), in `dir`.
+pub fn small_run_inputs(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let config = dir.join("model.json");
+    std::fs::write(
+        &config,
+        r#"{"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
+            "hidden_dim": 64, "vocab_size": 64, "seq_len": 16}"#,
+    )
+    .unwrap();
+    let tokens = dir.join("tokens.bin");
+    let mut rng = anemone::rng::Rng::new(seed);
+    let ids: Vec<u32> = (0..4000).map(|_| rng.below(64) as u32).collect();
+    let mut writer = anemone::data::tokens::TokenWriter::create(&tokens, 64).unwrap();
+    writer.extend(&ids).unwrap();
+    writer.finish().unwrap();
+    (config, tokens)
+}

@@ -237,3 +237,107 @@ fn greedy_text_of_a_trained_model_matches_numpy() {
         expected["text"].as_str().unwrap()
     );
 }
+
+/// Issue 23, class 6: a model trained on several documents (anemone's
+/// `tokenize` starts each with BOS) ends its document with a BOS, and
+/// generation stops there, as llama2.c's `run.c` does: `anemone generate`
+/// at temperature 0 prints byte for byte what `run.c -t 0 -n STEPS -i PROMPT`
+/// prints, including where it stops. The expected output comes from the
+/// independent NumPy decoder `scripts/llama2c_generate_text.py`, which follows
+/// run.c's loop and stopping rule (and was checked against run.c itself,
+/// `docs/robustness.md`); two prompts end at a BOS, one at the step limit.
+#[test]
+fn generation_stops_where_run_c_stops() {
+    let dir = crate::common::fixture("generate").join("stops");
+    let model = dir.join("stops_v0.bin");
+    let tokenizer_path = dir.join("tokenizer.bin");
+    let weights = llama2c::read(&model).unwrap();
+    let tokenizer = anemone::data::tokenizer::Tokenizer::read(
+        &tokenizer_path,
+        Some(weights.config().vocab_size),
+    )
+    .unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    assert!(cases.iter().filter(|c| c["stops_at_bos"] == true).count() >= 2);
+    for case in cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        let steps = case["steps"].as_u64().unwrap() as usize;
+        // run.c's steps count positions from the first prompt token: the new
+        // tokens at most are steps - prompt length + 1.
+        let prompt_ids = tokenizer.encode(prompt, true, false);
+        let max_tokens = steps - prompt_ids.len() + 1;
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ids = Generator::new(&weights)
+            .generate(&prompt_ids, max_tokens, &mut Sampler::greedy(), |_| {})
+            .unwrap();
+        assert_eq!(ids, want, "prompt {prompt:?}");
+        let out = crate::common::anemone()
+            .args(["generate", "--temperature", "0", "--model"])
+            .arg(&model)
+            .arg("--tokenizer")
+            .arg(&tokenizer_path)
+            .args(["--prompt", prompt, "--max-tokens", &max_tokens.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            case["stdout"].as_str().unwrap(),
+            "prompt {prompt:?}"
+        );
+    }
+}
+
+/// A model whose every prediction is token `favourite`: a constant
+/// embedding, layers that add nothing, an untied classifier with one row.
+fn always(favourite: u32) -> anemone::model::Weights {
+    use anemone::model::{ModelConfig, Param, Weights};
+    let config = ModelConfig {
+        tied_embeddings: false,
+        ..ModelConfig::llama(8, 1, 2, 2, 8, 16, 32)
+    };
+    let mut weights = Weights::zeros(&config);
+    weights.get_mut(Param::Embedding).fill(1.0);
+    for norm in [Param::RmsAtt(0), Param::RmsFfn(0), Param::RmsFinal] {
+        weights.get_mut(norm).fill(1.0);
+    }
+    let row = favourite as usize * 8;
+    weights.get_mut(Param::Classifier)[row..row + 8].fill(1.0);
+    weights
+}
+
+/// Issue 23, class 6: BOS and EOS end generation, and so do a model's own
+/// stop tokens (a Hugging Face config's `eos_token_id`s) when set.
+#[test]
+fn bos_eos_and_set_stop_tokens_end_generation() {
+    let prompt = [anemone::generate::BOS, 7];
+    for stop in [anemone::generate::BOS, anemone::generate::EOS] {
+        let weights = always(stop);
+        let ids = Generator::new(&weights)
+            .generate(&prompt, 10, &mut Sampler::greedy(), |_| {})
+            .unwrap();
+        assert!(ids.is_empty(), "{stop}: {ids:?}");
+    }
+    let weights = always(9);
+    let mut generator = Generator::new(&weights);
+    let ids = generator
+        .generate(&prompt, 10, &mut Sampler::greedy(), |_| {})
+        .unwrap();
+    assert_eq!(ids, [9; 10]);
+    generator.set_stop_tokens(&[9]);
+    let ids = generator
+        .generate(&prompt, 10, &mut Sampler::greedy(), |_| {})
+        .unwrap();
+    assert!(ids.is_empty(), "{ids:?}");
+}

@@ -30,12 +30,12 @@ fn saved_config(run_dir: &Path) -> TrainConfig {
 fn the_main_job_prepares_its_data_trains_with_its_defaults_and_prints_samples() {
     let run_dir = temp_dir("job-main").join("run");
     let options = JobOptions {
-        corpus_mb: 0.1,
+        corpus_mb: Some(0.1),
         steps: Some(2),
         batch: Some(1),
         seq: Some(32),
-        eval_batches: 1,
-        samples: 2,
+        eval_batches: Some(1),
+        samples: Some(2),
         out: Some(run_dir.clone()),
         ..JobOptions::default()
     };
@@ -68,7 +68,7 @@ fn the_main_job_prepares_its_data_trains_with_its_defaults_and_prints_samples() 
         (config.lr, config.warmup, config.eval_every),
         (defaults.lr, defaults.warmup, defaults.eval_every)
     );
-    assert_eq!(config.seed, JobOptions::default().seed);
+    assert_eq!(config.seed, job::DEFAULTS.seed);
     assert_eq!(notes.0[0], "backend: cpu");
     assert!(notes.0[1].starts_with("built-in corpus: 0.1 MB of stories, 1024-token tokenizer"));
     assert!(notes.0[2].starts_with(
@@ -115,11 +115,11 @@ fn restarts_resume_to_the_same_run_and_defaults_fill_what_is_unset() {
     let dir = temp_dir("job-restart");
     let (model, tokens) = small_run_inputs(&dir);
     let options = |out: &str| JobOptions {
-        config: model.to_string_lossy().into_owned(),
+        config: Some(model.to_string_lossy().into_owned()),
         data: Some(tokens.clone()),
         steps: Some(5),
         batch: Some(2),
-        eval_batches: 1,
+        eval_batches: Some(1),
         out: Some(dir.join(out)),
         ..JobOptions::default()
     };

@@ -92,7 +92,7 @@ pub fn run_program(
     inputs: &[(String, HostTensor)],
     precision: Precision,
 ) -> Result<Vec<(String, HostTensor)>> {
-    let plan = Plan::compile(program, weights, precision)?;
+    let plan = checked_plan(program, weights, precision)?;
     let names = || {
         plan.inputs
             .iter()
@@ -152,6 +152,32 @@ pub fn run_program(
         .collect())
 }
 
+/// Everything [`run_program`] checks before it executes: the program
+/// lowered and planned with its BLOBFILE constants read from `weights`, and
+/// the memory a run would take available. Returns those bytes.
+pub fn check_program(
+    program: &Program,
+    weights: &BTreeMap<String, Vec<u8>>,
+    precision: Precision,
+) -> Result<u64> {
+    Ok(checked_plan(program, weights, precision)?.bytes_to_run())
+}
+
+/// [`Plan::compile`], refused when a run would not fit in memory.
+fn checked_plan(
+    program: &Program,
+    weights: &BTreeMap<String, Vec<u8>>,
+    precision: Precision,
+) -> Result<Plan> {
+    let plan = Plan::compile(program, weights, precision)?;
+    crate::memory::check(
+        "running the program on the CPU (inputs, outputs and intermediate values)",
+        plan.bytes_to_run(),
+        "the tensor types of the program decide this; check its shapes and pads",
+    )?;
+    Ok(plan)
+}
+
 struct CompiledKernel {
     info: KernelInfo,
     plan: Plan,
@@ -209,7 +235,7 @@ impl CpuBackend {
         program: &Program,
         weights: &BTreeMap<String, Vec<u8>>,
     ) -> Result<KernelId> {
-        let plan = Plan::compile(program, weights, self.precision)?;
+        let plan = checked_plan(program, weights, self.precision)?;
         let info = KernelInfo {
             inputs: plan.inputs.clone(),
             outputs: plan.outputs.clone(),

@@ -151,6 +151,19 @@ impl Plan {
         }
     }
 
+    /// Bytes one run holds besides the constants: its inputs, its outputs and
+    /// the workspace's temporaries, as `f32` (saturating: never wraps).
+    pub(super) fn bytes_to_run(&self) -> u64 {
+        let elements = self
+            .inputs
+            .iter()
+            .chain(&self.outputs)
+            .map(|v| v.ty.numel())
+            .chain(self.temp_sizes.iter().copied())
+            .fold(0u64, |sum, n| sum.saturating_add(n as u64));
+        elements.saturating_mul(4)
+    }
+
     /// Run once on fresh buffers: one vector per input in, per output out.
     #[cfg(test)]
     pub(super) fn run_once(&self, inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {

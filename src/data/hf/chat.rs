@@ -78,7 +78,7 @@ impl ChatTemplate {
         let special_tokens = read_special_tokens(dir)?;
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
-            let source = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+            let source = crate::memory::read_text(&jinja)?;
             return Ok(Some(
                 ChatTemplate::from_source(&jinja, &source)?.with_special_tokens(special_tokens),
             ));

@@ -59,8 +59,13 @@ impl HfTokenizer {
 
     /// A `tokenizer.json` alone (no named special tokens).
     pub fn from_file(path: &Path) -> Result<HfTokenizer> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        let bytes = crate::memory::read_file(path, crate::memory::TEXT_FILE_LIMIT)?;
+        HfTokenizer::from_bytes(&bytes, path)
+    }
+
+    /// The bytes of a `tokenizer.json`; `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HfTokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::format(path, "tokenizer", e.to_string()))?;
         let vocab_size = inner
             .get_vocab(true)
@@ -181,11 +186,10 @@ impl HfTokenizer {
 
 /// A JSON file of the directory, or `None` when it does not exist.
 pub(crate) fn read_optional_json(path: &Path) -> Result<Option<Value>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, e)),
-    };
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = crate::memory::read_text(path)?;
     serde_json::from_str(&text).map(Some).map_err(|e| {
         Error::format(
             path,

@@ -5,7 +5,8 @@
 //! `tokenizer.bin` layout (little-endian): `u32 max_token_length`, then per token
 //! id in order `f32 score, i32 len, len bytes`. Pieces hold raw bytes: llama2.c's
 //! exporter stores SentencePiece's "▁" as a plain space, so piece `" the"` is the
-//! word "the" with its leading space. Ids 0, 1, 2 are `<unk>`, BOS and EOS; ids
+//! word "the" with its leading space. Ids 0, 1, 2 are `<unk>`, BOS and EOS
+//! (never produced from text, whatever their pieces hold); ids
 //! 3..=258 are the byte-fallback pieces `<0x00>`..`<0xFF>` (checked on load).
 //!
 //! Encoding follows run.c: a dummy-prefix space when the text is non-empty, each
@@ -117,7 +118,7 @@ impl Tokenizer {
     /// exactly that many tokens (trailing bytes are ignored, as llama2.c does);
     /// `None` reads until the end of the file.
     pub fn read(path: &Path, vocab_size: Option<usize>) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::memory::read_file(path, crate::memory::TEXT_FILE_LIMIT)?;
         Self::parse(&bytes, vocab_size, path)
     }
 
@@ -250,8 +251,10 @@ impl Tokenizer {
                 ));
             }
         }
+        // Control ids never come from text, whatever their pieces spell: a
+        // vocabulary whose piece 1 is "a" must not turn "a" into BOS.
         let mut index = HashMap::with_capacity(pieces.len());
-        for (id, piece) in pieces.iter().enumerate() {
+        for (id, piece) in pieces.iter().enumerate().skip(BYTE_OFFSET as usize) {
             index.entry(piece.clone()).or_insert(id as u32);
         }
         let byte_of = pieces.iter().map(|p| parse_byte_piece(p)).collect();
@@ -360,7 +363,9 @@ impl Tokenizer {
         let mut next: Vec<usize> = (1..=n).collect();
         let mut alive = vec![true; n];
         let mut heap = BinaryHeap::new();
-        let mut concat = Vec::with_capacity(2 * self.max_token_length as usize);
+        // Sized by the pieces, not by the header's `max_token_length`, which a
+        // file may set to anything at least as large.
+        let mut concat = Vec::new();
         for left in 0..n - 1 {
             self.push_candidate(&mut heap, &mut concat, left, left + 1, &id_at);
         }

@@ -394,7 +394,7 @@ impl HfConfig {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::memory::read_text(path)?;
     serde_json::from_str(&text).map_err(|e| {
         Error::format(
             path,

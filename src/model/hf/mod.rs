@@ -44,7 +44,8 @@ impl HfCheckpoint {
     }
 
     /// Tensor `name` as `f32`, checked against the shape the config implies
-    /// (names outside [`tensors::expected_tensors`] are read with their stored shape).
+    /// (names outside [`tensors::expected_tensors`] are read with their stored
+    /// shape) and finite: a NaN or infinite weight is an error naming it.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let expected = tensors::expected_tensors(&self.config);
         let shape = match expected.iter().find(|spec| spec.name == name) {
@@ -55,6 +56,8 @@ impl HfCheckpoint {
                 .map(<[usize]>::to_vec)
                 .unwrap_or_default(),
         };
-        self.tensors.read_f32(name, &shape)
+        let values = self.tensors.read_f32(name, &shape)?;
+        self.tensors.check_finite(name, &values)?;
+        Ok(values)
     }
 }

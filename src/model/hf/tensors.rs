@@ -181,7 +181,7 @@ impl SafetensorsReader {
     /// The shards listed by a `model.safetensors.index.json`; every tensor of
     /// its `weight_map` must be in the shard it names.
     pub fn open_index(index_path: &Path) -> Result<SafetensorsReader> {
-        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let text = crate::memory::read_text(index_path)?;
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             Error::format(
                 index_path,
@@ -331,12 +331,27 @@ impl SafetensorsReader {
         Ok((bytes, dtype))
     }
 
-    /// Tensor `name` as `f32`, which must have `expected_shape`.
+    /// Tensor `name` as `f32`, which must have `expected_shape` (the values
+    /// as stored; model loading checks them with [`Self::check_finite`]).
     pub fn read_f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
         let (bytes, dtype) = self.checked(name, expected_shape)?;
         let mut out = vec![0.0; bytes.len() / dtype.size()];
         decode_f32(dtype, bytes, &mut out);
         Ok(out)
+    }
+
+    /// An error naming the file, the tensor and the element when a value of
+    /// tensor `name` is NaN or infinite: what loading a model's weights calls,
+    /// as checkpoints and llama2.c files are checked.
+    pub fn check_finite(&self, name: &str, values: &[f32]) -> Result<()> {
+        match values.iter().position(|x| !x.is_finite()) {
+            None => Ok(()),
+            Some(i) => Err(Error::format(
+                self.path_of(name).unwrap_or(&self.source),
+                name,
+                format!("element {i} is {}: the weights are not finite", values[i]),
+            )),
+        }
     }
 
     /// Like [`read_f32`](Self::read_f32), into `out` (its length must be the

@@ -1,0 +1,219 @@
+//! What `train --resume DIR` may be told besides the directory. The run's
+//! record ([`RunRecord`]) holds everything it started with, so `--resume
+//! DIR` alone continues it exactly. A flag given with it:
+//!
+//! - that would change the run's trajectory (model, weights, data, order,
+//!   batch, sequence, optimizer, schedule, seed, precision) and differs from
+//!   the record is an error naming the flag, its value and the recorded one;
+//!   the same value is accepted;
+//! - that extends or observes the run (`--steps`, `--eval-every`,
+//!   `--eval-batches`, `--checkpoint-every`) is an override: applied to the
+//!   record and reported in a note;
+//! - that only concerns the process (`--backend`, `--stop-after`,
+//!   `--restart-every`, `--samples`) is used as given; `--overwrite` does
+//!   nothing (a note says so: an ANE restart repeats the first process's flags).
+//!
+//! The token files are matched by their checksum in `train::job`.
+
+use std::fmt::Display;
+use std::path::Path;
+
+use super::options::JobOptions;
+use super::run_dir::RunRecord;
+use crate::backend::Precision;
+use crate::model::ModelConfig;
+use crate::{Error, Result};
+
+/// A flag given with `--resume` that the run's record contradicts.
+fn conflict(dir: &Path, flag: &str, given: impl Display, recorded: impl Display) -> Error {
+    Error::Invalid(format!(
+        "{flag} {given} conflicts with the run in {}, which started with {flag} {recorded}\n\
+         hint: --resume continues a run exactly as it started: drop {flag} (or start a new \
+         run with another --out)",
+        dir.display()
+    ))
+}
+
+/// Compare the options given with `--resume` to `record`: an error for a
+/// conflicting flag, the overrides applied to `record` with a note each.
+pub(super) fn reconcile(
+    record: &mut RunRecord,
+    options: &JobOptions,
+    dir: &Path,
+) -> Result<Vec<String>> {
+    let c = &record.config;
+    if options.init.is_some() {
+        return Err(Error::Invalid(format!(
+            "--init conflicts with --resume: {} continues from its own checkpoint\nhint: drop \
+             --init, or start a new run from those weights with another --out",
+            dir.display()
+        )));
+    }
+    if let Some(out) = &options.out
+        && std::path::absolute(out).ok() != std::path::absolute(dir).ok()
+    {
+        return Err(conflict(dir, "--out", out.display(), dir.display()));
+    }
+    if let Some(mb) = options.corpus_mb {
+        match record.corpus_mb {
+            Some(recorded) if recorded == mb => {}
+            Some(recorded) => return Err(conflict(dir, "--corpus-mb", mb, recorded)),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "--corpus-mb {mb} only applies to the main job; {} trains on a token file",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    if let Some(name) = &options.config {
+        check_model(name, c.preset.as_deref(), &c.model, dir)?;
+    }
+    let precision = if c.fp16 {
+        Precision::Fp16
+    } else {
+        Precision::Fp32
+    };
+    // Flags that shape the run: the same value or an error.
+    let same = [
+        (
+            "--batch",
+            options.batch.map(|v| v.to_string()),
+            c.batch.to_string(),
+        ),
+        (
+            "--seq",
+            options.seq.map(|v| v.to_string()),
+            c.seq.to_string(),
+        ),
+        (
+            "--accum",
+            options.accum.map(|v| v.to_string()),
+            c.accum.to_string(),
+        ),
+        ("--lr", options.lr.map(|v| v.to_string()), c.lr.to_string()),
+        (
+            "--warmup",
+            options.warmup.map(|v| v.to_string()),
+            c.warmup.to_string(),
+        ),
+        (
+            "--schedule",
+            options.schedule.map(|v| v.to_string()),
+            c.schedule.to_string(),
+        ),
+        (
+            "--weight-decay",
+            options.weight_decay.map(|v| v.to_string()),
+            c.optimizer.weight_decay.to_string(),
+        ),
+        (
+            "--grad-clip",
+            options.grad_clip.map(|v| v.to_string()),
+            c.grad_clip.to_string(),
+        ),
+        (
+            "--seed",
+            options.seed.map(|v| v.to_string()),
+            c.seed.to_string(),
+        ),
+        (
+            "--data-order",
+            options.data_order.map(|v| v.to_string()),
+            record.data_order.to_string(),
+        ),
+        (
+            "--precision",
+            options.precision.map(|v| v.to_string()),
+            precision.to_string(),
+        ),
+    ];
+    for (flag, given, recorded) in same {
+        if let Some(given) = given
+            && given != recorded
+        {
+            return Err(conflict(dir, flag, given, recorded));
+        }
+    }
+    if let Some(fraction) = options.val_fraction {
+        match record.val_fraction {
+            Some(recorded) if recorded == fraction => {}
+            Some(recorded) => return Err(conflict(dir, "--val-fraction", fraction, recorded)),
+            None if record.val_data.is_some() => {
+                return Err(conflict(dir, "--val-fraction", fraction, "--val-data"));
+            }
+            None => {}
+        }
+    }
+    Ok(overrides(record, options))
+}
+
+/// `--config NAME|FILE` given with `--resume`: the run's own preset, or a
+/// file describing the run's model (its vocabulary and context may have been
+/// taken from the data and `--seq`).
+fn check_model(name: &str, preset: Option<&str>, model: &ModelConfig, dir: &Path) -> Result<()> {
+    if preset == Some(name) {
+        return Ok(());
+    }
+    let recorded = preset.unwrap_or("(a config file)");
+    let given = ModelConfig::from_name_or_file(name)?;
+    let comparable = ModelConfig {
+        vocab_size: model.vocab_size,
+        seq_len: model.seq_len,
+        ..given
+    };
+    if preset.is_none() && &comparable == model {
+        return Ok(());
+    }
+    Err(conflict(dir, "--config", name, recorded))
+}
+
+/// The options that may change a resumed run, applied to `record`.
+fn overrides(record: &mut RunRecord, options: &JobOptions) -> Vec<String> {
+    let c = &mut record.config;
+    let mut notes = Vec::new();
+    let mut note = |flag: &str, given: String, recorded: String, what: &str| {
+        if given != recorded {
+            notes.push(format!(
+                "note: {flag} {given} overrides the run's {flag} {recorded}{what}"
+            ));
+        }
+    };
+    if let Some(steps) = options.steps {
+        note(
+            "--steps",
+            steps.to_string(),
+            c.steps.to_string(),
+            " (the learning-rate schedule follows the new total)",
+        );
+        c.steps = steps;
+    }
+    if let Some(every) = options.eval_every {
+        note(
+            "--eval-every",
+            every.to_string(),
+            c.eval_every.to_string(),
+            "",
+        );
+        c.eval_every = every;
+    }
+    if let Some(batches) = options.eval_batches {
+        note(
+            "--eval-batches",
+            batches.to_string(),
+            c.eval_batches.to_string(),
+            "",
+        );
+        c.eval_batches = batches;
+    }
+    if let Some(every) = options.checkpoint_every {
+        note(
+            "--checkpoint-every",
+            every.to_string(),
+            c.checkpoint_every.to_string(),
+            "",
+        );
+        c.checkpoint_every = every;
+    }
+    notes
+}
