@@ -83,7 +83,7 @@ impl Engine {
             head: ClassifierHead::new(config, seq, batch),
             dy: DySources::default(),
             scratch: BackwardScratch::default(),
-            schedule: DwSchedule::default(),
+            schedule: DwSchedule::new(config.qk_norm),
             host: TimedHost::default(),
             grad_sq: Vec::new(),
         })
