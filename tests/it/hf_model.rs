@@ -288,3 +288,149 @@ fn configs_map_every_feature() {
     assert_ne!(qwen3.config().q_dim(), qwen3.config().dim);
     assert_eq!(qwen3.config().seq_len, 64);
 }
+
+/// The classifier in blocks of vocabulary rows (how 128K-152K vocabularies
+/// run without a `(V, T)` logits array) against the whole vocabulary at once:
+/// on the qwen2 fixture in blocks of 100 rows (chunk boundaries differ, so
+/// values agree to rounding: loss within 1e-6 relative, logits within 1e-6 and
+/// gradients within 1e-5 of each tensor's largest magnitude), and on a
+/// vocabulary of 4,096 whose blocks of 1,024 rows are whole chunks of the
+/// cross-entropy, where the loss is the same bit for bit.
+#[test]
+fn the_classifier_in_blocks_matches_the_whole_vocabulary() {
+    let compare = |config: &ModelConfig,
+                   weights: &Weights,
+                   inputs: &[u32],
+                   targets: &[u32],
+                   seq: usize,
+                   rows: usize|
+     -> (f64, f64) {
+        let batch = inputs.len() / seq;
+        let run = |blocks: Option<usize>| {
+            let backend = Box::new(CpuBackend::new(Precision::Fp32));
+            let mut engine = Engine::new(backend, config, seq, batch, KernelOptions::cpu()).unwrap();
+            engine.set_classifier_blocks(blocks);
+            let logits = engine.logits(weights, inputs).unwrap().concat();
+            let loss = engine.loss(weights, inputs, targets).unwrap();
+            let mut grads = Weights::zeros(config);
+            let train_loss = engine
+                .forward_backward(weights, &mut grads, inputs, targets, 1.0)
+                .unwrap();
+            assert_eq!(loss, train_loss);
+            (logits, loss, grads)
+        };
+        let (logits, loss, grads) = run(None);
+        let (blocked_logits, blocked_loss, blocked_grads) = run(Some(rows));
+        let tol = Tolerance {
+            relative: 1e-6,
+            absolute: 0.0,
+        };
+        tol.assert_close(&blocked_logits, &logits, "logits in blocks");
+        for p in grads.layout.params() {
+            let range = grads.layout.range(p);
+            Tolerance {
+                relative: 1e-5,
+                absolute: 0.0,
+            }
+            .assert_close(
+                &blocked_grads.data[range.clone()],
+                &grads.data[range],
+                &format!("gradient of {} in blocks", p.name()),
+            );
+        }
+        (loss, blocked_loss)
+    };
+
+    let case = Case::open("qwen2");
+    let (_, seq) = case.batch_seq();
+    let (inputs, targets) = (case.ids("input_ids"), case.ids("targets"));
+    let (loss, blocked) = compare(case.config(), &case.weights, &inputs, &targets, seq, 100);
+    assert!((loss - blocked).abs() <= 1e-6 * loss, "{loss} vs {blocked}");
+
+    let config = ModelConfig::llama(32, 1, 4, 2, 64, 4096, 64);
+    let weights = Weights::init(&config, 5);
+    let mut rng = anemone::rng::Rng::new(9);
+    let tokens: Vec<u32> = (0..4 * 64).map(|_| rng.below(4096) as u32).collect();
+    let (inputs, targets) = tokens.split_at(2 * 64);
+    let (loss, blocked) = compare(&config, &weights, inputs, targets, 64, 1024);
+    assert_eq!(loss.to_bits(), blocked.to_bits(), "{loss} vs {blocked}");
+}
+
+/// Greedy decoding with the KV-cache decoder equals `transformers`'
+/// `generate(do_sample=False)` id for id, stopping at any of the
+/// `generation_config.json` EOS ids (the mistral fixture stops at its second;
+/// transformers includes the stopping id, anemone's decoder stops before it).
+#[test]
+fn greedy_decoding_matches_transformers() {
+    use anemone::generate::{Generator, Sampler};
+    for name in MODELS {
+        let case = Case::open(name);
+        let prompt = case.ids("prompt");
+        let want = case.ids("greedy");
+        let stop = &case.checkpoint.config.eos_token_ids;
+        assert!(!stop.is_empty(), "{name}: generation_config.json names EOS ids");
+        let mut generator = Generator::new(&case.weights);
+        // transformers emits the EOS id that stops it; anemone stops before it.
+        let without_stops = generator
+            .generate_until(&prompt, want.len(), &mut Sampler::greedy(), &[], |_| {})
+            .unwrap();
+        assert_eq!(without_stops, want, "{name}");
+        let got = generator
+            .generate_until(&prompt, 20, &mut Sampler::greedy(), stop, |_| {})
+            .unwrap();
+        match want.split_last() {
+            Some((last, before)) if stop.contains(last) => assert_eq!(got, before, "{name}"),
+            _ => assert_eq!(got, want, "{name}"),
+        }
+        // The decoder's logits are the training engine's (one sequence).
+        let logits = generator.forward_logits(&prompt).unwrap().concat();
+        let backend = Box::new(CpuBackend::new(Precision::Fp32));
+        let mut engine =
+            Engine::new(backend, case.config(), prompt.len(), 1, KernelOptions::cpu()).unwrap();
+        let engine_logits = engine.logits(&case.weights, &prompt).unwrap().concat();
+        Tolerance {
+            relative: 1e-5,
+            absolute: 0.0,
+        }
+        .assert_close(&logits, &engine_logits, &format!("{name}: decoder logits"));
+    }
+    let mistral = Case::open("mistral");
+    assert_eq!(mistral.checkpoint.config.eos_token_ids.len(), 2);
+    assert!(mistral.ids("greedy").len() < 20, "the mistral fixture stops early");
+}
+
+/// Evaluation as the trainer runs it (consecutive windows of `eval_seq`
+/// tokens from a token file, `Order::Sequential`, the mean of the windows'
+/// losses) reproduces the mean of `transformers`' window losses within 1e-5.
+#[test]
+fn evaluation_windows_match_transformers() {
+    use anemone::data::tokens::{Batcher, Order, TokenFile, TokenSpan, TokenWriter};
+    use std::sync::Arc;
+    for name in MODELS {
+        let case = Case::open(name);
+        let eval_seq = case.meta("eval_seq") as usize;
+        let tokens = case.ids("eval_tokens");
+        let dir = crate::common::temp_dir(&format!("hf-model-eval-{name}"));
+        let path = dir.join("eval.tok");
+        let mut writer = TokenWriter::create(&path, case.config().vocab_size).unwrap();
+        writer.extend(&tokens).unwrap();
+        writer.finish().unwrap();
+        let span = TokenSpan::whole(Arc::new(TokenFile::open(&path).unwrap()));
+        let mut batcher = Batcher::new(span, eval_seq, Order::Sequential, 0).unwrap();
+        let want = case.f64s("eval_window_losses");
+        assert_eq!(batcher.windows_per_epoch(), want.len());
+        let backend = Box::new(CpuBackend::new(Precision::Fp32));
+        let mut engine =
+            Engine::new(backend, case.config(), eval_seq, 1, KernelOptions::cpu()).unwrap();
+        let mut total = 0.0;
+        for _ in 0..want.len() {
+            let batch = batcher.next_batch(1).unwrap();
+            total += engine
+                .loss(&case.weights, &batch.inputs, &batch.targets)
+                .unwrap();
+        }
+        let (got, want) = (total / want.len() as f64, want.iter().sum::<f64>() / want.len() as f64);
+        assert!((got - want).abs() <= 1e-5 * want, "{name}: mean eval loss {got} vs {want}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
