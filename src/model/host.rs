@@ -378,8 +378,8 @@ impl CrossEntropyScratch {
     fn start(&mut self, vocab: usize, p: usize, block_rows: usize) -> usize {
         let rows = cross_entropy_rows(p, vocab);
         let block_rows = block_rows.clamp(1, vocab.max(1));
-        let chunks = (vocab / block_rows) * block_rows.div_ceil(rows)
-            + (vocab % block_rows).div_ceil(rows);
+        let chunks =
+            (vocab / block_rows) * block_rows.div_ceil(rows) + (vocab % block_rows).div_ceil(rows);
         self.stats.resize((2 * chunks + 2) * p, 0.0);
         (self.p, self.rows, self.cursor) = (p, rows, 0);
         rows
@@ -391,9 +391,12 @@ impl CrossEntropyScratch {
         let chunks = (len / p).div_ceil(rows);
         self.cursor += chunks;
         let (per_chunk, max, inv_sum) = split_stats(&mut self.stats, p);
-        (&mut per_chunk[2 * first * p..][..2 * chunks * p], max, inv_sum)
+        (
+            &mut per_chunk[2 * first * p..][..2 * chunks * p],
+            max,
+            inv_sum,
+        )
     }
-
 }
 
 /// The per-chunk statistics (two rows of `P` per chunk), and the merged
@@ -479,7 +482,11 @@ pub fn cross_entropy_finish(scratch: &mut CrossEntropyScratch) -> f64 {
     let p = scratch.p;
     let chunks = std::mem::take(&mut scratch.cursor);
     let (per_chunk, max, inv_sum) = split_stats(&mut scratch.stats, p);
-    assert_eq!(per_chunk.len(), 2 * chunks * p, "cross_entropy_finish: blocks missing");
+    assert_eq!(
+        per_chunk.len(),
+        2 * chunks * p,
+        "cross_entropy_finish: blocks missing"
+    );
     merge_chunks(per_chunk, p, max, inv_sum, &mut scratch.sums)
 }
 
@@ -496,7 +503,16 @@ pub fn cross_entropy_block_gradient(
     let (p, rows) = (scratch.p, scratch.rows);
     let (block_stats, max, inv_sum) = scratch.next_block(logits.len());
     exp_pass(logits, p, rows, block_stats);
-    gradient_pass(logits, targets, first_row, rows, grad_scale, block_stats, max, inv_sum);
+    gradient_pass(
+        logits,
+        targets,
+        first_row,
+        rows,
+        grad_scale,
+        block_stats,
+        max,
+        inv_sum,
+    );
 }
 
 /// The sum of `logits[target - first_row, j]` over the positions `j` whose

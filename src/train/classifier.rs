@@ -43,11 +43,11 @@ pub struct ClassifierHead {
     pub x_final: Vec<Vec<f32>>, // (C, T) per sequence: the last layer's output
     xn: Vec<Vec<f32>>,          // (C, T) per sequence: its final norm
     rrms: Vec<Vec<f32>>,        // (T) per sequence
-    logits: Vec<f32>,           // (V or R, group*T): a group's logits (a block's), then their gradient
-    x_group: Vec<f32>,          // (C, group*T): a group's `xn` side by side
-    dx_group: Vec<f32>,         // (C, group*T): their gradient
-    dxn: Vec<f32>,              // (C, T): one sequence's share of it
-    classifier_t: Vec<f32>,     // (C, V): E^T, made when there are several groups
+    logits: Vec<f32>, // (V or R, group*T): a group's logits (a block's), then their gradient
+    x_group: Vec<f32>, // (C, group*T): a group's `xn` side by side
+    dx_group: Vec<f32>, // (C, group*T): their gradient
+    dxn: Vec<f32>,    // (C, T): one sequence's share of it
+    classifier_t: Vec<f32>, // (C, V): E^T, made when there are several groups
     stats: CrossEntropyScratch,
 }
 
@@ -325,10 +325,25 @@ impl ClassifierHead {
             let logits = &mut self.logits[..(end_row - first_row) * positions];
             let block = first_row * dim..end_row * dim;
             host.classifier_forward(logits, x, &classifier[block.clone()], dim);
-            host.cross_entropy_block_gradient(logits, first_row, targets, grad_scale, &mut self.stats);
+            host.cross_entropy_block_gradient(
+                logits,
+                first_row,
+                targets,
+                grad_scale,
+                &mut self.stats,
+            );
             let d_block = &mut d_classifier[block.clone()];
             let e_block = &classifier[block];
-            host.classifier_backward_block(dx_group, index > 0, d_block, logits, x, e_block, dim, add);
+            host.classifier_backward_block(
+                dx_group,
+                index > 0,
+                d_block,
+                logits,
+                x,
+                e_block,
+                dim,
+                add,
+            );
         }
     }
 

@@ -116,6 +116,17 @@ fn assert_elementwise(got: &[f32], want: &[f32], relative: f64, floor: f64, what
     worst
 }
 
+/// The largest `|got - want|` as a fraction of `want`'s largest magnitude.
+fn scaled_error(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).abs())
+        .fold(0.0, f64::max);
+    err / scale
+}
+
 /// Logits and loss within 1e-5 relative (logits: of the tensor's largest
 /// magnitude), every gradient element within `max(1e-4 |ref|, 4e-6 max|ref|)`
 /// (the floor: f32 sums over the batch and the model of terms as large as the
@@ -308,7 +319,8 @@ fn the_classifier_in_blocks_matches_the_whole_vocabulary() {
         let batch = inputs.len() / seq;
         let run = |blocks: Option<usize>| {
             let backend = Box::new(CpuBackend::new(Precision::Fp32));
-            let mut engine = Engine::new(backend, config, seq, batch, KernelOptions::cpu()).unwrap();
+            let mut engine =
+                Engine::new(backend, config, seq, batch, KernelOptions::cpu()).unwrap();
             engine.set_classifier_blocks(blocks);
             let logits = engine.logits(weights, inputs).unwrap().concat();
             let loss = engine.loss(weights, inputs, targets).unwrap();
@@ -368,7 +380,10 @@ fn greedy_decoding_matches_transformers() {
         let prompt = case.ids("prompt");
         let want = case.ids("greedy");
         let stop = &case.checkpoint.config.eos_token_ids;
-        assert!(!stop.is_empty(), "{name}: generation_config.json names EOS ids");
+        assert!(
+            !stop.is_empty(),
+            "{name}: generation_config.json names EOS ids"
+        );
         let mut generator = Generator::new(&case.weights);
         // transformers emits the EOS id that stops it; anemone stops before it.
         let without_stops = generator
@@ -385,8 +400,14 @@ fn greedy_decoding_matches_transformers() {
         // The decoder's logits are the training engine's (one sequence).
         let logits = generator.forward_logits(&prompt).unwrap().concat();
         let backend = Box::new(CpuBackend::new(Precision::Fp32));
-        let mut engine =
-            Engine::new(backend, case.config(), prompt.len(), 1, KernelOptions::cpu()).unwrap();
+        let mut engine = Engine::new(
+            backend,
+            case.config(),
+            prompt.len(),
+            1,
+            KernelOptions::cpu(),
+        )
+        .unwrap();
         let engine_logits = engine.logits(&case.weights, &prompt).unwrap().concat();
         Tolerance {
             relative: 1e-5,
@@ -396,7 +417,10 @@ fn greedy_decoding_matches_transformers() {
     }
     let mistral = Case::open("mistral");
     assert_eq!(mistral.checkpoint.config.eos_token_ids.len(), 2);
-    assert!(mistral.ids("greedy").len() < 20, "the mistral fixture stops early");
+    assert!(
+        mistral.ids("greedy").len() < 20,
+        "the mistral fixture stops early"
+    );
 }
 
 /// Evaluation as the trainer runs it (consecutive windows of `eval_seq`
@@ -429,8 +453,228 @@ fn evaluation_windows_match_transformers() {
                 .loss(&case.weights, &batch.inputs, &batch.targets)
                 .unwrap();
         }
-        let (got, want) = (total / want.len() as f64, want.iter().sum::<f64>() / want.len() as f64);
-        assert!((got - want).abs() <= 1e-5 * want, "{name}: mean eval loss {got} vs {want}");
+        let (got, want) = (
+            total / want.len() as f64,
+            want.iter().sum::<f64>() / want.len() as f64,
+        );
+        assert!(
+            (got - want).abs() <= 1e-5 * want,
+            "{name}: mean eval loss {got} vs {want}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The fake ANE runtime (the same packages in fp16, through surfaces,
+/// packing and requests) on the features: the qwen2 fixture (q/k/v biases)
+/// and the qwen3 fixture (QK-norm), packed fp16 kernels. It equals the CPU
+/// backend in fp16 bit for bit, and `transformers` within the fp16
+/// tolerances of `train_ref`'s fp16 test: logits within 2e-2 (relative to the
+/// largest, plus 2e-2), the loss within 1e-2 relative, gradients (loss scale
+/// 256, unscaled) within 5e-2 of each tensor's largest magnitude plus 1e-4.
+#[test]
+fn fake_ane_runs_biases_and_qk_norm_within_fp16_tolerance() {
+    use anemone::backend::ane::AneBackend;
+    use anemone::backend::ane::budget::CompileBudget;
+    use anemone::backend::ane::fake::FakeRuntime;
+    use anemone::mil::DType;
+    let packed_fp16 = KernelOptions {
+        dtype: DType::Fp16,
+        mode: WeightMode::Packed,
+        ..KernelOptions::cpu()
+    };
+    for name in ["qwen2", "qwen3"] {
+        let case = Case::open(name);
+        let (batch, seq) = case.batch_seq();
+        let root = crate::common::temp_dir(&format!("hf-model-fake-ane-{name}"));
+        let backend = AneBackend::new(FakeRuntime::new(root.clone()), CompileBudget::default());
+        let mut ane =
+            Engine::new(Box::new(backend), case.config(), seq, batch, packed_fp16).unwrap();
+        let mut cpu = case.engine(Precision::Fp16, packed_fp16);
+        let (inputs, targets) = (case.ids("input_ids"), case.ids("targets"));
+        let logits = ane.logits(&case.weights, &inputs).unwrap().concat();
+        assert_eq!(logits, cpu.logits(&case.weights, &inputs).unwrap().concat());
+        Tolerance {
+            relative: 2e-2,
+            absolute: 2e-2,
+        }
+        .assert_close(
+            &logits,
+            &case.f32s("logits"),
+            &format!("{name}: fp16 logits"),
+        );
+        let scale = 256.0;
+        let mut grads = Weights::zeros(case.config());
+        let loss = ane
+            .forward_backward(&case.weights, &mut grads, &inputs, &targets, scale)
+            .unwrap();
+        let mut cpu_grads = Weights::zeros(case.config());
+        let cpu_loss = cpu
+            .forward_backward(&case.weights, &mut cpu_grads, &inputs, &targets, scale)
+            .unwrap();
+        assert_eq!(loss.to_bits(), cpu_loss.to_bits(), "{name}");
+        let bits = |w: &Weights| w.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&grads),
+            bits(&cpu_grads),
+            "{name}: fake ANE vs CPU fp16"
+        );
+        let want_loss = case.f64s("loss")[0];
+        assert!(
+            (loss - want_loss).abs() <= 1e-2 * want_loss,
+            "{name}: {loss} vs {want_loss}"
+        );
+        grads.data.iter_mut().for_each(|g| *g /= scale);
+        let mut grad_err: f64 = 0.0;
+        for tensor in hf_tensors(&grads) {
+            let want = case.f32s(&format!("grad.{}", tensor.name));
+            Tolerance {
+                relative: 5e-2,
+                absolute: 1e-4,
+            }
+            .assert_close(
+                &tensor.data,
+                &want,
+                &format!("{name}: fp16 gradient of {}", tensor.name),
+            );
+            grad_err = grad_err.max(scaled_error(&tensor.data, &want));
+        }
+        eprintln!(
+            "{name} fake ANE fp16: logits {:.2e}, loss {:.2e}, gradients {grad_err:.2e} \
+             (largest errors relative to each tensor's largest magnitude)",
+            scaled_error(&logits, &case.f32s("logits")),
+            (loss - want_loss).abs() / want_loss
+        );
+        drop(ane);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+/// Every kernel of every real preset, packed fp16 as the ANE takes them,
+/// passes the verifier's ANE rules without errors (warnings are listed).
+#[test]
+fn every_kernel_of_the_real_presets_passes_the_ane_rules() {
+    use anemone::mil::DType;
+    use anemone::mil::verify::Target;
+    use anemone::model::kernels::LayerKernels;
+    let packed_fp16 = KernelOptions {
+        dtype: DType::Fp16,
+        mode: WeightMode::Packed,
+        ..KernelOptions::cpu()
+    };
+    for name in [
+        "smollm2-135m",
+        "smollm2-360m",
+        "qwen2.5-0.5b",
+        "qwen3-0.6b",
+        "llama3.2-1b",
+        "tinyllama-1.1b",
+    ] {
+        let config = ModelConfig::preset(name).unwrap();
+        let specs = LayerKernels::build(&config, 256, packed_fp16, &|_| None).unwrap();
+        for spec in specs.iter() {
+            assert_eq!(spec.program.main.inputs.len(), 1, "{name} {}", spec.name);
+            assert_eq!(spec.program.main.outputs.len(), 1, "{name} {}", spec.name);
+            let report = spec.package.verify(Target::Ane).unwrap();
+            assert!(report.is_ok(), "{name} {}:\n{report}", spec.name);
+            let warnings: Vec<String> = report.warnings().map(|w| w.to_string()).collect();
+            if !warnings.is_empty() {
+                eprintln!("{name} {}: {}", spec.name, warnings.join("; "));
+            }
+        }
+    }
+}
+
+/// Every kernel of the feature models (qwen2: biases; qwen3: QK-norm) in all
+/// three weight modes, fp32 on the CPU: `Packed` (weights and vectors in the
+/// single input) and `Baked` (BLOBFILE constants) give `Inputs`' outputs
+/// within 1e-6 of each output's largest magnitude.
+#[test]
+fn feature_kernels_agree_in_every_weight_mode() {
+    use anemone::model::Param;
+    use anemone::model::kernels::{KernelSpec, LayerKernels, SlotRole};
+    use anemone::train::kernel::CompiledKernel;
+    for name in ["qwen2", "qwen3"] {
+        let case = Case::open(name);
+        let (_, seq) = case.batch_seq();
+        let slot_param = |slot: &str| -> Option<Param> {
+            Some(match slot {
+                "wq" => Param::Wq(0),
+                "wk" => Param::Wk(0),
+                "wv" => Param::Wv(0),
+                "bq" => Param::Bq(0),
+                "bk" => Param::Bk(0),
+                "bv" => Param::Bv(0),
+                "q_norm" => Param::QNorm(0),
+                "k_norm" => Param::KNorm(0),
+                "wo" => Param::Wo(0),
+                "w1" => Param::W1(0),
+                "w2" => Param::W2(0),
+                "w3" => Param::W3(0),
+                _ => return None,
+            })
+        };
+        let baked = |slot: &str| slot_param(slot).map(|p| case.weights.get(p).to_vec());
+        let run = |spec: &KernelSpec| -> Vec<Vec<f32>> {
+            let mut backend = CpuBackend::new(Precision::Fp32);
+            let kernel = CompiledKernel::new(&mut backend, spec.clone()).unwrap();
+            let mut rng = anemone::rng::Rng::new(3);
+            let acts: Vec<(String, Vec<f32>)> = spec
+                .inputs
+                .iter()
+                .filter(|slot| slot.role == SlotRole::Activation)
+                .map(|slot| {
+                    let values = (0..slot.rows * slot.cols).map(|_| rng.normal()).collect();
+                    (slot.name.clone(), values)
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> = spec
+                .outputs
+                .iter()
+                .map(|slot| vec![f32::NAN; slot.rows * slot.cols])
+                .collect();
+            let mut call = kernel.call();
+            for slot in &spec.inputs {
+                if slot.role != SlotRole::Activation {
+                    let param = slot_param(&slot.name).unwrap();
+                    call = call.weight(&slot.name, case.weights.get(param));
+                }
+            }
+            for (slot_name, values) in &acts {
+                call = call.input(slot_name, values);
+            }
+            for (slot, out) in spec.outputs.iter().zip(outs.iter_mut()) {
+                call = call.output(&slot.name, out);
+            }
+            call.run(&mut backend).unwrap();
+            outs
+        };
+        let build = |mode: WeightMode| {
+            let opts = KernelOptions {
+                mode,
+                ..KernelOptions::cpu()
+            };
+            LayerKernels::build(case.config(), seq, opts, &baked).unwrap()
+        };
+        let inputs = build(WeightMode::Inputs);
+        for mode in [WeightMode::Packed, WeightMode::Baked] {
+            for (spec, reference) in build(mode).iter().zip(inputs.iter()) {
+                let names: Vec<&str> = spec.outputs.iter().map(|s| s.name.as_str()).collect();
+                let want_names: Vec<&str> =
+                    reference.outputs.iter().map(|s| s.name.as_str()).collect();
+                assert_eq!(names, want_names, "{name} {mode:?} {}", spec.name);
+                for ((got, want), slot) in run(spec).iter().zip(run(reference)).zip(&spec.outputs) {
+                    Tolerance {
+                        relative: 1e-6,
+                        absolute: 0.0,
+                    }
+                    .assert_close(
+                        got,
+                        &want,
+                        &format!("{name} {mode:?} {} {}", spec.name, slot.name),
+                    );
+                }
+            }
+        }
     }
 }
