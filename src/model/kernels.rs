@@ -14,6 +14,18 @@
 //! | `q_bwd`       | q_dim     | dq (Qd,T); Wq (transposed)               | dxn (C)                      |
 //! | `kv_bwd`      | kv_dim    | dk, dv (KVd,T); Wk, Wv (transposed)      | dxn (C)                      |
 //!
+//! A config's features add to these kernels, nothing else: with `qkv_bias`,
+//! `attn_fwd` reads `bq (Qd)`, `bk`, `bv (KVd)` and adds them to the
+//! projections before RoPE; with `qk_norm`, it reads `q_norm`, `k_norm (D)`,
+//! normalises every q and k head before RoPE and also writes the projections
+//! `q_lin (Qd)`, `k_lin (KVd)`; `q_bwd` (resp. `kv_bwd`) then also reads
+//! `q_lin` and `q_norm`, runs the norm's backward first (its `dq` is the
+//! gradient of the normed queries) and also writes `dq_lin (Qd)`, the
+//! projection's gradient, and `dq_norm (D)`, the norm weight's gradient per
+//! position summed over heads (`dk_lin`, `dk_norm`). The RoPE tables come
+//! from the config's scaled frequencies. Bias and norm-weight gradients are
+//! sums over positions, done on the host.
+//!
 //! This follows the reference's dynamic pipeline (ane-reference 5.5.2) with two
 //! changes: the residual adds stay on the CPU in fp32 (the reference adds them on
 //! the ANE in fp16), and attention backward is one kernel whose inputs are packed
@@ -25,6 +37,11 @@
 //! - `Packed`: appended along the spatial axis of the single input (the ANE's
 //!   dynamic-weight trick: compile once, one input and one output surface);
 //! - `Inputs`: one function input per tensor (cheapest on the CPU backend).
+//!
+//! A vector parameter (a bias, a norm weight; [`KernelBuilder::vector`]) of `n`
+//! values is a `[1, n, 1, 1]` input in `Inputs` mode, one column (rows
+//! `0..n`) of the single packed input in `Packed` mode (so `n` must not
+//! exceed the kernel's channel count C), and a BLOBFILE constant when baked.
 //!
 //! Every kernel reads and writes `[1, C, 1, W]` tensors. A [`KernelSpec`] records
 //! where each logical tensor lives (buffer, channel rows, spatial columns), so the
