@@ -1152,7 +1152,7 @@ pub fn kv_bwd(
 
 /// RMSNorm of every head of `x` `[1, H*D, 1, T]` over its `D` channels, times
 /// `weight` `[1, D, 1, 1]` (QK-norm), in the ANE's idioms: the mean is a
-/// `reduce_sum` times `1/D`, the reciprocal root `pow(-0.5)`.
+/// `reduce_sum` (of squares scaled by `1/D`), the reciprocal root `pow(-0.5)`.
 fn head_rmsnorm(b: &mut Builder, x: &Tensor, weight: &Tensor, heads: usize, eps: f32) -> Tensor {
     let (channels, seq) = (x.shape()[1], x.shape()[3]);
     let head_dim = channels / heads;
@@ -1164,13 +1164,17 @@ fn head_rmsnorm(b: &mut Builder, x: &Tensor, weight: &Tensor, heads: usize, eps:
     b.reshape(&y, &[1, channels, 1, seq])
 }
 
-/// `1 / sqrt(mean_d x^2 + eps)` of `xh` `(1, H, D, T)` per head and position: `(1, H, 1, T)`.
+/// `1 / sqrt(mean_d x^2 + eps)` of `xh` `(1, H, D, T)` per head and position:
+/// `(1, H, 1, T)`. The mean is a `reduce_sum` of the squares of `x / sqrt(D)`:
+/// scaled before squaring, fp16 holds it for an RMS up to 256 (the
+/// projections QK-norm tames can be large), where squaring first would
+/// overflow 65504 at an RMS of 256 / sqrt(D).
 fn head_rrms(b: &mut Builder, xh: &Tensor, eps: f32) -> Tensor {
     let (dtype, head_dim) = (xh.dtype(), xh.shape()[2]);
-    let sq = b.mul(xh, xh);
-    let ss = b.reduce_sum(&sq, &[2], true);
-    let inv_d = b.scalar(dtype, 1.0 / head_dim as f32);
-    let mean = b.mul(&ss, &inv_d);
+    let inv_sqrt_d = b.scalar(dtype, 1.0 / (head_dim as f32).sqrt());
+    let scaled = b.mul(xh, &inv_sqrt_d);
+    let sq = b.mul(&scaled, &scaled);
+    let mean = b.reduce_sum(&sq, &[2], true);
     let eps = b.scalar(dtype, eps);
     let var = b.add(&mean, &eps);
     let minus_half = b.scalar(dtype, -0.5);

@@ -229,7 +229,8 @@ fn training_matches_transformers_on_every_architecture() {
 
 /// Weights in, HF tensors out: every tensor equals the checkpoint's bit for
 /// bit (bf16 widened), through `Weights::from_hf` and `hf_tensors`, and
-/// through a safetensors file written in the checkpoint's dtype.
+/// through a safetensors file written in the checkpoint's dtype and an
+/// anemone checkpoint; the sharded fixture reads as its single-file twin.
 #[test]
 fn weights_round_trip_bit_for_bit_on_every_fixture() {
     for name in MODELS {
@@ -268,7 +269,37 @@ fn weights_round_trip_bit_for_bit_on_every_fixture() {
             .zip(&case.weights.data)
             .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "{name}: weights after writing and reading");
+        // anemone's own checkpoint keeps the features in its config.
+        let path = dir.join("checkpoint.bin");
+        anemone::model::checkpoint::save(&path, &case.weights, None, &serde_json::json!({}))
+            .unwrap();
+        assert_eq!(
+            anemone::model::load_weights(&path).unwrap(),
+            case.weights,
+            "{name}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    // The sharded copy of `llama` gives the same weights.
+    let sharded = HfCheckpoint::open(&model_dir("llama-sharded")).unwrap();
+    let weights = Weights::from_hf(&sharded).unwrap();
+    assert_eq!(weights, Case::open("llama").weights);
+}
+
+/// A model with a feature llama2.c cannot describe is not exported to its format.
+#[test]
+fn llama2c_export_refuses_the_features() {
+    for name in ["qwen2", "qwen3", "llama3-bf16"] {
+        let case = Case::open(name);
+        let path = crate::common::temp_dir(&format!("hf-model-llama2c-{name}")).join("model.bin");
+        let err = anemone::model::llama2c::write_v0(&case.weights, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("biases, QK-norm or RoPE scaling"),
+            "{name}: {err}"
+        );
+        assert!(!path.exists());
     }
 }
 
