@@ -3,7 +3,9 @@
 //!
 //! This is the reference decoder: one token at a time, f32, llama2.c math
 //! (RMSNorm, interleaved-pair RoPE, GQA attention, SwiGLU, residuals with no
-//! scaling). It does not use MIL or any backend. The [`Generator`] takes and
+//! scaling) and the features a config adds (q/k/v biases, QK-norm, scaled
+//! RoPE frequencies). It does not use MIL or any backend. The KV cache grows
+//! with the context, so a model with a long `seq_len` costs only what it uses. The [`Generator`] takes and
 //! gives token ids; on top of it, [`stream`] takes a text prompt and writes
 //! text through a [`Tokenizer`] (the `generate` command), and [`samples`]
 //! writes the main job's closing samples.
@@ -206,6 +208,22 @@ fn matvec(out: &mut [f32], w: &[f32], x: &[f32]) {
     }
 }
 
+/// RMSNorm of every head of `x` (`head_dim` values each) in place, times `weight` (QK-norm).
+fn head_rmsnorm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mut normed = vec![0.0; weight.len()];
+    for head in x.chunks_exact_mut(weight.len()) {
+        rmsnorm(&mut normed, head, weight, eps);
+        head.copy_from_slice(&normed);
+    }
+}
+
+/// `x += bias` when the model has the bias.
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        x.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+    }
+}
+
 /// Rotate interleaved pairs `(x[2i], x[2i+1])` of every head by `pos * freq_i`.
 fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     for head in x.chunks_exact_mut(head_dim) {
@@ -227,12 +245,11 @@ pub struct Generator<'w> {
     pos: usize,
     /// Tokens that end [`Generator::generate`].
     stop: Vec<u32>,
-    /// Per layer `(positions used, kv_dim)`.
+    /// Per layer `(positions, kv_dim)`, grown as the context grows.
     key_cache: Vec<Vec<f32>>,
     value_cache: Vec<Vec<f32>>,
-    /// `(head_dim / 2)` RoPE frequencies `theta^(-2i / head_dim)`.
-    rope_freq: Vec<f64>,
-    /// `(head_dim / 2)` RoPE rotation of the current position.
+    /// `(head_dim / 2)` RoPE inverse frequencies, and the current position's cos/sin.
+    rope_inv_freq: Vec<f64>,
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     x: Vec<f32>,      // (C) residual stream
@@ -249,16 +266,13 @@ impl<'w> Generator<'w> {
     pub fn new(weights: &'w Weights) -> Generator<'w> {
         let c = weights.config();
         let half = c.head_dim / 2;
-        let rope_freq = (0..half)
-            .map(|i| (c.rope_theta as f64).powf(-((2 * i) as f64) / c.head_dim as f64))
-            .collect();
         Generator {
             weights,
             pos: 0,
             stop: STOP_TOKENS.to_vec(),
             key_cache: vec![Vec::new(); c.n_layers],
             value_cache: vec![Vec::new(); c.n_layers],
-            rope_freq,
+            rope_inv_freq: c.rope_inv_freq(),
             rope_cos: vec![0.0; half],
             rope_sin: vec![0.0; half],
             x: vec![0.0; c.dim],
@@ -304,15 +318,14 @@ impl<'w> Generator<'w> {
             )));
         }
         let (pos, d, hd, kv_dim) = (self.pos, c.dim, c.head_dim, c.kv_dim());
-        for (i, &freq) in self.rope_freq.iter().enumerate() {
-            let angle = pos as f64 * freq;
-            self.rope_cos[i] = angle.cos() as f32;
-            self.rope_sin[i] = angle.sin() as f32;
-        }
+        let (cos, sin) = (&mut self.rope_cos, &mut self.rope_sin);
+        crate::model::rope::angles_at(pos, &self.rope_inv_freq, cos, sin);
+        let (cos, sin) = (&self.rope_cos[..], &self.rope_sin[..]);
         for cache in self.key_cache.iter_mut().chain(&mut self.value_cache) {
-            cache.resize((pos + 1) * kv_dim, 0.0);
+            if cache.len() < (pos + 1) * kv_dim {
+                cache.resize((pos + 1) * kv_dim, 0.0);
+            }
         }
-        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
         let token = token as usize;
         self.x
             .copy_from_slice(&w.get(Param::Embedding)[token * d..(token + 1) * d]);
@@ -326,12 +339,21 @@ impl<'w> Generator<'w> {
                 w.get(Param::RmsAtt(layer)),
                 c.norm_eps,
             );
+            let optional = |p: Param| w.layout.contains(p).then(|| w.get(p));
+            let norms = optional(Param::QNorm(layer)).zip(optional(Param::KNorm(layer)));
             matvec(&mut self.q, w.get(Param::Wq(layer)), &self.xn);
+            add_bias(&mut self.q, optional(Param::Bq(layer)));
             let key_row = &mut self.key_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
             matvec(key_row, w.get(Param::Wk(layer)), &self.xn);
+            add_bias(key_row, optional(Param::Bk(layer)));
+            if let Some((q_norm, k_norm)) = norms {
+                head_rmsnorm(&mut self.q, q_norm, c.norm_eps);
+                head_rmsnorm(key_row, k_norm, c.norm_eps);
+            }
             rope(key_row, hd, cos, sin);
             let value_row = &mut self.value_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
             matvec(value_row, w.get(Param::Wv(layer)), &self.xn);
+            add_bias(value_row, optional(Param::Bv(layer)));
             rope(&mut self.q, hd, cos, sin);
             let (keys, values) = (&self.key_cache[layer], &self.value_cache[layer]);
             let q = &self.q;
@@ -400,6 +422,20 @@ impl<'w> Generator<'w> {
         prompt: &[u32],
         max_tokens: usize,
         sampler: &mut Sampler,
+        on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        let stop = self.stop.clone();
+        self.generate_until(prompt, max_tokens, sampler, &stop, on_token)
+    }
+
+    /// [`Generator::generate`] stopping before any of the ids `stop` (a Hugging
+    /// Face model's `eos_token_id` list) instead of the generator's stop tokens.
+    pub fn generate_until(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
         let seq_len = self.weights.config().seq_len;
@@ -420,7 +456,7 @@ impl<'w> Generator<'w> {
         let mut out = Vec::new();
         while out.len() < max_tokens && self.pos < seq_len {
             let token = sampler.sample(self.forward(next_input)?);
-            if self.stop.contains(&token) {
+            if stop.contains(&token) {
                 break;
             }
             on_token(token);

@@ -11,8 +11,9 @@
 //! - [`blob`]: the CoreML MILBlob v2 weight file format.
 //! - [`package`]: MIL text + weight blobs = what a backend compiles.
 //! - [`backend`]: the narrow backend trait, the CPU interpreter, the ANE runtime.
-//! - [`model`]: configs and presets, the flat weights, the layer kernels as MIL,
-//!   host math, checkpoints, llama2.c and Hugging Face formats.
+//! - [`model`]: configs and presets (an architecture's features as data: q/k/v
+//!   biases, QK-norm, RoPE scaling), the flat weights, RoPE, the layer kernels
+//!   as MIL, host math, checkpoints, llama2.c and Hugging Face formats.
 //! - [`train`]: the training step, the optimizer, the run loop and whole jobs.
 //! - [`data`]: token files, tokenizers (llama2.c and `tokenizer.json`), chat
 //!   templates, the built-in corpus.

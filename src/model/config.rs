@@ -1,11 +1,20 @@
-//! Model configuration: the shape of a Llama-architecture transformer, named
-//! presets (llama2.c "stories" shapes, a Qwen3-0.6B-like GQA shape, `tiny`), and
-//! JSON config files.
+//! Model configuration: the shape of a Llama-architecture transformer and the
+//! features an architecture adds to the layer (q/k/v biases, QK-norm, RoPE
+//! scaling, a tied or untied classifier), named presets (llama2.c "stories"
+//! shapes, a Qwen3-0.6B-like GQA shape, `tiny`, and the real shapes of
+//! SmolLM2, Qwen2.5, Qwen3, Llama 3.2 and TinyLlama), and JSON config files.
+//!
+//! A new architecture is a config with the features it needs, not new layer
+//! code. Every feature defaults to off, so configs and checkpoints written
+//! before it existed load and compute as before, and it is written to JSON
+//! only when on. Mapping a Hugging Face `config.json` onto this is
+//! `super::hf`'s business.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::rope::RopeScaling;
 use crate::{Error, Result};
 
 /// Shape of a Llama-architecture model. Matrices are stored `[out, in]`
@@ -35,6 +44,20 @@ pub struct ModelConfig {
     /// Classifier shares the embedding matrix.
     #[serde(default = "default_true")]
     pub tied_embeddings: bool,
+    /// Biases on the q, k and v projections (Qwen2/2.5), added before RoPE.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qkv_bias: bool,
+    /// RMSNorm of every q and k head over `head_dim`, with a learned weight
+    /// of `head_dim` values per projection, before RoPE (Qwen3); its eps is `norm_eps`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qk_norm: bool,
+    /// How RoPE frequencies are rescaled (Llama 3's `llama3`, `linear`).
+    #[serde(default, skip_serializing_if = "RopeScaling::is_none")]
+    pub rope_scaling: RopeScaling,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Upper bounds on a config's sizes: far beyond any model anemone can
@@ -78,6 +101,12 @@ pub const PRESETS: &[&str] = &[
     "stories110m",
     "qwen3-0.6b-shape",
     "layer768",
+    "smollm2-135m",
+    "smollm2-360m",
+    "qwen2.5-0.5b",
+    "qwen3-0.6b",
+    "llama3.2-1b",
+    "tinyllama-1.1b",
 ];
 
 impl ModelConfig {
@@ -103,6 +132,9 @@ impl ModelConfig {
             norm_eps: default_eps(),
             rope_theta: default_theta(),
             tied_embeddings: true,
+            qkv_bias: false,
+            qk_norm: false,
+            rope_scaling: RopeScaling::None,
         }
     }
 
@@ -126,6 +158,43 @@ impl ModelConfig {
             // One Stories110M-width layer: the research code's single-layer benchmark. The
             // vocabulary is tiny so that the step is the layer (the classifier is ~2 % of it).
             "layer768" => ModelConfig::llama(768, 1, 12, 12, 2048, 256, 512),
+            // The real shapes (Hugging Face `config.json`s; docs/field-reports (c)).
+            // `seq_len` is the model's context (`max_position_embeddings`).
+            "smollm2-135m" => ModelConfig {
+                rope_theta: 100_000.0,
+                ..ModelConfig::llama(576, 30, 9, 3, 1536, 49152, 8192)
+            },
+            "smollm2-360m" => ModelConfig {
+                rope_theta: 100_000.0,
+                ..ModelConfig::llama(960, 32, 15, 5, 2560, 49152, 8192)
+            },
+            "qwen2.5-0.5b" => ModelConfig {
+                norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                qkv_bias: true,
+                ..ModelConfig::llama(896, 24, 14, 2, 4864, 151936, 32768)
+            },
+            "qwen3-0.6b" => ModelConfig {
+                head_dim: 128,
+                norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                qk_norm: true,
+                ..ModelConfig::llama(1024, 28, 16, 8, 3072, 151936, 40960)
+            },
+            "llama3.2-1b" => ModelConfig {
+                rope_theta: 500_000.0,
+                rope_scaling: RopeScaling::Llama3 {
+                    factor: 32.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192,
+                },
+                ..ModelConfig::llama(2048, 16, 32, 8, 8192, 128256, 131072)
+            },
+            "tinyllama-1.1b" => ModelConfig {
+                tied_embeddings: false,
+                ..ModelConfig::llama(2048, 22, 32, 4, 5632, 32000, 2048)
+            },
             other => {
                 return Err(Error::Invalid(format!(
                     "unknown model preset `{other}`; known presets: {}",
@@ -206,6 +275,9 @@ impl ModelConfig {
                 "a number in (1, 1e12]",
             ));
         }
+        if let Some(problem) = self.rope_scaling.problem() {
+            return bad(format!("model config: rope_scaling: {problem}"));
+        }
         match self.checked_n_params() {
             Some(n) if n <= MAX_PARAMS => Ok(()),
             count => bad(format!(
@@ -237,6 +309,8 @@ impl ModelConfig {
         let kv = self.n_kv_heads.checked_mul(self.head_dim)?;
         let layer = [
             Some(2 * d),
+            Some(if self.qkv_bias { q + 2 * kv } else { 0 }),
+            Some(if self.qk_norm { 2 * self.head_dim } else { 0 }),
             q.checked_mul(d)?.checked_mul(2),
             kv.checked_mul(d)?.checked_mul(2),
             self.hidden_dim.checked_mul(d)?.checked_mul(3),
@@ -269,8 +343,29 @@ impl ModelConfig {
 
     /// Parameters per transformer layer.
     pub fn layer_params(&self) -> usize {
+        self.layer_matmul_params() + 2 * self.dim + self.layer_vector_params()
+    }
+
+    /// Per layer, the parameters of the projection matrices (wq, wk, wv, wo, w1, w2, w3).
+    fn layer_matmul_params(&self) -> usize {
         let (d, q, kv, h) = (self.dim, self.q_dim(), self.kv_dim(), self.hidden_dim);
-        2 * d + q * d + 2 * kv * d + d * q + 3 * h * d
+        q * d + 2 * kv * d + d * q + 3 * h * d
+    }
+
+    /// Per layer, the parameters the features add: q/k/v biases and q/k norm weights.
+    fn layer_vector_params(&self) -> usize {
+        let biases = if self.qkv_bias {
+            self.q_dim() + 2 * self.kv_dim()
+        } else {
+            0
+        };
+        let norms = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        biases + norms
+    }
+
+    /// The inverse RoPE frequencies of a head (`head_dim / 2`, see [`crate::model::rope`]).
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        super::rope::inv_freq(self.head_dim, self.rope_theta as f64, &self.rope_scaling)
     }
 
     /// Total parameter count (embedding, layers, final norm, untied classifier).
@@ -285,8 +380,8 @@ impl ModelConfig {
     /// parameters incl. classifier) + 12 x n_layers x seq x q_dim (attention
     /// scores and values, forward and backward, causal half not discounted).
     pub fn train_flops_per_token(&self, seq: usize) -> f64 {
-        let matmul_params = (self.n_layers * (self.layer_params() - 2 * self.dim)
-            + self.vocab_size * self.dim) as f64;
+        let matmul_params =
+            (self.n_layers * self.layer_matmul_params() + self.vocab_size * self.dim) as f64;
         6.0 * matmul_params + 12.0 * (self.n_layers * seq * self.q_dim()) as f64
     }
 }
@@ -369,6 +464,55 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("stories15m")
+        );
+    }
+
+    #[test]
+    fn real_presets_have_the_published_parameter_counts() {
+        // Hugging Face model cards and config.json arithmetic (field reports (c)).
+        for (name, params) in [
+            ("smollm2-135m", 134_515_008),
+            ("smollm2-360m", 361_821_120),
+            ("qwen2.5-0.5b", 494_032_768),
+            ("qwen3-0.6b", 596_049_920),
+            ("llama3.2-1b", 1_235_814_400),
+            ("tinyllama-1.1b", 1_100_048_384),
+        ] {
+            assert_eq!(
+                ModelConfig::preset(name).unwrap().n_params(),
+                params,
+                "{name}"
+            );
+        }
+        let qwen = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        assert_eq!(
+            qwen.layer_params() - qwen.layer_matmul_params(),
+            2 * 896 + 896 + 256
+        );
+    }
+
+    #[test]
+    fn features_default_off_and_are_written_only_when_on() {
+        let c = ModelConfig::preset("stories15m").unwrap();
+        let text = serde_json::to_string(&c).unwrap();
+        for key in ["qkv_bias", "qk_norm", "rope_scaling"] {
+            assert!(!text.contains(key), "{text}");
+        }
+        for name in ["qwen2.5-0.5b", "qwen3-0.6b", "llama3.2-1b"] {
+            let c = ModelConfig::preset(name).unwrap();
+            let text = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<ModelConfig>(&text).unwrap(), c);
+        }
+        let text = r#"{"dim":64,"n_layers":1,"n_heads":8,"n_kv_heads":4,"head_dim":8,
+            "hidden_dim":172,"vocab_size":512,"seq_len":64,"qkv_bias":true,
+            "rope_scaling":{"type":"linear","factor":0.0}}"#;
+        let c: ModelConfig = serde_json::from_str(text).unwrap();
+        assert!(c.qkv_bias && !c.qk_norm);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rope_scaling")
         );
     }
 

@@ -2,7 +2,9 @@
 //! activations are `(C, T)` row-major (channel `c`, position `t`), the host
 //! view of an ANE `[1, C, 1, T]` tensor. Embedding gather/scatter, RMSNorm
 //! forward/backward (exact, including the norm weight), the classifier and
-//! cross-entropy over the full vocabulary. Each forward sits next to its backward.
+//! cross-entropy, over the full vocabulary or over blocks of its rows (for
+//! vocabularies whose logits are too large to hold at once). Each forward
+//! sits next to its backward.
 
 // Index loops over (channel, position) read clearest for this layout.
 #![allow(clippy::needless_range_loop)]
@@ -313,9 +315,46 @@ pub fn classifier_backward(
     );
 }
 
+/// [`classifier_backward`] for one block of vocabulary rows `E_b (R, C)`
+/// given its logits' gradient `g (R, P)`: `dx (C, P) += E_b^T g` (`=` unless
+/// `add_dx`: the first block) and `dE_b (R, C) += g x^T` (`=` unless `add`).
+/// `E_b` is read transposed in place: a chunked classifier keeps no
+/// transposed copy of a large vocabulary's matrix.
+#[allow(clippy::too_many_arguments)]
+pub fn classifier_backward_block(
+    dx: &mut [f32],
+    add_dx: bool,
+    d_classifier: &mut [f32],
+    g: &[f32],
+    x: &[f32],
+    classifier: &[f32],
+    dim: usize,
+    add: bool,
+) {
+    let rows = classifier.len() / dim;
+    let p = x.len() / dim;
+    rayon::join(
+        || {
+            let e_t = t(classifier, rows, dim);
+            gemm(dx, dim, p, e_t, n(g, rows, p), 1.0, add_dx)
+        },
+        || {
+            let (g, x) = (n(g, rows, p), t(x, dim, p));
+            gemm(d_classifier, rows, dim, g, x, 1.0, add)
+        },
+    );
+}
+
 /// Logits per task of [`cross_entropy`]: 64 Ki floats (256 KiB), so that a
 /// chunk stays in a core's L2 cache between its passes.
 const CHUNK_FLOATS: usize = 1 << 16;
+
+/// Rows of the vocabulary per task of [`cross_entropy`] for `p` positions
+/// (a chunk of [`CHUNK_FLOATS`]); blocks of rows given to
+/// [`cross_entropy_block`] start at multiples of it.
+pub fn cross_entropy_rows(p: usize, vocab: usize) -> usize {
+    (CHUNK_FLOATS / p).clamp(1, vocab.max(1))
+}
 
 /// [`cross_entropy`]'s statistics, kept between calls.
 #[derive(Default)]
@@ -325,6 +364,48 @@ pub struct CrossEntropyScratch {
     stats: Vec<f32>,
     /// Each position's sum of exponentials over the vocabulary.
     sums: Vec<f64>,
+    /// Positions `P` and rows per chunk of the cross-entropy in progress.
+    p: usize,
+    rows: usize,
+    /// Blocked cross-entropy: the chunks whose statistics the blocks so far filled.
+    cursor: usize,
+}
+
+impl CrossEntropyScratch {
+    /// Size the statistics for `vocab` rows of `p` positions coming in
+    /// blocks of `block_rows` rows (each cut into chunks of its own); returns
+    /// the rows per chunk.
+    fn start(&mut self, vocab: usize, p: usize, block_rows: usize) -> usize {
+        let rows = cross_entropy_rows(p, vocab);
+        let block_rows = block_rows.clamp(1, vocab.max(1));
+        let chunks =
+            (vocab / block_rows) * block_rows.div_ceil(rows) + (vocab % block_rows).div_ceil(rows);
+        self.stats.resize((2 * chunks + 2) * p, 0.0);
+        (self.p, self.rows, self.cursor) = (p, rows, 0);
+        rows
+    }
+
+    /// The statistics of the next block's chunks, for a block of `len` logits.
+    fn next_block(&mut self, len: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let (p, rows, first) = (self.p, self.rows, self.cursor);
+        let chunks = (len / p).div_ceil(rows);
+        self.cursor += chunks;
+        let (per_chunk, max, inv_sum) = split_stats(&mut self.stats, p);
+        (
+            &mut per_chunk[2 * first * p..][..2 * chunks * p],
+            max,
+            inv_sum,
+        )
+    }
+}
+
+/// The per-chunk statistics (two rows of `P` per chunk), and the merged
+/// maximum and `1 / sum` (`P` each).
+fn split_stats(stats: &mut [f32], p: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+    let len = stats.len();
+    let (per_chunk, merged) = stats.split_at_mut(len - 2 * p);
+    let (max, inv_sum) = merged.split_at_mut(p);
+    (per_chunk, max, inv_sum)
 }
 
 /// Cross-entropy (natural log) of vocabulary-major `logits (V, P)` against
@@ -338,7 +419,8 @@ pub struct CrossEntropyScratch {
 /// maximum `M` and sum `S` over the vocabulary (`S` in `f64`); pass 2 scales
 /// each chunk's exponentials by `grad_scale e^(m_c - M) / S`. Two passes over
 /// the logits, one exponential per logit, and the result does not depend on
-/// the number of threads.
+/// the number of threads. [`cross_entropy_block`] and its companions run the
+/// same passes on a vocabulary whose logits come in blocks of rows.
 pub fn cross_entropy(
     logits: &mut [f32],
     targets: &[u32],
@@ -348,17 +430,108 @@ pub fn cross_entropy(
     let p = targets.len();
     let vocab = logits.len() / p;
     assert_eq!(logits.len(), vocab * p, "cross_entropy: logits size");
-    let rows = (CHUNK_FLOATS / p).clamp(1, vocab.max(1));
-    let chunks = vocab.div_ceil(rows);
+    let rows = scratch.start(vocab, p, vocab);
     // The target logits, before pass 1 replaces them.
-    let target_sum: f64 = targets
+    let target_sum = target_logits(logits, targets, 0);
+    let (per_chunk, max, inv_sum) = split_stats(&mut scratch.stats, p);
+    exp_pass(logits, p, rows, per_chunk);
+    let total = merge_chunks(per_chunk, p, max, inv_sum, &mut scratch.sums);
+    if let Some(scale) = grad_scale {
+        gradient_pass(logits, targets, 0, rows, scale, per_chunk, max, inv_sum);
+    }
+    total - target_sum
+}
+
+/// Start a cross-entropy over `vocab` rows for `targets.len()` positions
+/// whose logits come in blocks of rows (a classifier chunked over the
+/// vocabulary): give every block to [`cross_entropy_block`], then
+/// [`cross_entropy_finish`], then, for the gradient, every block again
+/// (recomputed, in the same order) to [`cross_entropy_block_gradient`].
+/// Blocks have `block_rows` rows (the last one the rest). Each block is cut
+/// into chunks of the returned number of rows and the chunks merge in order,
+/// so when `block_rows` is a multiple of it the values are those of
+/// [`cross_entropy`] on the whole logits, bit for bit.
+pub fn cross_entropy_begin(
+    vocab: usize,
+    p: usize,
+    block_rows: usize,
+    scratch: &mut CrossEntropyScratch,
+) -> usize {
+    scratch.start(vocab, p, block_rows)
+}
+
+/// Pass 1 of [`cross_entropy`] over the block `logits (R, P)` of vocabulary
+/// rows `first_row..first_row + R` (exponentials left in place); returns the
+/// sum of the target logits that fall in the block.
+pub fn cross_entropy_block(
+    logits: &mut [f32],
+    first_row: usize,
+    targets: &[u32],
+    scratch: &mut CrossEntropyScratch,
+) -> f64 {
+    let (p, rows) = (scratch.p, scratch.rows);
+    let target_sum = target_logits(logits, targets, first_row);
+    let (block_stats, _, _) = scratch.next_block(logits.len());
+    exp_pass(logits, p, rows, block_stats);
+    target_sum
+}
+
+/// After every block: the sum over positions of `M + ln S` (the loss is
+/// this minus the target logits' sum).
+pub fn cross_entropy_finish(scratch: &mut CrossEntropyScratch) -> f64 {
+    let p = scratch.p;
+    let chunks = std::mem::take(&mut scratch.cursor);
+    let (per_chunk, max, inv_sum) = split_stats(&mut scratch.stats, p);
+    assert_eq!(
+        per_chunk.len(),
+        2 * chunks * p,
+        "cross_entropy_finish: blocks missing"
+    );
+    merge_chunks(per_chunk, p, max, inv_sum, &mut scratch.sums)
+}
+
+/// Pass 1 and pass 2 of [`cross_entropy`] on the block `logits (R, P)` of
+/// rows `first_row..` (recomputed after [`cross_entropy_finish`]): the block
+/// becomes the gradient `grad_scale (softmax - onehot)` of its rows.
+pub fn cross_entropy_block_gradient(
+    logits: &mut [f32],
+    first_row: usize,
+    targets: &[u32],
+    grad_scale: f32,
+    scratch: &mut CrossEntropyScratch,
+) {
+    let (p, rows) = (scratch.p, scratch.rows);
+    let (block_stats, max, inv_sum) = scratch.next_block(logits.len());
+    exp_pass(logits, p, rows, block_stats);
+    gradient_pass(
+        logits,
+        targets,
+        first_row,
+        rows,
+        grad_scale,
+        block_stats,
+        max,
+        inv_sum,
+    );
+}
+
+/// The sum of `logits[target - first_row, j]` over the positions `j` whose
+/// target falls in the rows of `logits (R, P)`.
+fn target_logits(logits: &[f32], targets: &[u32], first_row: usize) -> f64 {
+    let p = targets.len();
+    let block = first_row..first_row + logits.len() / p;
+    targets
         .iter()
         .enumerate()
-        .map(|(j, &target)| f64::from(logits[target as usize * p + j]))
-        .sum();
-    let stats = &mut scratch.stats;
-    stats.resize((2 * chunks + 2) * p, 0.0);
-    let (per_chunk, merged) = stats.split_at_mut(2 * chunks * p);
+        .filter(|(_, target)| block.contains(&(**target as usize)))
+        .map(|(j, &target)| f64::from(logits[(target as usize - first_row) * p + j]))
+        .sum()
+}
+
+/// Pass 1: per chunk of `rows` rows of `logits (R, P)`, each position's
+/// maximum and sum of `e^(l - max)` into `per_chunk` (`2 P` per chunk), the
+/// exponentials in place.
+fn exp_pass(logits: &mut [f32], p: usize, rows: usize, per_chunk: &mut [f32]) {
     logits
         .par_chunks_mut(rows * p)
         .zip(per_chunk.par_chunks_mut(2 * p))
@@ -374,7 +547,17 @@ pub fn cross_entropy(
                 },
             )
         });
-    let (max, inv_sum) = merged.split_at_mut(p);
+}
+
+/// The chunks' statistics merged in order: each position's maximum `M` and
+/// `1 / S` with `S = sum_c s_c e^(m_c - M)` in `f64`; returns `sum_j (M_j + ln S_j)`.
+fn merge_chunks(
+    per_chunk: &[f32],
+    p: usize,
+    max: &mut [f32],
+    inv_sum: &mut [f32],
+    sums: &mut Vec<f64>,
+) -> f64 {
     max.fill(f32::NEG_INFINITY);
     for st in per_chunk.chunks(2 * p) {
         for (m, &c) in max.iter_mut().zip(&st[..p]) {
@@ -382,7 +565,6 @@ pub fn cross_entropy(
         }
     }
     // Chunk-major, so that the statistics are read in order.
-    let sums = &mut scratch.sums;
     sums.clear();
     sums.resize(p, 0.0);
     for st in per_chunk.chunks(2 * p) {
@@ -401,34 +583,48 @@ pub fn cross_entropy(
         total += f64::from(m) + sum.ln();
         *inv = (1.0 / sum) as f32;
     }
-    if let Some(scale) = grad_scale {
-        let (max, inv_sum) = (&*max, &*inv_sum);
-        logits
-            .par_chunks_mut(rows * p)
-            .zip(per_chunk.par_chunks_mut(2 * p))
-            .enumerate()
-            .for_each(|(c, (l, st))| {
-                // The chunk's factors replace its maxima, no longer needed.
-                let factor = &mut st[..p];
-                crate::math::simd(
-                    #[inline(always)]
-                    || {
-                        for ((f, &m), &inv) in factor.iter_mut().zip(max).zip(inv_sum) {
-                            *f = crate::math::exp(*f - m) * inv * scale;
-                        }
-                        scale_columns(l, factor)
-                    },
-                );
-                let v0 = c * rows;
-                for (j, &target) in targets.iter().enumerate() {
-                    let target = target as usize;
-                    if (v0..v0 + l.len() / p).contains(&target) {
-                        l[(target - v0) * p + j] -= scale;
+    total
+}
+
+/// Pass 2: each chunk of `logits (R, P)` (rows `first_row..`, holding pass
+/// 1's exponentials) scaled by `scale e^(m_c - M) / S`, and `scale`
+/// subtracted at each position's target.
+#[allow(clippy::too_many_arguments)]
+fn gradient_pass(
+    logits: &mut [f32],
+    targets: &[u32],
+    first_row: usize,
+    rows: usize,
+    scale: f32,
+    per_chunk: &mut [f32],
+    max: &[f32],
+    inv_sum: &[f32],
+) {
+    let p = targets.len();
+    logits
+        .par_chunks_mut(rows * p)
+        .zip(per_chunk.par_chunks_mut(2 * p))
+        .enumerate()
+        .for_each(|(c, (l, st))| {
+            // The chunk's factors replace its maxima, no longer needed.
+            let factor = &mut st[..p];
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    for ((f, &m), &inv) in factor.iter_mut().zip(max).zip(inv_sum) {
+                        *f = crate::math::exp(*f - m) * inv * scale;
                     }
+                    scale_columns(l, factor)
+                },
+            );
+            let v0 = first_row + c * rows;
+            for (j, &target) in targets.iter().enumerate() {
+                let target = target as usize;
+                if (v0..v0 + l.len() / p).contains(&target) {
+                    l[(target - v0) * p + j] -= scale;
                 }
-            });
-    }
-    total - target_sum
+            }
+        });
 }
 
 /// `max[j] = max(max[j], l[r, j])` over the rows of `l (rows, P)`.

@@ -14,6 +14,18 @@
 //! | `q_bwd`       | q_dim     | dq (Qd,T); Wq (transposed)               | dxn (C)                      |
 //! | `kv_bwd`      | kv_dim    | dk, dv (KVd,T); Wk, Wv (transposed)      | dxn (C)                      |
 //!
+//! A config's features add to these kernels, nothing else: with `qkv_bias`,
+//! `attn_fwd` reads `bq (Qd)`, `bk`, `bv (KVd)` and adds them to the
+//! projections before RoPE; with `qk_norm`, it reads `q_norm`, `k_norm (D)`,
+//! normalises every q and k head before RoPE and also writes the projections
+//! `q_lin (Qd)`, `k_lin (KVd)`; `q_bwd` (resp. `kv_bwd`) then also reads
+//! `q_lin` and `q_norm`, runs the norm's backward first (its `dq` is the
+//! gradient of the normed queries) and also writes `dq_lin (Qd)`, the
+//! projection's gradient, and `dq_norm (D)`, the norm weight's gradient per
+//! position summed over heads (`dk_lin`, `dk_norm`). The RoPE tables come
+//! from the config's scaled frequencies. Bias and norm-weight gradients are
+//! sums over positions, done on the host.
+//!
 //! This follows the reference's dynamic pipeline (ane-reference 5.5.2) with two
 //! changes: the residual adds stay on the CPU in fp32 (the reference adds them on
 //! the ANE in fp16), and attention backward is one kernel whose inputs are packed
@@ -27,6 +39,11 @@
 //! - `Packed`: appended along the spatial axis of the single input (the ANE's
 //!   dynamic-weight trick: compile once, one input and one output surface);
 //! - `Inputs`: one function input per tensor (cheapest on the CPU backend).
+//!
+//! A vector parameter (a bias, a norm weight; [`KernelBuilder::vector`]) of `n`
+//! values is a `[1, n, 1, 1]` input in `Inputs` mode, one column (rows
+//! `0..n`) of the single packed input in `Packed` mode (so `n` must not
+//! exceed the kernel's channel count C), and a BLOBFILE constant when baked.
 //!
 //! Every kernel reads and writes `[1, C, 1, W]` tensors. A [`KernelSpec`] records
 //! where each logical tensor lives (buffer, channel rows, spatial columns), so the
@@ -50,6 +67,7 @@ use crate::package::ProgramPackage;
 use crate::{Error, Result};
 
 use super::config::ModelConfig;
+use super::rope;
 
 /// Where kernel weights come from (see the module docs); defined beside the
 /// backend trait, whose backends say which mode they prefer.
@@ -152,6 +170,11 @@ impl WeightDecl {
 #[derive(Clone, Copy, Debug)]
 pub struct WeightId(usize);
 
+/// Handle to a declared vector parameter (a bias, a norm weight): `len`
+/// values, one per channel, read as a `[1, len, 1, 1]` tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct VectorId(usize);
+
 /// Builds one kernel: declare activations and weights, call [`KernelBuilder::begin`],
 /// write the body with the returned tensors, declare outputs, [`KernelBuilder::finish`].
 pub struct KernelBuilder<'w> {
@@ -161,12 +184,16 @@ pub struct KernelBuilder<'w> {
     b: Builder,
     acts: Vec<(String, usize)>,
     weights: Vec<WeightDecl>,
+    /// Vector parameters: name and length.
+    vectors: Vec<(String, usize)>,
     /// Baked values by weight name (the parameter as stored), for `WeightMode::Baked`.
     baked: &'w dyn Fn(&str) -> Option<Vec<f32>>,
     act_tensors: Vec<Tensor>,
     /// Per weight: its input tensor, and whether it holds `M = [in, out]` (else the
     /// `[out, in]` form that the kernel transposes).
     weight_tensors: Vec<Option<(Tensor, bool)>>,
+    /// Per vector: its `[1, len, 1, 1]` tensor.
+    vector_tensors: Vec<Tensor>,
     inputs: Vec<TensorSlot>,
     outputs: Vec<(String, Tensor)>,
     blobs: BTreeMap<String, BlobWriter>,
@@ -185,9 +212,11 @@ impl<'w> KernelBuilder<'w> {
             b: Builder::new(opts.dialect),
             acts: Vec::new(),
             weights: Vec::new(),
+            vectors: Vec::new(),
             baked: &no_baked,
             act_tensors: Vec::new(),
             weight_tensors: Vec::new(),
+            vector_tensors: Vec::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
             blobs: BTreeMap::new(),
@@ -228,6 +257,20 @@ impl<'w> KernelBuilder<'w> {
         self.weight(name, rows, cols, Use::Transposed)
     }
 
+    /// Declare a vector parameter of `len` values (a bias, a norm weight).
+    /// Its slot holds it as a column `(len, 1)`: one input `[1, len, 1, 1]`, a
+    /// column of the packed input (`len` at most its channel count), or a
+    /// BLOBFILE constant when baked.
+    pub fn vector(&mut self, name: &str, len: usize) -> VectorId {
+        self.vectors.push((name.to_string(), len));
+        VectorId(self.vectors.len() - 1)
+    }
+
+    /// The `[1, len, 1, 1]` tensor of a declared vector (after `begin`).
+    pub fn vector_tensor(&self, v: VectorId) -> Tensor {
+        self.vector_tensors[v.0].clone()
+    }
+
     fn dtype(&self) -> DType {
         self.opts.dtype
     }
@@ -265,6 +308,17 @@ impl<'w> KernelBuilder<'w> {
             };
             items.push((w.name.clone(), SlotRole::Weight { transposed }, rows, cols));
             m_forms.push(m_form);
+        }
+        let n_weight_items = m_forms.len();
+        if self.opts.mode != WeightMode::Baked {
+            for (name, len) in &self.vectors {
+                items.push((
+                    name.clone(),
+                    SlotRole::Weight { transposed: false },
+                    *len,
+                    1,
+                ));
+            }
         }
         let mut tensors = Vec::new();
         match packed_channels {
@@ -315,6 +369,11 @@ impl<'w> KernelBuilder<'w> {
         }
         let n_acts = self.acts.len();
         self.act_tensors = tensors[..n_acts].to_vec();
+        let vector_tensors = tensors.split_off(n_acts + n_weight_items);
+        self.vector_tensors = match self.opts.mode {
+            WeightMode::Baked => self.baked_vectors()?,
+            _ => vector_tensors,
+        };
         let mut rest = tensors[n_acts..].iter().cloned().zip(m_forms);
         self.weight_tensors = (0..self.weights.len())
             .map(|_| {
@@ -361,7 +420,7 @@ impl<'w> KernelBuilder<'w> {
         if self.opts.mode != WeightMode::Packed {
             return Ok(None);
         }
-        if self.weights.is_empty() {
+        if self.weights.is_empty() && self.vectors.is_empty() {
             return Ok(Some(PackAxis::Channels(self.seq)));
         }
         let c = self.acts.first().map(|a| a.1).ok_or_else(|| {
@@ -387,7 +446,37 @@ impl<'w> KernelBuilder<'w> {
                 )));
             }
         }
+        if let Some((name, len)) = self.vectors.iter().find(|(_, len)| *len > c) {
+            return Err(Error::Invalid(format!(
+                "kernel {}: vector `{name}` ({len} values) is longer than the packed input's {c} channels",
+                self.name
+            )));
+        }
         Ok(Some(PackAxis::Width(c)))
+    }
+
+    /// `WeightMode::Baked`: every vector as a BLOBFILE constant `[1, len, 1, 1]`.
+    fn baked_vectors(&mut self) -> Result<Vec<Tensor>> {
+        let vectors = self.vectors.clone();
+        vectors
+            .iter()
+            .map(|(name, len)| {
+                let values = (self.baked)(name).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "kernel {}: no baked value for vector `{name}`",
+                        self.name
+                    ))
+                })?;
+                if values.len() != *len {
+                    return Err(Error::Invalid(format!(
+                        "kernel {}: baked vector `{name}` has {} values, expected {len}",
+                        self.name,
+                        values.len()
+                    )));
+                }
+                Ok(self.table(name, &[1, *len, 1, 1], &values))
+            })
+            .collect()
     }
 
     /// The builder, for the kernel body.
@@ -548,22 +637,17 @@ pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// RoPE tables `[1, 1, T, D]`: entries `2i` and `2i+1` of row `p` hold
-/// `cos(p * theta^(-2i/D))` (resp. `sin`), llama2.c's interleaved pairs.
+/// Unscaled RoPE tables `[1, 1, T, D]`: entries `2i` and `2i+1` of row `p` hold
+/// `cos(p * theta^(-2i/D))` (resp. `sin`), llama2.c's interleaved pairs
+/// ([`crate::model::rope::tables`]; a config's own are [`rope_tables_of`]).
 pub fn rope_tables(seq: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
-    let mut cos = vec![0.0; seq * head_dim];
-    let mut sin = vec![0.0; seq * head_dim];
-    for p in 0..seq {
-        for i in 0..head_dim / 2 {
-            let freq = (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
-            let angle = p as f64 * freq;
-            for j in [2 * i, 2 * i + 1] {
-                cos[p * head_dim + j] = angle.cos() as f32;
-                sin[p * head_dim + j] = angle.sin() as f32;
-            }
-        }
-    }
-    (cos, sin)
+    let freqs = rope::inv_freq(head_dim, theta as f64, &rope::RopeScaling::None);
+    rope::tables(seq, &freqs)
+}
+
+/// The RoPE tables `[1, 1, T, D]` of `config` (its theta and scaling) for `seq` positions.
+pub fn rope_tables_of(config: &ModelConfig, seq: usize) -> (Vec<f32>, Vec<f32>) {
+    rope::tables(seq, &config.rope_inv_freq())
 }
 
 /// The additive causal mask `[1, 1, T, T]`: 0 on and below the diagonal, -65504 above.
@@ -628,7 +712,7 @@ fn reduce_kv(b: &mut Builder, dx: &Tensor, group: usize) -> Tensor {
 }
 
 fn rope_consts(k: &mut KernelBuilder, config: &ModelConfig, seq: usize) -> (Tensor, Tensor) {
-    let (cos, sin) = rope_tables(seq, config.head_dim, config.rope_theta);
+    let (cos, sin) = rope_tables_of(config, seq);
     let shape = [1, 1, seq, config.head_dim];
     (
         k.table("rope_cos", &shape, &cos),
@@ -799,7 +883,9 @@ pub fn kernel_counts() -> KernelCounts {
 /// Weight values by slot name for `WeightMode::Baked` (`None`: not baked).
 pub type Baked<'a> = &'a dyn Fn(&str) -> Option<Vec<f32>>;
 
-/// Attention forward: QKV projections, RoPE, causal softmax attention per head.
+/// Attention forward: QKV projections (plus their biases with `qkv_bias`),
+/// QK-norm per head (with `qk_norm`; `q_lin`, `k_lin` are then saved for its
+/// backward), RoPE, causal softmax attention per head.
 pub fn attn_fwd(
     config: &ModelConfig,
     seq: usize,
@@ -812,10 +898,47 @@ pub fn attn_fwd(
     let wq = kernel.weight_forward("wq", q_dim, dim);
     let wk = kernel.weight_forward("wk", kv_dim, dim);
     let wv = kernel.weight_forward("wv", kv_dim, dim);
+    let biases = config.qkv_bias.then(|| {
+        [
+            kernel.vector("bq", q_dim),
+            kernel.vector("bk", kv_dim),
+            kernel.vector("bv", kv_dim),
+        ]
+    });
+    let norms = config.qk_norm.then(|| {
+        [
+            kernel.vector("q_norm", config.head_dim),
+            kernel.vector("k_norm", config.head_dim),
+        ]
+    });
     let xn = kernel.begin()?.remove(0);
-    let qp = kernel.linear(&xn, wq)?;
-    let kp = kernel.linear(&xn, wk)?;
-    let vp = kernel.linear(&xn, wv)?;
+    let mut qp = kernel.linear(&xn, wq)?;
+    let mut kp = kernel.linear(&xn, wk)?;
+    let mut vp = kernel.linear(&xn, wv)?;
+    if let Some([bq, bk, bv]) = biases {
+        let (bq, bk, bv) = (
+            kernel.vector_tensor(bq),
+            kernel.vector_tensor(bk),
+            kernel.vector_tensor(bv),
+        );
+        let builder = kernel.b();
+        qp = builder.add(&qp, &bq);
+        kp = builder.add(&kp, &bk);
+        vp = builder.add(&vp, &bv);
+    }
+    // With QK-norm the projections' outputs are saved for its backward.
+    let mut lin = None;
+    if let Some([q_norm, k_norm]) = norms {
+        let (q_norm, k_norm) = (kernel.vector_tensor(q_norm), kernel.vector_tensor(k_norm));
+        let eps = config.norm_eps;
+        let builder = kernel.b();
+        let q_normed = head_rmsnorm(builder, &qp, &q_norm, config.n_heads, eps);
+        let k_normed = head_rmsnorm(builder, &kp, &k_norm, config.n_kv_heads, eps);
+        lin = Some((
+            std::mem::replace(&mut qp, q_normed),
+            std::mem::replace(&mut kp, k_normed),
+        ));
+    }
     let (cos, sin) = rope_consts(&mut kernel, config, seq);
     let mask_values = causal_mask(seq);
     let mask = kernel.table("mask", &[1, 1, seq, seq], &mask_values);
@@ -836,6 +959,10 @@ pub fn attn_fwd(
     kernel.output("q_rope", q_rope);
     kernel.output("k_rope", k_rope);
     kernel.output("v", vp);
+    if let Some((q_lin, k_lin)) = lin {
+        kernel.output("q_lin", q_lin);
+        kernel.output("k_lin", k_lin);
+    }
     kernel.finish()
 }
 
@@ -999,7 +1126,11 @@ pub fn ffn_bwd_w13(
     kernel.finish()
 }
 
-/// Query projection backward: `dxn = Wq^T dq`.
+/// Query projection backward: `dxn = Wq^T dq`. With `qk_norm`, `dq` is the
+/// gradient of the normed queries: first the QK-norm backward from the saved
+/// `q_lin`, which also gives `dq_lin` (the gradient of `Wq xn + bq`, for the
+/// host's `dWq` and `dbq`) and `dq_norm (D, T)` (the norm weight's gradient
+/// summed over heads, per position).
 pub fn q_bwd(
     config: &ModelConfig,
     seq: usize,
@@ -1008,14 +1139,32 @@ pub fn q_bwd(
 ) -> Result<KernelSpec> {
     let mut kernel = KernelBuilder::new("q_bwd", opts, seq).with_baked(baked);
     kernel.act("dq", config.q_dim());
+    if config.qk_norm {
+        kernel.act("q_lin", config.q_dim());
+    }
     let wq = kernel.weight_transposed("wq", config.q_dim(), config.dim);
-    let dq = kernel.begin()?.remove(0);
-    let dx = kernel.linear(&dq, wq)?;
+    let norm = config
+        .qk_norm
+        .then(|| kernel.vector("q_norm", config.head_dim));
+    let acts = kernel.begin()?;
+    let normed = norm.map(|norm| {
+        let norm = kernel.vector_tensor(norm);
+        let (eps, heads) = (config.norm_eps, config.n_heads);
+        head_rmsnorm_backward(kernel.b(), &acts[0], &acts[1], &norm, heads, eps)
+    });
+    let dq = normed.as_ref().map_or(&acts[0], |(dq_lin, _)| dq_lin);
+    let dx = kernel.linear(dq, wq)?;
     kernel.output("dxn", dx);
+    if let Some((dq_lin, dq_norm)) = normed {
+        kernel.output("dq_lin", dq_lin);
+        kernel.output("dq_norm", dq_norm);
+    }
     kernel.finish()
 }
 
-/// Key/value projection backward: `dxn = Wk^T dk + Wv^T dv`.
+/// Key/value projection backward: `dxn = Wk^T dk + Wv^T dv`. With `qk_norm`,
+/// `dk` is the gradient of the normed keys, as in [`q_bwd`]: the QK-norm
+/// backward from the saved `k_lin` first, giving `dk_lin` and `dk_norm (D, T)`.
 pub fn kv_bwd(
     config: &ModelConfig,
     seq: usize,
@@ -1025,14 +1174,95 @@ pub fn kv_bwd(
     let mut kernel = KernelBuilder::new("kv_bwd", opts, seq).with_baked(baked);
     kernel.act("dk", config.kv_dim());
     kernel.act("dv", config.kv_dim());
+    if config.qk_norm {
+        kernel.act("k_lin", config.kv_dim());
+    }
     let wk = kernel.weight_transposed("wk", config.kv_dim(), config.dim);
     let wv = kernel.weight_transposed("wv", config.kv_dim(), config.dim);
+    let norm = config
+        .qk_norm
+        .then(|| kernel.vector("k_norm", config.head_dim));
     let acts = kernel.begin()?;
-    let from_w1 = kernel.linear(&acts[0], wk)?;
+    let normed = norm.map(|norm| {
+        let norm = kernel.vector_tensor(norm);
+        let (eps, heads) = (config.norm_eps, config.n_kv_heads);
+        head_rmsnorm_backward(kernel.b(), &acts[0], &acts[2], &norm, heads, eps)
+    });
+    let dk = normed.as_ref().map_or(&acts[0], |(dk_lin, _)| dk_lin);
+    let from_w1 = kernel.linear(dk, wk)?;
     let from_w3 = kernel.linear(&acts[1], wv)?;
     let dx = kernel.b().add(&from_w1, &from_w3);
     kernel.output("dxn", dx);
+    if let Some((dk_lin, dk_norm)) = normed {
+        kernel.output("dk_lin", dk_lin);
+        kernel.output("dk_norm", dk_norm);
+    }
     kernel.finish()
+}
+
+/// RMSNorm of every head of `x` `[1, H*D, 1, T]` over its `D` channels, times
+/// `weight` `[1, D, 1, 1]` (QK-norm), in the ANE's idioms: the mean is a
+/// `reduce_sum` (of squares scaled by `1/D`), the reciprocal root `pow(-0.5)`.
+fn head_rmsnorm(b: &mut Builder, x: &Tensor, weight: &Tensor, heads: usize, eps: f32) -> Tensor {
+    let (channels, seq) = (x.shape()[1], x.shape()[3]);
+    let head_dim = channels / heads;
+    let xh = b.reshape(x, &[1, heads, head_dim, seq]); // (1, H, D, T)
+    let rrms = head_rrms(b, &xh, eps); // (1, H, 1, T)
+    let x_hat = b.mul(&xh, &rrms);
+    let w = b.reshape(weight, &[1, 1, head_dim, 1]);
+    let y = b.mul(&x_hat, &w);
+    b.reshape(&y, &[1, channels, 1, seq])
+}
+
+/// `1 / sqrt(mean_d x^2 + eps)` of `xh` `(1, H, D, T)` per head and position:
+/// `(1, H, 1, T)`. The mean is a `reduce_sum` of the squares of `x / sqrt(D)`:
+/// scaled before squaring, fp16 holds it for an RMS up to 256 (the
+/// projections QK-norm tames can be large), where squaring first would
+/// overflow 65504 at an RMS of 256 / sqrt(D).
+fn head_rrms(b: &mut Builder, xh: &Tensor, eps: f32) -> Tensor {
+    let (dtype, head_dim) = (xh.dtype(), xh.shape()[2]);
+    let inv_sqrt_d = b.scalar(dtype, 1.0 / (head_dim as f32).sqrt());
+    let scaled = b.mul(xh, &inv_sqrt_d);
+    let sq = b.mul(&scaled, &scaled);
+    let mean = b.reduce_sum(&sq, &[2], true);
+    let eps = b.scalar(dtype, eps);
+    let var = b.add(&mean, &eps);
+    let minus_half = b.scalar(dtype, -0.5);
+    b.pow(&var, &minus_half)
+}
+
+/// Backward of [`head_rmsnorm`] given `dy` `[1, H*D, 1, T]` and its input `x`:
+/// `dx = rrms (g - x_hat mean_d(g x_hat))` with `g = w dy`, `x_hat = x rrms`
+/// (rrms recomputed from `x`), and the weight's gradient summed over heads,
+/// `(sum_h dy x_hat)` `[1, D, 1, T]` (the host sums it over positions).
+fn head_rmsnorm_backward(
+    b: &mut Builder,
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    heads: usize,
+    eps: f32,
+) -> (Tensor, Tensor) {
+    let (channels, seq) = (x.shape()[1], x.shape()[3]);
+    let head_dim = channels / heads;
+    let xh = b.reshape(x, &[1, heads, head_dim, seq]); // (1, H, D, T)
+    let dyh = b.reshape(dy, &[1, heads, head_dim, seq]);
+    let rrms = head_rrms(b, &xh, eps); // (1, H, 1, T)
+    let x_hat = b.mul(&xh, &rrms);
+    let w = b.reshape(weight, &[1, 1, head_dim, 1]);
+    let g = b.mul(&dyh, &w);
+    let gx = b.mul(&g, &x_hat);
+    let dot = b.reduce_sum(&gx, &[2], true); // (1, H, 1, T)
+    let inv_d = b.scalar(x.dtype(), 1.0 / head_dim as f32);
+    let mean = b.mul(&dot, &inv_d);
+    let x_mean = b.mul(&x_hat, &mean);
+    let centered = b.sub(&g, &x_mean);
+    let dxh = b.mul(&centered, &rrms);
+    let dx = b.reshape(&dxh, &[1, channels, 1, seq]);
+    let dyx = b.mul(&dyh, &x_hat);
+    let dw = b.reduce_sum(&dyx, &[1], true); // (1, 1, D, T)
+    let dw = b.reshape(&dw, &[1, head_dim, 1, seq]);
+    (dx, dw)
 }
 
 #[cfg(test)]

@@ -16,9 +16,10 @@
 //!   `rms_ffn (L, C)`, `rms_final (C)`, `embedding`, `wq`, `wk`, `wv`, `wo`,
 //!   `w1`, `w2`, `w3` (each over all layers), then `wcls` only when unshared.
 //!
-//! llama2.c has no separate head_dim (it is `dim / n_heads`), and its `run.c`
-//! hard-codes RMSNorm eps 1e-5 and RoPE theta 10000: configs that differ are
-//! refused on export rather than silently changed. Version 2 (Q8_0) is not
+//! llama2.c has no separate head_dim (it is `dim / n_heads`), no biases,
+//! QK-norm or RoPE scaling, and its `run.c` hard-codes RMSNorm eps 1e-5 and
+//! RoPE theta 10000: configs that differ are refused on export rather than
+//! silently changed. Version 2 (Q8_0) is not
 //! supported. This module does not run models (see [`crate::generate`]).
 
 use std::path::Path;
@@ -363,6 +364,14 @@ pub fn encode(weights: &Weights, version: i32, path: &Path) -> Result<Vec<u8>> {
 
 /// Refuse configs a llama2.c file cannot describe, naming the field.
 fn check_exportable(config: &ModelConfig, path: &Path) -> Result<()> {
+    if config.qkv_bias || config.qk_norm || !config.rope_scaling.is_none() {
+        return Err(Error::format(
+            path,
+            "config",
+            "llama2.c has no q/k/v biases, QK-norm or RoPE scaling; a model with them cannot \
+             be exported to its format (write Hugging Face safetensors instead)",
+        ));
+    }
     if config.n_heads * config.head_dim != config.dim {
         return Err(Error::format(
             path,

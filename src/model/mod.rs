@@ -1,6 +1,9 @@
-//! The model: configuration, parameters, the Llama kernels as MIL graphs
-//! (forward/backward pairs), the CPU-side math, checkpoints and llama2.c
-//! import/export, and [`load_weights`], which reads whichever of the two a path holds.
+//! The model: configuration (with the features an architecture needs: q/k/v
+//! biases, QK-norm, RoPE scaling, a tied classifier), parameters, RoPE, the
+//! Llama kernels as MIL graphs (forward/backward pairs), the CPU-side math,
+//! checkpoints, llama2.c import/export, Hugging Face checkpoints, and
+//! [`load_weights`], which reads an anemone checkpoint or a llama2.c file,
+//! whichever a path holds.
 //! Talks to devices only through the [`crate::backend::Backend`] trait.
 
 pub mod checkpoint;
@@ -9,11 +12,13 @@ pub mod hf;
 pub mod host;
 pub mod kernels;
 pub mod llama2c;
+pub mod rope;
 pub mod weights;
 
 use std::path::Path;
 
 pub use config::ModelConfig;
+pub use rope::RopeScaling;
 pub use weights::{Layout, Param, Weights};
 
 /// Weights from a run directory (its `checkpoint.bin`), an anemone

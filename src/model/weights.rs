@@ -4,8 +4,16 @@
 //!
 //! Layout (llama2.c order, matrices `[out, in]` row-major):
 //! `embedding (V, C)`, then per layer `rms_att (C)`, `wq (Hq*D, C)`, `wk (Hkv*D, C)`,
-//! `wv (Hkv*D, C)`, `wo (C, Hq*D)`, `rms_ffn (C)`, `w1 (F, C)`, `w2 (C, F)`, `w3 (F, C)`,
-//! then `rms_final (C)`, then `classifier (V, C)` only when untied.
+//! `wv (Hkv*D, C)`, then only with `qkv_bias` `bq (Hq*D)`, `bk (Hkv*D)`,
+//! `bv (Hkv*D)`, then only with `qk_norm` `q_norm (D)`, `k_norm (D)`, then
+//! `wo (C, Hq*D)`, `rms_ffn (C)`, `w1 (F, C)`, `w2 (C, F)`, `w3 (F, C)`,
+//! then `rms_final (C)`, then `classifier (V, C)` only when untied. A model
+//! without the features has exactly llama2.c's layout.
+//!
+//! The rows of `wq`, `wk`, `bq`, `bk` and the entries of `q_norm`, `k_norm`
+//! are in the interleaved RoPE order of llama2.c (pairs `(2i, 2i+1)` of a
+//! head rotate together); Hugging Face checkpoints are permuted on the way
+//! in and out (`super::hf`).
 
 use std::ops::Range;
 
@@ -20,6 +28,13 @@ pub enum Param {
     Wq(usize),
     Wk(usize),
     Wv(usize),
+    /// Biases of the q, k and v projections, only with `qkv_bias`.
+    Bq(usize),
+    Bk(usize),
+    Bv(usize),
+    /// QK-norm weights of the q and k heads, only with `qk_norm`.
+    QNorm(usize),
+    KNorm(usize),
     Wo(usize),
     RmsFfn(usize),
     W1(usize),
@@ -31,9 +46,23 @@ pub enum Param {
 }
 
 impl Param {
-    /// Norm weights get no weight decay.
+    /// Norm weights (initialised to 1).
     pub fn is_norm(self) -> bool {
-        matches!(self, Param::RmsAtt(_) | Param::RmsFfn(_) | Param::RmsFinal)
+        matches!(
+            self,
+            Param::RmsAtt(_)
+                | Param::RmsFfn(_)
+                | Param::RmsFinal
+                | Param::QNorm(_)
+                | Param::KNorm(_)
+        )
+    }
+
+    /// One-dimensional: norm weights and biases. They get no weight decay
+    /// (`torch.optim.AdamW` param groups by dimension), and their gradients
+    /// are sums, not products.
+    pub fn is_vector(self) -> bool {
+        self.is_norm() || matches!(self, Param::Bq(_) | Param::Bk(_) | Param::Bv(_))
     }
 
     /// The layer a per-layer parameter belongs to.
@@ -43,6 +72,11 @@ impl Param {
             | Param::Wq(l)
             | Param::Wk(l)
             | Param::Wv(l)
+            | Param::Bq(l)
+            | Param::Bk(l)
+            | Param::Bv(l)
+            | Param::QNorm(l)
+            | Param::KNorm(l)
             | Param::Wo(l)
             | Param::RmsFfn(l)
             | Param::W1(l)
@@ -61,6 +95,11 @@ impl Param {
             Param::Wq(l) => layer(l, "wq"),
             Param::Wk(l) => layer(l, "wk"),
             Param::Wv(l) => layer(l, "wv"),
+            Param::Bq(l) => layer(l, "bq"),
+            Param::Bk(l) => layer(l, "bk"),
+            Param::Bv(l) => layer(l, "bv"),
+            Param::QNorm(l) => layer(l, "q_norm"),
+            Param::KNorm(l) => layer(l, "k_norm"),
             Param::Wo(l) => layer(l, "wo"),
             Param::RmsFfn(l) => layer(l, "rms_ffn"),
             Param::W1(l) => layer(l, "w1"),
@@ -115,6 +154,9 @@ impl Layout {
         match p {
             Param::Embedding | Param::Classifier => vec![v, d],
             Param::RmsAtt(_) | Param::RmsFfn(_) | Param::RmsFinal => vec![d],
+            Param::Bq(_) => vec![q],
+            Param::Bk(_) | Param::Bv(_) => vec![kv],
+            Param::QNorm(_) | Param::KNorm(_) => vec![c.head_dim],
             Param::Wq(_) => vec![q, d],
             Param::Wk(_) | Param::Wv(_) => vec![kv, d],
             Param::Wo(_) => vec![d, q],
@@ -123,35 +165,51 @@ impl Layout {
         }
     }
 
-    /// Element range of `p` in the flat vector. Panics on a layer index out of
-    /// range or on `Classifier` for a tied model (programmer errors).
+    /// Whether the model has parameter `p` (a bias or QK-norm weight only
+    /// with its feature, the classifier only when untied, a layer in range).
+    pub fn contains(&self, p: Param) -> bool {
+        let c = &self.config;
+        let in_range = p.layer().is_none_or(|l| l < c.n_layers);
+        in_range
+            && match p {
+                Param::Bq(_) | Param::Bk(_) | Param::Bv(_) => c.qkv_bias,
+                Param::QNorm(_) | Param::KNorm(_) => c.qk_norm,
+                Param::Classifier => !c.tied_embeddings,
+                _ => true,
+            }
+    }
+
+    /// Element range of `p` in the flat vector. Panics on a parameter the
+    /// model does not have ([`Layout::contains`]; programmer errors).
     pub fn range(&self, p: Param) -> Range<usize> {
         let c = &self.config;
-        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim);
-        let in_layer = |l: usize, off: usize| {
-            assert!(
-                l < c.n_layers,
-                "layer {l} out of range ({} layers)",
-                c.n_layers
-            );
-            self.layer_start + l * self.layer_stride + off
-        };
+        assert!(self.contains(p), "the model has no {}", p.name());
+        let (d, q, kv, f, hd) = (c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim, c.head_dim);
+        let biases = if c.qkv_bias { q + 2 * kv } else { 0 };
+        let norms = if c.qk_norm { 2 * hd } else { 0 };
+        // Offsets inside a layer: the attention's matrices, the features'
+        // vectors, then the rest.
+        let after_wv = d + q * d + 2 * kv * d;
+        let after_vectors = after_wv + biases + norms;
+        let in_layer = |l: usize, off: usize| self.layer_start + l * self.layer_stride + off;
         let start = match p {
             Param::Embedding => 0,
             Param::RmsAtt(l) => in_layer(l, 0),
             Param::Wq(l) => in_layer(l, d),
             Param::Wk(l) => in_layer(l, d + q * d),
             Param::Wv(l) => in_layer(l, d + q * d + kv * d),
-            Param::Wo(l) => in_layer(l, d + q * d + 2 * kv * d),
-            Param::RmsFfn(l) => in_layer(l, d + 2 * q * d + 2 * kv * d),
-            Param::W1(l) => in_layer(l, 2 * d + 2 * q * d + 2 * kv * d),
-            Param::W2(l) => in_layer(l, 2 * d + 2 * q * d + 2 * kv * d + f * d),
-            Param::W3(l) => in_layer(l, 2 * d + 2 * q * d + 2 * kv * d + 2 * f * d),
+            Param::Bq(l) => in_layer(l, after_wv),
+            Param::Bk(l) => in_layer(l, after_wv + q),
+            Param::Bv(l) => in_layer(l, after_wv + q + kv),
+            Param::QNorm(l) => in_layer(l, after_wv + biases),
+            Param::KNorm(l) => in_layer(l, after_wv + biases + hd),
+            Param::Wo(l) => in_layer(l, after_vectors),
+            Param::RmsFfn(l) => in_layer(l, after_vectors + q * d),
+            Param::W1(l) => in_layer(l, after_vectors + q * d + d),
+            Param::W2(l) => in_layer(l, after_vectors + q * d + d + f * d),
+            Param::W3(l) => in_layer(l, after_vectors + q * d + d + 2 * f * d),
             Param::RmsFinal => self.layer_start + c.n_layers * self.layer_stride,
-            Param::Classifier => {
-                assert!(!c.tied_embeddings, "tied model has no separate classifier");
-                self.layer_start + c.n_layers * self.layer_stride + d
-            }
+            Param::Classifier => self.layer_start + c.n_layers * self.layer_stride + d,
         };
         start..start + self.shape(p).iter().product::<usize>()
     }
@@ -160,11 +218,14 @@ impl Layout {
     pub fn params(&self) -> Vec<Param> {
         let mut out = vec![Param::Embedding];
         for l in 0..self.config.n_layers {
+            out.extend([Param::RmsAtt(l), Param::Wq(l), Param::Wk(l), Param::Wv(l)]);
+            if self.config.qkv_bias {
+                out.extend([Param::Bq(l), Param::Bk(l), Param::Bv(l)]);
+            }
+            if self.config.qk_norm {
+                out.extend([Param::QNorm(l), Param::KNorm(l)]);
+            }
             out.extend([
-                Param::RmsAtt(l),
-                Param::Wq(l),
-                Param::Wk(l),
-                Param::Wv(l),
                 Param::Wo(l),
                 Param::RmsFfn(l),
                 Param::W1(l),
@@ -205,7 +266,8 @@ impl Weights {
     }
 
     /// GPT-2/llama2.c-style initialisation: matrices N(0, 0.02), the residual
-    /// projections `wo` and `w2` N(0, 0.02/sqrt(2 n_layers)), norms 1.
+    /// projections `wo` and `w2` N(0, 0.02/sqrt(2 n_layers)), norms 1, biases 0
+    /// (which draw nothing from the generator).
     pub fn init(config: &ModelConfig, seed: u64) -> Weights {
         let mut w = Weights::zeros(config);
         let mut rng = Rng::new(seed);
@@ -215,6 +277,7 @@ impl Weights {
             let slice = &mut w.data[range];
             match p {
                 _ if p.is_norm() => slice.fill(1.0),
+                Param::Bq(_) | Param::Bk(_) | Param::Bv(_) => slice.fill(0.0),
                 Param::Wo(_) | Param::W2(_) => {
                     slice.iter_mut().for_each(|x| *x = resid_std * rng.normal())
                 }
@@ -288,6 +351,38 @@ mod tests {
             assert_eq!(next, layout.len());
             assert_eq!(layout.len(), config.n_params());
         }
+    }
+
+    #[test]
+    fn feature_parameters_tile_the_vector_and_exist_only_with_their_feature() {
+        let plain = ModelConfig::preset("stories260k").unwrap();
+        let config = ModelConfig {
+            qkv_bias: true,
+            qk_norm: true,
+            ..plain.clone()
+        };
+        let layout = Layout::new(&config);
+        let mut next = 0;
+        for p in layout.params() {
+            let r = layout.range(p);
+            assert_eq!(r.start, next, "{}", p.name());
+            next = r.end;
+        }
+        assert_eq!(next, layout.len());
+        assert_eq!(layout.len(), config.n_params());
+        assert_eq!(layout.shape(Param::Bk(1)), vec![32]);
+        assert_eq!(layout.shape(Param::QNorm(4)), vec![8]);
+        let plain_layout = Layout::new(&plain);
+        assert!(!plain_layout.contains(Param::Bq(0)) && !plain_layout.contains(Param::KNorm(0)));
+        assert_eq!(plain_layout.params().len() + 5 * 5, layout.params().len());
+        let w = Weights::init(&config, 2);
+        assert!(w.get(Param::Bv(3)).iter().all(|&x| x == 0.0));
+        assert!(w.get(Param::KNorm(3)).iter().all(|&x| x == 1.0));
+        // The features draw nothing: the shared matrices get the same values.
+        assert_eq!(
+            w.get(Param::W2(4)),
+            Weights::init(&plain, 2).get(Param::W2(4))
+        );
     }
 
     #[test]

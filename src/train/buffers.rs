@@ -6,7 +6,8 @@
 //!
 //! Host activations are channel-major `(rows, T)`: `C` channels, `T`
 //! positions, `H * D` query and `Hkv * D` key/value rows (`D` per head), `F`
-//! hidden. This module holds arrays; it does not compute.
+//! hidden. Arrays a feature needs (QK-norm's) are empty when the config does
+//! not have it. This module holds arrays; it does not compute.
 
 use crate::model::ModelConfig;
 
@@ -20,6 +21,8 @@ pub struct LayerActs {
     pub q_rope: Vec<f32>, // (H*D, T) queries after RoPE
     pub k_rope: Vec<f32>, // (Hkv*D, T) keys after RoPE
     pub v: Vec<f32>,      // (Hkv*D, T) values
+    pub q_lin: Vec<f32>,  // (H*D, T) with qk_norm: Wq xn (+ bq), QK-norm's input
+    pub k_lin: Vec<f32>,  // (Hkv*D, T) with qk_norm: Wk xn (+ bk)
     pub x2: Vec<f32>,     // (C, T) x + Wo attn
     pub x2n: Vec<f32>,    // (C, T) rmsnorm(x2), the FFN's input
     pub rrms2: Vec<f32>,  // (T)
@@ -32,6 +35,7 @@ impl LayerActs {
     pub fn new(config: &ModelConfig, seq: usize) -> LayerActs {
         let (dim, q_dim, kv_dim) = (config.dim, config.q_dim(), config.kv_dim());
         let hidden_dim = config.hidden_dim;
+        let qk_norm = usize::from(config.qk_norm);
         LayerActs {
             x: vec![0.0; dim * seq],
             xn: vec![0.0; dim * seq],
@@ -40,6 +44,8 @@ impl LayerActs {
             q_rope: vec![0.0; q_dim * seq],
             k_rope: vec![0.0; kv_dim * seq],
             v: vec![0.0; kv_dim * seq],
+            q_lin: vec![0.0; qk_norm * q_dim * seq],
+            k_lin: vec![0.0; qk_norm * kv_dim * seq],
             x2: vec![0.0; dim * seq],
             x2n: vec![0.0; dim * seq],
             rrms2: vec![0.0; seq],
@@ -59,6 +65,8 @@ pub enum Dy {
     Dq,
     Dk,
     Dv,
+    DqNorm,
+    DkNorm,
 }
 
 /// The backward's gradients that weight gradients read, one array per
@@ -68,9 +76,12 @@ pub struct DySources {
     pub dx: Vec<Vec<f32>>,  // (C, T) gradient of the residual stream
     pub dh1: Vec<Vec<f32>>, // (F, T)
     pub dh3: Vec<Vec<f32>>, // (F, T)
-    pub dq: Vec<Vec<f32>>,  // (H*D, T) before RoPE
-    pub dk: Vec<Vec<f32>>,  // (Hkv*D, T) before RoPE
+    pub dq: Vec<Vec<f32>>,  // (H*D, T) before RoPE (and QK-norm): of Wq xn + bq
+    pub dk: Vec<Vec<f32>>,  // (Hkv*D, T) before RoPE (and QK-norm): of Wk xn + bk
     pub dv: Vec<Vec<f32>>,  // (Hkv*D, T)
+    /// With qk_norm: the q and k norm weights' gradients per position, summed over heads.
+    pub dq_norm: Vec<Vec<f32>>, // (D, T)
+    pub dk_norm: Vec<Vec<f32>>, // (D, T)
 }
 
 impl DySources {
@@ -82,6 +93,8 @@ impl DySources {
             Dy::Dq => &self.dq,
             Dy::Dk => &self.dk,
             Dy::Dv => &self.dv,
+            Dy::DqNorm => &self.dq_norm,
+            Dy::DkNorm => &self.dk_norm,
         }
     }
 
@@ -93,6 +106,8 @@ impl DySources {
             Dy::Dq => &mut self.dq,
             Dy::Dk => &mut self.dk,
             Dy::Dv => &mut self.dv,
+            Dy::DqNorm => &mut self.dq_norm,
+            Dy::DkNorm => &mut self.dk_norm,
         }
     }
 
@@ -111,6 +126,9 @@ impl DySources {
         resize_each(&mut self.dq, batch, q_dim * seq);
         resize_each(&mut self.dk, batch, kv_dim * seq);
         resize_each(&mut self.dv, batch, kv_dim * seq);
+        let norm_len = usize::from(config.qk_norm) * config.head_dim * seq;
+        resize_each(&mut self.dq_norm, batch, norm_len);
+        resize_each(&mut self.dk_norm, batch, norm_len);
     }
 }
 
@@ -123,6 +141,9 @@ pub struct BackwardScratch {
     pub dattn: Vec<Vec<f32>>,  // (H*D, T)
     pub dxn: Vec<Vec<f32>>,    // (C, T) gradient of the attention's input
     pub dxn_kv: Vec<Vec<f32>>, // (C, T) its keys' and values' share
+    /// With qk_norm: attention's gradients of the normed queries and keys (before RoPE).
+    pub dq_normed: Vec<Vec<f32>>, // (H*D, T)
+    pub dk_normed: Vec<Vec<f32>>, // (Hkv*D, T)
 }
 
 impl BackwardScratch {
@@ -133,6 +154,9 @@ impl BackwardScratch {
         resize_each(&mut self.dattn, batch, q_dim * seq);
         resize_each(&mut self.dxn, batch, dim * seq);
         resize_each(&mut self.dxn_kv, batch, dim * seq);
+        let qk_norm = usize::from(config.qk_norm);
+        resize_each(&mut self.dq_normed, batch, qk_norm * q_dim * seq);
+        resize_each(&mut self.dk_normed, batch, qk_norm * config.kv_dim() * seq);
     }
 }
 

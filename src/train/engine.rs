@@ -83,7 +83,7 @@ impl Engine {
             head: ClassifierHead::new(config, seq, batch),
             dy: DySources::default(),
             scratch: BackwardScratch::default(),
-            schedule: DwSchedule::default(),
+            schedule: DwSchedule::new(config.qk_norm),
             host: TimedHost::default(),
             grad_sq: Vec::new(),
         })
@@ -131,6 +131,14 @@ impl Engine {
     /// of logits (at least one). Fewer means less memory.
     pub fn set_classifier_group(&mut self, sequences: usize) {
         self.head.set_group(sequences);
+    }
+
+    /// Run the classifier in blocks of about `rows` vocabulary rows
+    /// (`Some`), or over the whole vocabulary at once (`None`); by default it
+    /// runs in blocks only when one group's logits exceed 128 MiB (see
+    /// `train::classifier`). The loss is the same either way.
+    pub fn set_classifier_blocks(&mut self, rows: Option<usize>) {
+        self.head.set_block_rows(rows);
     }
 
     fn check_tokens(&self, tokens: &[u32], what: &str) -> Result<()> {
@@ -202,9 +210,9 @@ impl Engine {
         let (seq, vocab) = (self.seq, self.config.vocab_size);
         let mut out = Vec::new();
         for sequence in 0..self.batch {
-            let logits = self.head.logits_of(&mut self.host, weights, sequence);
             let mut rows = vec![0.0; seq * vocab];
-            crate::linalg::transpose_into(logits, vocab, seq, &mut rows);
+            self.head
+                .logits_rows(&mut self.host, weights, sequence, &mut rows);
             out.push(rows);
         }
         Ok(out)

@@ -32,8 +32,8 @@ pub struct GradSink<'g> {
 
 impl<'g> GradSink<'g> {
     /// Start a pass over `grads`. With [`GradWrite::Overwrite`] only the
-    /// gradients made by sums start from zero: the norm weights' and an
-    /// untied embedding's (a tied one is the classifier's, whose first product
+    /// gradients made by sums start from zero: the norm weights' and biases'
+    /// ([`Param::is_vector`]) and an untied embedding's (a tied one is the classifier's, whose first product
     /// writes it before the scatter adds); every other gradient's first
     /// product replaces it.
     pub fn start(
@@ -45,7 +45,7 @@ impl<'g> GradSink<'g> {
         if write == GradWrite::Overwrite {
             let tied = grads.config().tied_embeddings;
             for param in grads.layout.params() {
-                let summed = param.is_norm() || param == Param::Embedding && !tied;
+                let summed = param.is_vector() || param == Param::Embedding && !tied;
                 if summed {
                     grads.get_mut(param).fill(0.0);
                 }
@@ -90,6 +90,21 @@ impl<'g> GradSink<'g> {
         let dw = self.grads.get_mut(param);
         for (index, (dy, layer_acts)) in dys.iter().zip(acts).enumerate() {
             weight_grad(dw, dy, x(layer_acts), seq, adds(write, index));
+        }
+        self.finished(param);
+    }
+
+    /// `dw (R) += sum_b sum_t dY_b[r, t]` with `dY_b = dys[b]` `(R, T)`: a
+    /// vector's gradient (a bias, a QK-norm weight), zeroed by
+    /// [`GradSink::start`] when overwriting. Each row sums its positions in
+    /// order in `f64`, the sequences are added in batch order; then its sum of squares.
+    pub fn row_sum(&mut self, param: Param, dys: &[Vec<f32>]) {
+        let seq = self.seq;
+        let dw = self.grads.get_mut(param);
+        for dy in dys {
+            for (w, row) in dw.iter_mut().zip(dy.chunks_exact(seq)) {
+                *w += row.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+            }
         }
         self.finished(param);
     }

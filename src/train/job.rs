@@ -530,7 +530,12 @@ fn resume_data(
     let val = match (&record.val_data, record.val_fraction) {
         (Some(recorded), _) => {
             let given = options.val_data.clone().or_else(|| moved(recorded));
-            Some(recorded_file(recorded, given.as_deref(), "--val-data", observer)?)
+            Some(recorded_file(
+                recorded,
+                given.as_deref(),
+                "--val-data",
+                observer,
+            )?)
         }
         (None, Some(_)) if options.val_data.is_some() => {
             return Err(Error::Invalid(format!(

@@ -208,6 +208,14 @@ impl<'k, 'a> Call<'k, 'a> {
         self
     }
 
+    /// Bind weight `name` when the model has it (a feature's vector, `Some`).
+    pub fn weight_if(self, name: &str, weight: Option<&'a [f32]>) -> Self {
+        match weight {
+            Some(weight) => self.weight(name, weight),
+            None => self,
+        }
+    }
+
     /// Bind output `name`, `(rows, cols)` row-major, overwritten by the run.
     pub fn output(mut self, name: &str, dst: &'a mut [f32]) -> Self {
         let spec = &self.kernel.spec;

@@ -5,8 +5,10 @@
 //! host in fp32 between them.
 //!
 //! The backward says which weight gradient each stage makes computable
-//! (`dw.due`); when it runs is the scheduler's decision (`schedule`), and
-//! the timing of the host math is `profile`'s.
+//! (`dw.due`; `dw.due_sum` for biases and QK-norm weights); when it runs is
+//! the scheduler's decision (`schedule`), and the timing of the host math is
+//! `profile`'s. A config's features (biases, QK-norm) live in the kernels and
+//! their bindings; only QK-norm changes the order of the attention's backward.
 
 use crate::Result;
 use crate::backend::Backend;
@@ -99,24 +101,76 @@ pub fn layer_backward(
         kernels.wo_bwd(params, &dy.dx, &mut scratch.dattn)
     })?;
     dw.due(Param::Wo(layer), Dy::Dx, |layer_acts| &layer_acts.attn);
-    dw.run_writing("attn_bwd", [Dy::Dq, Dy::Dk, Dy::Dv], |_, [dq, dk, dv]| {
-        kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
-    })?;
-    dw.due(Param::Wq(layer), Dy::Dq, |layer_acts| &layer_acts.xn);
-    dw.due(Param::Wk(layer), Dy::Dk, |layer_acts| &layer_acts.xn);
-    dw.due(Param::Wv(layer), Dy::Dv, |layer_acts| &layer_acts.xn);
-    // dxn = Wq^T dq + (Wk^T dk + Wv^T dv).
-    dw.run("q_bwd", |dy| {
-        kernels.q_bwd(params, &dy.dq, &mut scratch.dxn)?;
-        kernels.kv_bwd(params, &dy.dk, &dy.dv, &mut scratch.dxn_kv)?;
-        for (dxn, dxn_kv) in scratch.dxn.iter_mut().zip(&scratch.dxn_kv) {
-            add_assign(dxn, dxn_kv);
+    if params.q_norm.is_some() {
+        attention_backward_normed(kernels, params, acts, scratch, dw)?;
+    } else {
+        dw.run_writing("attn_bwd", [Dy::Dq, Dy::Dk, Dy::Dv], |_, [dq, dk, dv]| {
+            kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
+        })?;
+        dw.due(Param::Wq(layer), Dy::Dq, |layer_acts| &layer_acts.xn);
+        dw.due(Param::Wk(layer), Dy::Dk, |layer_acts| &layer_acts.xn);
+        dw.due(Param::Wv(layer), Dy::Dv, |layer_acts| &layer_acts.xn);
+        if params.bq.is_some() {
+            dw.due_sum(Param::Bq(layer), Dy::Dq);
+            dw.due_sum(Param::Bk(layer), Dy::Dk);
+            dw.due_sum(Param::Bv(layer), Dy::Dv);
         }
-        Ok(())
-    })?;
+        // dxn = Wq^T dq + (Wk^T dk + Wv^T dv).
+        dw.run("q_bwd", |dy| {
+            kernels.q_bwd(params, &dy.dq, &mut scratch.dxn)?;
+            kernels.kv_bwd(params, &dy.dk, &dy.dv, &mut scratch.dxn_kv)?;
+            add_each(&mut scratch.dxn, &scratch.dxn_kv);
+            Ok(())
+        })?;
+    }
     // dx = dx2 + rmsnorm_backward(dxn).
     norm_backward(host, dw, params, Norm::Attention, &scratch.dxn, acts);
     Ok(())
+}
+
+/// The attention's backward with QK-norm: `attn_bwd` gives the gradients of
+/// the normed queries and keys, `q_bwd` and `kv_bwd` take them through the
+/// norm (writing `dq`, `dk` of the projections and the norm weights'
+/// gradients per position) and the projections into `dxn`.
+fn attention_backward_normed(
+    kernels: &mut BatchKernels,
+    params: &LayerParams,
+    acts: &[LayerActs],
+    scratch: &mut BackwardScratch,
+    dw: &mut DwPass,
+) -> Result<()> {
+    let layer = params.layer;
+    dw.run_writing("attn_bwd", [Dy::Dv], |_, [dv]| {
+        let (dq, dk) = (&mut scratch.dq_normed, &mut scratch.dk_normed);
+        kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
+    })?;
+    dw.due(Param::Wv(layer), Dy::Dv, |layer_acts| &layer_acts.xn);
+    let writes = [Dy::Dq, Dy::Dk, Dy::DqNorm, Dy::DkNorm];
+    dw.run_writing("q_bwd", writes, |dy, [dq, dk, dq_norm, dk_norm]| {
+        let (dq_normed, dk_normed) = (&scratch.dq_normed, &scratch.dk_normed);
+        kernels.q_bwd_normed(params, acts, dq_normed, dq, dq_norm, &mut scratch.dxn)?;
+        let dxn_kv = &mut scratch.dxn_kv;
+        kernels.kv_bwd_normed(params, acts, dk_normed, &dy.dv, dk, dk_norm, dxn_kv)?;
+        add_each(&mut scratch.dxn, &scratch.dxn_kv);
+        Ok(())
+    })?;
+    dw.due(Param::Wq(layer), Dy::Dq, |layer_acts| &layer_acts.xn);
+    dw.due(Param::Wk(layer), Dy::Dk, |layer_acts| &layer_acts.xn);
+    if params.bq.is_some() {
+        dw.due_sum(Param::Bq(layer), Dy::Dq);
+        dw.due_sum(Param::Bk(layer), Dy::Dk);
+        dw.due_sum(Param::Bv(layer), Dy::Dv);
+    }
+    dw.due_sum(Param::QNorm(layer), Dy::DqNorm);
+    dw.due_sum(Param::KNorm(layer), Dy::DkNorm);
+    Ok(())
+}
+
+/// `dst[b] += src[b]` for every sequence `b`.
+fn add_each(dst: &mut [Vec<f32>], src: &[Vec<f32>]) {
+    for (dst, src) in dst.iter_mut().zip(src) {
+        add_assign(dst, src);
+    }
 }
 
 /// The layer's two RMSNorms.

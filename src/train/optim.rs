@@ -1,6 +1,7 @@
 //! AdamW exactly as `torch.optim.AdamW` defines it (decoupled weight decay
 //! applied first, bias corrections, eps added after the bias-corrected square
-//! root), no decay on norm weights, warmup + cosine or constant schedules,
+//! root), no decay on one-dimensional parameters (norm weights, biases:
+//! `torch.optim.AdamW` param groups by dimension), warmup + cosine or constant schedules,
 //! global-norm clipping, and dynamic loss scaling for fp16 kernels. The update is
 //! a pure function of explicit state.
 
@@ -75,7 +76,11 @@ impl AdamW {
         crate::math::on_pool(|| {
             for p in weights.layout.params() {
                 let range = weights.layout.range(p);
-                let decay = if p.is_norm() { 0.0 } else { self.weight_decay };
+                let decay = if p.is_vector() {
+                    0.0
+                } else {
+                    self.weight_decay
+                };
                 let w = &mut weights.data[range.clone()];
                 let (m, v, g) = (
                     &mut state.m[range.clone()],

@@ -182,4 +182,51 @@ impl TimedHost {
             host::cross_entropy(logits, targets, grad_scale, scratch)
         })
     }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn classifier_backward_block(
+        &mut self,
+        dx: &mut [f32],
+        add_dx: bool,
+        d_classifier: &mut [f32],
+        g: &[f32],
+        x: &[f32],
+        classifier: &[f32],
+        dim: usize,
+        add: bool,
+    ) {
+        self.profile.time("classifier", || {
+            host::classifier_backward_block(dx, add_dx, d_classifier, g, x, classifier, dim, add)
+        });
+    }
+
+    pub fn cross_entropy_block(
+        &mut self,
+        logits: &mut [f32],
+        first_row: usize,
+        targets: &[u32],
+        scratch: &mut CrossEntropyScratch,
+    ) -> f64 {
+        self.profile.time("loss", || {
+            host::cross_entropy_block(logits, first_row, targets, scratch)
+        })
+    }
+
+    pub fn cross_entropy_finish(&mut self, scratch: &mut CrossEntropyScratch) -> f64 {
+        self.profile
+            .time("loss", || host::cross_entropy_finish(scratch))
+    }
+
+    pub fn cross_entropy_block_gradient(
+        &mut self,
+        logits: &mut [f32],
+        first_row: usize,
+        targets: &[u32],
+        grad_scale: f32,
+        scratch: &mut CrossEntropyScratch,
+    ) {
+        self.profile.time("loss", || {
+            host::cross_entropy_block_gradient(logits, first_row, targets, grad_scale, scratch)
+        });
+    }
 }

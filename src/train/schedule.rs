@@ -1,7 +1,9 @@
 //! When the weight gradients run. The backward says which gradient became
-//! computable after a stage ([`DwPass::due`]); this module decides beside
-//! which later backward kernel it runs ([`planned_beside`]), and runs it there
-//! on the rayon pool while the kernel runs on the calling thread
+//! computable after a stage ([`DwPass::due`] for a matrix's product,
+//! [`DwPass::due_sum`] for a vector's sum over positions: a bias, a QK-norm
+//! weight; the two kinds of [`DwJob`]); this module decides beside which
+//! later backward kernel it runs ([`planned_beside`]), and runs it there on
+//! the rayon pool while the kernel runs on the calling thread
 //! ([`overlapped`]), as the ANE's dx kernels would overlap the CPU's dW.
 //!
 //! It also keeps the arrays those gradients read ([`DySources`]) safe: an
@@ -27,40 +29,73 @@ const PHASE: &str = "dW gemm";
 /// of gradients of about its own size; `dWk` and `dWv` wait for the next
 /// layer's `ffn_bwd_w2`, beside which nothing else is due yet. A gradient the
 /// plan does not name runs beside the next kernel; one left at the end of the
-/// pass runs alone.
-pub fn planned_beside(param: Param) -> Option<&'static str> {
+/// pass runs alone. With QK-norm (`qk_norm`), `dWq` and `dWk` read what
+/// `q_bwd` writes, so they become due after it and wait for the next layer's
+/// `ffn_bwd_w2` too. The vectors' sums are small and run beside the next kernel.
+pub fn planned_beside(param: Param, qk_norm: bool) -> Option<&'static str> {
     match param {
         Param::W2(_) => Some("ffn_bwd_w13"),
         Param::W1(_) => Some("wo_bwd"),
         Param::W3(_) => Some("attn_bwd"),
+        Param::Wq(_) | Param::Wk(_) if qk_norm => Some("ffn_bwd_w2"),
         Param::Wo(_) | Param::Wq(_) => Some("q_bwd"),
         Param::Wk(_) | Param::Wv(_) => Some("ffn_bwd_w2"),
         _ => None,
     }
 }
 
-/// A weight gradient the backward has made computable: `dW = sum_b dY_b
-/// X_b^T` with `dY_b` the array `dy` of sequence `b` and `X_b = x(acts)` of
-/// the same sequence in `param`'s layer.
+/// A gradient the backward has made computable, from the array `dy` (one per
+/// sequence `b`) of `param`'s layer.
 #[derive(Clone, Copy)]
-pub struct WeightGrad {
-    pub param: Param,
-    pub dy: Dy,
-    pub x: fn(&LayerActs) -> &Vec<f32>,
+pub enum DwJob {
+    /// A matrix: `dW = sum_b dY_b X_b^T` with `X_b = x(acts)` of the same
+    /// sequence in `param`'s layer.
+    Product {
+        param: Param,
+        dy: Dy,
+        x: fn(&LayerActs) -> &Vec<f32>,
+    },
+    /// A vector: `dw[r] = sum_b sum_t dY_b[r, t]` (a bias: its projection's
+    /// output gradient; a QK-norm weight: its gradient per position).
+    RowSum { param: Param, dy: Dy },
+}
+
+impl DwJob {
+    pub fn param(&self) -> Param {
+        match *self {
+            DwJob::Product { param, .. } | DwJob::RowSum { param, .. } => param,
+        }
+    }
+
+    pub fn dy(&self) -> Dy {
+        match *self {
+            DwJob::Product { dy, .. } | DwJob::RowSum { dy, .. } => dy,
+        }
+    }
 }
 
 /// The scheduler's state kept between passes (so that a pass allocates nothing).
 #[derive(Default)]
 pub struct DwSchedule {
+    /// Whether the model has QK-norm (see [`planned_beside`]).
+    qk_norm: bool,
     /// Due and not yet run, in the order they became due.
-    pending: Vec<WeightGrad>,
+    pending: Vec<DwJob>,
     /// Those chosen to run now.
-    now: Vec<WeightGrad>,
+    now: Vec<DwJob>,
     /// [`PHASE`]: the time the step waited for the gradients, and their whole time.
     profile: Profile,
 }
 
 impl DwSchedule {
+    /// A scheduler for a model with (or without) QK-norm.
+    pub fn new(qk_norm: bool) -> DwSchedule {
+        DwSchedule {
+            qk_norm,
+            ..DwSchedule::default()
+        }
+    }
+
     /// The time of the weight gradients since the last call (see [`Profile`]).
     pub fn take_profile(&mut self) -> Profile {
         std::mem::take(&mut self.profile)
@@ -97,13 +132,19 @@ impl<'g> DwPass<'_, 'g> {
     /// `param`'s gradient can be computed from now on, from the array `dy`
     /// and the activation `x` of its layer.
     pub fn due(&mut self, param: Param, dy: Dy, x: fn(&LayerActs) -> &Vec<f32>) {
-        self.schedule.pending.push(WeightGrad { param, dy, x });
+        self.schedule.pending.push(DwJob::Product { param, dy, x });
+    }
+
+    /// `param`'s gradient, a sum over positions of the array `dy`, can be
+    /// computed from now on.
+    pub fn due_sum(&mut self, param: Param, dy: Dy) {
+        self.schedule.pending.push(DwJob::RowSum { param, dy });
     }
 
     /// Lend out array `which` for writing: first runs (and waits for) every
     /// pending gradient that reads it. Give it back with [`DwPass::put`].
     pub fn take(&mut self, which: Dy) -> Vec<Vec<f32>> {
-        self.choose(|grad| grad.dy == which);
+        self.choose(|grad| grad.dy() == which);
         self.run_chosen();
         std::mem::take(self.dy.get_mut(which))
     }
@@ -133,7 +174,10 @@ impl<'g> DwPass<'_, 'g> {
             "no kernel named {name}"
         );
         let mut written = writes.map(|which| self.take(which));
-        self.choose(|grad| planned_beside(grad.param).is_none_or(|planned| planned == name));
+        let qk_norm = self.schedule.qk_norm;
+        self.choose(|grad| {
+            planned_beside(grad.param(), qk_norm).is_none_or(|planned| planned == name)
+        });
         let DwPass {
             schedule,
             dy,
@@ -181,7 +225,7 @@ impl<'g> DwPass<'_, 'g> {
     }
 
     /// Move the pending gradients that `run_now` picks, in due order, to `now`.
-    fn choose(&mut self, mut run_now: impl FnMut(&WeightGrad) -> bool) {
+    fn choose(&mut self, mut run_now: impl FnMut(&DwJob) -> bool) {
         let DwSchedule { pending, now, .. } = &mut *self.schedule;
         now.clear();
         pending.retain(|grad| {
@@ -195,15 +239,19 @@ impl<'g> DwPass<'_, 'g> {
 }
 
 /// Compute `grads_due`, in order.
-fn run_all(
-    grads_due: &[WeightGrad],
-    grads: &mut GradSink,
-    dy: &DySources,
-    acts: &[Vec<LayerActs>],
-) {
+fn run_all(grads_due: &[DwJob], grads: &mut GradSink, dy: &DySources, acts: &[Vec<LayerActs>]) {
     for grad in grads_due {
-        let layer = grad.param.layer().expect("a weight gradient of a layer");
-        grads.weight_grad(grad.param, dy.get(grad.dy), &acts[layer], grad.x);
+        match *grad {
+            DwJob::Product {
+                param,
+                dy: which,
+                x,
+            } => {
+                let layer = param.layer().expect("a weight gradient of a layer");
+                grads.weight_grad(param, dy.get(which), &acts[layer], x);
+            }
+            DwJob::RowSum { param, dy: which } => grads.row_sum(param, dy.get(which)),
+        }
     }
 }
 
@@ -254,9 +302,11 @@ mod tests {
     fn the_plan_names_kernels_of_the_set() {
         let config = ModelConfig::preset("tiny").unwrap();
         let names = LAYER_KERNELS.map(|decl| decl.name).into_array();
-        for param in Weights::zeros(&config).layout.params() {
-            if let Some(kernel) = planned_beside(param) {
-                assert!(names.contains(&kernel), "{}: {kernel}", param.name());
+        for qk_norm in [false, true] {
+            for param in Weights::zeros(&config).layout.params() {
+                if let Some(kernel) = planned_beside(param, qk_norm) {
+                    assert!(names.contains(&kernel), "{}: {kernel}", param.name());
+                }
             }
         }
     }

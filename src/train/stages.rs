@@ -20,22 +20,36 @@ pub struct BatchKernels<'e> {
 }
 
 impl BatchKernels<'_> {
-    /// `attn`, `q_rope`, `k_rope`, `v` from `xn`: QKV projections, RoPE, causal attention.
+    /// `attn`, `q_rope`, `k_rope`, `v` from `xn`: QKV projections (with their
+    /// biases), QK-norm (saving `q_lin`, `k_lin`), RoPE, causal attention.
     pub fn attn_fwd(&mut self, params: &LayerParams, acts: &mut [LayerActs]) -> Result<()> {
+        let qk_norm = params.q_norm.is_some();
         run_many(
             self.backend,
             acts.iter_mut().map(|layer_acts| {
-                self.kernels
+                let call = self
+                    .kernels
                     .attn_fwd
                     .call()
                     .weight("wq", params.wq)
                     .weight("wk", params.wk)
                     .weight("wv", params.wv)
+                    .weight_if("bq", params.bq)
+                    .weight_if("bk", params.bk)
+                    .weight_if("bv", params.bv)
+                    .weight_if("q_norm", params.q_norm)
+                    .weight_if("k_norm", params.k_norm)
                     .input("xn", &layer_acts.xn)
                     .output("attn", &mut layer_acts.attn)
                     .output("q_rope", &mut layer_acts.q_rope)
                     .output("k_rope", &mut layer_acts.k_rope)
-                    .output("v", &mut layer_acts.v)
+                    .output("v", &mut layer_acts.v);
+                if qk_norm {
+                    call.output("q_lin", &mut layer_acts.q_lin)
+                        .output("k_lin", &mut layer_acts.k_lin)
+                } else {
+                    call
+                }
             }),
         )
     }
@@ -201,6 +215,79 @@ impl BatchKernels<'_> {
                     .input("dq", dq)
                     .output("dxn", dxn)
             }),
+        )
+    }
+
+    /// With QK-norm: from the gradient of the normed queries `dq` and the
+    /// saved `q_lin`, `dq_lin` (of `Wq xn + bq`), `dq_norm` (the norm
+    /// weight's, per position) and `dxn = Wq^T dq_lin`.
+    pub fn q_bwd_normed(
+        &mut self,
+        params: &LayerParams,
+        acts: &[LayerActs],
+        dq: &[Vec<f32>],
+        dq_lin: &mut [Vec<f32>],
+        dq_norm: &mut [Vec<f32>],
+        dxn: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let outputs = dq_lin
+            .iter_mut()
+            .zip(dq_norm.iter_mut().zip(dxn.iter_mut()));
+        run_many(
+            self.backend,
+            acts.iter()
+                .zip(dq)
+                .zip(outputs)
+                .map(|((layer_acts, dq), (dq_lin, (dq_norm, dxn)))| {
+                    self.kernels
+                        .q_bwd
+                        .call()
+                        .weight("wq", params.wq)
+                        .weight_if("q_norm", params.q_norm)
+                        .input("dq", dq)
+                        .input("q_lin", &layer_acts.q_lin)
+                        .output("dxn", dxn)
+                        .output("dq_lin", dq_lin)
+                        .output("dq_norm", dq_norm)
+                }),
+        )
+    }
+
+    /// With QK-norm: [`BatchKernels::q_bwd_normed`] for the keys, and the
+    /// values' share: `dk_lin`, `dk_norm` and `dxn = Wk^T dk_lin + Wv^T dv`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_bwd_normed(
+        &mut self,
+        params: &LayerParams,
+        acts: &[LayerActs],
+        dk: &[Vec<f32>],
+        dv: &[Vec<f32>],
+        dk_lin: &mut [Vec<f32>],
+        dk_norm: &mut [Vec<f32>],
+        dxn: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let inputs = acts.iter().zip(dk.iter().zip(dv));
+        let outputs = dk_lin
+            .iter_mut()
+            .zip(dk_norm.iter_mut().zip(dxn.iter_mut()));
+        run_many(
+            self.backend,
+            inputs
+                .zip(outputs)
+                .map(|((layer_acts, (dk, dv)), (dk_lin, (dk_norm, dxn)))| {
+                    self.kernels
+                        .kv_bwd
+                        .call()
+                        .weight("wk", params.wk)
+                        .weight("wv", params.wv)
+                        .weight_if("k_norm", params.k_norm)
+                        .input("dk", dk)
+                        .input("dv", dv)
+                        .input("k_lin", &layer_acts.k_lin)
+                        .output("dxn", dxn)
+                        .output("dk_lin", dk_lin)
+                        .output("dk_norm", dk_norm)
+                }),
         )
     }
 

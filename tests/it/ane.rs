@@ -291,6 +291,9 @@ fn zero_weights(config: &ModelConfig) -> impl Fn(&str) -> Option<Vec<f32>> + '_ 
             "wq" | "wo" => q * d,
             "wk" | "wv" => kv * d,
             "w1" | "w2" | "w3" => f * d,
+            "bq" => q,
+            "bk" | "bv" => kv,
+            "q_norm" | "k_norm" => config.head_dim,
             _ => return None,
         };
         Some(vec![0.0; n])

@@ -11,6 +11,7 @@ mod cpu_ops;
 mod fuzz;
 mod generate;
 mod hf_io;
+mod hf_model;
 mod job;
 mod kernels;
 mod llama2c;

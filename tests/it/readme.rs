@@ -42,6 +42,10 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "the test suite itself (and `ane` tests need a Mac)",
     ),
     (
+        "scripts/mac-first-run.sh",
+        "needs a Mac with the Neural Engine (it builds, probes and trains on the ANE)",
+    ),
+    (
         "python3",
         "needs Python; the test writes what it writes (train.txt and val.txt, a 90/10 split)",
     ),

@@ -393,8 +393,20 @@ fn issue_23_a_moved_main_job_resumes_from_its_directory() {
     let dir = temp_dir("robust-moved");
     let first = dir.join("first");
     let main_job = [
-        "train", "--corpus-mb", "0.05", "--steps", "3", "--batch", "1", "--seq", "16",
-        "--eval-batches", "1", "--samples", "1", "--out",
+        "train",
+        "--corpus-mb",
+        "0.05",
+        "--steps",
+        "3",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--eval-batches",
+        "1",
+        "--samples",
+        "1",
+        "--out",
     ];
     let out = anemone()
         .args(main_job)
@@ -402,7 +414,11 @@ fn issue_23_a_moved_main_job_resumes_from_its_directory() {
         .args(["--stop-after", "1"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.stdout.is_empty(), "no samples before the last update");
     let moved = dir.join("moved");
     std::fs::rename(&first, &moved).unwrap();
@@ -416,7 +432,10 @@ fn issue_23_a_moved_main_job_resumes_from_its_directory() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("the same tokens as"), "{stderr}");
-    assert!(stderr.contains("--overwrite does nothing with --resume"), "{stderr}");
+    assert!(
+        stderr.contains("--overwrite does nothing with --resume"),
+        "{stderr}"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("--- sample 1 ---"), "{stdout}");
 }

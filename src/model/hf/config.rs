@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+pub use crate::model::rope::RopeScaling;
 use crate::{Error, Result};
 
 /// The float formats anemone reads and writes.
@@ -119,23 +120,6 @@ impl Architecture {
     fn class_names() -> String {
         Architecture::ALL.map(|a| a.class_name()).join(", ")
     }
-}
-
-/// How RoPE frequencies are rescaled (transformers' `rope_type`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RopeScaling {
-    /// `default`: `theta^(-2i/D)`.
-    None,
-    /// `linear`: every frequency divided by `factor` (position interpolation).
-    Linear { factor: f64 },
-    /// `llama3`: low frequencies divided by `factor`, high ones kept, a smooth
-    /// blend between (transformers' `_compute_llama3_parameters`).
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
 }
 
 /// A validated Hugging Face model configuration: what anemone needs to build

@@ -6,22 +6,27 @@
 //!   [`HfConfig`]; every unsupported feature is an error naming the field.
 //! - [`tensors`]: safetensors files (single or sharded) read by HF tensor name
 //!   as `f32`, the tensor list a config implies, and the writer.
-//! - [`rope`]: RoPE inverse frequencies per rope type, and the per-head row
-//!   permutation between HF's half-split rotation and anemone's interleaved one.
+//! - [`rope`]: the per-head row permutation between HF's half-split rotation
+//!   and anemone's interleaved one (and the inverse frequencies per rope type,
+//!   re-exported from [`crate::model::rope`]).
+//! - [`weights`]: anemone's `ModelConfig` and `Weights` from these
+//!   ([`crate::model::ModelConfig::from_hf`], [`crate::model::Weights::from_hf`])
+//!   and the HF tensors of `Weights` ([`hf_tensors`], [`write_hf_safetensors`]).
 //!
 //! [`HfCheckpoint::open`] ties the first two together. The tokenizer and chat
-//! template live in [`crate::data::hf`]. Not here: building anemone's
-//! `ModelConfig`/`Weights` from these (a later step), or any download: a
-//! directory on disk is the input.
+//! template live in [`crate::data::hf`]. Not here: any download (a directory
+//! on disk is the input), or writing `config.json`.
 
 pub mod config;
 pub mod rope;
 pub mod tensors;
+pub mod weights;
 
 use std::path::Path;
 
 pub use config::{Architecture, FloatDtype, HfConfig, RopeScaling};
 pub use tensors::{SafetensorsReader, TensorSpec, TensorToWrite};
+pub use weights::{HfTensor, hf_name, hf_tensors, write_hf_safetensors};
 
 use crate::Result;
 

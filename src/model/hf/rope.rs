@@ -1,6 +1,8 @@
-//! RoPE between Hugging Face checkpoints and anemone: the inverse frequencies
-//! of every rope type [`RopeScaling`] names, and the row permutation that
-//! maps HF's half-split rotation onto anemone's interleaved one.
+//! RoPE between Hugging Face checkpoints and anemone: the row permutation that
+//! maps HF's half-split rotation onto anemone's interleaved one, and the
+//! inverse frequencies of every rope type
+//! [`RopeScaling`](crate::model::rope::RopeScaling) names (re-exported from
+//! [`crate::model::rope`], where the model computes them).
 //!
 //! HF rotates pairs `(x[i], x[i + D/2])` of a head of width D (`rotate_half`);
 //! anemone, like llama2.c, rotates pairs `(x[2i], x[2i + 1])`, with the same
@@ -15,44 +17,8 @@
 //! Pure functions, no I/O. Not here: which tensors get permuted (the caller
 //! applies these to q/k weights, biases and norms, and the inverse on export).
 
-use super::config::RopeScaling;
-
-/// The `head_dim / 2` inverse frequencies of `scaling` (transformers'
-/// `modeling_rope_utils` formulas, in f64): `1 / theta^(2i/D)`, divided by
-/// `factor` for `Linear`; for `Llama3`, frequencies whose wavelength exceeds
-/// `original_max_position_embeddings / low_freq_factor` are divided by
-/// `factor`, those shorter than `.. / high_freq_factor` kept, and those in
-/// between blended linearly in `original / wavelength`.
-pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f64> {
-    let base = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64));
-    match *scaling {
-        RopeScaling::None => base.collect(),
-        RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => {
-            let original = original_max_position_embeddings as f64;
-            let low_freq_wavelen = original / low_freq_factor;
-            let high_freq_wavelen = original / high_freq_factor;
-            base.map(|freq| {
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                if wavelen > low_freq_wavelen {
-                    freq / factor
-                } else if wavelen < high_freq_wavelen {
-                    freq
-                } else {
-                    let smooth = (original / wavelen - low_freq_factor)
-                        / (high_freq_factor - low_freq_factor);
-                    (1.0 - smooth) * freq / factor + smooth * freq
-                }
-            })
-            .collect()
-        }
-    }
-}
+/// The inverse frequencies of every rope type, as the model computes them.
+pub use crate::model::rope::inv_freq;
 
 /// Row of the interleaved layout that HF row `row` (within one head of
 /// `head_dim` rows) moves to.
@@ -111,6 +77,7 @@ fn permute_rows(src: &[f32], head_dim: usize, row_len: usize, to_interleaved: bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::rope::RopeScaling;
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut state = seed;

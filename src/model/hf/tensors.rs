@@ -372,6 +372,86 @@ impl SafetensorsReader {
         Ok(())
     }
 
+    /// A value of a file's `__metadata__` (the first file that has `key`).
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.shards.iter().find_map(|shard| {
+            let map = shard.metadata.metadata().as_ref()?;
+            map.get(key).map(String::as_str)
+        })
+    }
+
+    /// Tensor `name`'s bytes and dtype, whatever the dtype (for reference
+    /// files holding more than weights).
+    fn raw(&self, name: &str) -> Result<(&[u8], Dtype)> {
+        let (shard, info) = self
+            .info(name)
+            .ok_or_else(|| Error::format(&self.source, name, "missing"))?;
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .file
+            .bytes()
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| {
+                Error::format(
+                    shard.file.path(),
+                    name,
+                    "data offsets past the end of the file",
+                )
+            })?;
+        Ok((bytes, info.dtype))
+    }
+
+    /// Tensor `name` of a float dtype (F64, or one [`read_f32`](Self::read_f32)
+    /// reads) as `f64`, exactly, in its stored shape.
+    pub fn read_f64(&self, name: &str) -> Result<Vec<f64>> {
+        let (bytes, dtype) = self.raw(name)?;
+        if dtype == Dtype::F64 {
+            let words = bytes.chunks_exact(8);
+            return Ok(words
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect());
+        }
+        let shape = self.shape(name).unwrap_or_default().to_vec();
+        Ok(self
+            .read_f32(name, &shape)?
+            .into_iter()
+            .map(f64::from)
+            .collect())
+    }
+
+    /// Tensor `name` of an integer dtype (I32, I64, U32 or U16) as `i64`, in
+    /// its stored shape.
+    pub fn read_i64(&self, name: &str) -> Result<Vec<i64>> {
+        let (bytes, dtype) = self.raw(name)?;
+        let values = match dtype {
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|b| i64::from(i32::from_le_bytes(b.try_into().expect("4 bytes"))))
+                .collect(),
+            Dtype::U32 => bytes
+                .chunks_exact(4)
+                .map(|b| i64::from(u32::from_le_bytes(b.try_into().expect("4 bytes"))))
+                .collect(),
+            Dtype::U16 => bytes
+                .chunks_exact(2)
+                .map(|b| i64::from(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            other => {
+                let path = self.path_of(name).unwrap_or(&self.source);
+                return Err(Error::format(
+                    path,
+                    name,
+                    format!("dtype {other:?} is not an integer type anemone reads"),
+                ));
+            }
+        };
+        Ok(values)
+    }
+
     /// Every tensor of [`expected_tensors`] present with its shape and a
     /// readable dtype, and nothing else but [`is_ignored_tensor`] ones.
     pub fn check(&self, config: &HfConfig) -> Result<()> {
