@@ -387,10 +387,11 @@ fn train_config(
 /// probabilities.
 pub fn training_bytes(model: &ModelConfig, batch: usize, seq: usize) -> u64 {
     use crate::memory::size;
-    let (c, f, q, kv) = (model.dim, model.hidden_dim, model.q_dim(), model.kv_dim());
+    let (width, hidden) = (model.dim, model.hidden_dim);
+    let (q_width, kv_width) = (model.q_dim(), model.kv_dim());
     let params = model.checked_n_params().unwrap_or(usize::MAX);
-    let per_layer_token = 6 * c + 3 * f + 2 * q + 2 * kv + 2;
-    let backward_token = 4 * c + 3 * f + 2 * q + 2 * kv;
+    let per_layer_token = 6 * width + 3 * hidden + 2 * q_width + 2 * kv_width + 2;
+    let backward_token = 4 * width + 3 * hidden + 2 * q_width + 2 * kv_width;
     let tokens = size(&[batch, seq]);
     let in_flight = batch.min(rayon::current_num_threads()).max(1);
     [

@@ -407,15 +407,14 @@ impl TrainConfig {
     /// Check every field against its range; messages name the flag that sets
     /// it and the range (`--lr 1e30 is out of range: expected a number in (0, 1]`).
     pub fn validate(&self) -> Result<()> {
-        let c = self;
-        c.model.validate()?;
+        self.model.validate()?;
         let counts = [
-            ("--steps", c.steps, 1, MAX_STEPS),
-            ("--batch", c.batch as u64, 1, MAX_BATCH),
-            ("--accum", c.accum as u64, 1, MAX_BATCH),
-            ("--seq", c.seq as u64, 1, c.model.seq_len as u64),
-            ("--warmup", c.warmup, 0, MAX_STEPS),
-            ("--eval-batches", c.eval_batches as u64, 1, MAX_BATCH),
+            ("--steps", self.steps, 1, MAX_STEPS),
+            ("--batch", self.batch as u64, 1, MAX_BATCH),
+            ("--accum", self.accum as u64, 1, MAX_BATCH),
+            ("--seq", self.seq as u64, 1, self.model.seq_len as u64),
+            ("--warmup", self.warmup, 0, MAX_STEPS),
+            ("--eval-batches", self.eval_batches as u64, 1, MAX_BATCH),
         ];
         for (flag, value, min, max) in counts {
             if !(min..=max).contains(&value) {
@@ -434,21 +433,21 @@ impl TrainConfig {
         let numbers = [
             (
                 "--lr",
-                c.lr,
+                self.lr,
                 "a number in (0, 1]",
-                c.lr > 0.0 && c.lr <= 1.0,
+                self.lr > 0.0 && self.lr <= 1.0,
             ),
             (
                 "--weight-decay",
-                c.optimizer.weight_decay,
+                self.optimizer.weight_decay,
                 "a number in [0, 10]",
-                (0.0..=10.0).contains(&c.optimizer.weight_decay),
+                (0.0..=10.0).contains(&self.optimizer.weight_decay),
             ),
             (
                 "--grad-clip",
-                c.grad_clip,
+                self.grad_clip,
                 "a finite number >= 0 (0 disables clipping)",
-                c.grad_clip >= 0.0 && c.grad_clip.is_finite(),
+                self.grad_clip >= 0.0 && self.grad_clip.is_finite(),
             ),
         ];
         for (flag, value, allowed, ok) in numbers {
@@ -456,7 +455,7 @@ impl TrainConfig {
                 return Err(Error::out_of_range(flag, value, allowed));
             }
         }
-        let adam = &c.optimizer;
+        let adam = &self.optimizer;
         if !((0.0..1.0).contains(&adam.beta1)
             && (0.0..1.0).contains(&adam.beta2)
             && adam.eps > 0.0

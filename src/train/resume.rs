@@ -41,7 +41,7 @@ pub(super) fn reconcile(
     options: &JobOptions,
     dir: &Path,
 ) -> Result<Vec<String>> {
-    let c = &record.config;
+    let recorded = &record.config;
     if options.init.is_some() {
         return Err(Error::Invalid(format!(
             "--init conflicts with --resume: {} continues from its own checkpoint\nhint: drop \
@@ -67,9 +67,9 @@ pub(super) fn reconcile(
         }
     }
     if let Some(name) = &options.config {
-        check_model(name, c.preset.as_deref(), &c.model, dir)?;
+        check_model(name, recorded.preset.as_deref(), &recorded.model, dir)?;
     }
-    let precision = if c.fp16 {
+    let precision = if recorded.fp16 {
         Precision::Fp16
     } else {
         Precision::Fp32
@@ -79,43 +79,47 @@ pub(super) fn reconcile(
         (
             "--batch",
             options.batch.map(|v| v.to_string()),
-            c.batch.to_string(),
+            recorded.batch.to_string(),
         ),
         (
             "--seq",
             options.seq.map(|v| v.to_string()),
-            c.seq.to_string(),
+            recorded.seq.to_string(),
         ),
         (
             "--accum",
             options.accum.map(|v| v.to_string()),
-            c.accum.to_string(),
+            recorded.accum.to_string(),
         ),
-        ("--lr", options.lr.map(|v| v.to_string()), c.lr.to_string()),
+        (
+            "--lr",
+            options.lr.map(|v| v.to_string()),
+            recorded.lr.to_string(),
+        ),
         (
             "--warmup",
             options.warmup.map(|v| v.to_string()),
-            c.warmup.to_string(),
+            recorded.warmup.to_string(),
         ),
         (
             "--schedule",
             options.schedule.map(|v| v.to_string()),
-            c.schedule.to_string(),
+            recorded.schedule.to_string(),
         ),
         (
             "--weight-decay",
             options.weight_decay.map(|v| v.to_string()),
-            c.optimizer.weight_decay.to_string(),
+            recorded.optimizer.weight_decay.to_string(),
         ),
         (
             "--grad-clip",
             options.grad_clip.map(|v| v.to_string()),
-            c.grad_clip.to_string(),
+            recorded.grad_clip.to_string(),
         ),
         (
             "--seed",
             options.seed.map(|v| v.to_string()),
-            c.seed.to_string(),
+            recorded.seed.to_string(),
         ),
         (
             "--data-order",
@@ -170,7 +174,7 @@ fn check_model(name: &str, preset: Option<&str>, model: &ModelConfig, dir: &Path
 
 /// The options that may change a resumed run, applied to `record`.
 fn overrides(record: &mut RunRecord, options: &JobOptions) -> Vec<String> {
-    let c = &mut record.config;
+    let recorded = &mut record.config;
     let mut notes = Vec::new();
     let mut note = |flag: &str, given: String, recorded: String, what: &str| {
         if given != recorded {
@@ -183,37 +187,37 @@ fn overrides(record: &mut RunRecord, options: &JobOptions) -> Vec<String> {
         note(
             "--steps",
             steps.to_string(),
-            c.steps.to_string(),
+            recorded.steps.to_string(),
             " (the learning-rate schedule follows the new total)",
         );
-        c.steps = steps;
+        recorded.steps = steps;
     }
     if let Some(every) = options.eval_every {
         note(
             "--eval-every",
             every.to_string(),
-            c.eval_every.to_string(),
+            recorded.eval_every.to_string(),
             "",
         );
-        c.eval_every = every;
+        recorded.eval_every = every;
     }
     if let Some(batches) = options.eval_batches {
         note(
             "--eval-batches",
             batches.to_string(),
-            c.eval_batches.to_string(),
+            recorded.eval_batches.to_string(),
             "",
         );
-        c.eval_batches = batches;
+        recorded.eval_batches = batches;
     }
     if let Some(every) = options.checkpoint_every {
         note(
             "--checkpoint-every",
             every.to_string(),
-            c.checkpoint_every.to_string(),
+            recorded.checkpoint_every.to_string(),
             "",
         );
-        c.checkpoint_every = every;
+        recorded.checkpoint_every = every;
     }
     notes
 }
