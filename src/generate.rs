@@ -169,22 +169,38 @@ fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// Independent partial sums in [`dot`]: one 512-bit register's lanes (two
+/// 256-bit ones with AVX2), so the loop vectorizes and its additions overlap.
+const DOT_LANES: usize = 16;
+
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorize the loop.
-    let mut acc = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
+    let mut acc = [0.0f32; DOT_LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
+    let tail: f32 = a_chunks
         .remainder()
         .iter()
-        .zip(b8.remainder())
+        .zip(b_chunks.remainder())
         .map(|(x, y)| x * y)
         .sum();
-    for (x, y) in a8.zip(b8) {
-        for k in 0..8 {
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for k in 0..DOT_LANES {
             acc[k] += x[k] * y[k];
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// `out[i] = dot(rows[i], x)`, compiled for the CPU's widest vectors.
+fn dot_rows(out: &mut [f32], rows: &[f32], x: &[f32]) {
+    crate::math::simd(
+        #[inline(always)]
+        || {
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(x.len())) {
+                *o = dot(row, x);
+            }
+        },
+    );
 }
 
 /// `out = w x` for `w (out.len(), x.len())` row-major; rows split over threads
@@ -193,18 +209,12 @@ fn matvec(out: &mut [f32], w: &[f32], x: &[f32]) {
     let n = x.len();
     debug_assert_eq!(w.len(), out.len() * n);
     if out.len() * n < 1 << 16 {
-        for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
-            *o = dot(row, x);
-        }
+        dot_rows(out, w, x);
     } else {
         let rows_per_task = ((1 << 14) / n).max(1);
         out.par_chunks_mut(rows_per_task)
             .zip(w.par_chunks(rows_per_task * n))
-            .for_each(|(o, rows)| {
-                for (o, row) in o.iter_mut().zip(rows.chunks_exact(n)) {
-                    *o = dot(row, x);
-                }
-            });
+            .for_each(|(o, rows)| dot_rows(o, rows, x));
     }
 }
 
@@ -303,6 +313,14 @@ impl<'w> Generator<'w> {
 
     /// Feed `token` at the next position; returns the logits `(V)` for the token after it.
     pub fn forward(&mut self, token: u32) -> Result<&[f32]> {
+        // One hand-over to rayon's pool per token, not one per parallel loop.
+        crate::math::on_pool(|| self.advance(token))?;
+        Ok(&self.logits)
+    }
+
+    /// [`Generator::forward`]'s work: the logits of the token after `token`
+    /// in `self.logits`.
+    fn advance(&mut self, token: u32) -> Result<()> {
         let w = self.weights;
         let c = w.config();
         if token as usize >= c.vocab_size {
@@ -399,7 +417,7 @@ impl<'w> Generator<'w> {
         rmsnorm(&mut self.xn, &self.x, w.get(Param::RmsFinal), c.norm_eps);
         matvec(&mut self.logits, w.classifier(), &self.xn);
         self.pos += 1;
-        Ok(&self.logits)
+        Ok(())
     }
 
     /// Logits after every token of `tokens`, from an empty context (resets the cache).

@@ -22,11 +22,13 @@ use super::choices::{no_about, one_of};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Model preset (tiny, stories260k, stories15m, stories42m, stories110m,
-    /// qwen3-0.6b-shape, layer768) or a JSON config file; a new model takes
-    /// the token file's vocabulary
-    #[arg(long, default_value_t = DEFAULTS.config.to_string())]
-    pub config: String,
+    /// Model preset or a JSON config file (default: small for the main job,
+    /// tiny with --data); a new model takes the token file's vocabulary.
+    /// Presets: tiny, small, stories260k, stories15m, stories42m,
+    /// stories110m, qwen3-0.6b-shape, layer768, smollm2-135m, smollm2-360m,
+    /// qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tinyllama-1.1b
+    #[arg(long)]
+    pub config: Option<String>,
     /// Token file (anemone .bin with header, or raw uint16). Without it, the
     /// main job: generate the built-in corpus, train a tokenizer and tokenize it
     #[arg(long)]
@@ -157,7 +159,7 @@ impl TrainArgs {
             corpus_mb,
         } = self;
         JobOptions {
-            config: given("config").then_some(config),
+            config,
             data,
             val_data,
             val_fraction: given("val_fraction").then_some(val_fraction),

@@ -37,7 +37,7 @@ use crate::{Error, Result};
 pub use super::options::{DEFAULTS, Defaults, JobOptions, RunDefaults};
 
 /// The main job's model preset, which also names its run directories.
-pub const MAIN_JOB_PRESET: &str = "tiny";
+pub const MAIN_JOB_PRESET: &str = RunDefaults::MAIN_JOB.config;
 /// Vocabulary of the tokenizer the main job trains on the built-in corpus.
 pub const MAIN_JOB_VOCAB: usize = 1024;
 /// Fraction of the built-in corpus the main job holds out.
@@ -156,14 +156,14 @@ fn start(
     let main_job = options.data.is_none();
     // Everything is checked before the run directory is touched.
     let (mut config, own_files, init) = plan_new_run(options, opened.precision, observer)?;
-    let config_name = options.config.as_deref().unwrap_or(DEFAULTS.config);
-    let run_dir = options.out.clone().unwrap_or_else(|| {
-        next_run_dir(if main_job {
-            MAIN_JOB_PRESET
-        } else {
-            config_name
-        })
-    });
+    let config_name = options
+        .config
+        .as_deref()
+        .unwrap_or(RunDefaults::of(main_job).config);
+    let run_dir = options
+        .out
+        .clone()
+        .unwrap_or_else(|| next_run_dir(config_name));
     let _lock = take_run_dir(&run_dir, options.overwrite, observer)?;
     let files = match own_files {
         Some(files) => files,
@@ -306,7 +306,13 @@ fn new_model(
         // `--seq` beyond the weights' context is refused by the config check.
         return Ok(weights.config().clone());
     }
-    let name = options.config.as_deref().unwrap_or(DEFAULTS.config);
+    let main_job = vocab
+        .as_ref()
+        .is_some_and(|(_, path)| path.as_os_str().is_empty());
+    let name = options
+        .config
+        .as_deref()
+        .unwrap_or(RunDefaults::of(main_job).config);
     let mut model = ModelConfig::from_name_or_file(name)?;
     if let Some((vocab, path)) = vocab
         && vocab != model.vocab_size
@@ -348,12 +354,8 @@ fn train_config(
     model: ModelConfig,
     precision: Precision,
 ) -> TrainConfig {
-    let defaults = if main_job {
-        RunDefaults::MAIN_JOB
-    } else {
-        RunDefaults::OWN_DATA
-    };
-    let name = options.config.as_deref().unwrap_or(DEFAULTS.config);
+    let defaults = RunDefaults::of(main_job);
+    let name = options.config.as_deref().unwrap_or(defaults.config);
     TrainConfig {
         // A preset names the model only when the model is the preset's.
         preset: (fresh && crate::model::config::PRESETS.contains(&name)).then(|| name.to_string()),

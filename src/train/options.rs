@@ -74,7 +74,6 @@ pub struct JobOptions {
 /// (the flags' defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Defaults {
-    pub config: &'static str,
     pub val_fraction: f64,
     pub backend: BackendKind,
     pub precision: Precision,
@@ -92,7 +91,6 @@ pub struct Defaults {
 
 /// What an option not given takes.
 pub const DEFAULTS: Defaults = Defaults {
-    config: "tiny",
     val_fraction: 0.05,
     backend: BackendKind::Cpu,
     precision: Precision::Fp32,
@@ -111,6 +109,8 @@ pub const DEFAULTS: Defaults = Defaults {
 /// What a run uses for the options left unset, by kind of run.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RunDefaults {
+    /// The model preset when `--config` is not given.
+    pub config: &'static str,
     pub steps: u64,
     pub batch: usize,
     pub lr: f32,
@@ -119,16 +119,30 @@ pub struct RunDefaults {
 }
 
 impl RunDefaults {
-    /// The main job: a few minutes of the `tiny` model on the built-in corpus.
+    /// The defaults of the main job or of a run on the user's data.
+    pub fn of(main_job: bool) -> RunDefaults {
+        if main_job {
+            RunDefaults::MAIN_JOB
+        } else {
+            RunDefaults::OWN_DATA
+        }
+    }
+}
+
+impl RunDefaults {
+    /// The main job: about two minutes of the `small` model on the built-in
+    /// corpus on a 2-core machine (README, "The main job").
     pub const MAIN_JOB: RunDefaults = RunDefaults {
-        steps: 200,
-        batch: 8,
+        config: "small",
+        steps: 450,
+        batch: 4,
         lr: 3e-3,
-        warmup: 20,
-        eval_every: 50,
+        warmup: 30,
+        eval_every: 75,
     };
     /// A run on the user's token file.
     pub const OWN_DATA: RunDefaults = RunDefaults {
+        config: "tiny",
         steps: 1000,
         batch: 4,
         lr: 5e-4,

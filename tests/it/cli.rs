@@ -254,3 +254,19 @@ fn restart_every_execs_a_resuming_process_that_matches_an_uninterrupted_run() {
     assert_eq!(losses("full").len(), 5);
     assert_eq!(losses("full"), losses("restarted"));
 }
+
+/// `train --help` names every preset the library has (the list is written in
+/// the flag's doc comment, so a new preset must be added there too).
+#[test]
+fn train_help_lists_every_preset() {
+    let out = anemone().args(["train", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for preset in anemone::model::config::PRESETS {
+        assert!(
+            help.split(|c: char| c.is_whitespace() || c == ',')
+                .any(|word| word == *preset),
+            "train --help does not list the preset {preset}:\n{help}"
+        );
+    }
+}
