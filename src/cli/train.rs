@@ -23,8 +23,9 @@ use super::choices::{no_about, one_of};
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Model preset (tiny, stories260k, stories15m, stories42m, stories110m,
-    /// qwen3-0.6b-shape, layer768) or a JSON config file; a new model takes
-    /// the token file's vocabulary
+    /// qwen3-0.6b-shape, layer768, ...), a JSON config file or a Hugging
+    /// Face model directory (its shape only); a new model takes the token
+    /// file's vocabulary
     #[arg(long, default_value_t = DEFAULTS.config.to_string())]
     pub config: String,
     /// Token file (anemone .bin with header, or raw uint16). Without it, the
@@ -37,7 +38,10 @@ pub struct TrainArgs {
     /// Fraction of --data held out for evaluation when --val-data is absent
     #[arg(long, default_value_t = DEFAULTS.val_fraction, allow_negative_numbers = true)]
     pub val_fraction: f64,
-    /// Start from these weights: an anemone checkpoint or a llama2.c model.bin
+    /// Start from these weights: a Hugging Face model directory (full
+    /// fine-tuning; its tokenizer, chat template and generation config are
+    /// kept in the run directory), a run directory, an anemone checkpoint or
+    /// a llama2.c model.bin
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Continue the run in this directory from its checkpoint, exactly (its
@@ -281,7 +285,8 @@ impl Drop for Progress {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Run directory, anemone checkpoint or llama2.c model.bin
+    /// Hugging Face model directory, run directory, anemone checkpoint or
+    /// llama2.c model.bin
     #[arg(long)]
     pub model: PathBuf,
     /// Token file
