@@ -613,35 +613,47 @@ pub fn stream_hf(
     let mut generator = Generator::new(weights);
     let started = Instant::now();
     write!(out, "{echo}").map_err(output_error)?;
-    // Each new token's text is what decoding the last prompt token and the
-    // new ones adds to decoding the last prompt token alone: pieces that
-    // depend on what precedes them (a leading space, bytes of one character
-    // split over tokens) come out right.
-    let last = *ids.last().ok_or_else(|| {
+    // New tokens are written in pieces that decode to whole characters (a
+    // character's bytes may span tokens). A piece's text is what decoding it
+    // after the token before it adds to decoding that token alone, so text
+    // that depends on what precedes it (SentencePiece's leading space) comes
+    // out as in the whole text.
+    let mut context = *ids.last().ok_or_else(|| {
         Error::Invalid("generate: the prompt is empty; give a --prompt".into())
     })?;
-    let prefix = text.tokenizer.decode(&[last], true)?;
-    let mut shown = vec![last];
-    let mut printed = prefix.len();
+    let piece = |context: u32, pending: &[u32]| -> Result<String> {
+        let before = text.tokenizer.decode(&[context], true)?;
+        let mut with_context = vec![context];
+        with_context.extend_from_slice(pending);
+        let decoded = text.tokenizer.decode(&with_context, true)?;
+        match decoded.strip_prefix(before.as_str()) {
+            Some(rest) => Ok(rest.to_string()),
+            None => text.tokenizer.decode(pending, true),
+        }
+    };
+    let mut pending = Vec::new();
     let mut failure = None;
     let new = generator.generate_until(ids, max_tokens, sampler, &text.stop, |id| {
-        shown.push(id);
-        match text.tokenizer.decode(&shown, true) {
-            Ok(decoded) => {
-                if decoded.ends_with('\u{FFFD}') || !decoded.is_char_boundary(printed) {
-                    return; // an incomplete character: wait for its next bytes
-                }
-                if decoded.len() > printed {
-                    let _ = out.write_all(decoded[printed..].as_bytes());
-                    let _ = out.flush();
-                    printed = decoded.len();
-                }
+        pending.push(id);
+        match piece(context, &pending) {
+            Ok(piece) if !piece.ends_with('\u{FFFD}') => {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+                context = id;
+                pending.clear();
             }
+            Ok(_) => {} // an incomplete character: wait for its next bytes
             Err(e) => failure = Some(e),
         }
     })?;
     if let Some(e) = failure {
         return Err(e);
+    }
+    // Bytes that never got the rest of their character: written as decoding
+    // writes them (replacement characters).
+    if !pending.is_empty() {
+        out.write_all(piece(context, &pending)?.as_bytes())
+            .map_err(output_error)?;
     }
     let rate = new.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok((new, rate))

@@ -35,6 +35,10 @@ pub struct GenerateArgs {
     /// System message of the --chat conversation
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
+    /// The prompt as space-separated token ids of a Hugging Face tokenizer
+    /// (tests: ids that no text encodes to)
+    #[arg(long, hide = true, conflicts_with_all = ["prompt", "chat"])]
+    pub prompt_ids: Option<String>,
     /// New tokens at most (generation also stops at the end of a document, a
     /// BOS or EOS token, and at the model's context length)
     #[arg(long, default_value_t = 256, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
@@ -107,16 +111,30 @@ fn generate_hf(
 ) -> Result<(Vec<u32>, f64)> {
     let text = HfText::open(tokenizer, &args.model, weights.config().vocab_size)
         .context("--tokenizer")?;
-    let chat = args.chat.then_some(args.system.as_deref());
-    let ids = text.prompt_ids(&args.prompt, chat)?;
-    let echo = if args.chat { "" } else { args.prompt.as_str() };
+    let (ids, echo) = match &args.prompt_ids {
+        Some(list) => {
+            let ids = list
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .with_context(|| format!("--prompt-ids {list:?}: expected token ids"))?;
+            let echo = text.tokenizer.decode(&ids, true)?;
+            (ids, echo)
+        }
+        None => {
+            let chat = args.chat.then_some(args.system.as_deref());
+            let ids = text.prompt_ids(&args.prompt, chat)?;
+            let echo = if args.chat { "" } else { args.prompt.as_str() };
+            (ids, echo.to_string())
+        }
+    };
     Ok(stream_hf(
         weights,
         &text,
         &ids,
         args.max_tokens,
         sampler,
-        echo,
+        &echo,
         out,
     )?)
 }
