@@ -543,7 +543,9 @@ impl HfText {
             _ => ChatTemplate::open(Path::new("."))?,
         };
         let base = base_config(model)?;
-        let config_path = base.as_ref().map_or(model.to_path_buf(), |b| b.path.clone());
+        let config_path = base
+            .as_ref()
+            .map_or(model.to_path_buf(), |b| b.path.clone());
         hf_tokenizer.check_fits(vocab_size, &config_path)?;
         let model_eos = base
             .as_ref()
@@ -618,9 +620,9 @@ pub fn stream_hf(
     // after the token before it adds to decoding that token alone, so text
     // that depends on what precedes it (SentencePiece's leading space) comes
     // out as in the whole text.
-    let mut context = *ids.last().ok_or_else(|| {
-        Error::Invalid("generate: the prompt is empty; give a --prompt".into())
-    })?;
+    let mut context = *ids
+        .last()
+        .ok_or_else(|| Error::Invalid("generate: the prompt is empty; give a --prompt".into()))?;
     let piece = |context: u32, pending: &[u32]| -> Result<String> {
         let before = text.tokenizer.decode(&[context], true)?;
         let mut with_context = vec![context];

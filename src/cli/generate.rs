@@ -109,8 +109,8 @@ fn generate_hf(
     sampler: &mut Sampler,
     out: &mut dyn Write,
 ) -> Result<(Vec<u32>, f64)> {
-    let text = HfText::open(tokenizer, &args.model, weights.config().vocab_size)
-        .context("--tokenizer")?;
+    let text =
+        HfText::open(tokenizer, &args.model, weights.config().vocab_size).context("--tokenizer")?;
     let (ids, echo) = match &args.prompt_ids {
         Some(list) => {
             let ids = list

@@ -318,7 +318,10 @@ fn hf_export_after_fine_tuning_has_the_transformers_loss() {
             (got - want).abs() <= 1e-5 * want,
             "{name}: anemone {got} vs transformers {want}"
         );
-        assert!((got - base).abs() > 1e-3, "{name}: training changed nothing");
+        assert!(
+            (got - base).abs() > 1e-3,
+            "{name}: training changed nothing"
+        );
         // The run itself evaluates to the same loss but for the dtype's rounding.
         let source = HfConfig::open(&model_dir(name)).unwrap();
         let exported = HfConfig::open(&export).unwrap();
@@ -332,7 +335,10 @@ fn hf_export_after_fine_tuning_has_the_transformers_loss() {
         assert_eq!(exported.tied_embeddings, source.tied_embeddings, "{name}");
         let config = read_json(&export.join("config.json"));
         for field in ["rope_theta", "rope_scaling", "torch_dtype"] {
-            assert!(config.get(field).is_none(), "{name}: {field} in the 5.x layout");
+            assert!(
+                config.get(field).is_none(),
+                "{name}: {field} in the 5.x layout"
+            );
         }
         let reader = SafetensorsReader::open_dir(&export).unwrap();
         assert_eq!(
@@ -341,12 +347,13 @@ fn hf_export_after_fine_tuning_has_the_transformers_loss() {
             "{name}"
         );
         // The run generates with the base model's tokenizer and template.
-        succeeds(
-            anemone()
-                .args(["generate", "--model"])
-                .arg(&run)
-                .args(["--chat", "--prompt", "Hello", "--max-tokens", "4"]),
-        );
+        succeeds(anemone().args(["generate", "--model"]).arg(&run).args([
+            "--chat",
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "4",
+        ]));
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -391,7 +398,11 @@ fn hf_export_round_trip_is_bit_for_bit() {
             std::fs::read(out.join("model.safetensors")).unwrap(),
             "{name}: the bytes save_pretrained wrote"
         );
-        for file in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        for file in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
             assert_eq!(
                 std::fs::read(model_dir(name).join(file)).unwrap(),
                 std::fs::read(out.join(file)).unwrap(),
@@ -440,7 +451,10 @@ fn hf_export_round_trip_is_bit_for_bit() {
             .arg(copy.join(".")),
     );
     assert!(err.contains("never writes over its input"), "{err}");
-    assert_eq!(std::fs::read(copy.join("model.safetensors")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(copy.join("model.safetensors")).unwrap(),
+        before
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -522,10 +536,13 @@ fn hf_tokenize_writes_u32_ids_for_a_large_vocabulary_and_refuses_a_small_model()
     // In the model's vocabulary (so the id is kept) and an added token (so
     // the text finds it).
     json["model"]["vocab"]["<|wide|>"] = 70000.into();
-    json["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
-        "id": 70000, "content": "<|wide|>", "single_word": false, "lstrip": false,
-        "rstrip": false, "normalized": false, "special": true
-    }));
+    json["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 70000, "content": "<|wide|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
     let wide = dir.join("wide.json");
     std::fs::write(&wide, json.to_string()).unwrap();
     let tokenizer = HfTokenizer::from_file(&wide).unwrap();
@@ -543,10 +560,7 @@ fn hf_tokenize_writes_u32_ids_for_a_large_vocabulary_and_refuses_a_small_model()
             .args(["--val-fraction", "0"]),
     );
     let file = TokenFile::open(&out).unwrap();
-    assert_eq!(
-        (file.dtype(), file.vocab_size()),
-        (Dtype::U32, Some(70001))
-    );
+    assert_eq!((file.dtype(), file.vocab_size()), (Dtype::U32, Some(70001)));
     let got = file.window(0, file.len()).unwrap();
     assert_eq!(got, tokenizer.encode("To be<|wide|> or not", true).unwrap());
     assert!(got.contains(&70000), "{got:?}");
@@ -556,7 +570,10 @@ fn hf_tokenize_writes_u32_ids_for_a_large_vocabulary_and_refuses_a_small_model()
         let path = dir.join(format!("cut{cut}.bin"));
         std::fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
         let err = TokenFile::open(&path).unwrap_err().to_string();
-        assert!(err.contains("n_tokens: header says") && err.contains("4 bytes"), "{err}");
+        assert!(
+            err.contains("n_tokens: header says") && err.contains("4 bytes"),
+            "{err}"
+        );
     }
     // The llama fixture has 323 rows.
     let err = fails(
@@ -607,7 +624,13 @@ fn hf_bad_input_is_one_line_naming_the_file_and_the_field() {
     // reads too (it reads no tensors).
     let check = |model: &Path, file: &str, field: &str, says: &str, config_only: bool| {
         let commands: [Vec<std::ffi::OsString>; 5] = [
-            vec!["eval".into(), "--model".into(), model.into(), "--data".into(), tokens.clone().into()],
+            vec![
+                "eval".into(),
+                "--model".into(),
+                model.into(),
+                "--data".into(),
+                tokens.clone().into(),
+            ],
             vec!["generate".into(), "--model".into(), model.into()],
             vec![
                 "train".into(),
@@ -686,7 +709,10 @@ fn hf_bad_input_is_one_line_naming_the_file_and_the_field() {
 
     let gpt2 = copy_fixture("llama", &dir);
     edit_json(&gpt2.join("config.json"), |c| {
-        c.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
+        c.insert(
+            "architectures".into(),
+            serde_json::json!(["GPT2LMHeadModel"]),
+        );
         c.remove("model_type");
     });
     check(
@@ -755,7 +781,10 @@ fn rewrite_dtype(path: &Path, tensor: &str) {
         let shape = reader.shape(name).unwrap().to_vec();
         let values = reader.read_f32(name, &shape).unwrap();
         let (bytes, dtype) = if name == tensor {
-            let bytes = values.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect();
+            let bytes = values
+                .iter()
+                .flat_map(|&x| (x as f64).to_le_bytes())
+                .collect();
             (bytes, safetensors::Dtype::F64)
         } else {
             let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -781,7 +810,12 @@ fn hf_config_dirs_give_their_model_shape() {
     let config = anemone::model::ModelConfig::from_name_or_file(dir.to_str().unwrap()).unwrap();
     let hf = HfConfig::open(&dir).unwrap();
     assert_eq!(
-        (config.dim, config.head_dim, config.qk_norm, config.vocab_size),
+        (
+            config.dim,
+            config.head_dim,
+            config.qk_norm,
+            config.vocab_size
+        ),
         (hf.dim, hf.head_dim, true, hf.vocab_size)
     );
 }
