@@ -819,3 +819,49 @@ fn hf_config_dirs_give_their_model_shape() {
         (hf.dim, hf.head_dim, true, hf.vocab_size)
     );
 }
+
+/// A model trained from scratch (no Hugging Face base) exports as the
+/// Llama its features call for, with llama2.c's BOS/EOS, and reads back
+/// bit for bit; `doctor --config HF_DIR` compares that model's kernels.
+#[test]
+fn hf_export_of_a_run_without_a_base_reads_back_exactly() {
+    let dir = temp_dir("hf-cli-scratch");
+    let (config, tokens) = crate::common::small_run_inputs(&dir, 5);
+    let run = dir.join("run");
+    succeeds(
+        anemone()
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--data")
+            .arg(&tokens)
+            .args(["--steps", "2", "--batch", "1", "--seq", "8", "--out"])
+            .arg(&run),
+    );
+    let out = dir.join("hf");
+    succeeds(
+        anemone()
+            .args(["export", "--model"])
+            .arg(&run)
+            .args(["--format", "hf", "--out"])
+            .arg(&out),
+    );
+    let hf = HfConfig::open(&out).unwrap();
+    assert_eq!(
+        (hf.architecture.class_name(), hf.dtype, hf.bos_token_id),
+        ("LlamaForCausalLM", Some(FloatDtype::F32), Some(1))
+    );
+    assert_eq!(hf.eos_token_ids, [2]);
+    assert_eq!(load_weights(&out).unwrap(), load_weights(&run).unwrap());
+    let stdout = stdout_of(
+        anemone()
+            .args(["doctor", "--config"])
+            .arg(&out)
+            .args(["--seq", "8"]),
+    );
+    assert!(
+        stdout.contains(&format!("kernels of `{}`", out.display()))
+            && stdout.contains("attn_fwd            32x72"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
