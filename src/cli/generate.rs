@@ -71,6 +71,9 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let (new, rate) = match hf_tokenizer {
         Some(path) => generate_hf(&args, &weights, &path, &mut sampler, &mut out)?,
         None => {
+            if args.prompt_ids.is_some() {
+                bail!("--prompt-ids takes ids of a Hugging Face tokenizer; use --prompt");
+            }
             if args.chat {
                 bail!(
                     "--chat needs a Hugging Face tokenizer with a chat template; {} has none\n\
