@@ -164,9 +164,15 @@ fn start(
             config_name
         })
     });
+    // Read before the directory is taken: `--overwrite` of the run `--init`
+    // names removes them there.
+    let base_files = match &options.init {
+        Some(init) => crate::model::hf::files::read_base_files(init)?,
+        None => Vec::new(),
+    };
     let _lock = take_run_dir(&run_dir, options.overwrite, observer)?;
     if let Some(init) = &options.init {
-        keep_base_files(init, &run_dir, observer)?;
+        keep_base_files(init, &base_files, &run_dir, observer)?;
     }
     let files = match own_files {
         Some(files) => files,
@@ -234,8 +240,13 @@ fn start(
 /// from one) has besides weights into a new run's directory: its config (as
 /// `hf_config.json`), tokenizer, chat template and generation config, so
 /// that `generate`, `eval` and `export` of the run find them.
-fn keep_base_files(init: &Path, run_dir: &Path, observer: &mut dyn Observer) -> Result<()> {
-    let kept = crate::model::hf::files::keep_base_files(init, run_dir)?;
+fn keep_base_files(
+    init: &Path,
+    files: &[(&'static str, Vec<u8>)],
+    run_dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    let kept = crate::model::hf::files::keep_base_files(files, run_dir)?;
     if !kept.is_empty() {
         observer.on_message(&format!(
             "kept {} of {} in {}",

@@ -865,3 +865,50 @@ fn hf_export_of_a_run_without_a_base_reads_back_exactly() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A run made from a Hugging Face model passes its base files on: `train
+/// --init RUN` keeps them, even when it replaces that run (`--overwrite`);
+/// `tokenize --tokenizer RUN` uses them (the model's vocabulary recorded).
+#[test]
+fn hf_runs_pass_their_base_files_on() {
+    let dir = temp_dir("hf-cli-chain");
+    let tokens = eval_tokens("qwen2", &dir);
+    let (run, export) = (dir.join("run"), dir.join("export"));
+    fine_tune_and_export("qwen2", &tokens, &run, &export);
+    let kept = std::fs::read(run.join("tokenizer.json")).unwrap();
+    assert_eq!(
+        kept,
+        std::fs::read(model_dir("qwen2").join("tokenizer.json")).unwrap()
+    );
+    succeeds(
+        anemone()
+            .args(["train", "--init"])
+            .arg(&run)
+            .arg("--data")
+            .arg(&tokens)
+            .arg("--val-data")
+            .arg(&tokens)
+            .arg("--out")
+            .arg(&run)
+            .arg("--overwrite")
+            .args(TRAIN_FLAGS),
+    );
+    for name in ["hf_config.json", "tokenizer.json", "generation_config.json"] {
+        assert!(run.join(name).is_file(), "{name}");
+    }
+    assert_eq!(std::fs::read(run.join("tokenizer.json")).unwrap(), kept);
+    std::fs::write(dir.join("in.txt"), "To be or not\n").unwrap();
+    succeeds(
+        anemone()
+            .args(["tokenize", "--tokenizer"])
+            .arg(&run)
+            .arg("--input")
+            .arg(dir.join("in.txt"))
+            .arg("--out")
+            .arg(dir.join("again.bin"))
+            .args(["--val-fraction", "0"]),
+    );
+    let file = TokenFile::open(&dir.join("again.bin")).unwrap();
+    assert_eq!(file.vocab_size(), Some(336));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

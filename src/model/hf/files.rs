@@ -1,7 +1,8 @@
 //! The files of a Hugging Face model directory besides its weights, and the
 //! copies a run keeps of them: what makes a directory a model
 //! ([`is_model_dir`]), the tokenizer, chat template and generation config a
-//! fine-tuned run carries on ([`BASE_FILES`], [`keep_base_files`]), and the
+//! fine-tuned run carries on ([`BASE_FILES`], [`read_base_files`],
+//! [`keep_base_files`]), and the
 //! [`HfConfig`] of a model directory or of a run made from one
 //! ([`base_config`]).
 //!
@@ -91,15 +92,29 @@ pub fn base_files(model: &Path, export: bool) -> Vec<(PathBuf, &'static str)> {
     files
 }
 
-/// Copy the base files of `model` (see [`base_files`]) into `run_dir`,
-/// each atomically; returns the names written.
-pub fn keep_base_files(model: &Path, run_dir: &Path) -> Result<Vec<&'static str>> {
-    let mut written = Vec::new();
-    for (source, name) in base_files(model, false) {
-        copy_atomic(&source, &run_dir.join(name))?;
-        written.push(name);
+/// The base files of `model` (see [`base_files`]) read into memory, as
+/// `(name of the copy, bytes)`: read before a run takes its directory, so
+/// that a run replacing the one it starts from (`--overwrite`) keeps them.
+pub fn read_base_files(model: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    base_files(model, false)
+        .into_iter()
+        .map(|(source, name)| {
+            let bytes = crate::memory::read_file(&source, crate::memory::TEXT_FILE_LIMIT)?;
+            Ok((name, bytes))
+        })
+        .collect()
+}
+
+/// Write base files read by [`read_base_files`] into `run_dir`, each
+/// atomically; returns the names written.
+pub fn keep_base_files(
+    files: &[(&'static str, Vec<u8>)],
+    run_dir: &Path,
+) -> Result<Vec<&'static str>> {
+    for (name, bytes) in files {
+        crate::atomic::write_atomic(&run_dir.join(name), bytes)?;
     }
-    Ok(written)
+    Ok(files.iter().map(|(name, _)| *name).collect())
 }
 
 /// Copy `from` to `to` through a temp file and a rename.
