@@ -17,8 +17,9 @@
 //! `rope_theta` 1e4, Qwen3's `head_dim` 128).
 //!
 //! Not here: tensors (`super::tensors`), RoPE frequencies and the row
-//! permutation (`super::rope`), the tokenizer (`crate::data::hf`), and the
-//! mapping onto anemone's `ModelConfig` (a later step).
+//! permutation (`super::rope`), the tokenizer (`crate::data::hf`), the
+//! mapping onto anemone's `ModelConfig` (`super::weights`), and writing a
+//! config (`super::export`).
 
 use std::path::{Path, PathBuf};
 
