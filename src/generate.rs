@@ -8,7 +8,9 @@
 //! with the context, so a model with a long `seq_len` costs only what it uses. The [`Generator`] takes and
 //! gives token ids; on top of it, [`stream`] takes a text prompt and writes
 //! text through a [`Tokenizer`] (the `generate` command), and [`samples`]
-//! writes the main job's closing samples.
+//! writes the main job's closing samples. For a Hugging Face model (or a run
+//! made from one), [`HfText`] gathers its tokenizer, chat template and stop
+//! ids, and [`stream_hf`] writes what it generates.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,9 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+use crate::data::hf::{ChatMessage, ChatTemplate, HfTokenizer};
 use crate::data::tokenizer::Tokenizer;
+use crate::model::hf::files::base_config;
 use crate::model::{Param, Weights};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -522,6 +526,154 @@ pub fn stream(
     })?;
     if let Some(e) = failure {
         return Err(e);
+    }
+    let rate = new.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    Ok((new, rate))
+}
+
+/// The text side of a Hugging Face model: its `tokenizer.json`, chat
+/// template, BOS and the ids that end generation (the model's
+/// `eos_token_id`s from `generation_config.json`/`config.json`, then the
+/// tokenizer's EOS).
+#[derive(Debug)]
+pub struct HfText {
+    pub tokenizer: HfTokenizer,
+    /// The template of the tokenizer's directory, if it has one.
+    pub template: Option<ChatTemplate>,
+    pub bos: Option<u32>,
+    pub stop: Vec<u32>,
+}
+
+impl HfText {
+    /// The tokenizer at `tokenizer` (a directory or a `tokenizer.json`,
+    /// [`HfTokenizer::open_path`]) for the model at `model` (a model
+    /// directory, a run made from one, or any model file) of `vocab_size`
+    /// rows: every tokenizer id must be a row of the model.
+    pub fn open(tokenizer: &Path, model: &Path, vocab_size: usize) -> Result<HfText> {
+        let hf_tokenizer = HfTokenizer::open_path(tokenizer)?;
+        let template_dir = if tokenizer.is_dir() {
+            Some(tokenizer)
+        } else {
+            tokenizer.parent()
+        };
+        let template = match template_dir {
+            Some(dir) if !dir.as_os_str().is_empty() => ChatTemplate::open(dir)?,
+            _ => ChatTemplate::open(Path::new("."))?,
+        };
+        let base = base_config(model)?;
+        let config_path = base
+            .as_ref()
+            .map_or(model.to_path_buf(), |b| b.path.clone());
+        hf_tokenizer.check_fits(vocab_size, &config_path)?;
+        let model_eos = base
+            .as_ref()
+            .map(|b| b.eos_token_ids.clone())
+            .unwrap_or_default();
+        let bos = hf_tokenizer
+            .bos_token_id()
+            .or(base.as_ref().and_then(|b| b.bos_token_id));
+        Ok(HfText {
+            stop: hf_tokenizer.stop_token_ids(&model_eos),
+            tokenizer: hf_tokenizer,
+            template,
+            bos,
+        })
+    }
+
+    /// The prompt's ids. With `chat` (`Some(system prompt)`), the chat
+    /// template renders `[system?, user: prompt]` with the generation prompt,
+    /// and the text is encoded without adding special tokens (as
+    /// `apply_chat_template(..., tokenize=True)` does); otherwise the prompt
+    /// is encoded as a text (with the post-processor's special tokens), an
+    /// empty one as BOS alone.
+    pub fn prompt_ids(&self, prompt: &str, chat: Option<Option<&str>>) -> Result<Vec<u32>> {
+        let Some(system) = chat else {
+            let ids = self.tokenizer.encode(prompt, true)?;
+            if !ids.is_empty() {
+                return Ok(ids);
+            }
+            return self.bos.map(|bos| vec![bos]).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "generate: the prompt is empty and {} has no BOS token to start from
+                     hint: give a --prompt",
+                    self.tokenizer.path().display()
+                ))
+            });
+        };
+        let template = self.template.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "--chat: no chat template beside {} (neither chat_template.jinja nor                  tokenizer_config.json's chat_template)
+hint: drop --chat, or use an                  instruction-tuned model's directory",
+                self.tokenizer.path().display()
+            ))
+        })?;
+        let mut messages = Vec::new();
+        if let Some(system) = system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", prompt));
+        let text = template.render(&messages, true, &serde_json::Map::new())?;
+        self.tokenizer.encode(&text, false)
+    }
+}
+
+/// Generate after the prompt `ids` with a Hugging Face tokenizer, stopping
+/// before any of `text.stop`, writing `echo` (the prompt's text, or nothing
+/// for a chat) and then the new text as it is sampled (special tokens left
+/// out); returns the new ids and the rate in tokens/s.
+pub fn stream_hf(
+    weights: &Weights,
+    text: &HfText,
+    ids: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    echo: &str,
+    out: &mut dyn Write,
+) -> Result<(Vec<u32>, f64)> {
+    let mut generator = Generator::new(weights);
+    let started = Instant::now();
+    write!(out, "{echo}").map_err(output_error)?;
+    // New tokens are written in pieces that decode to whole characters (a
+    // character's bytes may span tokens). A piece's text is what decoding it
+    // after the token before it adds to decoding that token alone, so text
+    // that depends on what precedes it (SentencePiece's leading space) comes
+    // out as in the whole text.
+    let mut context = *ids
+        .last()
+        .ok_or_else(|| Error::Invalid("generate: the prompt is empty; give a --prompt".into()))?;
+    let piece = |context: u32, pending: &[u32]| -> Result<String> {
+        let before = text.tokenizer.decode(&[context], true)?;
+        let mut with_context = vec![context];
+        with_context.extend_from_slice(pending);
+        let decoded = text.tokenizer.decode(&with_context, true)?;
+        match decoded.strip_prefix(before.as_str()) {
+            Some(rest) => Ok(rest.to_string()),
+            None => text.tokenizer.decode(pending, true),
+        }
+    };
+    let mut pending = Vec::new();
+    let mut failure = None;
+    let new = generator.generate_until(ids, max_tokens, sampler, &text.stop, |id| {
+        pending.push(id);
+        match piece(context, &pending) {
+            Ok(piece) if !piece.ends_with('\u{FFFD}') => {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+                context = id;
+                pending.clear();
+            }
+            Ok(_) => {} // an incomplete character: wait for its next bytes
+            Err(e) => failure = Some(e),
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    // Bytes that never got the rest of their character: written as decoding
+    // writes them (replacement characters).
+    if !pending.is_empty() {
+        out.write_all(piece(context, &pending)?.as_bytes())
+            .map_err(output_error)?;
     }
     let rate = new.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok((new, rate))

@@ -1,5 +1,6 @@
 //! `anemone tokenizer train|encode`, `anemone tokenize`: text files through
-//! the library's tokenizer, with a byte progress bar on a terminal.
+//! the library's tokenizers (llama2.c's, or a Hugging Face `tokenizer.json`),
+//! with a byte progress bar on a terminal.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -9,9 +10,10 @@ use clap::builder::RangedU64ValueParser;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use anemone::data::hf::HfTokenizer;
 use anemone::data::tokenizer::Tokenizer;
 use anemone::data::tokenizer::train::{TrainOptions, train_bpe};
-use anemone::data::tokens::tokenize_files;
+use anemone::data::tokens::{DocumentEncoder, HfDocuments, TokenizeReport, tokenize_files};
 
 #[derive(Subcommand, Debug)]
 pub enum TokenizerCommand {
@@ -78,10 +80,14 @@ pub fn tokenizer(cmd: TokenizerCommand) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
-    /// llama2.c tokenizer.bin
+    /// llama2.c tokenizer.bin, or a Hugging Face tokenizer: a model
+    /// directory (the token file then records the model's vocabulary) or a
+    /// tokenizer.json
     #[arg(long)]
     pub tokenizer: PathBuf,
-    /// Text files; a blank line (or `<|endoftext|>`) ends a document, each document starts with BOS
+    /// Text files; a blank line (or `<|endoftext|>`) ends a document. Each
+    /// document starts with BOS (llama2.c) or the tokenizer's own special
+    /// tokens and ends with its EOS (Hugging Face)
     #[arg(long, num_args = 1.., required = true)]
     pub input: Vec<PathBuf>,
     /// Output token file (anemone format); the held-out part goes to <out>.val.bin
@@ -110,23 +116,27 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     for out in [&args.out, &val] {
         anemone::atomic::refuse_input_as_output("--out", out, &[("--tokenizer", &args.tokenizer)])?;
     }
-    let tok = Tokenizer::read(&args.tokenizer, None)?;
-    let mut bar: Option<ProgressBar> = None;
-    let report = tokenize_files(
-        &tok,
-        &args.input,
-        &args.out,
-        args.val_fraction,
-        &mut |done, total| {
-            let b = bar.get_or_insert_with(|| {
-                byte_bar(total, "tokenizing").unwrap_or_else(ProgressBar::hidden)
-            });
-            b.set_position(done);
-        },
-    )?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    let report = if HfTokenizer::is_hf_path(&args.tokenizer) {
+        let tokenizer = HfTokenizer::open_path(&args.tokenizer)?;
+        // A model directory: its vocabulary (which may be padded past the
+        // tokenizer's) is what the token file must record for training.
+        let vocab_size = match anemone::model::hf::files::base_config(&args.tokenizer)? {
+            Some(config) => {
+                tokenizer.check_fits(config.vocab_size, &config.path)?;
+                config.vocab_size
+            }
+            None => tokenizer.vocab_size(),
+        };
+        run_tokenize(
+            &HfDocuments {
+                tokenizer: &tokenizer,
+                vocab_size,
+            },
+            &args,
+        )?
+    } else {
+        run_tokenize(&Tokenizer::read(&args.tokenizer, None)?, &args)?
+    };
     eprintln!(
         "{} documents, {} bytes -> {} train tokens ({}){}",
         report.documents,
@@ -140,4 +150,25 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// [`tokenize_files`] with a progress bar.
+fn run_tokenize(encoder: &dyn DocumentEncoder, args: &TokenizeArgs) -> Result<TokenizeReport> {
+    let mut bar: Option<ProgressBar> = None;
+    let report = tokenize_files(
+        encoder,
+        &args.input,
+        &args.out,
+        args.val_fraction,
+        &mut |done, total| {
+            let b = bar.get_or_insert_with(|| {
+                byte_bar(total, "tokenizing").unwrap_or_else(ProgressBar::hidden)
+            });
+            b.set_position(done);
+        },
+    )?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(report)
 }

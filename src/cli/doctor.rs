@@ -12,7 +12,8 @@ pub struct DoctorArgs {
     /// Also write the report as JSON to this file (please share it: see the README)
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Model whose training kernels are compared (preset or JSON config)
+    /// Model whose training kernels are compared (preset, JSON config or
+    /// Hugging Face model directory)
     #[arg(long, default_value = "tiny")]
     pub config: String,
     /// Window length of the compared kernels (default: the model's seq_len, at most 128)

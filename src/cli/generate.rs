@@ -1,5 +1,6 @@
 //! `anemone generate` and `anemone export`: flags into calls of
-//! [`anemone::generate`] and [`anemone::model::llama2c`].
+//! [`anemone::generate`], [`anemone::model::llama2c`] and
+//! [`anemone::model::hf::export`].
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,20 +9,36 @@ use anyhow::{Context, Result, bail};
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, ValueEnum};
 
+use anemone::data::hf::HfTokenizer;
 use anemone::data::tokenizer::Tokenizer;
-use anemone::generate::{Sampler, stream, tokenizer_beside};
-use anemone::model::{llama2c, load_weights};
+use anemone::generate::{HfText, Sampler, stream, stream_hf, tokenizer_beside};
+use anemone::model::hf::FloatDtype;
+use anemone::model::{Weights, llama2c, load_weights};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Run directory, anemone checkpoint or llama2.c model.bin
+    /// Hugging Face model directory, run directory, anemone checkpoint or
+    /// llama2.c model.bin
     #[arg(long)]
     pub model: PathBuf,
-    /// tokenizer.bin (default: the run directory's, or one beside the model file)
+    /// tokenizer.bin, or a Hugging Face tokenizer (directory or
+    /// tokenizer.json); default: the model directory's tokenizer.json, else
+    /// the tokenizer.bin of the run directory or beside the model file
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     #[arg(long, default_value = "")]
     pub prompt: String,
+    /// Render the prompt as a user turn with the model's chat template (and
+    /// the generation prompt) and generate the assistant's turn
+    #[arg(long)]
+    pub chat: bool,
+    /// System message of the --chat conversation
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// The prompt as space-separated token ids of a Hugging Face tokenizer
+    /// (tests: ids that no text encodes to)
+    #[arg(long, hide = true, conflicts_with_all = ["prompt", "chat"])]
+    pub prompt_ids: Option<String>,
     /// New tokens at most (generation also stops at the end of a document, a
     /// BOS or EOS token, and at the model's context length)
     #[arg(long, default_value_t = 256, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
@@ -45,37 +62,116 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         checked
     };
     let weights = load_weights(&args.model).context("--model")?;
-    let tokenizer_path = match args.tokenizer {
-        Some(path) => path,
-        None => tokenizer_beside(&args.model)?,
+    let hf_tokenizer = match &args.tokenizer {
+        Some(path) => HfTokenizer::is_hf_path(path).then(|| path.clone()),
+        None => HfTokenizer::is_hf_path(&args.model).then(|| args.model.clone()),
     };
-    let tokenizer = Tokenizer::read(&tokenizer_path, Some(weights.config().vocab_size))
-        .context("--tokenizer")?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let (new, rate) = stream(
-        &weights,
-        &tokenizer,
-        &args.prompt,
-        args.max_tokens,
-        &mut sampler,
-        &mut out,
-    )?;
+    let (new, rate) = match hf_tokenizer {
+        Some(path) => generate_hf(&args, &weights, &path, &mut sampler, &mut out)?,
+        None => {
+            if args.prompt_ids.is_some() {
+                bail!("--prompt-ids takes ids of a Hugging Face tokenizer; use --prompt");
+            }
+            if args.chat {
+                bail!(
+                    "--chat needs a Hugging Face tokenizer with a chat template; {} has none\n\
+                     hint: use a Hugging Face model directory (or a run made from one)",
+                    args.model.display()
+                );
+            }
+            let tokenizer_path = match &args.tokenizer {
+                Some(path) => path.clone(),
+                None => tokenizer_beside(&args.model)?,
+            };
+            let tokenizer = Tokenizer::read(&tokenizer_path, Some(weights.config().vocab_size))
+                .context("--tokenizer")?;
+            stream(
+                &weights,
+                &tokenizer,
+                &args.prompt,
+                args.max_tokens,
+                &mut sampler,
+                &mut out,
+            )?
+        }
+    };
     writeln!(out)?;
     out.flush()?;
     eprintln!("{} tokens, {rate:.1} tokens/s", new.len());
     Ok(())
 }
 
+/// Generation with a Hugging Face tokenizer at `tokenizer`: its stop ids,
+/// and with `--chat` its chat template.
+fn generate_hf(
+    args: &GenerateArgs,
+    weights: &Weights,
+    tokenizer: &std::path::Path,
+    sampler: &mut Sampler,
+    out: &mut dyn Write,
+) -> Result<(Vec<u32>, f64)> {
+    let text =
+        HfText::open(tokenizer, &args.model, weights.config().vocab_size).context("--tokenizer")?;
+    let (ids, echo) = match &args.prompt_ids {
+        Some(list) => {
+            let ids = list
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .with_context(|| format!("--prompt-ids {list:?}: expected token ids"))?;
+            let echo = text.tokenizer.decode(&ids, true)?;
+            (ids, echo)
+        }
+        None => {
+            let chat = args.chat.then_some(args.system.as_deref());
+            let ids = text.prompt_ids(&args.prompt, chat)?;
+            let echo = if args.chat { "" } else { args.prompt.as_str() };
+            (ids, echo.to_string())
+        }
+    };
+    Ok(stream_hf(
+        weights,
+        &text,
+        &ids,
+        args.max_tokens,
+        sampler,
+        &echo,
+        out,
+    )?)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
     /// llama2.c model.bin (legacy version 0 by default; run.c reads it)
     Llama2c,
+    /// A Hugging Face model directory (config.json, model.safetensors,
+    /// tokenizer files, generation_config.json) transformers loads
+    Hf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportDtype {
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+impl ExportDtype {
+    fn float(self) -> FloatDtype {
+        match self {
+            ExportDtype::Bf16 => FloatDtype::BF16,
+            ExportDtype::Fp16 => FloatDtype::F16,
+            ExportDtype::Fp32 => FloatDtype::F32,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// Run directory or anemone checkpoint
+    /// Run directory, anemone checkpoint, or (with --format hf) a Hugging
+    /// Face model directory
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long, value_enum, default_value = "llama2c")]
@@ -83,11 +179,35 @@ pub struct ExportArgs {
     /// llama2.c file version: 0 (legacy, read by run.c) or 1
     #[arg(long, default_value_t = 0)]
     pub version: i32,
+    /// Tensor dtype of --format hf (default: the base model's, else fp32)
+    #[arg(long, value_enum)]
+    pub dtype: Option<ExportDtype>,
+    /// Output file (llama2c) or directory (hf)
     #[arg(long)]
     pub out: PathBuf,
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
+    if args.format == ExportFormat::Hf {
+        let weights = load_weights(&args.model).context("--model")?;
+        let exported = anemone::model::hf::export::export(
+            &args.model,
+            &weights,
+            &args.out,
+            args.dtype.map(ExportDtype::float),
+        )?;
+        eprintln!(
+            "wrote {} ({}, {}): {}",
+            args.out.display(),
+            exported.architecture.class_name(),
+            exported.dtype.torch_name(),
+            exported.files.join(", ")
+        );
+        return Ok(());
+    }
+    if args.dtype.is_some() {
+        bail!("--dtype applies to --format hf (a llama2.c file is float32)");
+    }
     // A run directory is read through its checkpoint.
     let input = if args.model.is_dir() {
         args.model.join("checkpoint.bin")

@@ -41,12 +41,13 @@ enum Command {
     Eval(train::EvalArgs),
     /// Generate text with a KV cache, streaming to stdout
     Generate(generate::GenerateArgs),
-    /// Export a checkpoint (llama2.c model.bin)
+    /// Export a model (llama2.c model.bin, or a Hugging Face model directory)
     Export(generate::ExportArgs),
     /// Train or use a llama2.c tokenizer
     #[command(subcommand)]
     Tokenizer(data::TokenizerCommand),
-    /// Tokenize text files into token files (train + held-out)
+    /// Tokenize text files into token files (train + held-out) with a
+    /// llama2.c tokenizer.bin or a Hugging Face tokenizer
     Tokenize(data::TokenizeArgs),
     /// Plot loss, learning rate and tokens/s of a run (PNG or SVG)
     Plot {

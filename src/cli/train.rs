@@ -22,8 +22,9 @@ use super::choices::{no_about, one_of};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Model preset or a JSON config file (default: small for the main job,
-    /// tiny with --data); a new model takes the token file's vocabulary.
+    /// Model preset, a JSON config file or a Hugging Face model directory (its
+    /// shape only; default: small for the main job, tiny with --data); a new
+    /// model takes the token file's vocabulary.
     /// Presets: tiny, small, stories260k, stories15m, stories42m,
     /// stories110m, qwen3-0.6b-shape, layer768, smollm2-135m, smollm2-360m,
     /// qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tinyllama-1.1b
@@ -39,7 +40,10 @@ pub struct TrainArgs {
     /// Fraction of --data held out for evaluation when --val-data is absent
     #[arg(long, default_value_t = DEFAULTS.val_fraction, allow_negative_numbers = true)]
     pub val_fraction: f64,
-    /// Start from these weights: an anemone checkpoint or a llama2.c model.bin
+    /// Start from these weights: a Hugging Face model directory (full
+    /// fine-tuning; its tokenizer, chat template and generation config are
+    /// kept in the run directory), a run directory, an anemone checkpoint or
+    /// a llama2.c model.bin
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Continue the run in this directory from its checkpoint, exactly (its
@@ -283,7 +287,8 @@ impl Drop for Progress {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Run directory, anemone checkpoint or llama2.c model.bin
+    /// Hugging Face model directory, run directory, anemone checkpoint or
+    /// llama2.c model.bin
     #[arg(long)]
     pub model: PathBuf,
     /// Token file

@@ -23,7 +23,11 @@
 //! the seeded [`Rng`] or in sequential order, and exposes its whole state
 //! ([`BatcherState`]) so a checkpoint can resume the exact stream.
 //!
-//! [`tokenize_files`] turns text files into a train and a validation token file.
+//! [`tokenize_files`] turns text files into a train and a validation token
+//! file with any [`DocumentEncoder`]: the llama2.c tokenizer (documents start
+//! with BOS) or a Hugging Face `tokenizer.json` (its post-processor's special
+//! tokens at the start, its EOS at the end of every document). Ids of a
+//! vocabulary above 65,536 are stored as `u32` (header dtype 4).
 //!
 //! This module does not know what a model is; callers pass the model's vocabulary
 //! size to [`TokenFile::check_vocab`].
@@ -38,6 +42,7 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::data::hf::HfTokenizer;
 use crate::data::tokenizer::Tokenizer;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -829,6 +834,59 @@ impl Batcher {
     }
 }
 
+/// What [`tokenize_files`] needs of a tokenizer: the ids of a document's
+/// first line and of a further line (given with its leading `\n`), the id
+/// that ends a document (if any) and the vocabulary the token file records.
+pub trait DocumentEncoder: Sync {
+    /// One more than the largest id the encoder produces, or the model's
+    /// vocabulary when it is larger (recorded in the token file's header).
+    fn vocabulary(&self) -> usize;
+    fn encode_first_line(&self, text: &str) -> Result<Vec<u32>>;
+    fn encode_further_line(&self, text: &str) -> Result<Vec<u32>>;
+    fn end_of_document(&self) -> Option<u32>;
+}
+
+/// llama2.c: BOS and the dummy prefix before a document, no end marker.
+impl DocumentEncoder for Tokenizer {
+    fn vocabulary(&self) -> usize {
+        self.vocab_size()
+    }
+    fn encode_first_line(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode(text, true, false))
+    }
+    fn encode_further_line(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_continuation(text))
+    }
+    fn end_of_document(&self) -> Option<u32> {
+        None
+    }
+}
+
+/// A Hugging Face tokenizer for a model of `vocab_size` rows (at least the
+/// tokenizer's own ids): a document's first line with the post-processor's
+/// special tokens (`add_special_tokens`, as transformers encodes a text),
+/// further lines without, and the tokenizer's EOS after the document.
+#[derive(Debug)]
+pub struct HfDocuments<'a> {
+    pub tokenizer: &'a HfTokenizer,
+    pub vocab_size: usize,
+}
+
+impl DocumentEncoder for HfDocuments<'_> {
+    fn vocabulary(&self) -> usize {
+        self.vocab_size.max(self.tokenizer.vocab_size())
+    }
+    fn encode_first_line(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, true)
+    }
+    fn encode_further_line(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, false)
+    }
+    fn end_of_document(&self) -> Option<u32> {
+        self.tokenizer.eos_token_id()
+    }
+}
+
 /// What [`tokenize_files`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenizeReport {
@@ -856,16 +914,17 @@ pub const MAX_LINE_BYTES: usize = 64 << 20;
 /// Tokenize text files into `out` (train) and [`val_path_for`]`(out)` (validation).
 ///
 /// Streaming, line by line: a document is a run of non-blank lines (a blank line
-/// or a `<|endoftext|>` line ends it). Its first line is encoded with BOS and the
-/// dummy prefix, each further line as `"\n" + line` without prefix, so the ids
-/// decode back to the document's text. A trailing `\r` is dropped from each line.
+/// or a `<|endoftext|>` line ends it). Its first line is encoded as a text's
+/// start (llama2.c: with BOS and the dummy prefix), each further line as
+/// `"\n" + line` continuing it, so the ids decode back to the document's
+/// text; the encoder's end-of-document id, if any, follows its last line. A trailing `\r` is dropped from each line.
 /// Lines starting in the last `val_fraction` of the input bytes go to the
 /// validation file (starting a new document there); when the input's last line
 /// reaches into that part (a text of one line), it is split where the part
 /// begins. Lines longer than [`MAX_LINE_BYTES`] are an error. The outputs must
 /// not be inputs. `progress(done, total)` is called with byte counts.
 pub fn tokenize_files(
-    tokenizer: &Tokenizer,
+    tokenizer: &dyn DocumentEncoder,
     inputs: &[PathBuf],
     out: &Path,
     val_fraction: f64,
@@ -885,18 +944,24 @@ pub fn tokenize_files(
             .len();
     }
     let val_from = ((total as f64) * (1.0 - val_fraction)).ceil() as u64;
-    let mut train = TokenWriter::create(out, tokenizer.vocab_size())?;
+    let mut train = TokenWriter::create(out, tokenizer.vocabulary())?;
     let mut val = match &val_path {
-        Some(p) => Some(TokenWriter::create(p, tokenizer.vocab_size())?),
+        Some(p) => Some(TokenWriter::create(p, tokenizer.vocabulary())?),
         None => None,
     };
 
-    // Lines are gathered into chunks, encoded in parallel, written in order.
+    // Lines are gathered into chunks, encoded in parallel, written in order;
+    // a line with no text marks the end of a document.
     struct Line {
         text: String,
         first_of_document: bool,
         to_val: bool,
     }
+    let end_of_document = |to_val: bool| Line {
+        text: String::new(),
+        first_of_document: false,
+        to_val,
+    };
     const CHUNK_BYTES: usize = 1 << 20;
     let mut chunk: Vec<Line> = Vec::new();
     let mut chunk_bytes = 0usize;
@@ -911,13 +976,15 @@ pub fn tokenize_files(
         let encoded: Vec<Vec<u32>> = chunk
             .par_iter()
             .map(|line| {
-                if line.first_of_document {
-                    tokenizer.encode(&line.text, true, false)
+                if line.text.is_empty() {
+                    Ok(tokenizer.end_of_document().into_iter().collect())
+                } else if line.first_of_document {
+                    tokenizer.encode_first_line(&line.text)
                 } else {
-                    tokenizer.encode_continuation(&format!("\n{}", line.text))
+                    tokenizer.encode_further_line(&format!("\n{}", line.text))
                 }
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for (line, ids) in chunk.iter().zip(&encoded) {
             match (line.to_val, val.as_mut()) {
                 (true, Some(v)) => v.extend(ids)?,
@@ -979,10 +1046,16 @@ pub fn tokenize_files(
                 }
             }
             if val.is_some() && !in_val && line_start >= val_from {
+                if in_document {
+                    chunk.push(end_of_document(false));
+                }
                 in_val = true;
                 in_document = false;
             }
             if text.is_empty() || text == END_OF_TEXT {
+                if in_document {
+                    chunk.push(end_of_document(in_val));
+                }
                 in_document = false;
                 continue;
             }
@@ -998,6 +1071,7 @@ pub fn tokenize_files(
             in_document = true;
             if let Some(tail) = held_out_tail {
                 // The held-out part starts a document of its own.
+                chunk.push(end_of_document(in_val));
                 documents += 1;
                 chunk_bytes += tail.len();
                 chunk.push(Line {
@@ -1014,6 +1088,9 @@ pub fn tokenize_files(
             }
         }
         // A document does not continue into the next file.
+        if in_document {
+            chunk.push(end_of_document(in_val));
+        }
         in_document = false;
     }
     flush(&mut chunk, &mut train, &mut val)?;

@@ -209,8 +209,13 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// A preset name or a path to a JSON config file.
+    /// A preset name, a path to a JSON config file, or a Hugging Face model
+    /// directory (its `config.json`).
     pub fn from_name_or_file(name: &str) -> Result<ModelConfig> {
+        if crate::model::hf::files::is_model_dir(Path::new(name)) {
+            let hf = crate::model::hf::HfConfig::open(Path::new(name))?;
+            return ModelConfig::from_hf(&hf);
+        }
         if name.ends_with(".json") || Path::new(name).is_file() {
             Self::read_json(Path::new(name))
         } else {

@@ -2,8 +2,8 @@
 //! biases, QK-norm, RoPE scaling, a tied classifier), parameters, RoPE, the
 //! Llama kernels as MIL graphs (forward/backward pairs), the CPU-side math,
 //! checkpoints, llama2.c import/export, Hugging Face checkpoints, and
-//! [`load_weights`], which reads an anemone checkpoint or a llama2.c file,
-//! whichever a path holds.
+//! [`load_weights`], which reads a Hugging Face model directory, a run
+//! directory, an anemone checkpoint or a llama2.c file, whichever a path holds.
 //! Talks to devices only through the [`crate::backend::Backend`] trait.
 
 pub mod checkpoint;
@@ -21,10 +21,14 @@ pub use config::ModelConfig;
 pub use rope::RopeScaling;
 pub use weights::{Layout, Param, Weights};
 
-/// Weights from a run directory (its `checkpoint.bin`), an anemone
+/// Weights from a Hugging Face model directory (`config.json` and
+/// safetensors), a run directory (its `checkpoint.bin`), an anemone
 /// checkpoint or a llama2.c `model.bin`, whichever `path` is. A checkpoint
 /// whose magic is damaged is reported as a checkpoint, not read as llama2.c.
 pub fn load_weights(path: &Path) -> crate::Result<Weights> {
+    if hf::files::is_model_dir(path) {
+        return Weights::from_hf(&hf::HfCheckpoint::open(path)?);
+    }
     if path.is_dir() {
         return load_weights(&path.join("checkpoint.bin"));
     }

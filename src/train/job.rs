@@ -164,7 +164,16 @@ fn start(
         .out
         .clone()
         .unwrap_or_else(|| next_run_dir(config_name));
+    // Read before the directory is taken: `--overwrite` of the run `--init`
+    // names removes them there.
+    let base_files = match &options.init {
+        Some(init) => crate::model::hf::files::read_base_files(init)?,
+        None => Vec::new(),
+    };
     let _lock = take_run_dir(&run_dir, options.overwrite, observer)?;
+    if let Some(init) = &options.init {
+        keep_base_files(init, &base_files, &run_dir, observer)?;
+    }
     let files = match own_files {
         Some(files) => files,
         None => {
@@ -225,6 +234,28 @@ fn start(
     )?;
     finish(&trainer, &outcome, main_job, options, samples_out)?;
     Ok(outcome)
+}
+
+/// Copy what a Hugging Face base model (a model directory, or a run made
+/// from one) has besides weights into a new run's directory: its config (as
+/// `hf_config.json`), tokenizer, chat template and generation config, so
+/// that `generate`, `eval` and `export` of the run find them.
+fn keep_base_files(
+    init: &Path,
+    files: &[(&'static str, Vec<u8>)],
+    run_dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    let kept = crate::model::hf::files::keep_base_files(files, run_dir)?;
+    if !kept.is_empty() {
+        observer.on_message(&format!(
+            "kept {} of {} in {}",
+            kept.join(", "),
+            init.display(),
+            run_dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// A new run's config, validated and within memory, its token files (the
@@ -768,7 +799,8 @@ pub struct Evaluation {
     pub seq: usize,
 }
 
-/// Evaluate the model at `model` (run directory, checkpoint or llama2.c file)
+/// Evaluate the model at `model` (Hugging Face model directory, run
+/// directory, checkpoint or llama2.c file)
 /// on at most `max_tokens` tokens of `data`, in consecutive windows of `seq`
 /// tokens (default: the model's seq_len, at most 256), on the CPU in fp32.
 pub fn evaluate(

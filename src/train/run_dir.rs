@@ -29,7 +29,9 @@ pub const LOCK_FILE: &str = ".lock";
 /// The run's record (a superset of its [`TrainConfig`]).
 pub const CONFIG_FILE: &str = "config.json";
 /// The files a run writes; `--overwrite` removes these and nothing else.
-pub const RUN_FILES: [&str; 8] = [
+/// The last six are what a run keeps of a Hugging Face base model
+/// (`model::hf::files`).
+pub const RUN_FILES: [&str; 14] = [
     CONFIG_FILE,
     "metrics.jsonl",
     "checkpoint.bin",
@@ -38,6 +40,12 @@ pub const RUN_FILES: [&str; 8] = [
     "tokens.bin",
     "tokens.val.bin",
     "plot.png",
+    "hf_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
 ];
 
 /// The exclusive right to write a run directory, held until dropped.
@@ -232,6 +240,14 @@ impl RunRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overwrite_removes_what_a_run_keeps_of_a_hugging_face_base() {
+        use crate::model::hf::files::{BASE_CONFIG, BASE_FILES};
+        for name in BASE_FILES.into_iter().chain([BASE_CONFIG]) {
+            assert!(RUN_FILES.contains(&name), "{name}");
+        }
+    }
 
     fn dir(name: &str) -> PathBuf {
         let dir =

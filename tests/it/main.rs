@@ -10,6 +10,7 @@ mod corpus;
 mod cpu_ops;
 mod fuzz;
 mod generate;
+mod hf_cli;
 mod hf_io;
 mod hf_model;
 mod job;

@@ -46,6 +46,11 @@ const EXCEPTIONS: &[(&str, &str)] = &[
         "needs a Mac with the Neural Engine (it builds, probes and trains on the ANE)",
     ),
     (
+        "huggingface-cli download",
+        "a download; the test puts the llama fixture (tests/fixtures/hf/llama, a tiny \
+         LlamaForCausalLM with a chat template) in its --local-dir",
+    ),
+    (
         "python3",
         "needs Python; the test writes what it writes (train.txt and val.txt, a 90/10 split)",
     ),
@@ -166,6 +171,23 @@ fn provide_inputs(dir: &Path) {
 
 /// The stand-in for an [`EXCEPTIONS`] command whose output later commands read.
 fn stand_in(command: &str, dir: &Path) -> Result<(), String> {
+    if command.starts_with("huggingface-cli download") {
+        let words = words(command);
+        let local_dir = words
+            .iter()
+            .position(|w| w == "--local-dir")
+            .and_then(|i| words.get(i + 1))
+            .expect("--local-dir");
+        let target = dir.join(local_dir);
+        std::fs::create_dir_all(&target).unwrap();
+        let source = crate::common::fixture("hf").join("llama");
+        for entry in std::fs::read_dir(source).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "reference.safetensors" {
+                std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
+            }
+        }
+    }
     if command.starts_with("python3") && command.contains("tinyshakespeare.txt") {
         let Some(path) = shared_data("tinyshakespeare.txt") else {
             return Err("tinyshakespeare.txt is absent".into());

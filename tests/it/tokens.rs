@@ -344,3 +344,65 @@ fn tokenize_files_writes_documents_and_a_tail_validation_file() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// With a Hugging Face tokenizer every document ends with its EOS
+/// (`<|im_end|>`, id 2 in the fixture's generation config), in the training
+/// file and the held-out one alike, and the file records the vocabulary
+/// given for the model (Qwen2's fixture pads 323 ids to 336).
+#[test]
+fn tokenize_files_ends_hugging_face_documents_with_eos() {
+    use anemone::data::hf::HfTokenizer;
+    use anemone::data::tokens::HfDocuments;
+    let dir = temp_dir("tokens-tokenize-hf");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2");
+    let tokenizer = HfTokenizer::open(&model).unwrap();
+    let a = dir.join("a.txt");
+    let b = dir.join("b.txt");
+    std::fs::write(
+        &a,
+        "First Citizen:\nBefore we proceed\n\nAll:\r\nSpeak, speak.\n",
+    )
+    .unwrap();
+    std::fs::write(&b, "<|endoftext|>\nYou are resolved\nCafé 🦀 rather\n").unwrap();
+    let out = dir.join("tokens.bin");
+    let encoder = HfDocuments {
+        tokenizer: &tokenizer,
+        vocab_size: 336,
+    };
+    let report = tokenize_files(&encoder, &[a, b], &out, 0.25, &mut |_, _| {}).unwrap();
+    assert_eq!(report.documents, 4);
+    let read_all = |path: &Path| {
+        let file = TokenFile::open(path).unwrap();
+        assert_eq!(file.vocab_size(), Some(336));
+        file.window(0, file.len()).unwrap()
+    };
+    let eos = 2;
+    let documents = |ids: &[u32]| -> Vec<String> {
+        assert_eq!(ids.last(), Some(&eos), "every document ends with EOS");
+        ids[..ids.len() - 1]
+            .split(|&id| id == eos)
+            .map(|doc| tokenizer.decode(doc, false).unwrap())
+            .collect()
+    };
+    assert_eq!(
+        documents(&read_all(&out)),
+        [
+            "First Citizen:\nBefore we proceed",
+            "All:\nSpeak, speak.",
+            "You are resolved"
+        ]
+    );
+    assert_eq!(
+        documents(&read_all(&dir.join("tokens.val.bin"))),
+        ["Café 🦀 rather"]
+    );
+    // A text of one line: the held-out tail is a document of its own, and
+    // the training part ends with EOS too.
+    let one = dir.join("one.txt");
+    std::fs::write(&one, "To be or not to be, that is the question\n").unwrap();
+    tokenize_files(&encoder, &[one], &out, 0.5, &mut |_, _| {}).unwrap();
+    let (train, val) = (read_all(&out), read_all(&dir.join("tokens.val.bin")));
+    let whole = format!("{}{}", documents(&train).concat(), documents(&val).concat());
+    assert_eq!(whole, "To be or not to be, that is the question");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -57,6 +57,35 @@ impl HfTokenizer {
         Ok(tokenizer)
     }
 
+    /// What `--tokenizer` names: a directory (its `tokenizer.json` and
+    /// special tokens, [`HfTokenizer::open`]), a file called
+    /// `tokenizer.json` (with its directory's special tokens) or another
+    /// `.json` file (alone, [`HfTokenizer::from_file`]).
+    pub fn open_path(path: &Path) -> Result<HfTokenizer> {
+        if path.is_dir() {
+            return HfTokenizer::open(path);
+        }
+        match path.parent() {
+            Some(dir) if path.file_name() == Some("tokenizer.json".as_ref()) => {
+                HfTokenizer::open(if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                })
+            }
+            _ => HfTokenizer::from_file(path),
+        }
+    }
+
+    /// True when `path` names a Hugging Face tokenizer rather than a llama2.c
+    /// `tokenizer.bin`: a directory holding `tokenizer.json`, or a `.json` file.
+    pub fn is_hf_path(path: &Path) -> bool {
+        if path.is_dir() {
+            return path.join("tokenizer.json").is_file();
+        }
+        path.extension().is_some_and(|e| e == "json")
+    }
+
     /// A `tokenizer.json` alone (no named special tokens).
     pub fn from_file(path: &Path) -> Result<HfTokenizer> {
         let bytes = crate::memory::read_file(path, crate::memory::TEXT_FILE_LIMIT)?;

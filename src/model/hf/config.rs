@@ -17,8 +17,9 @@
 //! `rope_theta` 1e4, Qwen3's `head_dim` 128).
 //!
 //! Not here: tensors (`super::tensors`), RoPE frequencies and the row
-//! permutation (`super::rope`), the tokenizer (`crate::data::hf`), and the
-//! mapping onto anemone's `ModelConfig` (a later step).
+//! permutation (`super::rope`), the tokenizer (`crate::data::hf`), the
+//! mapping onto anemone's `ModelConfig` (`super::weights`), and writing a
+//! config (`super::export`).
 
 use std::path::{Path, PathBuf};
 
@@ -187,12 +188,19 @@ const MOE_FIELDS: [&str; 5] = [
 impl HfConfig {
     /// Read `dir/config.json` and, when present, `dir/generation_config.json`.
     pub fn open(dir: &Path) -> Result<HfConfig> {
-        let path = dir.join("config.json");
-        let mut config = HfConfig::from_json(&path, &read_json(&path)?)?;
-        let generation_path = dir.join("generation_config.json");
+        HfConfig::open_with(
+            &dir.join("config.json"),
+            &dir.join("generation_config.json"),
+        )
+    }
+
+    /// A `config.json` under another name (`path`, the copy a run keeps) with
+    /// the `generation_config.json` at `generation_path`, when present.
+    pub fn open_with(path: &Path, generation_path: &Path) -> Result<HfConfig> {
+        let mut config = HfConfig::from_json(path, &read_json(path)?)?;
         if generation_path.exists() {
-            let json = read_json(&generation_path)?;
-            let fields = Fields::root(&generation_path, &json)?;
+            let json = read_json(generation_path)?;
+            let fields = Fields::root(generation_path, &json)?;
             if let Some(bos) = fields.token_ids("bos_token_id")? {
                 config.bos_token_id = bos.first().copied();
             }
@@ -377,7 +385,8 @@ impl HfConfig {
     }
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+/// A JSON file, its syntax errors naming the line and column.
+pub fn read_json(path: &Path) -> Result<Value> {
     let text = crate::memory::read_text(path)?;
     serde_json::from_str(&text).map_err(|e| {
         Error::format(

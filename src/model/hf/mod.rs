@@ -13,11 +13,18 @@
 //!   ([`crate::model::ModelConfig::from_hf`], [`crate::model::Weights::from_hf`])
 //!   and the HF tensors of `Weights` ([`hf_tensors`], [`write_hf_safetensors`]).
 //!
+//! - [`files`]: what makes a directory a model, the tokenizer and generation
+//!   files a run keeps of its base model, the config of a model or such a run.
+//! - [`export`]: a model directory transformers loads, written from `Weights`
+//!   (`config.json` in the 5.x layout, `model.safetensors`, the base files).
+//!
 //! [`HfCheckpoint::open`] ties the first two together. The tokenizer and chat
 //! template live in [`crate::data::hf`]. Not here: any download (a directory
-//! on disk is the input), or writing `config.json`.
+//! on disk is the input).
 
 pub mod config;
+pub mod export;
+pub mod files;
 pub mod rope;
 pub mod tensors;
 pub mod weights;
