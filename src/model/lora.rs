@@ -383,6 +383,32 @@ impl Adapters {
     }
 }
 
+impl Adapters {
+    /// The adapters' gradients (same layout) from the gradient `dw` of the
+    /// merged weights `W + s B A` of their model ([`lora_grads_from_dw`] per
+    /// adapter): the adapters' training step on an engine that computes full
+    /// weight gradients.
+    pub fn grads_from_dw(&self, dw: &Weights) -> Adapters {
+        assert_eq!(dw.config(), &self.model, "grads_from_dw: another model");
+        let mut grads = self.clone();
+        let (r, s) = (self.config.rank, self.config.scale());
+        for e in &self.entries {
+            let (ra, rb) = (self.range_a(e.layer, e.target), self.range_b(e.layer, e.target));
+            let (head, tail) = grads.data.split_at_mut(rb.start);
+            lora_grads_from_dw(
+                dw.get(e.target.param(e.layer)),
+                &self.data[ra.clone()],
+                &self.data[rb.clone()],
+                (e.out, e.input, r),
+                s,
+                &mut head[ra],
+                &mut tail[..rb.len()],
+            );
+        }
+        grads
+    }
+}
+
 /// The gradients of one adapter from its projection's input `x (in, T)` and
 /// output gradient `dy (out, T)` (channel-major): `da (r, in) = s B^T dy x^T`,
 /// `db (out, r) = s dy (A x)^T`, written over `da` and `db`. Two products

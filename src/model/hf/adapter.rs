@@ -322,27 +322,34 @@ fn read_checked(
     Ok(values)
 }
 
-/// Write `adapters` into `dir` (created if missing) as PEFT does:
-/// `adapter_config.json` ([`config_json`], `base_model` as
-/// `base_model_name_or_path`) and `adapter_model.safetensors` in f32, both
-/// atomically.
-pub fn write_adapters(adapters: &Adapters, dir: &Path, base_model: Option<&str>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+/// Every matrix of `adapters` as PEFT stores it: name, shape, values (B of
+/// q and k with its rows back in HF's order), in storage order.
+pub fn peft_tensors(adapters: &Adapters) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let model = adapters.model();
     let rank = adapters.config.rank;
-    let mut tensors: Vec<(String, [usize; 2], Vec<f32>)> = Vec::new();
+    let mut tensors = Vec::new();
     for (layer, target) in adapters.config.entries() {
         let (out, input) = target.shape(model);
-        let a = adapters.a(layer, target).to_vec();
         let b = adapters.b(layer, target);
         let b = if target.rope_rows() {
             interleaved_rows_to_hf(b, model.head_dim, rank)
         } else {
             b.to_vec()
         };
-        tensors.push((peft_name(layer, target, Matrix::A), [rank, input], a));
-        tensors.push((peft_name(layer, target, Matrix::B), [out, rank], b));
+        let a = adapters.a(layer, target).to_vec();
+        tensors.push((peft_name(layer, target, Matrix::A), vec![rank, input], a));
+        tensors.push((peft_name(layer, target, Matrix::B), vec![out, rank], b));
     }
+    tensors
+}
+
+/// Write `adapters` into `dir` (created if missing) as PEFT does:
+/// `adapter_config.json` ([`config_json`], `base_model` as
+/// `base_model_name_or_path`) and `adapter_model.safetensors` in f32
+/// ([`peft_tensors`]), both atomically.
+pub fn write_adapters(adapters: &Adapters, dir: &Path, base_model: Option<&str>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors = peft_tensors(adapters);
     let to_write: Vec<TensorToWrite> = tensors
         .iter()
         .map(|(name, shape, data)| TensorToWrite {
@@ -352,7 +359,7 @@ pub fn write_adapters(adapters: &Adapters, dir: &Path, base_model: Option<&str>)
         })
         .collect();
     write_safetensors(&dir.join(WEIGHTS_FILE), &to_write, FloatDtype::F32)?;
-    let config = config_json(&adapters.config, model.n_layers, base_model);
+    let config = config_json(&adapters.config, adapters.model().n_layers, base_model);
     let mut text = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
     text.push('\n');
     crate::atomic::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
