@@ -12,7 +12,9 @@ Writes into tests/fixtures/lora/:
                     references start from (adapter_config.json,
                     adapter_model.safetensors): rank 4, alpha 8, dropout 0, all
                     seven targets (q,k,v,o,gate,up,down) of every layer; A and B
-                    both random (B nonzero, so that A has a gradient)
+                    both random (B nonzero, so that A has a gradient);
+                    the model card left out, base_model_name_or_path made
+                    relative to the repository
     reference.safetensors
                     input_ids, targets (int32, B x T), loss_mask (f32, B x T:
                     1 where the target counts), loss (f64), grad.<PEFT tensor
@@ -67,7 +69,7 @@ ROOT = os.path.dirname(HERE)
 HF = os.path.join(ROOT, "tests", "fixtures", "hf")
 OUT = os.path.join(ROOT, "tests", "fixtures", "lora")
 
-T = 48
+T = 60
 PAD = 0
 RANK, ALPHA = 4, 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,14 +81,15 @@ CHAT = [
     [{"role": "system", "content": "Be brief."},
      {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "Hello."}],
-    # Long enough to be truncated at T + 1 tokens.
+    # Truncated at T + 1 tokens with ChatML's default system prompt.
     [{"role": "user", "content": "2+2?"},
      {"role": "assistant", "content": "4"},
      {"role": "user", "content": "And 3+3?"},
      {"role": "assistant", "content": "It is 6."}],
     # With the reasoning template (qwen3) the first answer's thoughts are
     # dropped from the whole conversation but kept when it is rendered last:
-    # that turn is no prefix, so it is left out of the loss there.
+    # that turn is no prefix, so it is left out of the loss there (the
+    # last turn still counts).
     [{"role": "system", "content": "Think."},
      {"role": "user", "content": "1+1?"},
      {"role": "assistant", "content": "<think>\nadd\n</think>\n\n2"},
@@ -189,6 +192,14 @@ def make_adapters(name, out_dir, lora_config, seed):
     randomize_adapters(model, seed)
     shutil.rmtree(out_dir, ignore_errors=True)
     model.save_pretrained(out_dir)
+    # Kept out of the fixture: the model card, and this checkout's absolute path.
+    os.remove(os.path.join(out_dir, "README.md"))
+    config_path = os.path.join(out_dir, "adapter_config.json")
+    with open(config_path) as f:
+        saved = json.load(f)
+    saved["base_model_name_or_path"] = f"tests/fixtures/hf/{name}"
+    with open(config_path, "w") as f:
+        json.dump(saved, f, indent=2, sort_keys=True)
 
 
 def load_float64(name, adapter_dir):
@@ -211,7 +222,8 @@ def build(name, seed):
 
     examples = [chat_example(tok, m) for m in CHAT]
     inputs, targets, weights, truncated = batch(examples)
-    assert truncated >= 1, f"{name}: no row is truncated; lengths {[len(e[0]) for e in examples]}"
+    # The ChatML fixtures' default system prompt makes rows 2 and 3 longer than a window.
+    assert truncated >= 1 or name == "qwen3", f"{name}: no row is truncated; lengths {[len(e[0]) for e in examples]}"
     model, lora = load_float64(name, adapter_dir)
     loss = masked_loss(model, inputs, targets, weights)
     loss.backward()

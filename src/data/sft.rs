@@ -65,8 +65,7 @@ pub enum Row {
 }
 
 /// What a row must hold, for error messages.
-const SHAPES: &str =
-    r#"expected {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}"#;
+const SHAPES: &str = r#"expected {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}"#;
 
 impl Row {
     /// The row a parsed line holds; the error says which field is wrong.
@@ -156,7 +155,8 @@ pub fn read_rows(path: &Path) -> Result<Vec<(usize, Row)>> {
                 format!("not JSON ({e}); each line must be one JSON object"),
             )
         })?;
-        let row = Row::from_json(&json).map_err(|e| Error::format(path, line_field(index + 1), e))?;
+        let row =
+            Row::from_json(&json).map_err(|e| Error::format(path, line_field(index + 1), e))?;
         rows.push((index + 1, row));
     }
     if rows.is_empty() {
@@ -257,9 +257,11 @@ impl Encoder<'_> {
             .map(|(line, row)| {
                 self.encode(&row).map_err(|e| {
                     let msg = match e {
-                        Error::Format { path, field, msg } => {
-                            format!("{}: {field}: {msg}", path.display())
-                        }
+                        Error::Format {
+                            path: source,
+                            field,
+                            msg,
+                        } => format!("{}: {field}: {msg}", source.display()),
                         other => other.to_string(),
                     };
                     Error::format(path, line_field(line), msg)
@@ -358,7 +360,10 @@ pub fn window(
     if n > 0 {
         targets[..predicted].copy_from_slice(&example.ids[1..n]);
     }
-    for (w, &counts) in weights.iter_mut().zip(example.loss.get(1..n).unwrap_or(&[])) {
+    for (w, &counts) in weights
+        .iter_mut()
+        .zip(example.loss.get(1..n).unwrap_or(&[]))
+    {
         *w = if counts { 1.0 } else { 0.0 };
     }
     example.ids.len() > seq + 1
@@ -540,7 +545,10 @@ mod tests {
             row(r#"{"messages": [{"role": "user", "content": "hi"}]}"#),
             Ok(Row::Chat(vec![ChatMessage::new("user", "hi")]))
         );
-        assert_eq!(row(r#"{"prompt": "p"}"#), Err("missing \"completion\"".into()));
+        assert_eq!(
+            row(r#"{"prompt": "p"}"#),
+            Err("missing \"completion\"".into())
+        );
         assert_eq!(
             row(r#"{"text": 3}"#),
             Err("\"text\" must be a string, found a number".into())
@@ -549,8 +557,15 @@ mod tests {
             row(r#"{"messages": [{"role": "user"}]}"#),
             Err("messages[0]: missing \"content\"".into())
         );
-        assert_eq!(row(r#"{"messages": []}"#), Err("\"messages\" is empty".into()));
-        assert!(row(r#"{"input": "x"}"#).unwrap_err().ends_with("found the keys [input]"));
+        assert_eq!(
+            row(r#"{"messages": []}"#),
+            Err("\"messages\" is empty".into())
+        );
+        assert!(
+            row(r#"{"input": "x"}"#)
+                .unwrap_err()
+                .ends_with("found the keys [input]")
+        );
         assert!(row("[1]").unwrap_err().ends_with("found a list"));
     }
 
@@ -563,9 +578,18 @@ mod tests {
         };
         let (mut inputs, mut targets, mut weights) = (vec![0; 3], vec![0; 3], vec![0.0; 3]);
         assert!(window(&example, 1, &mut inputs, &mut targets, &mut weights));
-        assert_eq!((inputs, targets, weights), (vec![5, 6, 7], vec![6, 7, 8], vec![0.0, 1.0, 1.0]));
+        assert_eq!(
+            (inputs, targets, weights),
+            (vec![5, 6, 7], vec![6, 7, 8], vec![0.0, 1.0, 1.0])
+        );
         let (mut inputs, mut targets, mut weights) = (vec![0; 6], vec![0; 6], vec![0.0; 6]);
-        assert!(!window(&example, 1, &mut inputs, &mut targets, &mut weights));
+        assert!(!window(
+            &example,
+            1,
+            &mut inputs,
+            &mut targets,
+            &mut weights
+        ));
         assert_eq!(inputs, vec![5, 6, 7, 8, 1, 1]);
         assert_eq!(targets, vec![6, 7, 8, 9, 1, 1]);
         assert_eq!(weights, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);

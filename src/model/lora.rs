@@ -190,10 +190,18 @@ impl LoraConfig {
             return Err(Error::out_of_range("--lora-rank", self.rank, "at least 1"));
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
-            return Err(Error::out_of_range("--lora-alpha", self.alpha, "a positive number"));
+            return Err(Error::out_of_range(
+                "--lora-alpha",
+                self.alpha,
+                "a positive number",
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::out_of_range("--lora-dropout", self.dropout, "a number in [0, 1)"));
+            return Err(Error::out_of_range(
+                "--lora-dropout",
+                self.dropout,
+                "a number in [0, 1)",
+            ));
         }
         if self.targets.is_empty() {
             return Err(Error::Invalid(
@@ -393,7 +401,10 @@ impl Adapters {
         let mut grads = self.clone();
         let (r, s) = (self.config.rank, self.config.scale());
         for e in &self.entries {
-            let (ra, rb) = (self.range_a(e.layer, e.target), self.range_b(e.layer, e.target));
+            let (ra, rb) = (
+                self.range_a(e.layer, e.target),
+                self.range_b(e.layer, e.target),
+            );
             let (head, tail) = grads.data.split_at_mut(rb.start);
             lora_grads_from_dw(
                 dw.get(e.target.param(e.layer)),
@@ -426,11 +437,43 @@ pub fn lora_grads(
     db: &mut [f32],
 ) {
     let mut ax = vec![0.0; rank * seq]; // (r, T)
-    gemm(&mut ax, rank, seq, n(a, rank, input), n(x, input, seq), 1.0, false);
-    gemm(db, out, rank, n(dy, out, seq), t(&ax, rank, seq), scale, false);
+    gemm(
+        &mut ax,
+        rank,
+        seq,
+        n(a, rank, input),
+        n(x, input, seq),
+        1.0,
+        false,
+    );
+    gemm(
+        db,
+        out,
+        rank,
+        n(dy, out, seq),
+        t(&ax, rank, seq),
+        scale,
+        false,
+    );
     let mut bt_dy = ax; // (r, T)
-    gemm(&mut bt_dy, rank, seq, t(b, out, rank), n(dy, out, seq), 1.0, false);
-    gemm(da, rank, input, n(&bt_dy, rank, seq), t(x, input, seq), scale, false);
+    gemm(
+        &mut bt_dy,
+        rank,
+        seq,
+        t(b, out, rank),
+        n(dy, out, seq),
+        1.0,
+        false,
+    );
+    gemm(
+        da,
+        rank,
+        input,
+        n(&bt_dy, rank, seq),
+        t(x, input, seq),
+        scale,
+        false,
+    );
 }
 
 /// The gradients of one adapter from the gradient `dw (out, in)` of the
@@ -445,8 +488,24 @@ pub fn lora_grads_from_dw(
     da: &mut [f32],
     db: &mut [f32],
 ) {
-    gemm(da, rank, input, t(b, out, rank), n(dw, out, input), scale, false);
-    gemm(db, out, rank, n(dw, out, input), t(a, rank, input), scale, false);
+    gemm(
+        da,
+        rank,
+        input,
+        t(b, out, rank),
+        n(dw, out, input),
+        scale,
+        false,
+    );
+    gemm(
+        db,
+        out,
+        rank,
+        n(dw, out, input),
+        t(a, rank, input),
+        scale,
+        false,
+    );
 }
 
 #[cfg(test)]
@@ -483,9 +542,21 @@ mod tests {
         let (dy, x) = (random(out * seq, &mut rng), random(input * seq, &mut rng));
         let (a, b) = (random(rank * input, &mut rng), random(out * rank, &mut rng));
         let (mut da, mut db) = (vec![9.0; rank * input], vec![9.0; out * rank]);
-        lora_grads(&dy, &x, &a, &b, (out, input, rank, seq), s, &mut da, &mut db);
+        lora_grads(
+            &dy,
+            &x,
+            &a,
+            &b,
+            (out, input, rank, seq),
+            s,
+            &mut da,
+            &mut db,
+        );
         // dB = s dY (A X)^T; dA = s B^T dY X^T, from f64 products.
-        let ax: Vec<f32> = naive(&a, &x, rank, input, seq).iter().map(|&v| v as f32).collect();
+        let ax: Vec<f32> = naive(&a, &x, rank, input, seq)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
         let want_db = naive(&dy, &transpose(&ax, rank, seq), out, seq, rank);
         let bt_dy: Vec<f32> = naive(&transpose(&b, out, rank), &dy, rank, out, seq)
             .iter()
@@ -494,7 +565,11 @@ mod tests {
         let want_da = naive(&bt_dy, &transpose(&x, input, seq), rank, seq, input);
         for (got, want) in [(&da, &want_da), (&db, &want_db)] {
             for (g, w) in got.iter().zip(want.iter()) {
-                assert!((*g as f64 - s as f64 * w).abs() < 1e-4, "{g} vs {}", s as f64 * w);
+                assert!(
+                    (*g as f64 - s as f64 * w).abs() < 1e-4,
+                    "{g} vs {}",
+                    s as f64 * w
+                );
             }
         }
         let dw: Vec<f32> = naive(&dy, &transpose(&x, input, seq), out, seq, input)
@@ -526,7 +601,9 @@ mod tests {
         assert!(!adapters.contains(0, Target::Q));
 
         let mut adapters = adapters;
-        adapters.b_mut(1, Target::Q).copy_from_slice(&random(64, &mut Rng::new(5)));
+        adapters
+            .b_mut(1, Target::Q)
+            .copy_from_slice(&random(64, &mut Rng::new(5)));
         let base = Weights::init(&model, 1);
         let mut fused = base.clone();
         adapters.fuse_into(&mut fused);
@@ -537,17 +614,31 @@ mod tests {
             assert!((w[i] as f64 - w0[i] as f64 - 2.0 * ba[i]).abs() < 1e-5);
         }
         assert_eq!(fused.get(Param::Wq(0)), base.get(Param::Wq(0)));
-        assert_eq!(fused.get(Param::W2(1)), base.get(Param::W2(1)), "B of down is zero");
+        assert_eq!(
+            fused.get(Param::W2(1)),
+            base.get(Param::W2(1)),
+            "B of down is zero"
+        );
     }
 
     #[test]
     fn config_errors_name_the_flag() {
         let err = |r: Result<LoraConfig>| r.unwrap_err().to_string();
-        assert!(err(LoraConfig::new(0, 8.0, 0.0, &Target::ALL, None, 2)).starts_with("--lora-rank 0"));
-        assert!(err(LoraConfig::new(4, 8.0, 0.0, &Target::ALL, Some(3), 2)).starts_with("--lora-layers 3"));
-        assert!(err(LoraConfig::new(4, 8.0, 1.0, &Target::ALL, None, 2)).starts_with("--lora-dropout"));
+        assert!(
+            err(LoraConfig::new(0, 8.0, 0.0, &Target::ALL, None, 2)).starts_with("--lora-rank 0")
+        );
+        assert!(
+            err(LoraConfig::new(4, 8.0, 0.0, &Target::ALL, Some(3), 2))
+                .starts_with("--lora-layers 3")
+        );
+        assert!(
+            err(LoraConfig::new(4, 8.0, 1.0, &Target::ALL, None, 2)).starts_with("--lora-dropout")
+        );
         assert!(err(LoraConfig::new(4, 8.0, 0.0, &[], None, 2)).starts_with("--lora-targets"));
         let c = LoraConfig::new(4, 8.0, 0.0, &[Target::V, Target::Q, Target::V], None, 3).unwrap();
-        assert_eq!((c.targets.clone(), c.layers.clone(), c.scale()), (vec![Target::Q, Target::V], vec![0, 1, 2], 2.0));
+        assert_eq!(
+            (c.targets.clone(), c.layers.clone(), c.scale()),
+            (vec![Target::Q, Target::V], vec![0, 1, 2], 2.0)
+        );
     }
 }

@@ -71,7 +71,11 @@ impl AdamW {
             .params()
             .into_iter()
             .map(|p| {
-                let decay = if p.is_vector() { 0.0 } else { self.weight_decay };
+                let decay = if p.is_vector() {
+                    0.0
+                } else {
+                    self.weight_decay
+                };
                 (weights.layout.range(p), decay)
             })
             .collect();

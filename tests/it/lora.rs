@@ -37,7 +37,7 @@ const MODELS: [&str; 3] = ["llama", "qwen2", "qwen3"];
 /// The gradients' absolute floor, as a fraction of each tensor's largest
 /// magnitude (as in `hf_model.rs`; the masked gradient is a difference of
 /// two prefix sums, so its rounding is that of the larger sum).
-const GRAD_FLOOR: f64 = 1e-5;
+const GRAD_FLOOR: f64 = 4e-6;
 
 fn lora_dir(name: &str) -> PathBuf {
     fixture("lora").join(name)
@@ -189,7 +189,13 @@ impl Engines {
                     }
                     let scale = sign * len as f32 / counted;
                     self.get(len, 1)
-                        .forward_backward(weights, &mut grads, &inputs[..len], &targets[..len], scale)
+                        .forward_backward(
+                            weights,
+                            &mut grads,
+                            &inputs[..len],
+                            &targets[..len],
+                            scale,
+                        )
                         .unwrap();
                 }
             }
@@ -228,7 +234,11 @@ fn chat_batch_matches_the_reference_ids_and_mask() {
         let batch = chat_batch(name, seq);
         assert_eq!(batch.inputs, ids(&reference, "input_ids"), "{name}: inputs");
         assert_eq!(batch.targets, ids(&reference, "targets"), "{name}: targets");
-        assert_eq!(batch.weights, f32s(&reference, "loss_mask"), "{name}: loss mask");
+        assert_eq!(
+            batch.weights,
+            f32s(&reference, "loss_mask"),
+            "{name}: loss mask"
+        );
         assert_eq!(
             batch.truncated,
             meta(&reference, "truncated") as usize,
@@ -255,9 +265,21 @@ fn text_and_completion_rows_match_the_reference() {
         for (i, (_, row)) in rows.iter().enumerate() {
             let example = encoder.encode(row).unwrap();
             let what = format!("{prefix} row {i}");
-            assert_eq!(example.ids, ids(&reference, &format!("{prefix}.{i}.ids")), "{what}");
-            let mask: Vec<f32> = example.loss.iter().map(|&l| f32::from(u8::from(l))).collect();
-            assert_eq!(mask, f32s(&reference, &format!("{prefix}.{i}.mask")), "{what}");
+            assert_eq!(
+                example.ids,
+                ids(&reference, &format!("{prefix}.{i}.ids")),
+                "{what}"
+            );
+            let mask: Vec<f32> = example
+                .loss
+                .iter()
+                .map(|&l| f32::from(u8::from(l)))
+                .collect();
+            assert_eq!(
+                mask,
+                f32s(&reference, &format!("{prefix}.{i}.mask")),
+                "{what}"
+            );
         }
     }
     // Without mask_prompt every token but the first counts.
@@ -291,7 +313,10 @@ fn bad_rows_name_the_file_and_line() {
     };
     let cases = [
         ("{\"text\": \"ok\"}\n\n{\"text\": \"cut", "line 3: not JSON"),
-        ("{\"text\": \"ok\"}\n{\"prompt\": \"p\"}", "line 2: missing \"completion\""),
+        (
+            "{\"text\": \"ok\"}\n{\"prompt\": \"p\"}",
+            "line 2: missing \"completion\"",
+        ),
         (
             "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"tool\", \"content\": \"{}\"}]}",
             "line 1: ",
@@ -302,7 +327,10 @@ fn bad_rows_name_the_file_and_line() {
         let path = write(&dir, &format!("{i}.jsonl"), text);
         let err = encoder.encode_file(&path).unwrap_err().to_string();
         let prefix = format!("{}: {want}", path.display());
-        assert!(err.starts_with(&prefix), "{err}\nexpected it to start with {prefix}");
+        assert!(
+            err.starts_with(&prefix),
+            "{err}\nexpected it to start with {prefix}"
+        );
     }
     // The template's own message, with the template's file.
     let path = dir.join("2.jsonl");
@@ -316,16 +344,31 @@ fn bad_rows_name_the_file_and_line() {
         template: None,
         ..encoder
     };
-    let path = write(&dir, "chat.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}");
+    let path = write(
+        &dir,
+        "chat.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}",
+    );
     let err = no_template.encode_file(&path).unwrap_err().to_string();
-    assert!(err.contains("line 1: ") && err.contains("has no chat template"), "{err}");
+    assert!(
+        err.contains("line 1: ") && err.contains("has no chat template"),
+        "{err}"
+    );
     // Directories: train.jsonl required, valid.jsonl optional.
-    assert!(SftFiles::locate(&dir).unwrap_err().to_string().contains("train.jsonl: missing"));
+    assert!(
+        SftFiles::locate(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("train.jsonl: missing")
+    );
     write(&dir, "train.jsonl", "{\"text\": \"a\"}");
     let files = SftFiles::locate(&dir).unwrap();
     assert_eq!((files.train, files.valid), (dir.join("train.jsonl"), None));
     write(&dir, "valid.jsonl", "{\"text\": \"b\"}");
-    assert_eq!(SftFiles::locate(&dir).unwrap().valid, Some(dir.join("valid.jsonl")));
+    assert_eq!(
+        SftFiles::locate(&dir).unwrap().valid,
+        Some(dir.join("valid.jsonl"))
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -333,15 +376,24 @@ fn bad_rows_name_the_file_and_line() {
 /// same config, for every fixture (all targets, and one layer of two).
 #[test]
 fn peft_adapters_round_trip_byte_for_byte() {
-    for (name, base) in [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("qwen2-partial", "qwen2")] {
-        let config = ModelConfig::from_hf(&HfCheckpoint::open(&base_dir(base)).unwrap().config).unwrap();
+    for (name, base) in [
+        ("llama", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("qwen2-partial", "qwen2"),
+    ] {
+        let config =
+            ModelConfig::from_hf(&HfCheckpoint::open(&base_dir(base)).unwrap().config).unwrap();
         let peft_dir = lora_dir(name).join("adapter");
         let adapters = read_adapters(&peft_dir, &config).unwrap();
         let out = temp_dir(&format!("lora-round-trip-{name}"));
         write_adapters(&adapters, &out, Some("base")).unwrap();
         let peft_bytes = std::fs::read(peft_dir.join(WEIGHTS_FILE)).unwrap();
         let our_bytes = std::fs::read(out.join(WEIGHTS_FILE)).unwrap();
-        assert!(peft_bytes == our_bytes, "{name}: {WEIGHTS_FILE} differs from PEFT's");
+        assert!(
+            peft_bytes == our_bytes,
+            "{name}: {WEIGHTS_FILE} differs from PEFT's"
+        );
         let json = |dir: &Path| -> serde_json::Value {
             serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap()
         };
@@ -353,7 +405,9 @@ fn peft_adapters_round_trip_byte_for_byte() {
             "{name}"
         );
         for (key, value) in ours.as_object().unwrap() {
-            if key != "base_model_name_or_path" {
+            // PEFT writes target_modules from a set, in any order; the
+            // parsed configs above compare them.
+            if key != "base_model_name_or_path" && key != "target_modules" {
                 assert_eq!(Some(value), theirs.get(key), "{name}: {key}");
             }
         }
@@ -368,7 +422,8 @@ fn peft_adapters_round_trip_byte_for_byte() {
 /// Adapters that do not fit the base, or files that disagree with their config.
 #[test]
 fn adapters_that_do_not_fit_are_refused() {
-    let qwen3 = ModelConfig::from_hf(&HfCheckpoint::open(&base_dir("qwen3")).unwrap().config).unwrap();
+    let qwen3 =
+        ModelConfig::from_hf(&HfCheckpoint::open(&base_dir("qwen3")).unwrap().config).unwrap();
     let err = read_adapters(&lora_dir("llama").join("adapter"), &qwen3)
         .unwrap_err()
         .to_string();
@@ -378,21 +433,29 @@ fn adapters_that_do_not_fit_are_refused() {
         "{err}"
     );
     // A config naming targets the file does not have.
-    let qwen2 = ModelConfig::from_hf(&HfCheckpoint::open(&base_dir("qwen2")).unwrap().config).unwrap();
+    let qwen2 =
+        ModelConfig::from_hf(&HfCheckpoint::open(&base_dir("qwen2")).unwrap().config).unwrap();
     let dir = temp_dir("lora-misfit");
     let peft_dir = lora_dir("qwen2-partial").join("adapter");
     std::fs::copy(peft_dir.join(WEIGHTS_FILE), dir.join(WEIGHTS_FILE)).unwrap();
     let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(peft_dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(peft_dir.join(CONFIG_FILE)).unwrap())
+            .unwrap();
     config["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj"]);
     std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
     let err = read_adapters(&dir, &qwen2).unwrap_err().to_string();
-    assert!(err.contains("layers.1.self_attn.k_proj.lora_A.weight: missing (expected shape [2, 32])"), "{err}");
+    assert!(
+        err.contains("layers.1.self_attn.k_proj.lora_A.weight: missing (expected shape [2, 32])"),
+        "{err}"
+    );
     // A file with tensors its config does not name.
     config["target_modules"] = serde_json::json!(["q_proj"]);
     std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
     let err = read_adapters(&dir, &qwen2).unwrap_err().to_string();
-    assert!(err.contains("v_proj.lora_A.weight: not an adapter"), "{err}");
+    assert!(
+        err.contains("v_proj.lora_A.weight: not an adapter"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -411,11 +474,18 @@ fn fused_adapters_give_the_peft_loss() {
         let loss = engines.masked_loss(&merged, &case.batch);
         let want = case.reference.read_f64("loss").unwrap()[0];
         let err = (loss - want).abs() / want;
-        eprintln!("{}: masked loss {loss} vs peft {want} ({err:.2e} relative)", case.name);
+        eprintln!(
+            "{}: masked loss {loss} vs peft {want} ({err:.2e} relative)",
+            case.name
+        );
         assert!(err <= 1e-5, "{}: loss {loss} vs {want}", case.name);
         // The base alone gives another loss: the adapters matter.
         let base_loss = engines.masked_loss(&case.base, &case.batch);
-        assert!((base_loss - want).abs() / want > 1e-3, "{}: adapters change nothing", case.name);
+        assert!(
+            (base_loss - want).abs() / want > 1e-3,
+            "{}: adapters change nothing",
+            case.name
+        );
     }
 }
 
@@ -431,8 +501,16 @@ fn adapter_gradients_match_peft() {
         let dw = engines.masked_gradient(&merged, &case.batch);
         let grads = case.adapters.grads_from_dw(&dw);
         let tensors = peft_tensors(&grads);
-        let n_ref = case.reference.names().filter(|n| n.starts_with("grad.")).count();
-        assert_eq!(tensors.len(), n_ref, "{name}: every adapter matrix has a reference");
+        let n_ref = case
+            .reference
+            .names()
+            .filter(|n| n.starts_with("grad."))
+            .count();
+        assert_eq!(
+            tensors.len(),
+            n_ref,
+            "{name}: every adapter matrix has a reference"
+        );
         let mut worst: f64 = 0.0;
         for (tensor, _, data) in &tensors {
             let want = f32s(&case.reference, &format!("grad.{tensor}"));
@@ -465,8 +543,13 @@ fn five_adamw_steps_match_peft() {
             case.adapters.fuse_into(&mut merged);
             let loss = engines.masked_loss(&merged, &case.batch);
             let err = (loss - want).abs() / want;
-            assert!(err <= 1e-4, "{name}: AdamW step {step}: loss {loss} vs {want}");
-            let grads = case.adapters.grads_from_dw(&engines.masked_gradient(&merged, &case.batch));
+            assert!(
+                err <= 1e-4,
+                "{name}: AdamW step {step}: loss {loss} vs {want}"
+            );
+            let grads = case
+                .adapters
+                .grads_from_dw(&engines.masked_gradient(&merged, &case.batch));
             opt.step_matrices(&mut case.adapters.data, &grads.data, &mut state, lr, 1.0);
         }
     }

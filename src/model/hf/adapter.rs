@@ -15,9 +15,11 @@
 //! The config fields read: `peft_type` (`LORA`), `r`, `lora_alpha`,
 //! `lora_dropout`, `target_modules` (a list of the seven names, or
 //! `"all-linear"`), `layers_to_transform` (null, a layer or a list),
-//! `use_rslora`. Refused with an error naming the field: DoRA, biases,
-//! `fan_in_fan_out`, `modules_to_save`, per-module ranks or alphas, other
-//! target modules. The tensors must be exactly those the config implies on
+//! `use_rslora`. Refused with an error naming the field: DoRA, QA-LoRA,
+//! biases, `fan_in_fan_out`, `modules_to_save`, per-module ranks or alphas,
+//! other target modules, and the fields that touch other weights
+//! (`exclude_modules`, `layer_replication`, `target_parameters`,
+//! `trainable_token_indices`, `alora_invocation_tokens`) unless null. The tensors must be exactly those the config implies on
 //! the base model, each with the shape the base and the rank imply.
 //!
 //! Not here: the adapters' math (`crate::model::lora`).
@@ -93,16 +95,35 @@ pub fn parse_config(path: &Path, json: &Value, n_layers: usize) -> Result<LoraCo
     let rank = get("r")
         .and_then(Value::as_u64)
         .filter(|&r| r > 0)
-        .ok_or_else(|| err("r", "missing or not a positive integer".into()))? as usize;
+        .ok_or_else(|| err("r", "missing or not a positive integer".into()))?
+        as usize;
     let alpha = number("lora_alpha")? as f32;
     let dropout = get("lora_dropout").map_or(Ok(0.0), |_| number("lora_dropout"))? as f32;
     let flag = |field: &str| get(field).and_then(Value::as_bool).unwrap_or(false);
     for (field, what) in [
         ("use_dora", "DoRA"),
+        ("use_qalora", "QA-LoRA"),
+        ("lora_bias", "biased"),
         ("fan_in_fan_out", "transposed (Conv1D) weights"),
     ] {
         if flag(field) {
             return Err(err(field, format!("{what} adapters are not supported")));
+        }
+    }
+    // Fields that change which weights an adapter touches, beyond the plain
+    // LoRA of listed projections.
+    for field in [
+        "exclude_modules",
+        "layer_replication",
+        "target_parameters",
+        "trainable_token_indices",
+        "alora_invocation_tokens",
+    ] {
+        if let Some(value) = get(field).filter(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+            return Err(err(
+                field,
+                format!("{value} is not supported (expected null)"),
+            ));
         }
     }
     if let Some(bias) = get("bias").and_then(Value::as_str)
@@ -113,7 +134,9 @@ pub fn parse_config(path: &Path, json: &Value, n_layers: usize) -> Result<LoraCo
             format!("\"{bias}\": trained biases are not supported (expected \"none\")"),
         ));
     }
-    if let Some(modules) = get("modules_to_save").filter(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+    if let Some(modules) =
+        get("modules_to_save").filter(|v| v.as_array().is_none_or(|a| !a.is_empty()))
+    {
         return Err(err(
             "modules_to_save",
             format!("{modules}: fully trained modules beside the adapters are not supported"),
@@ -121,7 +144,10 @@ pub fn parse_config(path: &Path, json: &Value, n_layers: usize) -> Result<LoraCo
     }
     for field in ["rank_pattern", "alpha_pattern"] {
         if get(field).is_some_and(|v| v.as_object().is_none_or(|m| !m.is_empty())) {
-            return Err(err(field, "per-module ranks and alphas are not supported".into()));
+            return Err(err(
+                field,
+                "per-module ranks and alphas are not supported".into(),
+            ));
         }
     }
     let targets = targets(json, &err)?;
@@ -208,12 +234,19 @@ fn targets(json: &Value, err: &dyn Fn(&str, String) -> Error) -> Result<Vec<Targ
 /// The `adapter_config.json` of `config`, with the fields PEFT writes for a
 /// plain LoRA adapter of a causal language model.
 pub fn config_json(config: &LoraConfig, n_layers: usize, base_model: Option<&str>) -> Value {
+    // An f32 as the decimal it was written as (0.05, not 0.05000000074505806);
+    // a whole alpha as an integer, as PEFT writes it.
+    let decimal = |x: f32| json!(x.to_string().parse::<f64>().unwrap_or(f64::from(x)));
     let alpha = if config.alpha.fract() == 0.0 && config.alpha.abs() < 1e9 {
         json!(config.alpha as i64)
     } else {
-        json!(config.alpha)
+        decimal(config.alpha)
     };
-    let all_layers = config.layers.len() == n_layers;
+    let layers = if config.layers.len() == n_layers {
+        Value::Null
+    } else {
+        json!(config.layers)
+    };
     let mut modules: Vec<&str> = config.targets.iter().map(|t| t.module()).collect();
     modules.sort_unstable();
     json!({
@@ -224,9 +257,9 @@ pub fn config_json(config: &LoraConfig, n_layers: usize, base_model: Option<&str
         "inference_mode": true,
         "init_lora_weights": true,
         "layers_pattern": null,
-        "layers_to_transform": if all_layers { Value::Null } else { json!(config.layers) },
+        "layers_to_transform": layers,
         "lora_alpha": alpha,
-        "lora_dropout": config.dropout,
+        "lora_dropout": decimal(config.dropout),
         "modules_to_save": null,
         "peft_type": "LORA",
         "r": config.rank,
@@ -302,7 +335,9 @@ fn read_checked(
             return Err(Error::format(
                 path,
                 name,
-                format!("missing (expected shape {shape:?}): the config's targets and layers need it"),
+                format!(
+                    "missing (expected shape {shape:?}): the config's targets and layers need it"
+                ),
             ));
         }
         Some(found) if found != shape => {
@@ -352,11 +387,7 @@ pub fn write_adapters(adapters: &Adapters, dir: &Path, base_model: Option<&str>)
     let tensors = peft_tensors(adapters);
     let to_write: Vec<TensorToWrite> = tensors
         .iter()
-        .map(|(name, shape, data)| TensorToWrite {
-            name,
-            shape,
-            data,
-        })
+        .map(|(name, shape, data)| TensorToWrite { name, shape, data })
         .collect();
     write_safetensors(&dir.join(WEIGHTS_FILE), &to_write, FloatDtype::F32)?;
     let config = config_json(&adapters.config, adapters.model().n_layers, base_model);
@@ -373,14 +404,20 @@ mod tests {
     fn names_round_trip() {
         for target in Target::ALL {
             for m in [Matrix::A, Matrix::B] {
-                assert_eq!(parse_peft_name(&peft_name(11, target, m)), Some((11, target, m)));
+                assert_eq!(
+                    parse_peft_name(&peft_name(11, target, m)),
+                    Some((11, target, m))
+                );
             }
         }
         assert_eq!(
             peft_name(0, Target::Gate, Matrix::B),
             "base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight"
         );
-        assert_eq!(parse_peft_name("base_model.model.lm_head.lora_A.weight"), None);
+        assert_eq!(
+            parse_peft_name("base_model.model.lm_head.lora_A.weight"),
+            None
+        );
         assert_eq!(
             parse_peft_name("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight"),
             None
@@ -395,7 +432,10 @@ mod tests {
             "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": null});
         let config = parse_config(path, &base, 2).unwrap();
         assert_eq!(config.targets, vec![Target::Q, Target::V]);
-        assert_eq!((config.rank, config.alpha, config.layers.clone()), (4, 8.0, vec![1]));
+        assert_eq!(
+            (config.rank, config.alpha, config.layers.clone()),
+            (4, 8.0, vec![1])
+        );
         let again = parse_config(path, &config_json(&config, 2, None), 2).unwrap();
         assert_eq!(again, config);
         let err = |patch: Value| {
@@ -406,16 +446,33 @@ mod tests {
             parse_config(path, &json, 2).unwrap_err().to_string()
         };
         assert!(err(json!({"use_dora": true})).starts_with("adapter_config.json: use_dora: DoRA"));
-        assert!(err(json!({"target_modules": ["lm_head"]})).contains("\"lm_head\" is not a projection"));
+        assert!(
+            err(json!({"target_modules": ["lm_head"]})).contains("\"lm_head\" is not a projection")
+        );
         assert!(err(json!({"target_modules": ".*proj"})).contains("regular expressions"));
-        assert!(err(json!({"layers_to_transform": [2]})).contains("layer 2 is not in the base model"));
+        assert!(
+            err(json!({"layers_to_transform": [2]})).contains("layer 2 is not in the base model")
+        );
         assert!(err(json!({"bias": "all"})).starts_with("adapter_config.json: bias:"));
         assert!(err(json!({"rank_pattern": {"q_proj": 8}})).contains("rank_pattern"));
         assert!(err(json!({"r": 0})).starts_with("adapter_config.json: r:"));
         assert!(err(json!({"peft_type": "IA3"})).contains("not a LoRA adapter"));
         assert!(err(json!({"modules_to_save": ["lm_head"]})).contains("modules_to_save"));
-        let all = parse_config(path, &json!({"peft_type": "LORA", "r": 2, "lora_alpha": 2.5,
-            "target_modules": "all-linear", "use_rslora": true}), 3).unwrap();
-        assert_eq!((all.targets.len(), all.layers.len(), all.scale()), (7, 3, 2.5 / 2f32.sqrt()));
+        assert!(
+            err(json!({"layer_replication": [[0, 2]]}))
+                .starts_with("adapter_config.json: layer_replication:")
+        );
+        assert!(err(json!({"lora_bias": true})).contains("biased adapters"));
+        let all = parse_config(
+            path,
+            &json!({"peft_type": "LORA", "r": 2, "lora_alpha": 2.5,
+            "target_modules": "all-linear", "use_rslora": true}),
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            (all.targets.len(), all.layers.len(), all.scale()),
+            (7, 3, 2.5 / 2f32.sqrt())
+        );
     }
 }
