@@ -28,6 +28,9 @@ pub const SPECIAL_TOKEN_NAMES: [&str; 7] = [
     "mask_token",
 ];
 
+/// A token's `(start, end)` bytes in the text it came from.
+pub type ByteRange = (usize, usize);
+
 /// A `tokenizer.json` tokenizer with the special tokens of its directory.
 pub struct HfTokenizer {
     path: PathBuf,
@@ -98,7 +101,7 @@ impl HfTokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Vec<ByteRange>)> {
         let encoding = self
             .inner
             .encode(text, add_special_tokens)
