@@ -267,7 +267,7 @@ impl Adapters {
         }
         let r = config.rank;
         let mut entries = Vec::new();
-        let mut start = 0;
+        let mut start = 0usize;
         for (layer, target) in config.entries() {
             let (out, input) = target.shape(model);
             entries.push(Entry {
@@ -277,8 +277,17 @@ impl Adapters {
                 input,
                 start,
             });
-            start += r * (out + input);
+            // The rank may come from a file: checked before anything is allocated.
+            start = r
+                .checked_mul(out + input)
+                .and_then(|size| start.checked_add(size))
+                .unwrap_or(usize::MAX);
         }
+        crate::memory::check(
+            &format!("LoRA adapters of rank {r}"),
+            crate::memory::size(&[start, std::mem::size_of::<f32>()]),
+            "a smaller rank (--lora-rank, or r in adapter_config.json)",
+        )?;
         Ok(Adapters {
             config: config.clone(),
             model: model.clone(),
@@ -619,6 +628,18 @@ mod tests {
             base.get(Param::W2(1)),
             "B of down is zero"
         );
+    }
+
+    #[test]
+    fn a_huge_rank_is_refused_before_allocating() {
+        let model = ModelConfig::llama(32, 2, 4, 2, 64, 50, 16);
+        let config = LoraConfig::new(1 << 40, 8.0, 0.0, &Target::ALL, None, 2).unwrap();
+        let err = Adapters::zeros(&model, &config).unwrap_err().to_string();
+        assert!(
+            err.starts_with("LoRA adapters of rank 1099511627776 needs"),
+            "{err}"
+        );
+        assert!(err.contains("hint: a smaller rank"), "{err}");
     }
 
     #[test]
