@@ -27,7 +27,8 @@
 //! renderings must be text prefixes of the whole conversation's text; a
 //! template that rewrites earlier turns (Qwen3's drops the reasoning of
 //! answers before the last user message) breaks that for those turns, which
-//! are then left out of the loss and counted ([`Example::unlocated_turns`]).
+//! are then left out of the loss and counted ([`Example::unlocated_turns`]),
+//! as is an assistant message that opens a conversation.
 //! A token counts when its byte range starts inside a span (token offsets of
 //! the one tokenization of the whole text, so tokens merged across a
 //! boundary are never split). Without `mask_prompt` every token counts.
@@ -310,7 +311,12 @@ impl Encoder<'_> {
         let mut unlocated_turns = 0;
         if self.mask_prompt {
             for (i, m) in messages.iter().enumerate() {
-                if m.role != "assistant" || i == 0 {
+                if m.role != "assistant" {
+                    continue;
+                }
+                if i == 0 {
+                    // Nothing before it to render a generation prompt from.
+                    unlocated_turns += 1;
                     continue;
                 }
                 let start = template.render(&messages[..i], true, &no_extra)?;
