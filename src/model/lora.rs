@@ -13,7 +13,9 @@
 //!
 //! The gradients, for one projection with input `X (in, T)` and output
 //! gradient `dY (out, T)` (channel-major, the host layout):
-//! `dB = s dY (A X)^T` and `dA = s B^T dY X^T` ([`lora_grads`]). Since the
+//! `dB = s dY (A X)^T` and `dA = s B^T dY X^T` ([`lora_grads`]); the
+//! forward's `s B (A X)` ([`lora_forward`]) and the input gradient's
+//! `s A^T (B^T dY)` ([`lora_dx`]) are the other two host products. Since the
 //! full model's weight gradient is `dW = dY X^T`, also `dA = s B^T dW` and
 //! `dB = s dW A^T` ([`lora_grads_from_dw`]): the identity the tests use to
 //! check adapters' gradients against the full-training engine.
@@ -429,6 +431,63 @@ impl Adapters {
     }
 }
 
+/// The adapter's part of its projection's forward, added to `y (out, T)`:
+/// `y += s B (A x)` for `x (in, T)` (channel-major); returns `u = A x (r, T)`,
+/// which the backward's [`lora_grads`] needs again (saving it spares the
+/// recomputation).
+pub fn lora_forward(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (out, input, rank, seq): (usize, usize, usize, usize),
+    scale: f32,
+    y: &mut [f32],
+) -> Vec<f32> {
+    let mut u = vec![0.0; rank * seq]; // (r, T)
+    gemm(
+        &mut u,
+        rank,
+        seq,
+        n(a, rank, input),
+        n(x, input, seq),
+        1.0,
+        false,
+    );
+    gemm(y, out, seq, n(b, out, rank), n(&u, rank, seq), scale, true);
+    u
+}
+
+/// The adapter's part of its projection's input gradient, added to
+/// `dx (in, T)`: `dx += s A^T (B^T dy)` for `dy (out, T)`.
+pub fn lora_dx(
+    dy: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (out, input, rank, seq): (usize, usize, usize, usize),
+    scale: f32,
+    dx: &mut [f32],
+) {
+    let mut v = vec![0.0; rank * seq]; // (r, T)
+    gemm(
+        &mut v,
+        rank,
+        seq,
+        t(b, out, rank),
+        n(dy, out, seq),
+        1.0,
+        false,
+    );
+    gemm(
+        dx,
+        input,
+        seq,
+        t(a, rank, input),
+        n(&v, rank, seq),
+        scale,
+        true,
+    );
+}
+
 /// The gradients of one adapter from its projection's input `x (in, T)` and
 /// output gradient `dy (out, T)` (channel-major): `da (r, in) = s B^T dy x^T`,
 /// `db (out, r) = s dy (A x)^T`, written over `da` and `db`. Two products
@@ -590,6 +649,38 @@ mod tests {
         for (got, want) in [(&da2, &da), (&db2, &db)] {
             for (g, w) in got.iter().zip(want.iter()) {
                 assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+            }
+        }
+    }
+
+    /// The forward and input-gradient parts equal the merged weight's
+    /// products: `(W + s B A) x` and `(W + s B A)^T dy`.
+    #[test]
+    fn forward_and_input_gradient_equal_the_merged_weight() {
+        let (out, input, rank, seq, s) = (6, 5, 3, 4, 1.5f32);
+        let mut rng = Rng::new(12);
+        let (x, dy) = (random(input * seq, &mut rng), random(out * seq, &mut rng));
+        let (a, b) = (random(rank * input, &mut rng), random(out * rank, &mut rng));
+        let w = random(out * input, &mut rng);
+        let ba = naive(&b, &a, out, rank, input);
+        let merged: Vec<f32> = w.iter().zip(&ba).map(|(&w, &d)| w + s * d as f32).collect();
+        let mut y: Vec<f32> = naive(&w, &x, out, input, seq)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let u = lora_forward(&x, &a, &b, (out, input, rank, seq), s, &mut y);
+        let want_u = naive(&a, &x, rank, input, seq);
+        let want_y = naive(&merged, &x, out, input, seq);
+        let mut dx: Vec<f32> = naive(&transpose(&w, out, input), &dy, input, out, seq)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        lora_dx(&dy, &a, &b, (out, input, rank, seq), s, &mut dx);
+        let want_dx = naive(&transpose(&merged, out, input), &dy, input, out, seq);
+        for (got, want) in [(&u, &want_u), (&y, &want_y), (&dx, &want_dx)] {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want.iter()) {
+                assert!((*g as f64 - w).abs() < 1e-4, "{g} vs {w}");
             }
         }
     }
