@@ -39,7 +39,9 @@ The batch (anemone's `data::sft` rules, written again here independently):
     including it; both must be token prefixes of the whole conversation's
     tokens (else the turn is left out of the loss). Here by token prefixes;
     anemone finds the same spans by text prefixes and token offsets;
-  - a row of L tokens is truncated to T + 1; inputs ids[:-1], targets ids[1:],
+  - a row of L tokens is truncated to T + 1 (T = 60, within the fixtures' 64
+    positions; ChatML's default system prompt makes two rows longer, Qwen3's
+    template none); inputs ids[:-1], targets ids[1:],
     right-padded to T with <|endoftext|> (id 0), padded targets not counted;
   - the loss is the mean cross-entropy over the counted targets of the whole
     batch: sum(mask * ce) / sum(mask).
@@ -198,6 +200,7 @@ def make_adapters(name, out_dir, lora_config, seed):
     with open(config_path) as f:
         saved = json.load(f)
     saved["base_model_name_or_path"] = f"tests/fixtures/hf/{name}"
+    saved["target_modules"] = sorted(saved["target_modules"])  # a set: any order
     with open(config_path, "w") as f:
         json.dump(saved, f, indent=2, sort_keys=True)
 
