@@ -34,6 +34,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("hf_config", hf_config),
     ("safetensors", safetensors),
     ("hf_tokenizer", hf_tokenizer),
+    ("sft_jsonl", sft_jsonl),
+    ("peft_adapter_config", peft_adapter_config),
 ];
 
 fn name(file: &str) -> PathBuf {
@@ -192,5 +194,59 @@ pub fn hf_tokenizer(data: &[u8]) {
             let _ = tokenizer.decode(&ids, false);
         }
         let _ = tokenizer.vocab_size();
+    }
+}
+
+/// Fine-tuning JSONL (read through a temp file, as the loader reads files):
+/// every row parsed; each row's text as the ids of a one-token-per-byte
+/// example put in a short window.
+pub fn sft_jsonl(data: &[u8]) {
+    use anemone::data::sft::{Example, Row, read_rows, window};
+    let path = std::env::temp_dir().join(format!(
+        "anemone-fuzz-{}-{:?}.jsonl",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    if let Ok(rows) = read_rows(&path) {
+        for (_, row) in rows {
+            let text = match row {
+                Row::Text(text) => text,
+                Row::Completion { prompt, completion } => prompt + &completion,
+                Row::Chat(messages) => messages.into_iter().map(|m| m.content).collect(),
+            };
+            let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+            let loss = ids.iter().map(|&id| id % 2 == 0).collect();
+            let example = Example {
+                ids,
+                loss,
+                unlocated_turns: 0,
+            };
+            let (mut inputs, mut targets, mut weights) = (vec![0; 7], vec![0; 7], vec![0.0; 7]);
+            let _ = window(&example, 0, &mut inputs, &mut targets, &mut weights);
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A PEFT `adapter_config.json` for a two-layer base; one that parses is
+/// written back, read again, and sized on the base (a huge rank is refused).
+pub fn peft_adapter_config(data: &[u8]) {
+    use anemone::model::hf::adapter::{config_json, parse_config};
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let path = name("adapter_config.json");
+    if let Ok(config) = parse_config(&path, &json, 2) {
+        let again = parse_config(&path, &config_json(&config, 2, None), 2);
+        assert_eq!(
+            again.ok().as_ref(),
+            Some(&config),
+            "adapter_config.json round trip"
+        );
+        let model = anemone::model::ModelConfig::llama(16, 2, 2, 1, 32, 40, 8);
+        let _ = anemone::model::lora::Adapters::zeros(&model, &config);
     }
 }

@@ -1,7 +1,8 @@
 //! The model: configuration (with the features an architecture needs: q/k/v
 //! biases, QK-norm, RoPE scaling, a tied classifier), parameters, RoPE, the
 //! Llama kernels as MIL graphs (forward/backward pairs), the CPU-side math,
-//! checkpoints, llama2.c import/export, Hugging Face checkpoints, and
+//! checkpoints, llama2.c import/export, Hugging Face checkpoints, LoRA
+//! adapters (`lora`), and
 //! [`load_weights`], which reads a Hugging Face model directory, a run
 //! directory, an anemone checkpoint or a llama2.c file, whichever a path holds.
 //! Talks to devices only through the [`crate::backend::Backend`] trait.
@@ -12,6 +13,7 @@ pub mod hf;
 pub mod host;
 pub mod kernels;
 pub mod llama2c;
+pub mod lora;
 pub mod rope;
 pub mod weights;
 

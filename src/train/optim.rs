@@ -66,6 +66,46 @@ impl AdamW {
         lr: f32,
         grad_scale: f32,
     ) {
+        let ranges: Vec<_> = weights
+            .layout
+            .params()
+            .into_iter()
+            .map(|p| {
+                let decay = if p.is_vector() {
+                    0.0
+                } else {
+                    self.weight_decay
+                };
+                (weights.layout.range(p), decay)
+            })
+            .collect();
+        self.step_ranges(&mut weights.data, grad, state, lr, grad_scale, &ranges);
+    }
+
+    /// [`AdamW::step`] on a flat vector of matrices (LoRA adapters), every
+    /// element with weight decay.
+    pub fn step_matrices(
+        &self,
+        params: &mut [f32],
+        grad: &[f32],
+        state: &mut AdamState,
+        lr: f32,
+        grad_scale: f32,
+    ) {
+        let ranges = [(0..params.len(), self.weight_decay)];
+        self.step_ranges(params, grad, state, lr, grad_scale, &ranges);
+    }
+
+    /// One update of the `(range, weight decay)` parts of `params`.
+    fn step_ranges(
+        &self,
+        params: &mut [f32],
+        grad: &[f32],
+        state: &mut AdamState,
+        lr: f32,
+        grad_scale: f32,
+        ranges: &[(std::ops::Range<usize>, f32)],
+    ) {
         state.t += 1;
         let t = state.t as i32;
         let bias1 = 1.0 - self.beta1.powi(t);
@@ -74,18 +114,12 @@ impl AdamW {
         // One hand-over to the pool for all the parameters' loops (see
         // `math::on_pool`).
         crate::math::on_pool(|| {
-            for p in weights.layout.params() {
-                let range = weights.layout.range(p);
-                let decay = if p.is_vector() {
-                    0.0
-                } else {
-                    self.weight_decay
-                };
-                let w = &mut weights.data[range.clone()];
+            for (range, decay) in ranges {
+                let w = &mut params[range.clone()];
                 let (m, v, g) = (
                     &mut state.m[range.clone()],
                     &mut state.v[range.clone()],
-                    &grad[range],
+                    &grad[range.clone()],
                 );
                 let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
                 let (keep, one_minus_b1, one_minus_b2) =

@@ -16,6 +16,7 @@ mod hf_model;
 mod job;
 mod kernels;
 mod llama2c;
+mod lora;
 mod mil_text;
 mod readme;
 mod report;

@@ -28,6 +28,9 @@ pub const SPECIAL_TOKEN_NAMES: [&str; 7] = [
     "mask_token",
 ];
 
+/// A token's `(start, end)` bytes in the text it came from.
+pub type ByteRange = (usize, usize);
+
 /// A `tokenizer.json` tokenizer with the special tokens of its directory.
 pub struct HfTokenizer {
     path: PathBuf,
@@ -117,6 +120,22 @@ impl HfTokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| Error::format(&self.path, "encode", e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// [`encode`](Self::encode) with each token's byte range in `text`
+    /// (`(start, end)`; tokens the post-processor adds, such as a BOS, have
+    /// an empty range). Slower than `encode`: the fine-tuning data uses it to
+    /// find which tokens a span of the text covers.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::format(&self.path, "encode", e.to_string()))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// The text of `ids`, optionally leaving out special tokens.

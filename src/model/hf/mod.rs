@@ -9,6 +9,8 @@
 //! - [`rope`]: the per-head row permutation between HF's half-split rotation
 //!   and anemone's interleaved one (and the inverse frequencies per rope type,
 //!   re-exported from [`crate::model::rope`]).
+//! - [`adapter`]: PEFT LoRA adapter directories (`adapter_config.json`,
+//!   `adapter_model.safetensors`) as [`crate::model::lora::Adapters`].
 //! - [`weights`]: anemone's `ModelConfig` and `Weights` from these
 //!   ([`crate::model::ModelConfig::from_hf`], [`crate::model::Weights::from_hf`])
 //!   and the HF tensors of `Weights` ([`hf_tensors`], [`write_hf_safetensors`]).
@@ -22,6 +24,7 @@
 //! template live in [`crate::data::hf`]. Not here: any download (a directory
 //! on disk is the input).
 
+pub mod adapter;
 pub mod config;
 pub mod export;
 pub mod files;

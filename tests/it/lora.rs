@@ -1,0 +1,576 @@
+//! LoRA groundwork (issue 21) against PyTorch + `peft`: the fine-tuning
+//! data's tokens and loss masks, the PEFT adapter files, the merged model's
+//! masked loss, every adapter gradient and five AdamW steps, on the llama,
+//! qwen2 and qwen3 fixtures of the Hugging Face tests.
+//!
+//! Reference: `scripts/gen_lora_fixtures.py` (float64 PyTorch + peft from the
+//! stored base weights and adapters), `tests/fixtures/lora/`. The adapters'
+//! gradients come from the full-training engine: the gradient `dW` of the
+//! merged weights `W + s B A` gives `dA = s B^T dW` and `dB = s dW A^T`
+//! exactly. The engine's loss is the mean over every position; the masked
+//! mean is made from it by causality: position t's loss depends on the first
+//! t + 1 tokens only, so the summed gradient of positions `a..e` is
+//! `e G(e) - a G(a)`, `G(L)` the engine's mean gradient over a window of the
+//! first L positions.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anemone::backend::Precision;
+use anemone::backend::cpu::CpuBackend;
+use anemone::data::hf::{ChatTemplate, HfTokenizer};
+use anemone::data::sft::{Encoder, SftBatch, SftFiles, pad_id, read_rows};
+use anemone::model::hf::adapter::{
+    CONFIG_FILE, WEIGHTS_FILE, parse_config, peft_tensors, read_adapters, write_adapters,
+};
+use anemone::model::hf::{HfCheckpoint, SafetensorsReader};
+use anemone::model::kernels::KernelOptions;
+use anemone::model::lora::Adapters;
+use anemone::model::{ModelConfig, Weights};
+use anemone::train::engine::Engine;
+use anemone::train::optim::{AdamState, AdamW};
+
+use crate::common::{fixture, temp_dir};
+
+const MODELS: [&str; 3] = ["llama", "qwen2", "qwen3"];
+
+/// The gradients' absolute floor, as a fraction of each tensor's largest
+/// magnitude (as in `hf_model.rs`; the masked gradient is a difference of
+/// two prefix sums, so its rounding is that of the larger sum).
+const GRAD_FLOOR: f64 = 4e-6;
+
+fn lora_dir(name: &str) -> PathBuf {
+    fixture("lora").join(name)
+}
+
+fn base_dir(name: &str) -> PathBuf {
+    fixture("hf").join(name)
+}
+
+fn reference(name: &str) -> SafetensorsReader {
+    SafetensorsReader::open_file(&lora_dir(name).join("reference.safetensors")).unwrap()
+}
+
+fn ids(reference: &SafetensorsReader, tensor: &str) -> Vec<u32> {
+    let ids = reference.read_i64(tensor).unwrap();
+    ids.into_iter().map(|id| id as u32).collect()
+}
+
+fn f32s(reference: &SafetensorsReader, tensor: &str) -> Vec<f32> {
+    let shape = reference.shape(tensor).unwrap().to_vec();
+    reference.read_f32(tensor, &shape).unwrap()
+}
+
+fn meta(reference: &SafetensorsReader, key: &str) -> f64 {
+    reference.metadata(key).unwrap().parse().unwrap()
+}
+
+/// The chat batch of `chat.jsonl` as anemone builds it for model `name`.
+fn chat_batch(name: &str, seq: usize) -> SftBatch {
+    let dir = base_dir(name);
+    let tokenizer = HfTokenizer::open(&dir).unwrap();
+    let template = ChatTemplate::open(&dir).unwrap().unwrap();
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: Some(&template),
+        mask_prompt: true,
+    };
+    let examples = encoder
+        .encode_file(&fixture("lora").join("chat.jsonl"))
+        .unwrap();
+    let refs: Vec<_> = examples.iter().collect();
+    SftBatch::from_examples(&refs, seq, pad_id(&tokenizer))
+}
+
+/// One fixture: the base weights, the PEFT adapters, the reference and batch.
+struct Case {
+    name: &'static str,
+    base: Weights,
+    adapters: Adapters,
+    reference: SafetensorsReader,
+    batch: SftBatch,
+}
+
+impl Case {
+    fn open(name: &'static str) -> Case {
+        Case::with_adapters(name, name, "adapter")
+    }
+
+    /// The base of `base` with the adapters in `lora_dir(case)/adapter_dir`.
+    fn with_adapters(name: &'static str, base: &str, adapter_dir: &str) -> Case {
+        let checkpoint = HfCheckpoint::open(&base_dir(base)).unwrap();
+        let base_weights = Weights::from_hf(&checkpoint).unwrap();
+        let adapters =
+            read_adapters(&lora_dir(name).join(adapter_dir), base_weights.config()).unwrap();
+        let reference = reference(name);
+        let seq = meta(&reference, "seq") as usize;
+        Case {
+            name,
+            base: base_weights,
+            adapters,
+            batch: chat_batch(base, seq),
+            reference,
+        }
+    }
+
+    fn config(&self) -> &ModelConfig {
+        self.base.config()
+    }
+}
+
+/// Engines of one model by window length (batch 1), on the CPU in fp32.
+struct Engines {
+    config: ModelConfig,
+    by_seq: HashMap<(usize, usize), Engine>,
+}
+
+impl Engines {
+    fn new(config: &ModelConfig) -> Engines {
+        Engines {
+            config: config.clone(),
+            by_seq: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, seq: usize, batch: usize) -> &mut Engine {
+        let config = &self.config;
+        self.by_seq.entry((seq, batch)).or_insert_with(|| {
+            let backend = Box::new(CpuBackend::new(Precision::Fp32));
+            Engine::new(backend, config, seq, batch, KernelOptions::cpu()).unwrap()
+        })
+    }
+
+    /// The batch's masked mean cross-entropy from the engine's logits, in f64.
+    fn masked_loss(&mut self, weights: &Weights, batch: &SftBatch) -> f64 {
+        let (b, t, v) = (batch.batch_size, batch.seq_len, self.config.vocab_size);
+        let logits = self.get(t, b).logits(weights, &batch.inputs).unwrap();
+        let (mut total, mut counted) = (0.0f64, 0.0f64);
+        for (sequence, rows) in logits.iter().enumerate() {
+            for position in 0..t {
+                let i = sequence * t + position;
+                let w = batch.weights[i] as f64;
+                if w == 0.0 {
+                    continue;
+                }
+                let row = &rows[position * v..(position + 1) * v];
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+                let target = row[batch.targets[i] as usize] as f64;
+                total += w * (max + sum.ln() - target);
+                counted += w;
+            }
+        }
+        total / counted
+    }
+
+    /// The gradient of the masked mean loss (weights 0/1) from the engine's
+    /// unmasked means over prefixes (see the module docs).
+    fn masked_gradient(&mut self, weights: &Weights, batch: &SftBatch) -> Weights {
+        let t = batch.seq_len;
+        let counted = batch.counted() as f32;
+        let mut grads = Weights::zeros(&self.config);
+        for sequence in 0..batch.batch_size {
+            let row = &batch.weights[sequence * t..(sequence + 1) * t];
+            let inputs = &batch.inputs[sequence * t..(sequence + 1) * t];
+            let targets = &batch.targets[sequence * t..(sequence + 1) * t];
+            let mut position = 0;
+            while position < t {
+                if row[position] == 0.0 {
+                    position += 1;
+                    continue;
+                }
+                let start = position;
+                while position < t && row[position] != 0.0 {
+                    position += 1;
+                }
+                for (len, sign) in [(position, 1.0f32), (start, -1.0)] {
+                    if len == 0 {
+                        continue;
+                    }
+                    let scale = sign * len as f32 / counted;
+                    self.get(len, 1)
+                        .forward_backward(
+                            weights,
+                            &mut grads,
+                            &inputs[..len],
+                            &targets[..len],
+                            scale,
+                        )
+                        .unwrap();
+                }
+            }
+        }
+        grads
+    }
+}
+
+/// `|got - want| <= max(relative |want|, floor max|want|)` for every
+/// element; returns the largest error as a fraction of the largest magnitude.
+fn assert_elementwise(got: &[f32], want: &[f32], relative: f64, floor: f64, what: &str) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+    assert!(scale > 0.0, "{what}: the reference is all zeros");
+    let mut worst: f64 = 0.0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (err, w) = ((g as f64 - w as f64).abs(), w as f64);
+        let bound = (relative * w.abs()).max(floor * scale);
+        assert!(
+            err <= bound,
+            "{what}[{i}]: {g} vs {w} (error {err:.3e} > {bound:.3e}, scale {scale:.3e})"
+        );
+        worst = worst.max(err / scale);
+    }
+    worst
+}
+
+/// The token ids, targets and loss mask of the chat batch (a truncated
+/// conversation, padding, a Qwen3 turn the template rewrites) are those
+/// PyTorch used.
+#[test]
+fn chat_batch_matches_the_reference_ids_and_mask() {
+    for name in MODELS {
+        let dir = base_dir(name);
+        let tokenizer = HfTokenizer::open(&dir).unwrap();
+        let template = ChatTemplate::open(&dir).unwrap().unwrap();
+        let encoder = Encoder {
+            tokenizer: &tokenizer,
+            template: Some(&template),
+            mask_prompt: true,
+        };
+        let examples = encoder
+            .encode_file(&fixture("lora").join("chat.jsonl"))
+            .unwrap();
+        let unlocated: Vec<usize> = examples.iter().map(|e| e.unlocated_turns).collect();
+        // Qwen3's template drops the first answer's reasoning from the whole
+        // conversation: that turn cannot be found (the script says so too).
+        let want = if name == "qwen3" {
+            [0, 0, 1]
+        } else {
+            [0, 0, 0]
+        };
+        assert_eq!(unlocated, want, "{name}: turns left out");
+        let reference = reference(name);
+        let seq = meta(&reference, "seq") as usize;
+        let batch = chat_batch(name, seq);
+        assert_eq!(batch.inputs, ids(&reference, "input_ids"), "{name}: inputs");
+        assert_eq!(batch.targets, ids(&reference, "targets"), "{name}: targets");
+        assert_eq!(
+            batch.weights,
+            f32s(&reference, "loss_mask"),
+            "{name}: loss mask"
+        );
+        assert_eq!(
+            batch.truncated,
+            meta(&reference, "truncated") as usize,
+            "{name}: truncated"
+        );
+        assert!(batch.counted() > 0 && batch.counted() < batch.weights.len());
+    }
+}
+
+/// Text rows and prompt/completion rows, with the chat template and without.
+#[test]
+fn text_and_completion_rows_match_the_reference() {
+    let reference = reference("llama");
+    let dir = base_dir("llama");
+    let tokenizer = HfTokenizer::open(&dir).unwrap();
+    let template = ChatTemplate::open(&dir).unwrap().unwrap();
+    let rows = read_rows(&fixture("lora").join("mixed.jsonl")).unwrap();
+    for (prefix, template) in [("mixed", Some(&template)), ("plain", None)] {
+        let encoder = Encoder {
+            tokenizer: &tokenizer,
+            template,
+            mask_prompt: true,
+        };
+        for (i, (_, row)) in rows.iter().enumerate() {
+            let example = encoder.encode(row).unwrap();
+            let what = format!("{prefix} row {i}");
+            assert_eq!(
+                example.ids,
+                ids(&reference, &format!("{prefix}.{i}.ids")),
+                "{what}"
+            );
+            let mask: Vec<f32> = example
+                .loss
+                .iter()
+                .map(|&l| f32::from(u8::from(l)))
+                .collect();
+            assert_eq!(
+                mask,
+                f32s(&reference, &format!("{prefix}.{i}.mask")),
+                "{what}"
+            );
+        }
+    }
+    // Without mask_prompt every token but the first counts.
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: Some(&template),
+        mask_prompt: false,
+    };
+    let example = encoder.encode(&rows[1].1).unwrap();
+    assert_eq!(example.ids, ids(&reference, "mixed.1.ids"));
+    assert!(!example.loss[0] && example.loss[1..].iter().all(|&l| l));
+}
+
+fn write(dir: &Path, file: &str, text: &str) -> PathBuf {
+    let path = dir.join(file);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Malformed rows, missing fields and templates that fail name the file and line.
+#[test]
+fn bad_rows_name_the_file_and_line() {
+    let dir = temp_dir("lora-bad-rows");
+    let base = base_dir("qwen3");
+    let tokenizer = HfTokenizer::open(&base).unwrap();
+    let template = ChatTemplate::open(&base).unwrap().unwrap();
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: Some(&template),
+        mask_prompt: true,
+    };
+    let cases = [
+        ("{\"text\": \"ok\"}\n\n{\"text\": \"cut", "line 3: not JSON"),
+        (
+            "{\"text\": \"ok\"}\n{\"prompt\": \"p\"}",
+            "line 2: missing \"completion\"",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"tool\", \"content\": \"{}\"}]}",
+            "line 1: ",
+        ),
+        ("\n", "rows: the file has no rows"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = write(&dir, &format!("{i}.jsonl"), text);
+        let err = encoder.encode_file(&path).unwrap_err().to_string();
+        let prefix = format!("{}: {want}", path.display());
+        assert!(
+            err.starts_with(&prefix),
+            "{err}\nexpected it to start with {prefix}"
+        );
+    }
+    // The template's own message, with the template's file.
+    let path = dir.join("2.jsonl");
+    let err = encoder.encode_file(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("tokenizer_config.json: chat_template: unsupported role: tool"),
+        "{err}"
+    );
+    // Messages without a template.
+    let no_template = Encoder {
+        template: None,
+        ..encoder
+    };
+    let path = write(
+        &dir,
+        "chat.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}",
+    );
+    let err = no_template.encode_file(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("line 1: ") && err.contains("has no chat template"),
+        "{err}"
+    );
+    // Directories: train.jsonl required, valid.jsonl optional.
+    assert!(
+        SftFiles::locate(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("train.jsonl: missing")
+    );
+    write(&dir, "train.jsonl", "{\"text\": \"a\"}");
+    let files = SftFiles::locate(&dir).unwrap();
+    assert_eq!((files.train, files.valid), (dir.join("train.jsonl"), None));
+    write(&dir, "valid.jsonl", "{\"text\": \"b\"}");
+    assert_eq!(
+        SftFiles::locate(&dir).unwrap().valid,
+        Some(dir.join("valid.jsonl"))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// PEFT's files read and written back: the same safetensors bytes and the
+/// same config, for every fixture (all targets, and one layer of two).
+#[test]
+fn peft_adapters_round_trip_byte_for_byte() {
+    for (name, base) in [
+        ("llama", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("qwen2-partial", "qwen2"),
+    ] {
+        let config =
+            ModelConfig::from_hf(&HfCheckpoint::open(&base_dir(base)).unwrap().config).unwrap();
+        let peft_dir = lora_dir(name).join("adapter");
+        let adapters = read_adapters(&peft_dir, &config).unwrap();
+        let out = temp_dir(&format!("lora-round-trip-{name}"));
+        write_adapters(&adapters, &out, Some("base")).unwrap();
+        let peft_bytes = std::fs::read(peft_dir.join(WEIGHTS_FILE)).unwrap();
+        let our_bytes = std::fs::read(out.join(WEIGHTS_FILE)).unwrap();
+        assert!(
+            peft_bytes == our_bytes,
+            "{name}: {WEIGHTS_FILE} differs from PEFT's"
+        );
+        let json = |dir: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap()
+        };
+        let (theirs, ours) = (json(&peft_dir), json(&out));
+        let path = Path::new(CONFIG_FILE);
+        assert_eq!(
+            parse_config(path, &ours, config.n_layers).unwrap(),
+            parse_config(path, &theirs, config.n_layers).unwrap(),
+            "{name}"
+        );
+        for (key, value) in ours.as_object().unwrap() {
+            // PEFT writes target_modules from a set, in any order; the
+            // parsed configs above compare them.
+            if key != "base_model_name_or_path" && key != "target_modules" {
+                assert_eq!(Some(value), theirs.get(key), "{name}: {key}");
+            }
+        }
+        assert_eq!(read_adapters(&out, &config).unwrap(), adapters, "{name}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let partial = Case::with_adapters("qwen2-partial", "qwen2", "adapter");
+    assert_eq!(partial.adapters.config.layers, vec![1]);
+    assert_eq!(partial.adapters.config.rank, 2);
+}
+
+/// Adapters that do not fit the base, or files that disagree with their config.
+#[test]
+fn adapters_that_do_not_fit_are_refused() {
+    let qwen3 =
+        ModelConfig::from_hf(&HfCheckpoint::open(&base_dir("qwen3")).unwrap().config).unwrap();
+    let err = read_adapters(&lora_dir("llama").join("adapter"), &qwen3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("adapter_model.safetensors: base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight: shape [32, 4] where")
+            && err.contains("need [64, 4]"),
+        "{err}"
+    );
+    // A config naming targets the file does not have.
+    let qwen2 =
+        ModelConfig::from_hf(&HfCheckpoint::open(&base_dir("qwen2")).unwrap().config).unwrap();
+    let dir = temp_dir("lora-misfit");
+    let peft_dir = lora_dir("qwen2-partial").join("adapter");
+    std::fs::copy(peft_dir.join(WEIGHTS_FILE), dir.join(WEIGHTS_FILE)).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft_dir.join(CONFIG_FILE)).unwrap())
+            .unwrap();
+    config["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj"]);
+    std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
+    let err = read_adapters(&dir, &qwen2).unwrap_err().to_string();
+    assert!(
+        err.contains("layers.1.self_attn.k_proj.lora_A.weight: missing (expected shape [2, 32])"),
+        "{err}"
+    );
+    // A file with tensors its config does not name.
+    config["target_modules"] = serde_json::json!(["q_proj"]);
+    std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
+    let err = read_adapters(&dir, &qwen2).unwrap_err().to_string();
+    assert!(
+        err.contains("v_proj.lora_A.weight: not an adapter"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Base + adapters merged (`W + s B A`, q/k rows of B permuted as the base's)
+/// through the full-model CPU path give PEFT's masked loss within 1e-5.
+#[test]
+fn fused_adapters_give_the_peft_loss() {
+    let cases = MODELS
+        .iter()
+        .map(|&name| Case::open(name))
+        .chain([Case::with_adapters("qwen2-partial", "qwen2", "adapter")]);
+    for case in cases {
+        let mut merged = case.base.clone();
+        case.adapters.fuse_into(&mut merged);
+        let mut engines = Engines::new(case.config());
+        let loss = engines.masked_loss(&merged, &case.batch);
+        let want = case.reference.read_f64("loss").unwrap()[0];
+        let err = (loss - want).abs() / want;
+        eprintln!(
+            "{}: masked loss {loss} vs peft {want} ({err:.2e} relative)",
+            case.name
+        );
+        assert!(err <= 1e-5, "{}: loss {loss} vs {want}", case.name);
+        // The base alone gives another loss: the adapters matter.
+        let base_loss = engines.masked_loss(&case.base, &case.batch);
+        assert!(
+            (base_loss - want).abs() / want > 1e-3,
+            "{}: adapters change nothing",
+            case.name
+        );
+    }
+}
+
+/// Every lora_A/lora_B gradient within 1e-4 relative (floor [`GRAD_FLOOR`] of
+/// each tensor's largest) from the engine's merged-weight gradient.
+#[test]
+fn adapter_gradients_match_peft() {
+    for name in MODELS {
+        let case = Case::open(name);
+        let mut merged = case.base.clone();
+        case.adapters.fuse_into(&mut merged);
+        let mut engines = Engines::new(case.config());
+        let dw = engines.masked_gradient(&merged, &case.batch);
+        let grads = case.adapters.grads_from_dw(&dw);
+        let tensors = peft_tensors(&grads);
+        let n_ref = case
+            .reference
+            .names()
+            .filter(|n| n.starts_with("grad."))
+            .count();
+        assert_eq!(
+            tensors.len(),
+            n_ref,
+            "{name}: every adapter matrix has a reference"
+        );
+        let mut worst: f64 = 0.0;
+        for (tensor, _, data) in &tensors {
+            let want = f32s(&case.reference, &format!("grad.{tensor}"));
+            let what = format!("{name}: gradient of {tensor}");
+            worst = worst.max(assert_elementwise(data, &want, 1e-4, GRAD_FLOOR, &what));
+        }
+        eprintln!("{name}: adapter gradients within {worst:.2e} of each tensor's largest");
+    }
+}
+
+/// Five AdamW steps on the adapters alone (lr 1e-3, betas 0.9/0.95, eps 1e-8,
+/// weight decay 0.1): the loss before each within 1e-4 of PEFT's.
+#[test]
+fn five_adamw_steps_match_peft() {
+    for name in MODELS {
+        let mut case = Case::open(name);
+        let opt = AdamW {
+            beta1: meta(&case.reference, "beta1") as f32,
+            beta2: meta(&case.reference, "beta2") as f32,
+            eps: meta(&case.reference, "eps") as f32,
+            weight_decay: meta(&case.reference, "weight_decay") as f32,
+        };
+        let lr = meta(&case.reference, "lr") as f32;
+        let mut state = AdamState::new(case.adapters.data.len());
+        let mut engines = Engines::new(case.config());
+        let losses = case.reference.read_f64("losses").unwrap();
+        assert_eq!(losses.len(), 5);
+        for (step, want) in losses.into_iter().enumerate() {
+            let mut merged = case.base.clone();
+            case.adapters.fuse_into(&mut merged);
+            let loss = engines.masked_loss(&merged, &case.batch);
+            let err = (loss - want).abs() / want;
+            assert!(
+                err <= 1e-4,
+                "{name}: AdamW step {step}: loss {loss} vs {want}"
+            );
+            let grads = case
+                .adapters
+                .grads_from_dw(&engines.masked_gradient(&merged, &case.batch));
+            opt.step_matrices(&mut case.adapters.data, &grads.data, &mut state, lr, 1.0);
+        }
+    }
+}
