@@ -507,6 +507,35 @@ fn a_chip_refusing_the_fused_attention_backward_trains_with_the_split_kernels() 
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// The compile plan leaves room for the split: a chip refusing the fused
+/// attention backward compiles 8 + 2 = 10 kernels (the refused compile is
+/// not counted), so a budget of 10 suffices and 9 does not, and a process
+/// that has 91 of 100 compiles behind it restarts before training (91 + 10
+/// > 100) where 90 does not.
+#[test]
+fn the_compile_plan_counts_the_split_attention_backward() {
+    use anemone::train::job::updates_before_restart;
+    let config = small_config();
+    let specs = LayerKernels::build(&config, 32, packed_fp16(), &|_| None).unwrap();
+    for (limit, fits) in [(10, true), (9, false)] {
+        let refused = [specs.attn_bwd.program.clone()];
+        let runtime = FakeRuntime::in_temp_dir().refusing("refused", move |p| refused.contains(p));
+        let backend = AneBackend::new(runtime, CompileBudget { limit });
+        let engine = Engine::new(Box::new(backend), &config, 32, 1, packed_fp16());
+        assert_eq!(engine.is_ok(), fits, "budget {limit}");
+    }
+    let packed = |used| Preferences {
+        weight_mode: WeightMode::Packed,
+        compile_limit: Some(CompileLimit {
+            limit: 100,
+            used,
+            raised_by: "the budget",
+        }),
+    };
+    assert_eq!(updates_before_restart(None, &packed(90)).unwrap(), None);
+    assert_eq!(updates_before_restart(None, &packed(91)).unwrap(), Some(0));
+}
+
 /// A CPU backend whose compiler refuses the programs `refused`: the split
 /// fallback in fp32, where the CPU is the specification.
 struct RefusingCpu {
