@@ -462,49 +462,59 @@ fn two_passes(
 
 /// Issue 22, acceptance: a fake ANE that refuses the fused `attn_bwd` makes
 /// the engine compile its split (two kernels, ten in all, the note saying
-/// so once), and training runs through it with the fused kernel's numbers.
+/// so once), and training runs through it with the fused kernel's numbers,
+/// with GQA, and with q/k/v biases and QK-norm (whose backward reads the
+/// split's `dq`, `dk`).
 /// The parts are the fused kernel's ops in its order and the probabilities
 /// cross between them as fp16 surfaces, which is what every fp16 op of the
 /// fused kernel rounds them to: the same numbers, bit for bit.
 #[test]
 fn a_chip_refusing_the_fused_attention_backward_trains_with_the_split_kernels() {
-    let config = small_config();
-    let (seq, batch) = (32, 2);
-    let specs = LayerKernels::build(&config, seq, packed_fp16(), &|_| None).unwrap();
-    let root = temp_dir("fake-ane-split");
-    let reason = "the fused attention backward is too big";
-    let split = refusing_programs(root.clone(), vec![specs.attn_bwd.program.clone()], reason);
-    let mut split = Engine::new(Box::new(split), &config, seq, batch, packed_fp16()).unwrap();
-    let dirs = std::fs::read_dir(&root).unwrap().count();
-    assert_eq!(dirs, 10, "8 whole kernels and attn_bwd's two parts");
-    let notes = split.fallbacks();
-    assert_eq!(notes.len(), 1, "{notes:?}");
-    for needle in ["`attn_bwd`", "attn_bwd_dv then attn_bwd_dqk", reason] {
-        assert!(notes[0].contains(needle), "{needle}: {}", notes[0]);
+    let features = ModelConfig {
+        qkv_bias: true,
+        qk_norm: true,
+        ..small_config()
+    };
+    for config in [small_config(), features] {
+        let what = format!("bias {} qk-norm {}", config.qkv_bias, config.qk_norm);
+        let (seq, batch) = (32, 2);
+        let specs = LayerKernels::build(&config, seq, packed_fp16(), &|_| None).unwrap();
+        let root = temp_dir("fake-ane-split");
+        let reason = "the fused attention backward is too big";
+        let refused = vec![specs.attn_bwd.program.clone()];
+        let split = refusing_programs(root.clone(), refused, reason);
+        let mut split = Engine::new(Box::new(split), &config, seq, batch, packed_fp16()).unwrap();
+        let dirs = std::fs::read_dir(&root).unwrap().count();
+        assert_eq!(dirs, 10, "{what}: 8 whole kernels and attn_bwd's two parts");
+        let notes = split.fallbacks();
+        assert_eq!(notes.len(), 1, "{what}: {notes:?}");
+        for needle in ["`attn_bwd`", "attn_bwd_dv then attn_bwd_dqk", reason] {
+            assert!(notes[0].contains(needle), "{needle}: {}", notes[0]);
+        }
+        let fused = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget::default());
+        let mut fused = Engine::new(Box::new(fused), &config, seq, batch, packed_fp16()).unwrap();
+        assert!(fused.fallbacks().is_empty());
+        let got = two_passes(&mut split, &config, seq, batch);
+        let want = two_passes(&mut fused, &config, seq, batch);
+        for ((l_split, g_split), (l_fused, g_fused)) in got.iter().zip(&want) {
+            assert_eq!(
+                l_split.to_bits(),
+                l_fused.to_bits(),
+                "{what}: loss {l_split} vs {l_fused}"
+            );
+            assert!(g_fused.iter().any(|g| *g != 0.0));
+            assert_eq!(bits(g_split), bits(g_fused), "{what}: gradients differ");
+        }
+        // The split's kernels ran: they have their own clocks.
+        let profile = split.take_profile();
+        let phases: Vec<&str> = profile.phases.iter().map(|(p, _)| p.as_str()).collect();
+        for part in ["attn_bwd_dv", "attn_bwd_dqk"] {
+            assert!(phases.contains(&part), "{what}: {part}: {phases:?}");
+        }
+        assert!(!phases.contains(&"attn_bwd"), "{what}: {phases:?}");
+        drop(split);
+        let _ = std::fs::remove_dir_all(&root);
     }
-    let fused = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget::default());
-    let mut fused = Engine::new(Box::new(fused), &config, seq, batch, packed_fp16()).unwrap();
-    assert!(fused.fallbacks().is_empty());
-    let got = two_passes(&mut split, &config, seq, batch);
-    let want = two_passes(&mut fused, &config, seq, batch);
-    for ((l_split, g_split), (l_fused, g_fused)) in got.iter().zip(&want) {
-        assert_eq!(
-            l_split.to_bits(),
-            l_fused.to_bits(),
-            "loss {l_split} vs {l_fused}"
-        );
-        assert!(g_fused.iter().any(|g| *g != 0.0));
-        assert_eq!(bits(g_split), bits(g_fused), "gradients differ");
-    }
-    // The split's kernels ran: they have their own clocks.
-    let profile = split.take_profile();
-    let phases: Vec<&str> = profile.phases.iter().map(|(p, _)| p.as_str()).collect();
-    for part in ["attn_bwd_dv", "attn_bwd_dqk"] {
-        assert!(phases.contains(&part), "{part}: {phases:?}");
-    }
-    assert!(!phases.contains(&"attn_bwd"), "{phases:?}");
-    drop(split);
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// The compile plan leaves room for the split: a chip refusing the fused
@@ -607,12 +617,19 @@ impl Backend for RefusingCpu {
 }
 
 /// The split on the CPU backend in fp32 (weights as inputs, the CPU's
-/// kernels): the loss and every gradient equal the fused kernel's within
+/// kernels; GQA, MHA, biases and QK-norm): the loss and every gradient
+/// equal the fused kernel's within
 /// 1e-6 of the largest gradient (the CPU fuses the two programs' attention
 /// differently, so the last bits may differ).
 #[test]
 fn the_split_attention_backward_gives_the_fused_numbers_on_the_cpu_in_fp32() {
-    for config in [small_config(), ModelConfig::llama(64, 1, 4, 4, 128, 96, 32)] {
+    let features = ModelConfig {
+        qkv_bias: true,
+        qk_norm: true,
+        ..small_config()
+    };
+    let mha = ModelConfig::llama(64, 1, 4, 4, 128, 96, 32);
+    for config in [small_config(), mha, features] {
         let (seq, batch) = (32, 2);
         let opts = KernelOptions::cpu();
         let specs = LayerKernels::build(&config, seq, opts, &|_| None).unwrap();
