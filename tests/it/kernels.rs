@@ -561,3 +561,60 @@ fn the_ane_softmax_over_a_window_of_48_runs_over_64_masked_keys_with_the_same_nu
         }
     }
 }
+
+/// The attention kernels at the window of 48 against PyTorch
+/// (`scripts/ref_attention_window.py`, fixtures in
+/// `tests/fixtures/attention_t48/`): the CPU's fp32 kernels (softmax over 48
+/// keys) within 1e-5, the ANE-bound fp16 ones (softmax over 64 keys, 16 of
+/// them masked padding) within fp16's tolerance; the forward, the fused
+/// backward and its split.
+#[test]
+fn attention_at_a_window_of_48_matches_pytorch_with_and_without_padded_keys() {
+    let seq = 48;
+    let c = ModelConfig {
+        head_dim: 8,
+        ..ModelConfig::llama(32, 1, 4, 2, 48, 64, 64)
+    };
+    let fx = |name: &str| read_npy_f32(&fixture("attention_t48").join(format!("{name}.npy")));
+    let packed = KernelOptions {
+        dtype: DType::Fp16,
+        mode: WeightMode::Packed,
+        ..KernelOptions::cpu()
+    };
+    let fp32 = Tolerance {
+        relative: 1e-5,
+        absolute: 1e-6,
+    };
+    let fp16 = Tolerance {
+        relative: 1e-2,
+        absolute: 1e-3,
+    };
+    for (o, precision, tol) in [
+        (opts(WeightMode::Inputs), Precision::Fp32, &fp32),
+        (packed, Precision::Fp16, &fp16),
+    ] {
+        let keys = kernels::softmax_keys(seq, o);
+        let what = |kernel: &str, name: &str| format!("{kernel} {name} ({keys} keys)");
+        let forward = kernels::attn_fwd(&c, seq, o, &|_| None).unwrap();
+        let names = ["xn", "wq", "wk", "wv"];
+        let inputs: Vec<(&str, Vec<f32>)> = names.iter().map(|n| (*n, fx(n))).collect();
+        let outs = run(&forward, &inputs, precision);
+        for name in ["attn", "q_rope", "k_rope", "v"] {
+            let want = fx(&format!("out_{name}"));
+            tol.assert_close(output(&outs, name), &want, &what("attn_fwd", name));
+        }
+        let inputs = vec![
+            ("q_rope", fx("out_q_rope")),
+            ("k_rope", fx("out_k_rope")),
+            ("v", fx("out_v")),
+            ("dattn", fx("dattn")),
+        ];
+        let fused = run(&kernels::attn_bwd(&c, seq, o).unwrap(), &inputs, precision);
+        let split = split_attention_backward(&c, seq, o, &inputs, precision);
+        for name in ["dq", "dk", "dv"] {
+            let want = fx(&format!("out_{name}"));
+            tol.assert_close(output(&fused, name), &want, &what("attn_bwd", name));
+            tol.assert_close(output(&split, name), &want, &what("split", name));
+        }
+    }
+}
