@@ -232,11 +232,11 @@ pub fn clip_factor(norm: f64, max_norm: f32) -> f32 {
 }
 
 /// The largest loss scale: the largest power of two not above
-/// [`FP16_MATMUL_LIMIT`] (32,759), i.e. 2^14 = 16,384. The ANE's matmul
-/// outputs overflow to inf near 32,759, half of fp16's largest value, so a
-/// scale of 2^15 = 32,768 would put a scaled gradient of magnitude 1 (the
-/// loss gradient's seed is at most `scale` in magnitude) past it; fp16's own
-/// range would have allowed 2^16.
+/// [`FP16_MATMUL_LIMIT`] (32,759), i.e. 2^14 = 16,384. Every gradient the
+/// kernels compute carries the scale, and the ANE's matmul outputs overflow
+/// to inf near 32,759, half of fp16's largest value: at 2^15 = 32,768 a
+/// gradient of magnitude 1 would already be past it (fp16's own range would
+/// have allowed 2^16, the old cap of 65,536 past it too).
 pub const MAX_LOSS_SCALE: f32 = largest_power_of_two_at_most(FP16_MATMUL_LIMIT);
 
 /// The largest power of two `<= x` (for `x >= 1`).
