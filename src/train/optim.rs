@@ -235,8 +235,8 @@ pub fn clip_factor(norm: f64, max_norm: f32) -> f32 {
 /// [`FP16_MATMUL_LIMIT`] (32,759), i.e. 2^14 = 16,384. Every gradient the
 /// kernels compute carries the scale, and the ANE's matmul outputs overflow
 /// to inf near 32,759, half of fp16's largest value: at 2^15 = 32,768 a
-/// gradient of magnitude 1 would already be past it (fp16's own range would
-/// have allowed 2^16, the old cap of 65,536 past it too).
+/// gradient of magnitude 1 would already be past it (fp16's own range,
+/// 65,504, would have allowed 2^15; the old cap, 2^16, was past both).
 pub const MAX_LOSS_SCALE: f32 = largest_power_of_two_at_most(FP16_MATMUL_LIMIT);
 
 /// The largest power of two `<= x` (for `x >= 1`).
@@ -419,7 +419,7 @@ mod tests {
 
     /// The loss scale stops below the ANE's matmul overflow (32,759): the
     /// powers of two are 16,384 <= 32,759 < 32,768, so it grows to 2^14 and
-    /// no further (fp16's 65,504 alone would have allowed 2^15 and 2^16).
+    /// no further (fp16's 65,504 alone would have allowed 2^15; the old cap was 2^16).
     #[test]
     fn the_loss_scale_grows_to_the_power_of_two_below_the_matmul_limit() {
         assert_eq!(FP16_MATMUL_LIMIT, 32_759.0);
