@@ -242,7 +242,7 @@ pub fn max_error(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
 }
 
 /// Run every kernel of `config` (packed fp16 in the subject's dialect, window
-/// `seq`) on `subject` and on the CPU in fp32.
+/// `seq`), and the split attention backward, on `subject` and on the CPU in fp32.
 pub fn compare_kernels(
     subject: &mut dyn Backend,
     subject_name: &str,
@@ -256,9 +256,12 @@ pub fn compare_kernels(
         dialect: subject.dialect(),
     };
     let kernels = LayerKernels::build(config, seq, opts, &|_| None)?;
+    // With the split attention backward training falls back to where a chip
+    // refuses the fused one: whether the chip takes it is worth a row each.
+    let split = crate::model::kernels::attn_bwd_split(config, seq, opts, &|_| None)?;
     let (rel, abs) = KERNEL_TOLERANCE;
     let mut rows = Vec::new();
-    for (i, spec) in kernels.iter().enumerate() {
+    for (i, spec) in kernels.iter().chain(&split).enumerate() {
         let main = &spec.program.main;
         let dims = |ty| {
             let (r, c) = crate::backend::matrix_dims(ty);
@@ -581,7 +584,10 @@ mod tests {
         let config = ModelConfig::llama(64, 1, 4, 2, 128, 64, 32);
         let mut cpu = CpuBackend::new(Precision::Fp16);
         let report = compare_kernels(&mut cpu, "cpu-fp16", "test", &config, 32).unwrap();
-        assert_eq!(report.rows.len(), 9);
+        // The nine kernels of the set, then attn_bwd's split.
+        assert_eq!(report.rows.len(), 11);
+        assert_eq!(report.rows[9].kernel, "attn_bwd_dv");
+        assert_eq!(report.rows[10].kernel, "attn_bwd_dqk");
         for r in &report.rows {
             assert!(r.ok, "{r:?}");
             assert!(r.max_error.unwrap() > 0.0, "fp16 differs from fp32: {r:?}");

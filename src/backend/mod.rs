@@ -53,7 +53,8 @@ impl Precision {
 /// The largest magnitude an fp16 kernel's products may reach: the ANE's
 /// matmul outputs overflow to inf near 32,759, half of fp16's largest finite
 /// value (65,504), on every chip tested (field reports; `docs/ane-notes.md`).
-/// Loss scaling keeps scaled gradients below it.
+/// The dynamic loss scale grows to at most the largest power of two below
+/// it, 2^14 (`train::optim::MAX_LOSS_SCALE`).
 pub const FP16_MATMUL_LIMIT: f32 = 32_759.0;
 
 impl Precision {

@@ -138,6 +138,9 @@ pub fn run(
     let c = &opts.config;
     let backend_name = backend.name().to_string();
     let mut engine = Engine::new(backend, c, opts.seq, opts.batch, opts.kernels)?;
+    for note in engine.fallbacks() {
+        eprintln!("{note}");
+    }
     let mut weights = Weights::init(c, 1);
     let mut grads = Weights::zeros(c);
     let mut adam = AdamState::new(weights.data.len());

@@ -243,7 +243,7 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
     let (backend, precision) = (opened.backend, opened.precision);
     let opts = TrainStepOptions {
         config_name: args.config.clone(),
-        kernels: kernel_options(precision, &backend.preferences()),
+        kernels: kernel_options(precision, backend.as_ref()),
         config,
         seq,
         batch: args.batch,

@@ -546,8 +546,9 @@ impl Builder {
         self.reshape(&xt, &[1, heads * head_dim, 1, seq])
     }
     /// Causal attention per head: `softmax(q k^T * scale + mask) v` for `q`, `k`, `v`
-    /// `[1, H, S, D]` and an additive `mask` `[1, 1, S, S]` (0 on and below the
-    /// diagonal, -65504 above). Returns `(out [1,H,S,D], probs [1,H,S,S])`.
+    /// `[1, H, S, D]` and an additive `mask` `[1, 1, S, K]` (0 on and below the
+    /// diagonal, -65504 above; `K = S`, or more keys for a padded softmax, see
+    /// [`Builder::causal_probs`]). Returns `(out [1,H,S,D], probs [1,H,S,S])`.
     pub fn causal_attention(
         &mut self,
         q: &Tensor,
@@ -556,13 +557,61 @@ impl Builder {
         mask: &Tensor,
         scale: f32,
     ) -> (Tensor, Tensor) {
-        let scores = self.matmul(q, k, false, true); // (1, H, S, S)
+        let probs = self.causal_probs(q, k, mask, scale); // (1, H, S, S)
+        let out = self.matmul(&probs, v, false, false); // (1, H, S, D)
+        (out, probs)
+    }
+    /// The probabilities of causal attention per head, `softmax(q k^T * scale
+    /// + mask)` over the keys, `[1, H, S, S]`, for `q`, `k` `[1, H, S, D]` and
+    /// an additive `mask` `[1, 1, S, K]`. With `K > S` the softmax runs over
+    /// `K` keys (the ANE's kernels pad it to a power of two, rule ANE024):
+    /// `k` gets `K - S` zero rows, whose scores the mask sets to -65504 so that
+    /// their probabilities are exactly 0, and the probabilities are sliced
+    /// back to the `S` real keys.
+    pub fn causal_probs(&mut self, q: &Tensor, k: &Tensor, mask: &Tensor, scale: f32) -> Tensor {
+        let (heads, seq) = (q.shape()[1], q.shape()[2]);
+        let keys = mask.shape()[3];
+        assert!(
+            keys >= seq && k.shape()[2] == seq,
+            "causal_probs: a mask over {keys} keys for {seq} positions of `{}`",
+            k.name
+        );
+        let k = if keys > seq {
+            self.zero_rows_below(k, keys - seq)
+        } else {
+            k.clone()
+        };
+        let scores = self.matmul(q, &k, false, true); // (1, H, S, K)
         let scale = self.scalar(q.dtype(), scale);
         let scaled = self.mul(&scores, &scale);
         let masked = self.add(&scaled, mask);
-        let probs = self.softmax(&masked, -1); // (1, H, S, S)
-        let out = self.matmul(&probs, v, false, false); // (1, H, S, D)
-        (out, probs)
+        let probs = self.softmax(&masked, -1);
+        if keys > seq {
+            self.slice_by_size(&probs, &[0, 0, 0, 0], &[1, heads, seq, seq])
+        } else {
+            probs
+        }
+    }
+    /// `x` `[1, H, S, D]` followed by `rows` zero rows along axis 2: made from
+    /// `x`'s own rows times 0 (no constant of the pad's size).
+    fn zero_rows_below(&mut self, x: &Tensor, rows: usize) -> Tensor {
+        let (heads, seq, width) = (x.shape()[1], x.shape()[2], x.shape()[3]);
+        let block = rows.min(seq);
+        let part = self.slice_by_size(x, &[0, 0, 0, 0], &[1, heads, block, width]);
+        let zero = self.scalar(x.dtype(), 0.0);
+        let zeros = self.mul(&part, &zero);
+        let mut parts = vec![x.clone()];
+        let mut left = rows;
+        while left >= block {
+            parts.push(zeros.clone());
+            left -= block;
+        }
+        if left > 0 {
+            let rest = self.slice_by_size(&zeros, &[0, 0, 0, 0], &[1, heads, left, width]);
+            parts.push(rest);
+        }
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        self.concat(&refs, 2)
     }
     // ---- I/O padded to the ANE's rules (`super::layout`) -----------------
     /// Declare input `name` of logical shape `[1, C, H, W]`, padded to

@@ -14,6 +14,14 @@
 //! | `q_bwd`       | q_dim     | dq (Qd,T); Wq (transposed)               | dxn (C)                      |
 //! | `kv_bwd`      | kv_dim    | dk, dv (KVd,T); Wk, Wv (transposed)      | dxn (C)                      |
 //!
+//! Where a chip's compiler refuses the fused `attn_bwd`, its split
+//! ([`attn_bwd_split`], the reference's `sdpaBwd1`/`sdpaBwd2`) computes the
+//! same with the same ops: `attn_bwd_dv` reads what `attn_bwd` reads and
+//! writes `dv (KVd)`, `probs`, `dp (H*T, T)`; `attn_bwd_dqk` reads `probs`,
+//! `dp`, `q_rope`, `k_rope` and writes `dq (Qd)`, `dk (KVd)`. The set
+//! declares it ([`KernelDecl::split`]); `train` compiles it only when the
+//! whole is refused.
+//!
 //! A config's features add to these kernels, nothing else: with `qkv_bias`,
 //! `attn_fwd` reads `bq (Qd)`, `bk`, `bv (KVd)` and adds them to the
 //! projections before RoPE; with `qk_norm`, it reads `q_norm`, `k_norm (D)`,
@@ -30,7 +38,16 @@
 //! changes: the residual adds stay on the CPU in fp32 (the reference adds them on
 //! the ANE in fp16), and attention backward is one kernel whose inputs are packed
 //! along channels (the reference splits it in two and round-trips the `H*T x T`
-//! probabilities through memory). RMSNorm, embedding, classifier and loss run on the CPU.
+//! probabilities through memory; that split is the fallback above). RMSNorm,
+//! embedding, classifier and loss run on the CPU.
+//!
+//! The attention softmax of ANE-bound kernels runs over a power-of-two number
+//! of keys (rule ANE024: softmax over other sizes was reported to fail to
+//! compile): for a window `T` that is not one, the keys are padded with zero
+//! rows up to [`softmax_keys`] and masked (-65504, so their probabilities are
+//! exactly 0), and the probabilities are sliced back to `T` columns
+//! (`Builder::causal_probs`). The CPU's kernels (fp32, or `Inputs`) are
+//! never padded.
 //!
 //! Where weights come from is one choice per kernel build, [`WeightMode`]:
 //! - `Baked`: BLOBFILE constants, conv 1x1 (frozen weights, inference; recompile
@@ -392,7 +409,15 @@ impl<'w> KernelBuilder<'w> {
     /// padded to the ANE's rules (`mil::layout`, rules ANE009/ANE010/ANE015/ANE016);
     /// fp32 and `Inputs` kernels are the CPU's and keep their exact shapes.
     fn ane_layout(&self) -> bool {
-        self.opts.dtype == DType::Fp16 && self.opts.mode != WeightMode::Inputs
+        ane_bound(self.opts)
+    }
+
+    /// The causal mask table `mask` `[1, 1, T, K]` over the kernel's
+    /// [`softmax_keys`] `K` (`T`, or a power of two for the ANE).
+    pub fn causal_mask_table(&mut self) -> Tensor {
+        let (seq, keys) = (self.seq, softmax_keys(self.seq, self.opts));
+        let values = causal_mask_keys(seq, keys);
+        self.table("mask", &[1, 1, seq, keys], &values)
     }
 
     /// The weight file of a baked tensor or table named `name`: all of a
@@ -652,9 +677,36 @@ pub fn rope_tables_of(config: &ModelConfig, seq: usize) -> (Vec<f32>, Vec<f32>) 
 
 /// The additive causal mask `[1, 1, T, T]`: 0 on and below the diagonal, -65504 above.
 pub fn causal_mask(seq: usize) -> Vec<f32> {
-    (0..seq * seq)
-        .map(|i| if i % seq <= i / seq { 0.0 } else { -65504.0 })
+    causal_mask_keys(seq, seq)
+}
+
+/// The additive causal mask `[1, 1, T, K]` over `K >= T` keys: 0 where key
+/// `j <= ` position `i`, -65504 elsewhere, so the `K - T` padding keys are
+/// masked in every row.
+pub fn causal_mask_keys(seq: usize, keys: usize) -> Vec<f32> {
+    (0..seq * keys)
+        .map(|i| if i % keys <= i / keys { 0.0 } else { -65504.0 })
         .collect()
+}
+
+/// How many keys the attention softmax of a kernel built with `opts` runs
+/// over at window `seq`: `seq` itself, or, for ANE-bound kernels (fp16,
+/// packed or baked), `seq` rounded up to a power of two (rule ANE024: softmax
+/// over other sizes failed to compile), the extra keys masked. The CPU's
+/// kernels are never padded.
+pub fn softmax_keys(seq: usize, opts: KernelOptions) -> usize {
+    if ane_bound(opts) {
+        seq.next_power_of_two()
+    } else {
+        seq
+    }
+}
+
+/// Whether kernels built with `opts` are the ANE's: fp16 I/O packed into one
+/// input and one output (`Packed` or `Baked`); fp32 and `Inputs` kernels are
+/// the CPU's.
+fn ane_bound(opts: KernelOptions) -> bool {
+    opts.dtype == DType::Fp16 && opts.mode != WeightMode::Inputs
 }
 
 /// `rot(x)` for `x` `[1, H, T, D]`: pairs `(a, b)` -> `(-b, a)`.
@@ -754,20 +806,35 @@ pub const LAYER_KERNELS: LayerKernels<KernelDecl> = LayerKernels {
         name: "attn_bwd",
         build: |config, seq, opts, _| attn_bwd(config, seq, opts),
         reads_weights: false,
+        split: Some(SplitDecl {
+            parts: &ATTN_BWD_PARTS,
+            build: attn_bwd_split,
+        }),
     },
     q_bwd: KernelDecl::with_weights("q_bwd", q_bwd),
     kv_bwd: KernelDecl::with_weights("kv_bwd", kv_bwd),
 };
 
 /// One kernel of the set: its name (the built spec's), its builder (`baked`
-/// supplies weight values by slot name for `WeightMode::Baked`) and whether it
+/// supplies weight values by slot name for `WeightMode::Baked`), whether it
 /// reads weights, in which case a `Baked` kernel is compiled again whenever
-/// they change.
+/// they change, and the kernels that compute it where a device refuses it
+/// whole, if it has such a split.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelDecl {
     pub name: &'static str,
     pub build: fn(&ModelConfig, usize, KernelOptions, Baked) -> Result<KernelSpec>,
     pub reads_weights: bool,
+    pub split: Option<SplitDecl>,
+}
+
+/// A kernel's split: the kernels that, run in order, compute what it does
+/// (their names, and their builder). The host passes what one part writes to
+/// the next (`train::stages`); the parts read no weights the whole does not.
+#[derive(Clone, Copy, Debug)]
+pub struct SplitDecl {
+    pub parts: &'static [&'static str],
+    pub build: fn(&ModelConfig, usize, KernelOptions, Baked) -> Result<Vec<KernelSpec>>,
 }
 
 impl KernelDecl {
@@ -779,6 +846,7 @@ impl KernelDecl {
             name,
             build,
             reads_weights: true,
+            split: None,
         }
     }
 }
@@ -809,6 +877,12 @@ impl<T> LayerKernels<T> {
             Ok(kernels) => kernels,
             Err(never) => match never {},
         }
+    }
+
+    /// Pair every kernel with `other`'s of the same name.
+    pub fn zip<U>(self, other: LayerKernels<U>) -> LayerKernels<(T, U)> {
+        let mut other = other.into_array().into_iter();
+        self.map(|kernel| (kernel, other.next().expect("both sets have every kernel")))
     }
 
     pub fn as_ref(&self) -> LayerKernels<&T> {
@@ -867,6 +941,11 @@ pub struct KernelCounts {
     pub kernels: usize,
     /// Those that read weights: a `Baked` one is compiled again after every update.
     pub reading_weights: usize,
+    /// Successful compiles the set may take at start: every kernel once, a
+    /// kernel with a split as its parts when the device refuses it whole
+    /// (the refused compile is not counted, as the ANE backend's budget
+    /// does not count it).
+    pub most_compiles: usize,
 }
 
 /// The counts of [`LAYER_KERNELS`], from which a compile plan is made.
@@ -877,6 +956,10 @@ pub fn kernel_counts() -> KernelCounts {
             .iter()
             .filter(|decl| decl.reads_weights)
             .count(),
+        most_compiles: LAYER_KERNELS
+            .iter()
+            .map(|decl| decl.split.map_or(1, |split| split.parts.len().max(1)))
+            .sum(),
     }
 }
 
@@ -940,8 +1023,7 @@ pub fn attn_fwd(
         ));
     }
     let (cos, sin) = rope_consts(&mut kernel, config, seq);
-    let mask_values = causal_mask(seq);
-    let mask = kernel.table("mask", &[1, 1, seq, seq], &mask_values);
+    let mask = kernel.causal_mask_table();
     let builder = kernel.b();
     let qh = builder.split_heads(&qp, config.n_heads);
     let kh = builder.split_heads(&kp, config.n_kv_heads);
@@ -969,48 +1051,168 @@ pub fn attn_fwd(
 /// Attention backward (weight-free): recompute probabilities from `q_rope`,
 /// `k_rope`; `dV = P^T dO`, `dP = dO V^T`, `dS = P (dP - rowsum(dP P))`,
 /// `dQ = dS K s`, `dK = dS^T Q s`; GQA sums; RoPE backward to pre-RoPE q and k.
+/// Where a chip refuses it, [`attn_bwd_split`] computes the same in two kernels.
 pub fn attn_bwd(config: &ModelConfig, seq: usize, opts: KernelOptions) -> Result<KernelSpec> {
-    let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
     let mut kernel = KernelBuilder::new("attn_bwd", opts, seq);
-    kernel.act("q_rope", q_dim);
-    kernel.act("k_rope", kv_dim);
-    kernel.act("v", kv_dim);
-    kernel.act("dattn", q_dim);
-    let acts = kernel.begin()?;
+    let acts = attn_bwd_acts(&mut kernel, config)?;
     let (cos, sin) = rope_consts(&mut kernel, config, seq);
-    let mask_values = causal_mask(seq);
-    let mask = kernel.table("mask", &[1, 1, seq, seq], &mask_values);
-    let group = config.gqa_ratio();
+    let mask = kernel.causal_mask_table();
+    let heads = AttnHeads::new(kernel.b(), config, &acts[0], &acts[1]);
     let builder = kernel.b();
-    let qh = builder.split_heads(&acts[0], config.n_heads);
-    let kh = builder.split_heads(&acts[1], config.n_kv_heads);
-    let vh = builder.split_heads(&acts[2], config.n_kv_heads);
-    let d_out = builder.split_heads(&acts[3], config.n_heads);
-    let kx = expand_kv(builder, &kh, group);
-    let vx = expand_kv(builder, &vh, group);
-    let scale = 1.0 / (config.head_dim as f32).sqrt();
-    let (_, probs) = builder.causal_attention(&qh, &kx, &vx, &mask, scale);
-    let dv_full = builder.matmul(&probs, &d_out, true, false);
-    let dp = builder.matmul(&d_out, &vx, false, true);
-    let pdp = builder.mul(&dp, &probs);
-    let row = builder.reduce_sum(&pdp, &[-1], true);
-    let centered = builder.sub(&dp, &row);
-    let ds = builder.mul(&probs, &centered);
-    let s = builder.scalar(opts.dtype, scale);
-    let ds = builder.mul(&ds, &s);
-    let dq_rope = builder.matmul(&ds, &kx, false, false);
-    let dk_full = builder.matmul(&ds, &qh, true, false);
-    let dk_rope = reduce_kv(builder, &dk_full, group);
-    let dv = reduce_kv(builder, &dv_full, group);
-    let dq = rope_backward(builder, &dq_rope, &cos, &sin);
-    let dk = rope_backward(builder, &dk_rope, &cos, &sin);
-    let dq = builder.merge_heads(&dq);
-    let dk = builder.merge_heads(&dk);
-    let dv = builder.merge_heads(&dv);
+    let (dv, probs, dp) = heads.probs_and_dv(builder, &acts[2], &acts[3], &mask);
+    let (dq, dk) = heads.scores_backward(builder, &probs, &dp, &cos, &sin);
     kernel.output("dq", dq);
     kernel.output("dk", dk);
     kernel.output("dv", dv);
     kernel.finish()
+}
+
+/// The attention backward in two kernels, as the reference splits it
+/// (`sdpaBwd1`/`sdpaBwd2`, ane-reference §5.5.2) for chips whose compiler
+/// refuses the fused [`attn_bwd`]: [`attn_bwd_dv`] (probabilities, `dV`,
+/// `dP`) then [`attn_bwd_dqk`] (`dS`, `dQ`, `dK`). The probabilities and
+/// their gradient, `H*T x T` each, travel between them through memory; the
+/// ops and their order are the fused kernel's, so the numbers are its.
+pub fn attn_bwd_split(
+    config: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
+    _: Baked,
+) -> Result<Vec<KernelSpec>> {
+    Ok(vec![
+        attn_bwd_dv(config, seq, opts)?,
+        attn_bwd_dqk(config, seq, opts)?,
+    ])
+}
+
+/// The names of [`attn_bwd_split`]'s kernels, in the order they run.
+pub const ATTN_BWD_PARTS: [&str; 2] = ["attn_bwd_dv", "attn_bwd_dqk"];
+
+/// The first half of the split attention backward: from `q_rope`, `k_rope`,
+/// `v`, `dattn` (as [`attn_bwd`] reads them) the probabilities `probs` and
+/// their gradient `dp` (`H*T x T` each: row `h*T + i` holds query `i` of head
+/// `h` over the keys), and `dv` (GQA-summed).
+pub fn attn_bwd_dv(config: &ModelConfig, seq: usize, opts: KernelOptions) -> Result<KernelSpec> {
+    let mut kernel = KernelBuilder::new(ATTN_BWD_PARTS[0], opts, seq);
+    let acts = attn_bwd_acts(&mut kernel, config)?;
+    let mask = kernel.causal_mask_table();
+    let heads = AttnHeads::new(kernel.b(), config, &acts[0], &acts[1]);
+    let builder = kernel.b();
+    let (dv, probs, dp) = heads.probs_and_dv(builder, &acts[2], &acts[3], &mask);
+    let rows = [1, config.n_heads * seq, 1, seq];
+    let probs = builder.reshape(&probs, &rows);
+    let dp = builder.reshape(&dp, &rows);
+    kernel.output("dv", dv);
+    kernel.output("probs", probs);
+    kernel.output("dp", dp);
+    kernel.finish()
+}
+
+/// The second half of the split attention backward: from [`attn_bwd_dv`]'s
+/// `probs`, `dp` and the saved `q_rope`, `k_rope`, the gradients `dq`, `dk`
+/// (before RoPE, GQA-summed), as [`attn_bwd`] writes them.
+pub fn attn_bwd_dqk(config: &ModelConfig, seq: usize, opts: KernelOptions) -> Result<KernelSpec> {
+    let mut kernel = KernelBuilder::new(ATTN_BWD_PARTS[1], opts, seq);
+    let scores = config.n_heads * seq;
+    kernel.act("probs", scores);
+    kernel.act("dp", scores);
+    kernel.act("q_rope", config.q_dim());
+    kernel.act("k_rope", config.kv_dim());
+    let acts = kernel.begin()?;
+    let (cos, sin) = rope_consts(&mut kernel, config, seq);
+    let heads = AttnHeads::new(kernel.b(), config, &acts[2], &acts[3]);
+    let builder = kernel.b();
+    let square = [1, config.n_heads, seq, seq];
+    let probs = builder.reshape(&acts[0], &square);
+    let dp = builder.reshape(&acts[1], &square);
+    let (dq, dk) = heads.scores_backward(builder, &probs, &dp, &cos, &sin);
+    kernel.output("dq", dq);
+    kernel.output("dk", dk);
+    kernel.finish()
+}
+
+/// Declare the inputs of [`attn_bwd`] (and [`attn_bwd_dv`]) and begin.
+fn attn_bwd_acts(kernel: &mut KernelBuilder, config: &ModelConfig) -> Result<Vec<Tensor>> {
+    let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
+    kernel.act("q_rope", q_dim);
+    kernel.act("k_rope", kv_dim);
+    kernel.act("v", kv_dim);
+    kernel.act("dattn", q_dim);
+    kernel.begin()
+}
+
+/// The per-head queries and (GQA-expanded) keys the attention backward
+/// works on, `[1, H, T, D]`, and what it needs to know of the config.
+struct AttnHeads {
+    qh: Tensor,
+    kx: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    group: usize,
+    scale: f32,
+}
+
+impl AttnHeads {
+    /// Split `q_rope` `[1, Qd, 1, T]` and `k_rope` `[1, KVd, 1, T]` into heads.
+    fn new(b: &mut Builder, config: &ModelConfig, q_rope: &Tensor, k_rope: &Tensor) -> AttnHeads {
+        let group = config.gqa_ratio();
+        let qh = b.split_heads(q_rope, config.n_heads);
+        let kh = b.split_heads(k_rope, config.n_kv_heads);
+        let kx = expand_kv(b, &kh, group);
+        AttnHeads {
+            qh,
+            kx,
+            heads: config.n_heads,
+            kv_heads: config.n_kv_heads,
+            group,
+            scale: 1.0 / (config.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// From `v` `[1, KVd, 1, T]` and the output's gradient `dattn`
+    /// `[1, Qd, 1, T]`: `dv` `[1, KVd, 1, T]` (`P^T dO`, GQA-summed), the
+    /// recomputed probabilities `P` and `dP = dO V^T`, `[1, H, T, T]` each.
+    fn probs_and_dv(
+        &self,
+        b: &mut Builder,
+        v: &Tensor,
+        dattn: &Tensor,
+        mask: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
+        let vh = b.split_heads(v, self.kv_heads);
+        let d_out = b.split_heads(dattn, self.heads);
+        let vx = expand_kv(b, &vh, self.group);
+        let probs = b.causal_probs(&self.qh, &self.kx, mask, self.scale);
+        let dv_full = b.matmul(&probs, &d_out, true, false);
+        let dp = b.matmul(&d_out, &vx, false, true);
+        let dv = reduce_kv(b, &dv_full, self.group);
+        (b.merge_heads(&dv), probs, dp)
+    }
+
+    /// From `P` and `dP` `[1, H, T, T]`: `dS = P (dP - rowsum(dP P)) s`,
+    /// `dQ = dS K`, `dK = dS^T Q` (GQA-summed), both taken back through RoPE
+    /// (`cos`, `sin` `[1, 1, T, D]`): `dq` `[1, Qd, 1, T]`, `dk` `[1, KVd, 1, T]`.
+    fn scores_backward(
+        &self,
+        b: &mut Builder,
+        probs: &Tensor,
+        dp: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let pdp = b.mul(dp, probs);
+        let row = b.reduce_sum(&pdp, &[-1], true);
+        let centered = b.sub(dp, &row);
+        let ds = b.mul(probs, &centered);
+        let s = b.scalar(probs.dtype(), self.scale);
+        let ds = b.mul(&ds, &s);
+        let dq_rope = b.matmul(&ds, &self.kx, false, false);
+        let dk_full = b.matmul(&ds, &self.qh, true, false);
+        let dk_rope = reduce_kv(b, &dk_full, self.group);
+        let dq = rope_backward(b, &dq_rope, cos, sin);
+        let dk = rope_backward(b, &dk_rope, cos, sin);
+        (b.merge_heads(&dq), b.merge_heads(&dk))
+    }
 }
 
 /// Output projection forward: `o = Wo attn`.
@@ -1299,13 +1501,35 @@ mod tests {
                 "kv_bwd"
             ]
         );
+        // attn_bwd's split: two weight-free kernels, one compile more than the whole.
         assert_eq!(
             kernel_counts(),
             KernelCounts {
                 kernels: 9,
-                reading_weights: 8
+                reading_weights: 8,
+                most_compiles: 10,
             }
         );
+        for decl in LAYER_KERNELS.iter() {
+            let Some(split) = decl.split else { continue };
+            let parts = (split.build)(&config, 8, KernelOptions::cpu(), &|_| None).unwrap();
+            let names: Vec<&str> = parts.iter().map(|spec| spec.name.as_str()).collect();
+            assert_eq!(names, split.parts, "{}", decl.name);
+            for part in &parts {
+                assert!(
+                    part.inputs
+                        .iter()
+                        .all(|slot| slot.role == SlotRole::Activation),
+                    "{} reads no weights",
+                    part.name
+                );
+            }
+        }
+        let split: Vec<&str> = LAYER_KERNELS
+            .iter()
+            .filter_map(|decl| decl.split.map(|_| decl.name))
+            .collect();
+        assert_eq!(split, ["attn_bwd"]);
         let doubled = LAYER_KERNELS.map(|decl| usize::from(decl.reads_weights) * 2);
         assert_eq!(doubled.iter().sum::<usize>(), 16);
         assert_eq!(doubled.attn_bwd, 0);

@@ -68,8 +68,7 @@ impl Engine {
                 config.seq_len
             )));
         }
-        let specs = LayerKernels::build(config, seq, opts, &|_| None)?;
-        let kernels = kernel::compile(backend.as_mut(), specs)?;
+        let kernels = kernel::compile(backend.as_mut(), config, seq, opts)?;
         let acts = (0..config.n_layers)
             .map(|_| (0..batch).map(|_| LayerActs::new(config, seq)).collect())
             .collect();
@@ -113,6 +112,28 @@ impl Engine {
     /// [`crate::train::optim::global_norm`] of the whole gradient up to rounding.
     pub fn grad_norm(&self) -> f64 {
         self.grad_sq.iter().sum::<f64>().sqrt()
+    }
+
+    /// What the device refused and what runs instead: one line per kernel
+    /// compiled as its split (the fused attention backward a chip's compiler
+    /// refused, run as the reference's two kernels), for the user's log.
+    /// Empty when every kernel compiled whole.
+    pub fn fallbacks(&self) -> Vec<String> {
+        self.kernels
+            .iter()
+            .filter_map(|kernel| {
+                let parts = kernel.parts()?;
+                let names: Vec<&str> = parts.iter().map(|part| part.name()).collect();
+                Some(format!(
+                    "note: the {} backend refused the fused `{}` kernel, so its split runs instead \
+                     ({}, the same numbers); the refusal: {}",
+                    self.backend.name(),
+                    kernel.name(),
+                    names.join(" then "),
+                    kernel.refused().unwrap_or_default()
+                ))
+            })
+            .collect()
     }
 
     pub fn backend_name(&self) -> &'static str {

@@ -25,7 +25,7 @@ use super::optim::AdamW;
 use super::run_dir::{DataFile, RunLock, RunRecord};
 use super::source::WindowSource;
 use super::{Batches, Observer, TrainConfig, Trainer};
-use crate::backend::{self, BackendKind, CompilePlan, Opened, Precision, Preferences};
+use crate::backend::{self, Backend, BackendKind, CompilePlan, Opened, Precision, Preferences};
 use crate::data::corpus::{self, CorpusConfig};
 use crate::data::tokenizer::train::{TrainOptions, train_bpe};
 use crate::data::tokens::{Batcher, Order, TokenFile, TokenSpan, tokenize_files, val_path_for};
@@ -202,7 +202,7 @@ fn start(
     let weights = init.unwrap_or_else(|| Weights::init(&config.model, config.seed));
     let preferences = opened.backend.preferences();
     let restart_after = updates_before_restart(options.restart_every, &preferences)?;
-    let kernels = kernel_options(opened.precision, &preferences);
+    let kernels = kernel_options(opened.precision, opened.backend.as_ref());
     let engine = Engine::new(
         opened.backend,
         &config.model,
@@ -210,6 +210,9 @@ fn start(
         config.batch,
         kernels,
     )?;
+    for note in engine.fallbacks() {
+        observer.on_message(&note);
+    }
     observer.on_message(&format!(
         "training {} ({:.2}M parameters, dim {}, {} layers) on {} for {} steps of {} x {} tokens -> {}",
         config.preset.as_deref().unwrap_or("model"),
@@ -497,7 +500,7 @@ fn resume(
     let (mut source, mut val) = files.sources(&config, record.data_order)?;
     let preferences = opened.backend.preferences();
     let restart_after = updates_before_restart(options.restart_every, &preferences)?;
-    let kernels = kernel_options(opened.precision, &preferences);
+    let kernels = kernel_options(opened.precision, opened.backend.as_ref());
     let engine = Engine::new(
         opened.backend,
         &config.model,
@@ -505,6 +508,9 @@ fn resume(
         config.batch,
         kernels,
     )?;
+    for note in engine.fallbacks() {
+        observer.on_message(&note);
+    }
     let mut trainer = Trainer::resume(dir, engine, &mut source, None)?;
     observer.on_message(&format!(
         "resumed {} at step {} of {}",
@@ -693,16 +699,18 @@ pub fn open_backend(kind: BackendKind, precision: Precision) -> Result<Opened> {
     Ok(opened)
 }
 
-/// The training kernels' options: `precision`'s dtype, the backend's weight mode.
-pub fn kernel_options(precision: Precision, preferences: &Preferences) -> KernelOptions {
+/// The training kernels' options: `precision`'s dtype, the weight mode the
+/// backend prefers and the MIL dialect it compiles ([`Backend::dialect`]:
+/// ios16 on a chip the probes found refusing ios18).
+pub fn kernel_options(precision: Precision, backend: &dyn Backend) -> KernelOptions {
     let dtype = match precision {
         Precision::Fp16 => DType::Fp16,
         Precision::Fp32 => DType::Fp32,
     };
     KernelOptions {
         dtype,
-        mode: preferences.weight_mode,
-        ..KernelOptions::cpu()
+        mode: backend.preferences().weight_mode,
+        dialect: backend.dialect(),
     }
 }
 
@@ -720,9 +728,10 @@ pub fn updates_before_restart(
         return Ok(Some(n));
     }
     let counts = crate::model::kernels::kernel_counts();
+    // At most: attn_bwd refused whole and compiled as its two parts.
     let plan = CompilePlan::new(
         preferences.weight_mode,
-        counts.kernels,
+        counts.most_compiles,
         counts.reading_weights,
     );
     preferences.updates_before_restart(plan)

@@ -1,6 +1,7 @@
 //! A compiled layer kernel and how the host calls it: [`CompiledKernel`]
-//! (the backend's kernel with its buffers and clocks) and [`Call`], one run
-//! on host arrays bound by slot name, alone or as a batch ([`run_many`]).
+//! (the backend's kernel with its buffers and clocks, or the parts it runs
+//! as where the device refused it whole) and [`Call`], one run on host
+//! arrays bound by slot name, alone or as a batch ([`run_many`]).
 //!
 //! This module knows nothing about layers, gradients or scheduling: which
 //! arrays a kernel reads and writes is the caller's business (`stages`).
@@ -8,16 +9,19 @@
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Block, BufferId, HostCall, KernelId};
+use crate::backend::{self, Backend, Block, BufferId, Compiled, HostCall, KernelId};
 use crate::mil::Var;
-use crate::model::kernels::{KernelSpec, LayerKernels, SlotRole, TensorSlot, transpose};
+use crate::model::ModelConfig;
+use crate::model::kernels::{
+    KernelOptions, KernelSpec, LAYER_KERNELS, LayerKernels, SlotRole, TensorSlot, transpose,
+};
 use crate::train::profile::Profile;
 use crate::{Error, Result};
 
-/// A compiled kernel with its buffers.
+/// A compiled kernel with its buffers, or the kernels it runs as.
 pub struct CompiledKernel {
     pub spec: KernelSpec,
-    id: KernelId,
+    form: Form,
     inputs: Vec<BufferId>,
     outputs: Vec<BufferId>,
     /// Whether a [`Call`] may hand host arrays straight to the backend: every
@@ -32,12 +36,50 @@ pub struct CompiledKernel {
     io_time: Cell<Duration>,
 }
 
-/// Compile every kernel of a layer's set.
+/// How a kernel was compiled.
+enum Form {
+    /// As its spec says: the backend's kernel.
+    Whole(KernelId),
+    /// The device refused it (`refused`: the compiler's error); its split's
+    /// kernels compute it, in order (`train::stages` runs them).
+    Split {
+        parts: Vec<CompiledKernel>,
+        refused: String,
+    },
+}
+
+/// Compile every kernel of a layer's set (`config` at window `seq`, built
+/// with `opts`); a kernel the device refuses whole is compiled as its split
+/// where it has one ([`backend::compile_or_split`]). A failure names the kernel.
 pub fn compile(
     backend: &mut dyn Backend,
-    specs: LayerKernels<KernelSpec>,
+    config: &ModelConfig,
+    seq: usize,
+    opts: KernelOptions,
 ) -> Result<LayerKernels<CompiledKernel>> {
-    specs.try_map(|spec| CompiledKernel::new(backend, spec))
+    let specs = LayerKernels::build(config, seq, opts, &|_| None)?;
+    LAYER_KERNELS.zip(specs).try_map(|(decl, spec)| {
+        let compiled = match decl.split {
+            None => CompiledKernel::new(backend, spec),
+            Some(split) => CompiledKernel::new_or_split(backend, spec, || {
+                (split.build)(config, seq, opts, &|_| None)
+            }),
+        };
+        compiled.map_err(|e| naming_the_kernel(e, decl.name))
+    })
+}
+
+/// `error` with the layer kernel it happened to appended (kept a backend
+/// error at its step, so a refusal stays one).
+fn naming_the_kernel(error: Error, kernel: &str) -> Error {
+    match error {
+        Error::Backend { backend, step, msg } => Error::Backend {
+            backend,
+            step,
+            msg: format!("{msg} (layer kernel `{kernel}`)"),
+        },
+        other => other,
+    }
 }
 
 /// Whether `slots` are the whole buffers `vars`, in order, with no weight
@@ -65,6 +107,50 @@ fn block(slot: &TensorSlot) -> Block {
 impl CompiledKernel {
     pub fn new(backend: &mut dyn Backend, spec: KernelSpec) -> Result<CompiledKernel> {
         let id = backend.compile(&spec.package)?;
+        Self::with_id(backend, spec, id)
+    }
+
+    /// Compile `spec`, or, when the device refuses it
+    /// ([`backend::is_compile_refusal`]), the kernels `parts` builds, which
+    /// run in order compute what it would (its split).
+    pub fn new_or_split(
+        backend: &mut dyn Backend,
+        spec: KernelSpec,
+        parts: impl FnOnce() -> Result<Vec<KernelSpec>>,
+    ) -> Result<CompiledKernel> {
+        let mut specs = Vec::new();
+        let compiled = backend::compile_or_split(backend, &spec.package, || {
+            specs = parts()?;
+            Ok(specs.iter().map(|part| part.package.clone()).collect())
+        })?;
+        match compiled {
+            Compiled::Whole(id) => Self::with_id(backend, spec, id),
+            Compiled::Split { parts, refused } => {
+                let parts = specs
+                    .into_iter()
+                    .zip(parts)
+                    .map(|(part, id)| Self::with_id(backend, part, id))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(CompiledKernel {
+                    spec,
+                    form: Form::Split { parts, refused },
+                    inputs: Vec::new(),
+                    outputs: Vec::new(),
+                    direct: false,
+                    written: RefCell::default(),
+                    run_time: Cell::default(),
+                    io_time: Cell::default(),
+                })
+            }
+        }
+    }
+
+    /// The kernel compiled as `id`, with its buffers.
+    fn with_id(
+        backend: &mut dyn Backend,
+        spec: KernelSpec,
+        id: KernelId,
+    ) -> Result<CompiledKernel> {
         let info = backend.kernel_info(id).clone();
         let alloc = |backend: &mut dyn Backend, vars: &[Var]| {
             vars.iter()
@@ -78,7 +164,7 @@ impl CompiledKernel {
         let written = RefCell::new(vec![None; spec.inputs.len()]);
         Ok(CompiledKernel {
             spec,
-            id,
+            form: Form::Whole(id),
             inputs,
             outputs,
             direct,
@@ -98,6 +184,35 @@ impl CompiledKernel {
         self.direct
     }
 
+    /// The kernels this one runs as, in order, when the device refused it
+    /// whole; `None` when it was compiled whole.
+    pub fn parts(&self) -> Option<&[CompiledKernel]> {
+        match &self.form {
+            Form::Whole(_) => None,
+            Form::Split { parts, .. } => Some(parts),
+        }
+    }
+
+    /// The compiler's error for the whole kernel, when it runs as its parts.
+    pub fn refused(&self) -> Option<&str> {
+        match &self.form {
+            Form::Whole(_) => None,
+            Form::Split { refused, .. } => Some(refused),
+        }
+    }
+
+    /// The backend's kernel; an error for a kernel that runs as its parts.
+    fn id(&self) -> Result<KernelId> {
+        match &self.form {
+            Form::Whole(id) => Ok(*id),
+            Form::Split { parts, .. } => Err(Error::Invalid(format!(
+                "kernel {} was compiled as its {} parts (the device refused it whole): run them",
+                self.spec.name,
+                parts.len()
+            ))),
+        }
+    }
+
     /// Start binding host arrays for one run (see [`Call`]).
     pub fn call<'a>(&self) -> Call<'_, 'a> {
         Call {
@@ -112,6 +227,9 @@ impl CompiledKernel {
     /// again. The engine calls this whenever the weights may have changed.
     pub fn new_pass(&self) {
         self.written.borrow_mut().fill(None);
+        for part in self.parts().unwrap_or_default() {
+            part.new_pass();
+        }
     }
 
     /// Add the time of `io` to the buffer I/O clock.
@@ -150,8 +268,9 @@ impl CompiledKernel {
     }
 
     pub fn run(&self, backend: &mut dyn Backend) -> Result<()> {
+        let id = self.id()?;
         let start = Instant::now();
-        let result = backend.run(self.id, &self.inputs, &self.outputs);
+        let result = backend.run(id, &self.inputs, &self.outputs);
         self.run_time.set(self.run_time.get() + start.elapsed());
         result
     }
@@ -162,10 +281,13 @@ impl CompiledKernel {
         self.timed_io(|| backend.read(self.outputs[slot.buffer], block(slot), dst))
     }
 
-    /// Add this kernel's run time (under its name) and buffer I/O time (under
-    /// `io`) to `profile`, and reset them.
+    /// Add this kernel's run time (under its name; a split kernel's parts
+    /// under theirs) and buffer I/O time (under `io`) to `profile`, and reset them.
     pub fn take_times(&self, profile: &mut Profile) {
-        profile.add_duration(&self.spec.name, self.run_time.take());
+        match self.parts() {
+            None => profile.add_duration(&self.spec.name, self.run_time.take()),
+            Some(parts) => parts.iter().for_each(|part| part.take_times(profile)),
+        }
         profile.add_duration("io", self.io_time.take());
     }
 }
@@ -293,7 +415,7 @@ pub fn run_many<'k, 'a>(
             })
             .collect();
         let start = Instant::now();
-        if backend.run_host_many(kernel.id, &mut host)? {
+        if backend.run_host_many(kernel.id()?, &mut host)? {
             kernel.run_time.set(kernel.run_time.get() + start.elapsed());
             return Ok(());
         }
@@ -314,7 +436,7 @@ impl Bound<'_, '_> {
         let kernel = self.kernel;
         if kernel.direct {
             let start = Instant::now();
-            let ran = backend.run_host(kernel.id, &self.inputs, &mut self.outputs)?;
+            let ran = backend.run_host(kernel.id()?, &self.inputs, &mut self.outputs)?;
             if ran {
                 kernel.run_time.set(kernel.run_time.get() + start.elapsed());
                 return Ok(());

@@ -11,6 +11,7 @@ use std::str::FromStr;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::FP16_MATMUL_LIMIT;
 use crate::model::Weights;
 use crate::{Error, Result};
 
@@ -264,9 +265,28 @@ pub fn clip_factor(norm: f64, max_norm: f32) -> f32 {
     }
 }
 
+/// The largest loss scale: the largest power of two not above
+/// [`FP16_MATMUL_LIMIT`] (32,759), i.e. 2^14 = 16,384. Every gradient the
+/// kernels compute carries the scale, and the ANE's matmul outputs overflow
+/// to inf near 32,759, half of fp16's largest value: at 2^15 = 32,768 a
+/// gradient of magnitude 1 would already be past it (fp16's own range,
+/// 65,504, would have allowed 2^15; the old cap, 2^16, was past both).
+pub const MAX_LOSS_SCALE: f32 = largest_power_of_two_at_most(FP16_MATMUL_LIMIT);
+
+/// The largest power of two `<= x` (for `x >= 1`).
+const fn largest_power_of_two_at_most(x: f32) -> f32 {
+    let mut p = 1.0;
+    while p * 2.0 <= x {
+        p *= 2.0;
+    }
+    p
+}
+
 /// Dynamic loss scaling for fp16 kernels: multiply the loss gradient by
 /// `scale`; on inf/NaN gradients halve it and skip the update; after
-/// `growth_interval` clean steps double it.
+/// `growth_interval` clean steps double it, up to [`MAX_LOSS_SCALE`] (a
+/// scale restored from an older run above it is brought down to it at the
+/// next clean step).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LossScaler {
     pub scale: f32,
@@ -280,7 +300,8 @@ pub struct LossScaler {
 pub enum ScaleEvent {
     /// Gradients finite: apply the update.
     Apply,
-    /// Gradients finite and the scale was doubled afterwards.
+    /// Gradients finite and the scale was doubled afterwards (never past
+    /// [`MAX_LOSS_SCALE`]).
     ApplyAndGrow,
     /// Non-finite gradients: skip the update; the scale was halved.
     Skip,
@@ -327,11 +348,15 @@ impl LossScaler {
             return ScaleEvent::Apply;
         }
         self.clean_steps += 1;
+        let capped = self.scale.min(MAX_LOSS_SCALE);
         if self.clean_steps >= self.growth_interval {
             self.clean_steps = 0;
-            self.scale = (self.scale * 2.0).min(65536.0);
-            return ScaleEvent::ApplyAndGrow;
+            self.scale = (capped * 2.0).min(MAX_LOSS_SCALE);
+            if self.scale > capped {
+                return ScaleEvent::ApplyAndGrow;
+            }
         }
+        self.scale = capped;
         ScaleEvent::Apply
     }
 }
@@ -424,5 +449,47 @@ mod tests {
         let mut off = LossScaler::disabled();
         assert_eq!(off.update(f64::NAN), ScaleEvent::Skip);
         assert_eq!(off.scale, 1.0);
+    }
+
+    /// The loss scale stops below the ANE's matmul overflow (32,759): the
+    /// powers of two are 16,384 <= 32,759 < 32,768, so it grows to 2^14 and
+    /// no further (fp16's 65,504 alone would have allowed 2^15; the old cap was 2^16).
+    #[test]
+    fn the_loss_scale_grows_to_the_power_of_two_below_the_matmul_limit() {
+        assert_eq!(FP16_MATMUL_LIMIT, 32_759.0);
+        assert_eq!(MAX_LOSS_SCALE, 16_384.0);
+        let mut s = LossScaler {
+            scale: 4096.0,
+            growth_interval: 1,
+            ..LossScaler::dynamic()
+        };
+        assert_eq!(s.update(1.0), ScaleEvent::ApplyAndGrow);
+        assert_eq!(s.scale, 8192.0);
+        assert_eq!(s.update(1.0), ScaleEvent::ApplyAndGrow);
+        assert_eq!(s.scale, 16_384.0);
+        // At the cap a clean interval no longer grows it.
+        assert_eq!(s.update(1.0), ScaleEvent::Apply);
+        assert_eq!(s.scale, 16_384.0);
+        // Overflow still halves it, and it grows back to the cap.
+        assert_eq!(s.update(f64::INFINITY), ScaleEvent::Skip);
+        assert_eq!(s.scale, 8192.0);
+        assert_eq!(s.update(1.0), ScaleEvent::ApplyAndGrow);
+        assert_eq!(s.scale, 16_384.0);
+        // A scale saved by an older run (which grew to 65,536) comes down to
+        // the cap at its next clean step, growth interval or not.
+        let mut old = LossScaler {
+            scale: 65_536.0,
+            growth_interval: 200,
+            ..LossScaler::dynamic()
+        };
+        assert_eq!(old.update(1.0), ScaleEvent::Apply);
+        assert_eq!(old.scale, 16_384.0);
+        let mut old = LossScaler {
+            scale: 32_768.0,
+            growth_interval: 1,
+            ..LossScaler::dynamic()
+        };
+        assert_eq!(old.update(1.0), ScaleEvent::Apply);
+        assert_eq!(old.scale, 16_384.0);
     }
 }

@@ -6,12 +6,12 @@
 //! This module binds and runs; the order of the stages and the host math
 //! between them are `layer`'s, the weight gradients `schedule`'s.
 
-use crate::Result;
 use crate::backend::Backend;
 use crate::model::kernels::LayerKernels;
 use crate::train::buffers::LayerActs;
 use crate::train::kernel::{CompiledKernel, run_many};
 use crate::train::params::LayerParams;
+use crate::{Error, Result};
 
 /// A layer's compiled kernels on their backend, each run over the batch.
 pub struct BatchKernels<'e> {
@@ -168,7 +168,9 @@ impl BatchKernels<'_> {
         )
     }
 
-    /// `dq`, `dk`, `dv` (before RoPE) from `dattn` and the saved `q_rope`, `k_rope`, `v`.
+    /// `dq`, `dk`, `dv` (before RoPE) from `dattn` and the saved `q_rope`,
+    /// `k_rope`, `v`; through the split pair where the device refused the
+    /// fused kernel ([`BatchKernels::attn_bwd_split`]).
     pub fn attn_bwd(
         &mut self,
         acts: &[LayerActs],
@@ -177,6 +179,10 @@ impl BatchKernels<'_> {
         dk: &mut [Vec<f32>],
         dv: &mut [Vec<f32>],
     ) -> Result<()> {
+        let kernels = self.kernels;
+        if let Some(parts) = kernels.attn_bwd.parts() {
+            return self.attn_bwd_split(parts, acts, dattn, dq, dk, dv);
+        }
         let outputs = dq.iter_mut().zip(dk.iter_mut().zip(dv.iter_mut()));
         run_many(
             self.backend,
@@ -196,6 +202,55 @@ impl BatchKernels<'_> {
                         .output("dv", dv)
                 }),
         )
+    }
+
+    /// [`BatchKernels::attn_bwd`] as the split pair, one sequence at a time:
+    /// `attn_bwd_dv` writes `dv` and the probabilities and their gradient
+    /// (`H*T x T` each, in two host arrays reused for every sequence), which
+    /// `attn_bwd_dqk` reads with `q_rope`, `k_rope` to write `dq`, `dk`.
+    fn attn_bwd_split(
+        &mut self,
+        parts: &[CompiledKernel],
+        acts: &[LayerActs],
+        dattn: &[Vec<f32>],
+        dq: &mut [Vec<f32>],
+        dk: &mut [Vec<f32>],
+        dv: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let [first, second] = parts else {
+            return Err(Error::Invalid(format!(
+                "attn_bwd's split has 2 kernels, got {}",
+                parts.len()
+            )));
+        };
+        let len = |name: &str| {
+            let slot = first.spec.output(name);
+            slot.rows * slot.cols
+        };
+        let (mut probs, mut dp) = (vec![0.0; len("probs")], vec![0.0; len("dp")]);
+        let outputs = dq.iter_mut().zip(dk.iter_mut().zip(dv.iter_mut()));
+        for ((layer_acts, dattn), (dq, (dk, dv))) in acts.iter().zip(dattn).zip(outputs) {
+            first
+                .call()
+                .input("q_rope", &layer_acts.q_rope)
+                .input("k_rope", &layer_acts.k_rope)
+                .input("v", &layer_acts.v)
+                .input("dattn", dattn)
+                .output("dv", dv)
+                .output("probs", &mut probs)
+                .output("dp", &mut dp)
+                .run(self.backend)?;
+            second
+                .call()
+                .input("probs", &probs)
+                .input("dp", &dp)
+                .input("q_rope", &layer_acts.q_rope)
+                .input("k_rope", &layer_acts.k_rope)
+                .output("dq", dq)
+                .output("dk", dk)
+                .run(self.backend)?;
+        }
+        Ok(())
     }
 
     /// `dxn = Wq^T dq`.

@@ -301,27 +301,43 @@ fn zero_weights(config: &ModelConfig) -> impl Fn(&str) -> Option<Vec<f32>> + '_ 
 }
 
 /// Issue 22, acceptance: every kernel the model builds for the ANE (every
-/// preset at its training window and at doctor's, packed and baked weights,
-/// both dialects), every benchmark kernel (quick and full configs of every
-/// suite and form) and every probe passes the field's rules. (LoRA kernels
-/// join this list when they exist.)
+/// preset at its training window and at doctor's, and at a window that is no
+/// power of two, packed and baked weights, both dialects, with the split
+/// attention backward), every benchmark kernel (quick and full configs of
+/// every suite and form) and every probe passes the field's rules. (LoRA
+/// kernels join this list when they exist.)
 #[test]
 fn every_ane_bound_kernel_benchmark_and_probe_passes_the_field_rules() {
     for preset in anemone::model::config::PRESETS {
         let config = ModelConfig::preset(preset).unwrap();
         let weights = zero_weights(&config);
-        let mut seqs = vec![config.seq_len.min(256), config.seq_len.min(128)];
-        seqs.dedup();
-        for seq in seqs {
+        // 96: no power of two, softmax over 128 keys (ANE024); the padding
+        // does not depend on the dialect, so ios18 alone there.
+        let mut windows = vec![
+            (
+                config.seq_len.min(256),
+                &[Dialect::Ios18, Dialect::Ios16][..],
+            ),
+            (
+                config.seq_len.min(128),
+                &[Dialect::Ios18, Dialect::Ios16][..],
+            ),
+            (config.seq_len.min(96), &[Dialect::Ios18][..]),
+        ];
+        windows.dedup_by_key(|(seq, _)| *seq);
+        for (seq, dialects) in windows {
             for mode in [WeightMode::Packed, WeightMode::Baked] {
-                for dialect in [Dialect::Ios18, Dialect::Ios16] {
+                for &dialect in dialects {
                     let opts = KernelOptions {
                         dtype: DType::Fp16,
                         mode,
                         dialect,
                     };
                     let specs = LayerKernels::build(&config, seq, opts, &weights).unwrap();
-                    for spec in specs.iter() {
+                    let split =
+                        anemone::model::kernels::attn_bwd_split(&config, seq, opts, &weights)
+                            .unwrap();
+                    for spec in specs.iter().chain(&split) {
                         let what = format!("{preset} seq {seq} {mode:?} {dialect:?} {}", spec.name);
                         assert_passes_the_field_rules(&what, &spec.package);
                     }
@@ -371,11 +387,10 @@ fn every_ane_bound_kernel_benchmark_and_probe_passes_the_field_rules() {
     }
 }
 
-/// A chip that refuses the fused attention backward: compiling the layer's
-/// kernels fails at step "compile", a refusal (not a budget, load or I/O
-/// failure), the case in which the engine can ask for the reference's split
-/// form through `backend::compile_or_split` (the split kernels are the
-/// kernel side's, see docs/ane-notes.md).
+/// A chip that refuses the fused attention backward refuses it at step
+/// "compile" (not a budget, load or I/O failure), the case in which
+/// `train::kernel::compile` compiles its split instead; other failures stop
+/// the engine and name the kernel they happened to.
 #[test]
 fn a_chip_refusing_the_fused_attention_backward_is_a_compile_refusal() {
     let config = small_config();
@@ -385,10 +400,8 @@ fn a_chip_refusing_the_fused_attention_backward_is_a_compile_refusal() {
         .refusing("the fused attention backward is too big", move |p| {
             *p == fused
         });
-    let backend = AneBackend::new(runtime, CompileBudget::default());
-    let err = Engine::new(Box::new(backend), &config, 32, 1, packed_fp16())
-        .err()
-        .expect("attn_bwd refused");
+    let mut backend = AneBackend::new(runtime, CompileBudget::default());
+    let err = backend.compile(&specs.attn_bwd.package).unwrap_err();
     assert!(is_compile_refusal(&err), "{err}");
     assert!(err.to_string().contains("too big"), "{err}");
     let budget = CompileBudget { limit: 3 };
@@ -405,6 +418,340 @@ fn a_chip_refusing_the_fused_attention_backward_is_a_compile_refusal() {
         !is_compile_refusal(&spent),
         "a spent budget is no refusal: {spent}"
     );
+    // The fourth kernel of the set is the one the budget stops.
+    assert!(
+        spent.to_string().ends_with("(layer kernel `ffn_bwd_w2`)"),
+        "{spent}"
+    );
+}
+
+/// A fake ANE that refuses the programs of `refused` (the fused kernels it
+/// was built from), with `reason`.
+fn refusing_programs(
+    root: std::path::PathBuf,
+    refused: Vec<anemone::mil::Program>,
+    reason: &str,
+) -> AneBackend<FakeRuntime> {
+    let runtime = FakeRuntime::new(root).refusing(reason, move |p| refused.contains(p));
+    AneBackend::new(runtime, CompileBudget::default())
+}
+
+/// Loss and gradients of one `forward_backward` (loss scale 256) of
+/// `engine` on fixed tokens, twice (the second reuses everything).
+fn two_passes(
+    engine: &mut Engine,
+    config: &ModelConfig,
+    seq: usize,
+    batch: usize,
+) -> Vec<(f64, Vec<f32>)> {
+    let weights = Weights::init(config, 4);
+    let mut rng = Rng::new(8);
+    let vocab = config.vocab_size as u64;
+    let inputs: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab) as u32).collect();
+    let targets: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab) as u32).collect();
+    (0..2)
+        .map(|_| {
+            let mut grads = Weights::zeros(config);
+            let loss = engine
+                .forward_backward(&weights, &mut grads, &inputs, &targets, 256.0)
+                .unwrap();
+            (loss, grads.data)
+        })
+        .collect()
+}
+
+/// Issue 22, acceptance: a fake ANE that refuses the fused `attn_bwd` makes
+/// the engine compile its split (two kernels, ten in all, the note saying
+/// so once), and training runs through it with the fused kernel's numbers,
+/// with GQA, and with q/k/v biases and QK-norm (whose backward reads the
+/// split's `dq`, `dk`).
+/// The parts are the fused kernel's ops in its order and the probabilities
+/// cross between them as fp16 surfaces, which is what every fp16 op of the
+/// fused kernel rounds them to: the same numbers, bit for bit.
+#[test]
+fn a_chip_refusing_the_fused_attention_backward_trains_with_the_split_kernels() {
+    let features = ModelConfig {
+        qkv_bias: true,
+        qk_norm: true,
+        ..small_config()
+    };
+    for config in [small_config(), features] {
+        let what = format!("bias {} qk-norm {}", config.qkv_bias, config.qk_norm);
+        let (seq, batch) = (32, 2);
+        let specs = LayerKernels::build(&config, seq, packed_fp16(), &|_| None).unwrap();
+        let root = temp_dir("fake-ane-split");
+        let reason = "the fused attention backward is too big";
+        let refused = vec![specs.attn_bwd.program.clone()];
+        let split = refusing_programs(root.clone(), refused, reason);
+        let mut split = Engine::new(Box::new(split), &config, seq, batch, packed_fp16()).unwrap();
+        let dirs = std::fs::read_dir(&root).unwrap().count();
+        assert_eq!(dirs, 10, "{what}: 8 whole kernels and attn_bwd's two parts");
+        let notes = split.fallbacks();
+        assert_eq!(notes.len(), 1, "{what}: {notes:?}");
+        for needle in ["`attn_bwd`", "attn_bwd_dv then attn_bwd_dqk", reason] {
+            assert!(notes[0].contains(needle), "{needle}: {}", notes[0]);
+        }
+        let fused = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget::default());
+        let mut fused = Engine::new(Box::new(fused), &config, seq, batch, packed_fp16()).unwrap();
+        assert!(fused.fallbacks().is_empty());
+        let got = two_passes(&mut split, &config, seq, batch);
+        let want = two_passes(&mut fused, &config, seq, batch);
+        for ((l_split, g_split), (l_fused, g_fused)) in got.iter().zip(&want) {
+            assert_eq!(
+                l_split.to_bits(),
+                l_fused.to_bits(),
+                "{what}: loss {l_split} vs {l_fused}"
+            );
+            assert!(g_fused.iter().any(|g| *g != 0.0));
+            assert_eq!(bits(g_split), bits(g_fused), "{what}: gradients differ");
+        }
+        // The split's kernels ran: they have their own clocks.
+        let profile = split.take_profile();
+        let phases: Vec<&str> = profile.phases.iter().map(|(p, _)| p.as_str()).collect();
+        for part in ["attn_bwd_dv", "attn_bwd_dqk"] {
+            assert!(phases.contains(&part), "{what}: {part}: {phases:?}");
+        }
+        assert!(!phases.contains(&"attn_bwd"), "{what}: {phases:?}");
+        drop(split);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+/// The compile plan leaves room for the split: a chip refusing the fused
+/// attention backward compiles 8 + 2 = 10 kernels (the refused compile is
+/// not counted), so a budget of 10 suffices and 9 does not, and a process
+/// that has 91 of 100 compiles behind it restarts before training (91 + 10
+/// > 100) where 90 does not.
+#[test]
+fn the_compile_plan_counts_the_split_attention_backward() {
+    use anemone::train::job::updates_before_restart;
+    let config = small_config();
+    let specs = LayerKernels::build(&config, 32, packed_fp16(), &|_| None).unwrap();
+    for (limit, fits) in [(10, true), (9, false)] {
+        let refused = [specs.attn_bwd.program.clone()];
+        let runtime = FakeRuntime::in_temp_dir().refusing("refused", move |p| refused.contains(p));
+        let backend = AneBackend::new(runtime, CompileBudget { limit });
+        let engine = Engine::new(Box::new(backend), &config, 32, 1, packed_fp16());
+        assert_eq!(engine.is_ok(), fits, "budget {limit}");
+    }
+    let packed = |used| Preferences {
+        weight_mode: WeightMode::Packed,
+        compile_limit: Some(CompileLimit {
+            limit: 100,
+            used,
+            raised_by: "the budget",
+        }),
+    };
+    assert_eq!(updates_before_restart(None, &packed(90)).unwrap(), None);
+    assert_eq!(updates_before_restart(None, &packed(91)).unwrap(), Some(0));
+}
+
+/// A CPU backend whose compiler refuses the programs `refused`: the split
+/// fallback in fp32, where the CPU is the specification.
+struct RefusingCpu {
+    cpu: CpuBackend,
+    refused: Vec<anemone::mil::Program>,
+}
+
+impl Backend for RefusingCpu {
+    fn name(&self) -> &'static str {
+        self.cpu.name()
+    }
+    fn preferences(&self) -> Preferences {
+        self.cpu.preferences()
+    }
+    fn compile(
+        &mut self,
+        package: &anemone::package::ProgramPackage,
+    ) -> anemone::Result<anemone::backend::KernelId> {
+        if self.refused.contains(&package.program()?) {
+            return Err(anemone::Error::Backend {
+                backend: "cpu",
+                step: "compile",
+                msg: "refused by the test".into(),
+            });
+        }
+        self.cpu.compile(package)
+    }
+    fn kernel_info(&self, kernel: anemone::backend::KernelId) -> &anemone::backend::KernelInfo {
+        self.cpu.kernel_info(kernel)
+    }
+    fn alloc(
+        &mut self,
+        ty: &anemone::mil::TensorType,
+    ) -> anemone::Result<anemone::backend::BufferId> {
+        self.cpu.alloc(ty)
+    }
+    fn write(
+        &mut self,
+        buffer: anemone::backend::BufferId,
+        block: Block,
+        src: &[f32],
+    ) -> anemone::Result<()> {
+        self.cpu.write(buffer, block, src)
+    }
+    fn read(
+        &self,
+        buffer: anemone::backend::BufferId,
+        block: Block,
+        dst: &mut [f32],
+    ) -> anemone::Result<()> {
+        self.cpu.read(buffer, block, dst)
+    }
+    fn run(
+        &mut self,
+        kernel: anemone::backend::KernelId,
+        inputs: &[anemone::backend::BufferId],
+        outputs: &[anemone::backend::BufferId],
+    ) -> anemone::Result<()> {
+        self.cpu.run(kernel, inputs, outputs)
+    }
+    fn run_host(
+        &mut self,
+        kernel: anemone::backend::KernelId,
+        inputs: &[&[f32]],
+        outputs: &mut [&mut [f32]],
+    ) -> anemone::Result<bool> {
+        self.cpu.run_host(kernel, inputs, outputs)
+    }
+}
+
+/// The split on the CPU backend in fp32 (weights as inputs, the CPU's
+/// kernels; GQA, MHA, biases and QK-norm): the loss and every gradient
+/// equal the fused kernel's within
+/// 1e-6 of the largest gradient (the CPU fuses the two programs' attention
+/// differently, so the last bits may differ).
+#[test]
+fn the_split_attention_backward_gives_the_fused_numbers_on_the_cpu_in_fp32() {
+    let features = ModelConfig {
+        qkv_bias: true,
+        qk_norm: true,
+        ..small_config()
+    };
+    let mha = ModelConfig::llama(64, 1, 4, 4, 128, 96, 32);
+    for config in [small_config(), mha, features] {
+        let (seq, batch) = (32, 2);
+        let opts = KernelOptions::cpu();
+        let specs = LayerKernels::build(&config, seq, opts, &|_| None).unwrap();
+        let refusing = RefusingCpu {
+            cpu: CpuBackend::new(Precision::Fp32),
+            refused: vec![specs.attn_bwd.program.clone()],
+        };
+        let mut split = Engine::new(Box::new(refusing), &config, seq, batch, opts).unwrap();
+        assert_eq!(split.fallbacks().len(), 1);
+        let cpu = Box::new(CpuBackend::new(Precision::Fp32));
+        let mut fused = Engine::new(cpu, &config, seq, batch, opts).unwrap();
+        let got = two_passes(&mut split, &config, seq, batch);
+        let want = two_passes(&mut fused, &config, seq, batch);
+        for ((l_split, g_split), (l_fused, g_fused)) in got.iter().zip(&want) {
+            assert!(
+                (l_split - l_fused).abs() <= 1e-6 * l_fused.abs(),
+                "{l_split} vs {l_fused}"
+            );
+            crate::common::Tolerance {
+                relative: 1e-6,
+                absolute: 0.0,
+            }
+            .assert_close(g_split, g_fused, "split vs fused gradients");
+        }
+    }
+}
+
+/// Issue 22: the training kernels are built in the dialect the backend
+/// compiles. A chip that refuses ios18 is found to take ios16 by the probes;
+/// `kernel_options` then builds ios16 kernels, which compile there and give
+/// the CPU's numbers, where ios18 kernels are refused.
+#[test]
+fn kernel_options_take_the_dialect_the_probes_found() {
+    use anemone::train::job::kernel_options;
+    let runtime = FakeRuntime::in_temp_dir().refusing_dialect(Dialect::Ios18);
+    let mut backend = AneBackend::new(runtime, CompileBudget::default());
+    let chip = probe::examine(&mut backend);
+    assert_eq!(chip.dialect, Some(Dialect::Ios16));
+    let opts = kernel_options(Precision::Fp16, &backend);
+    assert_eq!(
+        opts,
+        KernelOptions {
+            dtype: DType::Fp16,
+            mode: WeightMode::Packed,
+            dialect: Dialect::Ios16,
+        }
+    );
+    let cpu = CpuBackend::new(Precision::Fp32);
+    assert_eq!(kernel_options(Precision::Fp32, &cpu), KernelOptions::cpu());
+    let config = small_config();
+    let refused = Engine::new(Box::new(backend), &config, 32, 1, packed_fp16())
+        .err()
+        .unwrap();
+    assert!(is_compile_refusal(&refused), "{refused}");
+    assert!(refused.to_string().contains("ios18"), "{refused}");
+    // A fresh backend on the same chip, with the options built for it.
+    let runtime = FakeRuntime::in_temp_dir().refusing_dialect(Dialect::Ios18);
+    let mut backend = AneBackend::new(runtime, CompileBudget::default());
+    probe::examine(&mut backend);
+    let opts = kernel_options(Precision::Fp16, &backend);
+    let mut ane = Engine::new(Box::new(backend), &config, 32, 2, opts).unwrap();
+    let cpu = Box::new(CpuBackend::new(Precision::Fp16));
+    let mut cpu = Engine::new(cpu, &config, 32, 2, opts).unwrap();
+    let got = two_passes(&mut ane, &config, 32, 2);
+    let want = two_passes(&mut cpu, &config, 32, 2);
+    for ((l_ane, g_ane), (l_cpu, g_cpu)) in got.iter().zip(&want) {
+        assert_eq!(l_ane.to_bits(), l_cpu.to_bits());
+        assert_eq!(bits(g_ane), bits(g_cpu));
+    }
+}
+
+/// Issue 22 (ANE024): a window that is not a power of two (48) trains on the
+/// fake ANE with its softmax padded to 64 masked keys, and gives the numbers
+/// of the unpadded kernels computed in the same fp16 (weights as inputs on
+/// the CPU backend), and those of fp32 within fp16's tolerance; also when
+/// the fused attention backward is refused and its split runs.
+#[test]
+fn a_window_that_is_no_power_of_two_trains_on_the_fake_ane_with_the_unpadded_numbers() {
+    let config = ModelConfig::llama(64, 2, 4, 2, 128, 96, 64);
+    let (seq, batch) = (48, 2);
+    let fp16_inputs = KernelOptions {
+        dtype: DType::Fp16,
+        ..KernelOptions::cpu()
+    };
+    let cpu = Box::new(CpuBackend::new(Precision::Fp16));
+    let mut unpadded = Engine::new(cpu, &config, seq, batch, fp16_inputs).unwrap();
+    let want = two_passes(&mut unpadded, &config, seq, batch);
+    let cpu = Box::new(CpuBackend::new(Precision::Fp32));
+    let mut exact = Engine::new(cpu, &config, seq, batch, KernelOptions::cpu()).unwrap();
+    let fp32 = two_passes(&mut exact, &config, seq, batch);
+    let specs = LayerKernels::build(&config, seq, packed_fp16(), &|_| None).unwrap();
+    for refused in [vec![], vec![specs.attn_bwd.program.clone()]] {
+        let split = !refused.is_empty();
+        let ane = refusing_programs(temp_dir("fake-ane-48"), refused, "refused");
+        let mut ane = Engine::new(Box::new(ane), &config, seq, batch, packed_fp16()).unwrap();
+        assert_eq!(ane.fallbacks().len(), usize::from(split));
+        let got = two_passes(&mut ane, &config, seq, batch);
+        for (((l_ane, g_ane), (l_want, g_want)), (l32, g32)) in got.iter().zip(&want).zip(&fp32) {
+            assert!(
+                (l_ane - l_want).abs() <= 1e-6,
+                "split {split}: loss {l_ane} vs {l_want}"
+            );
+            crate::common::Tolerance {
+                relative: 1e-3,
+                absolute: 0.0,
+            }
+            .assert_close(
+                g_ane,
+                g_want,
+                &format!("split {split}: padded vs unpadded fp16"),
+            );
+            assert!(
+                (l_ane - l32).abs() <= 1e-3 * l32,
+                "split {split}: loss {l_ane} vs fp32 {l32}"
+            );
+            crate::common::Tolerance {
+                relative: 3e-2,
+                absolute: 0.0,
+            }
+            .assert_close(g_ane, g32, &format!("split {split}: fp16 vs fp32"));
+        }
+    }
 }
 
 /// `y = 2x + 1` whole, or as `t = 2x` then `y = t + 1`.

@@ -165,7 +165,9 @@ fn doctor_reports_the_cpu_stand_in_and_writes_json() {
             "wo_bwd",
             "attn_bwd",
             "q_bwd",
-            "kv_bwd"
+            "kv_bwd",
+            "attn_bwd_dv",
+            "attn_bwd_dqk"
         ]
     );
     for r in rows {

@@ -374,3 +374,247 @@ fn a_call_with_an_unbound_slot_names_it() {
         "{err}"
     );
 }
+
+/// Random activations for every activation slot of `spec` (weights: the
+/// fixture's), as `run`'s inputs.
+fn random_inputs(spec: &KernelSpec, rng: &mut Rng) -> Vec<(&'static str, Vec<f32>)> {
+    let names = [
+        "xn", "q_rope", "k_rope", "v", "dattn", "probs", "dp", "wq", "wk", "wv",
+    ];
+    names
+        .into_iter()
+        .filter(|name| spec.inputs.iter().any(|slot| slot.name == *name))
+        .map(|name| {
+            let slot = spec.input(name);
+            let values = match slot.role {
+                SlotRole::Activation => randn(slot.rows * slot.cols, rng, 1.0),
+                SlotRole::Weight { .. } => randn(slot.rows * slot.cols, rng, 0.3),
+            };
+            (name, values)
+        })
+        .collect()
+}
+
+/// The split attention backward (`attn_bwd_dv` then `attn_bwd_dqk`) on the
+/// inputs of the fused `attn_bwd`.
+fn split_attention_backward(
+    c: &ModelConfig,
+    seq: usize,
+    o: KernelOptions,
+    inputs: &[(&str, Vec<f32>)],
+    precision: Precision,
+) -> Vec<(String, Vec<f32>)> {
+    let parts = kernels::attn_bwd_split(c, seq, o, &|_| None).unwrap();
+    let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, kernels::ATTN_BWD_PARTS);
+    let first = run(&parts[0], inputs, precision);
+    let mut second_inputs: Vec<(&str, Vec<f32>)> = inputs.to_vec();
+    second_inputs.push(("probs", output(&first, "probs").to_vec()));
+    second_inputs.push(("dp", output(&first, "dp").to_vec()));
+    let mut outs = run(&parts[1], &second_inputs, precision);
+    outs.push(("dv".into(), output(&first, "dv").to_vec()));
+    outs
+}
+
+/// The split attention backward computes the fused kernel's outputs (whose
+/// numbers the finite-difference test above checks): within 1e-6 in fp32
+/// (the CPU fuses the two programs differently), bit for bit in fp16 (packed,
+/// as on the ANE: the probabilities cross as fp16, as the fused kernel's
+/// every op rounds them). The probabilities `attn_bwd_dv` writes are the
+/// causal softmax's: rows sum to 1, nothing above the diagonal.
+#[test]
+fn the_split_attention_backward_gives_the_fused_kernels_outputs() {
+    let c = config();
+    let mut rng = Rng::new(5);
+    let fp16_packed = KernelOptions {
+        dtype: DType::Fp16,
+        mode: WeightMode::Packed,
+        ..KernelOptions::cpu()
+    };
+    for (o, precision) in [
+        (opts(WeightMode::Inputs), Precision::Fp32),
+        (opts(WeightMode::Packed), Precision::Fp32),
+        (fp16_packed, Precision::Fp16),
+    ] {
+        let fused = kernels::attn_bwd(&c, T, o).unwrap();
+        let inputs = random_inputs(&fused, &mut rng);
+        let want = run(&fused, &inputs, precision);
+        let got = split_attention_backward(&c, T, o, &inputs, precision);
+        for name in ["dq", "dk", "dv"] {
+            let what = format!("{:?} {precision:?} {name}", o.mode);
+            if precision == Precision::Fp16 {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(output(&got, name)),
+                    bits(output(&want, name)),
+                    "{what}"
+                );
+            } else {
+                Tolerance {
+                    relative: 1e-6,
+                    absolute: 0.0,
+                }
+                .assert_close(output(&got, name), output(&want, name), &what);
+            }
+        }
+        let parts = kernels::attn_bwd_split(&c, T, o, &|_| None).unwrap();
+        let probs = output(&run(&parts[0], &inputs, precision), "probs").to_vec();
+        assert_eq!(probs.len(), c.n_heads * T * T);
+        for (r, row) in probs.chunks(T).enumerate() {
+            let i = r % T;
+            assert!(row[i + 1..].iter().all(|p| *p == 0.0), "row {r}: {row:?}");
+            let sum: f32 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 2e-3, "row {r} sums to {sum}");
+        }
+    }
+}
+
+/// Rule ANE024: the ANE's attention softmax runs over a power-of-two number
+/// of keys. At a window of 48 the ANE-bound kernels (fp16, packed) pad it to
+/// 64 masked keys and trip no ANE024, where the same math unpadded (weights
+/// as inputs, the CPU's form) would; run in the same fp16 on the CPU backend
+/// they give the unpadded kernels' numbers (up to fp16 rounding of a sum
+/// order), and the fp32 kernels' within fp16's tolerance.
+#[test]
+fn the_ane_softmax_over_a_window_of_48_runs_over_64_masked_keys_with_the_same_numbers() {
+    let seq = 48;
+    let c = ModelConfig {
+        head_dim: 8,
+        ..ModelConfig::llama(32, 1, 4, 2, 48, 64, 64)
+    };
+    assert_eq!(kernels::softmax_keys(seq, opts(WeightMode::Packed)), 48);
+    let packed = KernelOptions {
+        dtype: DType::Fp16,
+        mode: WeightMode::Packed,
+        ..KernelOptions::cpu()
+    };
+    assert_eq!(kernels::softmax_keys(seq, packed), 64);
+    assert_eq!(kernels::softmax_keys(64, packed), 64);
+    let unpadded = KernelOptions {
+        dtype: DType::Fp16,
+        ..KernelOptions::cpu()
+    };
+    let build = |o: KernelOptions| {
+        let mut specs = vec![
+            kernels::attn_fwd(&c, seq, o, &|_| None).unwrap(),
+            kernels::attn_bwd(&c, seq, o).unwrap(),
+        ];
+        specs.extend(kernels::attn_bwd_split(&c, seq, o, &|_| None).unwrap());
+        specs
+    };
+    let softmax_axes = |spec: &KernelSpec| -> Vec<usize> {
+        let main = &spec.program.main;
+        main.ops
+            .iter()
+            .filter(|op| op.op == anemone::mil::Op::Softmax)
+            .map(|op| match op.arg("x") {
+                Some(anemone::mil::Arg::Var(v)) => *main.var_type(v).unwrap().shape.last().unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let mut rng = Rng::new(17);
+    for ((padded, plain), exact) in build(packed)
+        .iter()
+        .zip(build(unpadded))
+        .zip(build(KernelOptions::cpu()))
+    {
+        let name = padded.name.as_str();
+        let report = verify(&padded.program, Target::Ane);
+        assert!(!report.rule_ids().contains(&"ANE024"), "{name}:\n{report}");
+        let plain_report = verify(&plain.program, Target::Ane);
+        let has_softmax = name != "attn_bwd_dqk";
+        assert_eq!(
+            softmax_axes(padded),
+            if has_softmax { vec![64] } else { vec![] },
+            "{name}"
+        );
+        assert_eq!(
+            plain_report.rule_ids().contains(&"ANE024"),
+            has_softmax,
+            "{name}:\n{plain_report}"
+        );
+        let inputs = random_inputs(padded, &mut rng);
+        let got = run(padded, &inputs, Precision::Fp16);
+        let want = run(&plain, &inputs, Precision::Fp16);
+        let reference = run(&exact, &inputs, Precision::Fp32);
+        for (slot, values) in &got {
+            let what = format!("{name} {slot}");
+            Tolerance {
+                relative: 1e-3,
+                absolute: 0.0,
+            }
+            .assert_close(
+                values,
+                output(&want, slot),
+                &format!("{what}: padded vs unpadded fp16"),
+            );
+            Tolerance {
+                relative: 2e-2,
+                absolute: 0.0,
+            }
+            .assert_close(
+                values,
+                output(&reference, slot),
+                &format!("{what}: fp16 vs fp32"),
+            );
+        }
+    }
+}
+
+/// The attention kernels at the window of 48 against PyTorch
+/// (`scripts/ref_attention_window.py`, fixtures in
+/// `tests/fixtures/attention_t48/`): the CPU's fp32 kernels (softmax over 48
+/// keys) within 1e-5, the ANE-bound fp16 ones (softmax over 64 keys, 16 of
+/// them masked padding) within fp16's tolerance; the forward, the fused
+/// backward and its split.
+#[test]
+fn attention_at_a_window_of_48_matches_pytorch_with_and_without_padded_keys() {
+    let seq = 48;
+    let c = ModelConfig {
+        head_dim: 8,
+        ..ModelConfig::llama(32, 1, 4, 2, 48, 64, 64)
+    };
+    let fx = |name: &str| read_npy_f32(&fixture("attention_t48").join(format!("{name}.npy")));
+    let packed = KernelOptions {
+        dtype: DType::Fp16,
+        mode: WeightMode::Packed,
+        ..KernelOptions::cpu()
+    };
+    let fp32 = Tolerance {
+        relative: 1e-5,
+        absolute: 1e-6,
+    };
+    let fp16 = Tolerance {
+        relative: 1e-2,
+        absolute: 1e-3,
+    };
+    for (o, precision, tol) in [
+        (opts(WeightMode::Inputs), Precision::Fp32, &fp32),
+        (packed, Precision::Fp16, &fp16),
+    ] {
+        let keys = kernels::softmax_keys(seq, o);
+        let what = |kernel: &str, name: &str| format!("{kernel} {name} ({keys} keys)");
+        let forward = kernels::attn_fwd(&c, seq, o, &|_| None).unwrap();
+        let names = ["xn", "wq", "wk", "wv"];
+        let inputs: Vec<(&str, Vec<f32>)> = names.iter().map(|n| (*n, fx(n))).collect();
+        let outs = run(&forward, &inputs, precision);
+        for name in ["attn", "q_rope", "k_rope", "v"] {
+            let want = fx(&format!("out_{name}"));
+            tol.assert_close(output(&outs, name), &want, &what("attn_fwd", name));
+        }
+        let inputs = vec![
+            ("q_rope", fx("out_q_rope")),
+            ("k_rope", fx("out_k_rope")),
+            ("v", fx("out_v")),
+            ("dattn", fx("dattn")),
+        ];
+        let fused = run(&kernels::attn_bwd(&c, seq, o).unwrap(), &inputs, precision);
+        let split = split_attention_backward(&c, seq, o, &inputs, precision);
+        for name in ["dq", "dk", "dv"] {
+            let want = fx(&format!("out_{name}"));
+            tol.assert_close(output(&fused, name), &want, &what("attn_bwd", name));
+            tol.assert_close(output(&split, name), &want, &what("split", name));
+        }
+    }
+}
