@@ -23,9 +23,9 @@ use super::choices::{no_about, one_of};
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Model preset, a JSON config file or a Hugging Face model directory (its
-    /// shape only; default: small for the main job, tiny with --data); a new
+    /// shape only; default: stories2m for the main job, tiny with --data); a new
     /// model takes the token file's vocabulary.
-    /// Presets: tiny, small, stories260k, stories15m, stories42m,
+    /// Presets: tiny, stories2m, stories260k, stories15m, stories42m,
     /// stories110m, qwen3-0.6b-shape, layer768, smollm2-135m, smollm2-360m,
     /// qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tinyllama-1.1b
     #[arg(long)]

@@ -95,7 +95,7 @@ fn default_true() -> bool {
 /// Names accepted by [`ModelConfig::preset`].
 pub const PRESETS: &[&str] = &[
     "tiny",
-    "small",
+    "stories2m",
     "stories260k",
     "stories15m",
     "stories42m",
@@ -144,9 +144,9 @@ impl ModelConfig {
         let config = match name {
             // A few million parameters: the quick default on a 2-core CPU.
             "tiny" => ModelConfig::llama(192, 4, 6, 6, 512, 1024, 128),
-            // The main job's model: 6.3M parameters, stories15m's layers
-            // with a 1024-token vocabulary and a context that holds a story.
-            "small" => ModelConfig::llama(288, 6, 6, 6, 768, 1024, 256),
+            // The main job's model: `tiny` with a context that holds a
+            // whole story of the built-in corpus (2.0M parameters).
+            "stories2m" => ModelConfig::llama(192, 4, 6, 6, 512, 1024, 256),
             // llama2.c's stories260K (trained with a 512-token vocabulary).
             "stories260k" => ModelConfig::llama(64, 5, 8, 4, 172, 512, 512),
             "stories15m" => ModelConfig::llama(288, 6, 6, 6, 768, 32000, 256),

@@ -72,7 +72,7 @@ fn the_main_job_prepares_its_data_trains_with_its_defaults_and_prints_samples() 
     assert_eq!(notes.0[0], "backend: cpu");
     assert!(notes.0[1].starts_with("built-in corpus: 0.1 MB of stories, 1024-token tokenizer"));
     assert!(notes.0[2].starts_with(
-        "training small (6.27M parameters, dim 288, 6 layers) on cpu for 2 steps of 1 x 32 tokens"
+        "training stories2m (1.97M parameters, dim 192, 4 layers) on cpu for 2 steps of 1 x 32 tokens"
     ));
     assert!(
         notes.0[3].starts_with("step 2: held-out loss "),
