@@ -252,8 +252,10 @@ def bench_hf(args, name):
     def transformers_side():
         t0 = time.perf_counter()
         with torch.no_grad():
+            # Greedy, stopping at the config's EOS (id 0, the tokenizer's
+            # <|endoftext|>) as anemone does: the token counts are reported.
             out = model.generate(prompt, do_sample=False, max_new_tokens=args.max_tokens,
-                                 min_new_tokens=args.max_tokens, pad_token_id=0)
+                                 pad_token_id=0)
         seconds = time.perf_counter() - t0
         new = out[0, len(HF_PROMPT):].tolist()
         return {"rate": len(new) / seconds, "tokens": len(new), "seconds": seconds, "ids": new}
