@@ -395,6 +395,7 @@ impl<'a> WeightsView<'a> {
 
 /// Whether every value is finite, in one vectorizable pass (`x - x` is 0
 /// for a finite `x` and NaN otherwise; sixteen independent sums).
+#[allow(clippy::eq_op)] // `x - x` is the test itself, not a mistake
 fn all_finite(values: &[f32]) -> bool {
     const LANES: usize = 16;
     let chunks = values.chunks_exact(LANES);
