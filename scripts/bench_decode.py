@@ -39,7 +39,10 @@ to text; the prompt is given as ids), and times `anemone generate --model DIR
 --prompt-ids ... --temperature 0` against `model.generate(do_sample=False,
 max_new_tokens=N)` in the same process for transformers (loading excluded
 there; the rate counts the new tokens over generate()'s whole call, the
-prompt's forward included, as anemone's first stderr line does).
+prompt's forward included, as anemone's first stderr line does). Both stop at
+the config's EOS (id 0); the script reports whether both gave as many tokens
+and the same text (the fixture tokenizer's decoding of transformers' ids
+against what anemone printed).
 
 Examples:
   cargo build --release
@@ -248,6 +251,8 @@ def bench_hf(args, name):
     model.eval()
     load_s = time.perf_counter() - t0
     prompt = torch.tensor([HF_PROMPT])
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
 
     def transformers_side():
         t0 = time.perf_counter()
@@ -258,7 +263,11 @@ def bench_hf(args, name):
                                  pad_token_id=0)
         seconds = time.perf_counter() - t0
         new = out[0, len(HF_PROMPT):].tolist()
-        return {"rate": len(new) / seconds, "tokens": len(new), "seconds": seconds, "ids": new}
+        # The text anemone prints: the prompt's, then the new tokens' (the
+        # tokenizer has 323 ids: most of a random model's ids print nothing).
+        text = tokenizer.decode(HF_PROMPT + new, skip_special_tokens=True)
+        return {"rate": len(new) / seconds, "tokens": len(new), "seconds": seconds,
+                "text": text.strip()}
 
     def anemone_side():
         cmd = [args.anemone, "--threads", str(args.threads), "generate", "--model", model_dir,
@@ -266,7 +275,7 @@ def bench_hf(args, name):
                "--max-tokens", str(args.max_tokens)]
         out, err, wall, cpu = timed(cmd)
         r = parse_anemone(err)
-        r.update(rate=r["tokens_per_s"], wall_s=wall, cpu_s=cpu)
+        r.update(rate=r["tokens_per_s"], wall_s=wall, cpu_s=cpu, text=out.strip())
         return r
 
     rounds = []
@@ -276,25 +285,28 @@ def bench_hf(args, name):
         got = {side: fn() for side, fn in order}
         a, t = got["anemone"], got["transformers"]
         got["ratio"] = a["rate"] / t["rate"]
-        got["transformers"].pop("ids")
+        got["same_text"] = a["text"] == t["text"] and a["tokens"] == t["tokens"]
         rounds.append(got)
         print(f"round {rnd + 1}/{args.rounds} {name} anemone {a['rate']:.2f} tok/s ({a['tokens']} "
               f"tokens, wall {a['wall_s']:.2f} s with load {a.get('load_s', 0):.2f} s)  "
-              f"transformers {t['rate']:.2f} tok/s ({t['tokens']} tokens)  ratio {got['ratio']:.2f}",
+              f"transformers {t['rate']:.2f} tok/s ({t['tokens']} tokens)  ratio {got['ratio']:.2f}  "
+              f"same tokens and text {'yes' if got['same_text'] else 'NO'}",
               flush=True)
     ratios = [r["ratio"] for r in rounds]
     s = {"anemone_tok_s": statistics.median(r["anemone"]["rate"] for r in rounds),
          "transformers_tok_s": statistics.median(r["transformers"]["rate"] for r in rounds),
          "ratios": ratios, "median_ratio": statistics.median(ratios),
          "transformers_load_s": load_s,
-         "anemone_load_s": statistics.median(r["anemone"].get("load_s", 0) for r in rounds)}
+         "anemone_load_s": statistics.median(r["anemone"].get("load_s", 0) for r in rounds),
+         "same_text": all(r["same_text"] for r in rounds)}
     print()
     print("| model | rounds | anemone tok/s | transformers tok/s | ratio per round | median ratio "
-          "| load s anemone / transformers |")
-    print("|---|---|---|---|---|---|---|")
+          "| load s anemone / transformers | same tokens and text |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| `{name}` (random weights, fp32) | {len(rounds)} | {s['anemone_tok_s']:.2f} "
           f"| {s['transformers_tok_s']:.2f} | {' / '.join(f'{x:.2f}' for x in ratios)} "
-          f"| **{s['median_ratio']:.2f}** | {s['anemone_load_s']:.2f} / {load_s:.2f} |")
+          f"| **{s['median_ratio']:.2f}** | {s['anemone_load_s']:.2f} / {load_s:.2f} "
+          f"| {'yes' if s['same_text'] else 'no'} |")
     return {"rounds": rounds, "summary": s}
 
 
