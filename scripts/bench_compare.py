@@ -16,10 +16,17 @@ Examples:
   python3 scripts/bench_compare.py --workloads layer768 --rounds 3
   python3 scripts/bench_compare.py --json compare.json     # every run's fields too
   python3 scripts/bench_compare.py --baseline /tmp/anemone-old   # also an older build, same rounds
+  python3 scripts/bench_compare.py --workloads smollm2-135m qwen2.5-0.5b --rounds 3
 
 Workloads (docs/performance.md): layer768 (seq 512, batch 1), stories110m
-(seq 256, batch 1), stories15m (seq 256, batch 8). Needs torch (CPU is enough)
-and a release build of anemone; never run by CI.
+(seq 256, batch 1), stories15m (seq 256, batch 8), the default three; and the
+Hugging Face shapes smollm2-135m and qwen2.5-0.5b (seq 512, batch 1; full
+fine-tuning, PyTorch's side being transformers' own model class), which run 3
+timed steps after 1 warm-up unless --steps/--warmup say otherwise (a
+qwen2.5-0.5b step takes tens of seconds). Peak RSS is reported for each side,
+with the bounds of issue 20 (anemone at most PyTorch's for smollm2-135m, at
+most 12 GB for qwen2.5-0.5b). Needs torch (CPU is enough; transformers for the
+Hugging Face shapes) and a release build of anemone; never run by CI.
 """
 import argparse
 import json
@@ -33,7 +40,20 @@ WORKLOADS = {
     "layer768": (512, 1),
     "stories110m": (256, 1),
     "stories15m": (256, 8),
+    "smollm2-135m": (512, 1),
+    "qwen2.5-0.5b": (512, 1),
 }
+DEFAULT_WORKLOADS = ["layer768", "stories110m", "stories15m"]
+# Timed steps and warm-up steps of the large workloads when not given.
+LARGE = {"smollm2-135m": (3, 1), "qwen2.5-0.5b": (3, 1)}
+# Peak RSS bounds (MB) of issue 20 on anemone's side: None = PyTorch's own.
+RSS_BOUND_MB = {"smollm2-135m": None, "qwen2.5-0.5b": 12000}
+
+
+def steps_of(args, name):
+    """(timed steps, warm-up steps) of workload `name`."""
+    steps, warmup = LARGE.get(name, (5, 1))
+    return (args.steps or steps, warmup if args.warmup is None else args.warmup)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,8 +69,9 @@ def run(cmd, json_path):
 
 
 def anemone(args, name, seq, batch, json_path, binary=None):
+    steps, warmup = steps_of(args, name)
     cmd = [binary or args.anemone, "bench", "train-step", "--config", name, "--seq", str(seq),
-           "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
            "--threads", str(args.threads), "--json", json_path]
     r = run(cmd, json_path)
     return {"ms": r["ms_median"], "min": r["ms_min"], "max": r["ms_max"],
@@ -59,9 +80,10 @@ def anemone(args, name, seq, batch, json_path, binary=None):
 
 
 def pytorch(args, name, seq, batch, json_path):
-    cmd = [sys.executable, os.path.join(HERE, "bench_pytorch.py"), "--config", name,
-           "--seq", str(seq), "--batch", str(batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads), "--json", json_path]
+    steps, warmup = steps_of(args, name)
+    cmd = [args.python, os.path.join(HERE, "bench_pytorch.py"), "--config", name,
+           "--seq", str(seq), "--batch", str(batch), "--steps", str(steps),
+           "--warmup", str(warmup), "--threads", str(args.threads), "--json", json_path]
     r = run(cmd, json_path)
     return {"ms": r["median_ms"], "min": r["min_ms"], "max": r["max_ms"],
             "gflops": r["gflops"], "peak": r["gemm_peak_gflops"],
@@ -70,10 +92,13 @@ def pytorch(args, name, seq, batch, json_path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, choices=list(WORKLOADS))
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, help="timed steps per run (default 5; 3 for the "
+                   "Hugging Face shapes)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
+    p.add_argument("--python", default=sys.executable,
+                   help="the Python that has torch (and transformers) for bench_pytorch.py")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--anemone", default=os.path.join(ROOT, "target", "release", "anemone"),
                    help="the anemone binary (default: target/release/anemone)")
@@ -138,6 +163,14 @@ def main():
         print(f"| `{w}`, seq {seq}, batch {batch} | {len(runs)} | {a_ms:.1f} | {t_ms:.1f} "
               f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{statistics.median(ratios):.2f}** "
               f"| {fastest:.2f} | {share * 100:.0f} % | {a_rss:.0f} MB / {t_rss:.0f} MB |")
+    for w in results:
+        if w in RSS_BOUND_MB:
+            a_rss, t_rss = summary[w]["anemone_rss_mb"], summary[w]["pytorch_rss_mb"]
+            bound = RSS_BOUND_MB[w] or t_rss
+            name = f"{bound:.0f} MB" if RSS_BOUND_MB[w] else f"PyTorch's {t_rss:.0f} MB"
+            verdict = "within" if a_rss <= bound else "OVER"
+            summary[w]["rss_bound_mb"] = bound
+            print(f"{w}: anemone peak RSS {a_rss:.0f} MB, {verdict} the bound ({name})")
     if args.baseline:
         print(f"\nanemone ({args.anemone}) against the baseline build ({args.baseline}), same rounds:\n")
         print("| workload | anemone ms/step | baseline ms/step | anemone/baseline per round "

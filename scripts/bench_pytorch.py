@@ -3,11 +3,19 @@
 workloads (same shapes, optimizer and thread count), printing the same fields,
 so the ratio can be measured in one session on one machine.
 
-Model: llama2.c's Llama block (RMSNorm eps 1e-5, RoPE on interleaved pairs with
-theta 1e4, causal attention, SwiGLU FFN, tied classifier), cross-entropy over
-the full vocabulary; AdamW lr 3e-4, betas (0.9, 0.95), eps 1e-8, weight decay
-0.1 on matrices and the embedding (none on norm weights), global-norm clip 1.0;
-fp32 throughout. Tokens are seeded random ids (the data does not change the cost).
+Model, llama2.c presets (tiny, stories*, layer768): llama2.c's Llama block
+(RMSNorm eps 1e-5, RoPE on interleaved pairs with theta 1e4, causal attention,
+SwiGLU FFN, tied classifier), written here. Hugging Face presets (smollm2-135m,
+smollm2-360m, qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tinyllama-1.1b): the
+model class of `transformers` itself (LlamaForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM) built from a config with the preset's shape (as
+src/model/config.rs: GQA, head_dim, tied or untied classifier, the vocabulary,
+RoPE theta and scaling, RMSNorm eps, q/k/v biases for Qwen2, QK-norm for Qwen3)
+and transformers' random init, fp32, its default attention (SDPA; `--attention
+manual` picks its eager one). Both: cross-entropy over the full vocabulary;
+AdamW lr 3e-4, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices and
+the embedding (none on norm weights and biases), global-norm clip 1.0; fp32
+throughout. Tokens are seeded random ids (the data does not change the cost).
 
 FLOPs (the convention anemone uses, docs/performance.md):
   forward per sequence = 2*T*(sum over layers of the elements of wq, wk, wv, wo,
@@ -24,6 +32,8 @@ Examples (the three workloads of docs/performance.md):
   python3 scripts/bench_pytorch.py --config layer768                       # seq 512 batch 1
   python3 scripts/bench_pytorch.py --config stories15m --seq 256 --batch 8
   python3 scripts/bench_pytorch.py --config stories110m --seq 256 --batch 1
+  python3 scripts/bench_pytorch.py --config smollm2-135m --seq 512 --batch 1   # needs transformers
+  python3 scripts/bench_pytorch.py --config qwen2.5-0.5b --seq 512 --batch 1
 
 Needs torch (CPU is enough); never run by CI.
 """
@@ -49,6 +59,21 @@ PRESETS = {
     "stories110m": (768, 12, 12, 12, 2048, 32000, 256, 1),
     "layer768": (768, 1, 12, 12, 2048, 256, 512, 1),
 }
+# Hugging Face shapes, as src/model/config.rs's presets (the checkpoints' config.json):
+# name: (class, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size,
+#        rope_theta, rms_norm_eps, tied, rope_scaling or None)
+HF_PRESETS = {
+    "smollm2-135m": ("llama", 576, 30, 9, 3, 64, 1536, 49152, 1e5, 1e-5, True, None),
+    "smollm2-360m": ("llama", 960, 32, 15, 5, 64, 2560, 49152, 1e5, 1e-5, True, None),
+    "qwen2.5-0.5b": ("qwen2", 896, 24, 14, 2, 64, 4864, 151936, 1e6, 1e-6, True, None),
+    "qwen3-0.6b": ("qwen3", 1024, 28, 16, 8, 128, 3072, 151936, 1e6, 1e-6, True, None),
+    "llama3.2-1b": ("llama", 2048, 16, 32, 8, 64, 8192, 128256, 5e5, 1e-5, True,
+                    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "tinyllama-1.1b": ("llama", 2048, 22, 32, 4, 64, 5632, 32000, 1e4, 1e-5, False, None),
+}
+# Default seq and batch of the HF presets (the documented workloads).
+HF_DEFAULT_SEQ, HF_DEFAULT_BATCH = 512, 1
 EPS, THETA = 1e-5, 10000.0
 LR, BETAS, ADAM_EPS, WD, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 
@@ -110,8 +135,49 @@ class Llama(torch.nn.Module):
         return self.rmsnorm(x, self.rms_final) @ self.embedding.T  # (B, T, V)
 
 
-def train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch):
-    hd = dim // n_heads
+def hf_model(name, seq, attention):
+    """transformers' own model class for the HF preset `name`, random init, fp32."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    kind, dim, n_layers, n_heads, n_kv, head_dim, hidden, vocab, theta, eps, tied, scaling = \
+        HF_PRESETS[name]
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if scaling:
+        rope = dict(scaling, rope_theta=theta)
+    common = dict(vocab_size=vocab, hidden_size=dim, intermediate_size=hidden,
+                  num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                  num_key_value_heads=n_kv, head_dim=head_dim,
+                  max_position_embeddings=max(seq, 2048), rms_norm_eps=eps,
+                  rope_parameters=rope, tie_word_embeddings=tied, hidden_act="silu")
+    if kind == "llama":
+        config = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    elif kind == "qwen2":  # q/k/v biases are built in
+        config = Qwen2Config(use_sliding_window=False, **common)
+    else:  # qwen3: RMSNorm of q and k per head
+        config = Qwen3Config(attention_bias=False, use_sliding_window=False, **common)
+    impl = "sdpa" if attention == "sdpa" else "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=impl)
+    shape = (dim, n_layers, n_heads, n_kv, hidden, vocab, head_dim)
+    return model, shape
+
+
+def check_hf_shape(model, name):
+    """The parameter count of the built model against the preset's own count
+    (src/model/config.rs's formula), so a config key the class ignores shows."""
+    kind, dim, n_layers, n_heads, n_kv, head_dim, hidden, vocab, *_, tied, _ = HF_PRESETS[name]
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    layer = 2 * dim + q * dim + 2 * kv * dim + dim * q + 3 * hidden * dim
+    layer += (q + 2 * kv) if kind == "qwen2" else 0
+    layer += 2 * head_dim if kind == "qwen3" else 0
+    expected = n_layers * layer + vocab * dim * (1 if tied else 2) + dim
+    got = sum(p.numel() for p in model.parameters())
+    if got != expected:
+        raise SystemExit(f"{name}: transformers built {got} parameters, the preset has {expected}")
+    return got
+
+
+def train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch, head_dim=None):
+    hd = head_dim or dim // n_heads
     q_dim, kv_dim = n_heads * hd, n_kv_heads * hd
     per_layer = q_dim * dim + 2 * kv_dim * dim + dim * q_dim + 3 * hidden * dim
     forward = 2 * seq * (n_layers * per_layer + vocab * dim) + n_layers * 4 * seq * seq * q_dim
@@ -146,7 +212,7 @@ def gemm_peak(m, k, n, reps=30, warmup=5):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="layer768", choices=sorted(PRESETS))
+    ap.add_argument("--config", default="layer768", choices=sorted(PRESETS) + sorted(HF_PRESETS))
     ap.add_argument("--seq", type=int, help="sequence length T (default: per config)")
     ap.add_argument("--batch", type=int, help="sequences per step B (default: per config)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -160,10 +226,27 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq0, batch0 = PRESETS[args.config]
-    seq, batch = args.seq or seq0, args.batch or batch0
+    if args.config in HF_PRESETS:
+        seq, batch = args.seq or HF_DEFAULT_SEQ, args.batch or HF_DEFAULT_BATCH
+        model, shape = hf_model(args.config, seq, args.attention)
+        n_params = check_hf_shape(model, args.config)
+        dim, n_layers, n_heads, n_kv_heads, hidden, vocab, head_dim = shape
+        implementation = "transformers"
 
-    model = Llama(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq)
+        def forward(tokens):
+            return model(input_ids=tokens, use_cache=False).logits
+    else:
+        dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq0, batch0 = PRESETS[args.config]
+        head_dim = dim // n_heads
+        seq, batch = args.seq or seq0, args.batch or batch0
+        model = Llama(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq)
+        n_params = sum(p.numel() for p in model.parameters())
+        implementation = "llama2.c block (this script)"
+
+        def forward(tokens):
+            return model(tokens, args.attention)
+
+    model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() == 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD},
@@ -174,7 +257,7 @@ def main():
 
     def step(i):
         opt.zero_grad(set_to_none=True)
-        logits = model(data[i, :, :-1], args.attention)
+        logits = forward(data[i, :, :-1])
         loss = F.cross_entropy(logits.reshape(-1, vocab), data[i, :, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -191,13 +274,14 @@ def main():
 
     m, k, n = (int(v) for v in args.gemm.split(","))
     peak = gemm_peak(m, k, n)
-    flops = train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch)
+    flops = train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch, head_dim)
     median = statistics.median(times)
     achieved = flops / (median * 1e6)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     result = {
         "framework": f"pytorch {torch.__version__}",
-        "config": args.config, "seq": seq, "batch": batch, "threads": args.threads,
+        "config": args.config, "implementation": implementation, "parameters": n_params,
+        "seq": seq, "batch": batch, "threads": args.threads,
         "attention": args.attention, "steps": args.steps, "warmup": args.warmup,
         "median_ms": median, "min_ms": min(times), "max_ms": max(times),
         "step_ms": times,
@@ -210,6 +294,7 @@ def main():
     }
     print(f"pytorch {torch.__version__} train-step {args.config}: seq {seq} batch {batch}, "
           f"{args.threads} threads, {args.steps} steps after {args.warmup} warmup ({args.attention} attention)")
+    print(f"  model        {implementation}, {n_params / 1e6:.1f} M parameters")
     print(f"  machine      {result['cpu'] or result['machine']}")
     print(f"  ms/step      {median:.1f} median (min {min(times):.1f}, max {max(times):.1f})")
     print(f"  tokens/s     {result['tokens_per_s']:.0f}")

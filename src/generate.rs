@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use crate::data::hf::{ChatMessage, ChatTemplate, HfTokenizer};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::hf::files::base_config;
-use crate::model::{Param, Weights};
+use crate::model::{Param, Weights, WeightsView};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -249,12 +249,13 @@ fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// A decoder over borrowed weights with its KV cache and scratch buffers.
+/// A decoder over borrowed weights (a [`Weights`] vector, or a llama2.c file's
+/// tensors in a memory map: [`WeightsView`]) with its KV cache and scratch buffers.
 /// The cache grows with the positions used, never to the model's `seq_len`
 /// up front: a model file's context, however large, costs nothing until
 /// tokens fill it.
 pub struct Generator<'w> {
-    weights: &'w Weights,
+    weights: WeightsView<'w>,
     /// Next position to fill.
     pos: usize,
     /// Tokens that end [`Generator::generate`].
@@ -278,7 +279,12 @@ pub struct Generator<'w> {
 
 impl<'w> Generator<'w> {
     pub fn new(weights: &'w Weights) -> Generator<'w> {
-        let c = weights.config();
+        Generator::from_view(weights.view())
+    }
+
+    /// A decoder over tensors borrowed from anywhere ([`WeightsView`]).
+    pub fn from_view(weights: WeightsView<'w>) -> Generator<'w> {
+        let c = weights.config().clone();
         let half = c.head_dim / 2;
         Generator {
             weights,
@@ -325,7 +331,7 @@ impl<'w> Generator<'w> {
     /// [`Generator::forward`]'s work: the logits of the token after `token`
     /// in `self.logits`.
     fn advance(&mut self, token: u32) -> Result<()> {
-        let w = self.weights;
+        let w = &self.weights;
         let c = w.config();
         if token as usize >= c.vocab_size {
             return Err(Error::Invalid(format!(
@@ -361,7 +367,7 @@ impl<'w> Generator<'w> {
                 w.get(Param::RmsAtt(layer)),
                 c.norm_eps,
             );
-            let optional = |p: Param| w.layout.contains(p).then(|| w.get(p));
+            let optional = |p: Param| w.optional(p);
             let norms = optional(Param::QNorm(layer)).zip(optional(Param::KNorm(layer)));
             matvec(&mut self.q, w.get(Param::Wq(layer)), &self.xn);
             add_bias(&mut self.q, optional(Param::Bq(layer)));
@@ -494,27 +500,59 @@ fn output_error(source: std::io::Error) -> Error {
     Error::io("the output", source)
 }
 
+/// How fast [`stream`] or [`stream_hf`] generated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    /// New tokens per second, from the decoder's start (the prompt included)
+    /// to the last token.
+    pub tokens_per_s: f64,
+    /// New tokens after the first per second after the first: the span
+    /// llama2.c's `run.c` reports as `achieved tok/s` (its timer starts after
+    /// the first forward pass); `None` with fewer than two new tokens.
+    pub after_first_per_s: Option<f64>,
+    /// Seconds from the decoder's start to the first new token.
+    pub first_token_s: Option<f64>,
+}
+
+impl Rate {
+    /// The rates of `new` tokens generated from `started`, the first of them
+    /// at `first` (if any), ending now.
+    fn measure(new: usize, started: Instant, first: Option<Instant>) -> Rate {
+        let now = Instant::now();
+        let seconds = |from: Instant| now.duration_since(from).as_secs_f64().max(1e-9);
+        Rate {
+            tokens_per_s: new as f64 / seconds(started),
+            after_first_per_s: first
+                .filter(|_| new >= 2)
+                .map(|first| (new - 1) as f64 / seconds(first)),
+            first_token_s: first.map(|first| first.duration_since(started).as_secs_f64()),
+        }
+    }
+}
+
 /// Generate from the text `prompt` (empty: from [`BOS`] alone), writing the
 /// prompt and then each new token's text to `out` as it is sampled; returns
-/// the new ids and the rate in tokens/s.
+/// the new ids and the rate.
 pub fn stream(
-    weights: &Weights,
+    weights: WeightsView<'_>,
     tokenizer: &Tokenizer,
     prompt: &str,
     max_tokens: usize,
     sampler: &mut Sampler,
     out: &mut dyn Write,
-) -> Result<(Vec<u32>, f64)> {
+) -> Result<(Vec<u32>, Rate)> {
     let mut ids = vec![BOS];
     if !prompt.is_empty() {
         ids = tokenizer.encode(prompt, true, false);
     }
-    let mut generator = Generator::new(weights);
+    let mut generator = Generator::from_view(weights);
     let started = Instant::now();
+    let mut first = None;
     let mut prev = *ids.last().expect("BOS");
     write!(out, "{prompt}").map_err(output_error)?;
     let mut failure = None;
     let new = generator.generate(&ids, max_tokens, sampler, |id| {
+        first.get_or_insert_with(Instant::now);
         match tokenizer.decode_token(Some(prev), id) {
             Ok(bytes) => {
                 let _ = out.write_all(bytes);
@@ -527,7 +565,7 @@ pub fn stream(
     if let Some(e) = failure {
         return Err(e);
     }
-    let rate = new.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let rate = Rate::measure(new.len(), started, first);
     Ok((new, rate))
 }
 
@@ -620,18 +658,19 @@ hint: drop --chat, or use an                  instruction-tuned model's director
 /// Generate after the prompt `ids` with a Hugging Face tokenizer, stopping
 /// before any of `text.stop`, writing `echo` (the prompt's text, or nothing
 /// for a chat) and then the new text as it is sampled (special tokens left
-/// out); returns the new ids and the rate in tokens/s.
+/// out); returns the new ids and the rate.
 pub fn stream_hf(
-    weights: &Weights,
+    weights: WeightsView<'_>,
     text: &HfText,
     ids: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,
     echo: &str,
     out: &mut dyn Write,
-) -> Result<(Vec<u32>, f64)> {
-    let mut generator = Generator::new(weights);
+) -> Result<(Vec<u32>, Rate)> {
+    let mut generator = Generator::from_view(weights);
     let started = Instant::now();
+    let mut first = None;
     write!(out, "{echo}").map_err(output_error)?;
     // New tokens are written in pieces that decode to whole characters (a
     // character's bytes may span tokens). A piece's text is what decoding it
@@ -654,6 +693,7 @@ pub fn stream_hf(
     let mut pending = Vec::new();
     let mut failure = None;
     let new = generator.generate_until(ids, max_tokens, sampler, &text.stop, |id| {
+        first.get_or_insert_with(Instant::now);
         pending.push(id);
         match piece(context, &pending) {
             Ok(piece) if !piece.ends_with('\u{FFFD}') => {
@@ -675,7 +715,7 @@ pub fn stream_hf(
         out.write_all(piece(context, &pending)?.as_bytes())
             .map_err(output_error)?;
     }
-    let rate = new.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let rate = Rate::measure(new.len(), started, first);
     Ok((new, rate))
 }
 
@@ -697,7 +737,7 @@ pub fn samples(
         let mut sampler = Sampler::new(0.7, 0.9, seed + i as u64);
         writeln!(out, "\n--- sample {} ---", i + 1).map_err(output_error)?;
         let prompt = SAMPLE_PROMPTS[i % SAMPLE_PROMPTS.len()];
-        stream(weights, &tokenizer, prompt, 200, &mut sampler, out)?;
+        stream(weights.view(), &tokenizer, prompt, 200, &mut sampler, out)?;
         writeln!(out).map_err(output_error)?;
     }
     Ok(())

@@ -2,8 +2,10 @@
 //! `backend/ane/ffi.rs` that allows `unsafe` (ARCHITECTURE.md, invariant 3).
 //!
 //! Owns opening a file and mapping it for reading. It does not parse anything:
-//! the safetensors reader (`model::hf::tensors`) validates every offset it
-//! takes from the bytes handed out here.
+//! the safetensors reader (`model::hf::tensors`) and the llama2.c reader
+//! (`model::llama2c`, whose `Mapped` lets the decoder read f32 tensors in
+//! place through a checked, safe cast) validate every offset they take from
+//! the bytes handed out here.
 //!
 //! Caveat every caller inherits: a map shows the file as it is on disk, not a
 //! copy. We never write a file we map, but another process may. If it

@@ -336,4 +336,14 @@ mod tests {
         assert_eq!(train_flops(&c, 512, 1), 24_763_170_816.0);
         assert_eq!(train_flops(&c, 512, 2), 2.0 * 24_763_170_816.0);
     }
+
+    #[test]
+    fn flops_match_the_hand_count_for_smollm2_135m() {
+        // GQA (3 KV heads of 64): per layer 576^2 (wq) + 2 * 192 * 576 (wk, wv) + 576^2
+        // (wo) + 3 * 1536 * 576 = 3,538,944 weights; the tied classifier 49152 * 576.
+        // 3 x (2 * 512 * (30 * 3,538,944 + 28,311,552) + 30 * 4 * 512^2 * 576)
+        // = 467,480,346,624 (docs/performance.md; scripts/bench_pytorch.py's `train_flops`).
+        let c = ModelConfig::preset("smollm2-135m").unwrap();
+        assert_eq!(train_flops(&c, 512, 1), 467_480_346_624.0);
+    }
 }

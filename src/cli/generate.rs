@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::builder::RangedU64ValueParser;
@@ -11,9 +12,9 @@ use clap::{Args, ValueEnum};
 
 use anemone::data::hf::HfTokenizer;
 use anemone::data::tokenizer::Tokenizer;
-use anemone::generate::{HfText, Sampler, stream, stream_hf, tokenizer_beside};
+use anemone::generate::{HfText, Rate, Sampler, stream, stream_hf, tokenizer_beside};
 use anemone::model::hf::FloatDtype;
-use anemone::model::{Weights, llama2c, load_weights};
+use anemone::model::{WeightsView, llama2c, load_for_decoding, load_weights};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -61,7 +62,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         checked
     };
-    let weights = load_weights(&args.model).context("--model")?;
+    let load_started = Instant::now();
+    // A llama2.c file stays in a read-only map, read in place.
+    let weights = load_for_decoding(&args.model).context("--model")?;
+    let load_s = load_started.elapsed().as_secs_f64();
     let hf_tokenizer = match &args.tokenizer {
         Some(path) => HfTokenizer::is_hf_path(path).then(|| path.clone()),
         None => HfTokenizer::is_hf_path(&args.model).then(|| args.model.clone()),
@@ -69,7 +73,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let (new, rate) = match hf_tokenizer {
-        Some(path) => generate_hf(&args, &weights, &path, &mut sampler, &mut out)?,
+        Some(path) => generate_hf(&args, weights.view(), &path, &mut sampler, &mut out)?,
         None => {
             if args.prompt_ids.is_some() {
                 bail!("--prompt-ids takes ids of a Hugging Face tokenizer; use --prompt");
@@ -88,7 +92,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             let tokenizer = Tokenizer::read(&tokenizer_path, Some(weights.config().vocab_size))
                 .context("--tokenizer")?;
             stream(
-                &weights,
+                weights.view(),
                 &tokenizer,
                 &args.prompt,
                 args.max_tokens,
@@ -99,19 +103,33 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     };
     writeln!(out)?;
     out.flush()?;
-    eprintln!("{} tokens, {rate:.1} tokens/s", new.len());
+    eprintln!("{} tokens, {:.1} tokens/s", new.len(), rate.tokens_per_s);
+    eprintln!("{}", timing_line(load_s, &rate));
     Ok(())
+}
+
+/// The second line of `generate`'s report: load time, time to the first new
+/// token, and the rate after it (the span of llama2.c's `achieved tok/s`).
+fn timing_line(load_s: f64, rate: &Rate) -> String {
+    let mut line = format!("load {load_s:.3} s");
+    if let Some(first) = rate.first_token_s {
+        line.push_str(&format!(", first token after {first:.3} s"));
+    }
+    if let Some(after) = rate.after_first_per_s {
+        line.push_str(&format!(", then {after:.1} tokens/s"));
+    }
+    line
 }
 
 /// Generation with a Hugging Face tokenizer at `tokenizer`: its stop ids,
 /// and with `--chat` its chat template.
 fn generate_hf(
     args: &GenerateArgs,
-    weights: &Weights,
+    weights: WeightsView<'_>,
     tokenizer: &std::path::Path,
     sampler: &mut Sampler,
     out: &mut dyn Write,
-) -> Result<(Vec<u32>, f64)> {
+) -> Result<(Vec<u32>, Rate)> {
     let text =
         HfText::open(tokenizer, &args.model, weights.config().vocab_size).context("--tokenizer")?;
     let (ids, echo) = match &args.prompt_ids {

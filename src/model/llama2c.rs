@@ -20,13 +20,17 @@
 //! QK-norm or RoPE scaling, and its `run.c` hard-codes RMSNorm eps 1e-5 and
 //! RoPE theta 10000: configs that differ are refused on export rather than
 //! silently changed. Version 2 (Q8_0) is not
-//! supported. This module does not run models (see [`crate::generate`]).
+//! supported. This module does not run models (see [`crate::generate`]);
+//! for them [`map`] leaves a file's tensors in a read-only memory map, where
+//! the decoder reads them in place, instead of copying them into [`Weights`].
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::config::ModelConfig;
-use super::weights::{Param, Weights};
+use super::weights::{Layout, Param, Weights, WeightsView};
 use crate::atomic::write_atomic;
+use crate::mmap::MappedFile;
 use crate::{Error, Result};
 
 /// `"ak42"` as a little-endian u32: the first 4 bytes of a versioned file.
@@ -114,14 +118,138 @@ fn body_floats(config: &ModelConfig, version: i32) -> Option<u64> {
         .checked_add(freq_cis)
 }
 
-/// Read a llama2.c checkpoint (version 0 or 1, detected by the magic).
+/// Read a llama2.c checkpoint (version 0 or 1, detected by the magic). A
+/// regular file is memory-mapped and decoded straight from the map (no copy
+/// of the whole file first); anything else (a pipe) is read, within bounds.
 pub fn read(path: &Path) -> Result<Weights> {
+    if is_regular_file(path) {
+        let file = MappedFile::open(path)?;
+        return decode(file.bytes(), path);
+    }
     let bytes = crate::memory::read_file(path, u64::MAX)?;
     decode(&bytes, path)
 }
 
+/// Whether `path` is a regular file (not a directory, pipe or device).
+fn is_regular_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// A llama2.c checkpoint mapped read-only, its tensors borrowed in place
+/// ([`Mapped::view`]): what `generate` decodes with, so that it starts
+/// without reading or copying the whole file (the first token touches every
+/// page anyway, through the page cache).
+#[derive(Debug)]
+pub struct Mapped {
+    file: MappedFile,
+    layout: Layout,
+    /// Each tensor's first byte in the file.
+    offsets: Vec<(Param, usize)>,
+}
+
+impl Mapped {
+    pub fn config(&self) -> &ModelConfig {
+        self.layout.config()
+    }
+
+    /// Every tensor, borrowed from the map.
+    pub fn view(&self) -> WeightsView<'_> {
+        let bytes = self.file.bytes();
+        let tensors: HashMap<Param, &[f32]> = self
+            .offsets
+            .iter()
+            .map(|&(p, offset)| {
+                let n = self.layout.range(p).len();
+                (p, floats_at(bytes, offset, n).expect("checked by `map`"))
+            })
+            .collect();
+        WeightsView::new(self.layout.clone(), tensors)
+    }
+}
+
+/// `n` little-endian f32s at `offset` of `bytes`, in place: `None` where the
+/// host is big-endian or the bytes are not aligned for f32.
+fn floats_at(bytes: &[u8], offset: usize, n: usize) -> Option<&[f32]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    bytemuck::try_cast_slice(bytes.get(offset..offset + 4 * n)?).ok()
+}
+
+/// Map a llama2.c checkpoint for decoding: the same checks and errors as
+/// [`read`] (header, size, every weight finite), no copy of the weights.
+/// `Ok(None)` where the tensors cannot be used in place (not a regular file,
+/// a big-endian host, an unaligned map): [`read`] it instead.
+pub fn map(path: &Path) -> Result<Option<Mapped>> {
+    if !is_regular_file(path) {
+        return Ok(None);
+    }
+    let file = MappedFile::open(path)?;
+    let header = parse_header(file.bytes(), path)?;
+    let layout = Layout::new(&header.config);
+    let mut offsets = Vec::new();
+    let mut offset = header.bytes;
+    for section in sections(&header.config, header.version) {
+        let n = section_floats(&layout, section);
+        if let Section::Tensor(p) = section {
+            if floats_at(file.bytes(), offset, n).is_none() {
+                return Ok(None);
+            }
+            offsets.push((p, offset));
+        }
+        offset += 4 * n;
+    }
+    let mapped = Mapped {
+        file,
+        layout,
+        offsets,
+    };
+    mapped.view().check_finite(path)?;
+    Ok(Some(mapped))
+}
+
+/// Number of f32s of `section` in a file of `layout`'s model.
+fn section_floats(layout: &Layout, section: Section) -> usize {
+    match section {
+        Section::Tensor(p) => layout.range(p).len(),
+        Section::FreqCisReal | Section::FreqCisImag => {
+            let config = layout.config();
+            config.seq_len * (config.head_dim / 2)
+        }
+    }
+}
+
+/// What a llama2.c file's header says, checked against the file's size.
+struct Header {
+    config: ModelConfig,
+    version: i32,
+    /// Bytes before the first tensor.
+    bytes: usize,
+}
+
 /// Parse the bytes of a llama2.c checkpoint; `path` only names the file in errors.
 pub fn decode(bytes: &[u8], path: &Path) -> Result<Weights> {
+    let header = parse_header(bytes, path)?;
+    let mut weights = Weights::zeros(&header.config);
+    let mut offset = header.bytes;
+    for section in sections(&header.config, header.version) {
+        let n = section_floats(&weights.layout, section);
+        let chunk = &bytes[offset..offset + 4 * n];
+        offset += 4 * n;
+        if let Section::Tensor(p) = section {
+            for (dst, src) in weights.get_mut(p).iter_mut().zip(chunk.chunks_exact(4)) {
+                *dst = f32::from_le_bytes(src.try_into().expect("4 bytes"));
+            }
+        }
+    }
+    debug_assert_eq!(offset, bytes.len());
+    weights.check_finite(path)?;
+    Ok(weights)
+}
+
+/// The header of a llama2.c checkpoint (version 0 or 1), its config
+/// validated and the file's size checked against it.
+fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
     let int_at = |offset: usize, field: &str| -> Result<i32> {
         let word = bytes.get(offset..offset + 4).ok_or_else(|| {
             Error::format(
@@ -273,26 +401,11 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Weights> {
             ),
         ));
     }
-
-    let mut weights = Weights::zeros(&config);
-    let mut offset = header_bytes;
-    let head_half = config.head_dim / 2;
-    for section in sections(&config, version) {
-        let n = match section {
-            Section::Tensor(p) => weights.layout.range(p).len(),
-            Section::FreqCisReal | Section::FreqCisImag => config.seq_len * head_half,
-        };
-        let chunk = &bytes[offset..offset + 4 * n];
-        offset += 4 * n;
-        if let Section::Tensor(p) = section {
-            for (dst, src) in weights.get_mut(p).iter_mut().zip(chunk.chunks_exact(4)) {
-                *dst = f32::from_le_bytes(src.try_into().expect("4 bytes"));
-            }
-        }
-    }
-    debug_assert_eq!(offset, bytes.len());
-    weights.check_finite(path)?;
-    Ok(weights)
+    Ok(Header {
+        config,
+        version,
+        bytes: header_bytes,
+    })
 }
 
 /// Write the legacy version 0 file that llama2.c's `run.c` reads.

@@ -15,6 +15,7 @@
 //! head rotate together); Hugging Face checkpoints are permuted on the way
 //! in and out (`super::hf`).
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use super::config::ModelConfig;
@@ -308,26 +309,104 @@ impl Weights {
     /// An error naming `path`, the tensor and the element when a weight is
     /// NaN or infinite (a diverged run's weights, or a corrupt file).
     pub fn check_finite(&self, path: &std::path::Path) -> crate::Result<()> {
-        let Some(index) = self.data.iter().position(|x| !x.is_finite()) else {
-            return Ok(());
-        };
-        let param = self
+        self.view().check_finite(path)
+    }
+
+    /// Every tensor borrowed, for code that only reads them (the decoder).
+    pub fn view(&self) -> WeightsView<'_> {
+        let tensors = self
             .layout
             .params()
             .into_iter()
-            .find(|&p| self.layout.range(p).contains(&index))
-            .expect("the params tile the vector");
-        Err(crate::Error::format(
-            path,
-            format!("weights.{}", param.name()),
-            format!(
-                "element {} is {}: the weights are not finite (a diverged run, or a \
-                 corrupt file)",
-                index - self.layout.range(param).start,
-                self.data[index]
-            ),
-        ))
+            .map(|p| (p, self.get(p)))
+            .collect();
+        WeightsView::new(self.layout.clone(), tensors)
     }
+}
+
+/// The model's tensors borrowed read-only, each from wherever it lives: a
+/// [`Weights`] vector ([`Weights::view`]) or a memory-mapped llama2.c file
+/// (`super::llama2c::Mapped`), whose per-kind order differs from the flat
+/// layout. Only what the decoder reads; training uses [`Weights`].
+#[derive(Clone, Debug)]
+pub struct WeightsView<'a> {
+    pub layout: Layout,
+    tensors: HashMap<Param, &'a [f32]>,
+}
+
+impl<'a> WeightsView<'a> {
+    /// Panics unless `tensors` holds exactly the layout's parameters, each
+    /// with its shape's number of values (programmer errors).
+    pub fn new(layout: Layout, tensors: HashMap<Param, &'a [f32]>) -> WeightsView<'a> {
+        let params = layout.params();
+        assert_eq!(tensors.len(), params.len(), "one slice per parameter");
+        for p in params {
+            assert_eq!(tensors[&p].len(), layout.range(p).len(), "{}", p.name());
+        }
+        WeightsView { layout, tensors }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.layout.config()
+    }
+
+    /// The tensor `p`; panics on a parameter the model does not have.
+    pub fn get(&self, p: Param) -> &'a [f32] {
+        self.tensors
+            .get(&p)
+            .copied()
+            .unwrap_or_else(|| panic!("the model has no {}", p.name()))
+    }
+
+    /// The tensor `p` when the model has it (a bias, a QK-norm weight).
+    pub fn optional(&self, p: Param) -> Option<&'a [f32]> {
+        self.tensors.get(&p).copied()
+    }
+
+    /// The classifier matrix `(V, C)` (the embedding when tied).
+    pub fn classifier(&self) -> &'a [f32] {
+        self.get(self.layout.classifier())
+    }
+
+    /// [`Weights::check_finite`] over the borrowed tensors, in layout order.
+    pub fn check_finite(&self, path: &std::path::Path) -> crate::Result<()> {
+        for p in self.layout.params() {
+            let tensor = self.get(p);
+            if all_finite(tensor) {
+                continue;
+            }
+            let index = tensor
+                .iter()
+                .position(|x| !x.is_finite())
+                .expect("a NaN sum has a non-finite term");
+            return Err(crate::Error::format(
+                path,
+                format!("weights.{}", p.name()),
+                format!(
+                    "element {index} is {}: the weights are not finite (a diverged run, or a \
+                     corrupt file)",
+                    tensor[index]
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether every value is finite, in one vectorizable pass (`x - x` is 0
+/// for a finite `x` and NaN otherwise; sixteen independent sums).
+#[allow(clippy::eq_op)] // `x - x` is the test itself, not a mistake
+fn all_finite(values: &[f32]) -> bool {
+    const LANES: usize = 16;
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().all(|x| x.is_finite());
+    let mut acc = [0.0f32; LANES];
+    for chunk in chunks {
+        for k in 0..LANES {
+            acc[k] += chunk[k] - chunk[k];
+        }
+    }
+    tail && acc.iter().all(|&a| a == 0.0)
 }
 
 #[cfg(test)]
@@ -406,5 +485,33 @@ mod tests {
         let std = (wo.iter().map(|x| x * x).sum::<f32>() / wo.len() as f32).sqrt();
         assert!((std - 0.02 / 8f32.sqrt()).abs() < 0.0005, "{std}");
         assert_eq!(Weights::init(&c, 1), w);
+    }
+
+    #[test]
+    fn a_view_borrows_every_tensor_and_finds_non_finite_values() {
+        let c = ModelConfig::preset("stories260k").unwrap();
+        let mut w = Weights::init(&c, 3);
+        let view = w.view();
+        for p in w.layout.params() {
+            assert_eq!(view.get(p), w.get(p), "{}", p.name());
+        }
+        assert_eq!(view.classifier(), w.get(Param::Embedding));
+        assert!(view.optional(Param::Bq(0)).is_none());
+        assert!(view.check_finite(std::path::Path::new("m.bin")).is_ok());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            // Past the first sixteen values, and in a remainder of a chunk.
+            for index in [37, w.get(Param::W2(1)).len() - 1] {
+                let mut broken = w.clone();
+                broken.get_mut(Param::W2(1))[index] = bad;
+                let err = broken
+                    .check_finite(std::path::Path::new("m.bin"))
+                    .unwrap_err();
+                let text = err.to_string();
+                assert!(text.contains("layers.1.w2"), "{text}");
+                assert!(text.contains(&format!("element {index} ")), "{text}");
+            }
+        }
+        w.get_mut(Param::RmsFinal)[0] = f32::MAX;
+        assert!(w.check_finite(std::path::Path::new("m.bin")).is_ok());
     }
 }

@@ -109,6 +109,36 @@ fn greedy_generation_reproduces_numpy_token_ids() {
 }
 
 #[test]
+fn the_mapped_file_gives_the_read_weights_logits_and_ids_bit_for_bit() {
+    let weights = llama2c::read(Path::new(FIXTURE)).unwrap();
+    let mapped = llama2c::map(Path::new(FIXTURE))
+        .unwrap()
+        .expect("a regular file maps");
+    let expected = expected();
+    let read_logits = Generator::new(&weights)
+        .forward_logits(&expected.prompt)
+        .unwrap();
+    let mapped_logits = Generator::from_view(mapped.view())
+        .forward_logits(&expected.prompt)
+        .unwrap();
+    let bits = |rows: &[Vec<f32>]| -> Vec<Vec<u32>> {
+        rows.iter()
+            .map(|row| row.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    assert_eq!(bits(&mapped_logits), bits(&read_logits));
+    let ids = Generator::from_view(mapped.view())
+        .generate(
+            &expected.prompt,
+            expected.max_new_tokens,
+            &mut Sampler::greedy(),
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(ids, expected.greedy);
+}
+
+#[test]
 fn kv_cache_decoding_equals_fresh_recomputation() {
     // Logits of the last position of a prefix must not depend on what was
     // decoded before the cache was reset.

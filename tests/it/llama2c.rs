@@ -231,7 +231,52 @@ fn read_err(bytes: &[u8]) -> String {
     std::fs::write(&path, bytes).unwrap();
     let msg = llama2c::read(&path).unwrap_err().to_string();
     assert!(msg.contains("bad.bin"), "error must name the file: {msg}");
+    // The decoder's map of the file refuses it with the same words.
+    let mapped = llama2c::map(&path).unwrap_err().to_string();
+    assert_eq!(mapped, msg);
     msg
+}
+
+#[test]
+fn mapped_tensors_are_the_read_weights_bit_for_bit() {
+    for tied in [true, false] {
+        let weights = small_weights(tied);
+        for version in [0, 1] {
+            let path = temp_dir(&format!("llama2c-map-{tied}-{version}")).join("m.bin");
+            std::fs::write(&path, llama2c::encode(&weights, version, &path).unwrap()).unwrap();
+            let mapped = llama2c::map(&path).unwrap().expect("a regular file maps");
+            assert_eq!(mapped.config(), weights.config());
+            let view = mapped.view();
+            for p in weights.layout.params() {
+                let same = view
+                    .get(p)
+                    .iter()
+                    .zip(weights.get(p))
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same && view.get(p).len() == weights.get(p).len(),
+                    "{} tied {tied} version {version}",
+                    p.name()
+                );
+            }
+            assert!(matches!(
+                anemone::model::load_for_decoding(&path).unwrap(),
+                anemone::model::DecoderWeights::Mapped(_)
+            ));
+        }
+    }
+}
+
+#[test]
+fn a_mapped_file_with_a_nan_is_refused_like_a_read_one() {
+    let mut weights = small_weights(false);
+    weights.get_mut(anemone::model::Param::W3(2))[5] = f32::NAN;
+    let bytes = llama2c::encode(&weights, 0, Path::new("x.bin")).unwrap();
+    let msg = read_err(&bytes);
+    assert!(
+        msg.contains("layers.2.w3") && msg.contains("element 5 "),
+        "{msg}"
+    );
 }
 
 fn header_v0(fields: [i32; 7]) -> Vec<u8> {
