@@ -27,7 +27,8 @@ use anemone::model::hf::{HfCheckpoint, SafetensorsReader};
 use anemone::model::kernels::KernelOptions;
 use anemone::model::lora::Adapters;
 use anemone::model::{ModelConfig, Weights};
-use anemone::train::engine::Engine;
+use anemone::train::engine::{Engine, GradWrite, LossWeights};
+use anemone::train::lora::LoraStep;
 use anemone::train::optim::{AdamState, AdamW};
 
 use crate::common::{fixture, temp_dir};
@@ -572,5 +573,101 @@ fn five_adamw_steps_match_peft() {
                 .grads_from_dw(&engines.masked_gradient(&merged, &case.batch));
             opt.step_matrices(&mut case.adapters.data, &grads.data, &mut state, lr, 1.0);
         }
+    }
+}
+
+/// A CPU fp32 engine for the whole chat batch and a LoRA step on `case`.
+fn lora_step(case: &Case) -> (Engine, LoraStep) {
+    let batch = &case.batch;
+    let backend = Box::new(CpuBackend::new(Precision::Fp32));
+    let (seq, size) = (batch.seq_len, batch.batch_size);
+    let engine = Engine::new(backend, case.config(), seq, size, KernelOptions::cpu()).unwrap();
+    (engine, LoraStep::new(&case.base, &case.adapters).unwrap())
+}
+
+/// The chat batch's targets, weights (prompts and padding 0) and divisor
+/// (the counted targets).
+fn masked(batch: &SftBatch) -> LossWeights<'_> {
+    LossWeights {
+        targets: &batch.targets,
+        weights: Some(&batch.weights),
+        divisor: batch.counted() as f64,
+    }
+}
+
+/// The engine's own loss weights (issue 21): one weighted pass over the
+/// whole chat batch gives PEFT's masked mean loss (1e-5 relative) and every
+/// lora_A/lora_B gradient within 1e-4 relative (floor [`GRAD_FLOOR`] of each
+/// tensor's largest), with the base frozen.
+#[test]
+fn the_lora_step_gives_the_peft_masked_loss_and_gradients() {
+    for name in MODELS {
+        let case = Case::open(name);
+        let (mut engine, mut step) = lora_step(&case);
+        let batch = &case.batch;
+        let loss = step
+            .forward_backward(
+                &mut engine,
+                GradWrite::Overwrite,
+                &batch.inputs,
+                masked(batch),
+                1.0,
+            )
+            .unwrap();
+        let want = case.reference.read_f64("loss").unwrap()[0];
+        let err = (loss - want).abs() / want;
+        eprintln!("{name}: lora step loss {loss} vs peft {want} ({err:.2e} relative)");
+        assert!(err <= 1e-5, "{name}: loss {loss} vs {want}");
+        let grads = step.adapter_grads(&case.adapters);
+        let tensors = peft_tensors(&grads);
+        assert!(!tensors.is_empty());
+        let mut worst: f64 = 0.0;
+        for (tensor, _, data) in &tensors {
+            let want = f32s(&case.reference, &format!("grad.{tensor}"));
+            let what = format!("{name}: lora step gradient of {tensor}");
+            worst = worst.max(assert_elementwise(data, &want, 1e-4, GRAD_FLOOR, &what));
+        }
+        eprintln!("{name}: lora step gradients within {worst:.2e} of each tensor's largest");
+    }
+}
+
+/// Five AdamW steps of the LoRA step (adapters alone): the loss each step
+/// reports within 1e-4 of PEFT's, and the base never written.
+#[test]
+fn five_adamw_steps_of_the_lora_step_match_peft() {
+    for name in MODELS {
+        let mut case = Case::open(name);
+        let base_before = case.base.data.clone();
+        let opt = AdamW {
+            beta1: meta(&case.reference, "beta1") as f32,
+            beta2: meta(&case.reference, "beta2") as f32,
+            eps: meta(&case.reference, "eps") as f32,
+            weight_decay: meta(&case.reference, "weight_decay") as f32,
+        };
+        let lr = meta(&case.reference, "lr") as f32;
+        let mut state = AdamState::new(case.adapters.data.len());
+        let (mut engine, mut step) = lora_step(&case);
+        let losses = case.reference.read_f64("losses").unwrap();
+        assert_eq!(losses.len(), 5);
+        for (index, want) in losses.into_iter().enumerate() {
+            let batch = &case.batch;
+            let write = GradWrite::Overwrite;
+            let loss =
+                (step.forward_backward(&mut engine, write, &batch.inputs, masked(batch), 1.0))
+                    .unwrap();
+            let err = (loss - want).abs() / want;
+            eprintln!("{name}: lora step {index}: loss {loss} vs peft {want} ({err:.2e})");
+            assert!(
+                err <= 1e-4,
+                "{name}: AdamW step {index}: loss {loss} vs {want}"
+            );
+            let grads = step.adapter_grads(&case.adapters);
+            let adapters = &mut case.adapters;
+            step.update(&case.base, adapters, &grads, &opt, &mut state, lr, 1.0);
+        }
+        assert!(
+            case.base.data == base_before,
+            "{name}: the base was written"
+        );
     }
 }
