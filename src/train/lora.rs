@@ -36,6 +36,13 @@ impl LoraStep {
                 "lora: the adapters were made for another model than the base".into(),
             ));
         }
+        if adapters.config.dropout != 0.0 {
+            return Err(Error::Invalid(format!(
+                "lora: dropout {} is not implemented by the training step yet; use \
+                 --lora-dropout 0",
+                adapters.config.dropout
+            )));
+        }
         let mut step = LoraStep {
             merged: base.clone(),
             dw: Weights::zeros(base.config()),
