@@ -14,7 +14,8 @@ use anemone::data::hf::HfTokenizer;
 use anemone::data::tokenizer::Tokenizer;
 use anemone::generate::{HfText, Rate, Sampler, stream, stream_hf, tokenizer_beside};
 use anemone::model::hf::FloatDtype;
-use anemone::model::{WeightsView, llama2c, load_for_decoding, load_weights};
+use anemone::model::hf::adapter::load_fused;
+use anemone::model::{DecoderWeights, WeightsView, llama2c, load_for_decoding, load_weights};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -22,6 +23,10 @@ pub struct GenerateArgs {
     /// llama2.c model.bin
     #[arg(long)]
     pub model: PathBuf,
+    /// PEFT LoRA adapters (a directory with adapter_config.json and
+    /// adapter_model.safetensors) merged into --model on loading
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
     /// tokenizer.bin, or a Hugging Face tokenizer (directory or
     /// tokenizer.json); default: the model directory's tokenizer.json, else
     /// the tokenizer.bin of the run directory or beside the model file
@@ -63,8 +68,12 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         checked
     };
     let load_started = Instant::now();
-    // A llama2.c file stays in a read-only map, read in place.
-    let weights = load_for_decoding(&args.model).context("--model")?;
+    // A llama2.c file stays in a read-only map, read in place; adapters are
+    // merged into a loaded copy.
+    let weights = match &args.adapters {
+        Some(dir) => DecoderWeights::Loaded(load_fused(&args.model, dir).context("--adapters")?),
+        None => load_for_decoding(&args.model).context("--model")?,
+    };
     let load_s = load_started.elapsed().as_secs_f64();
     let hf_tokenizer = match &args.tokenizer {
         Some(path) => HfTokenizer::is_hf_path(path).then(|| path.clone()),
@@ -203,6 +212,44 @@ pub struct ExportArgs {
     /// Output file (llama2c) or directory (hf)
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct FuseArgs {
+    /// The base: a Hugging Face model directory
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapters: a directory with adapter_config.json and
+    /// adapter_model.safetensors (from peft's save_pretrained, or anemone's)
+    #[arg(long)]
+    pub adapters: PathBuf,
+    /// Tensor dtype (default: the base model's)
+    #[arg(long, value_enum)]
+    pub dtype: Option<ExportDtype>,
+    /// Output directory: the merged model in the Hugging Face layout
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `anemone fuse`: base + adapters merged (`W + s B A`), written as
+/// `export --format hf` writes a model.
+pub fn fuse(args: FuseArgs) -> Result<()> {
+    let weights = load_fused(&args.model, &args.adapters).context("--adapters")?;
+    let exported = anemone::model::hf::export::export(
+        &args.model,
+        &weights,
+        &args.out,
+        args.dtype.map(ExportDtype::float),
+    )?;
+    eprintln!(
+        "wrote {} ({} with the adapters of {} merged, {}): {}",
+        args.out.display(),
+        exported.architecture.class_name(),
+        args.adapters.display(),
+        exported.dtype.torch_name(),
+        exported.files.join(", ")
+    );
+    Ok(())
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {

@@ -43,6 +43,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Export a model (llama2.c model.bin, or a Hugging Face model directory)
     Export(generate::ExportArgs),
+    /// Merge PEFT LoRA adapters into a Hugging Face model, written as a
+    /// Hugging Face model directory
+    Fuse(generate::FuseArgs),
     /// Train or use a llama2.c tokenizer
     #[command(subcommand)]
     Tokenizer(data::TokenizerCommand),
@@ -84,6 +87,7 @@ fn run(command: Command, matches: &ArgMatches) -> anyhow::Result<()> {
         Command::Eval(args) => train::eval(args),
         Command::Generate(args) => generate::generate(args),
         Command::Export(args) => generate::export(args),
+        Command::Fuse(args) => generate::fuse(args),
         Command::Tokenizer(cmd) => data::tokenizer(cmd),
         Command::Tokenize(args) => data::tokenize(args),
         Command::Plot { run_dir, out } => {

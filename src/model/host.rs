@@ -369,9 +369,20 @@ pub struct CrossEntropyScratch {
     rows: usize,
     /// Blocked cross-entropy: the chunks whose statistics the blocks so far filled.
     cursor: usize,
+    /// Each position's loss weight (`P`), or empty: every position weighs 1.
+    weights: Vec<f32>,
 }
 
 impl CrossEntropyScratch {
+    /// Weigh each position's loss (and its gradient) by `weights` (`P`, the
+    /// positions of the cross-entropies that follow), or by 1 (`None`, the
+    /// default): a weight of 0 leaves a position out of the sum (a masked
+    /// prompt or padding). Unweighted, the numbers are those of no weights.
+    pub fn set_weights(&mut self, weights: Option<&[f32]>) {
+        self.weights.clear();
+        self.weights.extend_from_slice(weights.unwrap_or_default());
+    }
+
     /// Size the statistics for `vocab` rows of `p` positions coming in
     /// blocks of `block_rows` rows (each cut into chunks of its own); returns
     /// the rows per chunk.
@@ -432,12 +443,18 @@ pub fn cross_entropy(
     assert_eq!(logits.len(), vocab * p, "cross_entropy: logits size");
     let rows = scratch.start(vocab, p, vocab);
     // The target logits, before pass 1 replaces them.
-    let target_sum = target_logits(logits, targets, 0);
+    let weights = &scratch.weights;
+    let target_sum = target_logits(logits, targets, 0, weights);
     let (per_chunk, max, inv_sum) = split_stats(&mut scratch.stats, p);
     exp_pass(logits, p, rows, per_chunk);
-    let total = merge_chunks(per_chunk, p, max, inv_sum, &mut scratch.sums);
+    let total = merge_chunks(per_chunk, p, max, inv_sum, &mut scratch.sums, weights);
     if let Some(scale) = grad_scale {
-        gradient_pass(logits, targets, 0, rows, scale, per_chunk, max, inv_sum);
+        let stats = Merged {
+            max,
+            inv_sum,
+            weights,
+        };
+        gradient_pass(logits, targets, 0, rows, scale, per_chunk, stats);
     }
     total - target_sum
 }
@@ -470,7 +487,7 @@ pub fn cross_entropy_block(
     scratch: &mut CrossEntropyScratch,
 ) -> f64 {
     let (p, rows) = (scratch.p, scratch.rows);
-    let target_sum = target_logits(logits, targets, first_row);
+    let target_sum = target_logits(logits, targets, first_row, &scratch.weights);
     let (block_stats, _, _) = scratch.next_block(logits.len());
     exp_pass(logits, p, rows, block_stats);
     target_sum
@@ -487,7 +504,8 @@ pub fn cross_entropy_finish(scratch: &mut CrossEntropyScratch) -> f64 {
         2 * chunks * p,
         "cross_entropy_finish: blocks missing"
     );
-    merge_chunks(per_chunk, p, max, inv_sum, &mut scratch.sums)
+    let weights = &scratch.weights;
+    merge_chunks(per_chunk, p, max, inv_sum, &mut scratch.sums, weights)
 }
 
 /// Pass 1 and pass 2 of [`cross_entropy`] on the block `logits (R, P)` of
@@ -501,8 +519,14 @@ pub fn cross_entropy_block_gradient(
     scratch: &mut CrossEntropyScratch,
 ) {
     let (p, rows) = (scratch.p, scratch.rows);
+    let weights = std::mem::take(&mut scratch.weights);
     let (block_stats, max, inv_sum) = scratch.next_block(logits.len());
     exp_pass(logits, p, rows, block_stats);
+    let stats = Merged {
+        max,
+        inv_sum,
+        weights: &weights,
+    };
     gradient_pass(
         logits,
         targets,
@@ -510,22 +534,39 @@ pub fn cross_entropy_block_gradient(
         rows,
         grad_scale,
         block_stats,
-        max,
-        inv_sum,
+        stats,
     );
+    scratch.weights = weights;
+}
+
+/// The merged statistics of every position, and the positions' loss weights
+/// (empty: all 1).
+struct Merged<'s> {
+    max: &'s [f32],
+    inv_sum: &'s [f32],
+    weights: &'s [f32],
+}
+
+/// Position `j`'s loss weight (1 without weights).
+#[inline(always)]
+fn weight(weights: &[f32], j: usize) -> f32 {
+    weights.get(j).copied().unwrap_or(1.0)
 }
 
 /// The sum of `logits[target - first_row, j]` over the positions `j` whose
-/// target falls in the rows of `logits (R, P)`.
-fn target_logits(logits: &[f32], targets: &[u32], first_row: usize) -> f64 {
+/// target falls in the rows of `logits (R, P)`, each times its weight.
+fn target_logits(logits: &[f32], targets: &[u32], first_row: usize, weights: &[f32]) -> f64 {
     let p = targets.len();
     let block = first_row..first_row + logits.len() / p;
-    targets
+    let terms = targets
         .iter()
         .enumerate()
         .filter(|(_, target)| block.contains(&(**target as usize)))
-        .map(|(j, &target)| f64::from(logits[(target as usize - first_row) * p + j]))
-        .sum()
+        .map(|(j, &target)| (j, f64::from(logits[(target as usize - first_row) * p + j])));
+    if weights.is_empty() {
+        return terms.map(|(_, logit)| logit).sum();
+    }
+    terms.map(|(j, logit)| f64::from(weights[j]) * logit).sum()
 }
 
 /// Pass 1: per chunk of `rows` rows of `logits (R, P)`, each position's
@@ -550,13 +591,15 @@ fn exp_pass(logits: &mut [f32], p: usize, rows: usize, per_chunk: &mut [f32]) {
 }
 
 /// The chunks' statistics merged in order: each position's maximum `M` and
-/// `1 / S` with `S = sum_c s_c e^(m_c - M)` in `f64`; returns `sum_j (M_j + ln S_j)`.
+/// `1 / S` with `S = sum_c s_c e^(m_c - M)` in `f64`; returns `sum_j (M_j + ln S_j)`
+/// (each term times position `j`'s weight, when there are weights).
 fn merge_chunks(
     per_chunk: &[f32],
     p: usize,
     max: &mut [f32],
     inv_sum: &mut [f32],
     sums: &mut Vec<f64>,
+    weights: &[f32],
 ) -> f64 {
     max.fill(f32::NEG_INFINITY);
     for st in per_chunk.chunks(2 * p) {
@@ -579,8 +622,17 @@ fn merge_chunks(
         );
     }
     let mut total = 0.0f64;
-    for ((inv, &sum), &m) in inv_sum.iter_mut().zip(sums.iter()).zip(max.iter()) {
-        total += f64::from(m) + sum.ln();
+    for (j, ((inv, &sum), &m)) in inv_sum
+        .iter_mut()
+        .zip(sums.iter())
+        .zip(max.iter())
+        .enumerate()
+    {
+        let term = f64::from(m) + sum.ln();
+        total += match weights.is_empty() {
+            true => term,
+            false => f64::from(weights[j]) * term,
+        };
         *inv = (1.0 / sum) as f32;
     }
     total
@@ -588,8 +640,8 @@ fn merge_chunks(
 
 /// Pass 2: each chunk of `logits (R, P)` (rows `first_row..`, holding pass
 /// 1's exponentials) scaled by `scale e^(m_c - M) / S`, and `scale`
-/// subtracted at each position's target.
-#[allow(clippy::too_many_arguments)]
+/// subtracted at each position's target; each position's column also times
+/// its weight, when there are weights.
 fn gradient_pass(
     logits: &mut [f32],
     targets: &[u32],
@@ -597,10 +649,14 @@ fn gradient_pass(
     rows: usize,
     scale: f32,
     per_chunk: &mut [f32],
-    max: &[f32],
-    inv_sum: &[f32],
+    stats: Merged,
 ) {
     let p = targets.len();
+    let Merged {
+        max,
+        inv_sum,
+        weights,
+    } = stats;
     logits
         .par_chunks_mut(rows * p)
         .zip(per_chunk.par_chunks_mut(2 * p))
@@ -614,6 +670,11 @@ fn gradient_pass(
                     for ((f, &m), &inv) in factor.iter_mut().zip(max).zip(inv_sum) {
                         *f = crate::math::exp(*f - m) * inv * scale;
                     }
+                    if !weights.is_empty() {
+                        for (f, &w) in factor.iter_mut().zip(weights) {
+                            *f *= w;
+                        }
+                    }
                     scale_columns(l, factor)
                 },
             );
@@ -621,7 +682,7 @@ fn gradient_pass(
             for (j, &target) in targets.iter().enumerate() {
                 let target = target as usize;
                 if (v0..v0 + l.len() / p).contains(&target) {
-                    l[(target - v0) * p + j] -= scale;
+                    l[(target - v0) * p + j] -= scale * weight(weights, j);
                 }
             }
         });

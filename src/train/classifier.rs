@@ -159,12 +159,20 @@ impl ClassifierHead {
         }
     }
 
-    /// Cross-entropy summed over every position of the batch, forward only.
-    pub fn loss(&mut self, host: &mut TimedHost, weights: &Weights, targets: &[u32]) -> f64 {
+    /// Cross-entropy summed over every position of the batch, each times its
+    /// weight in `target_weights` (`(B, T)`; `None`: 1), forward only.
+    pub fn loss(
+        &mut self,
+        host: &mut TimedHost,
+        weights: &Weights,
+        targets: &[u32],
+        target_weights: Option<&[f32]>,
+    ) -> f64 {
         let seq = self.seq;
         let mut total = 0.0;
         for (first, end) in self.groups() {
             let targets = &targets[first * seq..end * seq];
+            (self.stats).set_weights(target_weights.map(|w| &w[first * seq..end * seq]));
             if self.blocks != Blocks::Whole {
                 total += self.blocked_loss(host, weights, first, end, targets);
                 continue;
@@ -204,15 +212,18 @@ impl ClassifierHead {
     }
 
     /// Forward and backward of the head: returns the cross-entropy summed over
-    /// every position, writes the classifier's and the final norm's
+    /// every position (each times its weight in `target_weights`, `(B, T)`,
+    /// when given), writes the classifier's and the final norm's
     /// gradients of `grad_scale` times that sum, and adds the gradient of
     /// each sequence's `x_final` to `dx`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
         host: &mut TimedHost,
         weights: &Weights,
         grads: &mut GradSink,
         targets: &[u32],
+        target_weights: Option<&[f32]>,
         grad_scale: f32,
         dx: &mut [Vec<f32>],
     ) -> f64 {
@@ -225,7 +236,9 @@ impl ClassifierHead {
         self.dxn.resize(self.dim * self.seq, 0.0);
         let mut total = 0.0;
         for (first, end) in self.groups() {
-            let targets = &targets[first * self.seq..end * self.seq];
+            let positions = first * self.seq..end * self.seq;
+            (self.stats).set_weights(target_weights.map(|w| &w[positions.clone()]));
+            let targets = &targets[positions];
             if self.blocks != Blocks::Whole {
                 total += self.blocked_loss(host, weights, first, end, targets);
                 self.blocked_products(host, weights, grads, first, end, targets, grad_scale);

@@ -220,8 +220,41 @@ impl Engine {
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(targets, "targets")?;
         self.forward(weights, inputs)?;
-        let total = self.head.loss(&mut self.host, weights, targets);
+        let total = self.head.loss(&mut self.host, weights, targets, None);
         Ok(total / (self.batch * self.seq) as f64)
+    }
+
+    /// The cross-entropy of every position times its weight in `loss`,
+    /// summed, forward only (the masked mean is this over `loss.counted()`).
+    pub fn weighted_loss_sum(
+        &mut self,
+        weights: &Weights,
+        inputs: &[u32],
+        loss: LossWeights,
+    ) -> Result<f64> {
+        self.check_tokens(inputs, "inputs")?;
+        self.check_tokens(loss.targets, "targets")?;
+        self.check_weights(loss.weights)?;
+        self.forward(weights, inputs)?;
+        let total = self
+            .head
+            .loss(&mut self.host, weights, loss.targets, loss.weights);
+        Ok(total)
+    }
+
+    fn check_weights(&self, weights: Option<&[f32]>) -> Result<()> {
+        match weights {
+            Some(weights) if weights.len() != self.batch * self.seq => {
+                Err(Error::Invalid(format!(
+                    "loss weights: expected {} (batch {} x seq {}), got {}",
+                    self.batch * self.seq,
+                    self.batch,
+                    self.seq,
+                    weights.len()
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Logits `(T, V)` of every sequence after a forward pass over `inputs`.
@@ -267,20 +300,46 @@ impl Engine {
         targets: &[u32],
         loss_scale: f32,
     ) -> Result<f64> {
+        let positions = self.batch * self.seq;
+        let loss = LossWeights {
+            targets,
+            weights: None,
+            divisor: positions as f64,
+        };
+        self.forward_backward_weighted(weights, grads, write, inputs, loss, loss_scale)
+    }
+
+    /// [`Engine::forward_backward_as`] with a weight per target: adds (or
+    /// writes) `loss_scale * d(L)/dw` with `L = sum(w ce) / loss.divisor`, and
+    /// returns `L` (unscaled). With gradient accumulation the divisor is the
+    /// counted targets of the whole step, so that the step's gradient does
+    /// not depend on how it is split (transformers' `num_items_in_batch`).
+    pub fn forward_backward_weighted(
+        &mut self,
+        weights: &Weights,
+        grads: &mut Weights,
+        write: GradWrite,
+        inputs: &[u32],
+        loss: LossWeights,
+        loss_scale: f32,
+    ) -> Result<f64> {
+        let targets = loss.targets;
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(targets, "targets")?;
+        self.check_weights(loss.weights)?;
         self.forward(weights, inputs)?;
         let (seq, batch) = (self.seq, self.batch);
         let mut sink = GradSink::start(grads, write, seq, &mut self.grad_sq);
         self.dy.resize(&self.config, batch, seq);
         self.scratch.resize(&self.config, batch, seq);
-        let grad_scale = loss_scale / (batch * seq) as f32;
+        let grad_scale = loss_scale / loss.divisor as f32;
         let host = &mut self.host;
         let total = self.head.backward(
             host,
             weights,
             &mut sink,
             targets,
+            loss.weights,
             grad_scale,
             &mut self.dy.dx,
         );
@@ -299,6 +358,16 @@ impl Engine {
                 .embedding_backward(d_embedding, dx, tokens, self.config.dim);
         }
         sink.finished(Param::Embedding);
-        Ok(total / (batch * seq) as f64)
+        Ok(total / loss.divisor)
     }
+}
+
+/// The targets of a batch, a loss weight per target (`None`: every one
+/// weighs 1; 0 leaves a prompt or padding out) and what the weighted sum is
+/// divided by.
+#[derive(Clone, Copy)]
+pub struct LossWeights<'a> {
+    pub targets: &'a [u32],         // (B, T)
+    pub weights: Option<&'a [f32]>, // (B, T)
+    pub divisor: f64,
 }

@@ -20,6 +20,7 @@ mod grads;
 pub mod job;
 pub mod kernel;
 mod layer;
+pub mod lora;
 pub mod optim;
 pub mod options;
 mod params;

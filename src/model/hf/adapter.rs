@@ -272,6 +272,16 @@ pub fn config_json(config: &LoraConfig, n_layers: usize, base_model: Option<&str
     })
 }
 
+/// The weights of the model at `model` (any form `model::load_weights`
+/// reads) with the PEFT adapters of `dir` merged in (`W + s B A`, exact):
+/// what `generate --adapters` and `fuse` run on.
+pub fn load_fused(model: &Path, dir: &Path) -> Result<crate::model::Weights> {
+    let mut weights = crate::model::load_weights(model)?;
+    let adapters = read_adapters(dir, weights.config())?;
+    adapters.fuse_into(&mut weights);
+    Ok(weights)
+}
+
 /// The adapters in directory `dir` for the base model `model`.
 pub fn read_adapters(dir: &Path, model: &ModelConfig) -> Result<Adapters> {
     let config_path = dir.join(CONFIG_FILE);
