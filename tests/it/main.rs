@@ -19,7 +19,7 @@ mod kernels;
 mod llama2c;
 mod lora;
 mod mil_text;
-// Needs MPI installed: `cargo test --features mpi --test it mpi`.
+// Needs MPI installed: `cargo test --features mpi --test it mpi::`.
 #[cfg(feature = "mpi")]
 mod mpi;
 mod readme;

@@ -1,6 +1,6 @@
 //! `mpirun -np 2 anemone train` on this machine (issue 24; compiled with
 //! `--features mpi`, run by `.ci/run` as `cargo test --features mpi --test it
-//! mpi`): two ranks with `--batch B` against one process with `--batch 2B`
+//! mpi::`): two ranks with `--batch B` against one process with `--batch 2B`
 //! (the reference), exact resume under the same mpirun line, ranks that
 //! disagree refusing to start, and a killed rank ending the run.
 
