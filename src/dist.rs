@@ -178,19 +178,11 @@ mod mpi_world {
             let mut send = self.send.lock().expect("all-reduce buffer");
             send.clear();
             send.extend_from_slice(values);
-            SimpleCommunicator::world().all_reduce_into(
-                &send[..],
-                values,
-                SystemOperation::sum(),
-            );
+            SimpleCommunicator::world().all_reduce_into(&send[..], values, SystemOperation::sum());
         }
         fn all_reduce_sum_f64(&self, values: &mut [f64]) {
             let send = values.to_vec();
-            SimpleCommunicator::world().all_reduce_into(
-                &send[..],
-                values,
-                SystemOperation::sum(),
-            );
+            SimpleCommunicator::world().all_reduce_into(&send[..], values, SystemOperation::sum());
         }
         fn all_gather_u64(&self, value: u64) -> Vec<u64> {
             let mut all = vec![0u64; self.size];
@@ -238,7 +230,10 @@ mod tests {
     fn failed_ranks_lists_the_set_flags() {
         assert_eq!(failed_ranks(&[0.0, 0.0]), None);
         assert_eq!(failed_ranks(&[0.0, 1.0]).as_deref(), Some("rank 1"));
-        assert_eq!(failed_ranks(&[1.0, 0.0, 1.0]).as_deref(), Some("ranks 0, 2"));
+        assert_eq!(
+            failed_ranks(&[1.0, 0.0, 1.0]).as_deref(),
+            Some("ranks 0, 2")
+        );
     }
 
     #[test]
