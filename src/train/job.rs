@@ -558,6 +558,11 @@ fn resume(
     if rank0 {
         record.write(dir)?;
     }
+    // Every rank reads the run's config.json (in `Trainer::resume_on`) only
+    // after rank 0 has rewritten it: one all-gather as a barrier.
+    if dist.size() > 1 {
+        dist.all_gather_u64(0);
+    }
     let config = record.config.clone();
     // A run keeps the precision it started with (fp16 runs carry a loss scale).
     let wanted = if config.fp16 {
@@ -589,6 +594,7 @@ fn resume(
         observer.on_message(&note);
     }
     let mut trainer = Trainer::resume_on(dir, engine, &mut source, None, dist.clone())?;
+    record.config = trainer.config.clone();
     check_ranks_agree(dist.as_ref(), &record, &trainer.weights)?;
     observer.on_message(&format!(
         "resumed {} at step {} of {}",
