@@ -15,6 +15,7 @@
 //!   biases, QK-norm, RoPE scaling), the flat weights, RoPE, the layer kernels
 //!   as MIL, host math, checkpoints, llama2.c and Hugging Face formats.
 //! - [`train`]: the training step, the optimizer, the run loop and whole jobs.
+//! - [`dist`]: data-parallel runs: the collective seam, one process or MPI.
 //! - [`data`]: token files, tokenizers (llama2.c and `tokenizer.json`), chat
 //!   templates, the built-in corpus.
 //! - [`generate`]: decoding with a KV cache.
@@ -37,6 +38,7 @@ pub mod backend;
 pub mod bench;
 pub mod blob;
 pub mod data;
+pub mod dist;
 pub mod doctor;
 pub mod energy;
 pub mod error;

@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::{Repeat, Stats, gflops, time_ms};
 use crate::Result;
 use crate::backend::Backend;
+use crate::dist::Collective;
 use crate::energy::{self, Energy};
 use crate::linalg::{gemm, n};
 use crate::model::kernels::KernelOptions;
@@ -85,6 +86,22 @@ pub struct TrainStepReport {
     /// Joules of the timed steps per rail, per step and tokens per joule
     /// ("unavailable" where the counters are missing, e.g. off macOS).
     pub energy: Energy,
+    /// Data-parallel ranks (1 without `mpirun`); `batch` is each rank's.
+    pub ranks: usize,
+    /// With two or more ranks: the all-reduce of the flat gradient buffer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<CommReport>,
+}
+
+/// What the gradients' all-reduce cost per step.
+#[derive(Clone, Debug, Serialize)]
+pub struct CommReport {
+    pub ms_per_step: f64,
+    pub fraction: f64,
+    /// The buffer summed: 4 bytes per parameter.
+    pub buffer_bytes: u64,
+    /// What each rank sends in a ring all-reduce: `buffer * 2(N-1)/N`.
+    pub ring_bytes_per_rank: u64,
 }
 
 /// One CPU plan step label of the op profile, per timed step.
@@ -130,6 +147,18 @@ pub fn run(
     opts: &TrainStepOptions,
     progress: &mut dyn FnMut(usize, f64),
 ) -> Result<TrainStepReport> {
+    run_on(backend, opts, &crate::dist::Single, progress)
+}
+
+/// [`run`] as one rank of `dist`: each rank's step on `batch` sequences of
+/// its own, then one all-reduce of the flat gradient buffer (timed as the
+/// phase `all-reduce`) before the norm and AdamW, as in training.
+pub fn run_on(
+    backend: Box<dyn Backend>,
+    opts: &TrainStepOptions,
+    dist: &dyn Collective,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<TrainStepReport> {
     if opts.steps == 0 {
         return Err(crate::Error::Invalid(
             "train-step needs at least one timed step (--steps 1 or more)".into(),
@@ -146,7 +175,8 @@ pub fn run(
     let mut adam = AdamState::new(weights.data.len());
     let adamw = AdamW::default();
     let n_tokens = opts.seq * opts.batch;
-    let mut rng = Rng::new(42);
+    let mut rng = Rng::new(42 + dist.rank() as u64);
+    let ranks = dist.size();
     let mut inputs = vec![0u32; n_tokens];
     let mut targets = vec![0u32; n_tokens];
     let mut times = Vec::new();
@@ -172,10 +202,19 @@ pub fn run(
             GradWrite::Overwrite,
             &inputs,
             &targets,
-            1.0,
+            1.0 / ranks as f32,
         )?;
+        let mut norm = engine.grad_norm();
+        if ranks > 1 {
+            let comm_start = Instant::now();
+            dist.all_reduce_sum(&mut grads.data);
+            norm = optim::global_norm(&grads.data);
+            if step >= opts.warmup {
+                profile.add("all-reduce", comm_start);
+            }
+        }
         let opt_start = Instant::now();
-        let clip = optim::clip_factor(engine.grad_norm(), 1.0);
+        let clip = optim::clip_factor(norm, 1.0);
         adamw.step(&mut weights, &grads.data, &mut adam, 3e-4, clip);
         let elapsed = start.elapsed().as_secs_f64();
         if step >= opts.warmup {
@@ -226,6 +265,16 @@ pub fn run(
             .collect()
     };
     let mut phases = per_step(&profile.phases);
+    let buffer_bytes = 4 * weights.data.len() as u64;
+    let comm = phases
+        .iter()
+        .find(|phase| phase.name == "all-reduce")
+        .map(|phase| CommReport {
+            ms_per_step: phase.ms_per_step,
+            fraction: phase.fraction,
+            buffer_bytes,
+            ring_bytes_per_rank: buffer_bytes * 2 * (ranks as u64 - 1) / ranks as u64,
+        });
     let side_by_side = per_step(&profile.side_by_side);
     let accounted: f64 = phases.iter().map(|p| p.ms_per_step).sum();
     let step_ms = total.as_secs_f64() * 1e3 / steps;
@@ -247,7 +296,8 @@ pub fn run(
         ms_median: stats.median_ms,
         ms_min: stats.min_ms,
         ms_max: stats.max_ms,
-        tokens_per_s: n_tokens as f64 / med,
+        // The whole job's: every rank's tokens.
+        tokens_per_s: (n_tokens * ranks) as f64 / med,
         gflop_per_step: flops / 1e9,
         gflops,
         gemm_peak_gflops: peak,
@@ -258,6 +308,8 @@ pub fn run(
         ops,
         losses,
         energy,
+        ranks,
+        comm,
     })
 }
 
@@ -265,8 +317,17 @@ pub fn run(
 pub fn format_report(r: &TrainStepReport) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "train-step {} on {} ({} threads), seq {} batch {}, {} timed steps\n",
-        r.config, r.backend, r.threads, r.seq, r.batch, r.steps
+        "train-step {} on {} ({} threads), seq {} batch {}{}, {} timed steps\n",
+        r.config,
+        r.backend,
+        r.threads,
+        r.seq,
+        r.batch,
+        match r.ranks {
+            1 => String::new(),
+            ranks => format!(" on each of {ranks} ranks"),
+        },
+        r.steps
     ));
     out.push_str(&format!(
         "  machine      {} ({})\n",
@@ -278,6 +339,17 @@ pub fn format_report(r: &TrainStepReport) -> String {
         r.ms_median, r.ms_min, r.ms_max
     ));
     out.push_str(&format!("  tokens/s     {:>9.0}\n", r.tokens_per_s));
+    if let Some(comm) = &r.comm {
+        out.push_str(&format!(
+            "  all-reduce   {:>9.1}  ms/step ({:.1} % of the step) over {} ranks: {:.1} MB \
+             summed, {:.1} MB sent per rank (ring)\n",
+            comm.ms_per_step,
+            100.0 * comm.fraction,
+            r.ranks,
+            comm.buffer_bytes as f64 / 1e6,
+            comm.ring_bytes_per_rank as f64 / 1e6
+        ));
+    }
     out.push_str(&format!("  energy       {}\n", r.energy.summary()));
     out.push_str(&format!(
         "  GFLOP/s      {:>9.1}  ({:.2} GFLOP/step)\n",

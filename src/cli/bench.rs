@@ -252,10 +252,26 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
         ops: args.ops,
     };
     let total = args.warmup + args.steps;
-    let report = train_step::run(backend, &opts, &mut |step, seconds| {
+    // Under `mpirun` (`--features mpi`) each rank runs the step on its own
+    // batch and all-reduces the gradients; rank 0 reports.
+    let dist = anemone::dist::from_launcher()?;
+    let rank0 = dist.rank() == 0;
+    let result = train_step::run_on(backend, &opts, dist.as_ref(), &mut |step, seconds| {
         let kind = if step < args.warmup { "warmup" } else { "step" };
-        eprintln!("{kind} {}/{total}: {:.1} ms", step + 1, seconds * 1e3);
-    })?;
+        if rank0 {
+            eprintln!("{kind} {}/{total}: {:.1} ms", step + 1, seconds * 1e3);
+        }
+    });
+    let report = match result {
+        Err(err) if dist.size() > 1 => {
+            eprintln!("error: rank {} of {}: {err:#}", dist.rank(), dist.size());
+            dist.abort(2)
+        }
+        result => result?,
+    };
+    if !rank0 {
+        return Ok(());
+    }
     print!("{}", train_step::format_report(&report));
     if let Some(path) = &args.json {
         let json = serde_json::to_vec_pretty(&report)?;

@@ -16,7 +16,7 @@ use anemone::backend::{BackendKind, Precision};
 use anemone::data::tokens::Order;
 use anemone::train::job::{self, DEFAULTS, JobOptions, Outcome};
 use anemone::train::optim::Schedule;
-use anemone::train::{Metrics, Observer};
+use anemone::train::{Metrics, Observer, Quiet};
 
 use super::choices::{no_about, one_of};
 
@@ -195,12 +195,40 @@ impl TrainArgs {
     }
 }
 
+/// A job in this process, or as one rank of the processes `mpirun` started
+/// (`--features mpi`): only rank 0 shows progress; an error on any rank
+/// names it and ends every rank (MPI_Abort) instead of leaving the others
+/// waiting in a collective.
 pub fn train(options: JobOptions) -> Result<()> {
+    let dist = anemone::dist::from_launcher()?;
+    let (rank, ranks) = (dist.rank(), dist.size());
     let mut progress = Progress::default();
-    let outcome = job::run(&options, &mut progress, &mut std::io::stdout())?;
+    let mut quiet = Quiet;
+    let observer: &mut dyn Observer = match rank {
+        0 => &mut progress,
+        _ => &mut quiet,
+    };
+    let result = job::run_on(&options, dist.clone(), observer, &mut std::io::stdout());
     drop(progress);
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(err) if ranks > 1 => {
+            eprintln!("error: rank {rank} of {ranks}: {err:#}");
+            dist.abort(2)
+        }
+        Err(err) => return Err(err.into()),
+    };
     match outcome {
         Outcome::Finished { .. } => Ok(()),
+        Outcome::Restart { run_dir, step } if ranks > 1 => {
+            eprintln!(
+                "error: rank {rank} of {ranks}: the ANE's compile budget is spent at step \
+                 {step}; the checkpoint is saved\nhint: continue with the same mpirun line and \
+                 --resume {}",
+                run_dir.display()
+            );
+            dist.abort(2)
+        }
         Outcome::Restart { run_dir, step } => {
             eprintln!(
                 "[exec() restart at step {step}: compile budget; resuming {}]",

@@ -29,6 +29,7 @@ use crate::backend::{self, Backend, BackendKind, CompilePlan, Opened, Precision,
 use crate::data::corpus::{self, CorpusConfig};
 use crate::data::tokenizer::train::{TrainOptions, train_bpe};
 use crate::data::tokens::{Batcher, Order, TokenFile, TokenSpan, tokenize_files, val_path_for};
+use crate::dist::Collective;
 use crate::mil::DType;
 use crate::model::kernels::KernelOptions;
 use crate::model::{ModelConfig, Weights, load_weights};
@@ -60,11 +61,69 @@ pub fn run(
     observer: &mut dyn Observer,
     samples_out: &mut dyn Write,
 ) -> Result<Outcome> {
+    run_on(options, crate::dist::single(), observer, samples_out)
+}
+
+/// [`run`] as one rank of `dist` (data parallel under `mpirun`, see
+/// [`Trainer`]): every rank runs the same job on its share of each batch;
+/// rank 0 alone locks and writes the run directory. The ranks refuse to
+/// start unless they agree on the config, the token files and the weights.
+pub fn run_on(
+    options: &JobOptions,
+    dist: Arc<dyn Collective>,
+    observer: &mut dyn Observer,
+    samples_out: &mut dyn Write,
+) -> Result<Outcome> {
     options.validate()?;
-    match &options.resume {
-        Some(dir) => resume(options, dir, observer, samples_out),
-        None => start(options, observer, samples_out),
+    if dist.size() > 1 && options.data.is_none() && options.resume.is_none() {
+        return Err(Error::Invalid(format!(
+            "{} ranks need a token file: the main job (no --data) prepares its corpus and \
+             tokenizer in its run directory, in one process\nhint: pass --data (a token \
+             file every rank can read), or run the main job without mpirun",
+            dist.size()
+        )));
     }
+    match &options.resume {
+        Some(dir) => resume(options, dir, dist, observer, samples_out),
+        None => start(options, dist, observer, samples_out),
+    }
+}
+
+/// With two or more ranks: one all-gather per item that every rank has the
+/// same config, token files (counts and CRC-32s) and starting weights.
+fn check_ranks_agree(dist: &dyn Collective, record: &RunRecord, weights: &Weights) -> Result<()> {
+    if dist.size() == 1 {
+        return Ok(());
+    }
+    let config = serde_json::to_vec(&record.config).map_err(|e| Error::Invalid(e.to_string()))?;
+    let data: String = [&record.data, &record.val_data]
+        .iter()
+        .map(|file| match file {
+            Some(file) => format!("{} {};", file.tokens, file.crc32),
+            None => "none;".into(),
+        })
+        .collect();
+    let checks = [
+        (
+            "config",
+            crate::dist::digest(&config),
+            "start every rank with the same flags and config file (mpirun runs one command line)",
+        ),
+        (
+            "token file (--data/--val-data)",
+            crate::dist::digest(data.as_bytes()),
+            "give every machine a copy of the same token files",
+        ),
+        (
+            "starting weights (--init or the checkpoint)",
+            crate::dist::digest(bytemuck::cast_slice(&weights.data)),
+            "give every machine the same --init model, or the same run directory to resume",
+        ),
+    ];
+    for (what, digest, hint) in checks {
+        crate::dist::agree(dist, what, digest, hint)?;
+    }
+    Ok(())
 }
 
 /// The token files of a run, opened: training data and held-out data (a
@@ -146,6 +205,7 @@ fn take_run_dir(run_dir: &Path, overwrite: bool, observer: &mut dyn Observer) ->
 /// A new run (the main job when `options.data` is `None`).
 fn start(
     options: &JobOptions,
+    dist: Arc<dyn Collective>,
     observer: &mut dyn Observer,
     samples_out: &mut dyn Write,
 ) -> Result<Outcome> {
@@ -170,8 +230,12 @@ fn start(
         Some(init) => crate::model::hf::files::read_base_files(init)?,
         None => Vec::new(),
     };
-    let _lock = take_run_dir(&run_dir, options.overwrite, observer)?;
-    if let Some(init) = &options.init {
+    let rank0 = dist.rank() == 0;
+    let _lock = match rank0 {
+        true => Some(take_run_dir(&run_dir, options.overwrite, observer)?),
+        false => None,
+    };
+    if let Some(init) = options.init.as_ref().filter(|_| rank0) {
         keep_base_files(init, &base_files, &run_dir, observer)?;
     }
     let files = match own_files {
@@ -225,8 +289,11 @@ fn start(
         config.seq,
         run_dir.display()
     ));
-    let mut trainer = Trainer::new(config, weights, engine, &run_dir)?;
-    record.write(&run_dir)?;
+    check_ranks_agree(dist.as_ref(), &record, &weights)?;
+    let mut trainer = Trainer::new_on(config, weights, engine, &run_dir, dist)?;
+    if rank0 {
+        record.write(&run_dir)?;
+    }
     let outcome = run_loop(
         &mut trainer,
         &mut source,
@@ -459,11 +526,19 @@ fn check_training_memory(config: &TrainConfig) -> Result<()> {
 fn resume(
     options: &JobOptions,
     dir: &Path,
+    dist: Arc<dyn Collective>,
     observer: &mut dyn Observer,
     samples_out: &mut dyn Write,
 ) -> Result<Outcome> {
     RunRecord::read(dir)?;
-    let (_lock, stale) = RunLock::acquire(dir)?;
+    let rank0 = dist.rank() == 0;
+    let (_lock, stale) = match rank0 {
+        true => {
+            let (lock, stale) = RunLock::acquire(dir)?;
+            (Some(lock), stale)
+        }
+        false => (None, None),
+    };
     if let Some(pid) = stale {
         observer.on_message(&format!(
             "note: {} was locked by process {pid}, which ended without releasing it; taken over",
@@ -480,7 +555,14 @@ fn resume(
     for note in &notes {
         observer.on_message(note);
     }
-    record.write(dir)?;
+    if rank0 {
+        record.write(dir)?;
+    }
+    // Every rank reads the run's config.json (in `Trainer::resume_on`) only
+    // after rank 0 has rewritten it: one all-gather as a barrier.
+    if dist.size() > 1 {
+        dist.all_gather_u64(0);
+    }
     let config = record.config.clone();
     // A run keeps the precision it started with (fp16 runs carry a loss scale).
     let wanted = if config.fp16 {
@@ -511,7 +593,9 @@ fn resume(
     for note in engine.fallbacks() {
         observer.on_message(&note);
     }
-    let mut trainer = Trainer::resume(dir, engine, &mut source, None)?;
+    let mut trainer = Trainer::resume_on(dir, engine, &mut source, None, dist.clone())?;
+    record.config = trainer.config.clone();
+    check_ranks_agree(dist.as_ref(), &record, &trainer.weights)?;
     observer.on_message(&format!(
         "resumed {} at step {} of {}",
         dir.display(),

@@ -33,10 +33,12 @@ mod stages;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dist::Collective;
 use crate::model::{ModelConfig, Weights, checkpoint};
 use crate::{Error, Result};
 use engine::{Engine, GradWrite};
@@ -110,6 +112,18 @@ struct State {
     data: serde_json::Value,
     elapsed_s: f64,
     best_val_loss: Option<f32>,
+    /// Data-parallel ranks whose shares made each update (1 without MPI);
+    /// a run resumes with as many.
+    #[serde(default = "one_rank", skip_serializing_if = "is_one_rank")]
+    ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
+}
+
+fn is_one_rank(ranks: &usize) -> bool {
+    *ranks == 1
 }
 
 /// Progress reports from the loop (the CLI draws bars or prints lines).
@@ -127,6 +141,14 @@ impl Observer for Quiet {
 }
 
 /// A training run: weights, optimizer state, engine, data and run directory.
+///
+/// Data parallel (`dist` of `size` ranks): each call to a [`Batches`] source
+/// yields a global batch of `batch * size` sequences, the same as one
+/// process with `--batch` times `size`; rank `r` computes sequences
+/// `r*batch..(r+1)*batch` of it, the gradients and losses are summed over the
+/// ranks (one all-reduce of the flat gradient buffer) before the norm, the
+/// loss-scale check, clipping and AdamW, which every rank applies alike. Only
+/// rank 0 writes the run directory.
 pub struct Trainer {
     pub config: TrainConfig,
     pub weights: Weights,
@@ -135,6 +157,7 @@ pub struct Trainer {
     engine: Engine,
     state: State,
     run_dir: PathBuf,
+    dist: Arc<dyn Collective>,
 }
 
 impl Trainer {
@@ -145,23 +168,37 @@ impl Trainer {
         engine: Engine,
         run_dir: &Path,
     ) -> Result<Trainer> {
+        Trainer::new_on(config, weights, engine, run_dir, crate::dist::single())
+    }
+
+    /// [`Trainer::new`] as one rank of `dist`.
+    pub fn new_on(
+        config: TrainConfig,
+        weights: Weights,
+        engine: Engine,
+        run_dir: &Path,
+        dist: Arc<dyn Collective>,
+    ) -> Result<Trainer> {
         config.validate()?;
         if weights.config() != &config.model {
             return Err(Error::Invalid(
                 "initial weights do not match the model config (dim, layers, heads or vocab differ)".into(),
             ));
         }
-        std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-        crate::atomic::remove_stale_temps(run_dir);
-        let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::atomic::write_atomic(&run_dir.join("config.json"), &json)?;
+        if dist.rank() == 0 {
+            std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+            crate::atomic::remove_stale_temps(run_dir);
+            let json =
+                serde_json::to_vec_pretty(&config).map_err(|e| Error::Invalid(e.to_string()))?;
+            crate::atomic::write_atomic(&run_dir.join("config.json"), &json)?;
+            let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        }
         let n = weights.data.len();
         let scaler = if config.fp16 {
             LossScaler::dynamic()
         } else {
             LossScaler::disabled()
         };
-        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         Ok(Trainer {
             grads: Weights::zeros(&config.model),
             config,
@@ -174,8 +211,10 @@ impl Trainer {
                 data: serde_json::Value::Null,
                 elapsed_s: 0.0,
                 best_val_loss: None,
+                ranks: dist.size(),
             },
             run_dir: run_dir.to_path_buf(),
+            dist,
         })
     }
 
@@ -187,7 +226,22 @@ impl Trainer {
         data: &mut dyn Batches,
         steps: Option<u64>,
     ) -> Result<Trainer> {
-        crate::atomic::remove_stale_temps(run_dir);
+        Trainer::resume_on(run_dir, engine, data, steps, crate::dist::single())
+    }
+
+    /// [`Trainer::resume`] as one rank of `dist`: every rank reads the same
+    /// checkpoint (a shared or copied run directory), which must have been
+    /// made by as many ranks; rank 0 alone tidies the directory.
+    pub fn resume_on(
+        run_dir: &Path,
+        engine: Engine,
+        data: &mut dyn Batches,
+        steps: Option<u64>,
+        dist: Arc<dyn Collective>,
+    ) -> Result<Trainer> {
+        if dist.rank() == 0 {
+            crate::atomic::remove_stale_temps(run_dir);
+        }
         let mut config = TrainConfig::read(&run_dir.join("config.json"))?;
         if let Some(steps) = steps {
             config.steps = steps;
@@ -218,10 +272,22 @@ impl Trainer {
                 ),
             ));
         }
+        if state.ranks != dist.size() {
+            return Err(Error::Invalid(format!(
+                "{} was trained by {} rank(s) and is resumed by {}: the global batch would \
+                 change\nhint: resume it with the same mpirun line (mpirun -np {})",
+                run_dir.display(),
+                state.ranks,
+                dist.size(),
+                state.ranks
+            )));
+        }
         data.restore(&state.data)?;
         // Drop metrics rows written after the checkpoint (a crash after saving).
         let metrics_path = run_dir.join("metrics.jsonl");
-        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+        if dist.rank() == 0
+            && let Ok(text) = std::fs::read_to_string(&metrics_path)
+        {
             let kept: String = text
                 .lines()
                 .filter(|l| serde_json::from_str::<Metrics>(l).is_ok_and(|m| m.step <= state.step))
@@ -237,6 +303,7 @@ impl Trainer {
             engine,
             state,
             run_dir: run_dir.to_path_buf(),
+            dist,
         })
     }
 
@@ -249,21 +316,53 @@ impl Trainer {
         &self.run_dir
     }
 
-    /// Mean held-out loss over `eval_batches` batches from the start of `val`.
+    /// The data-parallel ranks of this run (a single process without MPI).
+    pub fn collective(&self) -> &dyn Collective {
+        self.dist.as_ref()
+    }
+
+    /// This rank's tokens of a global batch of `global.len()` tokens: the
+    /// contiguous share of sequences `rank*batch..(rank+1)*batch`.
+    fn share<'a>(&self, global: &'a [u32]) -> &'a [u32] {
+        let n = global.len() / self.dist.size();
+        &global[self.dist.rank() * n..][..n]
+    }
+
+    /// Mean held-out loss over `eval_batches` global batches from the start
+    /// of `val` (each rank evaluates its share; the sums are all-reduced).
     pub fn evaluate(&mut self, val: &mut dyn Batches) -> Result<f32> {
-        let n = self.engine.batch() * self.engine.seq();
+        let ranks = self.dist.size();
+        let n = self.engine.batch() * self.engine.seq() * ranks;
         let (mut inputs, mut targets) = (vec![0u32; n], vec![0u32; n]);
         val.rewind();
         let mut total = 0.0;
         for _ in 0..self.config.eval_batches {
             val.next_batch(&mut inputs, &mut targets)?;
-            total += self.engine.loss(&self.weights, &inputs, &targets)?;
+            let (inputs, targets) = (self.share(&inputs), self.share(&targets));
+            total += self.engine.loss(&self.weights, inputs, targets)?;
         }
-        Ok((total / self.config.eval_batches as f64) as f32)
+        let mut sum = [total];
+        self.dist.all_reduce_sum_f64(&mut sum);
+        Ok((sum[0] / ranks as f64 / self.config.eval_batches as f64) as f32)
     }
 
-    /// Save `checkpoint.bin` (atomically) with the data position of `data`.
+    /// Save `checkpoint.bin` (atomically) with the data position of `data`:
+    /// rank 0 alone, once every rank holds the same weights (one all-gather
+    /// of their digests when there are two or more).
     pub fn save(&mut self, data: &dyn Batches) -> Result<()> {
+        if self.dist.size() > 1 {
+            let bytes: &[u8] = bytemuck::cast_slice(&self.weights.data);
+            crate::dist::agree(
+                self.dist.as_ref(),
+                &format!("weights after update {}", self.state.step),
+                crate::dist::digest(bytes),
+                "the ranks' sums of the gradients differed; this is a bug (please report it); \
+                 the previous checkpoint is kept",
+            )?;
+        }
+        if self.dist.rank() != 0 {
+            return Ok(());
+        }
         self.state.data = data.state();
         let state = serde_json::to_value(&self.state).map_err(|e| Error::Invalid(e.to_string()))?;
         checkpoint::save(
@@ -288,6 +387,78 @@ impl Trainer {
         ))
     }
 
+    /// One update's gradients, summed over the ranks, in `self.grads`: this
+    /// rank's share of `accum` global batches, then with two or more ranks an
+    /// all-reduce of the loss and a failure flag per rank (so a rank whose
+    /// step failed stops every rank, named) and one of the flat gradient
+    /// buffer. Returns the mean loss and the norm of the scaled gradients.
+    fn gradients(
+        &mut self,
+        data: &mut dyn Batches,
+        inputs: &mut [u32],
+        targets: &mut [u32],
+        scale: f32,
+    ) -> Result<(f64, f64)> {
+        let ranks = self.dist.size();
+        let local = self.local_gradients(data, inputs, targets, scale);
+        if ranks == 1 {
+            return Ok((local?, self.engine.grad_norm()));
+        }
+        let mut stats = vec![0.0; 1 + ranks];
+        stats[0] = *local.as_ref().unwrap_or(&0.0);
+        stats[1 + self.dist.rank()] = if local.is_err() { 1.0 } else { 0.0 };
+        self.dist.all_reduce_sum_f64(&mut stats);
+        local?;
+        if let Some(failed) = crate::dist::failed_ranks(&stats[1..]) {
+            return Err(Error::Invalid(format!(
+                "{failed} of {ranks} failed in update {} (its error is in its own output); \
+                 rank {} stops too; the last checkpoint in {} is intact",
+                self.state.step + 1,
+                self.dist.rank(),
+                self.run_dir.display()
+            )));
+        }
+        self.dist.all_reduce_sum(&mut self.grads.data);
+        let norm = optim::global_norm(&self.grads.data);
+        Ok((stats[0] / ranks as f64, norm))
+    }
+
+    /// This rank's gradients of one update (before any sum over ranks), each
+    /// micro-batch's loss scale divided by `accum` and the number of ranks
+    /// so that the sum over ranks is the global batch's mean. Returns this
+    /// rank's mean loss.
+    fn local_gradients(
+        &mut self,
+        data: &mut dyn Batches,
+        inputs: &mut [u32],
+        targets: &mut [u32],
+        scale: f32,
+    ) -> Result<f64> {
+        let accum = self.config.accum;
+        let micro_scale = scale / (accum * self.dist.size()) as f32;
+        let mut loss = 0.0;
+        for micro in 0..accum {
+            data.next_batch(inputs, targets)?;
+            // The first micro-batch writes the gradients (no zeroing pass),
+            // the others add to them.
+            let write = if micro == 0 {
+                GradWrite::Overwrite
+            } else {
+                GradWrite::Add
+            };
+            let (inputs, targets) = (self.share(inputs), self.share(targets));
+            loss += self.engine.forward_backward_as(
+                &self.weights,
+                &mut self.grads,
+                write,
+                inputs,
+                targets,
+                micro_scale,
+            )?;
+        }
+        Ok(loss / accum as f64)
+    }
+
     /// Run updates until `config.steps`, or until `stop_after` more updates
     /// (for tests of interrupted runs). Saves a checkpoint at the end.
     pub fn train(
@@ -298,13 +469,19 @@ impl Trainer {
         stop_after: Option<u64>,
     ) -> Result<()> {
         let cfg = self.config.clone();
-        let n = cfg.batch * cfg.seq;
+        let n = cfg.batch * cfg.seq * self.dist.size();
         let (mut inputs, mut targets) = (vec![0u32; n], vec![0u32; n]);
-        let mut metrics_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.run_dir.join("metrics.jsonl"))
-            .map_err(|e| Error::io(self.run_dir.join("metrics.jsonl"), e))?;
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let mut metrics_file = match self.dist.rank() {
+            0 => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .map_err(|e| Error::io(&metrics_path, e))?,
+            ),
+            _ => None,
+        };
         let end = match stop_after {
             Some(k) => (self.state.step + k).min(cfg.steps),
             None => cfg.steps,
@@ -315,30 +492,11 @@ impl Trainer {
             let started = Instant::now();
             let energy = crate::energy::start();
             let scale = self.state.scaler.scale;
-            let mut loss = 0.0;
-            for micro in 0..cfg.accum {
-                data.next_batch(&mut inputs, &mut targets)?;
-                // The first micro-batch writes the gradients (no zeroing pass),
-                // the others add to them.
-                let write = if micro == 0 {
-                    GradWrite::Overwrite
-                } else {
-                    GradWrite::Add
-                };
-                loss += self.engine.forward_backward_as(
-                    &self.weights,
-                    &mut self.grads,
-                    write,
-                    &inputs,
-                    &targets,
-                    scale / cfg.accum as f32,
-                )?;
-            }
-            loss /= cfg.accum as f64;
             // The norm, taken by the engine as each gradient was finished
-            // (finite exactly when every gradient is); unscaling and clipping
-            // ride in AdamW's pass as one factor.
-            let scaled_norm = self.engine.grad_norm();
+            // (finite exactly when every gradient is; over the summed buffer
+            // with two or more ranks); unscaling and clipping ride in AdamW's
+            // pass as one factor.
+            let (loss, scaled_norm) = self.gradients(data, &mut inputs, &mut targets, scale)?;
             let event = self.state.scaler.update(scaled_norm);
             let lr =
                 optim::learning_rate(cfg.schedule, cfg.lr, self.state.step, cfg.warmup, cfg.steps);
@@ -389,9 +547,11 @@ impl Trainer {
                 self.state.best_val_loss = Some(self.state.best_val_loss.map_or(v, |b| b.min(v)));
                 observer.on_eval(self.state.step, v);
             }
-            let line = serde_json::to_string(&row).map_err(|e| Error::Invalid(e.to_string()))?;
-            writeln!(metrics_file, "{line}")
-                .map_err(|e| Error::io(self.run_dir.join("metrics.jsonl"), e))?;
+            if let Some(file) = metrics_file.as_mut() {
+                let line =
+                    serde_json::to_string(&row).map_err(|e| Error::Invalid(e.to_string()))?;
+                writeln!(file, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+            }
             observer.on_step(&row, cfg.steps);
             if cfg.checkpoint_every > 0
                 && self.state.step.is_multiple_of(cfg.checkpoint_every)

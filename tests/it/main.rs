@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod corpus;
 mod cpu_ops;
+mod dist;
 mod fuzz;
 mod generate;
 mod hf_cli;
@@ -18,6 +19,9 @@ mod kernels;
 mod llama2c;
 mod lora;
 mod mil_text;
+// Needs MPI installed: `cargo test --features mpi --test it mpi::`.
+#[cfg(feature = "mpi")]
+mod mpi;
 mod readme;
 mod report;
 mod robust_inputs;

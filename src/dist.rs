@@ -1,0 +1,245 @@
+//! Data-parallel training's collective communication: the [`Collective`]
+//! seam the trainer talks to (its rank, the number of ranks, a sum over one
+//! flat buffer, an all-gather of digests), with [`Single`], the one-process
+//! run (every operation does nothing), and, with the `mpi` cargo feature,
+//! `Mpi` over rsmpi's world communicator, for processes started by `mpirun`.
+//!
+//! This module owns who talks to whom and [`agree`], the start-up check that
+//! every rank has the same config, data and weights. It does not decide what
+//! a rank computes: the trainer takes rank `r`'s contiguous share of each
+//! global batch (`train`), and only rank 0 writes the run directory.
+//! `docs/distributed.md` has how to run it and what it costs.
+
+use std::sync::Arc;
+
+use crate::{Error, Result};
+
+/// The processes of one data-parallel run and the collective operations over them.
+/// Every rank calls the same operations in the same order.
+pub trait Collective: Send + Sync {
+    /// This process: 0..size.
+    fn rank(&self) -> usize;
+    /// The number of processes.
+    fn size(&self) -> usize;
+    /// Each element becomes its sum over the ranks (f32; every rank receives
+    /// the same values: MPI's reduction order is fixed for a given number of
+    /// ranks and buffer length, whatever order messages arrive in).
+    fn all_reduce_sum(&self, values: &mut [f32]);
+    /// [`Collective::all_reduce_sum`] in f64 (losses, token counts, error flags).
+    fn all_reduce_sum_f64(&self, values: &mut [f64]);
+    /// Every rank's `value`, in rank order.
+    fn all_gather_u64(&self, value: u64) -> Vec<u64>;
+    /// End every rank of the run at once with `code` (MPI_Abort): for an
+    /// error on one rank while the others wait in a collective.
+    fn abort(&self, code: i32) -> !;
+}
+
+/// One process: rank 0 of 1; the operations leave their buffers as they are.
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _values: &mut [f32]) {}
+    fn all_reduce_sum_f64(&self, _values: &mut [f64]) {}
+    fn all_gather_u64(&self, value: u64) -> Vec<u64> {
+        vec![value]
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// The single process.
+pub fn single() -> Arc<dyn Collective> {
+    Arc::new(Single)
+}
+
+/// The number of ranks `mpirun` (Open MPI, or MPICH's Hydra) started this
+/// process among, from its environment; `None` when no launcher started it.
+pub fn launched_ranks() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok()?.parse().ok())
+}
+
+/// The collective of this process: MPI's world when `mpirun` started it with
+/// two or more ranks, [`Single`] otherwise (no MPI is touched: one process,
+/// or `mpirun -np 1`, runs as today). An error when `mpirun` started several
+/// ranks of a build without the `mpi` feature: each would train alone.
+pub fn from_launcher() -> Result<Arc<dyn Collective>> {
+    match launched_ranks() {
+        Some(ranks) if ranks > 1 => open_mpi(ranks),
+        _ => Ok(single()),
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn open_mpi(_ranks: usize) -> Result<Arc<dyn Collective>> {
+    Ok(Arc::new(mpi_world::Mpi::initialize()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn open_mpi(ranks: usize) -> Result<Arc<dyn Collective>> {
+    Err(Error::Invalid(format!(
+        "mpirun started this process as one of {ranks} ranks, but this anemone was built \
+         without MPI, so each rank would train alone\nhint: build it with \
+         `cargo build --release --features mpi` (docs/distributed.md)"
+    )))
+}
+
+/// A 64-bit FNV-1a digest of `bytes`, for [`agree`].
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Check that every rank has the same `digest` of `what` (one all-gather):
+/// an error on every rank, naming the first rank that differs from rank 0
+/// and `hint`, when one does.
+pub fn agree(dist: &dyn Collective, what: &str, digest: u64, hint: &str) -> Result<()> {
+    let digests = dist.all_gather_u64(digest);
+    match digests.iter().position(|d| *d != digests[0]) {
+        None => Ok(()),
+        Some(rank) => Err(Error::Invalid(format!(
+            "rank {rank} of {} has another {what} than rank 0 (digest {:016x}, rank 0's \
+             {:016x}); the ranks refuse to start\nhint: {hint}",
+            digests.len(),
+            digests[rank],
+            digests[0]
+        ))),
+    }
+}
+
+/// The ranks whose flag in `flags` (one per rank, summed over the ranks) is
+/// set, as "rank 1" or "ranks 1, 3".
+pub fn failed_ranks(flags: &[f64]) -> Option<String> {
+    let failed: Vec<String> = flags
+        .iter()
+        .enumerate()
+        .filter(|(_, flag)| **flag != 0.0)
+        .map(|(rank, _)| rank.to_string())
+        .collect();
+    match failed.len() {
+        0 => None,
+        1 => Some(format!("rank {}", failed[0])),
+        _ => Some(format!("ranks {}", failed.join(", "))),
+    }
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_world {
+    use std::sync::Mutex;
+
+    use mpi::collective::{CommunicatorCollectives, SystemOperation};
+    use mpi::topology::{Communicator, SimpleCommunicator};
+
+    use super::Collective;
+    use crate::{Error, Result};
+
+    /// MPI's world communicator (rsmpi); MPI is finalized when it is dropped.
+    pub struct Mpi {
+        _universe: mpi::environment::Universe,
+        rank: usize,
+        size: usize,
+        /// The send side of an all-reduce (rsmpi's reductions are not in place).
+        send: Mutex<Vec<f32>>,
+    }
+
+    impl Mpi {
+        /// Initialize MPI. Only the thread that calls this calls MPI later
+        /// (the trainer's); rayon's workers never do.
+        pub fn initialize() -> Result<Mpi> {
+            let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+                .ok_or_else(|| Error::Invalid("MPI was initialized twice".into()))?;
+            let world = universe.world();
+            Ok(Mpi {
+                rank: world.rank() as usize,
+                size: world.size() as usize,
+                _universe: universe,
+                send: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl Collective for Mpi {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn size(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_sum(&self, values: &mut [f32]) {
+            let mut send = self.send.lock().expect("all-reduce buffer");
+            send.clear();
+            send.extend_from_slice(values);
+            SimpleCommunicator::world().all_reduce_into(&send[..], values, SystemOperation::sum());
+        }
+        fn all_reduce_sum_f64(&self, values: &mut [f64]) {
+            let send = values.to_vec();
+            SimpleCommunicator::world().all_reduce_into(&send[..], values, SystemOperation::sum());
+        }
+        fn all_gather_u64(&self, value: u64) -> Vec<u64> {
+            let mut all = vec![0u64; self.size];
+            SimpleCommunicator::world().all_gather_into(&value, &mut all[..]);
+            all
+        }
+        fn abort(&self, code: i32) -> ! {
+            SimpleCommunicator::world().abort(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agree_names_the_first_rank_that_differs() {
+        struct Four(Vec<u64>);
+        impl Collective for Four {
+            fn rank(&self) -> usize {
+                0
+            }
+            fn size(&self) -> usize {
+                4
+            }
+            fn all_reduce_sum(&self, _: &mut [f32]) {}
+            fn all_reduce_sum_f64(&self, _: &mut [f64]) {}
+            fn all_gather_u64(&self, _: u64) -> Vec<u64> {
+                self.0.clone()
+            }
+            fn abort(&self, _: i32) -> ! {
+                unreachable!()
+            }
+        }
+        agree(&Four(vec![7, 7, 7, 7]), "config", 7, "h").unwrap();
+        let error = agree(&Four(vec![7, 7, 9, 8]), "config", 7, "same flags")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("rank 2 of 4 has another config"), "{error}");
+        assert!(error.contains("hint: same flags"), "{error}");
+    }
+
+    #[test]
+    fn failed_ranks_lists_the_set_flags() {
+        assert_eq!(failed_ranks(&[0.0, 0.0]), None);
+        assert_eq!(failed_ranks(&[0.0, 1.0]).as_deref(), Some("rank 1"));
+        assert_eq!(
+            failed_ranks(&[1.0, 0.0, 1.0]).as_deref(),
+            Some("ranks 0, 2")
+        );
+    }
+
+    #[test]
+    fn digest_is_fnv1a() {
+        // FNV-1a 64 of "a" (the published test vector).
+        assert_eq!(digest(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(digest(b""), 0xcbf2_9ce4_8422_2325);
+    }
+}

@@ -1,0 +1,280 @@
+//! Data-parallel training without MPI: two ranks as two threads of this
+//! process, joined by an in-memory [`Collective`] that sums in rank order,
+//! against one process with the whole batch (issue 24). The same checks
+//! under `mpirun` are in `mpi.rs` (`--features mpi`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier, Mutex};
+
+use anemone::backend::Precision;
+use anemone::backend::cpu::CpuBackend;
+use anemone::data::tokens::{Batcher, Order, TokenFile, TokenSpan, TokenWriter};
+use anemone::dist::Collective;
+use anemone::model::kernels::KernelOptions;
+use anemone::model::{ModelConfig, Weights, checkpoint};
+use anemone::rng::Rng;
+use anemone::train::engine::Engine;
+use anemone::train::optim::{AdamW, Schedule};
+use anemone::train::source::WindowSource;
+use anemone::train::{Quiet, TrainConfig, Trainer};
+
+use crate::common::{Tolerance, temp_dir};
+
+/// What two ranks and one process may differ by: the gradients of a global
+/// batch are summed in another order (each rank's sequences, then the
+/// ranks), fp32 rounding of about 1e-7 of a sum, carried through 8 AdamW
+/// updates; measured differences are below a tenth of these.
+const LOSS: Tolerance = Tolerance {
+    relative: 1e-5,
+    absolute: 1e-6,
+};
+const WEIGHTS: Tolerance = Tolerance {
+    relative: 1e-4,
+    absolute: 1e-5,
+};
+
+/// Ranks as threads: each operation waits for every rank, then adds the
+/// ranks' buffers in rank order.
+struct Group {
+    size: usize,
+    barrier: Barrier,
+    f32_sum: Mutex<Vec<f32>>,
+    f64_sum: Mutex<Vec<f64>>,
+    gathered: Mutex<Vec<u64>>,
+}
+
+struct ThreadRank {
+    rank: usize,
+    group: Arc<Group>,
+}
+
+impl ThreadRank {
+    fn group(size: usize) -> Vec<Arc<dyn Collective>> {
+        let group = Arc::new(Group {
+            size,
+            barrier: Barrier::new(size),
+            f32_sum: Mutex::default(),
+            f64_sum: Mutex::default(),
+            gathered: Mutex::default(),
+        });
+        (0..size)
+            .map(|rank| {
+                let group = group.clone();
+                Arc::new(ThreadRank { rank, group }) as Arc<dyn Collective>
+            })
+            .collect()
+    }
+
+    /// Every rank adds `values` into `sum` in rank order, then reads it.
+    fn reduce<T: Copy + Default + std::ops::Add<Output = T>>(
+        &self,
+        sum: &Mutex<Vec<T>>,
+        values: &mut [T],
+    ) {
+        let group = &self.group;
+        for turn in 0..group.size {
+            if turn == self.rank {
+                let mut sum = sum.lock().unwrap();
+                if turn == 0 {
+                    sum.clear();
+                    sum.extend_from_slice(values);
+                } else {
+                    for (s, v) in sum.iter_mut().zip(values.iter()) {
+                        *s = *s + *v;
+                    }
+                }
+            }
+            group.barrier.wait();
+        }
+        values.copy_from_slice(&sum.lock().unwrap());
+        group.barrier.wait();
+    }
+}
+
+impl Collective for ThreadRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.group.size
+    }
+    fn all_reduce_sum(&self, values: &mut [f32]) {
+        self.reduce(&self.group.f32_sum, values);
+    }
+    fn all_reduce_sum_f64(&self, values: &mut [f64]) {
+        self.reduce(&self.group.f64_sum, values);
+    }
+    fn all_gather_u64(&self, value: u64) -> Vec<u64> {
+        let group = &self.group;
+        if self.rank == 0 {
+            *group.gathered.lock().unwrap() = vec![0; group.size];
+        }
+        group.barrier.wait();
+        group.gathered.lock().unwrap()[self.rank] = value;
+        group.barrier.wait();
+        let all = group.gathered.lock().unwrap().clone();
+        group.barrier.wait();
+        all
+    }
+    fn abort(&self, code: i32) -> ! {
+        panic!("rank {} aborted with {code}", self.rank)
+    }
+}
+
+/// 20,000 pseudo-random ids below 64 in `dir/tokens.bin`.
+fn tokens(dir: &Path) -> PathBuf {
+    let path = dir.join("tokens.bin");
+    let mut rng = Rng::new(3);
+    let ids: Vec<u32> = (0..20_000).map(|_| rng.below(64) as u32).collect();
+    let mut writer = TokenWriter::create(&path, 64).unwrap();
+    writer.extend(&ids).unwrap();
+    writer.finish().unwrap();
+    path
+}
+
+fn config(batch: usize) -> TrainConfig {
+    TrainConfig {
+        model: ModelConfig::llama(32, 2, 4, 2, 64, 64, 16),
+        preset: None,
+        steps: 8,
+        batch,
+        seq: 16,
+        accum: 2,
+        lr: 3e-3,
+        warmup: 2,
+        schedule: Schedule::Cosine,
+        optimizer: AdamW::default(),
+        grad_clip: 1.0,
+        seed: 4,
+        eval_every: 4,
+        eval_batches: 2,
+        checkpoint_every: 0,
+        fp16: false,
+    }
+}
+
+fn sources(tokens: &Path, c: &TrainConfig) -> (WindowSource, WindowSource) {
+    let file = Arc::new(TokenFile::open(tokens).unwrap());
+    let (train, val) = TokenSpan::split_tail(file, 0.1).unwrap();
+    (
+        WindowSource::new(Batcher::new(train, c.seq, Order::Random, c.seed).unwrap()),
+        WindowSource::new(Batcher::new(val, c.seq, Order::Sequential, 0).unwrap()),
+    )
+}
+
+fn engine(c: &TrainConfig) -> Engine {
+    let backend = Box::new(CpuBackend::new(Precision::Fp32));
+    Engine::new(backend, &c.model, c.seq, c.batch, KernelOptions::cpu()).unwrap()
+}
+
+/// `(train_loss, val_loss)` per step of a run's `metrics.jsonl`.
+fn losses(run: &Path) -> (Vec<f32>, Vec<f32>) {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let column = |name: &str| {
+        rows.iter()
+            .filter_map(|row| row[name].as_f64().map(|v| v as f32))
+            .collect()
+    };
+    (column("train_loss"), column("val_loss"))
+}
+
+/// Two threads train `c` from `dir` as ranks 0 and 1 (`stop_after`
+/// updates), or resume it when `resume`.
+fn two_ranks(tokens: &Path, c: &TrainConfig, dir: &Path, resume: bool, stop_after: Option<u64>) {
+    let ranks = ThreadRank::group(2);
+    std::thread::scope(|scope| {
+        for dist in ranks {
+            scope.spawn(move || {
+                let (mut data, mut val) = sources(tokens, c);
+                let mut trainer = if resume {
+                    Trainer::resume_on(dir, engine(c), &mut data, None, dist).unwrap()
+                } else {
+                    let weights = Weights::init(&c.model, 1);
+                    Trainer::new_on(c.clone(), weights, engine(c), dir, dist).unwrap()
+                };
+                trainer
+                    .train(&mut data, Some(&mut val), &mut Quiet, stop_after)
+                    .unwrap();
+            });
+        }
+    });
+}
+
+#[test]
+fn two_ranks_of_batch_b_match_one_process_of_batch_2b_issue_24() {
+    let dir = temp_dir("dist-two-ranks");
+    let tokens = tokens(&dir);
+
+    let one = dir.join("one");
+    let c = config(4);
+    let (mut data, mut val) = sources(&tokens, &c);
+    let mut trainer =
+        Trainer::new(c.clone(), Weights::init(&c.model, 1), engine(&c), &one).unwrap();
+    trainer
+        .train(&mut data, Some(&mut val), &mut Quiet, None)
+        .unwrap();
+
+    let two = dir.join("two");
+    two_ranks(&tokens, &config(2), &two, false, None);
+
+    let (train_one, val_one) = losses(&one);
+    let (train_two, val_two) = losses(&two);
+    assert_eq!(train_one.len(), 8);
+    assert_eq!(val_one.len(), 2);
+    LOSS.assert_close(&train_two, &train_one, "training losses");
+    LOSS.assert_close(&val_two, &val_one, "held-out losses");
+    // The comparison can fail: the losses move from step to step by far
+    // more than the tolerance.
+    let spread = train_one
+        .iter()
+        .fold(0.0f32, |m, l| m.max(l - train_one[0]).max(train_one[0] - l));
+    assert!(spread > 1e-3, "{train_one:?}");
+    let a = checkpoint::load(&one.join("checkpoint.bin")).unwrap();
+    let b = checkpoint::load(&two.join("checkpoint.bin")).unwrap();
+    WEIGHTS.assert_close(&b.weights.data, &a.weights.data, "final weights");
+    let moved = a
+        .weights
+        .data
+        .iter()
+        .zip(&Weights::init(&c.model, 1).data)
+        .filter(|(w, w0)| w != w0)
+        .count();
+    assert!(
+        moved > a.weights.data.len() / 2,
+        "only {moved} weights moved"
+    );
+}
+
+#[test]
+fn two_ranks_resume_exactly_and_refuse_another_rank_count_issue_24() {
+    let dir = temp_dir("dist-resume");
+    let tokens = tokens(&dir);
+    let c = config(2);
+
+    let straight = dir.join("straight");
+    two_ranks(&tokens, &c, &straight, false, None);
+    let split = dir.join("split");
+    two_ranks(&tokens, &c, &split, false, Some(3));
+    two_ranks(&tokens, &c, &split, true, None);
+
+    assert_eq!(losses(&straight), losses(&split));
+    let a = checkpoint::load(&straight.join("checkpoint.bin")).unwrap();
+    let b = checkpoint::load(&split.join("checkpoint.bin")).unwrap();
+    assert!(a.weights.data == b.weights.data, "resumed weights differ");
+
+    // One process cannot continue what two ranks started: the global batch would change.
+    let (mut data, _) = sources(&tokens, &c);
+    let error = match Trainer::resume(&split, engine(&c), &mut data, Some(12)) {
+        Ok(_) => panic!("one process resumed a two-rank run"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("trained by 2 rank(s) and is resumed by 1"),
+        "{error}"
+    );
+    assert!(error.contains("mpirun -np 2"), "{error}");
+}
