@@ -862,3 +862,36 @@ fn broken_checkpoints_are_errors_naming_the_file_and_the_field() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A `tokenizer.json` whose `decoder` the `tokenizers` crate cannot read
+/// (it panics inside its decoder deserializer rather than failing) is an
+/// error naming the file, as is one that is not valid JSON (issue 23's
+/// `hf_tokenizer` fuzz target found the second).
+#[test]
+fn a_tokenizer_whose_decoder_the_tokenizers_crate_cannot_read_is_an_error() {
+    let dir = temp_dir("hf-bad-decoder");
+    let mut json = read_json(&hf_fixture("tokenizer/tokenizer.json"));
+    json["decoder"] = json!({"type": "ByteLevel", "add_prefix_space": "yes"});
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    let err = HfTokenizer::from_file(&path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("decoder"),
+        "{err}"
+    );
+    let mut bytes = std::fs::read(hf_fixture("tokenizer/tokenizer.json")).unwrap();
+    let at = bytes.windows(8).position(|w| w == b"\"decoder").unwrap();
+    bytes[at + 20] = 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = HfTokenizer::from_file(&path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not valid JSON"),
+        "{err}"
+    );
+}

@@ -97,8 +97,27 @@ impl HfTokenizer {
 
     /// The bytes of a `tokenizer.json`; `path` names it in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<HfTokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| Error::format(path, "tokenizer", e.to_string()))?;
+        // JSON syntax first: the `tokenizers` crate panics (rather than
+        // failing) on some errors inside its `decoder` object, such as an
+        // invalid string there (found by the `hf_tokenizer` fuzz target).
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .map_err(|e| Error::format(path, "tokenizer", format!("not valid JSON: {e}")))?;
+        // Valid JSON of the wrong shape can still reach such a panic: it is
+        // caught and reported as the error it is.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a malformed field");
+                Error::format(
+                    path,
+                    "tokenizer",
+                    format!("the tokenizers crate could not read it ({why}); check its `decoder`"),
+                )
+            })?;
+        let inner = parsed.map_err(|e| Error::format(path, "tokenizer", e.to_string()))?;
         let vocab_size = inner
             .get_vocab(true)
             .values()
