@@ -276,17 +276,13 @@ impl ClassifierHead {
         let (dim, seq, several) = (self.dim, self.seq, self.several_groups());
         let positions = (end - first) * seq;
         let logits = &self.logits[..self.vocab * positions];
-        // The group's activations, as `classify` gathered them.
-        let x = match &self.xn[first..end] {
-            [one] => one.as_slice(),
-            _ => &self.x_group[..dim * positions],
-        };
-        let dx_group = if end - first == 1 {
-            &mut self.dxn
-        } else {
-            self.dx_group.resize(dim * positions, 0.0);
-            &mut self.dx_group
-        };
+        let (x, dx_group) = group_arrays(
+            &self.xn[first..end],
+            &self.x_group,
+            &mut self.dxn,
+            &mut self.dx_group,
+            dim * positions,
+        );
         let add = grads.adds(first);
         let d_classifier = grads.get_mut(weights.layout.classifier());
         let classifier_t = several.then_some(self.classifier_t.as_slice());
@@ -320,16 +316,13 @@ impl ClassifierHead {
         let (dim, seq, vocab) = (self.dim, self.seq, self.vocab);
         let positions = (end - first) * seq;
         let rows = self.rows_per_block(positions);
-        let x = match &self.xn[first..end] {
-            [one] => one.as_slice(),
-            _ => &self.x_group[..dim * positions],
-        };
-        let dx_group = if end - first == 1 {
-            &mut self.dxn
-        } else {
-            self.dx_group.resize(dim * positions, 0.0);
-            &mut self.dx_group
-        };
+        let (x, dx_group) = group_arrays(
+            &self.xn[first..end],
+            &self.x_group,
+            &mut self.dxn,
+            &mut self.dx_group,
+            dim * positions,
+        );
         let add = grads.adds(first);
         let d_classifier = grads.get_mut(weights.layout.classifier());
         let classifier = weights.classifier();
@@ -442,6 +435,25 @@ fn gather<'a>(buf: &'a mut Vec<f32>, seqs: &'a [Vec<f32>], dim: usize, seq: usiz
         }
     }
     buf
+}
+
+/// A group's activations, as `classify` gathered them (a single sequence's
+/// own array, else the gathered `x_group`), and the array its input gradient
+/// goes to (`dxn` for one sequence, else `dx_group` sized to `len`).
+fn group_arrays<'a>(
+    xn: &'a [Vec<f32>],
+    x_group: &'a [f32],
+    dxn: &'a mut Vec<f32>,
+    dx_group: &'a mut Vec<f32>,
+    len: usize,
+) -> (&'a [f32], &'a mut Vec<f32>) {
+    match xn {
+        [one] => (one.as_slice(), dxn),
+        _ => {
+            dx_group.resize(len, 0.0);
+            (&x_group[..len], dx_group)
+        }
+    }
 }
 
 #[cfg(test)]
