@@ -216,13 +216,15 @@ pub struct ExportArgs {
 
 #[derive(Args, Debug)]
 pub struct FuseArgs {
-    /// The base: a Hugging Face model directory
+    /// The base: a Hugging Face model directory (with --adapters), or a run
+    /// of `train --lora` (its base and its adapters)
     #[arg(long)]
     pub model: PathBuf,
     /// PEFT LoRA adapters: a directory with adapter_config.json and
-    /// adapter_model.safetensors (from peft's save_pretrained, or anemone's)
+    /// adapter_model.safetensors (from peft's save_pretrained, or anemone's);
+    /// default: those of the --model run
     #[arg(long)]
-    pub adapters: PathBuf,
+    pub adapters: Option<PathBuf>,
     /// Tensor dtype (default: the base model's)
     #[arg(long, value_enum)]
     pub dtype: Option<ExportDtype>,
@@ -234,7 +236,21 @@ pub struct FuseArgs {
 /// `anemone fuse`: base + adapters merged (`W + s B A`), written as
 /// `export --format hf` writes a model.
 pub fn fuse(args: FuseArgs) -> Result<()> {
-    let weights = load_fused(&args.model, &args.adapters).context("--adapters")?;
+    let (weights, adapters) = match &args.adapters {
+        Some(dir) => (
+            load_fused(&args.model, dir).context("--adapters")?,
+            dir.clone(),
+        ),
+        None if anemone::model::hf::adapter::is_lora_run(&args.model) => (
+            load_weights(&args.model).context("--model")?,
+            args.model.join(anemone::model::hf::adapter::RUN_ADAPTERS),
+        ),
+        None => bail!(
+            "{} is not a LoRA run (no base.json and adapters/ in it): name the adapters to \
+             merge with --adapters",
+            args.model.display()
+        ),
+    };
     let exported = anemone::model::hf::export::export(
         &args.model,
         &weights,
@@ -245,7 +261,7 @@ pub fn fuse(args: FuseArgs) -> Result<()> {
         "wrote {} ({} with the adapters of {} merged, {}): {}",
         args.out.display(),
         exported.architecture.class_name(),
-        args.adapters.display(),
+        adapters.display(),
         exported.dtype.torch_name(),
         exported.files.join(", ")
     );

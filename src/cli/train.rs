@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use anemone::backend::ane::restart;
 use anemone::backend::{BackendKind, Precision};
 use anemone::data::tokens::Order;
+use anemone::model::lora::Target;
 use anemone::train::job::{self, DEFAULTS, JobOptions, Outcome};
 use anemone::train::optim::Schedule;
 use anemone::train::{Metrics, Observer, Quiet};
@@ -30,8 +31,12 @@ pub struct TrainArgs {
     /// qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tinyllama-1.1b
     #[arg(long)]
     pub config: Option<String>,
-    /// Token file (anemone .bin with header, or raw uint16). Without it, the
-    /// main job: generate the built-in corpus, train a tokenizer and tokenize it
+    /// Token file (anemone .bin with header, or raw uint16), or fine-tuning
+    /// examples: a .jsonl file or a directory with train.jsonl and
+    /// valid.jsonl (rows {"text"}, {"prompt", "completion"} or {"messages"},
+    /// tokenized with the --init model's tokenizer and chat template).
+    /// Without it, the main job: generate the built-in corpus, train a
+    /// tokenizer and tokenize it
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out token file (default: the last --val-fraction of --data)
@@ -125,6 +130,28 @@ pub struct TrainArgs {
     /// Built-in corpus size in MB (main job)
     #[arg(long, default_value_t = DEFAULTS.corpus_mb, allow_negative_numbers = true)]
     pub corpus_mb: f64,
+    /// Train LoRA adapters on the frozen --init model instead of every
+    /// weight; they are written to RUN/adapters in PEFT's layout
+    #[arg(long, help_heading = "LoRA")]
+    pub lora: bool,
+    /// Adapter rank r [default: 8]
+    #[arg(long, help_heading = "LoRA")]
+    pub lora_rank: Option<usize>,
+    /// Adapter alpha (the update is scaled by alpha / r) [default: 16]
+    #[arg(long, help_heading = "LoRA", allow_negative_numbers = true)]
+    pub lora_alpha: Option<f32>,
+    /// Dropout on the adapters' input (only 0 is implemented) [default: 0]
+    #[arg(long, help_heading = "LoRA", allow_negative_numbers = true)]
+    pub lora_dropout: Option<f32>,
+    /// Projections with adapters, comma-separated: q,k,v,o,gate,up,down [default: all]
+    #[arg(long, help_heading = "LoRA", value_delimiter = ',', value_parser = one_of(&Target::ALL, Target::name, no_about))]
+    pub lora_targets: Option<Vec<Target>>,
+    /// Adapters on the last N layers [default: all]
+    #[arg(long, help_heading = "LoRA")]
+    pub lora_layers: Option<usize>,
+    /// JSONL data: put the loss on completions and assistant turns only
+    #[arg(long)]
+    pub mask_prompt: bool,
 }
 
 impl TrainArgs {
@@ -161,6 +188,13 @@ impl TrainArgs {
             restart_every,
             samples,
             corpus_mb,
+            lora,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            lora_targets,
+            lora_layers,
+            mask_prompt,
         } = self;
         JobOptions {
             config,
@@ -191,6 +225,13 @@ impl TrainArgs {
             restart_every,
             samples: given("samples").then_some(samples),
             corpus_mb: given("corpus_mb").then_some(corpus_mb),
+            lora,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            lora_targets,
+            lora_layers,
+            mask_prompt,
         }
     }
 }

@@ -473,6 +473,11 @@ impl SftBatcher {
         &self.examples
     }
 
+    /// Positions per window.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
     /// How many examples are longer than a window (`seq_len + 1` tokens).
     pub fn too_long(&self) -> usize {
         let limit = self.seq_len + 1;

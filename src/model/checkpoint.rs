@@ -107,6 +107,18 @@ pub fn save(
         state: state.clone(),
     };
     let json = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut arrays = vec![weights.data.as_slice()];
+    if let Some((m, v, _)) = moments {
+        arrays.extend([m, v]);
+    }
+    write_container(path, MAGIC, &json, &arrays)
+}
+
+/// Write the container every anemone checkpoint uses, atomically: `magic`
+/// (8 bytes), [`VERSION`], the JSON header's length and bytes, zero padding
+/// to a multiple of 64, the `arrays` as f32 LE one after the other, and the
+/// CRC-32 of everything before it.
+pub fn write_container(path: &Path, magic: &[u8; 8], json: &[u8], arrays: &[&[f32]]) -> Result<()> {
     let unpadded = 16 + json.len();
     let padding = unpadded.next_multiple_of(64) - unpadded;
     write_atomic_with(path, |out| {
@@ -114,19 +126,103 @@ pub fn save(
             inner: out,
             crc: crc32fast::Hasher::new(),
         };
-        w.write_all(MAGIC)?;
+        w.write_all(magic)?;
         w.write_all(&VERSION.to_le_bytes())?;
         w.write_all(&(json.len() as u32).to_le_bytes())?;
-        w.write_all(&json)?;
+        w.write_all(json)?;
         w.write_all(&vec![0u8; padding])?;
-        write_f32s(&mut w, &weights.data)?;
-        if let Some((m, v, _)) = moments {
-            write_f32s(&mut w, m)?;
-            write_f32s(&mut w, v)?;
+        for array in arrays {
+            write_f32s(&mut w, array)?;
         }
         let crc = w.crc.finalize();
         out.write_all(&crc.to_le_bytes())
     })
+}
+
+/// Check the trailing CRC-32 of a version-2 container's `bytes`.
+fn check_crc(bytes: &[u8], path: &Path) -> Result<()> {
+    let (data, stored) = bytes.split_at(bytes.len() - 4);
+    let stored = u32::from_le_bytes(stored.try_into().expect("4 bytes"));
+    let computed = crc32fast::hash(data);
+    if stored != computed {
+        return Err(Error::format(
+            path,
+            "checksum",
+            format!(
+                "the stored CRC-32 {stored:08x} is not the data's {computed:08x}: the file \
+                 is corrupt (a flipped bit or a bad copy); use an earlier checkpoint"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A container written by [`write_container`] with `magic`, read back: its
+/// JSON header (parsed) and `arrays` f32 arrays of `n` values each, after
+/// the magic, version, size and checksum are checked. `what` names the
+/// kind of file in errors.
+pub fn read_container<H: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+    magic: &[u8; 8],
+    what: &str,
+    sizes: impl FnOnce(&H) -> Result<(usize, usize)>,
+) -> Result<(H, Vec<Vec<f32>>)> {
+    let bad = |field: &str, msg: String| Error::format(path, field, msg);
+    if bytes.len() < 20 || &bytes[..8] != magic {
+        return Err(bad(
+            "magic",
+            format!(
+                "expected {:?}: the file is damaged or not {what}",
+                String::from_utf8_lossy(magic)
+            ),
+        ));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(bad(
+            "version",
+            format!("version {version} is not supported (this anemone reads version {VERSION})"),
+        ));
+    }
+    let header_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    let header_end = 16usize
+        .checked_add(header_len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| {
+            bad(
+                "header",
+                "runs past the end of the file (truncated?)".into(),
+            )
+        })?;
+    let header: H = serde_json::from_slice(&bytes[16..header_end])
+        .map_err(|e| bad("header", format!("malformed JSON header: {e}")))?;
+    let (n, arrays) = sizes(&header)?;
+    let body = header_end.next_multiple_of(64);
+    let expected = n
+        .checked_mul(4 * arrays)
+        .and_then(|b| b.checked_add(body + 4));
+    if expected != Some(bytes.len()) {
+        return Err(bad(
+            "size",
+            format!(
+                "expected {arrays} arrays of {n} values, {} bytes in all; found {} (truncated \
+                 or corrupt)",
+                expected.map_or("more than 2^64".to_string(), |e| e.to_string()),
+                bytes.len()
+            ),
+        ));
+    }
+    check_crc(bytes, path)?;
+    let values = (0..arrays)
+        .map(|k| {
+            bytes[body + k * n * 4..body + (k + 1) * n * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect()
+        })
+        .collect();
+    Ok((header, values))
 }
 
 /// Does `path` start with the checkpoint magic?
@@ -236,18 +332,7 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
         ));
     }
     if trailer > 0 {
-        let (data, stored) = bytes.split_at(bytes.len() - 4);
-        let stored = u32::from_le_bytes(stored.try_into().expect("4 bytes"));
-        let computed = crc32fast::hash(data);
-        if stored != computed {
-            return Err(bad(
-                "checksum",
-                format!(
-                    "the stored CRC-32 {stored:08x} is not the data's {computed:08x}: the file \
-                     is corrupt (a flipped bit or a bad copy); use an earlier checkpoint"
-                ),
-            ));
-        }
+        check_crc(bytes, path)?;
     }
     let read = |k: usize| -> Vec<f32> {
         bytes[body + k * n * 4..body + (k + 1) * n * 4]

@@ -25,14 +25,17 @@
 
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
+
 use super::config::ModelConfig;
 use super::weights::{Param, Weights};
 use crate::linalg::{gemm, n, t};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-/// A projection an adapter can target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A projection an adapter can target (serialized by its `--lora-targets` name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Target {
     Q,
     K,
@@ -135,7 +138,7 @@ impl Target {
 }
 
 /// Which projections of which layers carry adapters, and their rank and scale.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
     /// r.
     pub rank: usize,

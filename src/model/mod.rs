@@ -25,12 +25,16 @@ pub use rope::RopeScaling;
 pub use weights::{Layout, Param, Weights, WeightsView};
 
 /// Weights from a Hugging Face model directory (`config.json` and
-/// safetensors), a run directory (its `checkpoint.bin`), an anemone
+/// safetensors), a run directory (its `checkpoint.bin`; a LoRA run's base
+/// with its adapters merged), an anemone
 /// checkpoint or a llama2.c `model.bin`, whichever `path` is. A checkpoint
 /// whose magic is damaged is reported as a checkpoint, not read as llama2.c.
 pub fn load_weights(path: &Path) -> crate::Result<Weights> {
     if hf::files::is_model_dir(path) {
         return Weights::from_hf(&hf::HfCheckpoint::open(path)?);
+    }
+    if path.is_dir() && !path.join("checkpoint.bin").exists() && hf::adapter::is_lora_run(path) {
+        return hf::adapter::load_run(path);
     }
     if path.is_dir() {
         return load_weights(&path.join("checkpoint.bin"));

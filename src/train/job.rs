@@ -21,18 +21,23 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::engine::Engine;
+use super::finetune::{self, SftRecord};
 use super::optim::AdamW;
 use super::run_dir::{DataFile, RunLock, RunRecord};
 use super::source::WindowSource;
 use super::{Batches, Observer, TrainConfig, Trainer};
 use crate::backend::{self, Backend, BackendKind, CompilePlan, Opened, Precision, Preferences};
 use crate::data::corpus::{self, CorpusConfig};
+use crate::data::sft::SftFiles;
 use crate::data::tokenizer::train::{TrainOptions, train_bpe};
 use crate::data::tokens::{Batcher, Order, TokenFile, TokenSpan, tokenize_files, val_path_for};
 use crate::dist::Collective;
 use crate::mil::DType;
+use crate::model::hf::adapter::BaseRecord;
 use crate::model::kernels::KernelOptions;
+use crate::model::lora::Adapters;
 use crate::model::{ModelConfig, Weights, load_weights};
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 pub use super::options::{DEFAULTS, Defaults, JobOptions, RunDefaults};
@@ -215,11 +220,13 @@ fn start(
     observer.on_message(&opened.note);
     let main_job = options.data.is_none();
     // Everything is checked before the run directory is touched.
-    let (mut config, own_files, init) = plan_new_run(options, opened.precision, observer)?;
+    let (mut config, data, init) = plan_new_run(options, opened.precision, observer)?;
+    let data_order = options.data_order.unwrap_or(DEFAULTS.data_order);
+    let (sft, base) = plan_fine_tuning(options, &config, &data, data_order, observer)?;
     let config_name = options
         .config
         .as_deref()
-        .unwrap_or(RunDefaults::of(main_job).config);
+        .unwrap_or(RunDefaults::for_options(options).config);
     let run_dir = options
         .out
         .clone()
@@ -238,34 +245,82 @@ fn start(
     if let Some(init) = options.init.as_ref().filter(|_| rank0) {
         keep_base_files(init, &base_files, &run_dir, observer)?;
     }
-    let files = match own_files {
-        Some(files) => files,
-        None => {
-            let mb = options.corpus_mb.unwrap_or(DEFAULTS.corpus_mb);
-            let prepared = prepare_main_job(&run_dir, mb, config.seed, observer)?;
-            config.model.vocab_size = prepared.vocab;
-            config.validate()?;
-            DataFiles::open(&prepared.train, Some(&prepared.val), 0.0)?
+    let (mut record, mut source, mut val) = match (data, sft) {
+        (NewData::Sft(record), Some(sources)) => {
+            let run = record_of(options, &config, data_order, None, Some(record))?;
+            let (train, val): (Box<dyn Batches>, Box<dyn Batches>) =
+                (Box::new(sources.train), Box::new(sources.val));
+            (run, train, val)
+        }
+        (data, _) => {
+            let files = match data {
+                NewData::Tokens(files) => files,
+                _ => {
+                    let mb = options.corpus_mb.unwrap_or(DEFAULTS.corpus_mb);
+                    let prepared = prepare_main_job(&run_dir, mb, config.seed, observer)?;
+                    config.model.vocab_size = prepared.vocab;
+                    config.validate()?;
+                    DataFiles::open(&prepared.train, Some(&prepared.val), 0.0)?
+                }
+            };
+            let (train, val) = files.sources(&config, data_order)?;
+            let run = record_of(options, &config, data_order, Some(&files), None);
+            let (train, val): (Box<dyn Batches>, Box<dyn Batches>) =
+                (Box::new(train), Box::new(val));
+            (run?, train, val)
         }
     };
-    let data_order = options.data_order.unwrap_or(DEFAULTS.data_order);
-    let (mut source, mut val) = files.sources(&config, data_order)?;
-    let record = RunRecord {
-        config: config.clone(),
-        data_order,
-        data: Some(DataFile::of(&files.train)?),
-        val_data: files.val.as_deref().map(DataFile::of).transpose()?,
-        val_fraction: files.val.is_none().then_some(files.val_fraction),
-        init: options
-            .init
-            .as_ref()
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
-        main_job,
-        corpus_mb: main_job.then(|| options.corpus_mb.unwrap_or(DEFAULTS.corpus_mb)),
-    };
+    record.config = config.clone();
     let weights = init.unwrap_or_else(|| Weights::init(&config.model, config.seed));
     let preferences = opened.backend.preferences();
     let restart_after = updates_before_restart(options.restart_every, &preferences)?;
+    let engine = training_engine(opened, &config, observer)?;
+    observer.on_message(&format!(
+        "training {} ({:.2}M parameters, dim {}, {} layers{}) on {} for {} steps of {} x {} tokens -> {}",
+        config.preset.as_deref().unwrap_or("model"),
+        config.model.n_params() as f64 / 1e6,
+        config.model.dim,
+        config.model.n_layers,
+        lora_summary(&config),
+        engine.backend_name(),
+        config.steps,
+        config.batch * config.accum,
+        config.seq,
+        run_dir.display()
+    ));
+    check_ranks_agree(dist.as_ref(), &record, &weights)?;
+    let mut trainer = match (&config.lora, base) {
+        (Some(lora), Some(base)) => {
+            let adapters = Adapters::init(&config.model, lora, &mut Rng::new(config.seed))?;
+            let name = base.path.display().to_string();
+            if rank0 {
+                base.write(&run_dir)?;
+            }
+            Trainer::new_lora_on(config, weights, adapters, &name, engine, &run_dir, dist)?
+        }
+        _ => Trainer::new_on(config, weights, engine, &run_dir, dist)?,
+    };
+    if rank0 {
+        record.write(&run_dir)?;
+    }
+    let outcome = run_loop(
+        &mut trainer,
+        source.as_mut(),
+        val.as_mut(),
+        options,
+        restart_after,
+        observer,
+    )?;
+    finish(&trainer, &outcome, main_job, options, samples_out)?;
+    Ok(outcome)
+}
+
+/// The engine of a run's steps on the opened backend, its fallbacks noted.
+fn training_engine(
+    opened: Opened,
+    config: &TrainConfig,
+    observer: &mut dyn Observer,
+) -> Result<Engine> {
     let kernels = kernel_options(opened.precision, opened.backend.as_ref());
     let engine = Engine::new(
         opened.backend,
@@ -277,33 +332,88 @@ fn start(
     for note in engine.fallbacks() {
         observer.on_message(&note);
     }
-    observer.on_message(&format!(
-        "training {} ({:.2}M parameters, dim {}, {} layers) on {} for {} steps of {} x {} tokens -> {}",
-        config.preset.as_deref().unwrap_or("model"),
-        config.model.n_params() as f64 / 1e6,
-        config.model.dim,
-        config.model.n_layers,
-        engine.backend_name(),
-        config.steps,
-        config.batch * config.accum,
-        config.seq,
-        run_dir.display()
-    ));
-    check_ranks_agree(dist.as_ref(), &record, &weights)?;
-    let mut trainer = Trainer::new_on(config, weights, engine, &run_dir, dist)?;
-    if rank0 {
-        record.write(&run_dir)?;
+    Ok(engine)
+}
+
+/// ", LoRA rank r on N projections" for a LoRA run's summary line.
+fn lora_summary(config: &TrainConfig) -> String {
+    match &config.lora {
+        Some(lora) => {
+            let adapters = lora.layers.len() * lora.targets.len();
+            let values: usize = lora
+                .entries()
+                .iter()
+                .map(|(_, target)| {
+                    let (out, input) = target.shape(&config.model);
+                    lora.rank * (out + input)
+                })
+                .sum();
+            format!(
+                "; LoRA rank {} alpha {} on {adapters} projections, {:.2}M trained",
+                lora.rank,
+                lora.alpha,
+                values as f64 / 1e6
+            )
+        }
+        None => String::new(),
     }
-    let outcome = run_loop(
-        &mut trainer,
-        &mut source,
-        &mut val,
-        options,
-        restart_after,
-        observer,
-    )?;
-    finish(&trainer, &outcome, main_job, options, samples_out)?;
-    Ok(outcome)
+}
+
+/// A new run's record: its data (token files or fine-tuning examples) and
+/// where its weights came from.
+fn record_of(
+    options: &JobOptions,
+    config: &TrainConfig,
+    data_order: Order,
+    files: Option<&DataFiles>,
+    sft: Option<SftRecord>,
+) -> Result<RunRecord> {
+    let main_job = options.data.is_none();
+    Ok(RunRecord {
+        config: config.clone(),
+        data_order,
+        data: files.map(|f| DataFile::of(&f.train)).transpose()?,
+        val_data: files
+            .and_then(|f| f.val.as_deref())
+            .map(DataFile::of)
+            .transpose()?,
+        val_fraction: files.and_then(|f| f.val.is_none().then_some(f.val_fraction)),
+        init: options
+            .init
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        main_job,
+        corpus_mb: main_job.then(|| options.corpus_mb.unwrap_or(DEFAULTS.corpus_mb)),
+        sft,
+    })
+}
+
+/// What a fine-tuning run needs before its directory is taken: its JSONL
+/// examples encoded (errors in the data come first) and, for LoRA, the
+/// record of its base model.
+fn plan_fine_tuning(
+    options: &JobOptions,
+    config: &TrainConfig,
+    data: &NewData,
+    order: Order,
+    observer: &mut dyn Observer,
+) -> Result<(Option<finetune::SftSources>, Option<BaseRecord>)> {
+    let sft = match (data, &options.init) {
+        (NewData::Sft(record), Some(init)) => {
+            let vocab = config.model.vocab_size;
+            let sources = finetune::open(record, init, config.seq, order, config.seed, vocab)?;
+            for note in &sources.notes {
+                observer.on_message(note);
+            }
+            Some(sources)
+        }
+        _ => None,
+    };
+    let base = match (&config.lora, &options.init) {
+        (Some(_), Some(init)) => Some(BaseRecord::of(init)?),
+        _ => None,
+    };
+    Ok((sft, base))
 }
 
 /// Copy what a Hugging Face base model (a model directory, or a run made
@@ -328,23 +438,39 @@ fn keep_base_files(
     Ok(())
 }
 
-/// A new run's config, validated and within memory, its token files (the
-/// user's; the main job makes its own later) and its `--init` weights.
+/// A new run's data: the user's token files, the main job's (made once
+/// the run directory is taken), or fine-tuning examples in JSONL.
+enum NewData {
+    Tokens(DataFiles),
+    MainJob,
+    Sft(SftRecord),
+}
+
+/// A new run's config, validated and within memory, its data and its
+/// `--init` weights.
 fn plan_new_run(
     options: &JobOptions,
     precision: Precision,
     observer: &mut dyn Observer,
-) -> Result<(TrainConfig, Option<DataFiles>, Option<Weights>)> {
-    let files = match &options.data {
-        Some(data) => {
-            let fraction = options.val_fraction.unwrap_or(DEFAULTS.val_fraction);
-            Some(DataFiles::open(
-                data,
-                options.val_data.as_deref(),
-                fraction,
-            )?)
+) -> Result<(TrainConfig, NewData, Option<Weights>)> {
+    let fraction = options.val_fraction.unwrap_or(DEFAULTS.val_fraction);
+    let data = match &options.data {
+        Some(data) if SftFiles::is_jsonl(data) => {
+            if options.val_data.is_some() {
+                return Err(Error::Invalid(
+                    "--val-data names a token file; with JSONL data put the held-out rows in \
+                     valid.jsonl beside train.jsonl (a directory as --data)"
+                        .into(),
+                ));
+            }
+            NewData::Sft(SftRecord::of(data, fraction, options.mask_prompt)?)
         }
-        None => None,
+        Some(data) => NewData::Tokens(DataFiles::open(
+            data,
+            options.val_data.as_deref(),
+            fraction,
+        )?),
+        None => NewData::MainJob,
     };
     if let (Some(name), Some(_)) = (&options.config, &options.init) {
         return Err(Error::Invalid(format!(
@@ -356,20 +482,23 @@ fn plan_new_run(
         Some(path) => Some(load_weights(path).map_err(|e| Error::Invalid(format!("--init: {e}")))?),
         None => None,
     };
-    let vocab = match &files {
-        Some(files) => files
+    let vocab = match &data {
+        NewData::Tokens(files) => files
             .train
             .vocab_size()
             .map(|v| (v, files.train.path().to_path_buf())),
         // The main job's tokenizer has at most this many tokens.
-        None => Some((MAIN_JOB_VOCAB, PathBuf::new())),
+        NewData::MainJob => Some((MAIN_JOB_VOCAB, PathBuf::new())),
+        NewData::Sft(_) => None,
     };
     let model = new_model(options, init.as_ref(), vocab, observer)?;
-    let main_job = files.is_none();
-    let config = train_config(options, main_job, init.is_none(), model, precision);
+    let mut config = train_config(options, init.is_none(), model, precision);
+    if options.lora {
+        config.lora = Some(finetune::lora_config(options, config.model.n_layers)?);
+    }
     config.validate()?;
     check_training_memory(&config)?;
-    Ok((config, files, init))
+    Ok((config, data, init))
 }
 
 /// The main job's closing samples, once its last update is done.
@@ -383,7 +512,7 @@ fn finish(
     let done = matches!(outcome, Outcome::Finished { step, .. } if *step == trainer.config.steps);
     if main_job && done {
         crate::generate::samples(
-            &trainer.weights,
+            trainer.weights(),
             &trainer.run_dir().join("tokenizer.bin"),
             options.samples.unwrap_or(DEFAULTS.samples),
             trainer.config.seed,
@@ -450,12 +579,17 @@ fn new_model(
 /// This run's config: the options, else the defaults of its kind of run.
 fn train_config(
     options: &JobOptions,
-    main_job: bool,
     fresh: bool,
     model: ModelConfig,
     precision: Precision,
 ) -> TrainConfig {
-    let defaults = RunDefaults::of(main_job);
+    let defaults = RunDefaults::for_options(options);
+    // Adapters train without weight decay unless asked (PEFT's and
+    // transformers' default); full training keeps anemone's.
+    let weight_decay = match options.lora {
+        true => 0.0,
+        false => DEFAULTS.weight_decay,
+    };
     let name = options.config.as_deref().unwrap_or(defaults.config);
     TrainConfig {
         // A preset names the model only when the model is the preset's.
@@ -468,7 +602,7 @@ fn train_config(
         warmup: options.warmup.unwrap_or(defaults.warmup),
         schedule: options.schedule.unwrap_or(DEFAULTS.schedule),
         optimizer: AdamW {
-            weight_decay: options.weight_decay.unwrap_or(DEFAULTS.weight_decay),
+            weight_decay: options.weight_decay.unwrap_or(weight_decay),
             ..AdamW::default()
         },
         grad_clip: options.grad_clip.unwrap_or(DEFAULTS.grad_clip),
@@ -480,6 +614,7 @@ fn train_config(
             .unwrap_or(DEFAULTS.checkpoint_every),
         fp16: precision == Precision::Fp16,
         model,
+        lora: None,
     }
 }
 
@@ -550,7 +685,10 @@ fn resume(
     if options.overwrite {
         notes.push("note: --overwrite does nothing with --resume (the run continues)".into());
     }
-    let files = resume_data(&mut record, options, dir, observer)?;
+    let files = match &record.sft {
+        Some(_) => None,
+        None => Some(resume_data(&mut record, options, dir, observer)?),
+    };
     record.config.validate()?;
     for note in &notes {
         observer.on_message(note);
@@ -579,23 +717,22 @@ fn resume(
         )));
     }
     check_training_memory(&config)?;
-    let (mut source, mut val) = files.sources(&config, record.data_order)?;
+    let (mut source, mut val) = resumed_sources(&record, files, dir, observer)?;
     let preferences = opened.backend.preferences();
     let restart_after = updates_before_restart(options.restart_every, &preferences)?;
-    let kernels = kernel_options(opened.precision, opened.backend.as_ref());
-    let engine = Engine::new(
-        opened.backend,
-        &config.model,
-        config.seq,
-        config.batch,
-        kernels,
-    )?;
-    for note in engine.fallbacks() {
-        observer.on_message(&note);
-    }
-    let mut trainer = Trainer::resume_on(dir, engine, &mut source, None, dist.clone())?;
+    let engine = training_engine(opened, &config, observer)?;
+    // A LoRA run's base must be the one it began with (its fingerprint).
+    let base = match &config.lora {
+        Some(_) => {
+            let base = BaseRecord::read(dir)?;
+            Some((base.load(dir)?, base.path.display().to_string()))
+        }
+        None => None,
+    };
+    let mut trainer =
+        Trainer::resume_with_base(dir, base, engine, source.as_mut(), None, dist.clone())?;
     record.config = trainer.config.clone();
-    check_ranks_agree(dist.as_ref(), &record, &trainer.weights)?;
+    check_ranks_agree(dist.as_ref(), &record, trainer.weights())?;
     observer.on_message(&format!(
         "resumed {} at step {} of {}",
         dir.display(),
@@ -604,14 +741,46 @@ fn resume(
     ));
     let outcome = run_loop(
         &mut trainer,
-        &mut source,
-        &mut val,
+        source.as_mut(),
+        val.as_mut(),
         options,
         restart_after,
         observer,
     )?;
     finish(&trainer, &outcome, record.main_job, options, samples_out)?;
     Ok(outcome)
+}
+
+/// The batch sources of a resumed run: over its token `files`, or over its
+/// recorded JSONL examples, encoded again with the tokenizer and chat
+/// template it kept.
+fn resumed_sources(
+    record: &RunRecord,
+    files: Option<DataFiles>,
+    dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<(Box<dyn Batches>, Box<dyn Batches>)> {
+    let config = &record.config;
+    match (&record.sft, files) {
+        (Some(sft), _) => {
+            let vocab = config.model.vocab_size;
+            let order = record.data_order;
+            let sources = finetune::open(sft, dir, config.seq, order, config.seed, vocab)?;
+            for note in sources
+                .notes
+                .iter()
+                .filter(|n| !n.starts_with("fine-tuning data"))
+            {
+                observer.on_message(note);
+            }
+            Ok((Box::new(sources.train), Box::new(sources.val)))
+        }
+        (None, Some(files)) => {
+            let (train, val) = files.sources(config, record.data_order)?;
+            Ok((Box::new(train), Box::new(val)))
+        }
+        (None, None) => Err(Error::Invalid(format!("{} records no data", dir.display()))),
+    }
 }
 
 /// The token files of a resumed run: the recorded ones, found by their
@@ -754,7 +923,7 @@ fn run_loop(
         trainer.step(),
         val_loss.exp(),
         started.elapsed().as_secs_f64(),
-        trainer.run_dir().join("checkpoint.bin").display()
+        trainer.checkpoint_path().display()
     ));
     let (run_dir, step) = (trainer.run_dir().to_path_buf(), trainer.step());
     // `stop_after` ends a process on purpose (tests of interrupted runs): no restart.

@@ -13,8 +13,13 @@
 //! What it deliberately does not own: batches and their loss weights
 //! (`data::sft`), the optimizer's schedule and the run loop.
 
-use crate::model::lora::{Adapters, Target};
-use crate::model::{Param, Weights};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::checkpoint;
+use crate::model::lora::{Adapters, LoraConfig, Target};
+use crate::model::{ModelConfig, Param, Weights};
 use crate::train::engine::{Engine, GradWrite, LossWeights};
 use crate::train::optim::{self, AdamState, AdamW};
 use crate::{Error, Result};
@@ -127,4 +132,96 @@ impl LoraStep {
         opt.step_matrices(&mut adapters.data, &self.grads.data, state, lr, grad_scale);
         self.merge(adapters);
     }
+}
+
+/// A LoRA run's checkpoint in its directory: adapters, AdamW moments and the
+/// trainer's state (the base is not in it: the run records where it is and
+/// its fingerprint, `model::hf::adapter::BaseRecord`).
+pub const CHECKPOINT_FILE: &str = "lora_checkpoint.bin";
+/// The run's adapters in PEFT's layout, written with each checkpoint.
+pub const ADAPTERS_DIR: &str = "adapters";
+/// The magic of [`CHECKPOINT_FILE`] (the container of `model::checkpoint`).
+const MAGIC: &[u8; 8] = b"ANEMLORA";
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    model: ModelConfig,
+    lora: LoraConfig,
+    n_values: u64,
+    adam_t: u64,
+    state: serde_json::Value,
+}
+
+/// A loaded LoRA checkpoint.
+pub struct LoraCheckpoint {
+    pub adapters: Adapters,
+    /// AdamW moments `(m, v)` and step count `t`.
+    pub moments: (Vec<f32>, Vec<f32>, u64),
+    /// Trainer state (opaque here).
+    pub state: serde_json::Value,
+}
+
+/// Save `adapters`, their AdamW moments and the trainer's `state` atomically.
+pub fn save_checkpoint(
+    path: &Path,
+    adapters: &Adapters,
+    moments: (&[f32], &[f32], u64),
+    state: &serde_json::Value,
+) -> Result<()> {
+    let header = Header {
+        model: adapters.model().clone(),
+        lora: adapters.config.clone(),
+        n_values: adapters.data.len() as u64,
+        adam_t: moments.2,
+        state: state.clone(),
+    };
+    let json = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+    let arrays = [adapters.data.as_slice(), moments.0, moments.1];
+    checkpoint::write_container(path, MAGIC, &json, &arrays)
+}
+
+/// Load a checkpoint written by [`save_checkpoint`], every field checked.
+pub fn load_checkpoint(path: &Path) -> Result<LoraCheckpoint> {
+    let bytes = crate::memory::read_file(path, u64::MAX)?;
+    let mut adapters = None;
+    let sizes = |header: &Header| {
+        header
+            .model
+            .validate()
+            .map_err(|e| Error::format(path, "header.model", e.to_string()))?;
+        let zeros = Adapters::zeros(&header.model, &header.lora)
+            .map_err(|e| Error::format(path, "header.lora", e.to_string()))?;
+        if zeros.data.len() as u64 != header.n_values {
+            return Err(Error::format(
+                path,
+                "header.n_values",
+                format!(
+                    "{} does not match the {} values of the adapters header.lora describes",
+                    header.n_values,
+                    zeros.data.len()
+                ),
+            ));
+        }
+        let n = zeros.data.len();
+        adapters = Some(zeros);
+        Ok((n, 3))
+    };
+    let what = "an anemone LoRA checkpoint";
+    let (header, mut arrays): (Header, _) =
+        checkpoint::read_container(&bytes, path, MAGIC, what, sizes)?;
+    let mut adapters = adapters.expect("sized by the header");
+    let (v, m) = (arrays.pop().expect("3"), arrays.pop().expect("3"));
+    adapters.data = arrays.pop().expect("3");
+    if let Some(index) = adapters.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::format(
+            path,
+            "adapters",
+            format!("value {index} is not finite; use an earlier checkpoint"),
+        ));
+    }
+    Ok(LoraCheckpoint {
+        adapters,
+        moments: (m, v, header.adam_t),
+        state: header.state,
+    })
 }

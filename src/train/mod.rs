@@ -16,6 +16,7 @@
 mod buffers;
 mod classifier;
 pub mod engine;
+pub mod finetune;
 mod grads;
 pub mod job;
 pub mod kernel;
@@ -39,9 +40,11 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::dist::Collective;
+use crate::model::lora::{Adapters, LoraConfig};
 use crate::model::{ModelConfig, Weights, checkpoint};
 use crate::{Error, Result};
-use engine::{Engine, GradWrite};
+use engine::{Engine, GradWrite, LossWeights};
+use lora::LoraStep;
 use optim::{AdamState, AdamW, LossScaler, ScaleEvent, Schedule};
 
 /// Everything that defines a training run (saved as `config.json`).
@@ -71,12 +74,20 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Kernels run in fp16 (loss scaling on) or fp32.
     pub fp16: bool,
+    /// LoRA: adapters of this shape train, the base model stays frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// A source of training or held-out windows whose position can be saved and restored.
 pub trait Batches {
     /// Fill `inputs` and `targets` (`batch * seq` ids each; targets are inputs shifted by one).
     fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> Result<()>;
+    /// The loss weight of each target of the last batch (`None`: every
+    /// target weighs 1); 0 leaves a prompt or padding out of the loss.
+    fn weights(&self) -> Option<&[f32]> {
+        None
+    }
     /// Position/RNG state for checkpoints.
     fn state(&self) -> serde_json::Value;
     /// Restore a state returned by [`Batches::state`].
@@ -140,6 +151,45 @@ impl Observer for Quiet {
     fn on_step(&mut self, _: &Metrics, _: u64) {}
 }
 
+/// What a run trains.
+enum Params {
+    /// Every weight, with a gradient of the same layout.
+    Full { weights: Weights, grads: Weights },
+    /// LoRA adapters on a frozen base, which the step holds merged with them;
+    /// `base` names it in the adapters' config.
+    Lora {
+        step: LoraStep,
+        adapters: Adapters,
+        base: String,
+    },
+}
+
+impl Params {
+    /// The weights the engine runs (a LoRA run's base with its adapters merged).
+    fn weights(&self) -> &Weights {
+        match self {
+            Params::Full { weights, .. } => weights,
+            Params::Lora { step, .. } => step.merged(),
+        }
+    }
+
+    /// The values AdamW updates.
+    fn trained(&self) -> &[f32] {
+        match self {
+            Params::Full { weights, .. } => &weights.data,
+            Params::Lora { adapters, .. } => &adapters.data,
+        }
+    }
+
+    /// Their gradient.
+    fn grads_mut(&mut self) -> &mut [f32] {
+        match self {
+            Params::Full { grads, .. } => &mut grads.data,
+            Params::Lora { step, .. } => &mut step.grads_mut().data,
+        }
+    }
+}
+
 /// A training run: weights, optimizer state, engine, data and run directory.
 ///
 /// Data parallel (`dist` of `size` ranks): each call to a [`Batches`] source
@@ -151,9 +201,8 @@ impl Observer for Quiet {
 /// rank 0 writes the run directory.
 pub struct Trainer {
     pub config: TrainConfig,
-    pub weights: Weights,
+    params: Params,
     adam: AdamState,
-    grads: Weights,
     engine: Engine,
     state: State,
     run_dir: PathBuf,
@@ -179,8 +228,54 @@ impl Trainer {
         run_dir: &Path,
         dist: Arc<dyn Collective>,
     ) -> Result<Trainer> {
+        if config.lora.is_some() {
+            return Err(Error::Invalid(
+                "a LoRA config needs adapters: start the run with Trainer::new_lora_on".into(),
+            ));
+        }
+        let grads = Weights::zeros(&config.model);
+        Trainer::create(
+            config,
+            Params::Full { weights, grads },
+            engine,
+            run_dir,
+            dist,
+        )
+    }
+
+    /// A new LoRA run: `adapters` (of `config.lora`) train on `base`, which
+    /// stays frozen; `base_name` is written as the adapters' base model.
+    pub fn new_lora_on(
+        config: TrainConfig,
+        base: Weights,
+        adapters: Adapters,
+        base_name: &str,
+        engine: Engine,
+        run_dir: &Path,
+        dist: Arc<dyn Collective>,
+    ) -> Result<Trainer> {
+        if config.lora.as_ref() != Some(&adapters.config) {
+            return Err(Error::Invalid(
+                "the adapters are not of the run's LoRA config".into(),
+            ));
+        }
+        let params = Params::Lora {
+            step: LoraStep::new(base, &adapters)?,
+            adapters,
+            base: base_name.to_string(),
+        };
+        Trainer::create(config, params, engine, run_dir, dist)
+    }
+
+    fn create(
+        config: TrainConfig,
+        params: Params,
+        engine: Engine,
+        run_dir: &Path,
+        dist: Arc<dyn Collective>,
+    ) -> Result<Trainer> {
         config.validate()?;
-        if weights.config() != &config.model {
+        if params.weights().config() != &config.model {
             return Err(Error::Invalid(
                 "initial weights do not match the model config (dim, layers, heads or vocab differ)".into(),
             ));
@@ -193,17 +288,15 @@ impl Trainer {
             crate::atomic::write_atomic(&run_dir.join("config.json"), &json)?;
             let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         }
-        let n = weights.data.len();
         let scaler = if config.fp16 {
             LossScaler::dynamic()
         } else {
             LossScaler::disabled()
         };
         Ok(Trainer {
-            grads: Weights::zeros(&config.model),
+            adam: AdamState::new(params.trained().len()),
             config,
-            weights,
-            adam: AdamState::new(n),
+            params,
             engine,
             state: State {
                 step: 0,
@@ -231,9 +324,23 @@ impl Trainer {
 
     /// [`Trainer::resume`] as one rank of `dist`: every rank reads the same
     /// checkpoint (a shared or copied run directory), which must have been
-    /// made by as many ranks; rank 0 alone tidies the directory.
+    /// made by as many ranks; rank 0 alone tidies the directory. A LoRA run
+    /// (`config.lora`) loads its base from `base` (checked by the caller
+    /// against the run's record) and its adapters from its own checkpoint.
     pub fn resume_on(
         run_dir: &Path,
+        engine: Engine,
+        data: &mut dyn Batches,
+        steps: Option<u64>,
+        dist: Arc<dyn Collective>,
+    ) -> Result<Trainer> {
+        Trainer::resume_with_base(run_dir, None, engine, data, steps, dist)
+    }
+
+    /// [`Trainer::resume_on`] of a LoRA run on its frozen `base`, named `base_name`.
+    pub fn resume_with_base(
+        run_dir: &Path,
+        base: Option<(Weights, String)>,
         engine: Engine,
         data: &mut dyn Batches,
         steps: Option<u64>,
@@ -247,20 +354,81 @@ impl Trainer {
             config.steps = steps;
             config.validate()?;
         }
-        let ckpt_path = run_dir.join("checkpoint.bin");
-        let ckpt = checkpoint::load(&ckpt_path)?;
-        if ckpt.weights.config() != &config.model {
-            return Err(Error::format(
-                &ckpt_path,
-                "header.config",
-                "does not match the run's config.json",
-            ));
+        let (params, moments, state, ckpt_path) = match (&config.lora, base) {
+            (None, _) => {
+                let ckpt_path = run_dir.join("checkpoint.bin");
+                let ckpt = checkpoint::load(&ckpt_path)?;
+                if ckpt.weights.config() != &config.model {
+                    return Err(Error::format(
+                        &ckpt_path,
+                        "header.config",
+                        "does not match the run's config.json",
+                    ));
+                }
+                let moments = ckpt.moments.ok_or_else(|| Error::format(&ckpt_path, "optimizer", "checkpoint has no optimizer state; cannot resume exactly (use --init to start a new run from it)"))?;
+                let grads = Weights::zeros(&config.model);
+                let params = Params::Full {
+                    weights: ckpt.weights,
+                    grads,
+                };
+                (params, moments, ckpt.state, ckpt_path)
+            }
+            (Some(lora), Some((base, base_name))) => {
+                let ckpt_path = run_dir.join(lora::CHECKPOINT_FILE);
+                let ckpt = lora::load_checkpoint(&ckpt_path)?;
+                if &ckpt.adapters.config != lora || ckpt.adapters.model() != &config.model {
+                    return Err(Error::format(
+                        &ckpt_path,
+                        "header",
+                        "its adapters do not match the run's config.json",
+                    ));
+                }
+                let params = Params::Lora {
+                    step: LoraStep::new(base, &ckpt.adapters)?,
+                    adapters: ckpt.adapters,
+                    base: base_name,
+                };
+                (params, ckpt.moments, ckpt.state, ckpt_path)
+            }
+            (Some(_), None) => {
+                return Err(Error::Invalid(format!(
+                    "{} is a LoRA run: resuming it needs its base model",
+                    run_dir.display()
+                )));
+            }
+        };
+        if params.weights().config() != &config.model {
+            return Err(Error::Invalid(format!(
+                "the base model is not the one {} was trained on (its shape differs)",
+                run_dir.display()
+            )));
         }
-        let (m, v, t) = ckpt
-            .moments
-            .ok_or_else(|| Error::format(&ckpt_path, "optimizer", "checkpoint has no optimizer state; cannot resume exactly (use --init to start a new run from it)"))?;
-        let state: State = serde_json::from_value(ckpt.state)
-            .map_err(|e| Error::format(&ckpt_path, "header.state", e.to_string()))?;
+        let state = Trainer::resumed_state(run_dir, &config, state, &ckpt_path, data, &*dist)?;
+        let (m, v, t) = moments;
+        Ok(Trainer {
+            config,
+            params,
+            adam: AdamState { m, v, t },
+            engine,
+            state,
+            run_dir: run_dir.to_path_buf(),
+            dist,
+        })
+    }
+
+    /// The trainer state of a checkpoint, checked against the run and the
+    /// ranks; `data` restored to its position, and the metrics rows written
+    /// after the checkpoint dropped (a crash after saving).
+    fn resumed_state(
+        run_dir: &Path,
+        config: &TrainConfig,
+        state: serde_json::Value,
+        ckpt_path: &Path,
+        data: &mut dyn Batches,
+        dist: &dyn Collective,
+    ) -> Result<State> {
+        let state: State = serde_json::from_value(state)
+            .map_err(|e| Error::format(ckpt_path, "header.state", e.to_string()))?;
         if state.step > config.steps {
             return Err(Error::out_of_range(
                 "--steps",
@@ -283,7 +451,6 @@ impl Trainer {
             )));
         }
         data.restore(&state.data)?;
-        // Drop metrics rows written after the checkpoint (a crash after saving).
         let metrics_path = run_dir.join("metrics.jsonl");
         if dist.rank() == 0
             && let Ok(text) = std::fs::read_to_string(&metrics_path)
@@ -295,16 +462,7 @@ impl Trainer {
                 .collect();
             crate::atomic::write_atomic(&metrics_path, kept.as_bytes())?;
         }
-        Ok(Trainer {
-            grads: Weights::zeros(&config.model),
-            config,
-            weights: ckpt.weights,
-            adam: AdamState { m, v, t },
-            engine,
-            state,
-            run_dir: run_dir.to_path_buf(),
-            dist,
-        })
+        Ok(state)
     }
 
     /// Updates completed so far.
@@ -316,42 +474,84 @@ impl Trainer {
         &self.run_dir
     }
 
+    /// The file [`Trainer::save`] writes: `checkpoint.bin`, or a LoRA run's
+    /// [`lora::CHECKPOINT_FILE`].
+    pub fn checkpoint_path(&self) -> PathBuf {
+        match self.params {
+            Params::Full { .. } => self.run_dir.join("checkpoint.bin"),
+            Params::Lora { .. } => self.run_dir.join(lora::CHECKPOINT_FILE),
+        }
+    }
+
     /// The data-parallel ranks of this run (a single process without MPI).
     pub fn collective(&self) -> &dyn Collective {
         self.dist.as_ref()
     }
 
-    /// This rank's tokens of a global batch of `global.len()` tokens: the
-    /// contiguous share of sequences `rank*batch..(rank+1)*batch`.
-    fn share<'a>(&self, global: &'a [u32]) -> &'a [u32] {
+    /// The weights the engine runs: the trained weights, or a LoRA run's
+    /// base with its adapters merged.
+    pub fn weights(&self) -> &Weights {
+        self.params.weights()
+    }
+
+    /// A LoRA run's adapters.
+    pub fn adapters(&self) -> Option<&Adapters> {
+        match &self.params {
+            Params::Lora { adapters, .. } => Some(adapters),
+            Params::Full { .. } => None,
+        }
+    }
+
+    /// This rank's share of a global batch of `global.len()` tokens (or
+    /// loss weights): the contiguous share of sequences `rank*batch..(rank+1)*batch`.
+    fn share<'a, T>(&self, global: &'a [T]) -> &'a [T] {
         let n = global.len() / self.dist.size();
         &global[self.dist.rank() * n..][..n]
     }
 
     /// Mean held-out loss over `eval_batches` global batches from the start
     /// of `val` (each rank evaluates its share; the sums are all-reduced).
+    /// With loss weights (fine-tuning examples) it is the mean over the
+    /// counted targets of all the batches.
     pub fn evaluate(&mut self, val: &mut dyn Batches) -> Result<f32> {
         let ranks = self.dist.size();
         let n = self.engine.batch() * self.engine.seq() * ranks;
         let (mut inputs, mut targets) = (vec![0u32; n], vec![0u32; n]);
         val.rewind();
-        let mut total = 0.0;
+        // [sum of the batches' mean losses, weighted loss sum, counted targets]
+        let mut sums = [0.0; 3];
         for _ in 0..self.config.eval_batches {
             val.next_batch(&mut inputs, &mut targets)?;
             let (inputs, targets) = (self.share(&inputs), self.share(&targets));
-            total += self.engine.loss(&self.weights, inputs, targets)?;
+            let weights = self.params.weights();
+            match val.weights().map(|w| self.share(w)) {
+                None => sums[0] += self.engine.loss(weights, inputs, targets)?,
+                Some(w) => {
+                    let loss = LossWeights {
+                        targets,
+                        weights: Some(w),
+                        divisor: 1.0,
+                    };
+                    sums[1] += self.engine.weighted_loss_sum(weights, inputs, loss)?;
+                    sums[2] += w.iter().filter(|&&w| w > 0.0).count() as f64;
+                }
+            }
         }
-        let mut sum = [total];
-        self.dist.all_reduce_sum_f64(&mut sum);
-        Ok((sum[0] / ranks as f64 / self.config.eval_batches as f64) as f32)
+        self.dist.all_reduce_sum_f64(&mut sums);
+        if val.weights().is_some() {
+            return Ok((sums[1] / sums[2].max(1.0)) as f32);
+        }
+        Ok((sums[0] / ranks as f64 / self.config.eval_batches as f64) as f32)
     }
 
-    /// Save `checkpoint.bin` (atomically) with the data position of `data`:
-    /// rank 0 alone, once every rank holds the same weights (one all-gather
-    /// of their digests when there are two or more).
+    /// Save `checkpoint.bin` (atomically) with the data position of `data`
+    /// (a LoRA run: its adapters and moments in [`lora::CHECKPOINT_FILE`],
+    /// then the adapters in PEFT's layout in [`lora::ADAPTERS_DIR`]): rank 0
+    /// alone, once every rank holds the same values (one all-gather of their
+    /// digests when there are two or more).
     pub fn save(&mut self, data: &dyn Batches) -> Result<()> {
         if self.dist.size() > 1 {
-            let bytes: &[u8] = bytemuck::cast_slice(&self.weights.data);
+            let bytes: &[u8] = bytemuck::cast_slice(self.params.trained());
             crate::dist::agree(
                 self.dist.as_ref(),
                 &format!("weights after update {}", self.state.step),
@@ -365,12 +565,21 @@ impl Trainer {
         }
         self.state.data = data.state();
         let state = serde_json::to_value(&self.state).map_err(|e| Error::Invalid(e.to_string()))?;
-        checkpoint::save(
-            &self.run_dir.join("checkpoint.bin"),
-            &self.weights,
-            Some((&self.adam.m, &self.adam.v, self.adam.t)),
-            &state,
-        )
+        let moments = (&self.adam.m[..], &self.adam.v[..], self.adam.t);
+        match &self.params {
+            Params::Full { weights, .. } => checkpoint::save(
+                &self.run_dir.join("checkpoint.bin"),
+                weights,
+                Some(moments),
+                &state,
+            ),
+            Params::Lora { adapters, base, .. } => {
+                let path = self.run_dir.join(lora::CHECKPOINT_FILE);
+                lora::save_checkpoint(&path, adapters, moments, &state)?;
+                let dir = self.run_dir.join(lora::ADAPTERS_DIR);
+                crate::model::hf::adapter::write_adapters(adapters, &dir, Some(base))
+            }
+        }
     }
 
     /// The error that ends a run whose last `skipped` updates all had
@@ -402,7 +611,11 @@ impl Trainer {
         let ranks = self.dist.size();
         let local = self.local_gradients(data, inputs, targets, scale);
         if ranks == 1 {
-            return Ok((local?, self.engine.grad_norm()));
+            let norm = match &self.params {
+                Params::Full { .. } => self.engine.grad_norm(),
+                Params::Lora { step, .. } => step.grad_norm(),
+            };
+            return Ok((local?, norm));
         }
         let mut stats = vec![0.0; 1 + ranks];
         stats[0] = *local.as_ref().unwrap_or(&0.0);
@@ -418,15 +631,22 @@ impl Trainer {
                 self.run_dir.display()
             )));
         }
-        self.dist.all_reduce_sum(&mut self.grads.data);
-        let norm = optim::global_norm(&self.grads.data);
+        self.dist.all_reduce_sum(self.params.grads_mut());
+        let norm = optim::global_norm(self.params.grads_mut());
         Ok((stats[0] / ranks as f64, norm))
     }
 
     /// This rank's gradients of one update (before any sum over ranks), each
     /// micro-batch's loss scale divided by `accum` and the number of ranks
     /// so that the sum over ranks is the global batch's mean. Returns this
-    /// rank's mean loss.
+    /// rank's mean loss (with loss weights: its share of the global mean
+    /// times the ranks, so that the mean over ranks is the global mean).
+    ///
+    /// With loss weights (fine-tuning examples) every micro-batch's loss is
+    /// divided by the targets counted in all the update's global batches
+    /// (fetched first; every rank sees them all), so that the update's
+    /// gradient does not depend on how it is split over micro-batches and
+    /// ranks (transformers' `num_items_in_batch`).
     fn local_gradients(
         &mut self,
         data: &mut dyn Batches,
@@ -435,28 +655,92 @@ impl Trainer {
         scale: f32,
     ) -> Result<f64> {
         let accum = self.config.accum;
-        let micro_scale = scale / (accum * self.dist.size()) as f32;
-        let mut loss = 0.0;
-        for micro in 0..accum {
+        let ranks = self.dist.size();
+        let mut micro = Vec::with_capacity(accum);
+        for _ in 0..accum {
             data.next_batch(inputs, targets)?;
+            let weights = data.weights().map(<[f32]>::to_vec);
+            micro.push((inputs.to_vec(), targets.to_vec(), weights));
+        }
+        let counted: usize = micro
+            .iter()
+            .filter_map(|(_, _, w)| w.as_ref())
+            .map(|w| w.iter().filter(|&&w| w > 0.0).count())
+            .sum();
+        let micro_scale = scale / (accum * ranks) as f32;
+        let positions = (inputs.len() / ranks) as f64;
+        let mut loss = 0.0;
+        for (index, (inputs, targets, weights)) in micro.iter().enumerate() {
             // The first micro-batch writes the gradients (no zeroing pass),
             // the others add to them.
-            let write = if micro == 0 {
+            let write = if index == 0 {
                 GradWrite::Overwrite
             } else {
                 GradWrite::Add
             };
             let (inputs, targets) = (self.share(inputs), self.share(targets));
-            loss += self.engine.forward_backward_as(
-                &self.weights,
-                &mut self.grads,
-                write,
-                inputs,
-                targets,
-                micro_scale,
-            )?;
+            let (loss_weights, micro_scale) = match weights {
+                Some(w) => {
+                    let divisor = counted.max(1) as f64;
+                    let weights = Some(self.share(w));
+                    (
+                        LossWeights {
+                            targets,
+                            weights,
+                            divisor,
+                        },
+                        scale,
+                    )
+                }
+                None => {
+                    let divisor = positions;
+                    (
+                        LossWeights {
+                            targets,
+                            weights: None,
+                            divisor,
+                        },
+                        micro_scale,
+                    )
+                }
+            };
+            loss += self.micro_step(write, inputs, loss_weights, micro_scale)?;
         }
-        Ok(loss / accum as f64)
+        match micro[0].2 {
+            Some(_) => Ok(loss * ranks as f64),
+            None => Ok(loss / accum as f64),
+        }
+    }
+
+    /// Forward and backward of one micro-batch into the gradients.
+    fn micro_step(
+        &mut self,
+        write: GradWrite,
+        inputs: &[u32],
+        loss: LossWeights,
+        scale: f32,
+    ) -> Result<f64> {
+        match &mut self.params {
+            Params::Full { weights, grads } => self
+                .engine
+                .forward_backward_weighted(weights, grads, write, inputs, loss, scale),
+            Params::Lora { step, adapters, .. } => {
+                step.forward_backward(&mut self.engine, adapters, write, inputs, loss, scale)
+            }
+        }
+    }
+
+    /// AdamW on what the run trains, from its gradient times `factor`.
+    fn apply(&mut self, lr: f32, factor: f32) {
+        let opt = &self.config.optimizer;
+        match &mut self.params {
+            Params::Full { weights, grads } => {
+                opt.step(weights, &grads.data, &mut self.adam, lr, factor)
+            }
+            Params::Lora { step, adapters, .. } => {
+                step.update(adapters, opt, &mut self.adam, lr, factor)
+            }
+        }
     }
 
     /// Run updates until `config.steps`, or until `stop_after` more updates
@@ -504,13 +788,7 @@ impl Trainer {
             if event != ScaleEvent::Skip {
                 grad_norm = scaled_norm / f64::from(scale);
                 let factor = optim::clip_factor(grad_norm, cfg.grad_clip) / scale;
-                cfg.optimizer.step(
-                    &mut self.weights,
-                    &self.grads.data,
-                    &mut self.adam,
-                    lr,
-                    factor,
-                );
+                self.apply(lr, factor);
                 skipped_in_a_row = 0;
             } else {
                 observer.on_message(&format!(
@@ -569,6 +847,15 @@ impl TrainConfig {
     /// it and the range (`--lr 1e30 is out of range: expected a number in (0, 1]`).
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
+        if let Some(lora) = &self.lora {
+            lora.check()?;
+            if let Some(&layer) = lora.layers.iter().find(|&&l| l >= self.model.n_layers) {
+                return Err(Error::Invalid(format!(
+                    "LoRA layer {layer} is not in the model, which has {} layers",
+                    self.model.n_layers
+                )));
+            }
+        }
         let counts = [
             ("--steps", self.steps, 1, MAX_STEPS),
             ("--batch", self.batch as u64, 1, MAX_BATCH),

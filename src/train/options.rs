@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use super::optim::Schedule;
 use crate::backend::{BackendKind, Precision};
 use crate::data::tokens::Order;
+use crate::model::lora::Target;
 use crate::{Error, Result};
 
 /// Everything a training job can be told (`anemone train`'s flags).
@@ -68,6 +69,17 @@ pub struct JobOptions {
     pub samples: Option<usize>,
     /// Size of the main job's built-in corpus, in MB.
     pub corpus_mb: Option<f64>,
+    /// Train LoRA adapters on the frozen `--init` model instead of every weight.
+    pub lora: bool,
+    pub lora_rank: Option<usize>,
+    pub lora_alpha: Option<f32>,
+    pub lora_dropout: Option<f32>,
+    /// Projections with adapters (default: all seven).
+    pub lora_targets: Option<Vec<Target>>,
+    /// Adapters on the last N layers (default: all).
+    pub lora_layers: Option<usize>,
+    /// JSONL data: only completions and assistant turns count in the loss.
+    pub mask_prompt: bool,
 }
 
 /// The values of the options that are not given, whatever the kind of run
@@ -127,6 +139,16 @@ impl RunDefaults {
             RunDefaults::OWN_DATA
         }
     }
+
+    /// The defaults of the run `options` describe: LoRA, the main job, or
+    /// a run on the user's data.
+    pub fn for_options(options: &JobOptions) -> RunDefaults {
+        if options.lora {
+            RunDefaults::LORA
+        } else {
+            RunDefaults::of(options.data.is_none())
+        }
+    }
 }
 
 impl RunDefaults {
@@ -148,6 +170,19 @@ impl RunDefaults {
         lr: 5e-4,
         warmup: 100,
         eval_every: 200,
+    };
+}
+
+impl RunDefaults {
+    /// A LoRA run (`--lora`): a learning rate for adapters (PEFT recipes'
+    /// 1e-4 to 2e-4), a short warmup, fewer steps than training from scratch.
+    pub const LORA: RunDefaults = RunDefaults {
+        config: "tiny",
+        steps: 500,
+        batch: 4,
+        lr: 2e-4,
+        warmup: 20,
+        eval_every: 100,
     };
 }
 
@@ -195,14 +230,11 @@ impl JobOptions {
                 return Err(Error::Invalid(format!("{flag} must be at least 1")));
             }
         }
+        self.validate_lora()?;
         if let Some(warmup) = self.warmup {
             // A default warmup longer than a short run is the documented
             // default; a warmup asked for and never finished is a mistake.
-            let kind = if self.data.is_none() {
-                RunDefaults::MAIN_JOB
-            } else {
-                RunDefaults::OWN_DATA
-            };
+            let kind = RunDefaults::for_options(self);
             let steps = self.steps.unwrap_or(kind.steps);
             if self.resume.is_none() && warmup > steps {
                 return Err(Error::out_of_range(
@@ -211,6 +243,54 @@ impl JobOptions {
                     &format!("an integer in 0..={steps} (--steps)"),
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl JobOptions {
+    /// The LoRA and fine-tuning flags: each `--lora-*` needs `--lora`, a new
+    /// LoRA run needs the base (`--init`), `--mask-prompt` needs JSONL data.
+    fn validate_lora(&self) -> Result<()> {
+        let lora_flags = [
+            ("--lora-rank", self.lora_rank.is_some()),
+            ("--lora-alpha", self.lora_alpha.is_some()),
+            ("--lora-dropout", self.lora_dropout.is_some()),
+            ("--lora-targets", self.lora_targets.is_some()),
+            ("--lora-layers", self.lora_layers.is_some()),
+        ];
+        if let Some((flag, _)) = lora_flags.iter().find(|(_, given)| *given)
+            && !self.lora
+            && self.resume.is_none()
+        {
+            return Err(Error::Invalid(format!(
+                "{flag} sets up LoRA adapters: add --lora (or drop {flag} to train every weight)"
+            )));
+        }
+        if self.lora && self.init.is_none() && self.resume.is_none() {
+            return Err(Error::Invalid(
+                "--lora trains adapters on a frozen base model: name it with --init (a Hugging \
+                 Face model directory, a run directory or a model file)"
+                    .into(),
+            ));
+        }
+        let jsonl = self
+            .data
+            .as_deref()
+            .is_some_and(crate::data::sft::SftFiles::is_jsonl);
+        if self.mask_prompt && !jsonl && self.resume.is_none() {
+            return Err(Error::Invalid(
+                "--mask-prompt leaves prompts out of the loss of JSONL examples: give --data a \
+                 .jsonl file or a directory with train.jsonl (a token file has no prompts)"
+                    .into(),
+            ));
+        }
+        if jsonl && self.init.is_none() && self.resume.is_none() {
+            return Err(Error::Invalid(
+                "JSONL data is tokenized with the base model's tokenizer: name a Hugging Face \
+                 model directory (or a run made from one) with --init"
+                    .into(),
+            ));
         }
         Ok(())
     }

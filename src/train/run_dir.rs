@@ -28,13 +28,19 @@ use crate::{Error, Result};
 pub const LOCK_FILE: &str = ".lock";
 /// The run's record (a superset of its [`TrainConfig`]).
 pub const CONFIG_FILE: &str = "config.json";
-/// The files a run writes; `--overwrite` removes these and nothing else.
+/// The files a run writes; `--overwrite` removes these and nothing else
+/// (`adapters`, a LoRA run's, once its two files are gone and it is empty).
 /// The last six are what a run keeps of a Hugging Face base model
 /// (`model::hf::files`).
-pub const RUN_FILES: [&str; 14] = [
+pub const RUN_FILES: [&str; 19] = [
     CONFIG_FILE,
     "metrics.jsonl",
     "checkpoint.bin",
+    "lora_checkpoint.bin",
+    "base.json",
+    "adapters/adapter_config.json",
+    "adapters/adapter_model.safetensors",
+    "adapters",
     "tokenizer.bin",
     "corpus.txt",
     "tokens.bin",
@@ -134,6 +140,8 @@ pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
         if path.is_file() {
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             removed.push(path);
+        } else if path.is_dir() && std::fs::remove_dir(&path).is_ok() {
+            removed.push(path);
         }
     }
     Ok(removed)
@@ -202,6 +210,9 @@ pub struct RunRecord {
     /// The main job's built-in corpus size in MB.
     #[serde(default)]
     pub corpus_mb: Option<f64>,
+    /// Fine-tuning examples (JSONL), instead of token files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sft: Option<super::finetune::SftRecord>,
 }
 
 impl RunRecord {

@@ -1,7 +1,10 @@
 //! [`Batches`] over a token file: `batch` windows per call from a
-//! [`Batcher`](crate::data::tokens::Batcher), with its position saved in checkpoints.
+//! [`Batcher`](crate::data::tokens::Batcher), with its position saved in
+//! checkpoints ([`WindowSource`]); and over fine-tuning examples, with loss
+//! weights ([`SftSource`]).
 
 use super::Batches;
+use crate::data::sft::SftBatcher;
 use crate::data::tokens::{Batcher, BatcherState};
 use crate::{Error, Result};
 
@@ -31,6 +34,66 @@ impl Batches for WindowSource {
             self.batcher.next_window(i, t)?;
         }
         Ok(())
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::to_value(self.batcher.state()).expect("batcher state serializes")
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        let state: BatcherState = serde_json::from_value(state.clone())
+            .map_err(|e| Error::Invalid(format!("checkpoint data position: {e}")))?;
+        self.batcher.restore(state)
+    }
+
+    fn rewind(&mut self) {
+        self.batcher
+            .restore(self.start)
+            .expect("the initial state always fits");
+    }
+}
+
+/// Batches of fine-tuning examples (`data::sft`): one example per window,
+/// padded, with a loss weight per target (prompts and padding 0), drawn by
+/// an [`SftBatcher`] whose position is saved in checkpoints.
+pub struct SftSource {
+    batcher: SftBatcher,
+    start: BatcherState,
+    /// The last batch's weights, `(B, T)`.
+    weights: Vec<f32>,
+}
+
+impl SftSource {
+    pub fn new(batcher: SftBatcher) -> SftSource {
+        SftSource {
+            start: batcher.state(),
+            batcher,
+            weights: Vec::new(),
+        }
+    }
+
+    /// The examples longer than a window (cut at it when drawn).
+    pub fn too_long(&self) -> usize {
+        self.batcher.too_long()
+    }
+
+    pub fn examples(&self) -> usize {
+        self.batcher.examples().len()
+    }
+}
+
+impl Batches for SftSource {
+    fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> Result<()> {
+        let seq = self.batcher.seq_len();
+        let batch = self.batcher.next_batch(inputs.len() / seq);
+        inputs.copy_from_slice(&batch.inputs);
+        targets.copy_from_slice(&batch.targets);
+        self.weights = batch.weights;
+        Ok(())
+    }
+
+    fn weights(&self) -> Option<&[f32]> {
+        Some(&self.weights)
     }
 
     fn state(&self) -> serde_json::Value {

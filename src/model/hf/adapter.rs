@@ -29,6 +29,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::config::FloatDtype;
+use super::files::fingerprint;
 use super::rope::{hf_rows_to_interleaved, interleaved_rows_to_hf};
 use super::tensors::{SafetensorsReader, TensorToWrite, write_safetensors};
 use crate::model::config::ModelConfig;
@@ -485,4 +486,93 @@ mod tests {
             (7, 3, 2.5 / 2f32.sqrt())
         );
     }
+}
+
+/// A LoRA run's record of its frozen base, in the run directory.
+pub const BASE_RECORD: &str = "base.json";
+/// A LoRA run's adapters (PEFT's layout), in the run directory.
+pub const RUN_ADAPTERS: &str = "adapters";
+
+/// Where a LoRA run's base model is and its [`fingerprint`] when the run
+/// began: a run's adapters mean nothing on another base.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseRecord {
+    /// Absolute path of the base (a model directory, a run or a model file).
+    pub path: std::path::PathBuf,
+    pub fingerprint: String,
+}
+
+impl BaseRecord {
+    /// The record of the base at `base`, fingerprinted now.
+    pub fn of(base: &Path) -> Result<BaseRecord> {
+        Ok(BaseRecord {
+            path: std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()),
+            fingerprint: fingerprint(base)?,
+        })
+    }
+
+    /// Write `run_dir/base.json` atomically.
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::atomic::write_atomic(&run_dir.join(BASE_RECORD), &json)
+    }
+
+    /// Read `run_dir/base.json`.
+    pub fn read(run_dir: &Path) -> Result<BaseRecord> {
+        let path = run_dir.join(BASE_RECORD);
+        let text = crate::memory::read_text(&path)?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::format(
+                &path,
+                format!("line {} column {}", e.line(), e.column()),
+                e.to_string(),
+            )
+        })
+    }
+
+    /// The base's weights, once its files are checked to be those the run
+    /// of `run_dir` began with.
+    pub fn load(&self, run_dir: &Path) -> Result<crate::model::Weights> {
+        let record = run_dir.join(BASE_RECORD);
+        if !self.path.exists() {
+            return Err(Error::format(
+                &record,
+                "path",
+                format!(
+                    "the base model {} is gone\nhint: put the base the run was trained on back \
+                     there (its adapters mean nothing on another model)",
+                    self.path.display()
+                ),
+            ));
+        }
+        let now = fingerprint(&self.path)?;
+        if now != self.fingerprint {
+            return Err(Error::format(
+                &record,
+                "fingerprint",
+                format!(
+                    "the base model {} has changed since the run began ({}; now {now})\nhint: \
+                     restore the base the run was trained on (its adapters mean nothing on \
+                     another model)",
+                    self.path.display(),
+                    self.fingerprint
+                ),
+            ));
+        }
+        crate::model::load_weights(&self.path)
+    }
+}
+
+/// Whether `dir` is a LoRA run: a base record and adapters.
+pub fn is_lora_run(dir: &Path) -> bool {
+    dir.join(BASE_RECORD).is_file() && dir.join(RUN_ADAPTERS).join(CONFIG_FILE).is_file()
+}
+
+/// A LoRA run's model: its base (checked against the record) with its
+/// latest adapters merged in.
+pub fn load_run(dir: &Path) -> Result<crate::model::Weights> {
+    let mut weights = BaseRecord::read(dir)?.load(dir)?;
+    let adapters = read_adapters(&dir.join(RUN_ADAPTERS), weights.config())?;
+    adapters.fuse_into(&mut weights);
+    Ok(weights)
 }

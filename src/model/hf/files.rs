@@ -122,3 +122,71 @@ pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
     let bytes = crate::memory::read_file(from, crate::memory::TEXT_FILE_LIMIT)?;
     crate::atomic::write_atomic(to, &bytes)
 }
+
+/// The files whose bytes make up the model at `model`: a model directory's
+/// `config.json`, index and every `.safetensors` file (sorted by name); a
+/// run directory's `checkpoint.bin`, or a LoRA run's base record and
+/// adapter tensors; a model file itself.
+fn model_files(model: &Path) -> Result<Vec<PathBuf>> {
+    if !model.is_dir() {
+        return Ok(vec![model.to_path_buf()]);
+    }
+    if is_model_dir(model) {
+        let mut files = vec![model.join("config.json")];
+        let entries = std::fs::read_dir(model).map_err(|e| crate::Error::io(model, e))?;
+        let mut tensors: Vec<PathBuf> = entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                name.is_some_and(|n| n.ends_with(".safetensors") || n == INDEX_FILE)
+            })
+            .collect();
+        tensors.sort();
+        files.extend(tensors);
+        return Ok(files);
+    }
+    let checkpoint = model.join("checkpoint.bin");
+    if checkpoint.is_file() {
+        return Ok(vec![checkpoint]);
+    }
+    Ok(vec![
+        model.join(super::adapter::BASE_RECORD),
+        model
+            .join(super::adapter::RUN_ADAPTERS)
+            .join(super::adapter::WEIGHTS_FILE),
+    ])
+}
+
+/// A fingerprint of the model at `model` (any form `model::load_weights`
+/// reads): the CRC-32 of its files' names and bytes ([`model_files`]),
+/// their count and size, e.g. `crc32 1a2b3c4d of 2 files, 538 MB`. A LoRA run
+/// records its base's, so that a base changed since is an error, not
+/// silently different adapters.
+pub fn fingerprint(model: &Path) -> Result<String> {
+    use std::io::Read;
+    let files = model_files(model)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut bytes = 0u64;
+    let mut buffer = vec![0u8; 1 << 20];
+    for path in &files {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        crc.update(name.unwrap_or_default().as_bytes());
+        let mut file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+        loop {
+            let n = file
+                .read(&mut buffer)
+                .map_err(|e| crate::Error::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buffer[..n]);
+            bytes += n as u64;
+        }
+    }
+    Ok(format!(
+        "crc32 {:08x} of {} files, {bytes} bytes",
+        crc.finalize(),
+        files.len()
+    ))
+}
