@@ -14,7 +14,7 @@ use anemone::data::hf::HfTokenizer;
 use anemone::data::tokenizer::Tokenizer;
 use anemone::generate::{HfText, Rate, Sampler, stream, stream_hf, tokenizer_beside};
 use anemone::model::hf::FloatDtype;
-use anemone::model::hf::adapter::load_fused;
+use anemone::model::load_fused;
 use anemone::model::{DecoderWeights, WeightsView, llama2c, load_for_decoding, load_weights};
 
 #[derive(Args, Debug)]

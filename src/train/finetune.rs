@@ -164,6 +164,32 @@ pub fn open(
              renders the conversation before them differently (see docs/lora.md)"
         ));
     }
+    let empty = |examples: &[Example]| {
+        let counts = |e: &&Example| e.loss.iter().take(seq + 1).any(|&counted| counted);
+        examples.len() - examples.iter().filter(counts).count()
+    };
+    if empty(&train) == train.len() {
+        return Err(Error::format(
+            &record.train.path,
+            "rows",
+            format!(
+                "no example has a token that counts in the loss within --seq {seq} + 1 tokens \
+                 (the prompts fill the window)\nhint: raise --seq{}",
+                if record.mask_prompt {
+                    ", or drop --mask-prompt"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    let without = empty(&train) + empty(&val);
+    if without > 0 {
+        notes.push(format!(
+            "warning: {without} examples have nothing that counts in the loss within --seq \
+             {seq} + 1 tokens (their prompts fill the window) and teach nothing (raise --seq)"
+        ));
+    }
     let pad = pad_id(&tokenizer);
     let train = SftBatcher::new(train, seq, pad, order, seed)?;
     let val = SftBatcher::new(val, seq, pad, Order::Sequential, 0)?;
@@ -207,6 +233,13 @@ fn check_ids(
 /// the options (defaults: rank 8, alpha 16, no dropout, all seven targets,
 /// every layer).
 pub fn lora_config(options: &JobOptions, n_layers: usize) -> Result<LoraConfig> {
+    if let Some(dropout) = options.lora_dropout.filter(|&d| d != 0.0) {
+        return Err(Error::out_of_range(
+            "--lora-dropout",
+            dropout,
+            "0 (dropout on the adapters' input is not implemented yet)",
+        ));
+    }
     LoraConfig::new(
         options.lora_rank.unwrap_or(DEFAULT_RANK),
         options.lora_alpha.unwrap_or(DEFAULT_ALPHA),

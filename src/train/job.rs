@@ -101,13 +101,18 @@ fn check_ranks_agree(dist: &dyn Collective, record: &RunRecord, weights: &Weight
         return Ok(());
     }
     let config = serde_json::to_vec(&record.config).map_err(|e| Error::Invalid(e.to_string()))?;
-    let data: String = [&record.data, &record.val_data]
+    let mut data: String = [&record.data, &record.val_data]
         .iter()
         .map(|file| match file {
             Some(file) => format!("{} {};", file.tokens, file.crc32),
             None => "none;".into(),
         })
         .collect();
+    if let Some(sft) = &record.sft {
+        for file in std::iter::once(&sft.train).chain(&sft.valid) {
+            data.push_str(&format!("{} {};", file.bytes, file.crc32));
+        }
+    }
     let checks = [
         (
             "config",
@@ -724,8 +729,8 @@ fn resume(
     // A LoRA run's base must be the one it began with (its fingerprint).
     let base = match &config.lora {
         Some(_) => {
-            let base = BaseRecord::read(dir)?;
-            Some((base.load(dir)?, base.path.display().to_string()))
+            let (weights, base) = crate::model::load_lora_base(dir)?;
+            Some((weights, base.path.display().to_string()))
         }
         None => None,
     };

@@ -158,7 +158,7 @@ enum Params {
     /// LoRA adapters on a frozen base, which the step holds merged with them;
     /// `base` names it in the adapters' config.
     Lora {
-        step: LoraStep,
+        step: Box<LoraStep>,
         adapters: Adapters,
         base: String,
     },
@@ -260,7 +260,7 @@ impl Trainer {
             ));
         }
         let params = Params::Lora {
-            step: LoraStep::new(base, &adapters)?,
+            step: Box::new(LoraStep::new(base, &adapters)?),
             adapters,
             base: base_name.to_string(),
         };
@@ -384,7 +384,7 @@ impl Trainer {
                     ));
                 }
                 let params = Params::Lora {
-                    step: LoraStep::new(base, &ckpt.adapters)?,
+                    step: Box::new(LoraStep::new(base, &ckpt.adapters)?),
                     adapters: ckpt.adapters,
                     base: base_name,
                 };

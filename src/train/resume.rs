@@ -22,6 +22,7 @@ use super::options::JobOptions;
 use super::run_dir::RunRecord;
 use crate::backend::Precision;
 use crate::model::ModelConfig;
+use crate::model::lora::Target;
 use crate::{Error, Result};
 
 /// A flag given with `--resume` that the run's record contradicts.
@@ -132,7 +133,7 @@ pub(super) fn reconcile(
             precision.to_string(),
         ),
     ];
-    for (flag, given, recorded) in same {
+    for (flag, given, recorded) in same.into_iter().chain(lora_flags(record, options)) {
         if let Some(given) = given
             && given != recorded
         {
@@ -150,6 +151,59 @@ pub(super) fn reconcile(
         }
     }
     Ok(overrides(record, options))
+}
+
+/// The LoRA and fine-tuning flags as `(flag, given, recorded)`: a run is
+/// resumed as the LoRA run (or full training) it began as.
+fn lora_flags(
+    record: &RunRecord,
+    options: &JobOptions,
+) -> Vec<(&'static str, Option<String>, String)> {
+    let lora = record.config.lora.as_ref();
+    let recorded = |value: Option<String>| value.unwrap_or_else(|| "(none: not a LoRA run)".into());
+    let targets = |targets: &[Target]| {
+        let names: Vec<&str> = targets.iter().map(|t| t.name()).collect();
+        names.join(",")
+    };
+    let last_layers = lora.map(|l| l.layers.len().to_string());
+    let mask_prompt = record.sft.as_ref().is_some_and(|sft| sft.mask_prompt);
+    vec![
+        (
+            "--lora",
+            options.lora.then(|| "on".to_string()),
+            recorded(lora.map(|_| "on".to_string())),
+        ),
+        (
+            "--lora-rank",
+            options.lora_rank.map(|v| v.to_string()),
+            recorded(lora.map(|l| l.rank.to_string())),
+        ),
+        (
+            "--lora-alpha",
+            options.lora_alpha.map(|v| v.to_string()),
+            recorded(lora.map(|l| l.alpha.to_string())),
+        ),
+        (
+            "--lora-dropout",
+            options.lora_dropout.map(|v| v.to_string()),
+            recorded(lora.map(|l| l.dropout.to_string())),
+        ),
+        (
+            "--lora-targets",
+            options.lora_targets.as_deref().map(targets),
+            recorded(lora.map(|l| targets(&l.targets))),
+        ),
+        (
+            "--lora-layers",
+            options.lora_layers.map(|v| v.to_string()),
+            recorded(last_layers),
+        ),
+        (
+            "--mask-prompt",
+            options.mask_prompt.then(|| "on".to_string()),
+            if mask_prompt { "on" } else { "off" }.to_string(),
+        ),
+    ]
 }
 
 /// `--config NAME|FILE` given with `--resume`: the run's own preset, or a

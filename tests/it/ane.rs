@@ -148,6 +148,7 @@ fn train_config(steps: u64) -> TrainConfig {
         eval_batches: 1,
         checkpoint_every: 0,
         fp16: true,
+        lora: None,
     }
 }
 
@@ -174,7 +175,7 @@ fn fake_ane_trainer_updates_match_the_cpu_backend_bit_for_bit() {
             })
             .collect();
         let _ = std::fs::remove_dir_all(&dir);
-        (t.weights.data.clone(), losses)
+        (t.weights().data.clone(), losses)
     };
     let fake = AneBackend::new(FakeRuntime::in_temp_dir(), CompileBudget::default());
     let (w_ane, loss_ane) = run(Box::new(fake), "fake-ane-trainer");

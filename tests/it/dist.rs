@@ -150,6 +150,7 @@ fn config(batch: usize) -> TrainConfig {
         eval_batches: 2,
         checkpoint_every: 0,
         fp16: false,
+        lora: None,
     }
 }
 

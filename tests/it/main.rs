@@ -18,6 +18,7 @@ mod job;
 mod kernels;
 mod llama2c;
 mod lora;
+mod lora_run;
 mod mil_text;
 // Needs MPI installed: `cargo test --features mpi --test it mpi::`.
 #[cfg(feature = "mpi")]

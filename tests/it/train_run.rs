@@ -51,6 +51,7 @@ fn config(steps: u64) -> TrainConfig {
         eval_batches: 2,
         checkpoint_every: 0,
         fp16: false,
+        lora: None,
     }
 }
 

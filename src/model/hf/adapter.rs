@@ -24,13 +24,14 @@
 //!
 //! Not here: the adapters' math (`crate::model::lora`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
 use super::config::FloatDtype;
-use super::files::fingerprint;
+use super::files::is_model_dir;
 use super::rope::{hf_rows_to_interleaved, interleaved_rows_to_hf};
+use super::tensors::INDEX_FILE;
 use super::tensors::{SafetensorsReader, TensorToWrite, write_safetensors};
 use crate::model::config::ModelConfig;
 use crate::model::lora::{Adapters, LoraConfig, Target};
@@ -273,16 +274,6 @@ pub fn config_json(config: &LoraConfig, n_layers: usize, base_model: Option<&str
     })
 }
 
-/// The weights of the model at `model` (any form `model::load_weights`
-/// reads) with the PEFT adapters of `dir` merged in (`W + s B A`, exact):
-/// what `generate --adapters` and `fuse` run on.
-pub fn load_fused(model: &Path, dir: &Path) -> Result<crate::model::Weights> {
-    let mut weights = crate::model::load_weights(model)?;
-    let adapters = read_adapters(dir, weights.config())?;
-    adapters.fuse_into(&mut weights);
-    Ok(weights)
-}
-
 /// The adapters in directory `dir` for the base model `model`.
 pub fn read_adapters(dir: &Path, model: &ModelConfig) -> Result<Adapters> {
     let config_path = dir.join(CONFIG_FILE);
@@ -407,6 +398,152 @@ pub fn write_adapters(adapters: &Adapters, dir: &Path, base_model: Option<&str>)
     crate::atomic::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
 }
 
+/// A LoRA run's record of its frozen base, in the run directory.
+pub const BASE_RECORD: &str = "base.json";
+/// A LoRA run's adapters (PEFT's layout), in the run directory.
+pub const RUN_ADAPTERS: &str = "adapters";
+
+/// Where a LoRA run's base model is and its [`fingerprint`] when the run
+/// began: a run's adapters mean nothing on another base.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseRecord {
+    /// Absolute path of the base (a model directory, a run or a model file).
+    pub path: std::path::PathBuf,
+    pub fingerprint: String,
+}
+
+impl BaseRecord {
+    /// The record of the base at `base`, fingerprinted now.
+    pub fn of(base: &Path) -> Result<BaseRecord> {
+        Ok(BaseRecord {
+            path: std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()),
+            fingerprint: fingerprint(base)?,
+        })
+    }
+
+    /// Write `run_dir/base.json` atomically.
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::atomic::write_atomic(&run_dir.join(BASE_RECORD), &json)
+    }
+
+    /// Read `run_dir/base.json`.
+    pub fn read(run_dir: &Path) -> Result<BaseRecord> {
+        let path = run_dir.join(BASE_RECORD);
+        let text = crate::memory::read_text(&path)?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::format(
+                &path,
+                format!("line {} column {}", e.line(), e.column()),
+                e.to_string(),
+            )
+        })
+    }
+
+    /// An error unless the base's files are those the run of `run_dir`
+    /// began with (its [`fingerprint`]), naming `run_dir/base.json`.
+    pub fn check(&self, run_dir: &Path) -> Result<()> {
+        let record = run_dir.join(BASE_RECORD);
+        if !self.path.exists() {
+            return Err(Error::format(
+                &record,
+                "path",
+                format!(
+                    "the base model {} is gone\nhint: put the base the run was trained on back \
+                     there (its adapters mean nothing on another model)",
+                    self.path.display()
+                ),
+            ));
+        }
+        let now = fingerprint(&self.path)?;
+        if now != self.fingerprint {
+            return Err(Error::format(
+                &record,
+                "fingerprint",
+                format!(
+                    "the base model {} has changed since the run began ({}; now {now})\nhint: \
+                     restore the base the run was trained on (its adapters mean nothing on \
+                     another model)",
+                    self.path.display(),
+                    self.fingerprint
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `dir` is a LoRA run: a base record and adapters.
+pub fn is_lora_run(dir: &Path) -> bool {
+    dir.join(BASE_RECORD).is_file() && dir.join(RUN_ADAPTERS).join(CONFIG_FILE).is_file()
+}
+
+/// The files whose bytes make up the model at `model`: a model directory's
+/// `config.json`, index and every `.safetensors` file (sorted by name); a
+/// run directory's `checkpoint.bin`, or a LoRA run's base record and
+/// adapter tensors; a model file itself.
+fn model_files(model: &Path) -> Result<Vec<PathBuf>> {
+    if !model.is_dir() {
+        return Ok(vec![model.to_path_buf()]);
+    }
+    if is_model_dir(model) {
+        let mut files = vec![model.join("config.json")];
+        let entries = std::fs::read_dir(model).map_err(|e| crate::Error::io(model, e))?;
+        let mut tensors: Vec<PathBuf> = entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                name.is_some_and(|n| n.ends_with(".safetensors") || n == INDEX_FILE)
+            })
+            .collect();
+        tensors.sort();
+        files.extend(tensors);
+        return Ok(files);
+    }
+    let checkpoint = model.join("checkpoint.bin");
+    if checkpoint.is_file() {
+        return Ok(vec![checkpoint]);
+    }
+    Ok(vec![
+        model.join(BASE_RECORD),
+        model.join(RUN_ADAPTERS).join(WEIGHTS_FILE),
+    ])
+}
+
+/// A fingerprint of the model at `model` (any form `model::load_weights`
+/// reads): the CRC-32 of its files' names and bytes ([`model_files`]),
+/// their count and size, e.g. `crc32 1a2b3c4d of 2 files, 538 MB`. A LoRA run
+/// records its base's, so that a base changed since is an error, not
+/// silently different adapters.
+pub fn fingerprint(model: &Path) -> Result<String> {
+    use std::io::Read;
+    let files = model_files(model)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut bytes = 0u64;
+    let mut buffer = vec![0u8; 1 << 20];
+    for path in &files {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        crc.update(name.unwrap_or_default().as_bytes());
+        let mut file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+        loop {
+            let n = file
+                .read(&mut buffer)
+                .map_err(|e| crate::Error::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buffer[..n]);
+            bytes += n as u64;
+        }
+    }
+    Ok(format!(
+        "crc32 {:08x} of {} files, {bytes} bytes",
+        crc.finalize(),
+        files.len()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,93 +623,4 @@ mod tests {
             (7, 3, 2.5 / 2f32.sqrt())
         );
     }
-}
-
-/// A LoRA run's record of its frozen base, in the run directory.
-pub const BASE_RECORD: &str = "base.json";
-/// A LoRA run's adapters (PEFT's layout), in the run directory.
-pub const RUN_ADAPTERS: &str = "adapters";
-
-/// Where a LoRA run's base model is and its [`fingerprint`] when the run
-/// began: a run's adapters mean nothing on another base.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BaseRecord {
-    /// Absolute path of the base (a model directory, a run or a model file).
-    pub path: std::path::PathBuf,
-    pub fingerprint: String,
-}
-
-impl BaseRecord {
-    /// The record of the base at `base`, fingerprinted now.
-    pub fn of(base: &Path) -> Result<BaseRecord> {
-        Ok(BaseRecord {
-            path: std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()),
-            fingerprint: fingerprint(base)?,
-        })
-    }
-
-    /// Write `run_dir/base.json` atomically.
-    pub fn write(&self, run_dir: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::atomic::write_atomic(&run_dir.join(BASE_RECORD), &json)
-    }
-
-    /// Read `run_dir/base.json`.
-    pub fn read(run_dir: &Path) -> Result<BaseRecord> {
-        let path = run_dir.join(BASE_RECORD);
-        let text = crate::memory::read_text(&path)?;
-        serde_json::from_str(&text).map_err(|e| {
-            Error::format(
-                &path,
-                format!("line {} column {}", e.line(), e.column()),
-                e.to_string(),
-            )
-        })
-    }
-
-    /// The base's weights, once its files are checked to be those the run
-    /// of `run_dir` began with.
-    pub fn load(&self, run_dir: &Path) -> Result<crate::model::Weights> {
-        let record = run_dir.join(BASE_RECORD);
-        if !self.path.exists() {
-            return Err(Error::format(
-                &record,
-                "path",
-                format!(
-                    "the base model {} is gone\nhint: put the base the run was trained on back \
-                     there (its adapters mean nothing on another model)",
-                    self.path.display()
-                ),
-            ));
-        }
-        let now = fingerprint(&self.path)?;
-        if now != self.fingerprint {
-            return Err(Error::format(
-                &record,
-                "fingerprint",
-                format!(
-                    "the base model {} has changed since the run began ({}; now {now})\nhint: \
-                     restore the base the run was trained on (its adapters mean nothing on \
-                     another model)",
-                    self.path.display(),
-                    self.fingerprint
-                ),
-            ));
-        }
-        crate::model::load_weights(&self.path)
-    }
-}
-
-/// Whether `dir` is a LoRA run: a base record and adapters.
-pub fn is_lora_run(dir: &Path) -> bool {
-    dir.join(BASE_RECORD).is_file() && dir.join(RUN_ADAPTERS).join(CONFIG_FILE).is_file()
-}
-
-/// A LoRA run's model: its base (checked against the record) with its
-/// latest adapters merged in.
-pub fn load_run(dir: &Path) -> Result<crate::model::Weights> {
-    let mut weights = BaseRecord::read(dir)?.load(dir)?;
-    let adapters = read_adapters(&dir.join(RUN_ADAPTERS), weights.config())?;
-    adapters.fuse_into(&mut weights);
-    Ok(weights)
 }
