@@ -71,7 +71,7 @@ fn read_json(path: &Path) -> Value {
 }
 
 /// The fixture's `eval_tokens` as a token file recording the model's vocabulary.
-fn eval_tokens(name: &str, dir: &Path) -> PathBuf {
+pub fn eval_tokens(name: &str, dir: &Path) -> PathBuf {
     let config = HfConfig::open(&model_dir(name)).unwrap();
     let path = dir.join(format!("{name}.bin"));
     let mut writer = TokenWriter::create(&path, config.vocab_size).unwrap();
