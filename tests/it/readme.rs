@@ -8,7 +8,8 @@
 //! Sizes are overridden where the README's would take minutes ([`OVERRIDES`]:
 //! fewer steps, small batches and windows, a small built-in corpus, few
 //! generated tokens); the README's own values stay otherwise. Its input
-//! files are provided: `my.txt` (built-in stories), `tinyshakespeare.txt`
+//! files are provided: `my.txt` (built-in stories), `my.jsonl` (short text
+//! rows), `smollm2` (a tiny model directory), `tinyshakespeare.txt`
 //! (the shared data file; the block is skipped visibly where it is absent).
 //! Commands this test cannot run are [`EXCEPTIONS`], each named with why.
 
@@ -167,6 +168,25 @@ fn provide_inputs(dir: &Path) {
         n_bytes: 60_000,
     });
     std::fs::write(dir.join("my.txt"), stories).unwrap();
+    let rows: String = (0..40)
+        .map(|i| format!("{{\"text\": \"{i} + 1 = {}\"}}\n", i + 1))
+        .collect();
+    std::fs::write(dir.join("my.jsonl"), rows).unwrap();
+    copy_model("smollm2", dir);
+}
+
+/// A tiny Hugging Face model directory (the llama fixture) as `dir/name`,
+/// standing in for a downloaded one.
+fn copy_model(name: &str, dir: &Path) {
+    let target = dir.join(name);
+    std::fs::create_dir_all(&target).unwrap();
+    let source = crate::common::fixture("hf").join("llama");
+    for entry in std::fs::read_dir(source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "reference.safetensors" {
+            std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
+        }
+    }
 }
 
 /// The stand-in for an [`EXCEPTIONS`] command whose output later commands read.
@@ -178,15 +198,7 @@ fn stand_in(command: &str, dir: &Path) -> Result<(), String> {
             .position(|w| w == "--local-dir")
             .and_then(|i| words.get(i + 1))
             .expect("--local-dir");
-        let target = dir.join(local_dir);
-        std::fs::create_dir_all(&target).unwrap();
-        let source = crate::common::fixture("hf").join("llama");
-        for entry in std::fs::read_dir(source).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_name() != "reference.safetensors" {
-                std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
-            }
-        }
+        copy_model(local_dir, dir);
     }
     if command.starts_with("python3") && command.contains("tinyshakespeare.txt") {
         let Some(path) = shared_data("tinyshakespeare.txt") else {
