@@ -279,3 +279,90 @@ fn two_ranks_resume_exactly_and_refuse_another_rank_count_issue_24() {
     );
     assert!(error.contains("mpirun -np 2"), "{error}");
 }
+
+/// Fine-tuning rows for the tiny qwen2 fixture's tokenizer: prompts and
+/// completions of different lengths, so that the counted targets differ
+/// between sequences and ranks (`data.jsonl` in `dir`).
+fn lora_rows(dir: &Path) -> PathBuf {
+    let path = dir.join("data.jsonl");
+    let words = ["the", "king", "sea", "night", "a", "crown", "wind", "rose"];
+    let mut rng = Rng::new(9);
+    let mut text = |n: u64| -> String {
+        let n = 1 + rng.below(n) as usize;
+        (0..n)
+            .map(|_| words[rng.below(8) as usize])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let rows: String = (0..60)
+        .map(|_| {
+            let row = serde_json::json!({"prompt": text(3), "completion": text(6)});
+            format!("{row}\n")
+        })
+        .collect();
+    std::fs::write(&path, rows).unwrap();
+    path
+}
+
+/// Issue 24 for LoRA: two ranks of `--batch B` on fine-tuning examples
+/// (prompts masked: the loss divides by the targets counted in the whole
+/// global batch) give one process's `--batch 2B` losses and adapters; only
+/// the adapters' gradients travel.
+#[test]
+fn two_lora_ranks_of_batch_b_match_one_process_of_batch_2b_issue_24() {
+    use anemone::model::hf::HfCheckpoint;
+    use anemone::model::lora::{Adapters, LoraConfig, Target};
+    use anemone::train::finetune::{self, SftRecord};
+    use anemone::train::lora::load_checkpoint;
+    let dir = temp_dir("dist-lora");
+    let data = lora_rows(&dir);
+    let model_dir = crate::common::fixture("hf").join("qwen2");
+    let base = Weights::from_hf(&HfCheckpoint::open(&model_dir).unwrap()).unwrap();
+    let lora =
+        LoraConfig::new(4, 8.0, 0.0, &[Target::Q, Target::V, Target::Down], None, 2).unwrap();
+    let config = |batch: usize| TrainConfig {
+        model: base.config().clone(),
+        seq: 64,
+        lr: 2e-2,
+        lora: Some(lora.clone()),
+        ..config(batch)
+    };
+    let adapters = Adapters::init(base.config(), &lora, &mut Rng::new(2)).unwrap();
+    let record = SftRecord::of(&data, 0.2, true).unwrap();
+    let run = |c: &TrainConfig, dir: &Path, dist: Arc<dyn Collective>| {
+        let vocab = c.model.vocab_size;
+        let mut sources =
+            finetune::open(&record, &model_dir, c.seq, Order::Random, c.seed, vocab).unwrap();
+        let (base, adapters) = (base.clone(), adapters.clone());
+        let mut trainer =
+            Trainer::new_lora_on(c.clone(), base, adapters, "qwen2", engine(c), dir, dist).unwrap();
+        trainer
+            .train(&mut sources.train, Some(&mut sources.val), &mut Quiet, None)
+            .unwrap();
+    };
+    let one = dir.join("one");
+    run(&config(4), &one, anemone::dist::single());
+    let two = dir.join("two");
+    std::thread::scope(|scope| {
+        for dist in ThreadRank::group(2) {
+            let (c, two, run) = (config(2), &two, &run);
+            scope.spawn(move || run(&c, two, dist));
+        }
+    });
+    let (train_one, val_one) = losses(&one);
+    let (train_two, val_two) = losses(&two);
+    assert_eq!((train_one.len(), val_one.len()), (8, 2));
+    LOSS.assert_close(&train_two, &train_one, "LoRA training losses");
+    LOSS.assert_close(&val_two, &val_one, "LoRA held-out losses");
+    let spread = train_one
+        .iter()
+        .fold(0.0f32, |m, l| m.max(l - train_one[0]).max(train_one[0] - l));
+    assert!(spread > 1e-3, "{train_one:?}");
+    let a = load_checkpoint(&one.join("lora_checkpoint.bin")).unwrap();
+    let b = load_checkpoint(&two.join("lora_checkpoint.bin")).unwrap();
+    WEIGHTS.assert_close(&b.adapters.data, &a.adapters.data, "final adapters");
+    assert!(
+        a.adapters.data != adapters.data,
+        "the adapters did not move"
+    );
+}

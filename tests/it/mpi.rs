@@ -270,3 +270,64 @@ fn mpi_killed_rank_ends_the_run_and_its_checkpoint_resumes_issue_24() {
     let resumed = checkpoint::load(&out.join("checkpoint.bin")).unwrap();
     assert_eq!(resumed.state["step"].as_u64(), Some(step + 2));
 }
+
+/// LoRA under mpirun (issue 24): two ranks of `--batch 2` on fine-tuning
+/// examples (prompts masked) against one process of `--batch 4`: the same
+/// losses and adapters; rank 0 alone writes the adapters.
+#[test]
+fn mpi_two_lora_ranks_of_batch_b_match_one_process_of_batch_2b_issue_24() {
+    let dir = temp_dir("mpi-lora");
+    let data = dir.join("data.jsonl");
+    let rows: String = (0..60)
+        .map(|i| {
+            let prompt = ["the king", "a rose", "the sea at night"][i % 3];
+            let completion = ["wind", "a crown of gold", "rose and sea", "night"][i % 4];
+            format!(
+                "{}\n",
+                serde_json::json!({"prompt": prompt, "completion": completion})
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let base = crate::common::fixture("hf").join("qwen2");
+    let args = |out: &Path, batch: usize| -> Vec<String> {
+        let mut args: Vec<String> = ["--threads", "1", "train", "--lora", "--mask-prompt"]
+            .map(String::from)
+            .to_vec();
+        for (flag, value) in [
+            ("--init", base.display().to_string()),
+            ("--data", data.display().to_string()),
+            ("--out", out.display().to_string()),
+            ("--batch", batch.to_string()),
+            ("--steps", "6".into()),
+            ("--seq", "64".into()),
+            ("--accum", "2".into()),
+            ("--lr", "2e-2".into()),
+            ("--eval-every", "3".into()),
+            ("--lora-rank", "4".into()),
+        ] {
+            args.push(flag.into());
+            args.push(value);
+        }
+        args
+    };
+    let one = dir.join("one");
+    succeeded(
+        anemone().args(args(&one, 4)).output().unwrap(),
+        "one process",
+    );
+    let two = dir.join("two");
+    succeeded(
+        mpirun(2).args(args(&two, 2)).output().unwrap(),
+        "mpirun -np 2",
+    );
+    let (train_one, val_one) = losses(&one);
+    let (train_two, val_two) = losses(&two);
+    assert_eq!((train_one.len(), val_one.len()), (6, 2));
+    LOSS.assert_close(&train_two, &train_one, "LoRA training losses");
+    LOSS.assert_close(&val_two, &val_one, "LoRA held-out losses");
+    let load = |run: &Path| anemone::train::lora::load_checkpoint(&run.join("lora_checkpoint.bin"));
+    let (a, b) = (load(&one).unwrap(), load(&two).unwrap());
+    WEIGHTS.assert_close(&b.adapters.data, &a.adapters.data, "final adapters");
+    assert!(a.adapters.data.iter().any(|&v| v != 0.0));
+}
