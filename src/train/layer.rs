@@ -181,7 +181,7 @@ enum Norm {
 }
 
 /// `dx += rmsnorm_backward(dy)` per sequence, in place in the scheduler's
-/// `dx`, and the gradient of the norm's weight.
+/// `dx`, and the gradient of the norm's weight (unless the base is frozen).
 fn norm_backward(
     host: &mut TimedHost,
     dw: &mut DwPass,
@@ -201,7 +201,7 @@ fn norm_backward(
             Norm::Attention => (&layer_acts.x, &layer_acts.rrms1),
             Norm::Ffn => (&layer_acts.x2, &layer_acts.rrms2),
         };
-        host.rmsnorm_backward(dx, dw.grads.get_mut(param), dy, x, weight, rrms);
+        host.rmsnorm_backward(dx, dw.grads.base_mut(param), dy, x, weight, rrms);
     }
     dw.put(Dy::Dx, dx);
     dw.grads.finished(param);

@@ -130,15 +130,21 @@ pub struct DwPass<'s, 'g> {
 
 impl<'g> DwPass<'_, 'g> {
     /// `param`'s gradient can be computed from now on, from the array `dy`
-    /// and the activation `x` of its layer.
+    /// and the activation `x` of its layer (a job only if the pass computes
+    /// it: with a frozen base, adapted projections alone, as their
+    /// adapters' products).
     pub fn due(&mut self, param: Param, dy: Dy, x: fn(&LayerActs) -> &Vec<f32>) {
-        self.schedule.pending.push(DwJob::Product { param, dy, x });
+        if self.grads.computes(param) {
+            self.schedule.pending.push(DwJob::Product { param, dy, x });
+        }
     }
 
     /// `param`'s gradient, a sum over positions of the array `dy`, can be
-    /// computed from now on.
+    /// computed from now on (if the pass computes it: not with a frozen base).
     pub fn due_sum(&mut self, param: Param, dy: Dy) {
-        self.schedule.pending.push(DwJob::RowSum { param, dy });
+        if self.grads.computes(param) {
+            self.schedule.pending.push(DwJob::RowSum { param, dy });
+        }
     }
 
     /// Lend out array `which` for writing: first runs (and waits for) every
@@ -296,7 +302,7 @@ fn overlapped(
 mod tests {
     use super::*;
     use crate::model::{ModelConfig, Weights};
-    use crate::train::grads::GradWrite;
+    use crate::train::grads::{GradTarget, GradWrite};
 
     #[test]
     fn the_plan_names_kernels_of_the_set() {
@@ -328,7 +334,8 @@ mod tests {
         let mut grads = Weights::zeros(&config);
         let mut sums_of_squares = Vec::new();
         let mut schedule = DwSchedule::default();
-        let sink = GradSink::start(&mut grads, GradWrite::Add, seq, &mut sums_of_squares);
+        let target = GradTarget::Weights(&mut grads);
+        let sink = GradSink::start(target, GradWrite::Add, seq, &mut sums_of_squares);
         let mut pass = schedule.pass(&mut dy, &acts, sink);
         // dW2 = dx gate^T, planned beside `ffn_bwd_w13`: not beside `wo_bwd`.
         pass.due(Param::W2(0), Dy::Dx, |a| &a.gate);
