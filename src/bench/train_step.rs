@@ -563,4 +563,16 @@ mod tests {
         let c = ModelConfig::preset("smollm2-135m").unwrap();
         assert_eq!(train_flops(&c, 512, 1), 467_480_346_624.0);
     }
+
+    #[test]
+    fn lora_flops_match_the_hand_count_for_smollm2_135m() {
+        // 2/3 of the training count above: 311,653,564,416. Adapters of rank
+        // 16 on all seven projections, in + out per layer: q 576 + 576, k and
+        // v 576 + 192, o 576 + 576, gate and up 576 + 1536, down 1536 + 576
+        // = 10,176; 4 x 16 x 30 x 10,176 x 512 = 10,003,415,040.
+        use crate::model::lora::Target;
+        let c = ModelConfig::preset("smollm2-135m").unwrap();
+        let lora = LoraConfig::new(16, 32.0, 0.0, &Target::ALL, None, c.n_layers).unwrap();
+        assert_eq!(lora_train_flops(&c, &lora, 512, 1), 321_656_979_456.0);
+    }
 }
