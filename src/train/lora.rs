@@ -17,6 +17,7 @@
 
 use half::bf16;
 
+use crate::linalg::{gemm, n};
 use crate::model::lora::{Adapters, Target};
 use crate::model::{Param, Weights};
 use crate::train::engine::{Engine, GradWrite, LossWeights};
@@ -97,12 +98,27 @@ impl LoraStep {
         Ok(step)
     }
 
-    /// Merge `adapters` into the base again (after they changed).
+    /// Merge `adapters` into the base again (after they changed): each
+    /// adapted matrix restored to its base, then `W += s B A` by one product
+    /// accumulated into it (no `s B A` array, no second pass over it).
     pub fn merge(&mut self, adapters: &Adapters) {
+        let (rank, scale) = (adapters.config.rank, adapters.config.scale());
         for (param, values) in &self.base {
-            values.restore(self.merged.get_mut(*param));
+            let (layer, target) = Target::of(*param).expect("an adapted projection");
+            let (out, input) = target.shape(adapters.model());
+            let w = self.merged.get_mut(*param);
+            values.restore(w);
+            let b = n(adapters.b(layer, target), out, rank);
+            gemm(
+                w,
+                out,
+                input,
+                b,
+                n(adapters.a(layer, target), rank, input),
+                scale,
+                true,
+            );
         }
-        adapters.fuse_into(&mut self.merged);
     }
 
     /// The merged weights, as the engine sees them.
