@@ -155,6 +155,20 @@ pub fn rmsnorm_forward(y: &mut [f32], rrms: &mut [f32], x: &[f32], w: &[f32], ep
     }
 }
 
+/// SwiGLU's `gate = (h1 sigmoid(h1)) h3`, elementwise, with the ops of the
+/// `ffn_fwd` kernel in its order (the CPU backend's numbers bit for bit in
+/// fp32).
+pub fn swiglu_gate(gate: &mut [f32], h1: &[f32], h3: &[f32]) {
+    crate::math::simd(
+        #[inline(always)]
+        || {
+            for ((gate, &a), &b) in gate.iter_mut().zip(h1).zip(h3) {
+                *gate = a * crate::math::sigmoid(a) * b;
+            }
+        },
+    )
+}
+
 /// Backward of [`rmsnorm_forward`]: `dx += d/dx`, `dw += d/dw` given `dy (C, T)`
 /// (`dw` `None`: the weight is frozen, its gradient not computed).
 /// `dx[c,t] = rrms (w[c] dy[c,t]) - x[c,t] rrms^3 / C * sum_c' w[c'] dy[c',t] x[c',t]`.

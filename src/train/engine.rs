@@ -34,6 +34,9 @@ pub struct Engine {
     kernels: LayerKernels<CompiledKernel>,
     /// `[layer][sequence]`: what the forward saved for the backward.
     acts: Vec<Vec<LayerActs>>,
+    /// `[sequence]` `(F, T)`: the FFN's gate of the layer running forward
+    /// (not saved: the backward makes it again, `buffers::Input::Gate`).
+    gate: Vec<Vec<f32>>,
     /// The final norm, the classifier and the loss.
     head: ClassifierHead,
     /// The backward's arrays that weight gradients read, and the rest.
@@ -80,6 +83,7 @@ impl Engine {
             batch,
             kernels,
             acts,
+            gate: vec![vec![0.0; config.hidden_dim * seq]; batch],
             head: ClassifierHead::new(config, seq, batch),
             dy: DySources::default(),
             scratch: BackwardScratch::default(),
@@ -209,7 +213,13 @@ impl Engine {
                 None => self.head.x_final.iter_mut().collect(),
             };
             let params = LayerParams::new(weights, layer);
-            layer_forward(&mut ctx, &params, &mut done[layer], &mut out)?;
+            layer_forward(
+                &mut ctx,
+                &params,
+                &mut done[layer],
+                &mut self.gate,
+                &mut out,
+            )?;
         }
         self.head
             .norm_forward(&mut self.host, weights, self.config.norm_eps);

@@ -12,9 +12,10 @@
 //! which kernel) is the scheduler's business (`schedule`).
 
 use crate::linalg::{gemm, n, t};
+use crate::model::host;
 use crate::model::lora::{self, Adapters, Target};
 use crate::model::{Param, Weights};
-use crate::train::buffers::LayerActs;
+use crate::train::buffers::{Input, LayerActs};
 use crate::train::optim;
 
 /// How `Engine::forward_backward_as` writes the gradients.
@@ -48,6 +49,8 @@ pub struct GradSink<'g> {
     sums_of_squares: &'g mut Vec<f64>,
     /// The adapters' products' `(r, T)` array (empty for full training).
     rank_scratch: Vec<f32>,
+    /// A remade input ([`Input::Gate`]) of one sequence.
+    input_scratch: Vec<f32>,
 }
 
 impl<'g> GradSink<'g> {
@@ -79,6 +82,7 @@ impl<'g> GradSink<'g> {
             seq,
             sums_of_squares,
             rank_scratch: Vec::new(),
+            input_scratch: Vec::new(),
         }
     }
 
@@ -126,37 +130,34 @@ impl<'g> GradSink<'g> {
         self.sums_of_squares.push(sum);
     }
 
-    /// `param`'s gradient from `dY_b = dys[b]` and `X_b (I, T) = x(&acts[b])`
-    /// of every sequence `b`, summed in batch order; then its sum of squares.
-    /// A weight: `dW (O, I) = sum_b dY_b X_b^T`. An adapted projection with
-    /// a frozen base: its adapter's `dA`, `dB` ([`lora::lora_grads`]).
-    pub fn weight_grad(
-        &mut self,
-        param: Param,
-        dys: &[Vec<f32>],
-        acts: &[LayerActs],
-        x: fn(&LayerActs) -> &Vec<f32>,
-    ) {
+    /// `param`'s gradient from `dY_b = dys[b]` and `X_b (I, T)`, the input
+    /// `x` of `acts[b]`, of every sequence `b`, summed in batch order; then
+    /// its sum of squares. A weight: `dW (O, I) = sum_b dY_b X_b^T`. An
+    /// adapted projection with a frozen base: its adapter's `dA`, `dB`
+    /// ([`lora::lora_grads`]).
+    pub fn weight_grad(&mut self, param: Param, dys: &[Vec<f32>], acts: &[LayerActs], x: Input) {
         let (seq, write) = (self.seq, self.write);
         let sequences = dys.iter().zip(acts).enumerate();
+        let scratch = &mut self.input_scratch;
         match &mut self.target {
             GradTarget::Weights(grads) => {
                 let dw = grads.get_mut(param);
                 for (index, (dy, layer_acts)) in sequences {
-                    weight_grad(dw, dy, x(layer_acts), seq, adds(write, index));
+                    let x = input(x, layer_acts, scratch);
+                    weight_grad(dw, dy, x, seq, adds(write, index));
                 }
             }
             GradTarget::Adapters { adapters, grads } => {
                 let (layer, target) = Target::of(param).expect("an adapted projection");
-                let (out, input) = target.shape(adapters.model());
-                let shape = (out, input, adapters.config.rank, seq);
+                let (out, input_len) = target.shape(adapters.model());
+                let shape = (out, input_len, adapters.config.rank, seq);
                 let scale = adapters.config.scale();
                 let (a, b) = (adapters.a(layer, target), adapters.b(layer, target));
                 let (da, db) = grads.a_b_mut(layer, target);
                 for (index, (dy, layer_acts)) in sequences {
-                    let (x, add) = (x(layer_acts), adds(write, index));
-                    let scratch = &mut self.rank_scratch;
-                    lora::lora_grads(dy, x, a, b, shape, scale, da, db, add, scratch);
+                    let (x, add) = (input(x, layer_acts, scratch), adds(write, index));
+                    let rank_scratch = &mut self.rank_scratch;
+                    lora::lora_grads(dy, x, a, b, shape, scale, da, db, add, rank_scratch);
                 }
             }
         }
@@ -179,6 +180,19 @@ impl<'g> GradSink<'g> {
             }
         }
         self.finished(param);
+    }
+}
+
+/// The values of input `x` of one sequence: saved in `acts`, or made again
+/// into `scratch`.
+fn input<'a>(x: Input, acts: &'a LayerActs, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    match x {
+        Input::Saved(saved) => saved(acts),
+        Input::Gate => {
+            scratch.resize(acts.h1.len(), 0.0);
+            host::swiglu_gate(scratch, &acts.h1, &acts.h3);
+            scratch
+        }
     }
 }
 
