@@ -364,6 +364,11 @@ impl Engine {
                 "forward_backward_lora: the adapters or their gradient are of another model than the weights".into(),
             ));
         }
+        if grads.config != adapters.config {
+            return Err(Error::Invalid(
+                "forward_backward_lora: the gradient's adapters (rank, targets, layers) are not the adapters'".into(),
+            ));
+        }
         let target = GradTarget::Adapters { adapters, grads };
         self.forward_backward_into(weights, target, write, inputs, loss, loss_scale)
     }

@@ -109,15 +109,8 @@ impl LoraStep {
             let w = self.merged.get_mut(*param);
             values.restore(w);
             let b = n(adapters.b(layer, target), out, rank);
-            gemm(
-                w,
-                out,
-                input,
-                b,
-                n(adapters.a(layer, target), rank, input),
-                scale,
-                true,
-            );
+            let a = n(adapters.a(layer, target), rank, input);
+            gemm(w, out, input, b, a, scale, true);
         }
     }
 
