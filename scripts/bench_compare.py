@@ -27,6 +27,13 @@ qwen2.5-0.5b step takes tens of seconds). Peak RSS is reported for each side,
 with the bounds of issue 20 (anemone at most PyTorch's for smollm2-135m, at
 most 12 GB for qwen2.5-0.5b). Needs torch (CPU is enough; transformers for the
 Hugging Face shapes) and a release build of anemone; never run by CI.
+
+`--lora` compares LoRA steps instead (`bench train-step --lora` against
+`bench_pytorch.py --lora`, transformers + peft; rank `--lora-rank`, alpha
+twice the rank, all seven projections of every layer), on the Hugging Face
+shapes only (by default both), with the bounds of issue 21: at most 0.5x
+PyTorch's step time, peak RSS below PyTorch's, qwen2.5-0.5b within 4 GB:
+  python3 scripts/bench_compare.py --lora --lora-rank 16 --rounds 3
 """
 import argparse
 import json
@@ -48,6 +55,14 @@ DEFAULT_WORKLOADS = ["layer768", "stories110m", "stories15m"]
 LARGE = {"smollm2-135m": (3, 1), "qwen2.5-0.5b": (3, 1)}
 # Peak RSS bounds (MB) of issue 20 on anemone's side: None = PyTorch's own.
 RSS_BOUND_MB = {"smollm2-135m": None, "qwen2.5-0.5b": 12000}
+# The same for LoRA steps (issue 21).
+LORA_RSS_BOUND_MB = {"smollm2-135m": None, "qwen2.5-0.5b": 4000}
+LORA_WORKLOADS = ["smollm2-135m", "qwen2.5-0.5b"]
+
+
+def lora_args(args):
+    """The LoRA flags, the same on both sides (none without --lora)."""
+    return ["--lora", "--lora-rank", str(args.lora_rank)] if args.lora else []
 
 
 def steps_of(args, name):
@@ -72,7 +87,7 @@ def anemone(args, name, seq, batch, json_path, binary=None):
     steps, warmup = steps_of(args, name)
     cmd = [binary or args.anemone, "bench", "train-step", "--config", name, "--seq", str(seq),
            "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
-           "--threads", str(args.threads), "--json", json_path]
+           "--threads", str(args.threads), "--json", json_path] + lora_args(args)
     r = run(cmd, json_path)
     return {"ms": r["ms_median"], "min": r["ms_min"], "max": r["ms_max"],
             "gflops": r["gflops"], "peak": r["gemm_peak_gflops"],
@@ -84,7 +99,7 @@ def pytorch(args, name, seq, batch, json_path):
     cmd = [args.python, os.path.join(HERE, "bench_pytorch.py"), "--config", name,
            "--seq", str(seq), "--batch", str(batch), "--steps", str(steps),
            "--warmup", str(warmup), "--threads", str(args.threads), "--json", json_path]
-    r = run(cmd, json_path)
+    r = run(cmd + lora_args(args), json_path)
     return {"ms": r["median_ms"], "min": r["min_ms"], "max": r["max_ms"],
             "gflops": r["gflops"], "peak": r["gemm_peak_gflops"],
             "rss": r["peak_rss_mb"]}
@@ -92,7 +107,9 @@ def pytorch(args, name, seq, batch, json_path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, choices=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
+                   help=f"default: {' '.join(DEFAULT_WORKLOADS)} ({' '.join(LORA_WORKLOADS)} "
+                   "with --lora)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, help="timed steps per run (default 5; 3 for the "
                    "Hugging Face shapes)")
@@ -105,7 +122,15 @@ def main():
     p.add_argument("--baseline", help="a second anemone binary (an earlier build) run in the same "
                    "rounds, in rotating order, to compare two builds of anemone")
     p.add_argument("--json", help="write every run's fields and the summary here")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA steps (peft on PyTorch's side); Hugging Face shapes only")
+    p.add_argument("--lora-rank", type=int, default=16)
     args = p.parse_args()
+    if args.workloads is None:
+        args.workloads = LORA_WORKLOADS if args.lora else DEFAULT_WORKLOADS
+    if args.lora and any(w not in LORA_WORKLOADS for w in args.workloads):
+        p.error(f"--lora runs the Hugging Face shapes only: {' '.join(LORA_WORKLOADS)}")
+    bounds = LORA_RSS_BOUND_MB if args.lora else RSS_BOUND_MB
     if not os.path.exists(args.anemone):
         sys.exit(f"{args.anemone} not found: run `cargo build --release` first "
                  "or pass --anemone PATH")
@@ -138,6 +163,9 @@ def main():
 
     first = next(iter(results.values()))[0]["anemone"]
     print(f"\nmachine: {first['cpu'] or 'unknown CPU'} ({first['simd']}), {args.threads} threads")
+    if args.lora:
+        print(f"LoRA steps: rank {args.lora_rank}, alpha {2 * args.lora_rank}, all seven "
+              "projections of every layer; goal: median ratio at most 0.5")
     print()
     print("| workload | rounds | anemone ms/step (median of medians) | PyTorch ms/step "
           "| ratio per round | median ratio | fastest steps' ratio "
@@ -164,10 +192,10 @@ def main():
               f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{statistics.median(ratios):.2f}** "
               f"| {fastest:.2f} | {share * 100:.0f} % | {a_rss:.0f} MB / {t_rss:.0f} MB |")
     for w in results:
-        if w in RSS_BOUND_MB:
+        if w in bounds:
             a_rss, t_rss = summary[w]["anemone_rss_mb"], summary[w]["pytorch_rss_mb"]
-            bound = RSS_BOUND_MB[w] or t_rss
-            name = f"{bound:.0f} MB" if RSS_BOUND_MB[w] else f"PyTorch's {t_rss:.0f} MB"
+            bound = bounds[w] or t_rss
+            name = f"{bound:.0f} MB" if bounds[w] else f"PyTorch's {t_rss:.0f} MB"
             verdict = "within" if a_rss <= bound else "OVER"
             summary[w]["rss_bound_mb"] = bound
             print(f"{w}: anemone peak RSS {a_rss:.0f} MB, {verdict} the bound ({name})")

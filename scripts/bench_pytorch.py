@@ -17,12 +17,25 @@ AdamW lr 3e-4, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices and
 the embedding (none on norm weights and biases), global-norm clip 1.0; fp32
 throughout. Tokens are seeded random ids (the data does not change the cost).
 
+LoRA (`--lora`, Hugging Face presets only): the same base model made a
+`peft` model, `LoraConfig(r=R, lora_alpha=2R, lora_dropout=0, target_modules=
+[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj])` (or
+`--lora-targets`), the base frozen (peft's default), AdamW as above on the
+adapters alone (all matrices: weight decay 0.1), clip 1.0 over them. The
+step is what `anemone bench train-step --lora` times (anemone's B is random
+where peft's starts at zero; that changes no cost).
+
 FLOPs (the convention anemone uses, docs/performance.md):
   forward per sequence = 2*T*(sum over layers of the elements of wq, wk, wv, wo,
                          w1, w2, w3, plus the classifier V*D)
                        + per layer 4*T*T*(n_heads*head_dim)   (QK^T and AV, full square)
   training = 3 x forward, times the batch. Embedding gather, norms and
   elementwise work are not counted.
+  LoRA = 2 x forward (forward and input gradients, no weight gradients) plus
+  4*r*(in + out) per adapted projection and token (the adapters' gradient
+  products), times the batch; not counted on either side: the adapters' own
+  forward and input-gradient products (peft's B(Ax); anemone merges instead),
+  anemone's merge and the optimizer.
 
 Also measures the machine's fp32 GEMM peak in the same run (a square-ish matmul,
 default 2048x768x512, median GFLOP/s with the same threads) and reports the
@@ -34,6 +47,7 @@ Examples (the three workloads of docs/performance.md):
   python3 scripts/bench_pytorch.py --config stories110m --seq 256 --batch 1
   python3 scripts/bench_pytorch.py --config smollm2-135m --seq 512 --batch 1   # needs transformers
   python3 scripts/bench_pytorch.py --config qwen2.5-0.5b --seq 512 --batch 1
+  python3 scripts/bench_pytorch.py --config smollm2-135m --lora --lora-rank 16   # needs peft
 
 Needs torch (CPU is enough); never run by CI.
 """
@@ -184,6 +198,32 @@ def train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch, h
     return 3 * forward * batch
 
 
+# --lora-targets names (anemone's) -> Hugging Face module names.
+LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def lora_flops(shape, seq, batch, rank, targets):
+    """The LoRA step's FLOPs: 2 x forward plus 4 r (in + out) per adapted
+    projection and token (anemone's `bench::train_step::lora_train_flops`)."""
+    dim, n_layers, n_heads, n_kv_heads, hidden, vocab, head_dim = shape
+    q, kv = n_heads * head_dim, n_kv_heads * head_dim
+    widths = {"q": dim + q, "k": dim + kv, "v": dim + kv, "o": q + dim,
+              "gate": dim + hidden, "up": dim + hidden, "down": hidden + dim}
+    full = train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch, head_dim)
+    adapters = n_layers * sum(widths[t] for t in targets)
+    return 2 * full // 3 + 4 * rank * adapters * seq * batch
+
+
+def make_lora(model, rank, alpha, targets):
+    """`model` as a peft LoRA model: the base frozen, adapters on `targets`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                        target_modules=[LORA_MODULES[t] for t in targets])
+    return get_peft_model(model, config)
+
+
 def cpu_model():
     """The first `model name` of /proc/cpuinfo (as anemone reports it), or None."""
     try:
@@ -222,7 +262,18 @@ def main():
                     help="F.scaled_dot_product_attention (causal kernel) or matmul/mask/softmax/matmul")
     ap.add_argument("--gemm", default="2048,768,512", help="M,K,N of the peak GEMM")
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--lora", action="store_true",
+                    help="LoRA steps with peft (base frozen, AdamW on the adapters); HF presets only")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, help="default: 2 x the rank")
+    ap.add_argument("--lora-targets", default=",".join(LORA_MODULES),
+                    help="comma-separated, of " + ",".join(LORA_MODULES))
     args = ap.parse_args()
+    targets = args.lora_targets.split(",")
+    if args.lora and args.config not in HF_PRESETS:
+        ap.error(f"--lora needs a Hugging Face preset ({', '.join(sorted(HF_PRESETS))})")
+    if any(t not in LORA_MODULES for t in targets):
+        ap.error(f"--lora-targets: {args.lora_targets} (names: {','.join(LORA_MODULES)})")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -232,6 +283,11 @@ def main():
         n_params = check_hf_shape(model, args.config)
         dim, n_layers, n_heads, n_kv_heads, hidden, vocab, head_dim = shape
         implementation = "transformers"
+        if args.lora:
+            alpha = args.lora_alpha or 2.0 * args.lora_rank
+            model = make_lora(model, args.lora_rank, alpha, targets)
+            implementation = (f"transformers + peft, LoRA r={args.lora_rank} alpha={alpha:g} "
+                              f"on {','.join(targets)}")
 
         def forward(tokens):
             return model(input_ids=tokens, use_cache=False).logits
@@ -247,8 +303,9 @@ def main():
             return model(tokens, args.attention)
 
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.dim() == 2]
+    no_decay = [p for n, p in trained if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, eps=ADAM_EPS)
@@ -260,7 +317,7 @@ def main():
         logits = forward(data[i, :, :-1])
         loss = F.cross_entropy(logits.reshape(-1, vocab), data[i, :, 1:].reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trained], CLIP)
         opt.step()
         return loss.item()
 
@@ -274,13 +331,20 @@ def main():
 
     m, k, n = (int(v) for v in args.gemm.split(","))
     peak = gemm_peak(m, k, n)
-    flops = train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch, head_dim)
+    if args.lora:
+        shape = (dim, n_layers, n_heads, n_kv_heads, hidden, vocab, head_dim)
+        flops = lora_flops(shape, seq, batch, args.lora_rank, targets)
+        convention = "LoRA = 2 x forward + the adapters' gradient products"
+    else:
+        flops = train_flops(dim, n_layers, n_heads, n_kv_heads, hidden, vocab, seq, batch, head_dim)
+        convention = "training = 3 x forward"
     median = statistics.median(times)
     achieved = flops / (median * 1e6)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     result = {
         "framework": f"pytorch {torch.__version__}",
         "config": args.config, "implementation": implementation, "parameters": n_params,
+        "lora": {"rank": args.lora_rank, "targets": targets} if args.lora else None,
         "seq": seq, "batch": batch, "threads": args.threads,
         "attention": args.attention, "steps": args.steps, "warmup": args.warmup,
         "median_ms": median, "min_ms": min(times), "max_ms": max(times),
@@ -292,13 +356,14 @@ def main():
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "cpu": cpu_model(),
     }
-    print(f"pytorch {torch.__version__} train-step {args.config}: seq {seq} batch {batch}, "
+    print(f"pytorch {torch.__version__} train-step {args.config}{' (lora)' if args.lora else ''}: "
+          f"seq {seq} batch {batch}, "
           f"{args.threads} threads, {args.steps} steps after {args.warmup} warmup ({args.attention} attention)")
     print(f"  model        {implementation}, {n_params / 1e6:.1f} M parameters")
     print(f"  machine      {result['cpu'] or result['machine']}")
     print(f"  ms/step      {median:.1f} median (min {min(times):.1f}, max {max(times):.1f})")
     print(f"  tokens/s     {result['tokens_per_s']:.0f}")
-    print(f"  GFLOP/s      {achieved:.1f} ({flops / 1e9:.2f} GFLOP per step, training = 3 x forward)")
+    print(f"  GFLOP/s      {achieved:.1f} ({flops / 1e9:.2f} GFLOP per step, {convention})")
     print(f"  GEMM peak    {peak:.1f} GFLOP/s ({m}x{k}x{n} fp32) -> {100 * achieved / peak:.1f} % of peak")
     print(f"  peak RSS     {rss_mb:.0f} MB")
     if args.json:

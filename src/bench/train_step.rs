@@ -1,14 +1,24 @@
 //! `anemone bench train-step`: time whole training steps (forward, backward,
 //! weight gradients, global-norm clip and AdamW) of a model preset on random
 //! tokens, with a per-phase breakdown from the engine and the machine's GEMM
-//! peak measured in the same run.
+//! peak measured in the same run. With a [`LoraConfig`] (`--lora`), LoRA
+//! steps instead: the forward on the merged weights, the frozen-base
+//! backward (`Engine::forward_backward_lora`), AdamW on the adapters and the
+//! merge (`LoraStep`), on random base weights rounded to bf16 (the values of
+//! a bf16 checkpoint, so that the step keeps its base copy as it would).
 //!
 //! FLOP convention (shared with `scripts/bench_pytorch.py` and
 //! `docs/performance.md`): training FLOPs = 3 x forward FLOPs; forward per
 //! sequence = `2 T (linear weights)` + per layer `4 T^2 (n_heads head_dim)`
 //! (QK^T and AV, full square, no causal halving), where the linear weights are
 //! wq, wk, wv, wo, w1, w2, w3 of every layer plus the classifier `V x D`.
-//! Embedding gathers, norms and elementwise work are not counted.
+//! Embedding gathers, norms and elementwise work are not counted. LoRA
+//! ([`lora_train_flops`]): 2 x forward FLOPs (the forward and the backward's
+//! `dx`; no weight gradients) plus the adapters' gradient products,
+//! `4 r (in + out)` per adapted projection and token (`U = A X`,
+//! `V = B^T dY`, `dB`, `dA`); not counted, on either side: the adapters' own
+//! forward and `dx` products (PyTorch's `B (A x)`; anemone merges instead),
+//! anemone's merge `W + s B A` and the optimizer.
 //!
 //! This module does not decide what "fast enough" is: it measures.
 
@@ -23,9 +33,11 @@ use crate::dist::Collective;
 use crate::energy::{self, Energy};
 use crate::linalg::{gemm, n};
 use crate::model::kernels::KernelOptions;
+use crate::model::lora::{Adapters, LoraConfig};
 use crate::model::{ModelConfig, Weights};
 use crate::rng::Rng;
-use crate::train::engine::{Engine, GradWrite};
+use crate::train::engine::{Engine, GradWrite, LossWeights};
+use crate::train::lora::LoraStep;
 use crate::train::optim::{self, AdamState, AdamW};
 use crate::train::profile::Profile;
 
@@ -41,6 +53,8 @@ pub struct TrainStepOptions {
     pub kernels: KernelOptions,
     /// Also time every CPU plan step (`--ops`); adds a little overhead.
     pub ops: bool,
+    /// Time LoRA steps with these adapters (`--lora`) instead of full training.
+    pub lora: Option<LoraConfig>,
 }
 
 /// One phase of the breakdown: total over the timed steps divided by steps.
@@ -55,6 +69,8 @@ pub struct Phase {
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainStepReport {
     pub config: String,
+    /// `full`, or `lora r=16 q,k,v,o,gate,up,down (24 of 24 layers)`.
+    pub training: String,
     pub backend: String,
     /// The CPU's name (`/proc/cpuinfo`, or sysctl on macOS), if known.
     pub cpu: Option<String>,
@@ -117,6 +133,139 @@ pub fn train_flops(c: &ModelConfig, seq: usize, batch: usize) -> f64 {
     c.train_flops_per_token(seq) * (seq * batch) as f64
 }
 
+/// FLOPs of one LoRA step (see the module docs): 2 x forward, plus
+/// `4 r (in + out)` per adapted projection and token.
+pub fn lora_train_flops(c: &ModelConfig, lora: &LoraConfig, seq: usize, batch: usize) -> f64 {
+    let widths: usize = (lora.entries().into_iter())
+        .map(|(_, target)| {
+            let (out, input) = target.shape(c);
+            out + input
+        })
+        .sum();
+    let per_token = 2.0 * c.train_flops_per_token(seq) / 3.0 + (4 * lora.rank * widths) as f64;
+    per_token * (seq * batch) as f64
+}
+
+/// `full`, or the adapters: rank, targets, layers.
+fn training_name(c: &ModelConfig, lora: Option<&LoraConfig>) -> String {
+    let Some(lora) = lora else {
+        return "full".into();
+    };
+    let targets: Vec<&str> = lora.targets.iter().map(|target| target.name()).collect();
+    let layers = lora.layers.len();
+    let targets = targets.join(",");
+    format!(
+        "lora r={} {targets} ({layers} of {} layers)",
+        lora.rank, c.n_layers
+    )
+}
+
+/// What the benchmarked steps train, with the arrays that takes.
+enum Trained {
+    /// Every weight, with its gradient and AdamW moments.
+    Full {
+        weights: Weights,
+        grads: Weights,
+        adam: AdamState,
+    },
+    /// LoRA adapters on a frozen base: no gradient or moments of the base.
+    Lora {
+        step: Box<LoraStep>,
+        adapters: Adapters,
+        adam: AdamState,
+    },
+}
+
+impl Trained {
+    /// Random weights of `c` (rounded to bf16 for LoRA), and adapters of `lora`
+    /// with a random B too (as after some training: every product nonzero).
+    fn new(c: &ModelConfig, lora: Option<&LoraConfig>) -> Result<Trained> {
+        let mut weights = Weights::init(c, 1);
+        let Some(lora) = lora else {
+            return Ok(Trained::Full {
+                grads: Weights::zeros(c),
+                adam: AdamState::new(weights.data.len()),
+                weights,
+            });
+        };
+        for value in &mut weights.data {
+            *value = half::bf16::from_f32(*value).to_f32();
+        }
+        let mut rng = Rng::new(5);
+        let mut adapters = Adapters::init(c, lora, &mut rng)?;
+        for (layer, target) in lora.entries() {
+            for value in adapters.b_mut(layer, target) {
+                *value = 0.01 * rng.normal();
+            }
+        }
+        Ok(Trained::Lora {
+            step: Box::new(LoraStep::new(weights, &adapters)?),
+            adam: AdamState::new(adapters.data.len()),
+            adapters,
+        })
+    }
+
+    /// One forward and backward over every position, written over the gradient.
+    fn forward_backward(
+        &mut self,
+        engine: &mut Engine,
+        inputs: &[u32],
+        targets: &[u32],
+        loss_scale: f32,
+    ) -> Result<f64> {
+        let write = GradWrite::Overwrite;
+        match self {
+            Trained::Full { weights, grads, .. } => {
+                engine.forward_backward_as(weights, grads, write, inputs, targets, loss_scale)
+            }
+            Trained::Lora { step, adapters, .. } => {
+                let divisor = targets.len() as f64;
+                let loss = LossWeights {
+                    targets,
+                    weights: None,
+                    divisor,
+                };
+                step.forward_backward(engine, adapters, write, inputs, loss, loss_scale)
+            }
+        }
+    }
+
+    /// The gradient, flat (what data parallelism sums).
+    fn grads_mut(&mut self) -> &mut [f32] {
+        match self {
+            Trained::Full { grads, .. } => &mut grads.data,
+            Trained::Lora { step, .. } => &mut step.grads_mut().data,
+        }
+    }
+
+    /// AdamW (phase `optimizer`) and, for LoRA, the merge (phase `merge`):
+    /// what `LoraStep::update` does, timed apart.
+    fn update(&mut self, opt: &AdamW, lr: f32, clip: f32, profile: &mut Profile) {
+        let start = Instant::now();
+        match self {
+            Trained::Full {
+                weights,
+                grads,
+                adam,
+            } => {
+                opt.step(weights, &grads.data, adam, lr, clip);
+                profile.add("optimizer", start);
+            }
+            Trained::Lora {
+                step,
+                adapters,
+                adam,
+            } => {
+                opt.step_matrices(&mut adapters.data, &step.grads().data, adam, lr, clip);
+                profile.add("optimizer", start);
+                let start = Instant::now();
+                step.merge(adapters);
+                profile.add("merge", start);
+            }
+        }
+    }
+}
+
 /// Median fp32 GEMM GFLOP/s on a training-like shape (2048 x 768 x 512), with
 /// the current rayon threads.
 pub fn gemm_peak_gflops(reps: usize) -> Result<f64> {
@@ -170,9 +319,7 @@ pub fn run_on(
     for note in engine.fallbacks() {
         eprintln!("{note}");
     }
-    let mut weights = Weights::init(c, 1);
-    let mut grads = Weights::zeros(c);
-    let mut adam = AdamState::new(weights.data.len());
+    let mut trained = Trained::new(c, opts.lora.as_ref())?;
     let adamw = AdamW::default();
     let n_tokens = opts.seq * opts.batch;
     let mut rng = Rng::new(42 + dist.rank() as u64);
@@ -182,6 +329,7 @@ pub fn run_on(
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let mut profile = Profile::default();
+    let mut untimed = Profile::default();
     let mut span = None;
     for step in 0..opts.warmup + opts.steps {
         for tok in inputs.iter_mut().chain(targets.iter_mut()) {
@@ -195,30 +343,22 @@ pub fn run_on(
                 crate::backend::cpu::profile::set_enabled(true);
             }
         }
+        let timed = step >= opts.warmup;
+        let step_profile = if timed { &mut profile } else { &mut untimed };
         let start = Instant::now();
-        let loss = engine.forward_backward_as(
-            &weights,
-            &mut grads,
-            GradWrite::Overwrite,
-            &inputs,
-            &targets,
-            1.0 / ranks as f32,
-        )?;
+        let loss = trained.forward_backward(&mut engine, &inputs, &targets, 1.0 / ranks as f32)?;
         let mut norm = engine.grad_norm();
         if ranks > 1 {
             let comm_start = Instant::now();
-            dist.all_reduce_sum(&mut grads.data);
-            norm = optim::global_norm(&grads.data);
-            if step >= opts.warmup {
-                profile.add("all-reduce", comm_start);
-            }
+            let grads = trained.grads_mut();
+            dist.all_reduce_sum(grads);
+            norm = optim::global_norm(grads);
+            step_profile.add("all-reduce", comm_start);
         }
-        let opt_start = Instant::now();
         let clip = optim::clip_factor(norm, 1.0);
-        adamw.step(&mut weights, &grads.data, &mut adam, 3e-4, clip);
+        trained.update(&adamw, 3e-4, clip, step_profile);
         let elapsed = start.elapsed().as_secs_f64();
-        if step >= opts.warmup {
-            profile.add("optimizer", opt_start);
+        if timed {
             times.push(elapsed);
             losses.push(loss);
         }
@@ -248,7 +388,10 @@ pub fn run_on(
     for (name, d) in engine_profile.side_by_side {
         profile.add_side_by_side(&name, d);
     }
-    let flops = train_flops(c, opts.seq, opts.batch);
+    let flops = match &opts.lora {
+        Some(lora) => lora_train_flops(c, lora, opts.seq, opts.batch),
+        None => train_flops(c, opts.seq, opts.batch),
+    };
     let ms: Vec<f64> = times.iter().map(|s| s * 1e3).collect();
     let stats = Stats::from_ms(&ms);
     let med = stats.median_ms / 1e3;
@@ -265,7 +408,7 @@ pub fn run_on(
             .collect()
     };
     let mut phases = per_step(&profile.phases);
-    let buffer_bytes = 4 * weights.data.len() as u64;
+    let buffer_bytes = 4 * trained.grads_mut().len() as u64;
     let comm = phases
         .iter()
         .find(|phase| phase.name == "all-reduce")
@@ -286,6 +429,7 @@ pub fn run_on(
     let gflops = flops / med / 1e9;
     Ok(TrainStepReport {
         config: opts.config_name.clone(),
+        training: training_name(c, opts.lora.as_ref()),
         backend: backend_name,
         cpu: crate::doctor::chip_name(),
         simd: crate::math::simd_level().into(),
@@ -317,8 +461,9 @@ pub fn run_on(
 pub fn format_report(r: &TrainStepReport) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "train-step {} on {} ({} threads), seq {} batch {}{}, {} timed steps\n",
+        "train-step {} ({}) on {} ({} threads), seq {} batch {}{}, {} timed steps\n",
         r.config,
+        r.training,
         r.backend,
         r.threads,
         r.seq,
@@ -417,5 +562,17 @@ mod tests {
         // = 467,480,346,624 (docs/performance.md; scripts/bench_pytorch.py's `train_flops`).
         let c = ModelConfig::preset("smollm2-135m").unwrap();
         assert_eq!(train_flops(&c, 512, 1), 467_480_346_624.0);
+    }
+
+    #[test]
+    fn lora_flops_match_the_hand_count_for_smollm2_135m() {
+        // 2/3 of the training count above: 311,653,564,416. Adapters of rank
+        // 16 on all seven projections, in + out per layer: q 576 + 576, k and
+        // v 576 + 192, o 576 + 576, gate and up 576 + 1536, down 1536 + 576
+        // = 10,176; 4 x 16 x 30 x 10,176 x 512 = 10,003,415,040.
+        use crate::model::lora::Target;
+        let c = ModelConfig::preset("smollm2-135m").unwrap();
+        let lora = LoraConfig::new(16, 32.0, 0.0, &Target::ALL, None, c.n_layers).unwrap();
+        assert_eq!(lora_train_flops(&c, &lora, 512, 1), 321_656_979_456.0);
     }
 }

@@ -14,6 +14,7 @@ use anemone::bench::ane::{self, Form, Stack};
 use anemone::bench::train_step::{self, TrainStepOptions};
 use anemone::bench::{Repeat, Report, Row, write_json};
 use anemone::model::ModelConfig;
+use anemone::model::lora::{LoraConfig, Target};
 use anemone::train::job::{kernel_options, open_backend};
 
 use super::choices::{no_about, one_of};
@@ -220,6 +221,55 @@ pub struct TrainStepArgs {
     /// Also time every op of the CPU kernels (top 30 printed, all in the JSON)
     #[arg(long)]
     ops: bool,
+    /// Time LoRA steps (frozen random bf16 base, adapters trained) instead of full training
+    #[arg(long)]
+    lora: bool,
+    /// LoRA rank (with --lora)
+    #[arg(long, default_value_t = 16, requires = "lora", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    lora_rank: usize,
+    /// LoRA alpha (with --lora; default: 2 x the rank)
+    #[arg(long, requires = "lora")]
+    lora_alpha: Option<f32>,
+    /// Adapted projections, comma-separated (with --lora; default: all)
+    #[arg(
+        long,
+        requires = "lora",
+        value_delimiter = ',',
+        value_parser = one_of(&Target::ALL, Target::name, no_about)
+    )]
+    lora_targets: Vec<Target>,
+    /// Adapt the last N layers only (with --lora; default: every layer)
+    #[arg(long, requires = "lora", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    lora_layers: Option<usize>,
+}
+
+impl TrainStepArgs {
+    /// The adapters `--lora` and its flags describe (`None` without it).
+    fn lora_config(&self, config: &ModelConfig) -> Result<Option<LoraConfig>> {
+        if !self.lora {
+            return Ok(None);
+        }
+        let targets = match self.lora_targets.as_slice() {
+            [] => Target::ALL.as_slice(),
+            targets => targets,
+        };
+        let alpha = self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f32);
+        let (rank, layers) = (self.lora_rank, self.lora_layers);
+        let lora = LoraConfig::new(rank, alpha, 0.0, targets, layers, config.n_layers)?;
+        Ok(Some(lora))
+    }
+}
+
+/// Bytes of a benchmarked step: full training's estimate, or for LoRA that
+/// without the base's gradient and AdamW moments (12 bytes a parameter),
+/// with the adapted matrices' bf16 copy (2 bytes a parameter at most).
+fn step_bytes(config: &ModelConfig, batch: usize, seq: usize, lora: bool) -> u64 {
+    let bytes = anemone::train::job::training_bytes(config, batch, seq);
+    if !lora {
+        return bytes;
+    }
+    let params = config.checked_n_params().unwrap_or(usize::MAX) as u64;
+    bytes.saturating_sub(params.saturating_mul(10))
 }
 
 fn train_step(args: TrainStepArgs) -> Result<()> {
@@ -233,9 +283,10 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
         )
         .into());
     }
+    let lora = args.lora_config(&config)?;
     anemone::memory::check(
         &format!("training steps of {} x {seq} tokens", args.batch),
-        anemone::train::job::training_bytes(&config, args.batch, seq),
+        step_bytes(&config, args.batch, seq, lora.is_some()),
         "lower --batch or --seq",
     )?;
     let opened = open_backend(args.backend, args.precision)?;
@@ -250,6 +301,7 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
         warmup: args.warmup,
         steps: args.steps,
         ops: args.ops,
+        lora,
     };
     let total = args.warmup + args.steps;
     // Under `mpirun` (`--features mpi`) each rank runs the step on its own

@@ -155,7 +155,22 @@ pub fn rmsnorm_forward(y: &mut [f32], rrms: &mut [f32], x: &[f32], w: &[f32], ep
     }
 }
 
-/// Backward of [`rmsnorm_forward`]: `dx += d/dx`, `dw += d/dw` given `dy (C, T)`.
+/// SwiGLU's `gate = (h1 sigmoid(h1)) h3`, elementwise, with the ops of the
+/// `ffn_fwd` kernel in its order (the CPU backend's numbers bit for bit in
+/// fp32).
+pub fn swiglu_gate(gate: &mut [f32], h1: &[f32], h3: &[f32]) {
+    crate::math::simd(
+        #[inline(always)]
+        || {
+            for ((gate, &a), &b) in gate.iter_mut().zip(h1).zip(h3) {
+                *gate = a * crate::math::sigmoid(a) * b;
+            }
+        },
+    )
+}
+
+/// Backward of [`rmsnorm_forward`]: `dx += d/dx`, `dw += d/dw` given `dy (C, T)`
+/// (`dw` `None`: the weight is frozen, its gradient not computed).
 /// `dx[c,t] = rrms (w[c] dy[c,t]) - x[c,t] rrms^3 / C * sum_c' w[c'] dy[c',t] x[c',t]`.
 ///
 /// Two passes like the forward's: the per-position sums by blocks of
@@ -165,7 +180,7 @@ pub fn rmsnorm_forward(y: &mut [f32], rrms: &mut [f32], x: &[f32], w: &[f32], ep
 /// "Measurements behind host-code choices").
 pub fn rmsnorm_backward(
     dx: &mut [f32],
-    dw: &mut [f32],
+    mut dw: Option<&mut [f32]>,
     dy: &[f32],
     x: &[f32],
     w: &[f32],
@@ -203,26 +218,29 @@ pub fn rmsnorm_backward(
         );
         let dots = &*dot;
         let full = seq / 8 * 8;
-        let row = |(c, (dxs, dwc)): (usize, (&mut [f32], &mut f32))| {
+        // Row `c` of `dx`, and `dw[c]` when the weight's gradient is wanted.
+        let row = |c: usize, dxs: &mut [f32], dwc: Option<&mut f32>| {
             crate::math::simd(
                 #[inline(always)]
                 || {
                     let (xs, dys) = (&x[c * seq..(c + 1) * seq], &dy[c * seq..(c + 1) * seq]);
-                    let mut lanes = [0.0f32; 8];
-                    for ((d, xv), r) in dys[..full]
-                        .chunks_exact(8)
-                        .zip(xs.chunks_exact(8))
-                        .zip(rrms.chunks_exact(8))
-                    {
-                        for i in 0..8 {
-                            lanes[i] += d[i] * xv[i] * r[i];
+                    if let Some(dwc) = dwc {
+                        let mut lanes = [0.0f32; 8];
+                        for ((d, xv), r) in dys[..full]
+                            .chunks_exact(8)
+                            .zip(xs.chunks_exact(8))
+                            .zip(rrms.chunks_exact(8))
+                        {
+                            for i in 0..8 {
+                                lanes[i] += d[i] * xv[i] * r[i];
+                            }
                         }
+                        let mut tail = 0.0f32;
+                        for pos in full..seq {
+                            tail += dys[pos] * xs[pos] * rrms[pos];
+                        }
+                        *dwc += lanes.iter().sum::<f32>() + tail;
                     }
-                    let mut tail = 0.0f32;
-                    for pos in full..seq {
-                        tail += dys[pos] * xs[pos] * rrms[pos];
-                    }
-                    *dwc += lanes.iter().sum::<f32>() + tail;
                     let wc = w[c];
                     for pos in 0..seq {
                         dxs[pos] += rrms[pos] * wc * dys[pos] - xs[pos] * dots[pos];
@@ -230,16 +248,19 @@ pub fn rmsnorm_backward(
                 },
             )
         };
-        if par {
-            dx.par_chunks_mut(seq)
-                .zip(dw.par_iter_mut())
+        match dw.as_deref_mut() {
+            Some(dw) if par => (dx.par_chunks_mut(seq).zip(dw.par_iter_mut()))
                 .enumerate()
-                .for_each(row);
-        } else {
-            dx.chunks_mut(seq)
-                .zip(dw.iter_mut())
+                .for_each(|(c, (dxs, dwc))| row(c, dxs, Some(dwc))),
+            Some(dw) => (dx.chunks_mut(seq).zip(dw.iter_mut()))
                 .enumerate()
-                .for_each(row);
+                .for_each(|(c, (dxs, dwc))| row(c, dxs, Some(dwc))),
+            None if par => (dx.par_chunks_mut(seq))
+                .enumerate()
+                .for_each(|(c, dxs)| row(c, dxs, None)),
+            None => (dx.chunks_mut(seq))
+                .enumerate()
+                .for_each(|(c, dxs)| row(c, dxs, None)),
         }
     };
     if par {
@@ -275,7 +296,7 @@ pub fn classifier_forward(logits: &mut [f32], x: &[f32], classifier: &[f32], dim
 
 /// Backward of [`classifier_forward`] given `g = dlogits (V, P)`:
 /// `dx (C, P) = E^T g` (overwritten) and `dE (V, C) += g x^T` (`=` unless
-/// `add`).
+/// `add`; `d_classifier` `None`: a frozen classifier, no `dE` product).
 ///
 /// `E^T` as stored (`classifier_t`, `(C, V)`) gives the `dx` product a
 /// row-major left operand, faer's fast form (reading `E` transposed in place
@@ -284,7 +305,7 @@ pub fn classifier_forward(logits: &mut [f32], x: &[f32], classifier: &[f32], dim
 #[allow(clippy::too_many_arguments)]
 pub fn classifier_backward(
     dx: &mut [f32],
-    d_classifier: &mut [f32],
+    d_classifier: Option<&mut [f32]>,
     g: &[f32],
     x: &[f32],
     classifier: &[f32],
@@ -298,33 +319,27 @@ pub fn classifier_backward(
         Some(e_t) => n(e_t, dim, vocab),
         None => t(classifier, vocab, dim),
     };
+    let mut dx_product = || gemm(dx, dim, p, e_t, n(g, vocab, p), 1.0, false);
+    let Some(d_classifier) = d_classifier else {
+        return dx_product();
+    };
     // Two independent products, side by side (see `train::schedule`).
-    rayon::join(
-        || gemm(dx, dim, p, e_t, n(g, vocab, p), 1.0, false),
-        || {
-            gemm(
-                d_classifier,
-                vocab,
-                dim,
-                n(g, vocab, p),
-                t(x, dim, p),
-                1.0,
-                add,
-            )
-        },
-    );
+    rayon::join(dx_product, || {
+        let (g, x) = (n(g, vocab, p), t(x, dim, p));
+        gemm(d_classifier, vocab, dim, g, x, 1.0, add)
+    });
 }
 
 /// [`classifier_backward`] for one block of vocabulary rows `E_b (R, C)`
 /// given its logits' gradient `g (R, P)`: `dx (C, P) += E_b^T g` (`=` unless
-/// `add_dx`: the first block) and `dE_b (R, C) += g x^T` (`=` unless `add`).
-/// `E_b` is read transposed in place: a chunked classifier keeps no
-/// transposed copy of a large vocabulary's matrix.
+/// `add_dx`: the first block) and `dE_b (R, C) += g x^T` (`=` unless `add`;
+/// none when `d_classifier` is `None`). `E_b` is read transposed in place:
+/// a chunked classifier keeps no transposed copy of a large vocabulary's matrix.
 #[allow(clippy::too_many_arguments)]
 pub fn classifier_backward_block(
     dx: &mut [f32],
     add_dx: bool,
-    d_classifier: &mut [f32],
+    d_classifier: Option<&mut [f32]>,
     g: &[f32],
     x: &[f32],
     classifier: &[f32],
@@ -333,16 +348,17 @@ pub fn classifier_backward_block(
 ) {
     let rows = classifier.len() / dim;
     let p = x.len() / dim;
-    rayon::join(
-        || {
-            let e_t = t(classifier, rows, dim);
-            gemm(dx, dim, p, e_t, n(g, rows, p), 1.0, add_dx)
-        },
-        || {
-            let (g, x) = (n(g, rows, p), t(x, dim, p));
-            gemm(d_classifier, rows, dim, g, x, 1.0, add)
-        },
-    );
+    let mut dx_product = || {
+        let e_t = t(classifier, rows, dim);
+        gemm(dx, dim, p, e_t, n(g, rows, p), 1.0, add_dx)
+    };
+    let Some(d_classifier) = d_classifier else {
+        return dx_product();
+    };
+    rayon::join(dx_product, || {
+        let (g, x) = (n(g, rows, p), t(x, dim, p));
+        gemm(d_classifier, rows, dim, g, x, 1.0, add)
+    });
 }
 
 /// Logits per task of [`cross_entropy`]: 64 Ki floats (256 KiB), so that a
@@ -761,7 +777,7 @@ mod tests {
             let (mut y, mut r) = (vec![0.0; dim * seq], vec![0.0; seq]);
             rmsnorm_forward(&mut y, &mut r, &x, &w, 1e-5);
             let (mut dx, mut dw) = (vec![0.5; dim * seq], vec![0.25; dim]);
-            rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &r);
+            rmsnorm_backward(&mut dx, Some(&mut dw), &dy, &x, &w, &r);
             (y, r, dx, dw)
         };
         let (y, r, dx, dw) = run();
@@ -852,7 +868,7 @@ mod tests {
         let (mut y, mut r) = (vec![0.0; dim * seq], vec![0.0; seq]);
         rmsnorm_forward(&mut y, &mut r, &x, &w, 1e-5);
         let (mut dx, mut dw) = (vec![0.0; dim * seq], vec![0.0; dim]);
-        rmsnorm_backward(&mut dx, &mut dw, &probe, &x, &w, &r);
+        rmsnorm_backward(&mut dx, Some(&mut dw), &probe, &x, &w, &r);
         for i in 0..dim * seq {
             let want = fd(&|x| loss(x, &w), &x, i);
             assert!(
@@ -948,10 +964,19 @@ mod tests {
         let (mut dxf, mut de) = (vec![0.0; dim * seq], vec![0.0; vocab * dim]);
         let mut et = vec![0.0; dim * vocab];
         crate::linalg::transpose_into(&e, vocab, dim, &mut et);
-        classifier_backward(&mut dxf, &mut de, &probe, &xf, &e, Some(&et), dim, true);
+        classifier_backward(
+            &mut dxf,
+            Some(&mut de),
+            &probe,
+            &xf,
+            &e,
+            Some(&et),
+            dim,
+            true,
+        );
         // E read transposed in place: the same gradients.
         let (mut dxf2, mut de2) = (vec![0.0; dim * seq], vec![0.0; vocab * dim]);
-        classifier_backward(&mut dxf2, &mut de2, &probe, &xf, &e, None, dim, true);
+        classifier_backward(&mut dxf2, Some(&mut de2), &probe, &xf, &e, None, dim, true);
         assert!(dxf.iter().zip(&dxf2).all(|(a, b)| (a - b).abs() < 1e-5));
         assert!(de.iter().zip(&de2).all(|(a, b)| (a - b).abs() < 1e-5));
         for i in 0..dim * seq {

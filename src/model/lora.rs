@@ -114,6 +114,13 @@ impl Target {
         }
     }
 
+    /// The layer and target of a projection weight (`None` for the rest).
+    pub fn of(param: Param) -> Option<(usize, Target)> {
+        let layer = param.layer()?;
+        let target = Target::ALL.into_iter().find(|t| t.param(layer) == param)?;
+        Some((layer, target))
+    }
+
     /// Whether B's rows are permuted per head between HF and anemone (q, k).
     pub fn rope_rows(self) -> bool {
         matches!(self, Target::Q | Target::K)
@@ -372,6 +379,12 @@ impl Adapters {
         &mut self.data[range]
     }
 
+    /// A and B of one adapter, both writable (for their gradients).
+    pub fn a_b_mut(&mut self, layer: usize, target: Target) -> (&mut [f32], &mut [f32]) {
+        let (a, b) = (self.range_a(layer, target), self.range_b(layer, target));
+        self.data[a.start..b.end].split_at_mut(a.len())
+    }
+
     /// `s B A (out, in)`: what the adapter adds to its projection's weight.
     pub fn delta(&self, layer: usize, target: Target) -> Vec<f32> {
         let e = self.checked_entry(layer, target);
@@ -493,9 +506,11 @@ pub fn lora_dx(
 
 /// The gradients of one adapter from its projection's input `x (in, T)` and
 /// output gradient `dy (out, T)` (channel-major): `da (r, in) = s B^T dy x^T`,
-/// `db (out, r) = s dy (A x)^T`, written over `da` and `db`. Two products
-/// of rank-r width and two of the projection's size: what a dW job of the
-/// training step would run per adapted projection.
+/// `db (out, r) = s dy (A x)^T`, added to `da` and `db` (`add`) or written
+/// over them. Four products of rank-r width, `r T (2 in + 2 out)`
+/// multiply-adds, through `scratch` (sized to `(r, T)`: `U = A x`, then
+/// `V = B^T dy`): the training step's job per adapted projection and
+/// sequence, in place of the frozen weight's `dy x^T`.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_grads(
     dy: &[f32],
@@ -506,10 +521,13 @@ pub fn lora_grads(
     scale: f32,
     da: &mut [f32],
     db: &mut [f32],
+    add: bool,
+    scratch: &mut Vec<f32>,
 ) {
-    let mut ax = vec![0.0; rank * seq]; // (r, T)
+    scratch.resize(rank * seq, 0.0);
+    let u = scratch.as_mut_slice(); // (r, T)
     gemm(
-        &mut ax,
+        u,
         rank,
         seq,
         n(a, rank, input),
@@ -517,33 +535,17 @@ pub fn lora_grads(
         1.0,
         false,
     );
-    gemm(
-        db,
-        out,
-        rank,
-        n(dy, out, seq),
-        t(&ax, rank, seq),
-        scale,
-        false,
-    );
-    let mut bt_dy = ax; // (r, T)
-    gemm(
-        &mut bt_dy,
-        rank,
-        seq,
-        t(b, out, rank),
-        n(dy, out, seq),
-        1.0,
-        false,
-    );
+    gemm(db, out, rank, n(dy, out, seq), t(u, rank, seq), scale, add);
+    let v = u; // (r, T)
+    gemm(v, rank, seq, t(b, out, rank), n(dy, out, seq), 1.0, false);
     gemm(
         da,
         rank,
         input,
-        n(&bt_dy, rank, seq),
+        n(v, rank, seq),
         t(x, input, seq),
         scale,
-        false,
+        add,
     );
 }
 
@@ -622,6 +624,8 @@ mod tests {
             s,
             &mut da,
             &mut db,
+            false,
+            &mut Vec::new(),
         );
         // dB = s dY (A X)^T; dA = s B^T dY X^T, from f64 products.
         let ax: Vec<f32> = naive(&a, &x, rank, input, seq)

@@ -28,7 +28,6 @@ pub struct LayerActs {
     pub rrms2: Vec<f32>,  // (T)
     pub h1: Vec<f32>,     // (F, T) W1 x2n
     pub h3: Vec<f32>,     // (F, T) W3 x2n
-    pub gate: Vec<f32>,   // (F, T) silu(h1) h3
 }
 
 impl LayerActs {
@@ -51,9 +50,20 @@ impl LayerActs {
             rrms2: vec![0.0; seq],
             h1: vec![0.0; hidden_dim * seq],
             h3: vec![0.0; hidden_dim * seq],
-            gate: vec![0.0; hidden_dim * seq],
         }
     }
+}
+
+/// A weight product's input `X`, per sequence of its layer.
+#[derive(Clone, Copy)]
+pub enum Input {
+    /// An activation the forward saved.
+    Saved(fn(&LayerActs) -> &Vec<f32>),
+    /// The FFN's `gate = silu(h1) h3` (W2's input), made again from the
+    /// saved `h1` and `h3` by the product's job (`host::swiglu_gate`, the
+    /// kernel's ops in its order) rather than kept per layer: `F x T` values
+    /// a layer, the largest saved activation with `h1` and `h3`.
+    Gate,
 }
 
 /// A backward array that weight gradients read as their `dY`.

@@ -214,8 +214,9 @@ impl ClassifierHead {
     /// Forward and backward of the head: returns the cross-entropy summed over
     /// every position (each times its weight in `target_weights`, `(B, T)`,
     /// when given), writes the classifier's and the final norm's
-    /// gradients of `grad_scale` times that sum, and adds the gradient of
-    /// each sequence's `x_final` to `dx`.
+    /// gradients of `grad_scale` times that sum (unless the base is frozen:
+    /// then no `dE` product), and adds the gradient of each sequence's
+    /// `x_final` to `dx`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
@@ -284,7 +285,7 @@ impl ClassifierHead {
             dim * positions,
         );
         let add = grads.adds(first);
-        let d_classifier = grads.get_mut(weights.layout.classifier());
+        let d_classifier = grads.base_mut(weights.layout.classifier());
         let classifier_t = several.then_some(self.classifier_t.as_slice());
         let classifier = weights.classifier();
         host.classifier_backward(
@@ -324,7 +325,7 @@ impl ClassifierHead {
             dim * positions,
         );
         let add = grads.adds(first);
-        let d_classifier = grads.get_mut(weights.layout.classifier());
+        let mut d_classifier = grads.base_mut(weights.layout.classifier());
         let classifier = weights.classifier();
         for (index, first_row) in (0..vocab).step_by(rows).enumerate() {
             let end_row = (first_row + rows).min(vocab);
@@ -338,7 +339,7 @@ impl ClassifierHead {
                 grad_scale,
                 &mut self.stats,
             );
-            let d_block = &mut d_classifier[block.clone()];
+            let d_block = d_classifier.as_deref_mut().map(|d| &mut d[block.clone()]);
             let e_block = &classifier[block];
             host.classifier_backward_block(
                 dx_group,
@@ -378,7 +379,7 @@ impl ClassifierHead {
                     row.copy_from_slice(&self.dx_group[channel * positions + column..][..seq]);
                 }
             }
-            let d_rms_final = grads.get_mut(Param::RmsFinal);
+            let d_rms_final = grads.base_mut(Param::RmsFinal);
             host.rmsnorm_backward(dx, d_rms_final, &self.dxn, x_final, rms_final, rrms);
         }
     }

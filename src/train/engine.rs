@@ -12,11 +12,12 @@
 
 use crate::backend::Backend;
 use crate::model::kernels::{KernelOptions, LayerKernels, WeightMode};
+use crate::model::lora::Adapters;
 use crate::model::{ModelConfig, Param, Weights};
 use crate::train::buffers::{BackwardScratch, DySources, LayerActs};
 use crate::train::classifier::ClassifierHead;
-use crate::train::grads::GradSink;
 pub use crate::train::grads::GradWrite;
+use crate::train::grads::{GradSink, GradTarget};
 use crate::train::kernel::{self, CompiledKernel};
 use crate::train::layer::{LayerContext, layer_backward, layer_forward};
 use crate::train::params::LayerParams;
@@ -33,6 +34,9 @@ pub struct Engine {
     kernels: LayerKernels<CompiledKernel>,
     /// `[layer][sequence]`: what the forward saved for the backward.
     acts: Vec<Vec<LayerActs>>,
+    /// `[sequence]` `(F, T)`: the FFN's gate of the layer running forward
+    /// (not saved: the backward makes it again, `buffers::Input::Gate`).
+    gate: Vec<Vec<f32>>,
     /// The final norm, the classifier and the loss.
     head: ClassifierHead,
     /// The backward's arrays that weight gradients read, and the rest.
@@ -79,6 +83,7 @@ impl Engine {
             batch,
             kernels,
             acts,
+            gate: vec![vec![0.0; config.hidden_dim * seq]; batch],
             head: ClassifierHead::new(config, seq, batch),
             dy: DySources::default(),
             scratch: BackwardScratch::default(),
@@ -208,7 +213,13 @@ impl Engine {
                 None => self.head.x_final.iter_mut().collect(),
             };
             let params = LayerParams::new(weights, layer);
-            layer_forward(&mut ctx, &params, &mut done[layer], &mut out)?;
+            layer_forward(
+                &mut ctx,
+                &params,
+                &mut done[layer],
+                &mut self.gate,
+                &mut out,
+            )?;
         }
         self.head
             .norm_forward(&mut self.host, weights, self.config.norm_eps);
@@ -323,13 +334,64 @@ impl Engine {
         loss: LossWeights,
         loss_scale: f32,
     ) -> Result<f64> {
+        let target = GradTarget::Weights(grads);
+        self.forward_backward_into(weights, target, write, inputs, loss, loss_scale)
+    }
+
+    /// [`Engine::forward_backward_weighted`] for LoRA on a frozen base:
+    /// `weights` are the merged `W + s B A` of `adapters` (the kernels run
+    /// on them, so `dx` is the adapted model's), and the gradient goes to the
+    /// adapters alone (`grads`, their layout; written or added by `write`).
+    /// No base gradient is computed: no weight products, no classifier `dE`,
+    /// no embedding scatter, no norm, bias or QK-norm sums; each adapted
+    /// projection's job in the schedule is its adapter's rank-r products
+    /// from the same `dY` and `X` (`model::lora::lora_grads`), run where the
+    /// weight's product would have run. [`Engine::grad_norm`] is then the
+    /// adapters' gradient's norm.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_lora(
+        &mut self,
+        weights: &Weights,
+        adapters: &Adapters,
+        grads: &mut Adapters,
+        write: GradWrite,
+        inputs: &[u32],
+        loss: LossWeights,
+        loss_scale: f32,
+    ) -> Result<f64> {
+        if adapters.model() != weights.config() || grads.model() != weights.config() {
+            return Err(Error::Invalid(
+                "forward_backward_lora: the adapters or their gradient are of another model than the weights".into(),
+            ));
+        }
+        if grads.config != adapters.config {
+            return Err(Error::Invalid(
+                "forward_backward_lora: the gradient's adapters (rank, targets, layers) are not the adapters'".into(),
+            ));
+        }
+        let target = GradTarget::Adapters { adapters, grads };
+        self.forward_backward_into(weights, target, write, inputs, loss, loss_scale)
+    }
+
+    /// The forward, then the backward into `target`: the head, the layers
+    /// in reverse with the weight gradients scheduled beside their kernels,
+    /// the embedding's gradient (when the target has one).
+    fn forward_backward_into(
+        &mut self,
+        weights: &Weights,
+        target: GradTarget,
+        write: GradWrite,
+        inputs: &[u32],
+        loss: LossWeights,
+        loss_scale: f32,
+    ) -> Result<f64> {
         let targets = loss.targets;
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(targets, "targets")?;
         self.check_weights(loss.weights)?;
         self.forward(weights, inputs)?;
         let (seq, batch) = (self.seq, self.batch);
-        let mut sink = GradSink::start(grads, write, seq, &mut self.grad_sq);
+        let mut sink = GradSink::start(target, write, seq, &mut self.grad_sq);
         self.dy.resize(&self.config, batch, seq);
         self.scratch.resize(&self.config, batch, seq);
         let grad_scale = loss_scale / loss.divisor as f32;
@@ -352,12 +414,13 @@ impl Engine {
             layer_backward(&mut ctx, &params, acts, &mut self.scratch, &mut dw)?;
         }
         let mut sink = dw.finish();
-        let d_embedding = sink.get_mut(Param::Embedding);
-        for (tokens, dx) in inputs.chunks_exact(seq).zip(&self.dy.dx) {
-            self.host
-                .embedding_backward(d_embedding, dx, tokens, self.config.dim);
+        if let Some(d_embedding) = sink.base_mut(Param::Embedding) {
+            for (tokens, dx) in inputs.chunks_exact(seq).zip(&self.dy.dx) {
+                self.host
+                    .embedding_backward(d_embedding, dx, tokens, self.config.dim);
+            }
+            sink.finished(Param::Embedding);
         }
-        sink.finished(Param::Embedding);
         Ok(total / loss.divisor)
     }
 }

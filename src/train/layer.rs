@@ -14,7 +14,7 @@ use crate::Result;
 use crate::backend::Backend;
 use crate::model::Param;
 use crate::model::kernels::LayerKernels;
-use crate::train::buffers::{BackwardScratch, Dy, LayerActs};
+use crate::train::buffers::{BackwardScratch, Dy, Input, LayerActs};
 use crate::train::kernel::CompiledKernel;
 use crate::train::params::LayerParams;
 use crate::train::profile::TimedHost;
@@ -45,11 +45,12 @@ impl<'e> LayerContext<'e> {
 
 /// Forward through one layer for every sequence `b` of the batch: `acts[b].x`
 /// in, `out[b]` (the next layer's input) out, the rest of `acts[b]` saved for
-/// the backward.
+/// the backward; `gate[b]`, the FFN's gate, is not saved (see `Input::Gate`).
 pub fn layer_forward(
     ctx: &mut LayerContext,
     params: &LayerParams,
     acts: &mut [LayerActs],
+    gate: &mut [Vec<f32>],
     out: &mut [&mut Vec<f32>],
 ) -> Result<()> {
     let (kernels, host, eps) = (&mut ctx.kernels, &mut *ctx.host, ctx.norm_eps);
@@ -66,7 +67,7 @@ pub fn layer_forward(
         add_assign(x2, x); // x2 = x + Wo attn
         host.rmsnorm_forward(x2n, rrms2, x2, params.rms_ffn, eps);
     }
-    kernels.ffn_fwd(params, acts, out)?;
+    kernels.ffn_fwd(params, acts, gate, out)?;
     for (layer_acts, out) in acts.iter().zip(out) {
         add_assign(out, &layer_acts.x2); // x_out = x2 + W2 gate
     }
@@ -89,27 +90,27 @@ pub fn layer_backward(
     dw.run("ffn_bwd_w2", |dy| {
         kernels.ffn_bwd_w2(params, &dy.dx, &mut scratch.dgate)
     })?;
-    dw.due(Param::W2(layer), Dy::Dx, |layer_acts| &layer_acts.gate);
+    dw.due(Param::W2(layer), Dy::Dx, Input::Gate);
     dw.run_writing("ffn_bwd_w13", [Dy::Dh1, Dy::Dh3], |_, [dh1, dh3]| {
         kernels.ffn_bwd_w13(params, acts, &scratch.dgate, &mut scratch.dx2n, dh1, dh3)
     })?;
-    dw.due(Param::W1(layer), Dy::Dh1, |layer_acts| &layer_acts.x2n);
-    dw.due(Param::W3(layer), Dy::Dh3, |layer_acts| &layer_acts.x2n);
+    dw.due(Param::W1(layer), Dy::Dh1, Input::Saved(|saved| &saved.x2n));
+    dw.due(Param::W3(layer), Dy::Dh3, Input::Saved(|saved| &saved.x2n));
     // dx2 = dx + rmsnorm_backward(dx2n).
     norm_backward(host, dw, params, Norm::Ffn, &scratch.dx2n, acts);
     dw.run("wo_bwd", |dy| {
         kernels.wo_bwd(params, &dy.dx, &mut scratch.dattn)
     })?;
-    dw.due(Param::Wo(layer), Dy::Dx, |layer_acts| &layer_acts.attn);
+    dw.due(Param::Wo(layer), Dy::Dx, Input::Saved(|saved| &saved.attn));
     if params.q_norm.is_some() {
         attention_backward_normed(kernels, params, acts, scratch, dw)?;
     } else {
         dw.run_writing("attn_bwd", [Dy::Dq, Dy::Dk, Dy::Dv], |_, [dq, dk, dv]| {
             kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
         })?;
-        dw.due(Param::Wq(layer), Dy::Dq, |layer_acts| &layer_acts.xn);
-        dw.due(Param::Wk(layer), Dy::Dk, |layer_acts| &layer_acts.xn);
-        dw.due(Param::Wv(layer), Dy::Dv, |layer_acts| &layer_acts.xn);
+        dw.due(Param::Wq(layer), Dy::Dq, Input::Saved(|saved| &saved.xn));
+        dw.due(Param::Wk(layer), Dy::Dk, Input::Saved(|saved| &saved.xn));
+        dw.due(Param::Wv(layer), Dy::Dv, Input::Saved(|saved| &saved.xn));
         if params.bq.is_some() {
             dw.due_sum(Param::Bq(layer), Dy::Dq);
             dw.due_sum(Param::Bk(layer), Dy::Dk);
@@ -144,7 +145,7 @@ fn attention_backward_normed(
         let (dq, dk) = (&mut scratch.dq_normed, &mut scratch.dk_normed);
         kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
     })?;
-    dw.due(Param::Wv(layer), Dy::Dv, |layer_acts| &layer_acts.xn);
+    dw.due(Param::Wv(layer), Dy::Dv, Input::Saved(|saved| &saved.xn));
     let writes = [Dy::Dq, Dy::Dk, Dy::DqNorm, Dy::DkNorm];
     dw.run_writing("q_bwd", writes, |dy, [dq, dk, dq_norm, dk_norm]| {
         let (dq_normed, dk_normed) = (&scratch.dq_normed, &scratch.dk_normed);
@@ -154,8 +155,8 @@ fn attention_backward_normed(
         add_each(&mut scratch.dxn, &scratch.dxn_kv);
         Ok(())
     })?;
-    dw.due(Param::Wq(layer), Dy::Dq, |layer_acts| &layer_acts.xn);
-    dw.due(Param::Wk(layer), Dy::Dk, |layer_acts| &layer_acts.xn);
+    dw.due(Param::Wq(layer), Dy::Dq, Input::Saved(|saved| &saved.xn));
+    dw.due(Param::Wk(layer), Dy::Dk, Input::Saved(|saved| &saved.xn));
     if params.bq.is_some() {
         dw.due_sum(Param::Bq(layer), Dy::Dq);
         dw.due_sum(Param::Bk(layer), Dy::Dk);
@@ -181,7 +182,7 @@ enum Norm {
 }
 
 /// `dx += rmsnorm_backward(dy)` per sequence, in place in the scheduler's
-/// `dx`, and the gradient of the norm's weight.
+/// `dx`, and the gradient of the norm's weight (unless the base is frozen).
 fn norm_backward(
     host: &mut TimedHost,
     dw: &mut DwPass,
@@ -201,7 +202,7 @@ fn norm_backward(
             Norm::Attention => (&layer_acts.x, &layer_acts.rrms1),
             Norm::Ffn => (&layer_acts.x2, &layer_acts.rrms2),
         };
-        host.rmsnorm_backward(dx, dw.grads.get_mut(param), dy, x, weight, rrms);
+        host.rmsnorm_backward(dx, dw.grads.base_mut(param), dy, x, weight, rrms);
     }
     dw.put(Dy::Dx, dx);
     dw.grads.finished(param);

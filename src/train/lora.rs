@@ -1,22 +1,26 @@
 //! One LoRA fine-tuning step: the base stays frozen (read, never written,
-//! no optimizer state), the adapters are what trains. The engine runs on the
-//! merged weights `W + s B A` (made again after each optimizer step, so the
-//! kernels keep their runtime weights and compile once) and gives the merged
-//! weights' gradient `dW`, from which `dA = s B^T dW` and `dB = s dW A^T`
-//! exactly (`Adapters::grads_from_dw`); AdamW then updates the adapters
-//! alone (`AdamW::step_matrices`).
+//! no gradient, no optimizer state), the adapters are what trains. The
+//! engine's forward runs on the merged weights `W + s B A` (made again after
+//! each optimizer step, so the kernels keep their runtime weights and compile
+//! once), so its backward's `dx` is the adapted model's; its frozen-base
+//! backward (`Engine::forward_backward_lora`) computes the adapters'
+//! gradients alone, from each adapted projection's `dY` and `X`. AdamW then
+//! updates the adapters alone (`AdamW::step_matrices`).
 //!
 //! The step owns the merged weights and keeps the base values of the adapted
 //! matrices only (the rest of the merged weights are the base), so a run
-//! holds one copy of the model.
+//! holds one copy of the model; those values are kept in bf16 when that is
+//! exact (every value of a bf16 checkpoint), else in f32 ([`BaseValues`]).
 //!
 //! What it deliberately does not own: batches and their loss weights
 //! (`data::sft`), the optimizer's schedule and the run loop.
 
 use std::path::Path;
 
+use half::bf16;
 use serde::{Deserialize, Serialize};
 
+use crate::linalg::{gemm, n};
 use crate::model::checkpoint;
 use crate::model::lora::{Adapters, LoraConfig, Target};
 use crate::model::{ModelConfig, Param, Weights};
@@ -27,10 +31,40 @@ use crate::{Error, Result};
 /// The arrays of a LoRA step: the merged weights, the base values of the
 /// adapted matrices, and the gradients.
 pub struct LoraStep {
-    merged: Weights,              // the base's layout: W + s B A
-    base: Vec<(Param, Vec<f32>)>, // W of every adapted matrix
-    dw: Weights,                  // the base's layout: d(loss)/d(merged)
-    grads: Adapters,              // the adapters' gradient
+    merged: Weights,                // the base's layout: W + s B A
+    base: Vec<(Param, BaseValues)>, // W of every adapted matrix
+    grads: Adapters,                // the adapters' gradient
+}
+
+/// The base values of one adapted matrix, as compact as is exact: bf16 when
+/// every value is a bf16 (its low 16 bits zero: a bf16 checkpoint's
+/// matrices, widened on loading), else f32. Half the memory for the usual
+/// checkpoints, and the merge restores the base bit for bit either way.
+enum BaseValues {
+    Bf16(Vec<bf16>),
+    F32(Vec<f32>),
+}
+
+impl BaseValues {
+    fn keep(values: &[f32]) -> BaseValues {
+        if values.iter().all(|value| value.to_bits() & 0xffff == 0) {
+            BaseValues::Bf16(values.iter().map(|&value| bf16::from_f32(value)).collect())
+        } else {
+            BaseValues::F32(values.to_vec())
+        }
+    }
+
+    /// Write the values (widened, exactly) over `dst`.
+    fn restore(&self, dst: &mut [f32]) {
+        match self {
+            BaseValues::Bf16(values) => {
+                for (dst, value) in dst.iter_mut().zip(values) {
+                    *dst = value.to_f32();
+                }
+            }
+            BaseValues::F32(values) => dst.copy_from_slice(values),
+        }
+    }
 }
 
 impl LoraStep {
@@ -54,13 +88,12 @@ impl LoraStep {
             .into_iter()
             .map(|(layer, target): (usize, Target)| {
                 let param = target.param(layer);
-                (param, base.get(param).to_vec())
+                (param, BaseValues::keep(base.get(param)))
             })
             .collect();
         let mut grads = adapters.clone();
         grads.data.fill(0.0);
         let mut step = LoraStep {
-            dw: Weights::zeros(base.config()),
             merged: base,
             base: kept,
             grads,
@@ -69,12 +102,20 @@ impl LoraStep {
         Ok(step)
     }
 
-    /// Merge `adapters` into the base again (after they changed).
+    /// Merge `adapters` into the base again (after they changed): each
+    /// adapted matrix restored to its base, then `W += s B A` by one product
+    /// accumulated into it (no `s B A` array, no second pass over it).
     pub fn merge(&mut self, adapters: &Adapters) {
+        let (rank, scale) = (adapters.config.rank, adapters.config.scale());
         for (param, values) in &self.base {
-            self.merged.get_mut(*param).copy_from_slice(values);
+            let (layer, target) = Target::of(*param).expect("an adapted projection");
+            let (out, input) = target.shape(adapters.model());
+            let w = self.merged.get_mut(*param);
+            values.restore(w);
+            let b = n(adapters.b(layer, target), out, rank);
+            let a = n(adapters.a(layer, target), rank, input);
+            gemm(w, out, input, b, a, scale, true);
         }
-        adapters.fuse_into(&mut self.merged);
     }
 
     /// The merged weights, as the engine sees them.
@@ -82,10 +123,11 @@ impl LoraStep {
         &self.merged
     }
 
-    /// Forward and backward of one micro-batch on the merged weights:
-    /// `loss_scale` times the gradient of `sum(w ce) / loss.divisor` into
-    /// the adapters' gradient (written over on the step's first
-    /// micro-batch, `GradWrite::Overwrite`, else added); returns the loss.
+    /// Forward and backward of one micro-batch on the merged weights with
+    /// the base frozen: `loss_scale` times the gradient of
+    /// `sum(w ce) / loss.divisor` into the adapters' gradient (written over
+    /// on the step's first micro-batch, `GradWrite::Overwrite`, else added);
+    /// returns the loss.
     pub fn forward_backward(
         &mut self,
         engine: &mut Engine,
@@ -95,13 +137,8 @@ impl LoraStep {
         loss: LossWeights,
         loss_scale: f32,
     ) -> Result<f64> {
-        let (merged, dw) = (&self.merged, &mut self.dw);
-        let value =
-            engine.forward_backward_weighted(merged, dw, write, inputs, loss, loss_scale)?;
-        // dW accumulates over the micro-batches and the map to the adapters
-        // is linear, so the map of the sum is the sum of the gradients.
-        self.grads = adapters.grads_from_dw(&self.dw);
-        Ok(value)
+        let (merged, grads) = (&self.merged, &mut self.grads);
+        engine.forward_backward_lora(merged, adapters, grads, write, inputs, loss, loss_scale)
     }
 
     /// The adapters' gradient from the micro-batches so far.
@@ -224,4 +261,34 @@ pub fn load_checkpoint(path: &Path) -> Result<LoraCheckpoint> {
         moments: (m, v, header.adam_t),
         state: header.state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bf16 values are kept in bf16 and restored bit for bit; one value
+    /// with more bits keeps the whole matrix in f32.
+    #[test]
+    fn base_values_are_kept_in_bf16_only_when_exact() {
+        let exact = [
+            1.0f32,
+            -0.0,
+            3.140625,
+            f32::from_bits(0x3f81_0000),
+            1e-30f32,
+        ];
+        let exact = exact.map(|v| bf16::from_f32(v).to_f32());
+        let kept = BaseValues::keep(&exact);
+        assert!(matches!(kept, BaseValues::Bf16(_)));
+        let mut restored = [7.0; 5];
+        kept.restore(&mut restored);
+        assert_eq!(restored.map(f32::to_bits), exact.map(f32::to_bits));
+        let wider = [1.0f32, 0.1];
+        let kept = BaseValues::keep(&wider);
+        assert!(matches!(kept, BaseValues::F32(_)));
+        let mut restored = [0.0; 2];
+        kept.restore(&mut restored);
+        assert_eq!(restored, wider);
+    }
 }

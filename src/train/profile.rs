@@ -117,7 +117,7 @@ impl TimedHost {
     pub fn rmsnorm_backward(
         &mut self,
         dx: &mut [f32],
-        d_weight: &mut [f32],
+        d_weight: Option<&mut [f32]>,
         dy: &[f32],
         x: &[f32],
         weight: &[f32],
@@ -158,7 +158,7 @@ impl TimedHost {
     pub fn classifier_backward(
         &mut self,
         dx: &mut [f32],
-        d_classifier: &mut [f32],
+        d_classifier: Option<&mut [f32]>,
         g: &[f32],
         x: &[f32],
         classifier: &[f32],
@@ -188,7 +188,7 @@ impl TimedHost {
         &mut self,
         dx: &mut [f32],
         add_dx: bool,
-        d_classifier: &mut [f32],
+        d_classifier: Option<&mut [f32]>,
         g: &[f32],
         x: &[f32],
         classifier: &[f32],

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::Result;
 use crate::model::Param;
 use crate::model::kernels::LAYER_KERNELS;
-use crate::train::buffers::{Dy, DySources, LayerActs};
+use crate::train::buffers::{Dy, DySources, Input, LayerActs};
 use crate::train::grads::GradSink;
 use crate::train::profile::Profile;
 
@@ -48,13 +48,9 @@ pub fn planned_beside(param: Param, qk_norm: bool) -> Option<&'static str> {
 /// sequence `b`) of `param`'s layer.
 #[derive(Clone, Copy)]
 pub enum DwJob {
-    /// A matrix: `dW = sum_b dY_b X_b^T` with `X_b = x(acts)` of the same
-    /// sequence in `param`'s layer.
-    Product {
-        param: Param,
-        dy: Dy,
-        x: fn(&LayerActs) -> &Vec<f32>,
-    },
+    /// A matrix: `dW = sum_b dY_b X_b^T` with `X_b` the input `x` of the
+    /// same sequence in `param`'s layer.
+    Product { param: Param, dy: Dy, x: Input },
     /// A vector: `dw[r] = sum_b sum_t dY_b[r, t]` (a bias: its projection's
     /// output gradient; a QK-norm weight: its gradient per position).
     RowSum { param: Param, dy: Dy },
@@ -130,15 +126,21 @@ pub struct DwPass<'s, 'g> {
 
 impl<'g> DwPass<'_, 'g> {
     /// `param`'s gradient can be computed from now on, from the array `dy`
-    /// and the activation `x` of its layer.
-    pub fn due(&mut self, param: Param, dy: Dy, x: fn(&LayerActs) -> &Vec<f32>) {
-        self.schedule.pending.push(DwJob::Product { param, dy, x });
+    /// and the activation `x` of its layer (a job only if the pass computes
+    /// it: with a frozen base, adapted projections alone, as their
+    /// adapters' products).
+    pub fn due(&mut self, param: Param, dy: Dy, x: Input) {
+        if self.grads.computes(param) {
+            self.schedule.pending.push(DwJob::Product { param, dy, x });
+        }
     }
 
     /// `param`'s gradient, a sum over positions of the array `dy`, can be
-    /// computed from now on.
+    /// computed from now on (if the pass computes it: not with a frozen base).
     pub fn due_sum(&mut self, param: Param, dy: Dy) {
-        self.schedule.pending.push(DwJob::RowSum { param, dy });
+        if self.grads.computes(param) {
+            self.schedule.pending.push(DwJob::RowSum { param, dy });
+        }
     }
 
     /// Lend out array `which` for writing: first runs (and waits for) every
@@ -296,7 +298,7 @@ fn overlapped(
 mod tests {
     use super::*;
     use crate::model::{ModelConfig, Weights};
-    use crate::train::grads::GradWrite;
+    use crate::train::grads::{GradTarget, GradWrite};
 
     #[test]
     fn the_plan_names_kernels_of_the_set() {
@@ -321,17 +323,19 @@ mod tests {
         };
         let seq = 4;
         let mut acts = vec![vec![LayerActs::new(&config, seq)]];
-        acts[0][0].gate.fill(1.0);
+        acts[0][0].h1.fill(1.0);
         let mut dy = DySources::default();
         dy.resize(&config, 1, seq);
         dy.dx[0].fill(2.0);
         let mut grads = Weights::zeros(&config);
         let mut sums_of_squares = Vec::new();
         let mut schedule = DwSchedule::default();
-        let sink = GradSink::start(&mut grads, GradWrite::Add, seq, &mut sums_of_squares);
+        let target = GradTarget::Weights(&mut grads);
+        let sink = GradSink::start(target, GradWrite::Add, seq, &mut sums_of_squares);
         let mut pass = schedule.pass(&mut dy, &acts, sink);
-        // dW2 = dx gate^T, planned beside `ffn_bwd_w13`: not beside `wo_bwd`.
-        pass.due(Param::W2(0), Dy::Dx, |a| &a.gate);
+        // dW2 = dx h1^T (a saved input of W2's shape), planned beside
+        // `ffn_bwd_w13`: not beside `wo_bwd`.
+        pass.due(Param::W2(0), Dy::Dx, Input::Saved(|a| &a.h1));
         pass.run("wo_bwd", |_| Ok(())).unwrap();
         let mut dx = pass.take(Dy::Dx);
         dx[0].fill(0.0);

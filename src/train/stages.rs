@@ -69,18 +69,22 @@ impl BatchKernels<'_> {
         )
     }
 
-    /// `h1`, `h3`, `gate` and `out = W2 gate` from `x2n` (SwiGLU).
+    /// `h1`, `h3`, `gate` and `out = W2 gate` from `x2n` (SwiGLU); `gate`
+    /// into one array per sequence that every layer reuses (the backward
+    /// makes it again: `buffers::Input::Gate`).
     pub fn ffn_fwd(
         &mut self,
         params: &LayerParams,
         acts: &mut [LayerActs],
+        gate: &mut [Vec<f32>],
         out: &mut [&mut Vec<f32>],
     ) -> Result<()> {
+        let outputs = gate.iter_mut().zip(out.iter_mut());
         run_many(
             self.backend,
             acts.iter_mut()
-                .zip(out.iter_mut())
-                .map(|(layer_acts, out)| {
+                .zip(outputs)
+                .map(|(layer_acts, (gate, out))| {
                     self.kernels
                         .ffn_fwd
                         .call()
@@ -90,7 +94,7 @@ impl BatchKernels<'_> {
                         .input("x2n", &layer_acts.x2n)
                         .output("h1", &mut layer_acts.h1)
                         .output("h3", &mut layer_acts.h3)
-                        .output("gate", &mut layer_acts.gate)
+                        .output("gate", gate)
                         .output("ffn", out)
                 }),
         )

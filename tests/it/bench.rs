@@ -407,3 +407,75 @@ fn train_step_reports_flops_phases_and_losses() {
         }
     }
 }
+
+/// `bench train-step --lora`: LoRA steps with the adapters the flags say,
+/// their FLOP count (2 x forward + the adapters' products), the merge timed
+/// as its own phase; the LoRA flags need `--lora`.
+#[test]
+fn train_step_times_lora_steps() {
+    let path = json_path("train-step-lora");
+    let out = anemone()
+        .args(["bench", "train-step", "--config", "tiny", "--seq", "32"])
+        .args([
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "2",
+        ])
+        .args(["--lora", "--lora-rank", "4", "--lora-targets", "down,q"])
+        .args(["--lora-layers", "2", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(r["training"], "lora r=4 q,down (2 of 4 layers)");
+    assert!(
+        stdout.contains("(lora r=4 q,down (2 of 4 layers))"),
+        "{stdout}"
+    );
+    // tiny at T=32: forward 4,030,464 per token (see above), twice; the
+    // adapters 4 r (in + out) per token: q 192 + 192, down 512 + 192, on 2
+    // layers: 4 * 4 * 2 * 1088 = 34,816. Times 64 tokens: 518,127,616.
+    assert!((f(&r, "gflop_per_step") * 1e9 - 518_127_616.0).abs() < 1.0);
+    let phases: Vec<&str> = r["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for name in ["attn_fwd", "ffn_bwd_w13", "dW gemm", "optimizer", "merge"] {
+        assert!(phases.contains(&name), "{name} missing from {phases:?}");
+    }
+    let losses = r["losses"].as_array().unwrap();
+    assert_eq!(losses.len(), 2);
+    assert!(
+        losses
+            .iter()
+            .all(|l| (l.as_f64().unwrap() - 6.93).abs() < 0.3),
+        "{losses:?}"
+    );
+    assert!(f(&r, "peak_rss_mb") > 0.0);
+
+    let out = anemone()
+        .args([
+            "bench",
+            "train-step",
+            "--config",
+            "tiny",
+            "--lora-rank",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--lora"), "{err}");
+}

@@ -712,6 +712,82 @@ fn the_weighted_loss_is_the_same_in_groups_and_vocabulary_blocks() {
     assert!((mean - whole).abs() <= 1e-7 * whole, "{mean} vs {whole}");
 }
 
+/// The frozen-base backward (`Engine::forward_backward_lora`, the adapters'
+/// rank-r products from each projection's `dY` and `X`) equals the
+/// definition, `Adapters::grads_from_dw` of the full engine's gradient of
+/// the merged weights, within fp32 rounding (the products are summed in
+/// another order): two micro-batches (a masked one written over, an
+/// unmasked one added), on the GQA fixtures (qwen2's biases and qwen3's
+/// QK-norm have no gradient to skip wrongly), with adapters on the last layer's
+/// q and down projections only, and on every target of every layer. B is
+/// random, so that `dA` is not zero. The loss is the full engine's bit for
+/// bit (the same forward), and the engine's clip norm is the adapters'.
+#[test]
+fn the_frozen_base_backward_equals_the_adapter_gradients_of_the_full_backward() {
+    use anemone::model::lora::{LoraConfig, Target};
+    use anemone::rng::Rng;
+    for name in MODELS {
+        let case = Case::open(name);
+        let n_layers = case.config().n_layers;
+        let some = LoraConfig::new(4, 8.0, 0.0, &[Target::Down, Target::Q], Some(1), n_layers);
+        let all = LoraConfig::new(4, 8.0, 0.0, &Target::ALL, None, n_layers);
+        for lora in [some.unwrap(), all.unwrap()] {
+            let mut rng = Rng::new(3);
+            let mut adapters = Adapters::init(case.config(), &lora, &mut rng).unwrap();
+            for (layer, target) in lora.entries() {
+                for value in adapters.b_mut(layer, target) {
+                    *value = 0.1 * rng.normal();
+                }
+            }
+            let (mut engine, _) = lora_step(&case);
+            let mut step = LoraStep::new(case.base.clone(), &adapters).unwrap();
+            let batch = &case.batch;
+            // The second micro-batch: the same windows, other targets, all counted.
+            let mut targets = batch.targets.clone();
+            targets.rotate_left(1);
+            let divisor = (batch.counted() + targets.len()) as f64;
+            let micro_batches = [
+                (
+                    GradWrite::Overwrite,
+                    LossWeights {
+                        divisor,
+                        ..masked(batch)
+                    },
+                ),
+                (
+                    GradWrite::Add,
+                    LossWeights {
+                        targets: &targets,
+                        weights: None,
+                        divisor,
+                    },
+                ),
+            ];
+            let mut dw = Weights::zeros(case.config());
+            let mut engine_norm = 0.0;
+            for (write, loss) in micro_batches {
+                let inputs = &batch.inputs;
+                let fast = step.forward_backward(&mut engine, &adapters, write, inputs, loss, 1.0);
+                engine_norm = engine.grad_norm();
+                let merged = step.merged();
+                let full =
+                    engine.forward_backward_weighted(merged, &mut dw, write, inputs, loss, 1.0);
+                assert_eq!(fast.unwrap(), full.unwrap(), "{name}: the loss");
+            }
+            let want = adapters.grads_from_dw(&dw);
+            let what = format!("{name}: {} adapters' gradients", lora.entries().len());
+            let worst = assert_elementwise(&step.grads().data, &want.data, 1e-4, 1e-6, &what);
+            eprintln!("{what} within {worst:.2e} of the largest");
+            // The engine's sums of squares, taken as each adapter's job finished.
+            let norm = step.grad_norm();
+            assert!(
+                (engine_norm - norm).abs() <= 1e-6 * norm,
+                "{engine_norm} vs {norm}"
+            );
+        }
+    }
+}
+
 /// A backend that counts the compiles of the one it wraps.
 struct Counting<B> {
     inner: B,
