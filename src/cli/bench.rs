@@ -260,18 +260,6 @@ impl TrainStepArgs {
     }
 }
 
-/// Bytes of a benchmarked step: full training's estimate, or for LoRA that
-/// without the base's gradient and AdamW moments (12 bytes a parameter),
-/// with the adapted matrices' bf16 copy (2 bytes a parameter at most).
-fn step_bytes(config: &ModelConfig, batch: usize, seq: usize, lora: bool) -> u64 {
-    let bytes = anemone::train::job::training_bytes(config, batch, seq);
-    if !lora {
-        return bytes;
-    }
-    let params = config.checked_n_params().unwrap_or(usize::MAX) as u64;
-    bytes.saturating_sub(params.saturating_mul(10))
-}
-
 fn train_step(args: TrainStepArgs) -> Result<()> {
     let config = ModelConfig::from_name_or_file(&args.config)?;
     let seq = args.seq.unwrap_or(config.seq_len);
@@ -286,7 +274,7 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
     let lora = args.lora_config(&config)?;
     anemone::memory::check(
         &format!("training steps of {} x {seq} tokens", args.batch),
-        step_bytes(&config, args.batch, seq, lora.is_some()),
+        anemone::train::job::step_bytes(&config, args.batch, seq, lora.is_some()),
         "lower --batch or --seq",
     )?;
     let opened = open_backend(args.backend, args.precision)?;

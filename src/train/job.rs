@@ -633,7 +633,8 @@ pub fn training_bytes(model: &ModelConfig, batch: usize, seq: usize) -> u64 {
     let (width, hidden) = (model.dim, model.hidden_dim);
     let (q_width, kv_width) = (model.q_dim(), model.kv_dim());
     let params = model.checked_n_params().unwrap_or(usize::MAX);
-    let per_layer_token = 6 * width + 3 * hidden + 2 * q_width + 2 * kv_width + 2;
+    // The FFN saves `h1` and `h3` (its gate is rebuilt in the backward).
+    let per_layer_token = 6 * width + 2 * hidden + 2 * q_width + 2 * kv_width + 2;
     let backward_token = 4 * width + 3 * hidden + 2 * q_width + 2 * kv_width;
     let tokens = size(&[batch, seq]);
     let in_flight = batch.min(rayon::current_num_threads()).max(1);
@@ -647,6 +648,18 @@ pub fn training_bytes(model: &ModelConfig, batch: usize, seq: usize) -> u64 {
     .fold(0, u64::saturating_add)
 }
 
+/// Bytes of a training step ([`training_bytes`]), or of a LoRA step: that
+/// without the base's gradient and AdamW moments (12 bytes a parameter),
+/// with the adapted matrices' bf16 copy (2 bytes a parameter at most).
+pub fn step_bytes(model: &ModelConfig, batch: usize, seq: usize, lora: bool) -> u64 {
+    let bytes = training_bytes(model, batch, seq);
+    if !lora {
+        return bytes;
+    }
+    let params = model.checked_n_params().unwrap_or(usize::MAX) as u64;
+    bytes.saturating_sub(params.saturating_mul(10))
+}
+
 /// Refuse a run whose step would not fit in memory, before allocating it.
 fn check_training_memory(config: &TrainConfig) -> Result<()> {
     crate::memory::check(
@@ -656,7 +669,7 @@ fn check_training_memory(config: &TrainConfig) -> Result<()> {
             config.batch,
             config.seq
         ),
-        training_bytes(&config.model, config.batch, config.seq),
+        step_bytes(&config.model, config.batch, config.seq, config.lora.is_some()),
         "lower --batch (use --accum for the same tokens per update) or --seq, or use a smaller --config",
     )
 }
