@@ -235,54 +235,39 @@ fn dot_rows(out: &mut [f32], rows: &[f32], x: &[f32]) {
 /// Matrix-vector products below this many weights run on the calling thread.
 const PARALLEL_WEIGHTS: usize = 1 << 16;
 
+/// Weights in a parallel task of [`matvecs`] (64 KiB): tasks of whole rows,
+/// contiguous in the weights.
+const TASK_WEIGHTS: usize = 1 << 14;
+
 /// A matrix-vector product's output and its `w (out.len(), x.len())` row-major.
 type Product<'a> = (&'a mut [f32], &'a [f32]);
 
 /// `out = w x` for each of `N` products over the same `x`, in one parallel
-/// region: their rows, taken as one list, are cut into one contiguous range
-/// per thread (a fused q/k/v or w1/w3 product costs one hand-over, and each
-/// thread streams its own stretch of the weights, as OpenMP's static schedule
-/// in llama2.c's `run.c` does). Nothing is allocated.
+/// region: a fused q/k/v or w1/w3 product costs one hand-over to the other
+/// threads, not one per matrix. The tasks are runs of rows that rayon deals
+/// out by halves (each thread streams long contiguous stretches of the
+/// weights) and lets idle threads steal: a thread the OS stops for a while
+/// does not hold up the others, as a fixed split would. Nothing is allocated.
 fn matvecs<const N: usize>(products: [Product<'_>; N], x: &[f32]) {
-    let rows: usize = products.iter().map(|(out, _)| out.len()).sum();
+    let n = x.len();
+    let weights: usize = products.iter().map(|(_, w)| w.len()).sum();
     for (out, w) in &products {
-        debug_assert_eq!(w.len(), out.len() * x.len());
+        debug_assert_eq!(w.len(), out.len() * n);
     }
-    let threads = if rows * x.len() < PARALLEL_WEIGHTS {
-        1
-    } else {
-        rayon::current_num_threads().min(rows)
-    };
-
-    split_rows(products, x, rows, threads);
-}
-
-/// [`matvecs`] of `rows` rows over `threads` threads: halves (in proportion
-/// to their threads) joined, each cut down further, one range a thread.
-fn split_rows<const N: usize>(products: [Product<'_>; N], x: &[f32], rows: usize, threads: usize) {
-    if threads <= 1 {
+    if weights < PARALLEL_WEIGHTS {
         for (out, w) in products {
             dot_rows(out, w, x);
         }
         return;
     }
-    let left_threads = threads / 2;
-    let cut = rows * left_threads / threads;
-    let mut left: [Product<'_>; N] = std::array::from_fn(|_| Default::default());
-    let mut right: [Product<'_>; N] = std::array::from_fn(|_| Default::default());
-    let mut before = 0;
-    for (i, (out, w)) in products.into_iter().enumerate() {
-        let k = cut.saturating_sub(before).min(out.len());
-        before += out.len();
-        let (out_left, out_right) = out.split_at_mut(k);
-        let (w_left, w_right) = w.split_at(k * x.len());
-        left[i] = (out_left, w_left);
-        right[i] = (out_right, w_right);
-    }
-    rayon::join(
-        || split_rows(left, x, cut, left_threads),
-        || split_rows(right, x, rows - cut, threads - left_threads),
-    );
+    let rows_per_task = (TASK_WEIGHTS / n).max(1);
+    products
+        .into_par_iter()
+        .flat_map(|(out, w)| {
+            out.par_chunks_mut(rows_per_task)
+                .zip(w.par_chunks(rows_per_task * n))
+        })
+        .for_each(|(out, w)| dot_rows(out, w, x));
 }
 
 /// `out = w x` for `w (out.len(), x.len())` row-major ([`matvecs`] of one).
