@@ -25,7 +25,11 @@ a prompt of BOS alone both run N forward passes). Reported per side:
 - whether both printed the same text (greedy decoding of the same weights:
   they should, unless two logits tie within rounding).
 The summary gives medians over rounds and the ratio anemone/run.c of tokens/s
-(above 1: anemone faster).
+(above 1: anemone faster). With `--baseline BIN`, a second anemone binary (a
+build before a change) runs as a third side in the same rounds, and the summary
+adds its ratio to run.c and the median of anemone/baseline per round: on a
+machine shared with other load, ratios within a round say more than absolute
+rates.
 
 run.c is run, never copied: give a built binary (`--runc PATH`) or its source
 to build (`--runc-src run.c`, built as llama2.c builds it:
@@ -140,8 +144,8 @@ def parse_anemone(stderr):
     return out
 
 
-def anemone_llama2c(args, model):
-    cmd = [args.anemone, "--threads", str(args.threads), "generate", "--model", model,
+def anemone_llama2c(args, model, binary=None):
+    cmd = [binary or args.anemone, "--threads", str(args.threads), "generate", "--model", model,
            "--tokenizer", args.tokenizer, "--temperature", "0", "--max-tokens", str(args.max_tokens)]
     out, err, wall, cpu = timed(cmd)
     r = parse_anemone(err)
@@ -181,6 +185,8 @@ def bench_llama2c(args):
             write_llama2c(model, LLAMA2C[name])
         sides = [("anemone", lambda: anemone_llama2c(args, model)),
                  ("run.c", lambda: runc(args, model))]
+        if args.baseline:
+            sides.insert(1, ("baseline", lambda: anemone_llama2c(args, model, args.baseline)))
         rounds = []
         for rnd in range(args.rounds):
             order = sides if rnd % 2 == 0 else sides[::-1]
@@ -188,11 +194,18 @@ def bench_llama2c(args):
             a, c = got["anemone"], got["run.c"]
             got["ratio"] = a["rate"] / c["rate"] if a["rate"] else None
             got["same_text"] = a["text"] == c["text"]
+            versus = ""
+            if args.baseline:
+                b = got["baseline"]
+                got["baseline_ratio"] = b["rate"] / c["rate"] if b["rate"] else None
+                got["same_text"] = got["same_text"] and b["text"] == c["text"]
+                versus = (f"  baseline {b['rate'] or 0:7.1f} tok/s (ratio {got['baseline_ratio'] or 0:.2f}, "
+                          f"anemone/baseline {a['rate'] / b['rate']:.3f})")
             rounds.append(got)
             print(f"round {rnd + 1}/{args.rounds} {name:12} anemone {a['rate'] or 0:7.1f} tok/s "
                   f"(wall {a['wall_s']:.2f} s, cpu {a['cpu_s']:.2f} s, load {a.get('load_s', 0):.3f} s, "
                   f"{a['tokens']} tokens)  run.c {c['rate']:7.1f} tok/s (wall {c['wall_s']:.2f} s, "
-                  f"cpu {c['cpu_s']:.2f} s)  ratio {got['ratio'] or 0:.2f}  same text "
+                  f"cpu {c['cpu_s']:.2f} s)  ratio {got['ratio'] or 0:.2f}{versus}  same text "
                   f"{'yes' if got['same_text'] else 'NO'}", flush=True)
         results[name] = rounds
     print()
@@ -211,12 +224,25 @@ def bench_llama2c(args):
              "anemone_load_s": med("anemone", "load_s"),
              "anemone_first_token_s": med("anemone", "first_token_s"),
              "same_text": all(r["same_text"] for r in rounds)}
+        if args.baseline:
+            s["baseline_ratios"] = [r["baseline_ratio"] for r in rounds]
+            s["baseline_median_ratio"] = statistics.median(s["baseline_ratios"])
+            s["anemone_over_baseline"] = statistics.median(
+                r["anemone"]["rate"] / r["baseline"]["rate"] for r in rounds)
         summary[name] = s
         print(f"| `{name}` (random weights) | {len(rounds)} | {s['anemone_tok_s']:.1f} "
               f"| {s['runc_tok_s']:.1f} | {' / '.join(f'{x:.2f}' for x in ratios)} "
               f"| **{s['median_ratio']:.2f}** | {s['anemone_wall_s']:.2f} / {s['runc_wall_s']:.2f} "
               f"| {s['anemone_cpu_s']:.2f} / {s['runc_cpu_s']:.2f} | {s['anemone_load_s']:.3f} "
               f"| {s['anemone_first_token_s']:.3f} | {'yes' if s['same_text'] else 'no'} |")
+    if args.baseline:
+        print()
+        print(f"baseline {args.baseline}:")
+        print("| model | baseline/run.c per round | median | anemone/baseline (median of rounds) |")
+        print("|---|---|---|---|")
+        for name, s in summary.items():
+            print(f"| `{name}` | {' / '.join(f'{x:.2f}' for x in s['baseline_ratios'])} "
+                  f"| {s['baseline_median_ratio']:.2f} | {s['anemone_over_baseline']:.3f} |")
     return {"rounds": results, "summary": summary}
 
 
@@ -319,6 +345,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--anemone", default=os.path.join(ROOT, "target", "release", "anemone"))
     p.add_argument("--runc", help="a built llama2.c run binary")
+    p.add_argument("--baseline", help="another anemone binary (say, a build before a change) run "
+                                      "as a third side in llama2.c mode, in the same rounds")
     p.add_argument("--runc-src", help="llama2.c's run.c, built with gcc -Ofast -fopenmp -march=native")
     p.add_argument("--tokenizer", default=os.path.join(ROOT, "..", "shared", "data",
                                                        "llama2-tokenizer.bin"),

@@ -136,15 +136,38 @@ fn sample_cdf(items: impl Iterator<Item = (usize, f32)>, coin: f32, total: f32) 
     last as u32
 }
 
-/// Index of the largest value; ties go to the lowest index.
+/// Index of the largest value; ties go to the lowest index. NaNs are never
+/// the largest, except a NaN first value, whose index is returned.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
+    let Some(&first) = values.first().filter(|v| !v.is_nan()) else {
+        return 0;
+    };
+    // The largest value in sixteen lanes, then the first chunk holding it:
+    // both loops vectorize (a running index would not), and greedy decoding
+    // takes the argmax of the whole vocabulary every token.
+    crate::math::simd(
+        #[inline(always)]
+        || {
+            let chunks = values.chunks_exact(DOT_LANES);
+            let mut lanes = [first; DOT_LANES];
+            for chunk in chunks.clone() {
+                for (m, &v) in lanes.iter_mut().zip(chunk) {
+                    *m = if v > *m { v } else { *m };
+                }
+            }
+            let mut max = lanes
+                .into_iter()
+                .fold(first, |m, v| if v > m { v } else { m });
+            for &v in chunks.remainder() {
+                max = if v > max { v } else { max };
+            }
+            let at = chunks
+                .clone()
+                .position(|chunk| chunk.iter().fold(false, |hit, &v| hit | (v == max)))
+                .map_or(values.len() / DOT_LANES * DOT_LANES, |c| c * DOT_LANES);
+            (at + values[at..].iter().position(|&v| v == max).unwrap_or(0)) as u32
+        },
+    )
 }
 
 /// In-place numerically stable softmax.
@@ -200,6 +223,9 @@ fn dot_rows(out: &mut [f32], rows: &[f32], x: &[f32]) {
     crate::math::simd(
         #[inline(always)]
         || {
+            // A `for` loop: `for_each` was not inlined into this function
+            // (`perf` found its fold as baseline x86-64 code), losing the
+            // vector instructions.
             for (o, row) in out.iter_mut().zip(rows.chunks_exact(x.len())) {
                 *o = dot(row, x);
             }
@@ -207,19 +233,47 @@ fn dot_rows(out: &mut [f32], rows: &[f32], x: &[f32]) {
     );
 }
 
-/// `out = w x` for `w (out.len(), x.len())` row-major; rows split over threads
-/// when the matrix is big enough to pay for it.
-fn matvec(out: &mut [f32], w: &[f32], x: &[f32]) {
+/// Matrix-vector products below this many weights run on the calling thread.
+const PARALLEL_WEIGHTS: usize = 1 << 16;
+
+/// Weights in a parallel task of [`matvecs`] (64 KiB): tasks of whole rows,
+/// contiguous in the weights.
+const TASK_WEIGHTS: usize = 1 << 14;
+
+/// A matrix-vector product's output and its `w (out.len(), x.len())` row-major.
+type Product<'a> = (&'a mut [f32], &'a [f32]);
+
+/// `out = w x` for each of `N` products over the same `x`, in one parallel
+/// region: a fused q/k/v or w1/w3 product costs one hand-over to the other
+/// threads, not one per matrix. The tasks are runs of rows that rayon deals
+/// out by halves (each thread streams long contiguous stretches of the
+/// weights) and lets idle threads steal: a thread the OS stops for a while
+/// does not hold up the others, as a fixed split would. Nothing is allocated.
+fn matvecs<const N: usize>(products: [Product<'_>; N], x: &[f32]) {
     let n = x.len();
-    debug_assert_eq!(w.len(), out.len() * n);
-    if out.len() * n < 1 << 16 {
-        dot_rows(out, w, x);
-    } else {
-        let rows_per_task = ((1 << 14) / n).max(1);
-        out.par_chunks_mut(rows_per_task)
-            .zip(w.par_chunks(rows_per_task * n))
-            .for_each(|(o, rows)| dot_rows(o, rows, x));
+    let weights: usize = products.iter().map(|(_, w)| w.len()).sum();
+    for (out, w) in &products {
+        debug_assert_eq!(w.len(), out.len() * n);
     }
+    if weights < PARALLEL_WEIGHTS {
+        for (out, w) in products {
+            dot_rows(out, w, x);
+        }
+        return;
+    }
+    let rows_per_task = (TASK_WEIGHTS / n).max(1);
+    products
+        .into_par_iter()
+        .flat_map(|(out, w)| {
+            out.par_chunks_mut(rows_per_task)
+                .zip(w.par_chunks(rows_per_task * n))
+        })
+        .for_each(|(out, w)| dot_rows(out, w, x));
+}
+
+/// `out = w x` for `w (out.len(), x.len())` row-major ([`matvecs`] of one).
+fn matvec(out: &mut [f32], w: &[f32], x: &[f32]) {
+    matvecs([(out, w)], x);
 }
 
 /// RMSNorm of every head of `x` (`head_dim` values each) in place, times `weight` (QK-norm).
@@ -275,6 +329,8 @@ pub struct Generator<'w> {
     h1: Vec<f32>,     // (F)
     h3: Vec<f32>,     // (F)
     logits: Vec<f32>, // (V)
+    /// `(Hq, positions)` attention weights of the current position.
+    scores: Vec<f32>,
 }
 
 impl<'w> Generator<'w> {
@@ -303,6 +359,7 @@ impl<'w> Generator<'w> {
             h1: vec![0.0; c.hidden_dim],
             h3: vec![0.0; c.hidden_dim],
             logits: vec![0.0; c.vocab_size],
+            scores: Vec::new(),
         }
     }
 
@@ -354,6 +411,7 @@ impl<'w> Generator<'w> {
                 cache.resize((pos + 1) * kv_dim, 0.0);
             }
         }
+        self.scores.resize(c.n_heads * (pos + 1), 0.0);
         let token = token as usize;
         self.x
             .copy_from_slice(&w.get(Param::Embedding)[token * d..(token + 1) * d]);
@@ -369,37 +427,48 @@ impl<'w> Generator<'w> {
             );
             let optional = |p: Param| w.optional(p);
             let norms = optional(Param::QNorm(layer)).zip(optional(Param::KNorm(layer)));
-            matvec(&mut self.q, w.get(Param::Wq(layer)), &self.xn);
-            add_bias(&mut self.q, optional(Param::Bq(layer)));
             let key_row = &mut self.key_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
-            matvec(key_row, w.get(Param::Wk(layer)), &self.xn);
+            let value_row = &mut self.value_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
+            matvecs(
+                [
+                    (&mut self.q, w.get(Param::Wq(layer))),
+                    (&mut *key_row, w.get(Param::Wk(layer))),
+                    (&mut *value_row, w.get(Param::Wv(layer))),
+                ],
+                &self.xn,
+            );
+            add_bias(&mut self.q, optional(Param::Bq(layer)));
             add_bias(key_row, optional(Param::Bk(layer)));
+            add_bias(value_row, optional(Param::Bv(layer)));
             if let Some((q_norm, k_norm)) = norms {
                 head_rmsnorm(&mut self.q, q_norm, c.norm_eps);
                 head_rmsnorm(key_row, k_norm, c.norm_eps);
             }
             rope(key_row, hd, cos, sin);
-            let value_row = &mut self.value_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
-            matvec(value_row, w.get(Param::Wv(layer)), &self.xn);
-            add_bias(value_row, optional(Param::Bv(layer)));
             rope(&mut self.q, hd, cos, sin);
             let (keys, values) = (&self.key_cache[layer], &self.value_cache[layer]);
             let q = &self.q;
             self.attn
                 .par_chunks_mut(hd)
+                .zip(self.scores.par_chunks_mut(pos + 1))
                 .enumerate()
-                .for_each(|(head, out)| {
-                    let kv_off = (head / group) * hd;
-                    let q_head = &q[head * hd..(head + 1) * hd];
-                    let mut scores: Vec<f32> = (0..=pos)
-                        .map(|t| dot(q_head, &keys[t * kv_dim + kv_off..][..hd]) * scale)
-                        .collect();
-                    softmax(&mut scores);
-                    out.fill(0.0);
-                    for (t, &a) in scores.iter().enumerate() {
-                        let v = &values[t * kv_dim + kv_off..][..hd];
-                        out.iter_mut().zip(v).for_each(|(o, &v)| *o += a * v);
-                    }
+                .for_each(|(head, (out, scores))| {
+                    crate::math::simd(
+                        #[inline(always)]
+                        || {
+                            let kv_off = (head / group) * hd;
+                            let q_head = &q[head * hd..(head + 1) * hd];
+                            for (t, s) in scores.iter_mut().enumerate() {
+                                *s = dot(q_head, &keys[t * kv_dim + kv_off..][..hd]) * scale;
+                            }
+                            softmax(scores);
+                            out.fill(0.0);
+                            for (t, &a) in scores.iter().enumerate() {
+                                let v = &values[t * kv_dim + kv_off..][..hd];
+                                out.iter_mut().zip(v).for_each(|(o, &v)| *o += a * v);
+                            }
+                        },
+                    )
                 });
             matvec(&mut self.proj, w.get(Param::Wo(layer)), &self.attn);
             self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
@@ -411,8 +480,13 @@ impl<'w> Generator<'w> {
                 w.get(Param::RmsFfn(layer)),
                 c.norm_eps,
             );
-            matvec(&mut self.h1, w.get(Param::W1(layer)), &self.xn);
-            matvec(&mut self.h3, w.get(Param::W3(layer)), &self.xn);
+            matvecs(
+                [
+                    (&mut self.h1, w.get(Param::W1(layer))),
+                    (&mut self.h3, w.get(Param::W3(layer))),
+                ],
+                &self.xn,
+            );
             crate::math::simd(
                 #[inline(always)]
                 || {
@@ -789,21 +863,72 @@ mod tests {
     }
 
     #[test]
-    fn matvec_parallel_path_matches_the_serial_one() {
+    fn fused_parallel_products_equal_the_serial_rows_bit_for_bit() {
         let mut rng = Rng::new(3);
-        let (rows, cols) = (300, 301);
-        let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+        let cols = 301;
+        let shapes = [300, 7, 301];
+        let ws: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|&rows| (0..rows * cols).map(|_| rng.normal()).collect())
+            .collect();
         let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
-        let mut out = vec![0.0; rows];
-        matvec(&mut out, &w, &x);
-        for (r, &o) in out.iter().enumerate() {
-            let reference: f64 = (0..cols)
-                .map(|c| w[r * cols + c] as f64 * x[c] as f64)
-                .sum();
-            assert!(
-                (o as f64 - reference).abs() < 1e-3,
-                "row {r}: {o} vs {reference}"
+        let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&rows| vec![0.0; rows]).collect();
+        let [a, b, c] = &mut outs[..] else {
+            unreachable!()
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| matvecs([(a, &ws[0]), (b, &ws[1]), (c, &ws[2])], &x));
+        for ((out, w), &rows) in outs.iter().zip(&ws).zip(&shapes) {
+            let mut serial = vec![0.0; rows];
+            dot_rows(&mut serial, w, &x);
+            assert_eq!(
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                serial.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             );
+            for (r, &o) in out.iter().enumerate() {
+                let reference: f64 = (0..cols)
+                    .map(|c| w[r * cols + c] as f64 * x[c] as f64)
+                    .sum();
+                assert!(
+                    (o as f64 - reference).abs() < 1e-3,
+                    "row {r}: {o} vs {reference}"
+                );
+            }
         }
+    }
+
+    /// The plain scan [`argmax`] replaces.
+    fn first_largest(values: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &v) in values.iter().enumerate() {
+            if v > values[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_equals_the_plain_scan() {
+        let mut rng = Rng::new(5);
+        for len in [1, 15, 16, 17, 100, 32000] {
+            let mut v: Vec<f32> = (0..len).map(|_| rng.normal()).collect();
+            assert_eq!(argmax(&v), first_largest(&v), "{len}");
+            // Ties, NaNs and signed zeros, in the vector part and the tail.
+            v.iter_mut().for_each(|x| *x = x.round().min(1.0));
+            assert_eq!(argmax(&v), first_largest(&v), "{len} ties");
+            v[len / 2] = f32::NAN;
+            assert_eq!(argmax(&v), first_largest(&v), "{len} NaN");
+            v.iter_mut()
+                .for_each(|x| *x = if *x > 0.0 { -0.0 } else { *x });
+            assert_eq!(argmax(&v), first_largest(&v), "{len} zeros");
+            v[0] = f32::NAN;
+            assert_eq!(argmax(&v), 0, "{len} NaN first");
+        }
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 20]), 0);
     }
 }
