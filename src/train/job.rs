@@ -669,7 +669,12 @@ fn check_training_memory(config: &TrainConfig) -> Result<()> {
             config.batch,
             config.seq
         ),
-        step_bytes(&config.model, config.batch, config.seq, config.lora.is_some()),
+        step_bytes(
+            &config.model,
+            config.batch,
+            config.seq,
+            config.lora.is_some(),
+        ),
         "lower --batch (use --accum for the same tokens per update) or --seq, or use a smaller --config",
     )
 }
