@@ -277,8 +277,14 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
         anemone::train::job::step_bytes(&config, args.batch, seq, lora.is_some()),
         "lower --batch or --seq",
     )?;
+    // Under `mpirun` (`--features mpi`) each rank runs the step on its own
+    // batch and all-reduces the gradients; rank 0 reports.
+    let dist = anemone::dist::from_launcher()?;
+    let rank0 = dist.rank() == 0;
     let opened = open_backend(args.backend, args.precision)?;
-    eprintln!("{}", opened.note);
+    if rank0 {
+        eprintln!("{}", opened.note);
+    }
     let (backend, precision) = (opened.backend, opened.precision);
     let opts = TrainStepOptions {
         config_name: args.config.clone(),
@@ -292,10 +298,6 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
         lora,
     };
     let total = args.warmup + args.steps;
-    // Under `mpirun` (`--features mpi`) each rank runs the step on its own
-    // batch and all-reduces the gradients; rank 0 reports.
-    let dist = anemone::dist::from_launcher()?;
-    let rank0 = dist.rank() == 0;
     let result = train_step::run_on(backend, &opts, dist.as_ref(), &mut |step, seconds| {
         let kind = if step < args.warmup { "warmup" } else { "step" };
         if rank0 {
