@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use anemone::backend::ane::restart;
 use anemone::backend::{BackendKind, Precision};
+use anemone::data::sft::SftFiles;
 use anemone::data::tokens::Order;
 use anemone::model::lora::Target;
 use anemone::train::job::{self, DEFAULTS, JobOptions, Outcome};
@@ -360,7 +361,8 @@ pub struct EvalArgs {
     /// llama2.c model.bin
     #[arg(long)]
     pub model: PathBuf,
-    /// Token file
+    /// Token file, or JSONL examples (a .jsonl file, or a directory's
+    /// valid.jsonl) tokenized with the model's tokenizer and chat template
     #[arg(long)]
     pub data: PathBuf,
     /// Evaluate at most this many tokens (from the start, in consecutive windows)
@@ -370,10 +372,29 @@ pub struct EvalArgs {
     /// Window length (default: the model's seq_len, at most 256)
     #[arg(long)]
     pub seq: Option<usize>,
+    /// JSONL data: the loss of completions and assistant turns only
+    #[arg(long)]
+    pub mask_prompt: bool,
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let result = job::evaluate(&args.model, &args.data, args.max_tokens, args.seq)?;
+    let result = job::evaluate_with(
+        &args.model,
+        &args.data,
+        args.max_tokens,
+        args.seq,
+        args.mask_prompt,
+    )?;
+    if SftFiles::is_jsonl(&args.data) {
+        println!(
+            "loss {:.6} perplexity {:.3} ({} examples in windows of {})",
+            result.loss,
+            result.loss.exp(),
+            result.windows,
+            result.seq
+        );
+        return Ok(());
+    }
     println!(
         "loss {:.6} perplexity {:.3} ({} tokens in {} windows of {})",
         result.loss,

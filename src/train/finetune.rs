@@ -207,6 +207,34 @@ pub fn open(
     })
 }
 
+/// The examples of a JSONL file to evaluate (`eval --data F.jsonl`, or a
+/// directory's `valid.jsonl`), encoded with the tokenizer and chat template
+/// of `model_dir`, and the pad id of its tokenizer.
+pub fn eval_examples(
+    data: &Path,
+    model_dir: &Path,
+    mask_prompt: bool,
+    vocab: usize,
+) -> Result<(Vec<Example>, u32)> {
+    let files = SftFiles::locate(data)?;
+    let path = files.valid.unwrap_or(files.train);
+    let tokenizer = HfTokenizer::open(model_dir).map_err(|e| {
+        Error::Invalid(format!(
+            "{e}\nhint: JSONL data is tokenized with the model's tokenizer.json: --model must \
+             be a Hugging Face model directory or a run made from one"
+        ))
+    })?;
+    let template = ChatTemplate::open(model_dir)?;
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: template.as_ref(),
+        mask_prompt,
+    };
+    let examples = encoder.encode_file(&path)?;
+    check_ids(&examples, vocab, &tokenizer, &path)?;
+    Ok((examples, pad_id(&tokenizer)))
+}
+
 /// Every id of `examples` below the model's vocabulary `vocab`.
 fn check_ids(
     examples: &[Example],

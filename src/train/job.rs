@@ -1094,6 +1094,20 @@ pub fn evaluate(
     max_tokens: usize,
     seq: Option<usize>,
 ) -> Result<Evaluation> {
+    evaluate_with(model, data, max_tokens, seq, false)
+}
+
+/// [`evaluate`], and for JSONL data (a `.jsonl` file, or a directory's
+/// `valid.jsonl`): the mean cross-entropy over the targets that count
+/// (`mask_prompt`: completions and assistant turns only), one example per
+/// window of `seq`, padded; `windows` are then the examples.
+pub fn evaluate_with(
+    model: &Path,
+    data: &Path,
+    max_tokens: usize,
+    seq: Option<usize>,
+    mask_prompt: bool,
+) -> Result<Evaluation> {
     if max_tokens == 0 {
         return Err(Error::out_of_range("--max-tokens", 0, "an integer >= 1"));
     }
@@ -1112,6 +1126,16 @@ pub fn evaluate(
         training_bytes(&config, 1, seq),
         "lower --seq",
     )?;
+    if SftFiles::is_jsonl(data) {
+        return evaluate_examples(&weights, model, data, seq, mask_prompt);
+    }
+    if mask_prompt {
+        return Err(Error::Invalid(
+            "--mask-prompt leaves prompts out of the loss of JSONL examples; a token file \
+             has none"
+                .into(),
+        ));
+    }
     let file = Arc::new(TokenFile::open(data)?);
     file.check_vocab(config.vocab_size)?;
     let windows = ((file.len().saturating_sub(1)) / seq).min((max_tokens / seq).max(1));
@@ -1143,6 +1167,48 @@ pub fn evaluate(
     Ok(Evaluation {
         loss: total / windows as f64,
         windows,
+        seq,
+    })
+}
+
+/// [`evaluate_with`] of JSONL examples: `sum(w ce) / sum(w)` over every
+/// example, each in its own window of `seq` positions.
+fn evaluate_examples(
+    weights: &Weights,
+    model: &Path,
+    data: &Path,
+    seq: usize,
+    mask_prompt: bool,
+) -> Result<Evaluation> {
+    let config = weights.config();
+    let (examples, pad) = finetune::eval_examples(data, model, mask_prompt, config.vocab_size)?;
+    let cpu = backend::open(BackendKind::Cpu, Precision::Fp32)?.backend;
+    let mut engine = Engine::new(cpu, config, seq, 1, KernelOptions::cpu())?;
+    let (mut total, mut counted) = (0.0, 0usize);
+    for example in &examples {
+        let batch = crate::data::sft::SftBatch::from_examples(&[example], seq, pad);
+        let loss = super::engine::LossWeights {
+            targets: &batch.targets,
+            weights: Some(&batch.weights),
+            divisor: 1.0,
+        };
+        total += engine.weighted_loss_sum(weights, &batch.inputs, loss)?;
+        counted += batch.counted();
+    }
+    if counted == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: no target counts in the loss within windows of {seq} tokens (raise --seq{})",
+            data.display(),
+            if mask_prompt {
+                ", or drop --mask-prompt"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(Evaluation {
+        loss: total / counted as f64,
+        windows: examples.len(),
         seq,
     })
 }
