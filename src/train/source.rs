@@ -37,13 +37,11 @@ impl Batches for WindowSource {
     }
 
     fn state(&self) -> serde_json::Value {
-        serde_json::to_value(self.batcher.state()).expect("batcher state serializes")
+        position(self.batcher.state())
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
-        let state: BatcherState = serde_json::from_value(state.clone())
-            .map_err(|e| Error::Invalid(format!("checkpoint data position: {e}")))?;
-        self.batcher.restore(state)
+        self.batcher.restore(saved_position(state)?)
     }
 
     fn rewind(&mut self) {
@@ -97,13 +95,11 @@ impl Batches for SftSource {
     }
 
     fn state(&self) -> serde_json::Value {
-        serde_json::to_value(self.batcher.state()).expect("batcher state serializes")
+        position(self.batcher.state())
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
-        let state: BatcherState = serde_json::from_value(state.clone())
-            .map_err(|e| Error::Invalid(format!("checkpoint data position: {e}")))?;
-        self.batcher.restore(state)
+        self.batcher.restore(saved_position(state)?)
     }
 
     fn rewind(&mut self) {
@@ -111,4 +107,15 @@ impl Batches for SftSource {
             .restore(self.start)
             .expect("the initial state always fits");
     }
+}
+
+/// A batcher's position as a checkpoint stores it.
+fn position(state: BatcherState) -> serde_json::Value {
+    serde_json::to_value(state).expect("batcher state serializes")
+}
+
+/// The position a checkpoint stored with [`position`].
+fn saved_position(state: &serde_json::Value) -> Result<BatcherState> {
+    serde_json::from_value(state.clone())
+        .map_err(|e| Error::Invalid(format!("checkpoint data position: {e}")))
 }

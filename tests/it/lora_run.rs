@@ -98,10 +98,15 @@ fn val_losses(run: &Path) -> Vec<f64> {
         .collect()
 }
 
-/// `eval`'s `loss X` of `model` on `tokens`.
+/// `eval`'s `loss X` of `model` on `tokens` in windows of 32.
 fn eval_loss(model: &Path, tokens: &Path) -> f64 {
+    eval_loss_at(model, tokens, "32")
+}
+
+/// `eval`'s `loss X` of `model` on `tokens` in windows of `seq`.
+fn eval_loss_at(model: &Path, tokens: &Path, seq: &str) -> f64 {
     let out = anemone()
-        .args(["eval", "--seq", "32", "--model"])
+        .args(["eval", "--seq", seq, "--model"])
         .arg(model)
         .arg("--data")
         .arg(tokens)
@@ -423,20 +428,7 @@ fn a_lora_runs_adapters_give_peft_s_loss() {
         );
         let peft = want["peft_loss"].as_f64().unwrap();
         for model in [&run, &fused] {
-            let out = anemone()
-                .args(["eval", "--seq", &seq, "--model"])
-                .arg(model)
-                .arg("--data")
-                .arg(&tokens)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let out = String::from_utf8(out.stdout).unwrap();
-            let loss: f64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let loss = eval_loss_at(model, &tokens, &seq);
             let err = (loss - peft).abs() / peft;
             eprintln!(
                 "{name}: anemone eval of {} {loss} vs peft {peft} ({err:.1e})",
