@@ -251,6 +251,7 @@ pub fn compare_kernels(
     seq: usize,
 ) -> Result<KernelReport> {
     let opts = KernelOptions {
+        deltas: crate::model::kernels::Deltas::NONE,
         dtype: DType::Fp16,
         mode: WeightMode::Packed,
         dialect: subject.dialect(),

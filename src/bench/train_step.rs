@@ -36,6 +36,7 @@ use crate::model::kernels::KernelOptions;
 use crate::model::lora::{Adapters, LoraConfig};
 use crate::model::{ModelConfig, Weights};
 use crate::rng::Rng;
+use crate::train::adapter_path::DropoutKey;
 use crate::train::engine::{Engine, GradWrite, LossWeights};
 use crate::train::lora::LoraStep;
 use crate::train::optim::{self, AdamState, AdamW};
@@ -179,7 +180,7 @@ enum Trained {
 impl Trained {
     /// Random weights of `c` (rounded to bf16 for LoRA), and adapters of `lora`
     /// with a random B too (as after some training: every product nonzero).
-    fn new(c: &ModelConfig, lora: Option<&LoraConfig>) -> Result<Trained> {
+    fn new(c: &ModelConfig, lora: Option<&LoraConfig>, engine: &Engine) -> Result<Trained> {
         let mut weights = Weights::init(c, 1);
         let Some(lora) = lora else {
             return Ok(Trained::Full {
@@ -199,7 +200,7 @@ impl Trained {
             }
         }
         Ok(Trained::Lora {
-            step: Box::new(LoraStep::new(weights, &adapters)?),
+            step: Box::new(LoraStep::new(weights, &adapters, engine)?),
             adam: AdamState::new(adapters.data.len()),
             adapters,
         })
@@ -225,7 +226,13 @@ impl Trained {
                     weights: None,
                     divisor,
                 };
-                step.forward_backward(engine, adapters, write, inputs, loss, loss_scale)
+                let key = DropoutKey {
+                    seed: 0,
+                    step: 0,
+                    micro: 0,
+                    first_sequence: 0,
+                };
+                step.forward_backward(engine, adapters, write, inputs, loss, loss_scale, key)
             }
         }
     }
@@ -319,7 +326,7 @@ pub fn run_on(
     for note in engine.fallbacks() {
         eprintln!("{note}");
     }
-    let mut trained = Trained::new(c, opts.lora.as_ref())?;
+    let mut trained = Trained::new(c, opts.lora.as_ref(), &engine)?;
     let adamw = AdamW::default();
     let n_tokens = opts.seq * opts.batch;
     let mut rng = Rng::new(42 + dist.rank() as u64);

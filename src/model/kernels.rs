@@ -97,11 +97,51 @@ pub struct KernelOptions {
     pub dtype: DType,
     pub mode: WeightMode,
     pub dialect: Dialect,
+    /// The projections whose output takes an added input (LoRA's adapter
+    /// path, made on the host): none for plain kernels.
+    pub deltas: Deltas,
+}
+
+/// Which projections of `attn_fwd` and `ffn_fwd` take an added input, the
+/// adapter's part `s B A drop(x)` of a LoRA projection made on the host
+/// (`train::adapter_path`): `q_delta (Qd)`, `k_delta`, `v_delta (KVd)` are
+/// added to the q/k/v projections (after their biases, before QK-norm and
+/// RoPE); `gate_delta`, `up_delta (F)` to `h1 = W1 x`, `h3 = W3 x`, before
+/// the SwiGLU. The other adapted projections (`o`, `down`) feed the
+/// residual stream or the host directly, so the host adds theirs after the
+/// kernel. This is how a baked, frozen base meets adapters that change
+/// every step: the base never travels, the kernel compiles once per run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Deltas {
+    pub q: bool,
+    pub k: bool,
+    pub v: bool,
+    pub gate: bool,
+    pub up: bool,
+}
+
+impl Deltas {
+    pub const NONE: Deltas = Deltas {
+        q: false,
+        k: false,
+        v: false,
+        gate: false,
+        up: false,
+    };
+    /// Every projection's (a LoRA run on all seven targets).
+    pub const ALL: Deltas = Deltas {
+        q: true,
+        k: true,
+        v: true,
+        gate: true,
+        up: true,
+    };
 }
 
 impl KernelOptions {
     pub fn cpu() -> KernelOptions {
         KernelOptions {
+            deltas: Deltas::NONE,
             dtype: DType::Fp32,
             mode: WeightMode::Inputs,
             dialect: Dialect::Ios18,
@@ -139,9 +179,17 @@ pub struct KernelSpec {
     pub package: ProgramPackage,
     pub inputs: Vec<TensorSlot>,
     pub outputs: Vec<TensorSlot>,
+    /// The weights and vectors built into the program as constants
+    /// (`WeightMode::Baked`): they have no slot, the host binds nothing.
+    pub baked: Vec<String>,
 }
 
 impl KernelSpec {
+    /// Whether `name` is a weight or vector baked into the program.
+    pub fn is_baked(&self, name: &str) -> bool {
+        self.baked.iter().any(|baked| baked == name)
+    }
+
     pub fn input(&self, name: &str) -> &TensorSlot {
         self.inputs
             .iter()
@@ -613,12 +661,19 @@ impl<'w> KernelBuilder<'w> {
         let program = self.b.finish();
         let weights = self.blobs.into_iter().map(|(f, w)| (f, w.finish()));
         let package = ProgramPackage::from_program(&program, weights);
+        let baked = match self.opts.mode {
+            WeightMode::Baked => (self.weights.iter().map(|w| w.name.clone()))
+                .chain(self.vectors.iter().map(|(name, _)| name.clone()))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(KernelSpec {
             name: self.name,
             program,
             package,
             inputs: self.inputs,
             outputs: slots,
+            baked,
         })
     }
 }
@@ -994,10 +1049,18 @@ pub fn attn_fwd(
             kernel.vector("k_norm", config.head_dim),
         ]
     });
-    let xn = kernel.begin()?.remove(0);
-    let mut qp = kernel.linear(&xn, wq)?;
-    let mut kp = kernel.linear(&xn, wk)?;
-    let mut vp = kernel.linear(&xn, wv)?;
+    let deltas = opts.deltas;
+    let delta_acts = [
+        (deltas.q, "q_delta", q_dim),
+        (deltas.k, "k_delta", kv_dim),
+        (deltas.v, "v_delta", kv_dim),
+    ]
+    .map(|(on, name, channels)| on.then(|| kernel.act(name, channels)));
+    let acts = kernel.begin()?;
+    let xn = &acts[0];
+    let mut qp = kernel.linear(xn, wq)?;
+    let mut kp = kernel.linear(xn, wk)?;
+    let mut vp = kernel.linear(xn, wv)?;
     if let Some([bq, bk, bv]) = biases {
         let (bq, bk, bv) = (
             kernel.vector_tensor(bq),
@@ -1008,6 +1071,11 @@ pub fn attn_fwd(
         qp = builder.add(&qp, &bq);
         kp = builder.add(&kp, &bk);
         vp = builder.add(&vp, &bv);
+    }
+    for (projection, delta) in [&mut qp, &mut kp, &mut vp].into_iter().zip(delta_acts) {
+        if let Some(index) = delta {
+            *projection = kernel.b().add(projection, &acts[index]);
+        }
     }
     // With QK-norm the projections' outputs are saved for its backward.
     let mut lin = None;
@@ -1260,9 +1328,18 @@ pub fn ffn_fwd(
     let w1 = kernel.weight_forward("w1", hidden, dim);
     let w3 = kernel.weight_forward("w3", hidden, dim);
     let w2 = kernel.weight_forward("w2", dim, hidden);
-    let x = kernel.begin()?.remove(0);
-    let h1 = kernel.linear(&x, w1)?;
-    let h3 = kernel.linear(&x, w3)?;
+    let gate_delta = opts.deltas.gate.then(|| kernel.act("gate_delta", hidden));
+    let up_delta = opts.deltas.up.then(|| kernel.act("up_delta", hidden));
+    let acts = kernel.begin()?;
+    let x = &acts[0];
+    let mut h1 = kernel.linear(x, w1)?;
+    let mut h3 = kernel.linear(x, w3)?;
+    if let Some(index) = gate_delta {
+        h1 = kernel.b().add(&h1, &acts[index]);
+    }
+    if let Some(index) = up_delta {
+        h3 = kernel.b().add(&h3, &acts[index]);
+    }
     let builder = kernel.b();
     let sig = builder.sigmoid(&h1);
     let silu = builder.mul(&h1, &sig);

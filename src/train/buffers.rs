@@ -10,6 +10,8 @@
 //! not have it. This module holds arrays; it does not compute.
 
 use crate::model::ModelConfig;
+use crate::model::kernels::Deltas;
+use crate::model::lora::Target;
 
 /// The forward's saved state of one layer for one sequence.
 #[derive(Clone, Default)]
@@ -167,6 +169,63 @@ impl BackwardScratch {
         let qk_norm = usize::from(config.qk_norm);
         resize_each(&mut self.dq_normed, batch, qk_norm * q_dim * seq);
         resize_each(&mut self.dk_normed, batch, qk_norm * config.kv_dim() * seq);
+    }
+}
+
+/// The kernels' added inputs of an unmerged LoRA engine
+/// (`model::kernels::Deltas`), one array per sequence: the adapters' part of
+/// the q, k, v, gate (h1) and up (h3) projections. A projection the kernels
+/// take no delta for has no arrays.
+#[derive(Default)]
+pub struct DeltaArrays {
+    pub q: Vec<Vec<f32>>,    // (H*D, T)
+    pub k: Vec<Vec<f32>>,    // (Hkv*D, T)
+    pub v: Vec<Vec<f32>>,    // (Hkv*D, T)
+    pub gate: Vec<Vec<f32>>, // (F, T)
+    pub up: Vec<Vec<f32>>,   // (F, T)
+}
+
+impl DeltaArrays {
+    pub fn new(config: &ModelConfig, deltas: Deltas, batch: usize, seq: usize) -> DeltaArrays {
+        let arrays = |on: bool, rows: usize| match on {
+            true => vec![vec![0.0; rows * seq]; batch],
+            false => Vec::new(),
+        };
+        let (q_dim, kv_dim, hidden_dim) = (config.q_dim(), config.kv_dim(), config.hidden_dim);
+        DeltaArrays {
+            q: arrays(deltas.q, q_dim),
+            k: arrays(deltas.k, kv_dim),
+            v: arrays(deltas.v, kv_dim),
+            gate: arrays(deltas.gate, hidden_dim),
+            up: arrays(deltas.up, hidden_dim),
+        }
+    }
+
+    /// The arrays of `target`'s delta (empty when the kernels take none; o
+    /// and down have none).
+    pub fn of_mut(&mut self, target: Target) -> &mut Vec<Vec<f32>> {
+        match target {
+            Target::Q => &mut self.q,
+            Target::K => &mut self.k,
+            Target::V => &mut self.v,
+            Target::Gate => &mut self.gate,
+            Target::Up => &mut self.up,
+            Target::O | Target::Down => panic!("the {target:?} projection takes no delta input"),
+        }
+    }
+
+    /// Sequence `sequence`'s array of `name` (`q_delta`, ...), the kernels'
+    /// input of that name, when the kernels take it.
+    pub fn input(&self, name: &str, sequence: usize) -> Option<&[f32]> {
+        let arrays = match name {
+            "q_delta" => &self.q,
+            "k_delta" => &self.k,
+            "v_delta" => &self.v,
+            "gate_delta" => &self.gate,
+            "up_delta" => &self.up,
+            _ => return None,
+        };
+        arrays.get(sequence).map(Vec::as_slice)
     }
 }
 

@@ -11,10 +11,12 @@
 //! kernels' `[1, C, 1, T]` tensors.
 
 use crate::backend::Backend;
+use crate::model::kernels::{Deltas, kernel_counts};
 use crate::model::kernels::{KernelOptions, LayerKernels, WeightMode};
-use crate::model::lora::Adapters;
+use crate::model::lora::{Adapters, LoraConfig, Target};
 use crate::model::{ModelConfig, Param, Weights};
-use crate::train::buffers::{BackwardScratch, DySources, LayerActs};
+use crate::train::adapter_path::{AdapterPath, LoraLayer, Scratch};
+use crate::train::buffers::{BackwardScratch, DeltaArrays, DySources, LayerActs};
 use crate::train::classifier::ClassifierHead;
 pub use crate::train::grads::GradWrite;
 use crate::train::grads::{GradSink, GradTarget};
@@ -31,7 +33,16 @@ pub struct Engine {
     config: ModelConfig,
     seq: usize,
     batch: usize,
-    kernels: LayerKernels<CompiledKernel>,
+    /// The layer kernels: one set every layer runs with its weights as
+    /// inputs, or a set per layer with its weights baked in
+    /// ([`Engine::for_lora`] on the ANE).
+    kernels: Vec<LayerKernels<CompiledKernel>>,
+    /// LoRA beside the base rather than merged into it: the kernels take
+    /// the adapters' part of q, k, v, gate and up as added inputs, made on
+    /// the host with o's and down's (`train::adapter_path`).
+    unmerged: Option<Unmerged>,
+    /// What the engine chose instead of what was asked, for the user's log.
+    notes: Vec<String>,
     /// `[layer][sequence]`: what the forward saved for the backward.
     acts: Vec<Vec<LayerActs>>,
     /// `[sequence]` `(F, T)`: the FFN's gate of the layer running forward
@@ -51,28 +62,144 @@ pub struct Engine {
     grad_sq: Vec<f64>,
 }
 
+/// The host's side of an unmerged LoRA engine: the kernels' added inputs
+/// and the adapter path's work arrays.
+struct Unmerged {
+    deltas: DeltaArrays,
+    scratch: Scratch,
+}
+
 impl Engine {
     /// Compile the layer kernels for `config` at window `seq` for `batch` sequences.
     pub fn new(
-        mut backend: Box<dyn Backend>,
+        backend: Box<dyn Backend>,
         config: &ModelConfig,
         seq: usize,
         batch: usize,
         opts: KernelOptions,
     ) -> Result<Engine> {
-        config.validate()?;
         if opts.mode == WeightMode::Baked {
             return Err(Error::Invalid(
                 "training needs kernels with runtime weights (packed or inputs); baked weights are for frozen models".into(),
             ));
         }
+        Engine::compiled(backend, config, seq, batch, opts, None)
+    }
+
+    /// The engine of a LoRA run on the frozen `base`: kernels on the merged
+    /// weights `W + s B A` where they serve (the CPU without dropout, as
+    /// [`Engine::new`]), else unmerged ([`Engine::unmerged`]): the base
+    /// alone in the kernels, baked into a set per layer where the backend
+    /// prefers packed weights (the ANE: it never travels, and each kernel
+    /// compiles once per run), as inputs otherwise; the adapters' part
+    /// added by the host (`train::adapter_path`), dropout included. Baked
+    /// sets that would exceed the backend's compiles per process fall back
+    /// to the merged packed kernels (said in [`Engine::fallbacks`]) when
+    /// there is no dropout, and are an error otherwise.
+    pub fn for_lora(
+        backend: Box<dyn Backend>,
+        base: &Weights,
+        lora: &LoraConfig,
+        seq: usize,
+        batch: usize,
+        opts: KernelOptions,
+    ) -> Result<Engine> {
+        let config = base.config().clone();
+        let dropout = lora.dropout > 0.0;
+        let mode = match opts.mode {
+            WeightMode::Inputs if !dropout => {
+                return Engine::new(backend, &config, seq, batch, opts);
+            }
+            WeightMode::Inputs => WeightMode::Inputs,
+            WeightMode::Packed | WeightMode::Baked => WeightMode::Baked,
+        };
+        let targets = &lora.targets;
+        let deltas = Deltas {
+            q: targets.contains(&Target::Q),
+            k: targets.contains(&Target::K),
+            v: targets.contains(&Target::V),
+            gate: targets.contains(&Target::Gate),
+            up: targets.contains(&Target::Up),
+        };
+        let unmerged = KernelOptions {
+            mode,
+            deltas,
+            ..opts
+        };
+        if mode == WeightMode::Baked {
+            let needed = kernel_counts().most_compiles * config.n_layers;
+            let limit = backend.preferences().compile_limit;
+            if let Some(limit) = limit.filter(|l| l.used + needed > l.limit) {
+                let why = format!(
+                    "baking the base into every layer's kernels needs {needed} compiles, more than \
+                     the {} this process has left",
+                    limit.limit.saturating_sub(limit.used)
+                );
+                if dropout {
+                    return Err(Error::Invalid(format!(
+                        "--lora-dropout {} on the {} backend: {why}; use --lora-dropout 0 (the \
+                         adapters then run merged into packed weights) or raise {}",
+                        lora.dropout,
+                        backend.name(),
+                        limit.raised_by
+                    )));
+                }
+                let mut engine = Engine::new(backend, &config, seq, batch, opts)?;
+                engine.notes.push(format!(
+                    "note: {why}; the adapters run merged into the packed weights instead"
+                ));
+                return Ok(engine);
+            }
+        }
+        let baked = (mode == WeightMode::Baked).then_some(base);
+        let mut engine = Engine::compiled(backend, &config, seq, batch, unmerged, baked)?;
+        engine.unmerged = Some(Unmerged {
+            deltas: DeltaArrays::new(&config, deltas, batch, seq),
+            scratch: Scratch::default(),
+        });
+        Ok(engine)
+    }
+
+    /// Whether the engine runs LoRA adapters beside the base (see
+    /// [`Engine::for_lora`]): its passes then take the adapters
+    /// ([`Engine::forward_backward_unmerged`], [`Engine::loss_adapted`]).
+    pub fn unmerged(&self) -> bool {
+        self.unmerged.is_some()
+    }
+
+    /// The engine with its kernels compiled: one set, or with `baked`
+    /// weights one set per layer with that layer's baked in.
+    fn compiled(
+        mut backend: Box<dyn Backend>,
+        config: &ModelConfig,
+        seq: usize,
+        batch: usize,
+        opts: KernelOptions,
+        baked: Option<&Weights>,
+    ) -> Result<Engine> {
+        config.validate()?;
         if seq == 0 || seq > config.seq_len {
             return Err(Error::Invalid(format!(
                 "sequence length {seq} must be between 1 and the model's seq_len {}",
                 config.seq_len
             )));
         }
-        let kernels = kernel::compile(backend.as_mut(), config, seq, opts)?;
+        let kernels = match baked {
+            None => vec![kernel::compile(
+                backend.as_mut(),
+                config,
+                seq,
+                opts,
+                &|_| None,
+            )?],
+            Some(weights) => (0..config.n_layers)
+                .map(|layer| {
+                    let params = LayerParams::new(weights, layer);
+                    let values = |name: &str| params.by_slot(name).map(<[f32]>::to_vec);
+                    kernel::compile(backend.as_mut(), config, seq, opts, &values)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
         let acts = (0..config.n_layers)
             .map(|_| (0..batch).map(|_| LayerActs::new(config, seq)).collect())
             .collect();
@@ -82,6 +209,8 @@ impl Engine {
             seq,
             batch,
             kernels,
+            unmerged: None,
+            notes: Vec::new(),
             acts,
             gate: vec![vec![0.0; config.hidden_dim * seq]; batch],
             head: ClassifierHead::new(config, seq, batch),
@@ -101,7 +230,7 @@ impl Engine {
     pub fn take_profile(&mut self) -> Profile {
         let mut profile = std::mem::take(&mut self.host.profile);
         profile.merge(self.schedule.take_profile());
-        for kernel in self.kernels.iter() {
+        for kernel in self.kernels.iter().flat_map(LayerKernels::iter) {
             kernel.take_times(&mut profile);
         }
         profile
@@ -119,13 +248,19 @@ impl Engine {
         self.grad_sq.iter().sum::<f64>().sqrt()
     }
 
-    /// What the device refused and what runs instead: one line per kernel
-    /// compiled as its split (the fused attention backward a chip's compiler
-    /// refused, run as the reference's two kernels), for the user's log.
-    /// Empty when every kernel compiled whole.
+    /// What the device refused and what runs instead, for the user's log:
+    /// one line per kernel compiled as its split (the fused attention
+    /// backward a chip's compiler refused, run as the reference's two
+    /// kernels), and the merged kernels a LoRA engine chose where baked ones
+    /// would exceed the compile limit. Empty when everything ran as asked.
     pub fn fallbacks(&self) -> Vec<String> {
-        self.kernels
+        let mut notes = self.notes.clone();
+        let mut seen = std::collections::BTreeSet::new();
+        let split = self
+            .kernels
             .iter()
+            .flat_map(LayerKernels::iter)
+            .filter(|kernel| kernel.parts().is_some() && seen.insert(kernel.name().to_string()))
             .filter_map(|kernel| {
                 let parts = kernel.parts()?;
                 let names: Vec<&str> = parts.iter().map(|part| part.name()).collect();
@@ -137,8 +272,9 @@ impl Engine {
                     names.join(" then "),
                     kernel.refused().unwrap_or_default()
                 ))
-            })
-            .collect()
+            });
+        notes.extend(split);
+        notes
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -190,20 +326,44 @@ impl Engine {
         Ok(())
     }
 
-    /// Forward through every layer, saving activations, and the final norm.
-    fn forward(&mut self, weights: &Weights, inputs: &[u32]) -> Result<()> {
+    /// Forward through every layer, saving activations, and the final norm;
+    /// an unmerged engine's with `lora`, the adapters beside the base.
+    fn forward(
+        &mut self,
+        weights: &Weights,
+        lora: Option<AdapterPath>,
+        inputs: &[u32],
+    ) -> Result<()> {
+        match (&self.unmerged, &lora) {
+            (Some(_), None) => {
+                return Err(Error::Invalid(
+                    "this engine runs LoRA adapters beside the base: pass them \
+                     (Engine::loss_adapted, Engine::forward_backward_unmerged)"
+                        .into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::Invalid(
+                    "this engine's kernels run merged weights: pass W + s B A, not adapters".into(),
+                ));
+            }
+            _ => {}
+        }
         let (seq, dim) = (self.seq, self.config.dim);
         let embedding = weights.get(Param::Embedding);
         for (tokens, layer_acts) in inputs.chunks_exact(seq).zip(&mut self.acts[0]) {
             self.host
                 .embedding_forward(&mut layer_acts.x, embedding, tokens, dim);
         }
-        for kernel in self.kernels.iter() {
+        for kernel in self.kernels.iter().flat_map(LayerKernels::iter) {
             kernel.new_pass();
         }
         let eps = self.config.norm_eps;
-        let mut ctx = LayerContext::new(self.backend.as_mut(), &self.kernels, &mut self.host, eps);
+        let mut ctx =
+            LayerContext::new(self.backend.as_mut(), &self.kernels[0], &mut self.host, eps);
+        ctx.lora = lora_layer(&mut self.unmerged, lora);
         for layer in 0..self.config.n_layers {
+            ctx.kernels.kernels = of_layer(&self.kernels, layer);
             let (done, rest) = self.acts.split_at_mut(layer + 1);
             let mut out: Vec<&mut Vec<f32>> = match rest.first_mut() {
                 Some(next) => next
@@ -228,9 +388,31 @@ impl Engine {
 
     /// Mean cross-entropy over all `batch * seq` positions, forward only.
     pub fn loss(&mut self, weights: &Weights, inputs: &[u32], targets: &[u32]) -> Result<f64> {
+        self.loss_of(weights, None, inputs, targets)
+    }
+
+    /// [`Engine::loss`] of an unmerged engine: `base` with `adapters`
+    /// beside it (no dropout: evaluation).
+    pub fn loss_adapted(
+        &mut self,
+        base: &Weights,
+        adapters: &Adapters,
+        inputs: &[u32],
+        targets: &[u32],
+    ) -> Result<f64> {
+        self.loss_of(base, Some(AdapterPath::eval(adapters)), inputs, targets)
+    }
+
+    fn loss_of(
+        &mut self,
+        weights: &Weights,
+        lora: Option<AdapterPath>,
+        inputs: &[u32],
+        targets: &[u32],
+    ) -> Result<f64> {
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(targets, "targets")?;
-        self.forward(weights, inputs)?;
+        self.forward(weights, lora, inputs)?;
         let total = self.head.loss(&mut self.host, weights, targets, None);
         Ok(total / (self.batch * self.seq) as f64)
     }
@@ -243,10 +425,33 @@ impl Engine {
         inputs: &[u32],
         loss: LossWeights,
     ) -> Result<f64> {
+        self.weighted_loss_sum_of(weights, None, inputs, loss)
+    }
+
+    /// [`Engine::weighted_loss_sum`] of an unmerged engine: `base` with
+    /// `adapters` beside it (no dropout: evaluation).
+    pub fn weighted_loss_sum_adapted(
+        &mut self,
+        base: &Weights,
+        adapters: &Adapters,
+        inputs: &[u32],
+        loss: LossWeights,
+    ) -> Result<f64> {
+        let lora = Some(AdapterPath::eval(adapters));
+        self.weighted_loss_sum_of(base, lora, inputs, loss)
+    }
+
+    fn weighted_loss_sum_of(
+        &mut self,
+        weights: &Weights,
+        lora: Option<AdapterPath>,
+        inputs: &[u32],
+        loss: LossWeights,
+    ) -> Result<f64> {
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(loss.targets, "targets")?;
         self.check_weights(loss.weights)?;
-        self.forward(weights, inputs)?;
+        self.forward(weights, lora, inputs)?;
         let total = self
             .head
             .loss(&mut self.host, weights, loss.targets, loss.weights);
@@ -271,7 +476,7 @@ impl Engine {
     /// Logits `(T, V)` of every sequence after a forward pass over `inputs`.
     pub fn logits(&mut self, weights: &Weights, inputs: &[u32]) -> Result<Vec<Vec<f32>>> {
         self.check_tokens(inputs, "inputs")?;
-        self.forward(weights, inputs)?;
+        self.forward(weights, None, inputs)?;
         let (seq, vocab) = (self.seq, self.config.vocab_size);
         let mut out = Vec::new();
         for sequence in 0..self.batch {
@@ -335,7 +540,7 @@ impl Engine {
         loss_scale: f32,
     ) -> Result<f64> {
         let target = GradTarget::Weights(grads);
-        self.forward_backward_into(weights, target, write, inputs, loss, loss_scale)
+        self.forward_backward_into(weights, None, target, write, inputs, loss, loss_scale)
     }
 
     /// [`Engine::forward_backward_weighted`] for LoRA on a frozen base:
@@ -369,16 +574,52 @@ impl Engine {
                 "forward_backward_lora: the gradient's adapters (rank, targets, layers) are not the adapters'".into(),
             ));
         }
-        let target = GradTarget::Adapters { adapters, grads };
-        self.forward_backward_into(weights, target, write, inputs, loss, loss_scale)
+        if adapters.config.dropout > 0.0 {
+            return Err(Error::Invalid(
+                "forward_backward_lora: dropout needs the adapters beside the base, not merged \
+                 into it (Engine::for_lora makes such an engine)"
+                    .into(),
+            ));
+        }
+        let path = AdapterPath::eval(adapters);
+        let target = GradTarget::Adapters { path, grads };
+        self.forward_backward_into(weights, None, target, write, inputs, loss, loss_scale)
+    }
+
+    /// [`Engine::forward_backward_lora`] of an unmerged engine
+    /// ([`Engine::for_lora`]): the kernels run `base`, the adapters of
+    /// `path` run beside it on the host with their dropout, and the gradient
+    /// goes to them alone (`grads`, their layout).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_unmerged(
+        &mut self,
+        base: &Weights,
+        path: AdapterPath,
+        grads: &mut Adapters,
+        write: GradWrite,
+        inputs: &[u32],
+        loss: LossWeights,
+        loss_scale: f32,
+    ) -> Result<f64> {
+        let adapters = path.adapters;
+        if adapters.model() != base.config() || grads.config != adapters.config {
+            return Err(Error::Invalid(
+                "forward_backward_unmerged: the adapters or their gradient are not of this base"
+                    .into(),
+            ));
+        }
+        let target = GradTarget::Adapters { path, grads };
+        self.forward_backward_into(base, Some(path), target, write, inputs, loss, loss_scale)
     }
 
     /// The forward, then the backward into `target`: the head, the layers
     /// in reverse with the weight gradients scheduled beside their kernels,
     /// the embedding's gradient (when the target has one).
+    #[allow(clippy::too_many_arguments)]
     fn forward_backward_into(
         &mut self,
         weights: &Weights,
+        lora: Option<AdapterPath>,
         target: GradTarget,
         write: GradWrite,
         inputs: &[u32],
@@ -389,7 +630,7 @@ impl Engine {
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(targets, "targets")?;
         self.check_weights(loss.weights)?;
-        self.forward(weights, inputs)?;
+        self.forward(weights, lora, inputs)?;
         let (seq, batch) = (self.seq, self.batch);
         let mut sink = GradSink::start(target, write, seq, &mut self.grad_sq);
         self.dy.resize(&self.config, batch, seq);
@@ -407,8 +648,10 @@ impl Engine {
         );
         let mut dw = self.schedule.pass(&mut self.dy, &self.acts, sink);
         let eps = self.config.norm_eps;
-        let mut ctx = LayerContext::new(self.backend.as_mut(), &self.kernels, host, eps);
+        let mut ctx = LayerContext::new(self.backend.as_mut(), &self.kernels[0], host, eps);
+        ctx.lora = lora_layer(&mut self.unmerged, lora);
         for layer in (0..self.config.n_layers).rev() {
+            ctx.kernels.kernels = of_layer(&self.kernels, layer);
             let params = LayerParams::new(weights, layer);
             let acts = &self.acts[layer];
             layer_backward(&mut ctx, &params, acts, &mut self.scratch, &mut dw)?;
@@ -423,6 +666,27 @@ impl Engine {
         }
         Ok(total / loss.divisor)
     }
+}
+
+/// Layer `layer`'s kernels among `kernels`: its own set, or the one set.
+fn of_layer(
+    kernels: &[LayerKernels<CompiledKernel>],
+    layer: usize,
+) -> &LayerKernels<CompiledKernel> {
+    &kernels[layer.min(kernels.len() - 1)]
+}
+
+/// The layer passes' adapter path: `lora` with the unmerged engine's arrays.
+fn lora_layer<'e>(
+    unmerged: &'e mut Option<Unmerged>,
+    lora: Option<AdapterPath<'e>>,
+) -> Option<LoraLayer<'e>> {
+    let (unmerged, path) = (unmerged.as_mut()?, lora?);
+    Some(LoraLayer {
+        path,
+        deltas: &mut unmerged.deltas,
+        scratch: &mut unmerged.scratch,
+    })
 }
 
 /// The targets of a batch, a loss weight per target (`None`: every one

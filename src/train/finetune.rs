@@ -261,13 +261,6 @@ fn check_ids(
 /// the options (defaults: rank 8, alpha 16, no dropout, all seven targets,
 /// every layer).
 pub fn lora_config(options: &JobOptions, n_layers: usize) -> Result<LoraConfig> {
-    if let Some(dropout) = options.lora_dropout.filter(|&d| d != 0.0) {
-        return Err(Error::out_of_range(
-            "--lora-dropout",
-            dropout,
-            "0 (dropout on the adapters' input is not implemented yet)",
-        ));
-    }
     LoraConfig::new(
         options.lora_rank.unwrap_or(DEFAULT_RANK),
         options.lora_alpha.unwrap_or(DEFAULT_ALPHA),

@@ -15,6 +15,7 @@ use crate::linalg::{gemm, n, t};
 use crate::model::host;
 use crate::model::lora::{self, Adapters, Target};
 use crate::model::{Param, Weights};
+use crate::train::adapter_path::AdapterPath;
 use crate::train::buffers::{Input, LayerActs};
 use crate::train::optim;
 
@@ -31,10 +32,11 @@ pub enum GradWrite {
 pub enum GradTarget<'g> {
     /// Every parameter, into `Weights` of the model's layout.
     Weights(&'g mut Weights),
-    /// The adapters alone, the base frozen: the gradient of `adapters`
-    /// (whose values the pass reads) into `grads`, of the same layout.
+    /// The adapters alone, the base frozen: the gradient of `path`'s
+    /// adapters (whose values the pass reads; their inputs dropped as the
+    /// forward dropped them) into `grads`, of the same layout.
     Adapters {
-        adapters: &'g Adapters,
+        path: AdapterPath<'g>,
         grads: &'g mut Adapters,
     },
 }
@@ -51,6 +53,8 @@ pub struct GradSink<'g> {
     rank_scratch: Vec<f32>,
     /// A remade input ([`Input::Gate`]) of one sequence.
     input_scratch: Vec<f32>,
+    /// An adapter's input with its dropout applied.
+    dropped_scratch: Vec<f32>,
 }
 
 impl<'g> GradSink<'g> {
@@ -83,6 +87,7 @@ impl<'g> GradSink<'g> {
             sums_of_squares,
             rank_scratch: Vec::new(),
             input_scratch: Vec::new(),
+            dropped_scratch: Vec::new(),
         }
     }
 
@@ -91,8 +96,8 @@ impl<'g> GradSink<'g> {
     pub fn computes(&self, param: Param) -> bool {
         match &self.target {
             GradTarget::Weights(_) => true,
-            GradTarget::Adapters { adapters, .. } => {
-                Target::of(param).is_some_and(|(layer, target)| adapters.contains(layer, target))
+            GradTarget::Adapters { path, .. } => {
+                Target::of(param).is_some_and(|(layer, target)| path.has(layer, target))
             }
         }
     }
@@ -147,8 +152,9 @@ impl<'g> GradSink<'g> {
                     weight_grad(dw, dy, x, seq, adds(write, index));
                 }
             }
-            GradTarget::Adapters { adapters, grads } => {
+            GradTarget::Adapters { path, grads } => {
                 let (layer, target) = Target::of(param).expect("an adapted projection");
+                let adapters = path.adapters;
                 let (out, input_len) = target.shape(adapters.model());
                 let shape = (out, input_len, adapters.config.rank, seq);
                 let scale = adapters.config.scale();
@@ -156,6 +162,7 @@ impl<'g> GradSink<'g> {
                 let (da, db) = grads.a_b_mut(layer, target);
                 for (index, (dy, layer_acts)) in sequences {
                     let (x, add) = (input(x, layer_acts, scratch), adds(write, index));
+                    let x = path.dropped(layer, target, index, x, &mut self.dropped_scratch);
                     let rank_scratch = &mut self.rank_scratch;
                     lora::lora_grads(dy, x, a, b, shape, scale, da, db, add, rank_scratch);
                 }

@@ -279,7 +279,7 @@ fn start(
     let weights = init.unwrap_or_else(|| Weights::init(&config.model, config.seed));
     let preferences = opened.backend.preferences();
     let restart_after = updates_before_restart(options.restart_every, &preferences)?;
-    let engine = training_engine(opened, &config, observer)?;
+    let engine = training_engine(opened, &config, Some(&weights), observer)?;
     observer.on_message(&format!(
         "training {} ({:.2}M parameters, dim {}, {} layers{}) on {} for {} steps of {} x {} tokens -> {}",
         config.preset.as_deref().unwrap_or("model"),
@@ -320,20 +320,22 @@ fn start(
     Ok(outcome)
 }
 
-/// The engine of a run's steps on the opened backend, its fallbacks noted.
+/// The engine of a run's steps on the opened backend, its fallbacks noted;
+/// a LoRA run's for its frozen `weights` (`Engine::for_lora`).
 fn training_engine(
     opened: Opened,
     config: &TrainConfig,
+    weights: Option<&Weights>,
     observer: &mut dyn Observer,
 ) -> Result<Engine> {
     let kernels = kernel_options(opened.precision, opened.backend.as_ref());
-    let engine = Engine::new(
-        opened.backend,
-        &config.model,
-        config.seq,
-        config.batch,
-        kernels,
-    )?;
+    let (seq, batch) = (config.seq, config.batch);
+    let engine = match (&config.lora, weights) {
+        (Some(lora), Some(base)) => {
+            Engine::for_lora(opened.backend, base, lora, seq, batch, kernels)?
+        }
+        _ => Engine::new(opened.backend, &config.model, seq, batch, kernels)?,
+    };
     for note in engine.fallbacks() {
         observer.on_message(&note);
     }
@@ -743,7 +745,6 @@ fn resume(
     let (mut source, mut val) = resumed_sources(&record, files, dir, observer)?;
     let preferences = opened.backend.preferences();
     let restart_after = updates_before_restart(options.restart_every, &preferences)?;
-    let engine = training_engine(opened, &config, observer)?;
     // A LoRA run's base must be the one it began with (its fingerprint).
     let base = match &config.lora {
         Some(_) => {
@@ -752,6 +753,7 @@ fn resume(
         }
         None => None,
     };
+    let engine = training_engine(opened, &config, base.as_ref().map(|b| &b.0), observer)?;
     let mut trainer =
         Trainer::resume_with_base(dir, base, engine, source.as_mut(), None, dist.clone())?;
     record.config = trainer.config.clone();
@@ -984,6 +986,7 @@ pub fn kernel_options(precision: Precision, backend: &dyn Backend) -> KernelOpti
         Precision::Fp32 => DType::Fp32,
     };
     KernelOptions {
+        deltas: crate::model::kernels::Deltas::NONE,
         dtype,
         mode: backend.preferences().weight_mode,
         dialect: backend.dialect(),

@@ -13,7 +13,7 @@ use crate::backend::{self, Backend, Block, BufferId, Compiled, HostCall, KernelI
 use crate::mil::Var;
 use crate::model::ModelConfig;
 use crate::model::kernels::{
-    KernelOptions, KernelSpec, LAYER_KERNELS, LayerKernels, SlotRole, TensorSlot, transpose,
+    Baked, KernelOptions, KernelSpec, LAYER_KERNELS, LayerKernels, SlotRole, TensorSlot, transpose,
 };
 use crate::train::profile::Profile;
 use crate::{Error, Result};
@@ -49,20 +49,22 @@ enum Form {
 }
 
 /// Compile every kernel of a layer's set (`config` at window `seq`, built
-/// with `opts`); a kernel the device refuses whole is compiled as its split
-/// where it has one ([`backend::compile_or_split`]). A failure names the kernel.
+/// with `opts`; `baked` gives the weights of `WeightMode::Baked` by slot
+/// name); a kernel the device refuses whole is compiled as its split where
+/// it has one ([`backend::compile_or_split`]). A failure names the kernel.
 pub fn compile(
     backend: &mut dyn Backend,
     config: &ModelConfig,
     seq: usize,
     opts: KernelOptions,
+    baked: Baked,
 ) -> Result<LayerKernels<CompiledKernel>> {
-    let specs = LayerKernels::build(config, seq, opts, &|_| None)?;
+    let specs = LayerKernels::build(config, seq, opts, baked)?;
     LAYER_KERNELS.zip(specs).try_map(|(decl, spec)| {
         let compiled = match decl.split {
             None => CompiledKernel::new(backend, spec),
             Some(split) => CompiledKernel::new_or_split(backend, spec, || {
-                (split.build)(config, seq, opts, &|_| None)
+                (split.build)(config, seq, opts, baked)
             }),
         };
         compiled.map_err(|e| naming_the_kernel(e, decl.name))
@@ -321,9 +323,22 @@ impl<'k, 'a> Call<'k, 'a> {
         self
     }
 
+    /// Bind activation `name` when given (an optional input, `Some`).
+    pub fn input_if(self, name: &str, data: Option<&'a [f32]>) -> Self {
+        match data {
+            Some(data) => self.input(name, data),
+            None => self,
+        }
+    }
+
     /// Bind weight `name` as the parameter is stored (`[out, in]` row-major).
-    /// Its values must not change until [`CompiledKernel::new_pass`].
+    /// Its values must not change until [`CompiledKernel::new_pass`]. A
+    /// weight baked into the kernel is not bound (its values are the
+    /// program's).
     pub fn weight(mut self, name: &str, weight: &'a [f32]) -> Self {
+        if self.kernel.spec.is_baked(name) {
+            return self;
+        }
         let index = self.input_index(name);
         self.inputs[index] = Some(weight);
         self.weights[index] = true;

@@ -14,6 +14,8 @@ use crate::Result;
 use crate::backend::Backend;
 use crate::model::Param;
 use crate::model::kernels::LayerKernels;
+use crate::model::lora::Target;
+use crate::train::adapter_path::LoraLayer;
 use crate::train::buffers::{BackwardScratch, Dy, Input, LayerActs};
 use crate::train::kernel::CompiledKernel;
 use crate::train::params::LayerParams;
@@ -26,6 +28,9 @@ pub struct LayerContext<'e> {
     pub kernels: BatchKernels<'e>,
     pub host: &'e mut TimedHost,
     pub norm_eps: f32,
+    /// An unmerged LoRA engine's adapter path (`train::adapter_path`): the
+    /// kernels run the base, the host adds the adapters' part.
+    pub lora: Option<LoraLayer<'e>>,
 }
 
 impl<'e> LayerContext<'e> {
@@ -39,6 +44,7 @@ impl<'e> LayerContext<'e> {
             kernels: BatchKernels { backend, kernels },
             host,
             norm_eps,
+            lora: None,
         }
     }
 }
@@ -54,12 +60,26 @@ pub fn layer_forward(
     out: &mut [&mut Vec<f32>],
 ) -> Result<()> {
     let (kernels, host, eps) = (&mut ctx.kernels, &mut *ctx.host, ctx.norm_eps);
+    let (layer, lora) = (params.layer, &mut ctx.lora);
     for layer_acts in acts.iter_mut() {
         let LayerActs { x, xn, rrms1, .. } = layer_acts;
         host.rmsnorm_forward(xn, rrms1, x, params.rms_att, eps);
     }
-    kernels.attn_fwd(params, acts)?;
+    if let Some(lora) = lora {
+        let xns: Vec<&[f32]> = acts.iter().map(|a| a.xn.as_slice()).collect();
+        for target in [Target::Q, Target::K, Target::V] {
+            lora.make_deltas(layer, target, &xns);
+        }
+    }
+    let deltas = lora.as_ref().map(|lora| &*lora.deltas);
+    kernels.attn_fwd(params, acts, deltas)?;
     kernels.wo_fwd(params, acts)?;
+    if let Some(lora) = lora {
+        for (sequence, layer_acts) in acts.iter_mut().enumerate() {
+            let LayerActs { attn, x2, .. } = layer_acts;
+            lora.add_forward(layer, Target::O, sequence, attn, x2);
+        }
+    }
     for layer_acts in acts.iter_mut() {
         let LayerActs {
             x, x2, x2n, rrms2, ..
@@ -67,7 +87,19 @@ pub fn layer_forward(
         add_assign(x2, x); // x2 = x + Wo attn
         host.rmsnorm_forward(x2n, rrms2, x2, params.rms_ffn, eps);
     }
-    kernels.ffn_fwd(params, acts, gate, out)?;
+    if let Some(lora) = lora {
+        let x2ns: Vec<&[f32]> = acts.iter().map(|a| a.x2n.as_slice()).collect();
+        for target in [Target::Gate, Target::Up] {
+            lora.make_deltas(layer, target, &x2ns);
+        }
+    }
+    let deltas = lora.as_ref().map(|lora| &*lora.deltas);
+    kernels.ffn_fwd(params, acts, deltas, gate, out)?;
+    if let Some(lora) = lora {
+        for (sequence, (gate, out)) in gate.iter().zip(out.iter_mut()).enumerate() {
+            lora.add_forward(layer, Target::Down, sequence, gate, out);
+        }
+    }
     for (layer_acts, out) in acts.iter().zip(out) {
         add_assign(out, &layer_acts.x2); // x_out = x2 + W2 gate
     }
@@ -86,24 +118,38 @@ pub fn layer_backward(
     dw: &mut DwPass,
 ) -> Result<()> {
     let (layer, kernels, host) = (params.layer, &mut ctx.kernels, &mut *ctx.host);
+    let lora = &mut ctx.lora;
     // x_out = x2 + W2 gate: the FFN's output gradient is dx; dx2 starts as dx.
     dw.run("ffn_bwd_w2", |dy| {
-        kernels.ffn_bwd_w2(params, &dy.dx, &mut scratch.dgate)
+        kernels.ffn_bwd_w2(params, &dy.dx, &mut scratch.dgate)?;
+        if let Some(lora) = lora {
+            lora.add_dx(layer, Target::Down, &dy.dx, &mut scratch.dgate);
+        }
+        Ok(())
     })?;
     dw.due(Param::W2(layer), Dy::Dx, Input::Gate);
     dw.run_writing("ffn_bwd_w13", [Dy::Dh1, Dy::Dh3], |_, [dh1, dh3]| {
-        kernels.ffn_bwd_w13(params, acts, &scratch.dgate, &mut scratch.dx2n, dh1, dh3)
+        kernels.ffn_bwd_w13(params, acts, &scratch.dgate, &mut scratch.dx2n, dh1, dh3)?;
+        if let Some(lora) = lora {
+            lora.add_dx(layer, Target::Gate, dh1, &mut scratch.dx2n);
+            lora.add_dx(layer, Target::Up, dh3, &mut scratch.dx2n);
+        }
+        Ok(())
     })?;
     dw.due(Param::W1(layer), Dy::Dh1, Input::Saved(|saved| &saved.x2n));
     dw.due(Param::W3(layer), Dy::Dh3, Input::Saved(|saved| &saved.x2n));
     // dx2 = dx + rmsnorm_backward(dx2n).
     norm_backward(host, dw, params, Norm::Ffn, &scratch.dx2n, acts);
     dw.run("wo_bwd", |dy| {
-        kernels.wo_bwd(params, &dy.dx, &mut scratch.dattn)
+        kernels.wo_bwd(params, &dy.dx, &mut scratch.dattn)?;
+        if let Some(lora) = lora {
+            lora.add_dx(layer, Target::O, &dy.dx, &mut scratch.dattn);
+        }
+        Ok(())
     })?;
     dw.due(Param::Wo(layer), Dy::Dx, Input::Saved(|saved| &saved.attn));
     if params.q_norm.is_some() {
-        attention_backward_normed(kernels, params, acts, scratch, dw)?;
+        attention_backward_normed(kernels, lora, params, acts, scratch, dw)?;
     } else {
         dw.run_writing("attn_bwd", [Dy::Dq, Dy::Dk, Dy::Dv], |_, [dq, dk, dv]| {
             kernels.attn_bwd(acts, &scratch.dattn, dq, dk, dv)
@@ -121,6 +167,12 @@ pub fn layer_backward(
             kernels.q_bwd(params, &dy.dq, &mut scratch.dxn)?;
             kernels.kv_bwd(params, &dy.dk, &dy.dv, &mut scratch.dxn_kv)?;
             add_each(&mut scratch.dxn, &scratch.dxn_kv);
+            if let Some(lora) = lora {
+                let dxn = &mut scratch.dxn;
+                lora.add_dx(layer, Target::Q, &dy.dq, dxn);
+                lora.add_dx(layer, Target::K, &dy.dk, dxn);
+                lora.add_dx(layer, Target::V, &dy.dv, dxn);
+            }
             Ok(())
         })?;
     }
@@ -135,6 +187,7 @@ pub fn layer_backward(
 /// gradients per position) and the projections into `dxn`.
 fn attention_backward_normed(
     kernels: &mut BatchKernels,
+    lora: &mut Option<LoraLayer>,
     params: &LayerParams,
     acts: &[LayerActs],
     scratch: &mut BackwardScratch,
@@ -153,6 +206,12 @@ fn attention_backward_normed(
         let dxn_kv = &mut scratch.dxn_kv;
         kernels.kv_bwd_normed(params, acts, dk_normed, &dy.dv, dk, dk_norm, dxn_kv)?;
         add_each(&mut scratch.dxn, &scratch.dxn_kv);
+        if let Some(lora) = lora {
+            let dxn = &mut scratch.dxn;
+            lora.add_dx(layer, Target::Q, dq, dxn);
+            lora.add_dx(layer, Target::K, dk, dxn);
+            lora.add_dx(layer, Target::V, &dy.dv, dxn);
+        }
         Ok(())
     })?;
     dw.due(Param::Wq(layer), Dy::Dq, Input::Saved(|saved| &saved.xn));

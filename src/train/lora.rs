@@ -24,16 +24,28 @@ use crate::linalg::{gemm, n};
 use crate::model::checkpoint;
 use crate::model::lora::{Adapters, LoraConfig, Target};
 use crate::model::{ModelConfig, Param, Weights};
+use crate::train::adapter_path::{AdapterPath, DropoutKey};
 use crate::train::engine::{Engine, GradWrite, LossWeights};
 use crate::train::optim::{self, AdamState, AdamW};
 use crate::{Error, Result};
 
-/// The arrays of a LoRA step: the merged weights, the base values of the
-/// adapted matrices, and the gradients.
+/// The arrays of a LoRA step: the weights the engine runs and the
+/// adapters' gradient.
 pub struct LoraStep {
-    merged: Weights,                // the base's layout: W + s B A
-    base: Vec<(Param, BaseValues)>, // W of every adapted matrix
-    grads: Adapters,                // the adapters' gradient
+    weights: StepWeights,
+    grads: Adapters, // the adapters' gradient
+}
+
+/// What the engine's kernels run.
+enum StepWeights {
+    /// The merged weights and the base values of the adapted matrices.
+    Merged {
+        merged: Weights,                // the base's layout: W + s B A
+        base: Vec<(Param, BaseValues)>, // W of every adapted matrix
+    },
+    /// The base alone, for an unmerged engine (`Engine::for_lora`): the
+    /// adapters run beside it.
+    Unmerged(Weights),
 }
 
 /// The base values of one adapted matrix, as compact as is exact: bf16 when
@@ -68,17 +80,26 @@ impl BaseValues {
 }
 
 impl LoraStep {
-    /// The step's arrays for `base` (taken over) with `adapters` merged in.
-    pub fn new(base: Weights, adapters: &Adapters) -> Result<LoraStep> {
+    /// The step's arrays for `base` (taken over) and `adapters`, for
+    /// `engine`: merged into the base, or beside it for an unmerged engine.
+    pub fn new(base: Weights, adapters: &Adapters, engine: &Engine) -> Result<LoraStep> {
         if adapters.model() != base.config() {
             return Err(Error::Invalid(
                 "lora: the adapters were made for another model than the base".into(),
             ));
         }
+        let mut grads = adapters.clone();
+        grads.data.fill(0.0);
+        if engine.unmerged() {
+            return Ok(LoraStep {
+                weights: StepWeights::Unmerged(base),
+                grads,
+            });
+        }
         if adapters.config.dropout != 0.0 {
             return Err(Error::Invalid(format!(
-                "lora: dropout {} is not implemented by the training step yet; use \
-                 --lora-dropout 0",
+                "lora: dropout {} needs an engine with the adapters beside the base \
+                 (Engine::for_lora), not merged into it",
                 adapters.config.dropout
             )));
         }
@@ -91,11 +112,11 @@ impl LoraStep {
                 (param, BaseValues::keep(base.get(param)))
             })
             .collect();
-        let mut grads = adapters.clone();
-        grads.data.fill(0.0);
         let mut step = LoraStep {
-            merged: base,
-            base: kept,
+            weights: StepWeights::Merged {
+                merged: base,
+                base: kept,
+            },
             grads,
         };
         step.merge(adapters);
@@ -105,12 +126,16 @@ impl LoraStep {
     /// Merge `adapters` into the base again (after they changed): each
     /// adapted matrix restored to its base, then `W += s B A` by one product
     /// accumulated into it (no `s B A` array, no second pass over it).
+    /// Nothing for an unmerged step.
     pub fn merge(&mut self, adapters: &Adapters) {
+        let StepWeights::Merged { merged, base } = &mut self.weights else {
+            return;
+        };
         let (rank, scale) = (adapters.config.rank, adapters.config.scale());
-        for (param, values) in &self.base {
+        for (param, values) in base.iter() {
             let (layer, target) = Target::of(*param).expect("an adapted projection");
             let (out, input) = target.shape(adapters.model());
-            let w = self.merged.get_mut(*param);
+            let w = merged.get_mut(*param);
             values.restore(w);
             let b = n(adapters.b(layer, target), out, rank);
             let a = n(adapters.a(layer, target), rank, input);
@@ -118,16 +143,26 @@ impl LoraStep {
         }
     }
 
-    /// The merged weights, as the engine sees them.
-    pub fn merged(&self) -> &Weights {
-        &self.merged
+    /// The weights the engine's kernels run: merged, or the base of an
+    /// unmerged step.
+    pub fn weights(&self) -> &Weights {
+        match &self.weights {
+            StepWeights::Merged { merged, .. } => merged,
+            StepWeights::Unmerged(base) => base,
+        }
     }
 
-    /// Forward and backward of one micro-batch on the merged weights with
-    /// the base frozen: `loss_scale` times the gradient of
-    /// `sum(w ce) / loss.divisor` into the adapters' gradient (written over
-    /// on the step's first micro-batch, `GradWrite::Overwrite`, else added);
-    /// returns the loss.
+    /// Whether the adapters run beside the base (an unmerged engine's step).
+    pub fn unmerged(&self) -> bool {
+        matches!(self.weights, StepWeights::Unmerged(_))
+    }
+
+    /// Forward and backward of one micro-batch with the base frozen:
+    /// `loss_scale` times the gradient of `sum(w ce) / loss.divisor` into
+    /// the adapters' gradient (written over on the step's first
+    /// micro-batch, `GradWrite::Overwrite`, else added); returns the loss.
+    /// `key` draws the adapters' dropout masks (an unmerged step's).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &mut self,
         engine: &mut Engine,
@@ -136,9 +171,17 @@ impl LoraStep {
         inputs: &[u32],
         loss: LossWeights,
         loss_scale: f32,
+        key: DropoutKey,
     ) -> Result<f64> {
-        let (merged, grads) = (&self.merged, &mut self.grads);
-        engine.forward_backward_lora(merged, adapters, grads, write, inputs, loss, loss_scale)
+        let grads = &mut self.grads;
+        match &self.weights {
+            StepWeights::Merged { merged, .. } => engine
+                .forward_backward_lora(merged, adapters, grads, write, inputs, loss, loss_scale),
+            StepWeights::Unmerged(base) => {
+                let path = AdapterPath::new(adapters, key);
+                engine.forward_backward_unmerged(base, path, grads, write, inputs, loss, loss_scale)
+            }
+        }
     }
 
     /// The adapters' gradient from the micro-batches so far.

@@ -13,6 +13,7 @@
 //! `metrics.jsonl` (one JSON object per step), `checkpoint.bin` (latest),
 //! `.lock` and whatever the caller adds (tokenizer, samples).
 
+pub mod adapter_path;
 mod buffers;
 mod classifier;
 pub mod engine;
@@ -43,6 +44,7 @@ use crate::dist::Collective;
 use crate::model::lora::{Adapters, LoraConfig};
 use crate::model::{ModelConfig, Weights, checkpoint};
 use crate::{Error, Result};
+use adapter_path::DropoutKey;
 use engine::{Engine, GradWrite, LossWeights};
 use lora::LoraStep;
 use optim::{AdamState, AdamW, LossScaler, ScaleEvent, Schedule};
@@ -169,7 +171,7 @@ impl Params {
     fn weights(&self) -> &Weights {
         match self {
             Params::Full { weights, .. } => weights,
-            Params::Lora { step, .. } => step.merged(),
+            Params::Lora { step, .. } => step.weights(),
         }
     }
 
@@ -260,7 +262,7 @@ impl Trainer {
             ));
         }
         let params = Params::Lora {
-            step: Box::new(LoraStep::new(base, &adapters)?),
+            step: Box::new(LoraStep::new(base, &adapters, &engine)?),
             adapters,
             base: base_name.to_string(),
         };
@@ -384,7 +386,7 @@ impl Trainer {
                     ));
                 }
                 let params = Params::Lora {
-                    step: Box::new(LoraStep::new(base, &ckpt.adapters)?),
+                    step: Box::new(LoraStep::new(base, &ckpt.adapters, &engine)?),
                     adapters: ckpt.adapters,
                     base: base_name,
                 };
@@ -524,15 +526,34 @@ impl Trainer {
             val.next_batch(&mut inputs, &mut targets)?;
             let (inputs, targets) = (self.share(&inputs), self.share(&targets));
             let weights = self.params.weights();
-            match val.weights().map(|w| self.share(w)) {
-                None => sums[0] += self.engine.loss(weights, inputs, targets)?,
+            // An unmerged engine runs the adapters beside the base.
+            let adapters = match &self.params {
+                Params::Lora { step, adapters, .. } if step.unmerged() => Some(adapters),
+                _ => None,
+            };
+            let loss_weights = val.weights().map(|w| self.share(w));
+            let engine = &mut self.engine;
+            match loss_weights {
+                None => {
+                    sums[0] += match adapters {
+                        Some(adapters) => {
+                            engine.loss_adapted(weights, adapters, inputs, targets)?
+                        }
+                        None => engine.loss(weights, inputs, targets)?,
+                    }
+                }
                 Some(w) => {
                     let loss = LossWeights {
                         targets,
                         weights: Some(w),
                         divisor: 1.0,
                     };
-                    sums[1] += self.engine.weighted_loss_sum(weights, inputs, loss)?;
+                    sums[1] += match adapters {
+                        Some(adapters) => {
+                            engine.weighted_loss_sum_adapted(weights, adapters, inputs, loss)?
+                        }
+                        None => engine.weighted_loss_sum(weights, inputs, loss)?,
+                    };
                     sums[2] += w.iter().filter(|&&w| w > 0.0).count() as f64;
                 }
             }
@@ -704,7 +725,7 @@ impl Trainer {
                     )
                 }
             };
-            loss += self.micro_step(write, inputs, loss_weights, micro_scale)?;
+            loss += self.micro_step(write, index, inputs, loss_weights, micro_scale)?;
         }
         match micro[0].2 {
             Some(_) => Ok(loss * ranks as f64),
@@ -712,20 +733,31 @@ impl Trainer {
         }
     }
 
-    /// Forward and backward of one micro-batch into the gradients.
+    /// Forward and backward of micro-batch `micro` of the update into the
+    /// gradients.
     fn micro_step(
         &mut self,
         write: GradWrite,
+        micro: usize,
         inputs: &[u32],
         loss: LossWeights,
         scale: f32,
     ) -> Result<f64> {
+        // LoRA dropout's masks: of this update, micro-batch and sequences
+        // of the global batch (the same on any number of ranks).
+        let key = DropoutKey {
+            seed: self.config.seed,
+            step: self.state.step,
+            micro: micro as u64,
+            first_sequence: (self.dist.rank() * self.engine.batch()) as u64,
+        };
+        let engine = &mut self.engine;
         match &mut self.params {
-            Params::Full { weights, grads } => self
-                .engine
-                .forward_backward_weighted(weights, grads, write, inputs, loss, scale),
+            Params::Full { weights, grads } => {
+                engine.forward_backward_weighted(weights, grads, write, inputs, loss, scale)
+            }
             Params::Lora { step, adapters, .. } => {
-                step.forward_backward(&mut self.engine, adapters, write, inputs, loss, scale)
+                step.forward_backward(engine, adapters, write, inputs, loss, scale, key)
             }
         }
     }

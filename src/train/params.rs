@@ -46,4 +46,26 @@ impl<'w> LayerParams<'w> {
             w3: weights.get(Param::W3(layer)),
         }
     }
+
+    /// The tensor a kernel's slot of this name reads (`wq`, `bq`,
+    /// `q_norm`, ...: `model::kernels`' names), for kernels with the
+    /// layer's weights baked in; `None` for another name or a feature the
+    /// model does not have.
+    pub fn by_slot(&self, name: &str) -> Option<&'w [f32]> {
+        Some(match name {
+            "wq" => self.wq,
+            "wk" => self.wk,
+            "wv" => self.wv,
+            "wo" => self.wo,
+            "w1" => self.w1,
+            "w2" => self.w2,
+            "w3" => self.w3,
+            "bq" => self.bq?,
+            "bk" => self.bk?,
+            "bv" => self.bv?,
+            "q_norm" => self.q_norm?,
+            "k_norm" => self.k_norm?,
+            _ => return None,
+        })
+    }
 }

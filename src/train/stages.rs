@@ -8,7 +8,7 @@
 
 use crate::backend::Backend;
 use crate::model::kernels::LayerKernels;
-use crate::train::buffers::LayerActs;
+use crate::train::buffers::{DeltaArrays, LayerActs};
 use crate::train::kernel::{CompiledKernel, run_many};
 use crate::train::params::LayerParams;
 use crate::{Error, Result};
@@ -22,11 +22,19 @@ pub struct BatchKernels<'e> {
 impl BatchKernels<'_> {
     /// `attn`, `q_rope`, `k_rope`, `v` from `xn`: QKV projections (with their
     /// biases), QK-norm (saving `q_lin`, `k_lin`), RoPE, causal attention.
-    pub fn attn_fwd(&mut self, params: &LayerParams, acts: &mut [LayerActs]) -> Result<()> {
+    /// With `deltas` (an unmerged LoRA engine's), the adapters' part of the
+    /// projections is added in the kernel.
+    pub fn attn_fwd(
+        &mut self,
+        params: &LayerParams,
+        acts: &mut [LayerActs],
+        deltas: Option<&DeltaArrays>,
+    ) -> Result<()> {
         let qk_norm = params.q_norm.is_some();
+        let delta = |name: &str, sequence: usize| deltas.and_then(|d| d.input(name, sequence));
         run_many(
             self.backend,
-            acts.iter_mut().map(|layer_acts| {
+            acts.iter_mut().enumerate().map(|(sequence, layer_acts)| {
                 let call = self
                     .kernels
                     .attn_fwd
@@ -40,6 +48,9 @@ impl BatchKernels<'_> {
                     .weight_if("q_norm", params.q_norm)
                     .weight_if("k_norm", params.k_norm)
                     .input("xn", &layer_acts.xn)
+                    .input_if("q_delta", delta("q_delta", sequence))
+                    .input_if("k_delta", delta("k_delta", sequence))
+                    .input_if("v_delta", delta("v_delta", sequence))
                     .output("attn", &mut layer_acts.attn)
                     .output("q_rope", &mut layer_acts.q_rope)
                     .output("k_rope", &mut layer_acts.k_rope)
@@ -71,20 +82,22 @@ impl BatchKernels<'_> {
 
     /// `h1`, `h3`, `gate` and `out = W2 gate` from `x2n` (SwiGLU); `gate`
     /// into one array per sequence that every layer reuses (the backward
-    /// makes it again: `buffers::Input::Gate`).
+    /// makes it again: `buffers::Input::Gate`). With `deltas`, the
+    /// adapters' part of `h1` and `h3` is added in the kernel.
     pub fn ffn_fwd(
         &mut self,
         params: &LayerParams,
         acts: &mut [LayerActs],
+        deltas: Option<&DeltaArrays>,
         gate: &mut [Vec<f32>],
         out: &mut [&mut Vec<f32>],
     ) -> Result<()> {
         let outputs = gate.iter_mut().zip(out.iter_mut());
+        let delta = |name: &str, sequence: usize| deltas.and_then(|d| d.input(name, sequence));
         run_many(
             self.backend,
-            acts.iter_mut()
-                .zip(outputs)
-                .map(|(layer_acts, (gate, out))| {
+            acts.iter_mut().zip(outputs).enumerate().map(
+                |(sequence, (layer_acts, (gate, out)))| {
                     self.kernels
                         .ffn_fwd
                         .call()
@@ -92,11 +105,14 @@ impl BatchKernels<'_> {
                         .weight("w3", params.w3)
                         .weight("w2", params.w2)
                         .input("x2n", &layer_acts.x2n)
+                        .input_if("gate_delta", delta("gate_delta", sequence))
+                        .input_if("up_delta", delta("up_delta", sequence))
                         .output("h1", &mut layer_acts.h1)
                         .output("h3", &mut layer_acts.h3)
                         .output("gate", gate)
                         .output("ffn", out)
-                }),
+                },
+            ),
         )
     }
 

@@ -305,8 +305,9 @@ fn zero_weights(config: &ModelConfig) -> impl Fn(&str) -> Option<Vec<f32>> + '_ 
 /// preset at its training window and at doctor's, and at a window that is no
 /// power of two, packed and baked weights, both dialects, with the split
 /// attention backward), every benchmark kernel (quick and full configs of
-/// every suite and form) and every probe passes the field's rules. (LoRA
-/// kernels join this list when they exist.)
+/// every suite and form) and every probe passes the field's rules; so do
+/// LoRA's kernels (issue 21: the base baked, the adapters' part of q, k, v,
+/// gate and up as added inputs packed with the activations).
 #[test]
 fn every_ane_bound_kernel_benchmark_and_probe_passes_the_field_rules() {
     for preset in anemone::model::config::PRESETS {
@@ -327,9 +328,17 @@ fn every_ane_bound_kernel_benchmark_and_probe_passes_the_field_rules() {
         ];
         windows.dedup_by_key(|(seq, _)| *seq);
         for (seq, dialects) in windows {
-            for mode in [WeightMode::Packed, WeightMode::Baked] {
+            let lora = anemone::model::kernels::Deltas::ALL;
+            let none = anemone::model::kernels::Deltas::NONE;
+            let modes = [
+                (WeightMode::Packed, none),
+                (WeightMode::Baked, none),
+                (WeightMode::Baked, lora),
+            ];
+            for (mode, deltas) in modes {
                 for &dialect in dialects {
                     let opts = KernelOptions {
+                        deltas,
                         dtype: DType::Fp16,
                         mode,
                         dialect,
@@ -339,7 +348,10 @@ fn every_ane_bound_kernel_benchmark_and_probe_passes_the_field_rules() {
                         anemone::model::kernels::attn_bwd_split(&config, seq, opts, &weights)
                             .unwrap();
                     for spec in specs.iter().chain(&split) {
-                        let what = format!("{preset} seq {seq} {mode:?} {dialect:?} {}", spec.name);
+                        let what = format!(
+                            "{preset} seq {seq} {mode:?} {deltas:?} {dialect:?} {}",
+                            spec.name
+                        );
                         assert_passes_the_field_rules(&what, &spec.package);
                     }
                 }
@@ -673,6 +685,7 @@ fn kernel_options_take_the_dialect_the_probes_found() {
     assert_eq!(
         opts,
         KernelOptions {
+            deltas: anemone::model::kernels::Deltas::NONE,
             dtype: DType::Fp16,
             mode: WeightMode::Packed,
             dialect: Dialect::Ios16,

@@ -29,6 +29,7 @@ use anemone::model::hf::{HfCheckpoint, SafetensorsReader};
 use anemone::model::kernels::KernelOptions;
 use anemone::model::lora::Adapters;
 use anemone::model::{ModelConfig, Weights};
+use anemone::train::adapter_path::DropoutKey;
 use anemone::train::engine::{Engine, GradWrite, LossWeights};
 use anemone::train::lora::LoraStep;
 use anemone::train::optim::{AdamState, AdamW};
@@ -36,6 +37,14 @@ use anemone::train::optim::{AdamState, AdamW};
 use crate::common::{Tolerance, fixture, shared_data, temp_dir};
 
 const MODELS: [&str; 3] = ["llama", "qwen2", "qwen3"];
+
+/// The dropout masks' key of a step (no dropout in the PEFT fixtures).
+const KEY: DropoutKey = DropoutKey {
+    seed: 1,
+    step: 0,
+    micro: 0,
+    first_sequence: 0,
+};
 
 /// The gradients' absolute floor, as a fraction of each tensor's largest
 /// magnitude (as in `hf_model.rs`; the masked gradient is a difference of
@@ -578,16 +587,43 @@ fn five_adamw_steps_match_peft() {
     }
 }
 
-/// A CPU fp32 engine for the whole chat batch and a LoRA step on `case`.
+/// A CPU fp32 engine for the whole chat batch and a LoRA step on `case`
+/// (the adapters merged into the weights the kernels take as inputs).
 fn lora_step(case: &Case) -> (Engine, LoraStep) {
     let batch = &case.batch;
     let backend = Box::new(CpuBackend::new(Precision::Fp32));
     let (seq, size) = (batch.seq_len, batch.batch_size);
     let engine = Engine::new(backend, case.config(), seq, size, KernelOptions::cpu()).unwrap();
-    (
-        engine,
-        LoraStep::new(case.base.clone(), &case.adapters).unwrap(),
-    )
+    let step = LoraStep::new(case.base.clone(), &case.adapters, &engine).unwrap();
+    (engine, step)
+}
+
+/// [`lora_step`] unmerged, as on the ANE (`Engine::for_lora`): the base
+/// baked into a kernel set per layer (fp32 on the CPU), the adapters beside
+/// it on the host, their part of q, k, v, gate and up an added kernel input.
+fn unmerged_lora_step(case: &Case) -> (Engine, LoraStep) {
+    use anemone::model::kernels::WeightMode;
+    let batch = &case.batch;
+    let backend = Box::new(CpuBackend::new(Precision::Fp32));
+    let (seq, size) = (batch.seq_len, batch.batch_size);
+    let baked = KernelOptions {
+        mode: WeightMode::Baked,
+        ..KernelOptions::cpu()
+    };
+    let lora = &case.adapters.config;
+    let engine = Engine::for_lora(backend, &case.base, lora, seq, size, baked).unwrap();
+    assert!(engine.unmerged());
+    let step = LoraStep::new(case.base.clone(), &case.adapters, &engine).unwrap();
+    (engine, step)
+}
+
+/// Both LoRA steps of `case`, named.
+fn lora_steps(case: &Case) -> [(&'static str, Engine, LoraStep); 2] {
+    let (merged, unmerged) = (lora_step(case), unmerged_lora_step(case));
+    [
+        ("merged", merged.0, merged.1),
+        ("unmerged", unmerged.0, unmerged.1),
+    ]
 }
 
 /// The chat batch's targets, weights (prompts and padding 0) and divisor
@@ -603,36 +639,39 @@ fn masked(batch: &SftBatch) -> LossWeights<'_> {
 /// The engine's own loss weights (issue 21): one weighted pass over the
 /// whole chat batch gives PEFT's masked mean loss (1e-5 relative) and every
 /// lora_A/lora_B gradient within 1e-4 relative (floor [`GRAD_FLOOR`] of each
-/// tensor's largest), with the base frozen.
+/// tensor's largest), with the base frozen: with the adapters merged into
+/// the weights, and unmerged (the base baked, the adapters beside it).
 #[test]
 fn the_lora_step_gives_the_peft_masked_loss_and_gradients() {
     for name in MODELS {
         let case = Case::open(name);
-        let (mut engine, mut step) = lora_step(&case);
-        let batch = &case.batch;
-        let loss = step
-            .forward_backward(
-                &mut engine,
-                &case.adapters,
-                GradWrite::Overwrite,
-                &batch.inputs,
-                masked(batch),
-                1.0,
-            )
-            .unwrap();
-        let want = case.reference.read_f64("loss").unwrap()[0];
-        let err = (loss - want).abs() / want;
-        eprintln!("{name}: lora step loss {loss} vs peft {want} ({err:.2e} relative)");
-        assert!(err <= 1e-5, "{name}: loss {loss} vs {want}");
-        let tensors = peft_tensors(step.grads());
-        assert!(!tensors.is_empty());
-        let mut worst: f64 = 0.0;
-        for (tensor, _, data) in &tensors {
-            let want = f32s(&case.reference, &format!("grad.{tensor}"));
-            let what = format!("{name}: lora step gradient of {tensor}");
-            worst = worst.max(assert_elementwise(data, &want, 1e-4, GRAD_FLOOR, &what));
+        for (how, mut engine, mut step) in lora_steps(&case) {
+            let batch = &case.batch;
+            let loss = step
+                .forward_backward(
+                    &mut engine,
+                    &case.adapters,
+                    GradWrite::Overwrite,
+                    &batch.inputs,
+                    masked(batch),
+                    1.0,
+                    KEY,
+                )
+                .unwrap();
+            let want = case.reference.read_f64("loss").unwrap()[0];
+            let err = (loss - want).abs() / want;
+            eprintln!("{name} {how}: lora step loss {loss} vs peft {want} ({err:.2e} relative)");
+            assert!(err <= 1e-5, "{name} {how}: loss {loss} vs {want}");
+            let tensors = peft_tensors(step.grads());
+            assert!(!tensors.is_empty());
+            let mut worst: f64 = 0.0;
+            for (tensor, _, data) in &tensors {
+                let want = f32s(&case.reference, &format!("grad.{tensor}"));
+                let what = format!("{name} {how}: lora step gradient of {tensor}");
+                worst = worst.max(assert_elementwise(data, &want, 1e-4, GRAD_FLOOR, &what));
+            }
+            eprintln!("{name} {how}: gradients within {worst:.2e} of each tensor's largest");
         }
-        eprintln!("{name}: lora step gradients within {worst:.2e} of each tensor's largest");
     }
 }
 
@@ -641,7 +680,7 @@ fn the_lora_step_gives_the_peft_masked_loss_and_gradients() {
 #[test]
 fn five_adamw_steps_of_the_lora_step_match_peft() {
     for name in MODELS {
-        let mut case = Case::open(name);
+        let case = Case::open(name);
         let opt = AdamW {
             beta1: meta(&case.reference, "beta1") as f32,
             beta2: meta(&case.reference, "beta2") as f32,
@@ -649,29 +688,35 @@ fn five_adamw_steps_of_the_lora_step_match_peft() {
             weight_decay: meta(&case.reference, "weight_decay") as f32,
         };
         let lr = meta(&case.reference, "lr") as f32;
-        let mut state = AdamState::new(case.adapters.data.len());
-        let (mut engine, mut step) = lora_step(&case);
-        let losses = case.reference.read_f64("losses").unwrap();
-        assert_eq!(losses.len(), 5);
-        for (index, want) in losses.into_iter().enumerate() {
-            let batch = &case.batch;
-            let write = GradWrite::Overwrite;
-            let loss = (step.forward_backward(
-                &mut engine,
-                &case.adapters,
-                write,
-                &batch.inputs,
-                masked(batch),
-                1.0,
-            ))
-            .unwrap();
-            let err = (loss - want).abs() / want;
-            eprintln!("{name}: lora step {index}: loss {loss} vs peft {want} ({err:.2e})");
-            assert!(
-                err <= 1e-4,
-                "{name}: AdamW step {index}: loss {loss} vs {want}"
-            );
-            step.update(&mut case.adapters, &opt, &mut state, lr, 1.0);
+        let start = case.adapters.clone();
+        for (how, mut engine, mut step) in lora_steps(&case) {
+            let mut adapters = start.clone();
+            let mut state = AdamState::new(adapters.data.len());
+            let losses = case.reference.read_f64("losses").unwrap();
+            assert_eq!(losses.len(), 5);
+            for (index, want) in losses.into_iter().enumerate() {
+                let batch = &case.batch;
+                let write = GradWrite::Overwrite;
+                let loss = (step.forward_backward(
+                    &mut engine,
+                    &adapters,
+                    write,
+                    &batch.inputs,
+                    masked(batch),
+                    1.0,
+                    KEY,
+                ))
+                .unwrap();
+                let err = (loss - want).abs() / want;
+                eprintln!(
+                    "{name} {how}: lora step {index}: loss {loss} vs peft {want} ({err:.2e})"
+                );
+                assert!(
+                    err <= 1e-4,
+                    "{name} {how}: AdamW step {index}: loss {loss} vs {want}"
+                );
+                step.update(&mut adapters, &opt, &mut state, lr, 1.0);
+            }
         }
     }
 }
@@ -686,11 +731,27 @@ fn the_weighted_loss_is_the_same_in_groups_and_vocabulary_blocks() {
     let write = GradWrite::Overwrite;
     let inputs = &batch.inputs;
     let adapters = &case.adapters;
-    let whole = step.forward_backward(&mut engine, adapters, write, inputs, masked(batch), 1.0);
+    let whole = step.forward_backward(
+        &mut engine,
+        adapters,
+        write,
+        inputs,
+        masked(batch),
+        1.0,
+        KEY,
+    );
     let (whole, whole_grads) = (whole.unwrap(), step.grads().clone());
     engine.set_classifier_group(1);
     engine.set_classifier_blocks(Some(100));
-    let blocked = step.forward_backward(&mut engine, adapters, write, inputs, masked(batch), 1.0);
+    let blocked = step.forward_backward(
+        &mut engine,
+        adapters,
+        write,
+        inputs,
+        masked(batch),
+        1.0,
+        KEY,
+    );
     let blocked = blocked.unwrap();
     // Other groups and blocks of rows that are not whole chunks of the
     // cross-entropy change the order of the sums: rounding only.
@@ -706,7 +767,7 @@ fn the_weighted_loss_is_the_same_in_groups_and_vocabulary_blocks() {
         "blocked gradients",
     );
     let sum = engine
-        .weighted_loss_sum(step.merged(), inputs, masked(batch))
+        .weighted_loss_sum(step.weights(), inputs, masked(batch))
         .unwrap();
     let mean = sum / batch.counted() as f64;
     assert!((mean - whole).abs() <= 1e-7 * whole, "{mean} vs {whole}");
@@ -740,7 +801,7 @@ fn the_frozen_base_backward_equals_the_adapter_gradients_of_the_full_backward() 
                 }
             }
             let (mut engine, _) = lora_step(&case);
-            let mut step = LoraStep::new(case.base.clone(), &adapters).unwrap();
+            let mut step = LoraStep::new(case.base.clone(), &adapters, &engine).unwrap();
             let batch = &case.batch;
             // The second micro-batch: the same windows, other targets, all counted.
             let mut targets = batch.targets.clone();
@@ -767,9 +828,10 @@ fn the_frozen_base_backward_equals_the_adapter_gradients_of_the_full_backward() 
             let mut engine_norm = 0.0;
             for (write, loss) in micro_batches {
                 let inputs = &batch.inputs;
-                let fast = step.forward_backward(&mut engine, &adapters, write, inputs, loss, 1.0);
+                let fast =
+                    step.forward_backward(&mut engine, &adapters, write, inputs, loss, 1.0, KEY);
                 engine_norm = engine.grad_norm();
-                let merged = step.merged();
+                let merged = step.weights();
                 let full =
                     engine.forward_backward_weighted(merged, &mut dw, write, inputs, loss, 1.0);
                 assert_eq!(fast.unwrap(), full.unwrap(), "{name}: the loss");
@@ -854,12 +916,14 @@ mod counting {
 }
 
 /// Three LoRA steps (loss scale 256, AdamW) through the fake ANE runtime
-/// (packed fp16 kernels) against the CPU backend in fp32: each step's loss
-/// within 1e-2 relative, the first step's adapter gradients within 5e-2 of
-/// each tensor's largest magnitude plus 1e-4 (the fp16 tolerance of
-/// `hf_model.rs`), and every kernel compiled once for the whole run (the
-/// adapters change the merged weights, which travel as inputs): as many
-/// compiles as the CPU engine's, none after the engine was made.
+/// against the CPU backend in fp32 (merged weights as inputs): each step's
+/// loss within 1e-2 relative, the first step's adapter gradients within
+/// 5e-2 of each tensor's largest magnitude plus 1e-4 (the fp16 tolerance of
+/// `hf_model.rs`). On the ANE the engine is unmerged (issue 21's design):
+/// each layer's kernels have its frozen base baked in (fp16 BLOBFILE
+/// constants) and take the adapters' part of q, k, v, gate and up as added
+/// inputs; every kernel compiles once for the whole run: the CPU's set once
+/// per layer, none after the engine was made.
 #[test]
 fn a_lora_run_on_the_fake_ane_matches_the_cpu_with_one_compile_per_kernel() {
     use anemone::backend::ane::AneBackend;
@@ -886,7 +950,10 @@ fn a_lora_run_on_the_fake_ane_matches_the_cpu_with_one_compile_per_kernel() {
         inner: CpuBackend::new(Precision::Fp32),
         compiles: cpu_compiles.clone(),
     };
-    let mut ane = Engine::new(Box::new(ane), case.config(), seq, size, packed_fp16).unwrap();
+    let lora = &case.adapters.config;
+    let mut ane =
+        Engine::for_lora(Box::new(ane), &case.base, lora, seq, size, packed_fp16).unwrap();
+    assert!(ane.unmerged());
     let mut cpu = Engine::new(
         Box::new(cpu),
         case.config(),
@@ -899,8 +966,8 @@ fn a_lora_run_on_the_fake_ane_matches_the_cpu_with_one_compile_per_kernel() {
     assert!(kernels > 0 && ane.fallbacks().is_empty());
     assert_eq!(
         kernels,
-        cpu_compiles.load(Ordering::SeqCst),
-        "one compile per kernel"
+        cpu_compiles.load(Ordering::SeqCst) * case.config().n_layers,
+        "one compile per kernel and layer"
     );
     let opt = AdamW {
         beta1: 0.9,
@@ -910,7 +977,7 @@ fn a_lora_run_on_the_fake_ane_matches_the_cpu_with_one_compile_per_kernel() {
     };
     let scale = 256.0;
     let mut runs = [(&mut ane, scale), (&mut cpu, 1.0)].map(|(engine, scale)| {
-        let step = LoraStep::new(case.base.clone(), &case.adapters).unwrap();
+        let step = LoraStep::new(case.base.clone(), &case.adapters, engine).unwrap();
         let state = AdamState::new(case.adapters.data.len());
         (engine, scale, step, case.adapters.clone(), state)
     });
@@ -927,6 +994,7 @@ fn a_lora_run_on_the_fake_ane_matches_the_cpu_with_one_compile_per_kernel() {
                     &batch.inputs,
                     masked(batch),
                     *scale,
+                    KEY,
                 )
                 .unwrap();
             let g = step.grads().clone();
@@ -1029,12 +1097,12 @@ fn lora_learns_shakespeare_dialogue_on_a_tiny_checkpoint() {
     assert!(held_out.len() >= 5);
     let backend = Box::new(CpuBackend::new(Precision::Fp32));
     let mut engine = Engine::new(backend, &config, seq, size, KernelOptions::cpu()).unwrap();
-    let mut step = LoraStep::new(base, &adapters).unwrap();
+    let mut step = LoraStep::new(base, &adapters, &engine).unwrap();
     let eval = |engine: &mut Engine, step: &LoraStep| {
         let (mut total, mut counted) = (0.0, 0.0);
         for batch in &held_out {
             total += engine
-                .weighted_loss_sum(step.merged(), &batch.inputs, masked(batch))
+                .weighted_loss_sum(step.weights(), &batch.inputs, masked(batch))
                 .unwrap();
             counted += batch.counted() as f64;
         }
@@ -1059,6 +1127,7 @@ fn lora_learns_shakespeare_dialogue_on_a_tiny_checkpoint() {
             &batch.inputs,
             masked(&batch),
             1.0,
+            KEY,
         )
         .unwrap();
         step.update(&mut adapters, &opt, &mut state, 1e-2, 1.0);

@@ -361,11 +361,11 @@ fn bad_lora_flags_and_rows_are_clear_errors() {
         init,
         "--lora",
         "--lora-dropout",
-        "0.1",
+        "1",
         "--data",
         data.to_str().unwrap(),
     ]);
-    assert!(err.contains("dropout"), "{err}");
+    assert!(err.contains("--lora-dropout 1 is out of range"), "{err}");
     let tokens = dir.join("tokens.bin");
     std::fs::write(&tokens, [1u8, 0, 2, 0, 3, 0, 4, 0]).unwrap();
     let err = train(&[
