@@ -141,7 +141,7 @@ pub struct TrainArgs {
     /// Adapter alpha (the update is scaled by alpha / r) [default: 16]
     #[arg(long, help_heading = "LoRA", allow_negative_numbers = true)]
     pub lora_alpha: Option<f32>,
-    /// Dropout on the adapters' input (only 0 is implemented) [default: 0]
+    /// Dropout on the adapters' input while training, in [0, 1) (PEFT's lora_dropout) [default: 0]
     #[arg(long, help_heading = "LoRA", allow_negative_numbers = true)]
     pub lora_dropout: Option<f32>,
     /// Projections with adapters, comma-separated: q,k,v,o,gate,up,down [default: all]

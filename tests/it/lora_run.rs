@@ -215,14 +215,14 @@ fn a_lora_run_learns_keeps_the_base_and_is_applied_by_eval_generate_and_fuse() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_lora_run_resumes_exactly_and_refuses_a_changed_base() {
-    let dir = temp_dir("lora-resume");
-    let Some(data) = chat_data(&dir, 200) else {
-        return;
-    };
-    let base = base_copy(&dir);
-    let (whole, split) = (dir.join("whole"), dir.join("split"));
+/// `train --lora` of `base` on `data` for 12 steps with `extra` flags,
+/// whole and stopped after 5 then resumed: the adapters, moments and every
+/// metrics row are the same bits. Returns the whole run's directory.
+fn resumes_exactly(dir: &Path, base: &Path, data: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let (whole, split) = (
+        dir.join(format!("{name}whole")),
+        dir.join(format!("{name}split")),
+    );
     let steps = [
         "--steps",
         "12",
@@ -231,12 +231,12 @@ fn a_lora_run_resumes_exactly_and_refuses_a_changed_base() {
         "--eval-every",
         "6",
     ];
-    lora_train(&base, &data, &whole, &steps);
+    lora_train(base, data, &whole, &[&steps[..], extra].concat());
     lora_train(
-        &base,
-        &data,
+        base,
+        data,
         &split,
-        &[&steps[..], &["--stop-after", "5"]].concat(),
+        &[&steps[..], extra, &["--stop-after", "5"]].concat(),
     );
     succeeds(
         anemone()
@@ -254,23 +254,51 @@ fn a_lora_run_resumes_exactly_and_refuses_a_changed_base() {
     };
     assert!(
         adapters(&whole) == adapters(&split),
-        "resumed adapters differ"
+        "{name}: resumed adapters differ"
     );
-    let rows = |run: &Path| {
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let row: serde_json::Value = serde_json::from_str(l).unwrap();
-                (
-                    row["step"].as_u64(),
-                    row["train_loss"].as_f64(),
-                    row["val_loss"].as_f64(),
-                )
-            })
-            .collect::<Vec<_>>()
+    assert_eq!(metrics_rows(&whole), metrics_rows(&split), "{name}");
+    whole
+}
+
+/// Each metrics.jsonl row's step, train_loss and val_loss.
+fn metrics_rows(run: &Path) -> Vec<(Option<u64>, Option<f64>, Option<f64>)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                row["step"].as_u64(),
+                row["train_loss"].as_f64(),
+                row["val_loss"].as_f64(),
+            )
+        })
+        .collect()
+}
+
+/// Exact resume without and with dropout on the adapters' input (its masks
+/// are drawn again from the run's seed, update, micro-batch and sequence,
+/// so a resumed run draws the uninterrupted run's); the dropout run trains
+/// on other losses than the run without it and still learns.
+#[test]
+fn a_lora_run_resumes_exactly_and_refuses_a_changed_base() {
+    let dir = temp_dir("lora-resume");
+    let Some(data) = chat_data(&dir, 200) else {
+        return;
     };
-    assert_eq!(rows(&whole), rows(&split));
+    let base = base_copy(&dir);
+    let whole = resumes_exactly(&dir, &base, &data, "", &[]);
+    let dropout = resumes_exactly(&dir, &base, &data, "dropout-", &["--lora-dropout", "0.1"]);
+    let train_losses =
+        |run: &Path| -> Vec<f64> { metrics_rows(run).iter().filter_map(|row| row.1).collect() };
+    let (plain, dropped) = (train_losses(&whole), train_losses(&dropout));
+    assert_eq!(plain.len(), dropped.len());
+    // The first update's losses: the same adapters (B = 0, so dropout
+    // changes no forward yet), then other gradients and other losses.
+    assert_eq!(plain[0], dropped[0]);
+    assert!(plain[1..].iter().zip(&dropped[1..]).all(|(a, b)| a != b));
+    let val = val_losses(&dropout);
+    assert!(val.len() >= 2 && val[val.len() - 1] < val[0], "{val:?}");
     // A flag that would change the run.
     let err = fails(
         anemone()
@@ -365,7 +393,7 @@ fn bad_lora_flags_and_rows_are_clear_errors() {
         "--data",
         data.to_str().unwrap(),
     ]);
-    assert!(err.contains("--lora-dropout 1 is out of range"), "{err}");
+    assert!(err.contains("--lora-dropout 1.0 is out of range: expected a number in [0, 1)"), "{err}");
     let tokens = dir.join("tokens.bin");
     std::fs::write(&tokens, [1u8, 0, 2, 0, 3, 0, 4, 0]).unwrap();
     let err = train(&[
