@@ -393,7 +393,10 @@ fn bad_lora_flags_and_rows_are_clear_errors() {
         "--data",
         data.to_str().unwrap(),
     ]);
-    assert!(err.contains("--lora-dropout 1.0 is out of range: expected a number in [0, 1)"), "{err}");
+    assert!(
+        err.contains("--lora-dropout 1.0 is out of range: expected a number in [0, 1)"),
+        "{err}"
+    );
     let tokens = dir.join("tokens.bin");
     std::fs::write(&tokens, [1u8, 0, 2, 0, 3, 0, 4, 0]).unwrap();
     let err = train(&[
