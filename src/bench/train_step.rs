@@ -178,16 +178,21 @@ enum Trained {
 }
 
 impl Trained {
-    /// Random weights of `c` (rounded to bf16 for LoRA), and adapters of `lora`
-    /// with a random B too (as after some training: every product nonzero).
-    fn new(c: &ModelConfig, lora: Option<&LoraConfig>, engine: &Engine) -> Result<Trained> {
+    /// Random weights of `opts.config` (rounded to bf16 for LoRA), and
+    /// adapters of `opts.lora` with a random B too (as after some training:
+    /// every product nonzero); with the engine that runs them on `backend`
+    /// (a LoRA run's: `Engine::for_lora`'s choice).
+    fn new(backend: Box<dyn Backend>, opts: &TrainStepOptions) -> Result<(Trained, Engine)> {
+        let (c, seq, batch) = (&opts.config, opts.seq, opts.batch);
         let mut weights = Weights::init(c, 1);
-        let Some(lora) = lora else {
-            return Ok(Trained::Full {
+        let Some(lora) = opts.lora.as_ref() else {
+            let engine = Engine::new(backend, c, seq, batch, opts.kernels)?;
+            let trained = Trained::Full {
                 grads: Weights::zeros(c),
                 adam: AdamState::new(weights.data.len()),
                 weights,
-            });
+            };
+            return Ok((trained, engine));
         };
         for value in &mut weights.data {
             *value = half::bf16::from_f32(*value).to_f32();
@@ -199,11 +204,13 @@ impl Trained {
                 *value = 0.01 * rng.normal();
             }
         }
-        Ok(Trained::Lora {
-            step: Box::new(LoraStep::new(weights, &adapters, engine)?),
+        let engine = Engine::for_lora(backend, &weights, lora, seq, batch, opts.kernels)?;
+        let trained = Trained::Lora {
+            step: Box::new(LoraStep::new(weights, &adapters, &engine)?),
             adam: AdamState::new(adapters.data.len()),
             adapters,
-        })
+        };
+        Ok((trained, engine))
     }
 
     /// One forward and backward over every position, written over the gradient.
@@ -322,11 +329,10 @@ pub fn run_on(
     }
     let c = &opts.config;
     let backend_name = backend.name().to_string();
-    let mut engine = Engine::new(backend, c, opts.seq, opts.batch, opts.kernels)?;
+    let (mut trained, mut engine) = Trained::new(backend, opts)?;
     for note in engine.fallbacks() {
         eprintln!("{note}");
     }
-    let mut trained = Trained::new(c, opts.lora.as_ref(), &engine)?;
     let adamw = AdamW::default();
     let n_tokens = opts.seq * opts.batch;
     let mut rng = Rng::new(42 + dist.rank() as u64);

@@ -241,6 +241,10 @@ pub struct TrainStepArgs {
     /// Adapt the last N layers only (with --lora; default: every layer)
     #[arg(long, requires = "lora", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     lora_layers: Option<usize>,
+    /// Dropout on the adapters' input (with --lora; default 0): the adapters
+    /// then run beside the base instead of merged into it
+    #[arg(long, requires = "lora")]
+    lora_dropout: Option<f32>,
 }
 
 impl TrainStepArgs {
@@ -255,7 +259,8 @@ impl TrainStepArgs {
         };
         let alpha = self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f32);
         let (rank, layers) = (self.lora_rank, self.lora_layers);
-        let lora = LoraConfig::new(rank, alpha, 0.0, targets, layers, config.n_layers)?;
+        let dropout = self.lora_dropout.unwrap_or(0.0);
+        let lora = LoraConfig::new(rank, alpha, dropout, targets, layers, config.n_layers)?;
         Ok(Some(lora))
     }
 }
