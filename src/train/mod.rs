@@ -208,7 +208,8 @@ impl Params {
 /// yields a global batch of `batch * size` sequences, the same as one
 /// process with `--batch` times `size`; rank `r` computes sequences
 /// `r*batch..(r+1)*batch` of it, the gradients and losses are summed over the
-/// ranks (one all-reduce of the flat gradient buffer) before the norm, the
+/// ranks (the gradients bucket by bucket during the last backward, or in one
+/// all-reduce of the flat buffer: [`Trainer::set_overlap`]) before the norm, the
 /// loss-scale check, clipping and AdamW, which every rank applies alike. Only
 /// rank 0 writes the run directory.
 pub struct Trainer {
@@ -654,8 +655,8 @@ impl Trainer {
             // it still takes part in the same sums, so that no rank waits
             // for it, and the flags below stop every rank.
             let grads = self.params.grads_mut();
-            let mut unfinished = buckets::Finished { buckets, grads };
-            self.dist.all_reduce_overlapped(&mut unfinished);
+            let mut as_they_are = buckets::Finished { buckets, grads };
+            self.dist.all_reduce_overlapped(&mut as_they_are);
         }
         let mut stats = vec![0.0; 1 + ranks];
         stats[0] = *local.as_ref().unwrap_or(&0.0);

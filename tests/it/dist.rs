@@ -123,8 +123,9 @@ impl Collective for ThreadRank {
         let mut next = 0;
         let mut buffer = Vec::new();
         let mut summed_last = 0;
-        while work.advance() {
-            if self.rank == 0 {
+        loop {
+            let working = work.advance();
+            if working && self.rank == 0 {
                 let early = &self.group.summed_early;
                 early.fetch_add(summed_last, Ordering::Relaxed);
             }
@@ -136,6 +137,9 @@ impl Collective for ThreadRank {
                 work.scatter(next, &buffer);
                 next += 1;
                 summed_last += 1;
+            }
+            if !working {
+                break;
             }
         }
         assert_eq!(
@@ -572,4 +576,85 @@ fn overlapped_lora_sums_equal_one_flat_all_reduce_bit_for_bit_issue_24() {
         a.adapters.data != adapters.data,
         "the adapters did not move"
     );
+}
+
+/// A training source whose `fail_at`-th batch (from 1) is an error.
+struct FailingAt {
+    inner: WindowSource,
+    calls: usize,
+    fail_at: usize,
+}
+
+impl Batches for FailingAt {
+    fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> anemone::Result<()> {
+        self.calls += 1;
+        if self.calls == self.fail_at {
+            return Err(anemone::Error::Invalid("the token file went away".into()));
+        }
+        self.inner.next_batch(inputs, targets)
+    }
+    fn state(&self) -> serde_json::Value {
+        self.inner.state()
+    }
+    fn restore(&mut self, state: &serde_json::Value) -> anemone::Result<()> {
+        self.inner.restore(state)
+    }
+    fn rewind(&mut self) {
+        self.inner.rewind()
+    }
+}
+
+/// The failure protocol with overlapped sums: rank 1's data fails in
+/// update 2 before its last backward, while rank 0 runs its backward and
+/// starts the buckets' sums; rank 1 still takes part in them (its buffer as
+/// it is), then raises its flag, so neither rank waits forever and rank 0
+/// stops naming rank 1.
+#[test]
+fn a_rank_that_fails_before_its_backward_still_completes_the_overlapped_sums_issue_24() {
+    let dir = temp_dir("dist-overlap-fail");
+    let tokens = tokens(&dir);
+    let c = config(2);
+    let run = dir.join("run");
+    let (group, ranks) = ThreadRank::group_counted(2);
+    // Threads of their own, so that a rank left waiting in a sum fails the
+    // test after a while instead of hanging it.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    for dist in ranks {
+        let (c, tokens, run, sender) = (c.clone(), tokens.clone(), run.clone(), sender.clone());
+        std::thread::spawn(move || {
+            let rank = dist.rank();
+            let (data, mut val) = sources(&tokens, &c);
+            let fail_at = if rank == 1 { 3 } else { usize::MAX };
+            let mut data = FailingAt {
+                inner: data,
+                calls: 0,
+                fail_at,
+            };
+            let weights = Weights::init(&c.model, 1);
+            let mut trainer = Trainer::new_on(c.clone(), weights, engine(&c), &run, dist).unwrap();
+            let result = trainer.train(&mut data, Some(&mut val), &mut Quiet, None);
+            sender
+                .send((rank, result.map_err(|e| e.to_string())))
+                .unwrap();
+        });
+    }
+    let mut errors = vec![String::new(); 2];
+    for _ in 0..2 {
+        let (rank, result) = receiver
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a rank still waits 120 s after rank 1 failed");
+        errors[rank] = result.expect_err("a rank finished the run");
+    }
+    assert!(
+        errors[0].contains("rank 1 of 2 failed in update 2"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("the token file went away"),
+        "{}",
+        errors[1]
+    );
+    // Update 1 and rank 0's update 2 summed buckets during the backward.
+    assert!(group.summed_early.load(Ordering::Relaxed) >= 2);
 }
