@@ -22,6 +22,7 @@
 //!
 //! This module does not decide what "fast enough" is: it measures.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -29,7 +30,7 @@ use serde::Serialize;
 use super::{Repeat, Stats, gflops, time_ms};
 use crate::Result;
 use crate::backend::Backend;
-use crate::dist::Collective;
+use crate::dist::{Collective, CommTimes};
 use crate::energy::{self, Energy};
 use crate::linalg::{gemm, n};
 use crate::model::kernels::KernelOptions;
@@ -37,6 +38,7 @@ use crate::model::lora::{Adapters, LoraConfig};
 use crate::model::{ModelConfig, Weights};
 use crate::rng::Rng;
 use crate::train::adapter_path::DropoutKey;
+use crate::train::buckets::GradBuckets;
 use crate::train::engine::{Engine, GradWrite, LossWeights};
 use crate::train::lora::LoraStep;
 use crate::train::optim::{self, AdamState, AdamW};
@@ -56,6 +58,9 @@ pub struct TrainStepOptions {
     pub ops: bool,
     /// Time LoRA steps with these adapters (`--lora`) instead of full training.
     pub lora: Option<LoraConfig>,
+    /// With two or more ranks: sum the gradients bucket by bucket during the
+    /// backward (as `train` does), or in one all-reduce after it (`--no-overlap`).
+    pub overlap: bool,
 }
 
 /// One phase of the breakdown: total over the timed steps divided by steps.
@@ -105,16 +110,28 @@ pub struct TrainStepReport {
     pub energy: Energy,
     /// Data-parallel ranks (1 without `mpirun`); `batch` is each rank's.
     pub ranks: usize,
-    /// With two or more ranks: the all-reduce of the flat gradient buffer.
+    /// With two or more ranks: the sum of the gradients over the ranks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm: Option<CommReport>,
 }
 
-/// What the gradients' all-reduce cost per step.
+/// What the gradients' sum over the ranks cost per step.
 #[derive(Clone, Debug, Serialize)]
 pub struct CommReport {
-    pub ms_per_step: f64,
+    /// `overlapped` (bucket by bucket during the backward) or `flat` (one
+    /// all-reduce of the whole buffer after it).
+    pub mode: String,
+    /// All-reduces per step.
+    pub buckets: usize,
+    /// The time the step spent on the sum and not on its work (the phase
+    /// `all-reduce`): copies, starting, polling and waiting, the slower
+    /// rank included. The whole all-reduce when flat.
+    pub exposed_ms_per_step: f64,
+    /// `exposed_ms_per_step` as a share of the step.
     pub fraction: f64,
+    /// From the first bucket's start to the last one's end (seen at the
+    /// polls between layers: an upper bound); equals the exposed time when flat.
+    pub in_flight_ms_per_step: f64,
     /// The buffer summed: 4 bytes per parameter.
     pub buffer_bytes: u64,
     /// What each rank sends in a ring all-reduce: `buffer * 2(N-1)/N`.
@@ -244,6 +261,14 @@ impl Trained {
         }
     }
 
+    /// The buckets of the gradient, for its sum overlapped with the backward.
+    fn buckets(&self) -> GradBuckets {
+        match self {
+            Trained::Full { grads, .. } => GradBuckets::of_weights(&grads.layout),
+            Trained::Lora { step, .. } => GradBuckets::of_adapters(step.grads()),
+        }
+    }
+
     /// The gradient, flat (what data parallelism sums).
     fn grads_mut(&mut self) -> &mut [f32] {
         match self {
@@ -280,6 +305,19 @@ impl Trained {
     }
 }
 
+/// One all-reduce of the whole flat gradient, timed: all exposed.
+fn flat_sum(dist: &dyn Collective, grads: &mut [f32]) -> CommTimes {
+    let start = Instant::now();
+    dist.all_reduce_sum(grads);
+    let spent = start.elapsed();
+    CommTimes {
+        exposed: spent,
+        in_flight: spent,
+        values: grads.len() as u64,
+        buckets: 1,
+    }
+}
+
 /// Median fp32 GEMM GFLOP/s on a training-like shape (2048 x 768 x 512), with
 /// the current rayon threads.
 pub fn gemm_peak_gflops(reps: usize) -> Result<f64> {
@@ -310,16 +348,18 @@ pub fn run(
     opts: &TrainStepOptions,
     progress: &mut dyn FnMut(usize, f64),
 ) -> Result<TrainStepReport> {
-    run_on(backend, opts, &crate::dist::Single, progress)
+    run_on(backend, opts, crate::dist::single(), progress)
 }
 
 /// [`run`] as one rank of `dist`: each rank's step on `batch` sequences of
-/// its own, then one all-reduce of the flat gradient buffer (timed as the
-/// phase `all-reduce`) before the norm and AdamW, as in training.
+/// its own, its gradients summed over the ranks as in training (bucket by
+/// bucket during the backward, or with `opts.overlap` off one all-reduce
+/// after it; the time the step spent on it is the phase `all-reduce`)
+/// before the norm and AdamW.
 pub fn run_on(
     backend: Box<dyn Backend>,
     opts: &TrainStepOptions,
-    dist: &dyn Collective,
+    dist: Arc<dyn Collective>,
     progress: &mut dyn FnMut(usize, f64),
 ) -> Result<TrainStepReport> {
     if opts.steps == 0 {
@@ -344,6 +384,8 @@ pub fn run_on(
     let mut profile = Profile::default();
     let mut untimed = Profile::default();
     let mut span = None;
+    let buckets = (ranks > 1 && opts.overlap).then(|| Arc::new(trained.buckets()));
+    let mut comm = CommTimes::default();
     for step in 0..opts.warmup + opts.steps {
         for tok in inputs.iter_mut().chain(targets.iter_mut()) {
             *tok = rng.below(c.vocab_size as u64) as u32;
@@ -359,14 +401,22 @@ pub fn run_on(
         let timed = step >= opts.warmup;
         let step_profile = if timed { &mut profile } else { &mut untimed };
         let start = Instant::now();
+        if let Some(buckets) = &buckets {
+            engine.sum_next_backward(dist.clone(), buckets.clone());
+        }
         let loss = trained.forward_backward(&mut engine, &inputs, &targets, 1.0 / ranks as f32)?;
         let mut norm = engine.grad_norm();
         if ranks > 1 {
-            let comm_start = Instant::now();
-            let grads = trained.grads_mut();
-            dist.all_reduce_sum(grads);
-            norm = optim::global_norm(grads);
-            step_profile.add("all-reduce", comm_start);
+            let times = match engine.take_reduced() {
+                Some(times) => times,
+                None => flat_sum(dist.as_ref(), trained.grads_mut()),
+            };
+            norm = optim::global_norm(trained.grads_mut());
+            step_profile.add_duration("all-reduce", times.exposed);
+            if timed {
+                comm.in_flight += times.in_flight;
+                comm.buckets = times.buckets;
+            }
         }
         let clip = optim::clip_factor(norm, 1.0);
         trained.update(&adamw, 3e-4, clip, step_profile);
@@ -426,8 +476,16 @@ pub fn run_on(
         .iter()
         .find(|phase| phase.name == "all-reduce")
         .map(|phase| CommReport {
-            ms_per_step: phase.ms_per_step,
+            mode: if buckets.is_some() {
+                "overlapped"
+            } else {
+                "flat"
+            }
+            .into(),
+            buckets: comm.buckets,
+            exposed_ms_per_step: phase.ms_per_step,
             fraction: phase.fraction,
+            in_flight_ms_per_step: comm.in_flight.as_secs_f64() * 1e3 / steps,
             buffer_bytes,
             ring_bytes_per_rank: buffer_bytes * 2 * (ranks as u64 - 1) / ranks as u64,
         });
@@ -499,10 +557,14 @@ pub fn format_report(r: &TrainStepReport) -> String {
     out.push_str(&format!("  tokens/s     {:>9.0}\n", r.tokens_per_s));
     if let Some(comm) = &r.comm {
         out.push_str(&format!(
-            "  all-reduce   {:>9.1}  ms/step ({:.1} % of the step) over {} ranks: {:.1} MB \
-             summed, {:.1} MB sent per rank (ring)\n",
-            comm.ms_per_step,
+            "  all-reduce   {:>9.1}  ms/step exposed ({:.1} % of the step), {:.1} ms in flight, \
+             {} in {} all-reduce(s) over {} ranks: {:.1} MB summed, {:.1} MB sent per rank \
+             (ring)\n",
+            comm.exposed_ms_per_step,
             100.0 * comm.fraction,
+            comm.in_flight_ms_per_step,
+            comm.mode,
+            comm.buckets,
             r.ranks,
             comm.buffer_bytes as f64 / 1e6,
             comm.ring_bytes_per_rank as f64 / 1e6

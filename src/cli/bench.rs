@@ -245,6 +245,10 @@ pub struct TrainStepArgs {
     /// then run beside the base instead of merged into it
     #[arg(long, requires = "lora")]
     lora_dropout: Option<f32>,
+    /// Under mpirun: sum the gradients in one all-reduce after the backward,
+    /// not layer by layer during it (as `train` does)
+    #[arg(long)]
+    no_overlap: bool,
 }
 
 impl TrainStepArgs {
@@ -301,9 +305,10 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
         steps: args.steps,
         ops: args.ops,
         lora,
+        overlap: !args.no_overlap,
     };
     let total = args.warmup + args.steps;
-    let result = train_step::run_on(backend, &opts, dist.as_ref(), &mut |step, seconds| {
+    let result = train_step::run_on(backend, &opts, dist.clone(), &mut |step, seconds| {
         let kind = if step < args.warmup { "warmup" } else { "step" };
         if rank0 {
             eprintln!("{kind} {}/{total}: {:.1} ms", step + 1, seconds * 1e3);

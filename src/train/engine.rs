@@ -7,15 +7,23 @@
 //! This module owns the [`Engine`] (its arrays, kernels and clocks) and the
 //! order of a step; a layer's math is `layer`'s, the head's `classifier`'s,
 //! when weight gradients run `schedule`'s, how they are written `grads`'.
+//! With data parallel, the backward of an update's last micro-batch runs as
+//! parts (`Backward`: a layer each, then its end) between which a
+//! [`Collective`] sums the buckets of gradients already final
+//! ([`Engine::sum_next_backward`]; the buckets are `buckets`').
 //! Activations are `(C, T)` channel-major on the host, the layout of the
 //! kernels' `[1, C, 1, T]` tensors.
 
+use std::sync::Arc;
+
 use crate::backend::Backend;
+use crate::dist::{Collective, CommTimes, Overlapped};
 use crate::model::kernels::{Deltas, kernel_counts};
 use crate::model::kernels::{KernelOptions, LayerKernels, WeightMode};
 use crate::model::lora::{Adapters, LoraConfig, Target};
 use crate::model::{ModelConfig, Param, Weights};
 use crate::train::adapter_path::{AdapterPath, LoraLayer, Scratch};
+use crate::train::buckets::{GradBuckets, Readiness};
 use crate::train::buffers::{BackwardScratch, DeltaArrays, DySources, LayerActs};
 use crate::train::classifier::ClassifierHead;
 pub use crate::train::grads::GradWrite;
@@ -24,7 +32,7 @@ use crate::train::kernel::{self, CompiledKernel};
 use crate::train::layer::{LayerContext, layer_backward, layer_forward};
 use crate::train::params::LayerParams;
 use crate::train::profile::{Profile, TimedHost};
-use crate::train::schedule::DwSchedule;
+use crate::train::schedule::{DwPass, DwSchedule};
 use crate::{Error, Result};
 
 /// Runs forward and backward passes of a model on a backend.
@@ -58,8 +66,12 @@ pub struct Engine {
     /// The host math, timed per phase.
     host: TimedHost,
     /// Squared norms of the parameters' gradients, each taken as the last
-    /// pass finished it (see [`Engine::grad_norm`]).
-    grad_sq: Vec<f64>,
+    /// pass finished it (see [`Engine::grad_norm`]), with the parameter.
+    grad_sq: Vec<(Param, f64)>,
+    /// The sum over ranks the next backward pass runs as it finishes its
+    /// gradients ([`Engine::sum_next_backward`]), and what the last one cost.
+    reduce: Option<(Arc<dyn Collective>, Arc<GradBuckets>)>,
+    reduced: Option<CommTimes>,
 }
 
 /// The host's side of an unmerged LoRA engine: the kernels' added inputs
@@ -219,6 +231,8 @@ impl Engine {
             schedule: DwSchedule::new(config.qk_norm),
             host: TimedHost::default(),
             grad_sq: Vec::new(),
+            reduce: None,
+            reduced: None,
         })
     }
 
@@ -245,7 +259,27 @@ impl Engine {
     /// value does not depend on the threads; it equals
     /// [`crate::train::optim::global_norm`] of the whole gradient up to rounding.
     pub fn grad_norm(&self) -> f64 {
-        self.grad_sq.iter().sum::<f64>().sqrt()
+        self.grad_sq.iter().map(|(_, sq)| sq).sum::<f64>().sqrt()
+    }
+
+    /// Sum the next backward pass's gradients over the ranks of `dist`,
+    /// bucket by bucket (`buckets`, of the gradient that pass writes: the
+    /// weights' or the adapters'), each as soon as the pass has finished it,
+    /// while the rest of the backward runs; the pass returns with the sums
+    /// in the gradients (and [`Engine::grad_norm`] still of this rank's).
+    /// For one pass: an update's last micro-batch, the same on every rank.
+    pub fn sum_next_backward(&mut self, dist: Arc<dyn Collective>, buckets: Arc<GradBuckets>) {
+        self.reduce = Some((dist, buckets));
+        self.reduced = None;
+    }
+
+    /// What the sum asked for by [`Engine::sum_next_backward`] cost; `None`
+    /// when it did not run (the pass failed before its backward, or did not
+    /// run), so that the caller still takes part in the ranks' sums. Forgets
+    /// the request either way.
+    pub fn take_reduced(&mut self) -> Option<CommTimes> {
+        self.reduce = None;
+        self.reduced.take()
     }
 
     /// What the device refused and what runs instead, for the user's log:
@@ -614,7 +648,9 @@ impl Engine {
 
     /// The forward, then the backward into `target`: the head, the layers
     /// in reverse with the weight gradients scheduled beside their kernels,
-    /// the embedding's gradient (when the target has one).
+    /// the embedding's gradient (when the target has one); with a sum asked
+    /// for ([`Engine::sum_next_backward`]), the sums of the buckets between
+    /// the layers, as they become final.
     #[allow(clippy::too_many_arguments)]
     fn forward_backward_into(
         &mut self,
@@ -626,6 +662,7 @@ impl Engine {
         loss: LossWeights,
         loss_scale: f32,
     ) -> Result<f64> {
+        let reduce = self.reduce.take();
         let targets = loss.targets;
         self.check_tokens(inputs, "inputs")?;
         self.check_tokens(targets, "targets")?;
@@ -633,6 +670,15 @@ impl Engine {
         self.forward(weights, lora, inputs)?;
         let (seq, batch) = (self.seq, self.batch);
         let mut sink = GradSink::start(target, write, seq, &mut self.grad_sq);
+        if let Some((_, buckets)) = &reduce
+            && buckets.gradient_len() != sink.flat().len()
+        {
+            return Err(Error::Invalid(format!(
+                "the gradient's buckets are of {} values, the pass's gradient has {}",
+                buckets.gradient_len(),
+                sink.flat().len()
+            )));
+        }
         self.dy.resize(&self.config, batch, seq);
         self.scratch.resize(&self.config, batch, seq);
         let grad_scale = loss_scale / loss.divisor as f32;
@@ -646,25 +692,152 @@ impl Engine {
             grad_scale,
             &mut self.dy.dx,
         );
-        let mut dw = self.schedule.pass(&mut self.dy, &self.acts, sink);
+        let pass = self.schedule.pass(&mut self.dy, &self.acts, sink);
         let eps = self.config.norm_eps;
         let mut ctx = LayerContext::new(self.backend.as_mut(), &self.kernels[0], host, eps);
         ctx.lora = lora_layer(&mut self.unmerged, lora);
-        for layer in (0..self.config.n_layers).rev() {
-            ctx.kernels.kernels = of_layer(&self.kernels, layer);
-            let params = LayerParams::new(weights, layer);
-            let acts = &self.acts[layer];
-            layer_backward(&mut ctx, &params, acts, &mut self.scratch, &mut dw)?;
+        let mut backward = Backward {
+            ctx,
+            kernels: &self.kernels,
+            pass: Some(pass),
+            sink: None,
+            weights,
+            acts: &self.acts,
+            scratch: &mut self.scratch,
+            inputs,
+            seq,
+            dim: self.config.dim,
+            layers_left: self.config.n_layers,
+            error: None,
+            buckets: reduce.as_ref().map(|(_, b)| (&**b, b.readiness())),
+        };
+        match &reduce {
+            Some((dist, _)) => self.reduced = Some(dist.all_reduce_overlapped(&mut backward)),
+            None => while backward.advance() {},
         }
-        let mut sink = dw.finish();
+        match backward.error {
+            Some(error) => Err(error),
+            None => Ok(total / loss.divisor),
+        }
+    }
+}
+
+/// A backward pass after the head as parts of work: each layer's backward,
+/// last layer first, then its end (the weight gradients still due, the
+/// embedding's). Between parts a collective may sum the buckets of
+/// gradients that are final ([`Overlapped`]); without one they just run.
+struct Backward<'a, 'g> {
+    ctx: LayerContext<'a>,
+    /// The layer kernels (one set, or one per layer).
+    kernels: &'a [LayerKernels<CompiledKernel>],
+    /// The pass until its end; then its gradients alone, in `sink`.
+    pass: Option<DwPass<'a, 'g>>,
+    sink: Option<GradSink<'g>>,
+    weights: &'a Weights,
+    acts: &'a [Vec<LayerActs>],
+    scratch: &'a mut BackwardScratch,
+    inputs: &'a [u32],
+    seq: usize,
+    dim: usize,
+    /// Layers whose backward has not run.
+    layers_left: usize,
+    /// The error of a part; no part runs after it.
+    error: Option<Error>,
+    /// With a sum over ranks: the buckets, and which are final.
+    buckets: Option<(&'a GradBuckets, Readiness<'a>)>,
+}
+
+impl<'g> Backward<'_, 'g> {
+    /// The gradients the pass writes.
+    fn grads(&self) -> &GradSink<'g> {
+        match (&self.pass, &self.sink) {
+            (Some(pass), _) => &pass.grads,
+            (None, sink) => sink.as_ref().expect("the gradients of an ended pass"),
+        }
+    }
+
+    fn grads_mut(&mut self) -> &mut GradSink<'g> {
+        match (&mut self.pass, &mut self.sink) {
+            (Some(pass), _) => &mut pass.grads,
+            (None, sink) => sink.as_mut().expect("the gradients of an ended pass"),
+        }
+    }
+
+    /// The pass's end: the weight gradients still due, then the embedding's.
+    fn end(&mut self, pass: DwPass<'_, 'g>) {
+        let (mut sink, dy) = pass.finish();
         if let Some(d_embedding) = sink.base_mut(Param::Embedding) {
-            for (tokens, dx) in inputs.chunks_exact(seq).zip(&self.dy.dx) {
-                self.host
-                    .embedding_backward(d_embedding, dx, tokens, self.config.dim);
+            for (tokens, dx) in self.inputs.chunks_exact(self.seq).zip(&dy.dx) {
+                (self.ctx.host).embedding_backward(d_embedding, dx, tokens, self.dim);
             }
             sink.finished(Param::Embedding);
         }
-        Ok(total / loss.divisor)
+        self.sink = Some(sink);
+    }
+}
+
+impl Overlapped for Backward<'_, '_> {
+    fn advance(&mut self) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        let Some(pass) = self.pass.as_mut() else {
+            return false;
+        };
+        if self.layers_left == 0 {
+            let pass = self.pass.take().expect("a pass to end");
+            self.end(pass);
+            if let Some((_, ready)) = &mut self.buckets {
+                ready.set_all();
+            }
+            return true;
+        }
+        self.layers_left -= 1;
+        let layer = self.layers_left;
+        self.ctx.kernels.kernels = of_layer(self.kernels, layer);
+        let params = LayerParams::new(self.weights, layer);
+        let acts = &self.acts[layer];
+        let result = layer_backward(&mut self.ctx, &params, acts, self.scratch, pass);
+        if let Some((_, ready)) = &mut self.buckets {
+            match result {
+                Ok(()) => ready.update(pass.grads.finished_params()),
+                // The buckets are still summed (whatever they hold), so that
+                // no rank waits for this one; the caller reports the error.
+                Err(_) => ready.set_all(),
+            }
+        }
+        self.error = result.err();
+        true
+    }
+
+    fn buckets(&self) -> usize {
+        self.buckets
+            .as_ref()
+            .map_or(0, |(buckets, _)| buckets.count())
+    }
+
+    fn bucket_len(&self, bucket: usize) -> usize {
+        self.buckets
+            .as_ref()
+            .map_or(0, |(b, _)| b.bucket_len(bucket))
+    }
+
+    fn ready(&self, bucket: usize) -> bool {
+        self.buckets
+            .as_ref()
+            .is_none_or(|(_, ready)| ready.ready(bucket))
+    }
+
+    fn gather(&self, bucket: usize, out: &mut [f32]) {
+        if let Some((buckets, _)) = &self.buckets {
+            buckets.gather(bucket, self.grads().flat(), out);
+        }
+    }
+
+    fn scatter(&mut self, bucket: usize, sum: &[f32]) {
+        if let Some((buckets, _)) = self.buckets {
+            buckets.scatter(bucket, sum, self.grads_mut().flat_mut());
+        }
     }
 }
 

@@ -48,7 +48,7 @@ pub struct GradSink<'g> {
     /// Positions per sequence: a weight gradient's `dY` is `(O, T)`.
     seq: usize,
     /// One per finished gradient, in the order the pass finished them.
-    sums_of_squares: &'g mut Vec<f64>,
+    sums_of_squares: &'g mut Vec<(Param, f64)>,
     /// The adapters' products' `(r, T)` array (empty for full training).
     rank_scratch: Vec<f32>,
     /// A remade input ([`Input::Gate`]) of one sequence.
@@ -68,7 +68,7 @@ impl<'g> GradSink<'g> {
         mut target: GradTarget<'g>,
         write: GradWrite,
         seq: usize,
-        sums_of_squares: &'g mut Vec<f64>,
+        sums_of_squares: &'g mut Vec<(Param, f64)>,
     ) -> GradSink<'g> {
         if let (GradTarget::Weights(grads), GradWrite::Overwrite) = (&mut target, write) {
             let tied = grads.config().tied_embeddings;
@@ -132,7 +132,28 @@ impl<'g> GradSink<'g> {
                 _ => return,
             },
         };
-        self.sums_of_squares.push(sum);
+        self.sums_of_squares.push((param, sum));
+    }
+
+    /// The parameters whose gradients the pass has finished, in that order.
+    pub fn finished_params(&self) -> impl ExactSizeIterator<Item = Param> + '_ {
+        self.sums_of_squares.iter().map(|(param, _)| *param)
+    }
+
+    /// The whole gradient, flat (the weights' or the adapters' layout).
+    pub fn flat(&self) -> &[f32] {
+        match &self.target {
+            GradTarget::Weights(grads) => &grads.data,
+            GradTarget::Adapters { grads, .. } => &grads.data,
+        }
+    }
+
+    /// [`GradSink::flat`], writable.
+    pub fn flat_mut(&mut self) -> &mut [f32] {
+        match &mut self.target {
+            GradTarget::Weights(grads) => &mut grads.data,
+            GradTarget::Adapters { grads, .. } => &mut grads.data,
+        }
     }
 
     /// `param`'s gradient from `dY_b = dys[b]` and `X_b (I, T)`, the input

@@ -14,6 +14,7 @@
 //! `.lock` and whatever the caller adds (tokenizer, samples).
 
 pub mod adapter_path;
+pub mod buckets;
 mod buffers;
 mod classifier;
 pub mod engine;
@@ -45,6 +46,7 @@ use crate::model::lora::{Adapters, LoraConfig};
 use crate::model::{ModelConfig, Weights, checkpoint};
 use crate::{Error, Result};
 use adapter_path::DropoutKey;
+use buckets::GradBuckets;
 use engine::{Engine, GradWrite, LossWeights};
 use lora::LoraStep;
 use optim::{AdamState, AdamW, LossScaler, ScaleEvent, Schedule};
@@ -183,6 +185,16 @@ impl Params {
         }
     }
 
+    /// With two or more ranks and `overlap`, the gradient's buckets (see
+    /// [`Trainer::set_overlap`]).
+    fn overlap(&self, dist: &dyn Collective, overlap: bool) -> Option<Arc<GradBuckets>> {
+        let buckets = || match self {
+            Params::Full { grads, .. } => GradBuckets::of_weights(&grads.layout),
+            Params::Lora { step, .. } => GradBuckets::of_adapters(step.grads()),
+        };
+        (overlap && dist.size() > 1).then(|| Arc::new(buckets()))
+    }
+
     /// Their gradient.
     fn grads_mut(&mut self) -> &mut [f32] {
         match self {
@@ -198,7 +210,8 @@ impl Params {
 /// yields a global batch of `batch * size` sequences, the same as one
 /// process with `--batch` times `size`; rank `r` computes sequences
 /// `r*batch..(r+1)*batch` of it, the gradients and losses are summed over the
-/// ranks (one all-reduce of the flat gradient buffer) before the norm, the
+/// ranks (the gradients bucket by bucket during the last backward, or in one
+/// all-reduce of the flat buffer: [`Trainer::set_overlap`]) before the norm, the
 /// loss-scale check, clipping and AdamW, which every rank applies alike. Only
 /// rank 0 writes the run directory.
 pub struct Trainer {
@@ -209,6 +222,9 @@ pub struct Trainer {
     state: State,
     run_dir: PathBuf,
     dist: Arc<dyn Collective>,
+    /// With two or more ranks: the gradient's buckets when its sum overlaps
+    /// the backward (the default), `None` for one all-reduce after it.
+    overlap: Option<Arc<GradBuckets>>,
 }
 
 impl Trainer {
@@ -295,8 +311,10 @@ impl Trainer {
         } else {
             LossScaler::disabled()
         };
+        let overlap = params.overlap(&*dist, crate::dist::overlap_from_env()?);
         Ok(Trainer {
             adam: AdamState::new(params.trained().len()),
+            overlap,
             config,
             params,
             engine,
@@ -407,7 +425,9 @@ impl Trainer {
         }
         let state = Trainer::resumed_state(run_dir, &config, state, &ckpt_path, data, &*dist)?;
         let (m, v, t) = moments;
+        let overlap = params.overlap(&*dist, crate::dist::overlap_from_env()?);
         Ok(Trainer {
+            overlap,
             config,
             params,
             adam: AdamState { m, v, t },
@@ -488,6 +508,14 @@ impl Trainer {
     /// The data-parallel ranks of this run (a single process without MPI).
     pub fn collective(&self) -> &dyn Collective {
         self.dist.as_ref()
+    }
+
+    /// With two or more ranks: sum the gradients layer by layer during the
+    /// backward of each update's last micro-batch (`true`, the default
+    /// unless `ANEMONE_ALLREDUCE=flat`), or in one all-reduce after it. The
+    /// sums are the same either way (bit for bit with two ranks).
+    pub fn set_overlap(&mut self, overlap: bool) {
+        self.overlap = self.params.overlap(&*self.dist, overlap);
     }
 
     /// The weights the engine runs: the trained weights, or a LoRA run's
@@ -618,10 +646,13 @@ impl Trainer {
     }
 
     /// One update's gradients, summed over the ranks, in `self.grads`: this
-    /// rank's share of `accum` global batches, then with two or more ranks an
-    /// all-reduce of the loss and a failure flag per rank (so a rank whose
-    /// step failed stops every rank, named) and one of the flat gradient
-    /// buffer. Returns the mean loss and the norm of the scaled gradients.
+    /// rank's share of `accum` global batches; with two or more ranks the
+    /// gradients summed bucket by bucket during the last micro-batch's
+    /// backward (by default; [`Trainer::set_overlap`]), then an all-reduce
+    /// of the loss and a failure flag per rank (so a rank whose step failed
+    /// stops every rank, named), or without overlap one all-reduce of the
+    /// flat gradient buffer after them. Returns the mean loss and the norm
+    /// of the scaled gradients, summed over the ranks.
     fn gradients(
         &mut self,
         data: &mut dyn Batches,
@@ -638,6 +669,16 @@ impl Trainer {
             };
             return Ok((local?, norm));
         }
+        if let Some(buckets) = &self.overlap
+            && self.engine.take_reduced().is_none()
+        {
+            // This rank failed before its last backward summed the buckets:
+            // it still takes part in the same sums, so that no rank waits
+            // for it, and the flags below stop every rank.
+            let grads = self.params.grads_mut();
+            let mut as_they_are = buckets::Finished { buckets, grads };
+            self.dist.all_reduce_overlapped(&mut as_they_are);
+        }
         let mut stats = vec![0.0; 1 + ranks];
         stats[0] = *local.as_ref().unwrap_or(&0.0);
         stats[1 + self.dist.rank()] = if local.is_err() { 1.0 } else { 0.0 };
@@ -652,7 +693,9 @@ impl Trainer {
                 self.run_dir.display()
             )));
         }
-        self.dist.all_reduce_sum(self.params.grads_mut());
+        if self.overlap.is_none() {
+            self.dist.all_reduce_sum(self.params.grads_mut());
+        }
         let norm = optim::global_norm(self.params.grads_mut());
         Ok((stats[0] / ranks as f64, norm))
     }
@@ -699,6 +742,12 @@ impl Trainer {
             } else {
                 GradWrite::Add
             };
+            if let Some(buckets) = &self.overlap
+                && index + 1 == accum
+            {
+                self.engine
+                    .sum_next_backward(self.dist.clone(), buckets.clone());
+            }
             let (inputs, targets) = (self.share(inputs), self.share(targets));
             let (loss_weights, micro_scale) = match weights {
                 Some(w) => {

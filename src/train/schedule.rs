@@ -124,7 +124,7 @@ pub struct DwPass<'s, 'g> {
     pub grads: GradSink<'g>,
 }
 
-impl<'g> DwPass<'_, 'g> {
+impl<'s, 'g> DwPass<'s, 'g> {
     /// `param`'s gradient can be computed from now on, from the array `dy`
     /// and the activation `x` of its layer (a job only if the pass computes
     /// it: with a frozen base, adapted projections alone, as their
@@ -203,11 +203,12 @@ impl<'g> DwPass<'_, 'g> {
         result
     }
 
-    /// Run every gradient still due (the step waits for them) and end the pass.
-    pub fn finish(mut self) -> GradSink<'g> {
+    /// Run every gradient still due (the step waits for them) and end the
+    /// pass: the gradients, and the arrays, free to read again.
+    pub fn finish(mut self) -> (GradSink<'g>, &'s DySources) {
         self.choose(|_| true);
         self.run_chosen();
-        self.grads
+        (self.grads, self.dy)
     }
 
     /// Run the chosen gradients on this thread: the step waits for them.

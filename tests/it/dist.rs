@@ -4,19 +4,20 @@
 //! under `mpirun` are in `mpi.rs` (`--features mpi`).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use anemone::backend::Precision;
 use anemone::backend::cpu::CpuBackend;
 use anemone::data::tokens::{Batcher, Order, TokenFile, TokenSpan, TokenWriter};
-use anemone::dist::Collective;
+use anemone::dist::{Collective, CommTimes, Overlapped};
 use anemone::model::kernels::KernelOptions;
 use anemone::model::{ModelConfig, Weights, checkpoint};
 use anemone::rng::Rng;
 use anemone::train::engine::Engine;
 use anemone::train::optim::{AdamW, Schedule};
 use anemone::train::source::WindowSource;
-use anemone::train::{Quiet, TrainConfig, Trainer};
+use anemone::train::{Batches, Quiet, TrainConfig, Trainer};
 
 use crate::common::{Tolerance, temp_dir};
 
@@ -41,6 +42,8 @@ struct Group {
     f32_sum: Mutex<Vec<f32>>,
     f64_sum: Mutex<Vec<f64>>,
     gathered: Mutex<Vec<u64>>,
+    /// Buckets of overlapped sums summed before their work's end, by rank 0.
+    summed_early: AtomicUsize,
 }
 
 struct ThreadRank {
@@ -50,19 +53,26 @@ struct ThreadRank {
 
 impl ThreadRank {
     fn group(size: usize) -> Vec<Arc<dyn Collective>> {
+        ThreadRank::group_counted(size).1
+    }
+
+    /// [`ThreadRank::group`], with the group (for its counts).
+    fn group_counted(size: usize) -> (Arc<Group>, Vec<Arc<dyn Collective>>) {
         let group = Arc::new(Group {
             size,
             barrier: Barrier::new(size),
             f32_sum: Mutex::default(),
             f64_sum: Mutex::default(),
             gathered: Mutex::default(),
+            summed_early: AtomicUsize::new(0),
         });
-        (0..size)
+        let ranks = (0..size)
             .map(|rank| {
                 let group = group.clone();
                 Arc::new(ThreadRank { rank, group }) as Arc<dyn Collective>
             })
-            .collect()
+            .collect();
+        (group, ranks)
     }
 
     /// Every rank adds `values` into `sum` in rank order, then reads it.
@@ -103,6 +113,44 @@ impl Collective for ThreadRank {
     }
     fn all_reduce_sum_f64(&self, values: &mut [f64]) {
         self.reduce(&self.group.f64_sum, values);
+    }
+    /// After each part of the work, every bucket it made ready, in order,
+    /// summed as by `all_reduce_sum` (each rank waits for the others there,
+    /// whenever it finds the bucket ready): a bucket sent before the work
+    /// finished it would change the sums. Counts (rank 0) the buckets
+    /// summed while the work still had a part to run.
+    fn all_reduce_overlapped(&self, work: &mut dyn Overlapped) -> CommTimes {
+        let mut next = 0;
+        let mut buffer = Vec::new();
+        let mut summed_last = 0;
+        loop {
+            let working = work.advance();
+            if working && self.rank == 0 {
+                let early = &self.group.summed_early;
+                early.fetch_add(summed_last, Ordering::Relaxed);
+            }
+            summed_last = 0;
+            while next < work.buckets() && work.ready(next) {
+                buffer.resize(work.bucket_len(next), 0.0);
+                work.gather(next, &mut buffer);
+                self.all_reduce_sum(&mut buffer);
+                work.scatter(next, &buffer);
+                next += 1;
+                summed_last += 1;
+            }
+            if !working {
+                break;
+            }
+        }
+        assert_eq!(
+            next,
+            work.buckets(),
+            "the work ended with buckets not ready"
+        );
+        CommTimes {
+            buckets: next,
+            ..CommTimes::default()
+        }
     }
     fn all_gather_u64(&self, value: u64) -> Vec<u64> {
         let group = &self.group;
@@ -365,4 +413,248 @@ fn two_lora_ranks_of_batch_b_match_one_process_of_batch_2b_issue_24() {
         a.adapters.data != adapters.data,
         "the adapters did not move"
     );
+}
+
+/// The columns of a run's `metrics.jsonl` that its gradients decide.
+fn metrics(run: &Path) -> Vec<(f64, f64, Option<f64>)> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let number = |name: &str| row[name].as_f64();
+            (
+                number("train_loss").unwrap(),
+                number("grad_norm").unwrap(),
+                number("val_loss"),
+            )
+        })
+        .collect()
+}
+
+/// Two threads run `train` (one rank each, `Trainer::set_overlap(overlap)`
+/// after `start` makes the trainer); returns the buckets rank 0 summed
+/// before the end of a backward.
+fn two_ranks_summing(
+    overlap: bool,
+    start: &(dyn Fn(Arc<dyn Collective>) -> (Trainer, WindowOrSft) + Sync),
+) -> usize {
+    let (group, ranks) = ThreadRank::group_counted(2);
+    std::thread::scope(|scope| {
+        for dist in ranks {
+            scope.spawn(move || {
+                let (mut trainer, mut data) = start(dist);
+                trainer.set_overlap(overlap);
+                let (train, val) = data.sources();
+                trainer.train(train, Some(val), &mut Quiet, None).unwrap();
+            });
+        }
+    });
+    group.summed_early.load(Ordering::Relaxed)
+}
+
+/// A run's training and held-out sources: token windows or fine-tuning examples.
+enum WindowOrSft {
+    Windows(WindowSource, WindowSource),
+    Sft(anemone::train::finetune::SftSources),
+}
+
+impl WindowOrSft {
+    fn sources(&mut self) -> (&mut dyn Batches, &mut dyn Batches) {
+        match self {
+            WindowOrSft::Windows(train, val) => (train, val),
+            WindowOrSft::Sft(sources) => (&mut sources.train, &mut sources.val),
+        }
+    }
+}
+
+/// Issue 24, item 2: the gradients summed bucket by bucket while the
+/// backward runs (a layer's bucket sent once the scheduler has finished its
+/// last weight gradient, often beside the layer below) are the flat
+/// all-reduce's bit for bit: two ranks add each element once, in any
+/// bucketing. The same losses, norms and final weights, for a model with
+/// biases, QK-norm (whose `dWq`, `dWk` finish during the next layer) and an
+/// untied classifier, with gradient accumulation.
+#[test]
+fn overlapped_bucket_sums_equal_one_flat_all_reduce_bit_for_bit_issue_24() {
+    let dir = temp_dir("dist-overlap");
+    let tokens = tokens(&dir);
+    let c = TrainConfig {
+        model: ModelConfig {
+            qkv_bias: true,
+            qk_norm: true,
+            tied_embeddings: false,
+            ..ModelConfig::llama(32, 3, 4, 2, 64, 64, 16)
+        },
+        ..config(2)
+    };
+    let runs: Vec<(PathBuf, usize)> = [true, false]
+        .into_iter()
+        .map(|overlap| {
+            let run = dir.join(if overlap { "overlapped" } else { "flat" });
+            let start = |dist: Arc<dyn Collective>| {
+                let (train, val) = sources(&tokens, &c);
+                let weights = Weights::init(&c.model, 1);
+                let trainer = Trainer::new_on(c.clone(), weights, engine(&c), &run, dist).unwrap();
+                (trainer, WindowOrSft::Windows(train, val))
+            };
+            let early = two_ranks_summing(overlap, &start);
+            (run, early)
+        })
+        .collect();
+    let (overlapped, flat) = (&runs[0].0, &runs[1].0);
+    // 3 layers' buckets and the rest's, 8 updates: the layers' buckets went
+    // before the backward's end; none without overlap.
+    assert!(runs[0].1 >= 8 * 2, "{} buckets summed early", runs[0].1);
+    assert_eq!(runs[1].1, 0);
+    let (a, b) = (metrics(overlapped), metrics(flat));
+    assert_eq!(a.len(), 8);
+    assert_eq!(a, b, "losses and norms, overlapped against flat");
+    let a = checkpoint::load(&overlapped.join("checkpoint.bin")).unwrap();
+    let b = checkpoint::load(&flat.join("checkpoint.bin")).unwrap();
+    assert!(a.weights.data == b.weights.data, "final weights differ");
+    assert!(a.weights.data != Weights::init(&c.model, 1).data);
+}
+
+/// [`overlapped_bucket_sums_equal_one_flat_all_reduce_bit_for_bit_issue_24`]
+/// for LoRA: only the adapters' gradients travel, a layer's adapters a bucket.
+#[test]
+fn overlapped_lora_sums_equal_one_flat_all_reduce_bit_for_bit_issue_24() {
+    use anemone::model::hf::HfCheckpoint;
+    use anemone::model::lora::{Adapters, LoraConfig, Target};
+    use anemone::train::finetune::{self, SftRecord};
+    use anemone::train::lora::load_checkpoint;
+    let dir = temp_dir("dist-overlap-lora");
+    let data = lora_rows(&dir);
+    let model_dir = crate::common::fixture("hf").join("qwen2");
+    let base = Weights::from_hf(&HfCheckpoint::open(&model_dir).unwrap()).unwrap();
+    let lora = LoraConfig::new(4, 8.0, 0.0, &[Target::K, Target::O, Target::Up], None, 2).unwrap();
+    let c = TrainConfig {
+        model: base.config().clone(),
+        seq: 64,
+        lr: 2e-2,
+        lora: Some(lora.clone()),
+        ..config(2)
+    };
+    let adapters = Adapters::init(base.config(), &lora, &mut Rng::new(2)).unwrap();
+    let record = SftRecord::of(&data, 0.2, true).unwrap();
+    let runs: Vec<(PathBuf, usize)> = [true, false]
+        .into_iter()
+        .map(|overlap| {
+            let run = dir.join(if overlap { "overlapped" } else { "flat" });
+            let start = |dist: Arc<dyn Collective>| {
+                let vocab = c.model.vocab_size;
+                let sources =
+                    finetune::open(&record, &model_dir, c.seq, Order::Random, c.seed, vocab)
+                        .unwrap();
+                let (base, adapters) = (base.clone(), adapters.clone());
+                let trainer = Trainer::new_lora_on(
+                    c.clone(),
+                    base,
+                    adapters,
+                    "qwen2",
+                    engine(&c),
+                    &run,
+                    dist,
+                )
+                .unwrap();
+                (trainer, WindowOrSft::Sft(sources))
+            };
+            let early = two_ranks_summing(overlap, &start);
+            (run, early)
+        })
+        .collect();
+    let (overlapped, flat) = (&runs[0].0, &runs[1].0);
+    assert!(runs[0].1 >= 8, "{} buckets summed early", runs[0].1);
+    assert_eq!(runs[1].1, 0);
+    let (a, b) = (metrics(overlapped), metrics(flat));
+    assert_eq!(a.len(), 8);
+    assert_eq!(a, b, "LoRA losses and norms, overlapped against flat");
+    let a = load_checkpoint(&overlapped.join("lora_checkpoint.bin")).unwrap();
+    let b = load_checkpoint(&flat.join("lora_checkpoint.bin")).unwrap();
+    assert!(a.adapters.data == b.adapters.data, "final adapters differ");
+    assert!(
+        a.adapters.data != adapters.data,
+        "the adapters did not move"
+    );
+}
+
+/// A training source whose `fail_at`-th batch (from 1) is an error.
+struct FailingAt {
+    inner: WindowSource,
+    calls: usize,
+    fail_at: usize,
+}
+
+impl Batches for FailingAt {
+    fn next_batch(&mut self, inputs: &mut [u32], targets: &mut [u32]) -> anemone::Result<()> {
+        self.calls += 1;
+        if self.calls == self.fail_at {
+            return Err(anemone::Error::Invalid("the token file went away".into()));
+        }
+        self.inner.next_batch(inputs, targets)
+    }
+    fn state(&self) -> serde_json::Value {
+        self.inner.state()
+    }
+    fn restore(&mut self, state: &serde_json::Value) -> anemone::Result<()> {
+        self.inner.restore(state)
+    }
+    fn rewind(&mut self) {
+        self.inner.rewind()
+    }
+}
+
+/// The failure protocol with overlapped sums: rank 1's data fails in
+/// update 2 before its last backward, while rank 0 runs its backward and
+/// starts the buckets' sums; rank 1 still takes part in them (its buffer as
+/// it is), then raises its flag, so neither rank waits forever and rank 0
+/// stops naming rank 1.
+#[test]
+fn a_rank_that_fails_before_its_backward_still_completes_the_overlapped_sums_issue_24() {
+    let dir = temp_dir("dist-overlap-fail");
+    let tokens = tokens(&dir);
+    let c = config(2);
+    let run = dir.join("run");
+    let (group, ranks) = ThreadRank::group_counted(2);
+    // Threads of their own, so that a rank left waiting in a sum fails the
+    // test after a while instead of hanging it.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    for dist in ranks {
+        let (c, tokens, run, sender) = (c.clone(), tokens.clone(), run.clone(), sender.clone());
+        std::thread::spawn(move || {
+            let rank = dist.rank();
+            let (data, mut val) = sources(&tokens, &c);
+            let fail_at = if rank == 1 { 3 } else { usize::MAX };
+            let mut data = FailingAt {
+                inner: data,
+                calls: 0,
+                fail_at,
+            };
+            let weights = Weights::init(&c.model, 1);
+            let mut trainer = Trainer::new_on(c.clone(), weights, engine(&c), &run, dist).unwrap();
+            let result = trainer.train(&mut data, Some(&mut val), &mut Quiet, None);
+            sender
+                .send((rank, result.map_err(|e| e.to_string())))
+                .unwrap();
+        });
+    }
+    let mut errors = vec![String::new(); 2];
+    for _ in 0..2 {
+        let (rank, result) = receiver
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a rank still waits 120 s after rank 1 failed");
+        errors[rank] = result.expect_err("a rank finished the run");
+    }
+    assert!(
+        errors[0].contains("rank 1 of 2 failed in update 2"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("the token file went away"),
+        "{}",
+        errors[1]
+    );
+    // Update 1 and rank 0's update 2 summed buckets during the backward.
+    assert!(group.summed_early.load(Ordering::Relaxed) >= 2);
 }

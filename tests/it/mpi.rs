@@ -138,6 +138,59 @@ fn mpi_two_ranks_of_batch_b_match_one_process_of_batch_2b_issue_24() {
     WEIGHTS.assert_close(&b.weights.data, &a.weights.data, "final weights");
 }
 
+/// Issue 24, item 2: under mpirun the gradients are summed bucket by bucket
+/// during the backward (nonblocking all-reduces polled between layers);
+/// with two ranks every element is one addition in any bucketing, so the run
+/// equals the flat all-reduce's (`ANEMONE_ALLREDUCE=flat`) bit for bit:
+/// metrics (losses, norms) and final weights.
+#[test]
+fn mpi_overlapped_sums_equal_the_flat_all_reduce_bit_for_bit_issue_24() {
+    let dir = temp_dir("mpi-overlap");
+    let (tokens, config) = inputs(&dir);
+    let run = |mode: &str| {
+        let out = dir.join(mode);
+        let output = mpirun(2)
+            .env("ANEMONE_ALLREDUCE", mode)
+            .args(train_args(&tokens, &config, &out, 2, 6))
+            .output()
+            .unwrap();
+        succeeded(
+            output,
+            &format!("mpirun -np 2 with ANEMONE_ALLREDUCE={mode}"),
+        );
+        let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        let columns: Vec<[Option<f64>; 3]> = metrics
+            .iter()
+            .map(|row| ["train_loss", "grad_norm", "val_loss"].map(|name| row[name].as_f64()))
+            .collect();
+        (
+            columns,
+            checkpoint::load(&out.join("checkpoint.bin")).unwrap(),
+        )
+    };
+    let (overlapped, a) = run("overlap");
+    let (flat, b) = run("flat");
+    assert_eq!(overlapped.len(), 6);
+    assert_eq!(
+        overlapped, flat,
+        "losses and norms, overlapped against flat"
+    );
+    assert!(a.weights.data == b.weights.data, "final weights differ");
+    // And an unknown mode is refused, naming the variable.
+    let output = mpirun(2)
+        .env("ANEMONE_ALLREDUCE", "ring")
+        .args(train_args(&tokens, &config, &dir.join("ring"), 2, 6))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("ANEMONE_ALLREDUCE=ring"), "{stderr}");
+}
+
 #[test]
 fn mpi_two_ranks_resume_exactly_issue_24() {
     let dir = temp_dir("mpi-resume");
