@@ -358,16 +358,28 @@ fn lora_rows(dir: &Path) -> PathBuf {
 /// the adapters' gradients travel.
 #[test]
 fn two_lora_ranks_of_batch_b_match_one_process_of_batch_2b_issue_24() {
+    two_lora_ranks_match_one_process(0.0);
+}
+
+/// The same with dropout on the adapters' input (the unmerged engine): a
+/// mask belongs to a sequence's place in the global batch, so two ranks
+/// draw the masks of one process of twice the batch.
+#[test]
+fn two_lora_ranks_with_dropout_match_one_process_issue_21_24() {
+    two_lora_ranks_match_one_process(0.2);
+}
+
+fn two_lora_ranks_match_one_process(dropout: f32) {
     use anemone::model::hf::HfCheckpoint;
     use anemone::model::lora::{Adapters, LoraConfig, Target};
     use anemone::train::finetune::{self, SftRecord};
     use anemone::train::lora::load_checkpoint;
-    let dir = temp_dir("dist-lora");
+    let dir = temp_dir(&format!("dist-lora-{dropout}"));
     let data = lora_rows(&dir);
     let model_dir = crate::common::fixture("hf").join("qwen2");
     let base = Weights::from_hf(&HfCheckpoint::open(&model_dir).unwrap()).unwrap();
-    let lora =
-        LoraConfig::new(4, 8.0, 0.0, &[Target::Q, Target::V, Target::Down], None, 2).unwrap();
+    let targets = [Target::Q, Target::V, Target::Down];
+    let lora = LoraConfig::new(4, 8.0, dropout, &targets, None, 2).unwrap();
     let config = |batch: usize| TrainConfig {
         model: base.config().clone(),
         seq: 64,
@@ -382,8 +394,12 @@ fn two_lora_ranks_of_batch_b_match_one_process_of_batch_2b_issue_24() {
         let mut sources =
             finetune::open(&record, &model_dir, c.seq, Order::Random, c.seed, vocab).unwrap();
         let (base, adapters) = (base.clone(), adapters.clone());
+        let cpu = Box::new(CpuBackend::new(Precision::Fp32));
+        let (seq, batch) = (c.seq, c.batch);
+        let engine = Engine::for_lora(cpu, &base, &lora, seq, batch, KernelOptions::cpu()).unwrap();
+        assert_eq!(engine.unmerged(), dropout > 0.0);
         let mut trainer =
-            Trainer::new_lora_on(c.clone(), base, adapters, "qwen2", engine(c), dir, dist).unwrap();
+            Trainer::new_lora_on(c.clone(), base, adapters, "qwen2", engine, dir, dist).unwrap();
         trainer
             .train(&mut sources.train, Some(&mut sources.val), &mut Quiet, None)
             .unwrap();
