@@ -241,8 +241,43 @@ pub fn max_error(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
     (err, scale)
 }
 
+/// Seeded random values for the baked tensor of slot `name` of `config`'s
+/// layer kernels (weights scaled by `1 / sqrt(in)`, as [`kernel_inputs`]
+/// scales packed ones); `None` for another name.
+fn random_baked(config: &ModelConfig) -> impl Fn(&str) -> Option<Vec<f32>> + '_ {
+    move |name: &str| {
+        let (d, q, kv, f) = (
+            config.dim,
+            config.q_dim(),
+            config.kv_dim(),
+            config.hidden_dim,
+        );
+        let (rows, cols) = match name {
+            "wq" => (q, d),
+            "wk" | "wv" => (kv, d),
+            "wo" => (d, q),
+            "w1" | "w3" => (f, d),
+            "w2" => (d, f),
+            "bq" => (q, 1),
+            "bk" | "bv" => (kv, 1),
+            "q_norm" | "k_norm" => (config.head_dim, 1),
+            _ => return None,
+        };
+        let mut rng = Rng::new(crate::dist::digest(name.as_bytes()));
+        let scale = 1.0 / (cols as f32).sqrt();
+        Some(
+            (0..rows * cols)
+                .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+                .collect(),
+        )
+    }
+}
+
 /// Run every kernel of `config` (packed fp16 in the subject's dialect, window
-/// `seq`), and the split attention backward, on `subject` and on the CPU in fp32.
+/// `seq`), and the split attention backward, on `subject` and on the CPU in
+/// fp32; then LoRA's kernels (rows `lora:NAME`): a layer's base baked in
+/// (random values), the adapters' part of q, k, v, gate and up as added
+/// inputs, as a LoRA run on the ANE compiles them.
 pub fn compare_kernels(
     subject: &mut dyn Backend,
     subject_name: &str,
@@ -260,9 +295,23 @@ pub fn compare_kernels(
     // With the split attention backward training falls back to where a chip
     // refuses the fused one: whether the chip takes it is worth a row each.
     let split = crate::model::kernels::attn_bwd_split(config, seq, opts, &|_| None)?;
+    let lora_opts = KernelOptions {
+        mode: WeightMode::Baked,
+        deltas: crate::model::kernels::Deltas::ALL,
+        ..opts
+    };
+    let lora = LayerKernels::build(config, seq, lora_opts, &random_baked(config))?;
+    let labelled = (kernels
+        .iter()
+        .chain(&split)
+        .map(|spec| (spec.name.clone(), spec)))
+    .chain(
+        lora.iter()
+            .map(|spec| (format!("lora:{}", spec.name), spec)),
+    );
     let (rel, abs) = KERNEL_TOLERANCE;
     let mut rows = Vec::new();
-    for (i, spec) in kernels.iter().chain(&split).enumerate() {
+    for (i, (label, spec)) in labelled.enumerate() {
         let main = &spec.program.main;
         let dims = |ty| {
             let (r, c) = crate::backend::matrix_dims(ty);
@@ -276,7 +325,7 @@ pub fn compare_kernels(
             [rows, cols]
         };
         let mut row = KernelRow {
-            kernel: spec.name.clone(),
+            kernel: label,
             input: covered(&spec.inputs),
             output: covered(&spec.outputs),
             surface_input: dims(&main.inputs[0].ty),
@@ -542,7 +591,7 @@ pub fn format(report: &DoctorReport) -> String {
         k.config, k.seq, k.subject, k.reference, k.tolerance_relative, k.tolerance_absolute
     );
     s += &format!(
-        "{:<12} {:>12} {:>12} {:>10} {:>9} {:>11} {:>11}  {}\n",
+        "{:<16} {:>12} {:>12} {:>10} {:>9} {:>11} {:>11}  {}\n",
         "kernel",
         "input",
         "output",
@@ -554,7 +603,7 @@ pub fn format(report: &DoctorReport) -> String {
     );
     for r in &k.rows {
         s += &format!(
-            "{:<12} {:>12} {:>12} {:>10} {:>9} {:>11} {:>11}  {}\n",
+            "{:<16} {:>12} {:>12} {:>10} {:>9} {:>11} {:>11}  {}\n",
             r.kernel,
             format!("{}x{}", r.input[0], r.input[1]),
             format!("{}x{}", r.output[0], r.output[1]),
@@ -585,10 +634,12 @@ mod tests {
         let config = ModelConfig::llama(64, 1, 4, 2, 128, 64, 32);
         let mut cpu = CpuBackend::new(Precision::Fp16);
         let report = compare_kernels(&mut cpu, "cpu-fp16", "test", &config, 32).unwrap();
-        // The nine kernels of the set, then attn_bwd's split.
-        assert_eq!(report.rows.len(), 11);
+        // The nine kernels of the set, then attn_bwd's split, then LoRA's nine.
+        assert_eq!(report.rows.len(), 20);
         assert_eq!(report.rows[9].kernel, "attn_bwd_dv");
         assert_eq!(report.rows[10].kernel, "attn_bwd_dqk");
+        assert_eq!(report.rows[11].kernel, "lora:attn_fwd");
+        assert_eq!(report.rows[19].kernel, "lora:kv_bwd");
         for r in &report.rows {
             assert!(r.ok, "{r:?}");
             assert!(r.max_error.unwrap() > 0.0, "fp16 differs from fp32: {r:?}");
