@@ -524,6 +524,89 @@ pub fn cross_entropy_finish(scratch: &mut CrossEntropyScratch) -> f64 {
     merge_chunks(per_chunk, p, max, inv_sum, &mut scratch.sums, weights)
 }
 
+/// A frozen classifier's input gradient made in the pass that makes the
+/// loss, so that no block's logits are made twice (LoRA's frozen head; with
+/// `dE` wanted, every block's gradient needs the final statistics first).
+/// After [`cross_entropy_block`] left block `logits (R, P)` as its chunks'
+/// exponentials `e^(l - m_c)`: each position's running maximum `reference
+/// (P)` rises to the block's (`dx` scaled by `e^(old - new)` where it
+/// rose), each chunk's exponentials are scaled to it (`e^(l - reference)`),
+/// and `dx (C, P) += E_block^T` times them (`first`: written, and
+/// `reference` set). [`frozen_dx_finish`] makes `dx` the gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn frozen_dx_block(
+    logits: &mut [f32],
+    classifier: &[f32],
+    dim: usize,
+    reference: &mut Vec<f32>,
+    dx: &mut [f32],
+    first: bool,
+    scratch: &CrossEntropyScratch,
+    factor: &mut Vec<f32>,
+) {
+    let (p, rows) = (scratch.p, scratch.rows);
+    let chunks = (logits.len() / p).div_ceil(rows);
+    let stats_end = 2 * scratch.cursor * p;
+    let block_stats = &scratch.stats[stats_end - 2 * chunks * p..stats_end];
+    let mut new_reference = match first {
+        true => vec![f32::NEG_INFINITY; p],
+        false => reference.clone(),
+    };
+    for st in block_stats.chunks(2 * p) {
+        for (r, &m) in new_reference.iter_mut().zip(&st[..p]) {
+            *r = r.max(m);
+        }
+    }
+    factor.resize(p, 0.0);
+    if !first {
+        for ((f, &old), &new) in factor.iter_mut().zip(reference.iter()).zip(&new_reference) {
+            *f = crate::math::exp(old - new);
+        }
+        scale_columns(dx, factor);
+    }
+    *reference = new_reference;
+    for (l, st) in logits.chunks_mut(rows * p).zip(block_stats.chunks(2 * p)) {
+        for ((f, &m), &r) in factor.iter_mut().zip(&st[..p]).zip(reference.iter()) {
+            *f = crate::math::exp(m - r);
+        }
+        scale_columns(l, factor);
+    }
+    let block_rows = classifier.len() / dim;
+    let e_t = t(classifier, block_rows, dim);
+    gemm(dx, dim, p, e_t, n(logits, block_rows, p), 1.0, !first);
+}
+
+/// After every block's [`frozen_dx_block`] and [`cross_entropy_finish`]:
+/// `dx (C, P)` becomes the gradient of `grad_scale` times the (weighted)
+/// loss, `grad_scale w_j (E^T softmax_j - E[target_j])` per position `j`.
+pub fn frozen_dx_finish(
+    dx: &mut [f32],
+    classifier: &[f32],
+    dim: usize,
+    targets: &[u32],
+    grad_scale: f32,
+    scratch: &mut CrossEntropyScratch,
+) {
+    let p = scratch.p;
+    let weights = std::mem::take(&mut scratch.weights);
+    let (_, _, inv_sum) = split_stats(&mut scratch.stats, p);
+    let factor: Vec<f32> = (0..p)
+        .map(|j| grad_scale * weight(&weights, j) * inv_sum[j])
+        .collect();
+    scale_columns(dx, &factor);
+    for (j, &target) in targets.iter().enumerate() {
+        let g = grad_scale * weight(&weights, j);
+        if g == 0.0 {
+            continue;
+        }
+        let row = &classifier[target as usize * dim..][..dim];
+        for (c, &e) in row.iter().enumerate() {
+            dx[c * p + j] -= g * e;
+        }
+    }
+    scratch.weights = weights;
+}
+
 /// Pass 1 and pass 2 of [`cross_entropy`] on the block `logits (R, P)` of
 /// rows `first_row..` (recomputed after [`cross_entropy_finish`]): the block
 /// becomes the gradient `grad_scale (softmax - onehot)` of its rows.

@@ -240,7 +240,10 @@ impl ClassifierHead {
             let positions = first * self.seq..end * self.seq;
             (self.stats).set_weights(target_weights.map(|w| &w[positions.clone()]));
             let targets = &targets[positions];
-            if self.blocks != Blocks::Whole {
+            let frozen = grads.base_mut(weights.layout.classifier()).is_none();
+            if self.blocks != Blocks::Whole && frozen {
+                total += self.blocked_frozen(host, weights, first, end, targets, grad_scale);
+            } else if self.blocks != Blocks::Whole {
                 total += self.blocked_loss(host, weights, first, end, targets);
                 self.blocked_products(host, weights, grads, first, end, targets, grad_scale);
             } else {
@@ -352,6 +355,62 @@ impl ClassifierHead {
                 add,
             );
         }
+    }
+
+    /// [`ClassifierHead::blocked_loss`] and the group's `dxn` of a frozen
+    /// classifier in one pass over the blocks (`host::frozen_dx_block`): no
+    /// `dE`, so no block's logits are made again.
+    fn blocked_frozen(
+        &mut self,
+        host: &mut TimedHost,
+        weights: &Weights,
+        first: usize,
+        end: usize,
+        targets: &[u32],
+        grad_scale: f32,
+    ) -> f64 {
+        let (dim, seq, vocab) = (self.dim, self.seq, self.vocab);
+        let positions = (end - first) * seq;
+        let rows = self.rows_per_block(positions);
+        let (x, dx_group) = group_arrays(
+            &self.xn[first..end],
+            &self.x_group,
+            &mut self.dxn,
+            &mut self.dx_group,
+            dim * positions,
+        );
+        host::cross_entropy_begin(vocab, positions, rows, &mut self.stats);
+        let classifier = weights.classifier();
+        let (mut reference, mut factor) = (Vec::new(), Vec::new());
+        let mut target_sum = 0.0;
+        for (index, first_row) in (0..vocab).step_by(rows).enumerate() {
+            let end_row = (first_row + rows).min(vocab);
+            let logits = &mut self.logits[..(end_row - first_row) * positions];
+            let block = &classifier[first_row * dim..end_row * dim];
+            host.classifier_forward(logits, x, block, dim);
+            target_sum += host.cross_entropy_block(logits, first_row, targets, &mut self.stats);
+            let (first_block, stats) = (index == 0, &self.stats);
+            host.frozen_dx_block(
+                logits,
+                block,
+                dim,
+                &mut reference,
+                dx_group,
+                first_block,
+                stats,
+                &mut factor,
+            );
+        }
+        let total = host.cross_entropy_finish(&mut self.stats) - target_sum;
+        host.frozen_dx_finish(
+            dx_group,
+            classifier,
+            dim,
+            targets,
+            grad_scale,
+            &mut self.stats,
+        );
+        total
     }
 
     /// Each sequence's final norm backward of group `first..end` into `dx`,

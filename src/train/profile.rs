@@ -212,6 +212,39 @@ impl TimedHost {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub fn frozen_dx_block(
+        &mut self,
+        logits: &mut [f32],
+        classifier: &[f32],
+        dim: usize,
+        reference: &mut Vec<f32>,
+        dx: &mut [f32],
+        first: bool,
+        scratch: &CrossEntropyScratch,
+        factor: &mut Vec<f32>,
+    ) {
+        self.profile.time("classifier", || {
+            host::frozen_dx_block(
+                logits, classifier, dim, reference, dx, first, scratch, factor,
+            )
+        });
+    }
+
+    pub fn frozen_dx_finish(
+        &mut self,
+        dx: &mut [f32],
+        classifier: &[f32],
+        dim: usize,
+        targets: &[u32],
+        grad_scale: f32,
+        scratch: &mut CrossEntropyScratch,
+    ) {
+        self.profile.time("loss", || {
+            host::frozen_dx_finish(dx, classifier, dim, targets, grad_scale, scratch)
+        });
+    }
+
     pub fn cross_entropy_finish(&mut self, scratch: &mut CrossEntropyScratch) -> f64 {
         self.profile
             .time("loss", || host::cross_entropy_finish(scratch))
