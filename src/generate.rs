@@ -322,38 +322,44 @@ impl<'w> Shared<'w> {
         }
     }
 
-    /// A worker's part of the current loop: the indices `range`.
-    fn work(&self, worker: usize, range: Range<usize>) {
+    /// A worker's part of the current loop: the indices of `pieces`.
+    fn work(&self, worker: usize, pieces: &mut team::Pieces) {
         let job = read(&self.job);
         let mut out = lock(&self.outs[worker - 1]);
         let out = &mut *out;
+        let c = self.weights.config();
         match job.attention {
             Some((layer, pos)) => {
-                let c = self.weights.config();
                 out.rows.resize(c.q_dim().max(out.rows.len()), 0.0);
-                let at = range.start * c.head_dim..range.end * c.head_dim;
                 let cache = read(&self.cache[layer]);
-                attend(
-                    &mut out.rows[at],
-                    &mut out.scores,
-                    &job.input,
-                    &cache,
-                    range.clone(),
-                    pos,
-                    c,
-                );
+                for heads in pieces {
+                    let at = heads.start * c.head_dim..heads.end * c.head_dim;
+                    let q = &job.input;
+                    attend(
+                        &mut out.rows[at],
+                        &mut out.scores,
+                        q,
+                        &cache,
+                        heads.clone(),
+                        pos,
+                        c,
+                    );
+                    out.ranges.push(heads);
+                }
             }
             None => {
                 let (x, heights) = (&job.input, &job.heights[..job.count]);
                 out.rows
                     .resize(heights.iter().sum::<usize>().max(out.rows.len()), 0.0);
-                for (m, rows, at) in stacked(range.clone(), heights) {
-                    let w = &job.mats[m][rows.start * x.len()..rows.end * x.len()];
-                    dot_rows(&mut out.rows[at..at + rows.len()], w, x);
+                for range in pieces {
+                    for (m, rows, at) in stacked(range.clone(), heights) {
+                        let w = &job.mats[m][rows.start * x.len()..rows.end * x.len()];
+                        dot_rows(&mut out.rows[at..at + rows.len()], w, x);
+                    }
+                    out.ranges.push(range);
                 }
             }
         }
-        out.ranges.push(range);
     }
 
     /// A team of the pool's size (`--threads`) for `f`, its workers running [`Shared::work`].
