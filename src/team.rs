@@ -169,6 +169,9 @@ const PREEMPTED: Duration = Duration::from_micros(50);
 /// programs first, where a thread that parks is run as soon as it is woken).
 const CROWDED: Duration = Duration::from_millis(10);
 
+/// Yields before parking, when not spinning.
+const YIELDS: usize = 32;
+
 thread_local! {
     /// Until when this thread parks without spinning (see [`CROWDED`]).
     static NO_SPIN_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -183,7 +186,7 @@ fn wait(ready: impl Fn() -> bool, parked: &AtomicBool) {
     }
     let started = Instant::now();
     let mut spin = NO_SPIN_UNTIL.get().is_none_or(|until| started >= until);
-    let (mut last, mut spins) = (started, 0u32);
+    let (mut last, mut spins, mut yields) = (started, 0u32, 0);
     while !ready() {
         spins = spins.wrapping_add(1);
         if spin && spins % 64 != 0 {
@@ -198,6 +201,11 @@ fn wait(ready: impl Fn() -> bool, parked: &AtomicBool) {
             }
             NO_SPIN_UNTIL.set(Some(now + CROWDED));
             spin = false;
+        }
+        if yields < YIELDS {
+            yields += 1;
+            thread::yield_now();
+            continue;
         }
         parked.store(true, SeqCst);
         if !ready() {
