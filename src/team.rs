@@ -7,10 +7,12 @@
 //! front, and one that runs out takes half of what is left of another's from
 //! the back (and that half can be taken from in turn). So a thread that
 //! starts late, or that the OS stops, holds up the loop by at most the piece
-//! it is on. Between loops a worker spins for [`SPIN`] before it parks: a
-//! loop that starts within that time costs a few atomic operations, not a
-//! wake-up through the kernel (rayon's idle workers sleep within
-//! microseconds, where OpenMP's spin).
+//! it is on. Between loops a worker spins for [`SPIN`] before it yields and
+//! parks: a loop that starts within that time costs a few atomic operations,
+//! not a wake-up through the kernel (rayon's idle workers sleep within
+//! microseconds, where OpenMP's spin). A thread whose spin was preempted or
+//! ran out stops spinning for a while ([`CROWDED`]): on a machine with more
+//! runnable threads than cores spinning costs more than it saves.
 //!
 //! The workers run one function given to [`scope`], which may borrow anything
 //! that outlives the scope; the caller runs its own closure for the ranges it
@@ -162,11 +164,13 @@ struct Shared {
 /// OS ran something else on this CPU.
 const PREEMPTED: Duration = Duration::from_micros(50);
 
-/// How long a thread parks at once instead of spinning after a spin that
-/// was preempted or ran out: signs that the machine has more runnable threads
-/// than cores, where spinning only makes things worse (the scheduler's fair
-/// share spends the spinner's time on nothing and then runs the other
-/// programs first, where a thread that parks is run as soon as it is woken).
+/// How long a thread parks (after [`YIELDS`] yields) instead of spinning
+/// after a spin that was preempted or ran out: most often the machine has
+/// more runnable threads than cores (or the caller is busy elsewhere), and
+/// then spinning only loses time: the scheduler's fair share spends the
+/// spinner's time on nothing and then runs the other programs first, where a
+/// thread that parks is run as soon as it is woken. Measured in
+/// `docs/performance.md` (decoding, twelfth session).
 const CROWDED: Duration = Duration::from_millis(10);
 
 /// Yields before parking, when not spinning.
