@@ -237,8 +237,9 @@ fn dot_rows(out: &mut [f32], rows: &[f32], x: &[f32]) {
 /// Matrix-vector products below this many weights run on the calling thread.
 const PARALLEL_WEIGHTS: usize = 1 << 16;
 
-/// Weights in the smallest claim of a team loop over rows (16 KiB): claims
-/// shrink to it at a loop's end, so the threads finish together.
+/// Weights in a piece of a team loop over rows (16 KiB): each thread takes
+/// its range in pieces of this, so a stopped thread holds a loop up by at
+/// most one.
 const GRAIN_WEIGHTS: usize = 1 << 12;
 
 /// The parts of `range`, rows of matrices of `heights` rows stacked in order:
@@ -262,8 +263,9 @@ struct Cache {
     values: Vec<f32>,
 }
 
-/// The current team loop: `Products` (rows of `mats` stacked, times
-/// `input`) or `Attention` (heads of layer `layer` at `pos`, `input` the query).
+/// The current team loop: with `attention` `(layer, pos)`, attention over
+/// the heads (`input` the query); otherwise the products of the first `count`
+/// of `mats` (`heights` rows each, stacked) with `input`.
 #[derive(Debug)]
 struct Job<'w> {
     attention: Option<(usize, usize)>,

@@ -11,7 +11,7 @@
 //! parks: a loop that starts within that time costs a few atomic operations,
 //! not a wake-up through the kernel (rayon's idle workers sleep within
 //! microseconds, where OpenMP's spin). A thread whose spin was preempted or
-//! ran out stops spinning for a while ([`CROWDED`]): on a machine with more
+//! ran out stops spinning for a while (`CROWDED`): on a machine with more
 //! runnable threads than cores spinning costs more than it saves.
 //!
 //! The workers run one function given to [`scope`], which may borrow anything
