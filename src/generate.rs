@@ -13,16 +13,17 @@
 //! ids, and [`stream_hf`] writes what it generates.
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 use std::time::Instant;
-
-use rayon::prelude::*;
 
 use crate::data::hf::{ChatMessage, ChatTemplate, HfTokenizer};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::hf::files::base_config;
-use crate::model::{Param, Weights, WeightsView};
+use crate::model::{ModelConfig, Param, Weights, WeightsView};
 use crate::rng::Rng;
+use crate::team::{self, Team};
 use crate::{Error, Result};
 
 /// Beginning-of-sequence token id (llama2.c convention). `anemone tokenize`
@@ -236,44 +237,264 @@ fn dot_rows(out: &mut [f32], rows: &[f32], x: &[f32]) {
 /// Matrix-vector products below this many weights run on the calling thread.
 const PARALLEL_WEIGHTS: usize = 1 << 16;
 
-/// Weights in a parallel task of [`matvecs`] (64 KiB): tasks of whole rows,
-/// contiguous in the weights.
-const TASK_WEIGHTS: usize = 1 << 14;
+/// Weights in a piece of a team loop over rows (16 KiB): each thread takes
+/// its range in pieces of this, so a stopped thread holds a loop up by at
+/// most one.
+const GRAIN_WEIGHTS: usize = 1 << 12;
 
-/// A matrix-vector product's output and its `w (out.len(), x.len())` row-major.
-type Product<'a> = (&'a mut [f32], &'a [f32]);
+/// The parts of `range`, rows of matrices of `heights` rows stacked in order:
+/// (matrix, its rows, where the part starts in the stack).
+fn stacked(
+    range: Range<usize>,
+    heights: &[usize],
+) -> impl Iterator<Item = (usize, Range<usize>, usize)> + '_ {
+    let mut top = 0;
+    heights.iter().enumerate().filter_map(move |(m, &height)| {
+        let (base, lo, hi) = (top, range.start.max(top), range.end.min(top + height));
+        top += height;
+        (lo < hi).then(|| (m, lo - base..hi - base, lo))
+    })
+}
 
-/// `out = w x` for each of `N` products over the same `x`, in one parallel
-/// region: a fused q/k/v or w1/w3 product costs one hand-over to the other
-/// threads, not one per matrix. The tasks are runs of rows that rayon deals
-/// out by halves (each thread streams long contiguous stretches of the
-/// weights) and lets idle threads steal: a thread the OS stops for a while
-/// does not hold up the others, as a fixed split would. Nothing is allocated.
-fn matvecs<const N: usize>(products: [Product<'_>; N], x: &[f32]) {
-    let n = x.len();
-    let weights: usize = products.iter().map(|(_, w)| w.len()).sum();
-    for (out, w) in &products {
-        debug_assert_eq!(w.len(), out.len() * n);
+/// Per layer: keys and values, each `(positions, kv_dim)`, grown as the context grows.
+#[derive(Clone, Debug, Default)]
+struct Cache {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+/// The current team loop: with `attention` `(layer, pos)`, attention over
+/// the heads (`input` the query); otherwise the products of the first `count`
+/// of `mats` (`heights` rows each, stacked) with `input`.
+#[derive(Debug)]
+struct Job<'w> {
+    attention: Option<(usize, usize)>,
+    mats: [&'w [f32]; 3],
+    heights: [usize; 3],
+    count: usize,
+    input: Vec<f32>,
+}
+
+/// A worker's results of the current loop: rows at their stacked positions
+/// (or attention outputs at their heads'), and the ranges it did.
+#[derive(Debug, Default)]
+struct WorkerOut {
+    rows: Vec<f32>,
+    scores: Vec<f32>,
+    ranges: Vec<Range<usize>>,
+}
+
+/// What the team's workers read: the weights, the KV cache and the current loop.
+struct Shared<'w> {
+    weights: WeightsView<'w>,
+    cache: Vec<RwLock<Cache>>,
+    job: RwLock<Job<'w>>,
+    /// One per worker (worker 1 first).
+    outs: Vec<Mutex<WorkerOut>>,
+}
+
+/// A lock's value even if a panicking thread held it (the panic reaches the
+/// caller through [`team::scope`] anyway).
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<'w> Shared<'w> {
+    fn new(weights: WeightsView<'w>) -> Shared<'w> {
+        let layers = weights.config().n_layers;
+        Shared {
+            weights,
+            cache: (0..layers).map(|_| RwLock::default()).collect(),
+            job: RwLock::new(Job {
+                attention: None,
+                mats: [&[]; 3],
+                heights: [0; 3],
+                count: 0,
+                input: Vec::new(),
+            }),
+            outs: Vec::new(),
+        }
     }
-    if weights < PARALLEL_WEIGHTS {
-        for (out, w) in products {
+
+    /// A worker's part of the current loop: the indices of `pieces`.
+    fn work(&self, worker: usize, pieces: &mut team::Pieces) {
+        let job = read(&self.job);
+        let mut out = lock(&self.outs[worker - 1]);
+        let out = &mut *out;
+        let c = self.weights.config();
+        match job.attention {
+            Some((layer, pos)) => {
+                out.rows.resize(c.q_dim().max(out.rows.len()), 0.0);
+                let cache = read(&self.cache[layer]);
+                for heads in pieces {
+                    let at = heads.start * c.head_dim..heads.end * c.head_dim;
+                    let q = &job.input;
+                    attend(
+                        &mut out.rows[at],
+                        &mut out.scores,
+                        q,
+                        &cache,
+                        heads.clone(),
+                        pos,
+                        c,
+                    );
+                    out.ranges.push(heads);
+                }
+            }
+            None => {
+                let (x, heights) = (&job.input, &job.heights[..job.count]);
+                out.rows
+                    .resize(heights.iter().sum::<usize>().max(out.rows.len()), 0.0);
+                for range in pieces {
+                    for (m, rows, at) in stacked(range.clone(), heights) {
+                        let w = &job.mats[m][rows.start * x.len()..rows.end * x.len()];
+                        dot_rows(&mut out.rows[at..at + rows.len()], w, x);
+                    }
+                    out.ranges.push(range);
+                }
+            }
+        }
+    }
+
+    /// A team of the pool's size (`--threads`) for `f`, its workers running [`Shared::work`].
+    fn with_team<R>(&mut self, f: impl FnOnce(&Shared<'w>, &Team) -> R) -> R {
+        let threads = rayon::current_num_threads().max(1);
+        self.outs.resize_with(threads - 1, Mutex::default);
+        let shared = &*self;
+        team::scope(
+            threads,
+            |worker, range| shared.work(worker, range),
+            |t| f(shared, t),
+        )
+    }
+}
+
+/// `outs[i] = mats[i] x` for `N` (at most 3) products over the same `x`, in
+/// one team loop over their stacked rows: the caller writes its rows in
+/// place and copies in the workers' afterwards. Small products run on the
+/// calling thread.
+fn matvecs<'w, const N: usize>(
+    team: &Team,
+    shared: &Shared<'w>,
+    mut outs: [&mut [f32]; N],
+    mats: [&'w [f32]; N],
+    x: &[f32],
+) {
+    let n = x.len();
+    let heights = outs.each_ref().map(|out| out.len());
+    for (h, w) in heights.iter().zip(&mats) {
+        debug_assert_eq!(w.len(), h * n);
+    }
+    let weights: usize = mats.iter().map(|w| w.len()).sum();
+    if weights < PARALLEL_WEIGHTS || team.threads() == 1 {
+        for (out, w) in outs.iter_mut().zip(mats) {
             dot_rows(out, w, x);
         }
         return;
     }
-    let rows_per_task = (TASK_WEIGHTS / n).max(1);
-    products
-        .into_par_iter()
-        .flat_map(|(out, w)| {
-            out.par_chunks_mut(rows_per_task)
-                .zip(w.par_chunks(rows_per_task * n))
-        })
-        .for_each(|(out, w)| dot_rows(out, w, x));
+    {
+        let mut job = write(&shared.job);
+        job.attention = None;
+        job.mats[..N].copy_from_slice(&mats);
+        job.heights[..N].copy_from_slice(&heights);
+        job.count = N;
+        job.input.clear();
+        job.input.extend_from_slice(x);
+    }
+    let total = heights.iter().sum();
+    team.run(total, (GRAIN_WEIGHTS / n).max(1), |range| {
+        for (m, rows, _) in stacked(range, &heights) {
+            dot_rows(
+                &mut outs[m][rows.clone()],
+                &mats[m][rows.start * n..rows.end * n],
+                x,
+            );
+        }
+    });
+    for out in &shared.outs {
+        let mut out = lock(out);
+        let WorkerOut { rows, ranges, .. } = &mut *out;
+        for range in ranges.drain(..) {
+            for (m, part, at) in stacked(range, &heights) {
+                outs[m][part.clone()].copy_from_slice(&rows[at..at + part.len()]);
+            }
+        }
+    }
 }
 
-/// `out = w x` for `w (out.len(), x.len())` row-major ([`matvecs`] of one).
-fn matvec(out: &mut [f32], w: &[f32], x: &[f32]) {
-    matvecs([(out, w)], x);
+/// Attention of the query heads `heads` at position `pos` (the cache holds
+/// positions `0..=pos`) into `out` (`heads.len() * head_dim`), with `scores`
+/// as scratch.
+fn attend(
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+    q: &[f32],
+    cache: &Cache,
+    heads: Range<usize>,
+    pos: usize,
+    c: &ModelConfig,
+) {
+    let (hd, kv_dim, group) = (c.head_dim, c.kv_dim(), c.gqa_ratio());
+    let scale = 1.0 / (hd as f32).sqrt();
+    scores.resize(pos + 1, 0.0);
+    crate::math::simd(
+        #[inline(always)]
+        || {
+            for (head, out) in heads.zip(out.chunks_exact_mut(hd)) {
+                let kv_off = (head / group) * hd;
+                let q_head = &q[head * hd..(head + 1) * hd];
+                for (t, s) in scores.iter_mut().enumerate() {
+                    *s = dot(q_head, &cache.keys[t * kv_dim + kv_off..][..hd]) * scale;
+                }
+                softmax(scores);
+                out.fill(0.0);
+                for (t, &a) in scores.iter().enumerate() {
+                    let v = &cache.values[t * kv_dim + kv_off..][..hd];
+                    out.iter_mut().zip(v).for_each(|(o, &v)| *o += a * v);
+                }
+            }
+        },
+    )
+}
+
+/// [`attend`] over every head of layer `layer` at `pos` into `out`, in a team loop over the heads.
+fn attention(
+    team: &Team,
+    shared: &Shared<'_>,
+    (layer, pos): (usize, usize),
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+    q: &[f32],
+) {
+    let c = shared.weights.config();
+    let hd = c.head_dim;
+    if team.threads() > 1 {
+        let mut job = write(&shared.job);
+        job.attention = Some((layer, pos));
+        job.input.clear();
+        job.input.extend_from_slice(q);
+    }
+    let cache = read(&shared.cache[layer]);
+    team.run(c.n_heads, 1, |heads| {
+        let at = heads.start * hd..heads.end * hd;
+        attend(&mut out[at], scores, q, &cache, heads, pos, c);
+    });
+    for worker in &shared.outs {
+        let mut worker = lock(worker);
+        let WorkerOut { rows, ranges, .. } = &mut *worker;
+        for heads in ranges.drain(..) {
+            let at = heads.start * hd..heads.end * hd;
+            out[at.clone()].copy_from_slice(&rows[at]);
+        }
+    }
 }
 
 /// RMSNorm of every head of `x` (`head_dim` values each) in place, times `weight` (QK-norm).
@@ -307,16 +528,20 @@ fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
 /// tensors in a memory map: [`WeightsView`]) with its KV cache and scratch buffers.
 /// The cache grows with the positions used, never to the model's `seq_len`
 /// up front: a model file's context, however large, costs nothing until
-/// tokens fill it.
+/// tokens fill it. Its parallel loops (the matrix-vector products, attention
+/// over the heads) run on a [`team`] of the pool's size (`--threads`), kept
+/// for a whole [`Generator::generate`].
 pub struct Generator<'w> {
-    weights: WeightsView<'w>,
-    /// Next position to fill.
-    pos: usize,
+    shared: Shared<'w>,
+    state: State,
     /// Tokens that end [`Generator::generate`].
     stop: Vec<u32>,
-    /// Per layer `(positions, kv_dim)`, grown as the context grows.
-    key_cache: Vec<Vec<f32>>,
-    value_cache: Vec<Vec<f32>>,
+}
+
+/// The calling thread's part of a [`Generator`].
+struct State {
+    /// Next position to fill.
+    pos: usize,
     /// `(head_dim / 2)` RoPE inverse frequencies, and the current position's cos/sin.
     rope_inv_freq: Vec<f64>,
     rope_cos: Vec<f32>,
@@ -329,7 +554,7 @@ pub struct Generator<'w> {
     h1: Vec<f32>,     // (F)
     h3: Vec<f32>,     // (F)
     logits: Vec<f32>, // (V)
-    /// `(Hq, positions)` attention weights of the current position.
+    /// Attention weights of one head at the current position.
     scores: Vec<f32>,
 }
 
@@ -343,29 +568,29 @@ impl<'w> Generator<'w> {
         let c = weights.config().clone();
         let half = c.head_dim / 2;
         Generator {
-            weights,
-            pos: 0,
+            shared: Shared::new(weights),
+            state: State {
+                pos: 0,
+                rope_inv_freq: c.rope_inv_freq(),
+                rope_cos: vec![0.0; half],
+                rope_sin: vec![0.0; half],
+                x: vec![0.0; c.dim],
+                xn: vec![0.0; c.dim],
+                q: vec![0.0; c.q_dim()],
+                attn: vec![0.0; c.q_dim()],
+                proj: vec![0.0; c.dim],
+                h1: vec![0.0; c.hidden_dim],
+                h3: vec![0.0; c.hidden_dim],
+                logits: vec![0.0; c.vocab_size],
+                scores: Vec::new(),
+            },
             stop: STOP_TOKENS.to_vec(),
-            key_cache: vec![Vec::new(); c.n_layers],
-            value_cache: vec![Vec::new(); c.n_layers],
-            rope_inv_freq: c.rope_inv_freq(),
-            rope_cos: vec![0.0; half],
-            rope_sin: vec![0.0; half],
-            x: vec![0.0; c.dim],
-            xn: vec![0.0; c.dim],
-            q: vec![0.0; c.q_dim()],
-            attn: vec![0.0; c.q_dim()],
-            proj: vec![0.0; c.dim],
-            h1: vec![0.0; c.hidden_dim],
-            h3: vec![0.0; c.hidden_dim],
-            logits: vec![0.0; c.vocab_size],
-            scores: Vec::new(),
         }
     }
 
     /// Number of tokens in the KV cache.
     pub fn position(&self) -> usize {
-        self.pos
+        self.state.pos
     }
 
     /// End [`Generator::generate`] at any of `ids` (default [`STOP_TOKENS`]).
@@ -375,142 +600,32 @@ impl<'w> Generator<'w> {
 
     /// Forget the context (the cache is overwritten, not cleared).
     pub fn reset(&mut self) {
-        self.pos = 0;
+        self.state.pos = 0;
     }
 
-    /// Feed `token` at the next position; returns the logits `(V)` for the token after it.
+    /// Feed `token` at the next position; returns the logits `(V)` for the
+    /// token after it. Starts a team for this token alone: [`Generator::generate`]
+    /// and [`Generator::forward_logits`] keep one for all their tokens.
     pub fn forward(&mut self, token: u32) -> Result<&[f32]> {
-        // One hand-over to rayon's pool per token, not one per parallel loop.
-        crate::math::on_pool(|| self.advance(token))?;
-        Ok(&self.logits)
-    }
-
-    /// [`Generator::forward`]'s work: the logits of the token after `token`
-    /// in `self.logits`.
-    fn advance(&mut self, token: u32) -> Result<()> {
-        let w = &self.weights;
-        let c = w.config();
-        if token as usize >= c.vocab_size {
-            return Err(Error::Invalid(format!(
-                "generate: token id {token} is outside the model's vocabulary of {}",
-                c.vocab_size
-            )));
-        }
-        if self.pos >= c.seq_len {
-            return Err(Error::Invalid(format!(
-                "generate: context is full ({} tokens = the model's seq_len)",
-                c.seq_len
-            )));
-        }
-        let (pos, d, hd, kv_dim) = (self.pos, c.dim, c.head_dim, c.kv_dim());
-        let (cos, sin) = (&mut self.rope_cos, &mut self.rope_sin);
-        crate::model::rope::angles_at(pos, &self.rope_inv_freq, cos, sin);
-        let (cos, sin) = (&self.rope_cos[..], &self.rope_sin[..]);
-        for cache in self.key_cache.iter_mut().chain(&mut self.value_cache) {
-            if cache.len() < (pos + 1) * kv_dim {
-                cache.resize((pos + 1) * kv_dim, 0.0);
-            }
-        }
-        self.scores.resize(c.n_heads * (pos + 1), 0.0);
-        let token = token as usize;
-        self.x
-            .copy_from_slice(&w.get(Param::Embedding)[token * d..(token + 1) * d]);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let group = c.gqa_ratio();
-        for layer in 0..c.n_layers {
-            // Attention block.
-            rmsnorm(
-                &mut self.xn,
-                &self.x,
-                w.get(Param::RmsAtt(layer)),
-                c.norm_eps,
-            );
-            let optional = |p: Param| w.optional(p);
-            let norms = optional(Param::QNorm(layer)).zip(optional(Param::KNorm(layer)));
-            let key_row = &mut self.key_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
-            let value_row = &mut self.value_cache[layer][pos * kv_dim..(pos + 1) * kv_dim];
-            matvecs(
-                [
-                    (&mut self.q, w.get(Param::Wq(layer))),
-                    (&mut *key_row, w.get(Param::Wk(layer))),
-                    (&mut *value_row, w.get(Param::Wv(layer))),
-                ],
-                &self.xn,
-            );
-            add_bias(&mut self.q, optional(Param::Bq(layer)));
-            add_bias(key_row, optional(Param::Bk(layer)));
-            add_bias(value_row, optional(Param::Bv(layer)));
-            if let Some((q_norm, k_norm)) = norms {
-                head_rmsnorm(&mut self.q, q_norm, c.norm_eps);
-                head_rmsnorm(key_row, k_norm, c.norm_eps);
-            }
-            rope(key_row, hd, cos, sin);
-            rope(&mut self.q, hd, cos, sin);
-            let (keys, values) = (&self.key_cache[layer], &self.value_cache[layer]);
-            let q = &self.q;
-            self.attn
-                .par_chunks_mut(hd)
-                .zip(self.scores.par_chunks_mut(pos + 1))
-                .enumerate()
-                .for_each(|(head, (out, scores))| {
-                    crate::math::simd(
-                        #[inline(always)]
-                        || {
-                            let kv_off = (head / group) * hd;
-                            let q_head = &q[head * hd..(head + 1) * hd];
-                            for (t, s) in scores.iter_mut().enumerate() {
-                                *s = dot(q_head, &keys[t * kv_dim + kv_off..][..hd]) * scale;
-                            }
-                            softmax(scores);
-                            out.fill(0.0);
-                            for (t, &a) in scores.iter().enumerate() {
-                                let v = &values[t * kv_dim + kv_off..][..hd];
-                                out.iter_mut().zip(v).for_each(|(o, &v)| *o += a * v);
-                            }
-                        },
-                    )
-                });
-            matvec(&mut self.proj, w.get(Param::Wo(layer)), &self.attn);
-            self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
-
-            // Feed-forward block: w2(silu(w1 x) * w3 x).
-            rmsnorm(
-                &mut self.xn,
-                &self.x,
-                w.get(Param::RmsFfn(layer)),
-                c.norm_eps,
-            );
-            matvecs(
-                [
-                    (&mut self.h1, w.get(Param::W1(layer))),
-                    (&mut self.h3, w.get(Param::W3(layer))),
-                ],
-                &self.xn,
-            );
-            crate::math::simd(
-                #[inline(always)]
-                || {
-                    for (a, &b) in self.h1.iter_mut().zip(&self.h3) {
-                        *a = *a * crate::math::sigmoid(*a) * b;
-                    }
-                },
-            );
-            matvec(&mut self.proj, w.get(Param::W2(layer)), &self.h1);
-            self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
-        }
-        rmsnorm(&mut self.xn, &self.x, w.get(Param::RmsFinal), c.norm_eps);
-        matvec(&mut self.logits, w.classifier(), &self.xn);
-        self.pos += 1;
-        Ok(())
+        let state = &mut self.state;
+        self.shared
+            .with_team(|shared, team| state.advance(shared, team, token))?;
+        Ok(&self.state.logits)
     }
 
     /// Logits after every token of `tokens`, from an empty context (resets the cache).
     pub fn forward_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         self.reset();
-        tokens
-            .iter()
-            .map(|&t| self.forward(t).map(<[f32]>::to_vec))
-            .collect()
+        let state = &mut self.state;
+        self.shared.with_team(|shared, team| {
+            tokens
+                .iter()
+                .map(|&t| {
+                    state.advance(shared, team, t)?;
+                    Ok(state.logits.clone())
+                })
+                .collect()
+        })
     }
 
     /// Generate up to `max_tokens` tokens after `prompt` (which should start
@@ -540,7 +655,7 @@ impl<'w> Generator<'w> {
         stop: &[u32],
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
-        let seq_len = self.weights.config().seq_len;
+        let seq_len = self.shared.weights.config().seq_len;
         let (&last, context) = prompt.split_last().ok_or_else(|| {
             Error::Invalid("generate: the prompt is empty; start it with the BOS token (1)".into())
         })?;
@@ -551,21 +666,134 @@ impl<'w> Generator<'w> {
             )));
         }
         self.reset();
-        for &token in context {
-            self.forward(token)?;
-        }
-        let mut next_input = last;
-        let mut out = Vec::new();
-        while out.len() < max_tokens && self.pos < seq_len {
-            let token = sampler.sample(self.forward(next_input)?);
-            if stop.contains(&token) {
-                break;
+        let state = &mut self.state;
+        self.shared.with_team(|shared, team| {
+            for &token in context {
+                state.advance(shared, team, token)?;
             }
-            on_token(token);
-            out.push(token);
-            next_input = token;
+            let mut next_input = last;
+            let mut out = Vec::new();
+            while out.len() < max_tokens && state.pos < seq_len {
+                state.advance(shared, team, next_input)?;
+                let token = sampler.sample(&state.logits);
+                if stop.contains(&token) {
+                    break;
+                }
+                on_token(token);
+                out.push(token);
+                next_input = token;
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl State {
+    /// Feed `token` at the next position: the logits of the token after it
+    /// in `self.logits`.
+    fn advance(&mut self, shared: &Shared<'_>, team: &Team, token: u32) -> Result<()> {
+        let w = &shared.weights;
+        let c = w.config();
+        if token as usize >= c.vocab_size {
+            return Err(Error::Invalid(format!(
+                "generate: token id {token} is outside the model's vocabulary of {}",
+                c.vocab_size
+            )));
         }
-        Ok(out)
+        if self.pos >= c.seq_len {
+            return Err(Error::Invalid(format!(
+                "generate: context is full ({} tokens = the model's seq_len)",
+                c.seq_len
+            )));
+        }
+        let (pos, d, hd, kv_dim) = (self.pos, c.dim, c.head_dim, c.kv_dim());
+        let (cos, sin) = (&mut self.rope_cos, &mut self.rope_sin);
+        crate::model::rope::angles_at(pos, &self.rope_inv_freq, cos, sin);
+        let (cos, sin) = (&self.rope_cos[..], &self.rope_sin[..]);
+        for cache in &shared.cache {
+            let Cache { keys, values } = &mut *write(cache);
+            for rows in [keys, values] {
+                if rows.len() < (pos + 1) * kv_dim {
+                    rows.resize((pos + 1) * kv_dim, 0.0);
+                }
+            }
+        }
+        let token = token as usize;
+        self.x
+            .copy_from_slice(&w.get(Param::Embedding)[token * d..(token + 1) * d]);
+        for layer in 0..c.n_layers {
+            // Attention block.
+            rmsnorm(
+                &mut self.xn,
+                &self.x,
+                w.get(Param::RmsAtt(layer)),
+                c.norm_eps,
+            );
+            let optional = |p: Param| w.optional(p);
+            let norms = optional(Param::QNorm(layer)).zip(optional(Param::KNorm(layer)));
+            {
+                let mut cache = write(&shared.cache[layer]);
+                let Cache { keys, values } = &mut *cache;
+                let key_row = &mut keys[pos * kv_dim..(pos + 1) * kv_dim];
+                let value_row = &mut values[pos * kv_dim..(pos + 1) * kv_dim];
+                matvecs(
+                    team,
+                    shared,
+                    [&mut self.q, &mut *key_row, &mut *value_row],
+                    [
+                        w.get(Param::Wq(layer)),
+                        w.get(Param::Wk(layer)),
+                        w.get(Param::Wv(layer)),
+                    ],
+                    &self.xn,
+                );
+                add_bias(&mut self.q, optional(Param::Bq(layer)));
+                add_bias(key_row, optional(Param::Bk(layer)));
+                add_bias(value_row, optional(Param::Bv(layer)));
+                if let Some((q_norm, k_norm)) = norms {
+                    head_rmsnorm(&mut self.q, q_norm, c.norm_eps);
+                    head_rmsnorm(key_row, k_norm, c.norm_eps);
+                }
+                rope(key_row, hd, cos, sin);
+                rope(&mut self.q, hd, cos, sin);
+            }
+            let (attn, scores) = (&mut self.attn, &mut self.scores);
+            attention(team, shared, (layer, pos), attn, scores, &self.q);
+            let wo = w.get(Param::Wo(layer));
+            matvecs(team, shared, [&mut self.proj], [wo], &self.attn);
+            self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
+
+            // Feed-forward block: w2(silu(w1 x) * w3 x).
+            rmsnorm(
+                &mut self.xn,
+                &self.x,
+                w.get(Param::RmsFfn(layer)),
+                c.norm_eps,
+            );
+            matvecs(
+                team,
+                shared,
+                [&mut self.h1, &mut self.h3],
+                [w.get(Param::W1(layer)), w.get(Param::W3(layer))],
+                &self.xn,
+            );
+            crate::math::simd(
+                #[inline(always)]
+                || {
+                    for (a, &b) in self.h1.iter_mut().zip(&self.h3) {
+                        *a = *a * crate::math::sigmoid(*a) * b;
+                    }
+                },
+            );
+            let w2 = w.get(Param::W2(layer));
+            matvecs(team, shared, [&mut self.proj], [w2], &self.h1);
+            self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
+        }
+        rmsnorm(&mut self.xn, &self.x, w.get(Param::RmsFinal), c.norm_eps);
+        let classifier = w.classifier();
+        matvecs(team, shared, [&mut self.logits], [classifier], &self.xn);
+        self.pos += 1;
+        Ok(())
     }
 }
 
@@ -876,11 +1104,16 @@ mod tests {
         let [a, b, c] = &mut outs[..] else {
             unreachable!()
         };
+        let tiny = Weights::init(&ModelConfig::llama(8, 1, 2, 2, 16, 32, 4), 1);
+        let mut shared = Shared::new(tiny.view());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
-        pool.install(|| matvecs([(a, &ws[0]), (b, &ws[1]), (c, &ws[2])], &x));
+        let mats = [&ws[0][..], &ws[1], &ws[2]];
+        pool.install(|| {
+            shared.with_team(|shared, team| matvecs(team, shared, [a, b, c], mats, &x))
+        });
         for ((out, w), &rows) in outs.iter().zip(&ws).zip(&shapes) {
             let mut serial = vec![0.0; rows];
             dot_rows(&mut serial, w, &x);
@@ -897,6 +1130,28 @@ mod tests {
                     "row {r}: {o} vs {reference}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_team_of_threads_gives_the_logits_of_one_bit_for_bit() {
+        // Large enough that attention and all products but wo are team loops (GQA too).
+        let config = ModelConfig::llama(192, 2, 6, 3, 512, 1000, 64);
+        let weights = Weights::init(&config, 7);
+        let tokens = [1, 50, 999, 3, 3, 17, 200, 5, 1, 2];
+        let logits = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let logits = pool.install(|| Generator::new(&weights).forward_logits(&tokens));
+            let logits = logits.unwrap().concat();
+            logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let one = logits(1);
+        assert!(one.iter().any(|&v| v != 0));
+        for threads in [2, 3] {
+            assert_eq!(logits(threads), one, "{threads} threads");
         }
     }
 

@@ -53,6 +53,7 @@ pub mod npy;
 pub mod package;
 pub mod report;
 pub mod rng;
+pub mod team;
 pub mod train;
 
 pub use error::{Error, Result};
