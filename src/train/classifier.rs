@@ -12,10 +12,14 @@
 //! each block's logits again, turns them into their gradient and runs the
 //! block's two products (`dE` of the block's rows, its share of `dx`). No
 //! `(V, T)` array exists; the price is a second forward product of the
-//! classifier. The loss equals the whole-vocabulary path's bit for bit (the
-//! same chunked statistics, merged in the same order); `dx` sums the blocks'
-//! products, which differs from one product by rounding only. Vocabularies
-//! whose logits fit keep the whole-vocabulary path and its numbers.
+//! classifier. A frozen classifier (LoRA: no `dE`) skips it: each block's
+//! exponentials go into `dx` in the same pass, scaled to the positions'
+//! running maxima (`host::frozen_dx_block`), and `dx` is finished once the
+//! sums are known. The loss equals the whole-vocabulary path's bit for bit
+//! (the same chunked statistics, merged in the same order); `dx` sums the
+//! blocks' products, which differs from one product by rounding only.
+//! Vocabularies whose logits fit keep the whole-vocabulary path and its
+//! numbers.
 //!
 //! This module owns the head's arrays and their math; the layers, the
 //! embedding and when anything runs are the engine's.
