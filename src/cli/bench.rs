@@ -245,6 +245,10 @@ pub struct TrainStepArgs {
     /// then run beside the base instead of merged into it
     #[arg(long, requires = "lora")]
     lora_dropout: Option<f32>,
+    /// The adapters beside the base, not merged into it (with --lora; as
+    /// `train --lora-unmerged`)
+    #[arg(long, requires = "lora")]
+    lora_unmerged: bool,
     /// Under mpirun: sum the gradients in one all-reduce after the backward,
     /// not layer by layer during it (as `train` does)
     #[arg(long)]
@@ -265,7 +269,10 @@ impl TrainStepArgs {
         let (rank, layers) = (self.lora_rank, self.lora_layers);
         let dropout = self.lora_dropout.unwrap_or(0.0);
         let lora = LoraConfig::new(rank, alpha, dropout, targets, layers, config.n_layers)?;
-        Ok(Some(lora))
+        Ok(Some(LoraConfig {
+            unmerged: self.lora_unmerged,
+            ..lora
+        }))
     }
 }
 

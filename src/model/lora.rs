@@ -158,6 +158,12 @@ pub struct LoraConfig {
     pub layers: Vec<usize>,
     /// rsLoRA: scale `alpha / sqrt(r)` instead of `alpha / r`.
     pub rslora: bool,
+    /// Train with the adapters beside the frozen base rather than merged
+    /// into it (`train::engine::Engine::for_lora`; always so on the ANE and
+    /// with dropout): less memory, a few percent slower on the CPU. Not
+    /// part of the adapters' file format.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unmerged: bool,
 }
 
 impl LoraConfig {
@@ -190,6 +196,7 @@ impl LoraConfig {
             targets,
             layers: (n_layers - last..n_layers).collect(),
             rslora: false,
+            unmerged: false,
         };
         config.check()?;
         Ok(config)

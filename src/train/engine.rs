@@ -119,7 +119,7 @@ impl Engine {
         let config = base.config().clone();
         let dropout = lora.dropout > 0.0;
         let mode = match opts.mode {
-            WeightMode::Inputs if !dropout => {
+            WeightMode::Inputs if !dropout && !lora.unmerged => {
                 return Engine::new(backend, &config, seq, batch, opts);
             }
             WeightMode::Inputs => WeightMode::Inputs,

@@ -259,14 +259,18 @@ fn check_ids(
 
 /// The adapters of a `--lora` run on a model of `n_layers` layers, from
 /// the options (defaults: rank 8, alpha 16, no dropout, all seven targets,
-/// every layer).
+/// every layer, merged into the base where the engine allows).
 pub fn lora_config(options: &JobOptions, n_layers: usize) -> Result<LoraConfig> {
-    LoraConfig::new(
+    let config = LoraConfig::new(
         options.lora_rank.unwrap_or(DEFAULT_RANK),
         options.lora_alpha.unwrap_or(DEFAULT_ALPHA),
         options.lora_dropout.unwrap_or(0.0),
         options.lora_targets.as_deref().unwrap_or(&Target::ALL),
         options.lora_layers,
         n_layers,
-    )
+    )?;
+    Ok(LoraConfig {
+        unmerged: options.lora_unmerged,
+        ..config
+    })
 }

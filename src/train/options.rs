@@ -78,6 +78,8 @@ pub struct JobOptions {
     pub lora_targets: Option<Vec<Target>>,
     /// Adapters on the last N layers (default: all).
     pub lora_layers: Option<usize>,
+    /// Adapters beside the base, not merged into it (less memory).
+    pub lora_unmerged: bool,
     /// JSONL data: only completions and assistant turns count in the loss.
     pub mask_prompt: bool,
 }
@@ -258,6 +260,7 @@ impl JobOptions {
             ("--lora-dropout", self.lora_dropout.is_some()),
             ("--lora-targets", self.lora_targets.is_some()),
             ("--lora-layers", self.lora_layers.is_some()),
+            ("--lora-unmerged", self.lora_unmerged),
         ];
         if let Some((flag, _)) = lora_flags.iter().find(|(_, given)| *given)
             && !self.lora

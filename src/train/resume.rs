@@ -199,6 +199,11 @@ fn lora_flags(
             recorded(last_layers),
         ),
         (
+            "--lora-unmerged",
+            options.lora_unmerged.then(|| "on".to_string()),
+            recorded(lora.map(|l| if l.unmerged { "on" } else { "off" }.to_string())),
+        ),
+        (
             "--mask-prompt",
             options.mask_prompt.then(|| "on".to_string()),
             if mask_prompt { "on" } else { "off" }.to_string(),

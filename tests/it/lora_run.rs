@@ -289,6 +289,7 @@ fn a_lora_run_resumes_exactly_and_refuses_a_changed_base() {
     let base = base_copy(&dir);
     let whole = resumes_exactly(&dir, &base, &data, "", &[]);
     let dropout = resumes_exactly(&dir, &base, &data, "dropout-", &["--lora-dropout", "0.1"]);
+    let unmerged = resumes_exactly(&dir, &base, &data, "unmerged-", &["--lora-unmerged"]);
     let train_losses =
         |run: &Path| -> Vec<f64> { metrics_rows(run).iter().filter_map(|row| row.1).collect() };
     let (plain, dropped) = (train_losses(&whole), train_losses(&dropout));
@@ -299,6 +300,20 @@ fn a_lora_run_resumes_exactly_and_refuses_a_changed_base() {
     assert!(plain[1..].iter().zip(&dropped[1..]).all(|(a, b)| a != b));
     let val = val_losses(&dropout);
     assert!(val.len() >= 2 && val[val.len() - 1] < val[0], "{val:?}");
+    // The adapters beside the base train the merged run's model: its
+    // losses to rounding.
+    for (a, b) in plain.iter().zip(&train_losses(&unmerged)) {
+        assert!((a - b).abs() <= 1e-5 * a, "{plain:?} vs unmerged");
+    }
+    let err = fails(
+        anemone()
+            .args(["train", "--lora-unmerged", "--resume"])
+            .arg(&whole),
+    );
+    assert!(
+        err.contains("--lora-unmerged on conflicts with the run"),
+        "{err}"
+    );
     // A flag that would change the run.
     let err = fails(
         anemone()

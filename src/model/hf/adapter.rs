@@ -184,6 +184,7 @@ pub fn parse_config(path: &Path, json: &Value, n_layers: usize) -> Result<LoraCo
         targets,
         layers,
         rslora: flag("use_rslora"),
+        unmerged: false,
     };
     config
         .check()
