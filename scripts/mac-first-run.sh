@@ -60,10 +60,11 @@ else
         --json "$out/bench-ane.json"
     step "bench train-step" bench-train-step.txt "$bin" bench train-step --config tiny \
         --seq 128 --batch 2 --steps 5 --warmup 1 --backend auto --json "$out/bench-train-step.json"
-    # LoRA fine-tuning, once this build has it.
+    # LoRA fine-tuning on the run above (its base baked into each layer's
+    # kernels on the ANE), once this build has it.
     if "$bin" train --help 2>/dev/null | grep -q -- "--lora"; then
         step "train --lora (short)" lora.log env ANEMONE_DEBUG=1 "$bin" train --backend auto \
-            --lora --steps 20 --out "$out/lora-run"
+            --init "$out/run" --lora --steps 20 --out "$out/lora-run"
     else
         note "lora:    not in this build (skipped)"
     fi
