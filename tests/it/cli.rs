@@ -167,7 +167,16 @@ fn doctor_reports_the_cpu_stand_in_and_writes_json() {
             "q_bwd",
             "kv_bwd",
             "attn_bwd_dv",
-            "attn_bwd_dqk"
+            "attn_bwd_dqk",
+            "lora:attn_fwd",
+            "lora:wo_fwd",
+            "lora:ffn_fwd",
+            "lora:ffn_bwd_w2",
+            "lora:ffn_bwd_w13",
+            "lora:wo_bwd",
+            "lora:attn_bwd",
+            "lora:q_bwd",
+            "lora:kv_bwd"
         ]
     );
     for r in rows {
