@@ -246,23 +246,7 @@ pub fn max_error(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
 /// scales packed ones); `None` for another name.
 fn random_baked(config: &ModelConfig) -> impl Fn(&str) -> Option<Vec<f32>> + '_ {
     move |name: &str| {
-        let (d, q, kv, f) = (
-            config.dim,
-            config.q_dim(),
-            config.kv_dim(),
-            config.hidden_dim,
-        );
-        let (rows, cols) = match name {
-            "wq" => (q, d),
-            "wk" | "wv" => (kv, d),
-            "wo" => (d, q),
-            "w1" | "w3" => (f, d),
-            "w2" => (d, f),
-            "bq" => (q, 1),
-            "bk" | "bv" => (kv, 1),
-            "q_norm" | "k_norm" => (config.head_dim, 1),
-            _ => return None,
-        };
+        let (rows, cols) = crate::model::kernels::slot_shape(config, name)?;
         let mut rng = Rng::new(crate::dist::digest(name.as_bytes()));
         let scale = 1.0 / (cols as f32).sqrt();
         Some(

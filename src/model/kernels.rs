@@ -1021,6 +1021,29 @@ pub fn kernel_counts() -> KernelCounts {
 /// Weight values by slot name for `WeightMode::Baked` (`None`: not baked).
 pub type Baked<'a> = &'a dyn Fn(&str) -> Option<Vec<f32>>;
 
+/// `(rows, cols)` of the tensor a layer kernel's weight or vector slot
+/// `name` holds in `config` (as the parameter is stored; vectors `(n, 1)`),
+/// for anything that makes baked values; `None` for another name.
+pub fn slot_shape(config: &ModelConfig, name: &str) -> Option<(usize, usize)> {
+    let (d, q, kv, f) = (
+        config.dim,
+        config.q_dim(),
+        config.kv_dim(),
+        config.hidden_dim,
+    );
+    Some(match name {
+        "wq" => (q, d),
+        "wk" | "wv" => (kv, d),
+        "wo" => (d, q),
+        "w1" | "w3" => (f, d),
+        "w2" => (d, f),
+        "bq" => (q, 1),
+        "bk" | "bv" => (kv, 1),
+        "q_norm" | "k_norm" => (config.head_dim, 1),
+        _ => return None,
+    })
+}
+
 /// Attention forward: QKV projections (plus their biases with `qkv_bias`),
 /// QK-norm per head (with `qk_norm`; `q_lin`, `k_lin` are then saved for its
 /// backward), RoPE, causal softmax attention per head.

@@ -454,10 +454,11 @@ impl Adapters {
     }
 }
 
-/// The adapter's part of its projection's forward, added to `y (out, T)`:
-/// `y += s B (A x)` for `x (in, T)` (channel-major); returns `u = A x (r, T)`,
-/// which the backward's [`lora_grads`] needs again (saving it spares the
-/// recomputation).
+/// The adapter's part of its projection's forward: `y += s B (A x)`
+/// (`add`; else `y =`) for `x (in, T)`, `y (out, T)` (channel-major);
+/// `u = A x (r, T)` is left in `u` (resized), which the backward's
+/// [`lora_grads`] makes again.
+#[allow(clippy::too_many_arguments)]
 pub fn lora_forward(
     x: &[f32],
     a: &[f32],
@@ -465,10 +466,12 @@ pub fn lora_forward(
     (out, input, rank, seq): (usize, usize, usize, usize),
     scale: f32,
     y: &mut [f32],
-) -> Vec<f32> {
-    let mut u = vec![0.0; rank * seq]; // (r, T)
+    add: bool,
+    u: &mut Vec<f32>,
+) {
+    u.resize(rank * seq, 0.0);
     gemm(
-        &mut u,
+        u,
         rank,
         seq,
         n(a, rank, input),
@@ -476,12 +479,13 @@ pub fn lora_forward(
         1.0,
         false,
     );
-    gemm(y, out, seq, n(b, out, rank), n(&u, rank, seq), scale, true);
-    u
+    gemm(y, out, seq, n(b, out, rank), n(u, rank, seq), scale, add);
 }
 
-/// The adapter's part of its projection's input gradient, added to
-/// `dx (in, T)`: `dx += s A^T (B^T dy)` for `dy (out, T)`.
+/// The adapter's part of its projection's input gradient: `dx += s A^T
+/// (B^T dy)` (`add`; else `dx =`) for `dy (out, T)`, `dx (in, T)`; `v =
+/// B^T dy (r, T)` goes through `v` (resized).
+#[allow(clippy::too_many_arguments)]
 pub fn lora_dx(
     dy: &[f32],
     a: &[f32],
@@ -489,25 +493,19 @@ pub fn lora_dx(
     (out, input, rank, seq): (usize, usize, usize, usize),
     scale: f32,
     dx: &mut [f32],
+    add: bool,
+    v: &mut Vec<f32>,
 ) {
-    let mut v = vec![0.0; rank * seq]; // (r, T)
-    gemm(
-        &mut v,
-        rank,
-        seq,
-        t(b, out, rank),
-        n(dy, out, seq),
-        1.0,
-        false,
-    );
+    v.resize(rank * seq, 0.0);
+    gemm(v, rank, seq, t(b, out, rank), n(dy, out, seq), 1.0, false);
     gemm(
         dx,
         input,
         seq,
         t(a, rank, input),
-        n(&v, rank, seq),
+        n(v, rank, seq),
         scale,
-        true,
+        add,
     );
 }
 
@@ -682,14 +680,24 @@ mod tests {
             .iter()
             .map(|&v| v as f32)
             .collect();
-        let u = lora_forward(&x, &a, &b, (out, input, rank, seq), s, &mut y);
+        let mut u = Vec::new();
+        lora_forward(&x, &a, &b, (out, input, rank, seq), s, &mut y, true, &mut u);
         let want_u = naive(&a, &x, rank, input, seq);
         let want_y = naive(&merged, &x, out, input, seq);
         let mut dx: Vec<f32> = naive(&transpose(&w, out, input), &dy, input, out, seq)
             .iter()
             .map(|&v| v as f32)
             .collect();
-        lora_dx(&dy, &a, &b, (out, input, rank, seq), s, &mut dx);
+        lora_dx(
+            &dy,
+            &a,
+            &b,
+            (out, input, rank, seq),
+            s,
+            &mut dx,
+            true,
+            &mut Vec::new(),
+        );
         let want_dx = naive(&transpose(&merged, out, input), &dy, input, out, seq);
         for (got, want) in [(&u, &want_u), (&y, &want_y), (&dx, &want_dx)] {
             assert_eq!(got.len(), want.len());

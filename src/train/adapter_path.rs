@@ -24,8 +24,7 @@
 //! two ranks draw the masks one process would, and a resumed run draws
 //! those the uninterrupted run would.
 
-use crate::linalg::{gemm, n, t};
-use crate::model::lora::{Adapters, Target};
+use crate::model::lora::{self, Adapters, Target};
 use crate::train::buffers::DeltaArrays;
 
 /// Which masks a micro-batch's passes draw (with dropout).
@@ -107,8 +106,8 @@ impl<'a> AdapterPath<'a> {
     }
 
     /// `y = s B (A drop(x))` (`add`: `y +=`) of sequence `sequence` for
-    /// `x (in, T)`, `y (out, T)`; `scratch` holds the dropped input and
-    /// `u = A drop(x) (r, T)`.
+    /// `x (in, T)`, `y (out, T)` (`model::lora::lora_forward` on the dropped
+    /// input).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -120,30 +119,16 @@ impl<'a> AdapterPath<'a> {
         add: bool,
         scratch: &mut Scratch,
     ) {
-        let (out, input, rank, seq) = self.shape(target, x.len());
-        let (a, b) = (
-            self.adapters.a(layer, target),
-            self.adapters.b(layer, target),
-        );
-        let scale = self.adapters.config.scale();
+        let shape = self.shape(target, x.len());
         let x = self.dropped(layer, target, sequence, x, &mut scratch.input);
-        scratch.rank.resize(rank * seq, 0.0);
-        let u = &mut scratch.rank;
-        gemm(
-            u,
-            rank,
-            seq,
-            n(a, rank, input),
-            n(x, input, seq),
-            1.0,
-            false,
-        );
-        gemm(y, out, seq, n(b, out, rank), n(u, rank, seq), scale, add);
+        let (a, b, scale) = self.matrices(layer, target);
+        lora::lora_forward(x, a, b, shape, scale, y, add, &mut scratch.rank);
     }
 
     /// `dx += s drop'(A^T (B^T dy))` of sequence `sequence` for `dy (out, T)`,
     /// `dx (in, T)`: the adapter's share of its projection's input gradient
-    /// (dropout's backward is its forward's mask and scale).
+    /// (`model::lora::lora_dx`; dropout's backward is its forward's mask and
+    /// scale).
     pub fn add_dx(
         &self,
         layer: usize,
@@ -153,42 +138,25 @@ impl<'a> AdapterPath<'a> {
         dx: &mut [f32],
         scratch: &mut Scratch,
     ) {
-        let (out, input, rank, seq) = self.shape(target, dx.len());
-        let (a, b) = (
-            self.adapters.a(layer, target),
-            self.adapters.b(layer, target),
-        );
-        let scale = self.adapters.config.scale();
-        scratch.rank.resize(rank * seq, 0.0);
-        let v = &mut scratch.rank;
-        gemm(v, rank, seq, t(b, out, rank), n(dy, out, seq), 1.0, false);
+        let shape = self.shape(target, dx.len());
+        let (a, b, scale) = self.matrices(layer, target);
         if self.dropout.is_none() {
-            gemm(
-                dx,
-                input,
-                seq,
-                t(a, rank, input),
-                n(v, rank, seq),
-                scale,
-                true,
-            );
-            return;
+            return lora::lora_dx(dy, a, b, shape, scale, dx, true, &mut scratch.rank);
         }
-        scratch.product.resize(input * seq, 0.0);
         let g = &mut scratch.product;
-        gemm(
-            g,
-            input,
-            seq,
-            t(a, rank, input),
-            n(v, rank, seq),
-            scale,
-            false,
-        );
+        g.resize(dx.len(), 0.0);
+        lora::lora_dx(dy, a, b, shape, scale, g, false, &mut scratch.rank);
         let dropped = self.dropped(layer, target, sequence, g, &mut scratch.input);
         for (dx, &d) in dx.iter_mut().zip(dropped) {
             *dx += d;
         }
+    }
+
+    /// `A`, `B` and the scale of `layer`'s `target`.
+    fn matrices(&self, layer: usize, target: Target) -> (&'a [f32], &'a [f32], f32) {
+        let adapters = self.adapters;
+        let scale = adapters.config.scale();
+        (adapters.a(layer, target), adapters.b(layer, target), scale)
     }
 }
 

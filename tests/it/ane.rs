@@ -282,22 +282,8 @@ fn assert_passes_the_field_rules(what: &str, package: &anemone::package::Program
 /// Zero weights of the right size for every baked slot of `config`.
 fn zero_weights(config: &ModelConfig) -> impl Fn(&str) -> Option<Vec<f32>> + '_ {
     move |name: &str| {
-        let (d, q, kv, f) = (
-            config.dim,
-            config.q_dim(),
-            config.kv_dim(),
-            config.hidden_dim,
-        );
-        let n = match name {
-            "wq" | "wo" => q * d,
-            "wk" | "wv" => kv * d,
-            "w1" | "w2" | "w3" => f * d,
-            "bq" => q,
-            "bk" | "bv" => kv,
-            "q_norm" | "k_norm" => config.head_dim,
-            _ => return None,
-        };
-        Some(vec![0.0; n])
+        let (rows, cols) = anemone::model::kernels::slot_shape(config, name)?;
+        Some(vec![0.0; rows * cols])
     }
 }
 
